@@ -1,0 +1,80 @@
+#include "ops/context.h"
+
+#include "core/cuda_allocator.h"
+#include "ops/internal/cuda_resources.h"
+
+namespace tandem::ops {
+
+#ifdef TANDEM_WITH_CUDA
+internal::CudaResources::~CudaResources() {
+  // Explicit order: the cuBLASLt state, then the stream. No NCCL here (STYLE rule 4).
+  gemm.reset();
+  if (stream != nullptr) {
+    cudaSetDevice(device_index);
+    cudaStreamSynchronize(stream);
+    cudaStreamDestroy(stream);
+  }
+}
+#endif
+
+Context::~Context() {
+  // Resources that enqueue work go first; the allocator (which tensors may still reference
+  // through this context's owner) goes last.
+  cuda_.reset();
+}
+
+std::unique_ptr<Context> Context::Cpu() {
+  std::unique_ptr<Context> ctx(new Context());
+  ctx->device_ = Device::Cpu();
+  ctx->allocator_ = &HostAllocator();
+  return ctx;
+}
+
+StatusOr<std::unique_ptr<Context>> Context::Cuda(int device_index) {
+#ifdef TANDEM_WITH_CUDA
+  const int count = CudaDeviceCount();
+  if (device_index < 0 || device_index >= count) {
+    return UnavailableError(StrCat("cuda:", device_index, " requested but ", count, " CUDA device(s) are visible"));
+  }
+  cudaError_t err = cudaSetDevice(device_index);
+  if (err != cudaSuccess) return InternalError(StrCat("cudaSetDevice(", device_index, "): ", cudaGetErrorString(err)));
+  std::unique_ptr<Context> ctx(new Context());
+  ctx->device_ = Device::Cuda(device_index);
+  TANDEM_ASSIGN_OR_RETURN(std::unique_ptr<CachingAllocator> alloc, CreateCudaCachingAllocator(device_index));
+  ctx->owned_allocator_ = std::move(alloc);
+  ctx->allocator_ = ctx->owned_allocator_.get();
+  ctx->cuda_ = std::make_unique<internal::CudaResources>();
+  ctx->cuda_->device_index = device_index;
+  err = cudaStreamCreateWithFlags(&ctx->cuda_->stream, cudaStreamNonBlocking);
+  if (err != cudaSuccess) return InternalError(StrCat("cudaStreamCreate: ", cudaGetErrorString(err)));
+  std::string error;
+  cuda::GemmState* gemm = cuda::CreateGemmState(&error);
+  if (gemm == nullptr) return InternalError(StrCat("cuBLASLt setup on cuda:", device_index, ": ", error));
+  ctx->cuda_->gemm = {gemm, &cuda::DestroyGemmState};
+  return ctx;
+#else
+  return UnimplementedError(StrCat("ops::Context::Cuda(", device_index, "): this build has no CUDA support"));
+#endif
+}
+
+CudaStream Context::stream() const {
+#ifdef TANDEM_WITH_CUDA
+  return cuda_ ? reinterpret_cast<CudaStream>(cuda_->stream) : nullptr;
+#else
+  return nullptr;
+#endif
+}
+
+Status Context::Synchronize() {
+#ifdef TANDEM_WITH_CUDA
+  if (cuda_) {
+    cudaError_t err = cudaStreamSynchronize(cuda_->stream);
+    if (err != cudaSuccess) {
+      return InternalError(StrCat("cudaStreamSynchronize on ", device_.ToString(), ": ", cudaGetErrorString(err)));
+    }
+  }
+#endif
+  return Status::Ok();
+}
+
+}  // namespace tandem::ops

@@ -1,0 +1,55 @@
+// ops::Context: the device, allocator and stream every op runs with.
+//
+// A CPU context computes in f32 on the host with the reference implementations. A CUDA context
+// owns one stream, a cuBLASLt handle with its workspace and a caching allocator for one device;
+// ops enqueue work on its stream and return without waiting. Nothing here is global: two contexts
+// (two devices, or a CPU one beside a CUDA one in a parity test) live side by side.
+//
+//   auto ctx = ops::Context::Cpu();
+//   TANDEM_ASSIGN_OR_RETURN(auto gpu, ops::Context::Cuda(0));
+//
+// Thread-safety: a Context is used by one thread at a time.
+#pragma once
+
+#include <memory>
+
+#include "core/allocator.h"
+#include "core/device.h"
+#include "core/status.h"
+
+namespace tandem::ops {
+
+namespace internal {
+struct CudaResources;  // stream, cuBLASLt handle, workspace; see ops/internal/cuda_resources.h
+}
+
+class Context {
+ public:
+  ~Context();
+  Context(const Context&) = delete;
+  Context& operator=(const Context&) = delete;
+
+  static std::unique_ptr<Context> Cpu();
+  // Unimplemented in CPU-only builds; Unavailable when the device does not exist.
+  static StatusOr<std::unique_ptr<Context>> Cuda(int device_index);
+
+  Device device() const { return device_; }
+  bool is_cuda() const { return device_.is_cuda(); }
+  // Allocator for tensors on this context's device (HostAllocator() for CPU).
+  Allocator& allocator() { return *allocator_; }
+  // The stream ops run on (nullptr for CPU).
+  CudaStream stream() const;
+  // Waits for all work enqueued on the stream. OK at once on CPU.
+  Status Synchronize();
+
+  internal::CudaResources* cuda() { return cuda_.get(); }
+
+ private:
+  Context() = default;
+  Device device_;
+  Allocator* allocator_ = nullptr;
+  std::unique_ptr<Allocator> owned_allocator_;
+  std::unique_ptr<internal::CudaResources> cuda_;
+};
+
+}  // namespace tandem::ops

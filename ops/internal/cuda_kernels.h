@@ -1,0 +1,100 @@
+// CUDA launchers behind ops/ops.h. Raw pointers, element strides and a stream; no Tensor, no
+// Status: validation happened once above (ops/*.cc). Each launcher enqueues its kernels on
+// `stream` and returns cudaGetLastError() (or the first cuBLASLt/CUDA error as a cudaError_t-like
+// code through the out-parameter where noted). Only compiled when TANDEM_WITH_CUDA is defined.
+//
+// dtype: the element type of the "T" pointers (kF32 or kBF16; attention kBF16 only).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <string>
+
+#include "core/dtype.h"
+
+namespace tandem::ops::cuda {
+
+struct GemmState;  // cuBLASLt handle, workspace, cached algorithm choices (ops/internal/cuda_resources.h)
+
+// See ops::Matmul. lda/ldb/ldc are row strides (elements) of a, b, c as stored (row-major).
+// Returns empty on success, else a message naming the failing cuBLASLt call.
+std::string Gemm(GemmState& state, cudaStream_t stream, DType ab_dtype, DType c_dtype, void* c,
+                 int64_t ldc, const void* a, int64_t lda, const void* b, int64_t ldb, int64_t m,
+                 int64_t n, int64_t k, bool trans_a, bool trans_b, float alpha, float beta);
+
+cudaError_t EmbeddingForward(cudaStream_t stream, DType dtype, void* out, const int32_t* ids,
+                             const void* table, int64_t num_tokens, int64_t vocab, int64_t dim);
+// dtable f32 += ; scratch must hold EmbeddingBackwardScratchBytes(num_tokens) bytes.
+size_t EmbeddingBackwardScratchBytes(int64_t num_tokens);
+cudaError_t EmbeddingBackward(cudaStream_t stream, DType dtype, float* dtable, const void* dout,
+                              const int32_t* ids, int64_t num_tokens, int64_t vocab, int64_t dim,
+                              void* scratch, size_t scratch_bytes);
+
+cudaError_t RmsNormForward(cudaStream_t stream, DType dtype, void* y, int64_t y_stride,
+                           float* rstd /*nullable*/, const void* x, int64_t x_stride, const void* w,
+                           int64_t rows, int64_t cols, float eps);
+// dw (nullable) f32 += ; scratch must hold RmsNormBackwardScratchBytes(rows, cols) bytes.
+size_t RmsNormBackwardScratchBytes(int64_t rows, int64_t cols);
+cudaError_t RmsNormBackward(cudaStream_t stream, DType dtype, void* dx, int64_t dx_stride,
+                            float* dw, const void* dy, int64_t dy_stride, const void* x,
+                            int64_t x_stride, const void* w, const float* rstd, int64_t rows,
+                            int64_t cols, bool accumulate_dx, void* scratch, size_t scratch_bytes);
+
+// x, y: [tokens, heads, head_dim], token strides in elements; y may equal x.
+cudaError_t Rope(cudaStream_t stream, DType dtype, void* y, int64_t y_token_stride, const void* x,
+                 int64_t x_token_stride, const int32_t* positions, const float* inv_freq,
+                 int64_t tokens, int64_t heads, int64_t head_dim, bool inverse);
+
+struct AttentionShape {
+  int64_t batch, seq, q_heads, kv_heads, head_dim;
+  // Token strides (elements) of each [B, T, H, D] operand; batch stride = seq * token stride.
+  int64_t q_stride, k_stride, v_stride, o_stride;
+};
+// bf16 only. lse f32 [B, Hq, T]. segment_ids nullable [B, T].
+size_t AttentionBackwardScratchBytes(const AttentionShape& s);
+cudaError_t AttentionForward(cudaStream_t stream, const AttentionShape& s, void* out, float* lse,
+                             const void* q, const void* k, const void* v, float scale,
+                             const int32_t* segment_ids);
+// dq/dk/dv token strides: dq uses q_stride, dk k_stride, dv v_stride (views into a fused dqkv
+// shaped like the fused qkv). scratch: f32 space for accumulation, AttentionBackwardScratchBytes.
+cudaError_t AttentionBackward(cudaStream_t stream, const AttentionShape& s, void* dq, void* dk,
+                              void* dv, const void* dout, const void* q, const void* k,
+                              const void* v, const void* out, const float* lse, float scale,
+                              const int32_t* segment_ids, void* scratch, size_t scratch_bytes);
+
+cudaError_t SwigluForward(cudaStream_t stream, DType dtype, void* out, int64_t out_stride,
+                          const void* gate, int64_t gate_stride, const void* up, int64_t up_stride,
+                          int64_t rows, int64_t cols);
+cudaError_t SwigluBackward(cudaStream_t stream, DType dtype, void* dgate, int64_t dgate_stride,
+                           void* dup, int64_t dup_stride, const void* dout, int64_t dout_stride,
+                           const void* gate, int64_t gate_stride, const void* up, int64_t up_stride,
+                           int64_t rows, int64_t cols);
+
+// dlogits nullable; may equal logits.
+cudaError_t CrossEntropy(cudaStream_t stream, DType dtype, float* losses, void* dlogits,
+                         const void* logits, const int32_t* targets, int64_t rows, int64_t vocab,
+                         float grad_scale);
+
+cudaError_t AdamW(cudaStream_t stream, float* master, float* m, float* v, void* model_weights,
+                  DType model_dtype, const float* grad, int64_t n, float lr, float beta1,
+                  float beta2, float eps, float weight_decay, int64_t step, float grad_scale);
+
+// out[0] += sum x^2; scratch must hold SumSquaresScratchBytes(n) bytes.
+size_t SumSquaresScratchBytes(int64_t n);
+cudaError_t SumSquares(cudaStream_t stream, DType dtype, float* out, const void* x, int64_t n,
+                       void* scratch, size_t scratch_bytes);
+
+cudaError_t Add(cudaStream_t stream, DType dtype, void* out, const void* a, const void* b, int64_t n);
+cudaError_t Cast(cudaStream_t stream, DType out_dtype, void* out, DType in_dtype, const void* in,
+                 int64_t n);
+cudaError_t Fill(cudaStream_t stream, DType dtype, void* out, float value, int64_t n);
+cudaError_t Scale(cudaStream_t stream, DType dtype, void* x, float s, int64_t n);
+
+}  // namespace tandem::ops::cuda
+
+namespace tandem::ops::cuda {
+// Creates the cuBLASLt handle and a workspace on the current device; nullptr + message on failure.
+GemmState* CreateGemmState(std::string* error);
+void DestroyGemmState(GemmState* state);
+}  // namespace tandem::ops::cuda

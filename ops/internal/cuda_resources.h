@@ -1,0 +1,25 @@
+// Per-context CUDA state: the stream, the cuBLASLt state and a scratch helper.
+#pragma once
+
+#ifdef TANDEM_WITH_CUDA
+#include <cuda_runtime.h>
+
+#include <memory>
+
+#include "ops/internal/cuda_kernels.h"
+
+namespace tandem::ops::internal {
+
+struct CudaResources {
+  int device_index = 0;
+  cudaStream_t stream = nullptr;
+  std::unique_ptr<cuda::GemmState, void (*)(cuda::GemmState*)> gemm{nullptr, nullptr};
+  ~CudaResources();
+};
+
+}  // namespace tandem::ops::internal
+#else
+namespace tandem::ops::internal {
+struct CudaResources {};  // CPU-only build: no CUDA state
+}  // namespace tandem::ops::internal
+#endif
