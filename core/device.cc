@@ -51,4 +51,14 @@ int CudaDeviceCount() {
 
 bool CudaAvailable() { return CudaDeviceCount() > 0; }
 
+std::string DeviceName(Device device) {
+  if (device.is_cpu()) return "cpu";
+#ifdef TANDEM_WITH_CUDA
+  cudaDeviceProp prop;
+  if (cudaGetDeviceProperties(&prop, device.index) == cudaSuccess) return prop.name;
+  cudaGetLastError();
+#endif
+  return device.ToString();
+}
+
 }  // namespace tandem

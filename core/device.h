@@ -38,5 +38,7 @@ bool CudaAvailable();
 int CudaDeviceCount();
 // True when tandem was compiled with CUDA support.
 bool BuiltWithCuda();
+// Marketing name of a device ("NVIDIA H100 80GB HBM3"), or "cpu".
+std::string DeviceName(Device device);
 
 }  // namespace tandem

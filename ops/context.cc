@@ -7,13 +7,14 @@ namespace tandem::ops {
 
 #ifdef TANDEM_WITH_CUDA
 internal::CudaResources::~CudaResources() {
-  // Explicit order: the cuBLASLt state, then the stream. No NCCL here (STYLE rule 4).
-  gemm.reset();
+  // Explicit order: drain the stream, free the cuBLASLt state, destroy the stream. No NCCL here
+  // (STYLE rule 4).
   if (stream != nullptr) {
     cudaSetDevice(device_index);
     cudaStreamSynchronize(stream);
-    cudaStreamDestroy(stream);
   }
+  gemm.reset();
+  if (stream != nullptr) cudaStreamDestroy(stream);
 }
 #endif
 

@@ -1,0 +1,172 @@
+// Op benchmark: GEMM, attention forward/backward, cross-entropy, RMSNorm on one device.
+// Prints one JSON object per result: device, op, sizes, dtype, achieved TFLOP/s or GB/s, the
+// ceiling it is compared with, commit and date. Not a test; never run by ctest.
+//
+//   tandem-ops_bench [--device cuda:0|cpu] [--iters 20] [--only gemm,attention,...]
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <ctime>
+#include <functional>
+#include <nlohmann/json.hpp>
+#include <string>
+
+#include "core/tensor.h"
+#include "ops/ops.h"
+
+namespace {
+
+using tandem::DType;
+using tandem::Shape;
+using tandem::Tensor;
+namespace ops = tandem::ops;
+
+// Ceilings measured on the H100 used for docs/benchmarks.md (see there); 0 = not stated.
+constexpr double kGemmCeilingTflops = 793.0;  // cuBLAS bf16 8192^3
+constexpr double kHbmCeilingGBs = 3000.0;     // device-to-device copy
+
+std::string Today() {
+  std::time_t now = std::time(nullptr);
+  char buf[16];
+  std::strftime(buf, sizeof(buf), "%Y-%m-%d", std::gmtime(&now));
+  return buf;
+}
+
+struct Bench {
+  ops::Context& ctx;
+  int iters;
+  std::string device_name;
+
+  // Mean seconds per call of fn after warmup.
+  double Time(const std::function<void()>& fn) {
+    for (int i = 0; i < 3; ++i) fn();
+    TANDEM_CHECK_OK(ctx.Synchronize());
+    const auto t0 = std::chrono::steady_clock::now();
+    for (int i = 0; i < iters; ++i) fn();
+    TANDEM_CHECK_OK(ctx.Synchronize());
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / iters;
+  }
+
+  Tensor Random(const Shape& shape, DType dtype, float scale = 1.0f) {
+    Tensor host = Tensor::Cpu(shape, DType::kF32);
+    uint64_t s = 0x9e3779b97f4a7c15ull ^ static_cast<uint64_t>(host.numel());
+    float* p = host.data<float>();
+    for (int64_t i = 0; i < host.numel(); ++i) {
+      s ^= s << 13; s ^= s >> 7; s ^= s << 17;
+      p[i] = scale * (static_cast<float>(s >> 40) / static_cast<float>(1 << 24) * 2.0f - 1.0f);
+    }
+    Tensor typed = *tandem::CastCpu(host, dtype);
+    return *tandem::CopyToDeviceBlocking(typed, ctx.allocator());
+  }
+  Tensor Empty(const Shape& shape, DType dtype) { return *Tensor::Empty(shape, dtype, ctx.allocator()); }
+
+  void Report(const std::string& op, nlohmann::json sizes, const char* dtype, double seconds, double flops,
+              double bytes) {
+    nlohmann::json j = {{"bench", "ops"}, {"device", device_name}, {"op", op}, {"sizes", sizes},
+                        {"dtype", dtype}, {"ms", seconds * 1e3}, {"commit", TANDEM_GIT_COMMIT}, {"date", Today()}};
+    if (flops > 0) {
+      j["tflops"] = flops / seconds / 1e12;
+      if (ctx.is_cuda()) j["gemm_ceiling_tflops"] = kGemmCeilingTflops;
+    }
+    if (bytes > 0) {
+      j["gb_per_s"] = bytes / seconds / 1e9;
+      if (ctx.is_cuda()) j["hbm_ceiling_gb_per_s"] = kHbmCeilingGBs;
+    }
+    std::printf("%s\n", j.dump().c_str());
+    std::fflush(stdout);
+  }
+};
+
+void GemmBench(Bench& b, DType dt) {
+  const int64_t shapes[][3] = {{8192, 8192, 8192}, {8192, 2048, 2048}, {8192, 6144, 2048}, {8192, 2048, 8192},
+                               {8192, 16384, 2048}, {8192, 32000, 2048}};
+  for (auto& s : shapes) {
+    const int64_t m = s[0], n = s[1], k = s[2];
+    if (!b.ctx.is_cuda() && m * n * k > (int64_t{1} << 33)) continue;
+    Tensor a = b.Random({m, k}, dt), w = b.Random({n, k}, dt), c = b.Empty({m, n}, dt);
+    const double sec = b.Time([&] { TANDEM_CHECK_OK(ops::Matmul(b.ctx, c, a, w, false, true)); });
+    b.Report("gemm_nt", {{"m", m}, {"n", n}, {"k", k}}, tandem::DTypeName(dt), sec, 2.0 * m * n * k, 0);
+  }
+}
+
+void AttentionBench(Bench& b) {
+  struct Case { int64_t batch, seq, heads, kv_heads, dim; };
+  const Case cases[] = {{4, 2048, 32, 8, 64}, {4, 2048, 32, 32, 128}, {4, 2048, 16, 4, 128}, {1, 8192, 32, 8, 128}};
+  for (const Case& c : cases) {
+    if (!b.ctx.is_cuda() && c.seq > 512) continue;
+    const DType dt = b.ctx.is_cuda() ? DType::kBF16 : DType::kF32;
+    Tensor q = b.Random({c.batch, c.seq, c.heads, c.dim}, dt), k = b.Random({c.batch, c.seq, c.kv_heads, c.dim}, dt);
+    Tensor v = b.Random({c.batch, c.seq, c.kv_heads, c.dim}, dt), out = b.Empty({c.batch, c.seq, c.heads, c.dim}, dt);
+    Tensor lse = b.Empty({c.batch, c.heads, c.seq}, DType::kF32);
+    Tensor dout = b.Random({c.batch, c.seq, c.heads, c.dim}, dt);
+    Tensor dq = b.Empty(q.shape(), dt), dk = b.Empty(k.shape(), dt), dv = b.Empty(v.shape(), dt);
+    const float scale = 1.0f / std::sqrt(static_cast<float>(c.dim));
+    // Causal: half of the 4*B*H*T*T*D matmul FLOPs of the forward; backward is 2.5x the forward.
+    const double fwd_flops = 4.0 * c.batch * c.heads * c.seq * c.seq * c.dim / 2.0;
+    nlohmann::json sizes = {{"batch", c.batch}, {"seq", c.seq}, {"heads", c.heads}, {"kv_heads", c.kv_heads}, {"head_dim", c.dim}};
+    double sec = b.Time([&] { TANDEM_CHECK_OK(ops::AttentionForward(b.ctx, out, lse, q, k, v, scale)); });
+    b.Report("attention_fwd", sizes, tandem::DTypeName(dt), sec, fwd_flops, 0);
+    sec = b.Time([&] { TANDEM_CHECK_OK(ops::AttentionBackward(b.ctx, dq, dk, dv, dout, q, k, v, out, lse, scale)); });
+    b.Report("attention_bwd", sizes, tandem::DTypeName(dt), sec, 2.5 * fwd_flops, 0);
+  }
+}
+
+void CrossEntropyBench(Bench& b, DType dt) {
+  const int64_t rows = b.ctx.is_cuda() ? 8192 : 512, vocab = 32000;
+  Tensor logits = b.Random({rows, vocab}, dt, 4.0f), losses = b.Empty({rows}, DType::kF32);
+  Tensor targets_host = Tensor::Cpu({rows}, DType::kI32);
+  for (int64_t i = 0; i < rows; ++i) targets_host.data<int32_t>()[i] = static_cast<int32_t>((i * 7919) % vocab);
+  Tensor targets = *tandem::CopyToDeviceBlocking(targets_host, b.ctx.allocator());
+  Tensor dlogits = b.Empty({rows, vocab}, dt);
+  const double sec = b.Time([&] { TANDEM_CHECK_OK(ops::CrossEntropy(b.ctx, losses, dlogits, logits, targets, 1.0f)); });
+  const double bytes = 2.0 * rows * vocab * tandem::DTypeSize(dt);  // read logits, write dlogits
+  b.Report("cross_entropy_fwd_bwd", {{"rows", rows}, {"vocab", vocab}}, tandem::DTypeName(dt), sec, 0, bytes);
+}
+
+void RmsNormBench(Bench& b, DType dt) {
+  const int64_t rows = b.ctx.is_cuda() ? 8192 : 1024, cols = 2048;
+  Tensor x = b.Random({rows, cols}, dt), w = b.Random({cols}, dt), y = b.Empty({rows, cols}, dt);
+  Tensor rstd = b.Empty({rows}, DType::kF32), dy = b.Random({rows, cols}, dt), dx = b.Empty({rows, cols}, dt);
+  Tensor dw = b.Empty({cols}, DType::kF32);
+  TANDEM_CHECK_OK(ops::Fill(b.ctx, dw, 0.0f));
+  const double es = tandem::DTypeSize(dt);
+  double sec = b.Time([&] { TANDEM_CHECK_OK(ops::RmsNormForward(b.ctx, y, rstd, x, w, 1e-5f)); });
+  b.Report("rmsnorm_fwd", {{"rows", rows}, {"cols", cols}}, tandem::DTypeName(dt), sec, 0, 2.0 * rows * cols * es);
+  sec = b.Time([&] { TANDEM_CHECK_OK(ops::RmsNormBackward(b.ctx, dx, dw, dy, x, w, rstd, false)); });
+  b.Report("rmsnorm_bwd", {{"rows", rows}, {"cols", cols}}, tandem::DTypeName(dt), sec, 0, 3.0 * rows * cols * es);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::string device = tandem::CudaAvailable() ? "cuda:0" : "cpu", only;
+  int iters = 20;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    if (a == "--device" && i + 1 < argc) device = argv[++i];
+    else if (a == "--iters" && i + 1 < argc) iters = std::atoi(argv[++i]);
+    else if (a == "--only" && i + 1 < argc) only = argv[++i];
+    else {
+      std::fprintf(stderr, "usage: %s [--device cpu|cuda:N] [--iters N] [--only gemm,attention,cross_entropy,rmsnorm]\n", argv[0]);
+      return 2;
+    }
+  }
+  auto dev = tandem::ParseDevice(device);
+  TANDEM_CHECK_OK(dev);
+  std::unique_ptr<ops::Context> ctx;
+  if (dev->is_cpu()) {
+    ctx = ops::Context::Cpu();
+  } else {
+    auto c = ops::Context::Cuda(dev->index);
+    TANDEM_CHECK_OK(c);
+    ctx = std::move(c).value();
+  }
+  Bench b{*ctx, iters, tandem::DeviceName(*dev)};
+  auto want = [&](const char* name) { return only.empty() || only.find(name) != std::string::npos; };
+  const DType dt = ctx->is_cuda() ? DType::kBF16 : DType::kF32;
+  if (want("gemm")) GemmBench(b, dt);
+  if (want("attention")) AttentionBench(b);
+  if (want("cross_entropy")) CrossEntropyBench(b, dt);
+  if (want("rmsnorm")) RmsNormBench(b, dt);
+  return 0;
+}

@@ -1,0 +1,16 @@
+// Subcommands of the `tandem` command. Each takes its arguments (after the subcommand name) and
+// returns a process exit code; errors are printed as "tandem <cmd>: <message>".
+#pragma once
+
+#include <string>
+#include <vector>
+
+namespace tandem::launch {
+
+using Args = std::vector<std::string>;
+
+int TrainCommand(const Args& args);
+int DataCommand(const Args& args);
+int PlotCommand(const Args& args);
+
+}  // namespace tandem::launch

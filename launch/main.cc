@@ -1,0 +1,42 @@
+// tandem: train, fine-tune and serve Llama models.
+#include <cstdio>
+#include <cstring>
+#include <string>
+
+#include "launch/commands.h"
+
+namespace {
+
+struct Command {
+  const char* name;
+  int (*run)(const tandem::launch::Args&);
+  const char* summary;
+};
+
+constexpr Command kCommands[] = {
+    {"train", tandem::launch::TrainCommand, "train or fine-tune a Llama model from a TOML config"},
+    {"data", tandem::launch::DataCommand, "prepare token shards (prepare) or extract the Brown corpus (brown)"},
+    {"plot", tandem::launch::PlotCommand, "draw a run's loss and throughput curves into a PNG"},
+};
+
+void PrintHelp() {
+  std::printf("usage: tandem <command> [options]\n\ncommands:\n");
+  for (const Command& c : kCommands) std::printf("  %-8s %s\n", c.name, c.summary);
+  std::printf("\n`tandem <command> --help` lists a command's options with their defaults.\n");
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 2 || !std::strcmp(argv[1], "--help") || !std::strcmp(argv[1], "-h") || !std::strcmp(argv[1], "help")) {
+    PrintHelp();
+    return argc < 2 ? 2 : 0;
+  }
+  tandem::launch::Args args(argv + 2, argv + argc);
+  for (const Command& c : kCommands) {
+    if (std::strcmp(argv[1], c.name) == 0) return c.run(args);
+  }
+  std::fprintf(stderr, "tandem: unknown command '%s'\n\n", argv[1]);
+  PrintHelp();
+  return 2;
+}

@@ -1,0 +1,70 @@
+#include <cstdio>
+#include <string>
+
+#include "core/logging.h"
+#include "launch/commands.h"
+#include "trainer/config.h"
+#include "trainer/trainer.h"
+
+namespace tandem::launch {
+
+namespace {
+void PrintTrainHelp() {
+  std::printf(
+      "usage: tandem train --config FILE.toml [--set section.key=value ...]\n\n"
+      "Trains the model the config describes; `--set` overrides any key (repeatable).\n"
+      "Examples: examples/tiny-cpu.toml (the demo), examples/llama-1b-full.toml.\n\n"
+      "options (key, type, default, meaning):\n%s",
+      trainer::TrainConfigHelp().c_str());
+}
+}  // namespace
+
+int TrainCommand(const Args& args) {
+  std::string config_path;
+  std::vector<std::string> overrides;
+  std::string command_line = "tandem train";
+  for (size_t i = 0; i < args.size(); ++i) {
+    command_line += " " + args[i];
+    const std::string& a = args[i];
+    if (a == "--help" || a == "-h") {
+      PrintTrainHelp();
+      return 0;
+    }
+    if ((a == "--config" || a == "--set") && i + 1 < args.size()) {
+      command_line += " " + args[i + 1];
+      if (a == "--config") {
+        config_path = args[++i];
+      } else {
+        overrides.push_back(args[++i]);
+      }
+      continue;
+    }
+    if (a.rfind("--config=", 0) == 0) {
+      config_path = a.substr(9);
+      continue;
+    }
+    if (a.rfind("--set=", 0) == 0) {
+      overrides.push_back(a.substr(6));
+      continue;
+    }
+    std::fprintf(stderr, "tandem train: unexpected argument '%s' (see tandem train --help)\n", a.c_str());
+    return 2;
+  }
+  if (config_path.empty()) {
+    std::fprintf(stderr, "tandem train: --config FILE.toml is required (see tandem train --help)\n");
+    return 2;
+  }
+  StatusOr<trainer::TrainConfig> config = trainer::LoadTrainConfig(config_path, overrides);
+  if (!config.ok()) {
+    std::fprintf(stderr, "tandem train: %s\n", config.status().message().c_str());
+    return 1;
+  }
+  StatusOr<trainer::TrainResult> result = trainer::RunTraining(*config, command_line);
+  if (!result.ok()) {
+    std::fprintf(stderr, "tandem train: %s\n", result.status().message().c_str());
+    return 1;
+  }
+  return 0;
+}
+
+}  // namespace tandem::launch

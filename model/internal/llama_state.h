@@ -1,0 +1,79 @@
+// Private state of model::LlamaModel: parameter groups, per-layer indices and the activation
+// buffers of one batch shape. Included only by model/llama*.cc.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "core/tensor.h"
+#include "model/llama.h"
+
+namespace tandem::model {
+
+// Parameters that share one contiguous range of the flat weight and grad buffers, as rows of one
+// [rows, cols] matrix: q|k|v, gate|up, or a single parameter.
+struct LlamaModel::Group {
+  std::vector<size_t> members;     // parameter indices, in row order
+  std::vector<int64_t> row_start;  // members.size() + 1 entries: member i is rows [s[i], s[i+1])
+  bool one_dim = false;            // a norm weight [C] (rows == 1)
+  int64_t offset = 0;              // first element in weights_flat_
+  int64_t rows = 0, cols = 0;      // a 1-D parameter [C] is rows = 1, cols = C
+  Tensor weight;                   // [rows, cols] view of weights_flat_ (compute dtype)
+  Tensor grad;                     // [rows, cols] view of grads_flat_ (f32) or undefined
+};
+
+// Parameter indices of one decoder block.
+struct LlamaModel::Layer {
+  size_t q = 0, k = 0, v = 0, o = 0, gate = 0, up = 0, down = 0;
+  size_t attn_norm = 0, mlp_norm = 0;
+  int qkv_group = 0, gate_up_group = 0;
+};
+
+// Buffers of one batch shape. N = B * T tokens, H3 = Hq + 2 Hkv. Compute dtype unless noted.
+struct LlamaModel::Activations {
+  int64_t batch = 0, seq = 0;
+  bool has_backward = false;
+
+  // Inputs on the device.
+  Tensor tokens;                      // i32 [N]
+  Tensor targets;                     // i32 [N]
+  Tensor positions;                   // i32 [N]
+  Tensor segment_ids;                 // i32 [B, T], allocated when a batch first brings segment ids
+  bool use_segments = false;          // this batch has segment ids
+  std::vector<int32_t> host_targets;  // [N], to skip loss chunks without targets
+  int64_t num_targets = 0;
+
+  // Residual stream: x[l] is block l's input, x[L] the last block's output.
+  std::vector<Tensor> x;  // L + 1 of [N, C]
+
+  // What one block's backward needs. One per layer, or one shared by all with recompute.
+  struct Block {
+    Tensor ln1;      // [N, C] input_layernorm output
+    Tensor rstd1;    // f32 [N]
+    Tensor qkv;      // [N, H3 * D] q|k|v projections, q and k rotated in place
+    Tensor attn;     // [N, Hq * D] attention output (before o_proj)
+    Tensor lse;      // f32 [B, Hq, T]
+    Tensor x_mid;    // [N, C] residual after attention
+    Tensor ln2;      // [N, C] post_attention_layernorm output
+    Tensor rstd2;    // f32 [N]
+    Tensor gate_up;  // [N, 2F]
+    Tensor act;      // [N, F] silu(gate) * up
+  };
+  std::vector<Block> blocks;
+
+  Tensor lnf;     // [N, C] final norm output
+  Tensor rstdf;   // f32 [N]
+  Tensor proj;    // [N, C] o_proj / down_proj output before the residual add
+  Tensor logits;  // [chunk, V], also dlogits in place
+  Tensor losses;  // f32 [N]
+
+  // Backward scratch (allocated when a backward pass is first asked for).
+  Tensor dres;      // [N, C] gradient of the residual stream
+  Tensor dln;       // [N, C] gradient of a norm's output
+  Tensor dqkv;      // [N, H3 * D]
+  Tensor dattn;     // [N, Hq * D]
+  Tensor dgate_up;  // [N, 2F]
+  Tensor dact;      // [N, F]
+};
+
+}  // namespace tandem::model

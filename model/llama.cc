@@ -1,0 +1,211 @@
+// LlamaModel: parameters (layout, init, gradients). Forward and loss: llama_forward.cc;
+// backward: llama_backward.cc; safetensors I/O: llama_io.cc.
+#include "model/llama.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include "core/rng.h"
+#include "model/internal/llama_state.h"
+#include "model/rope.h"
+#include "ops/ops.h"
+
+namespace tandem::model {
+
+namespace {
+
+// Group starts are padded to this many elements so every fused matrix starts 256-byte aligned
+// in f32 (128-byte in bf16), which GEMM libraries like.
+constexpr int64_t kAlignElems = 64;
+
+int64_t AlignUp(int64_t n) { return (n + kAlignElems - 1) / kAlignElems * kAlignElems; }
+
+}  // namespace
+
+LlamaModel::LlamaModel(ops::Context& ctx, const LlamaConfig& config, const ModelOptions& options)
+    : ctx_(ctx),
+      config_(config),
+      options_(options),
+      compute_dtype_(ctx.is_cuda() ? DType::kBF16 : DType::kF32) {}
+
+LlamaModel::~LlamaModel() = default;
+
+StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::Create(ops::Context& ctx,
+                                                         const LlamaConfig& config,
+                                                         const ModelOptions& options) {
+  LlamaConfig c = config;
+  if (c.num_key_value_heads == 0) c.num_key_value_heads = c.num_attention_heads;
+  TANDEM_RETURN_IF_ERROR(ValidateLlamaConfig(c, "LlamaModel::Create config"));
+  if (c.head_dim == 0) c.head_dim = c.hidden_size / c.num_attention_heads;
+  if (options.loss_chunk_tokens <= 0) {
+    return InvalidArgumentError(StrCat("ModelOptions::loss_chunk_tokens must be positive, found ",
+                                       options.loss_chunk_tokens));
+  }
+  std::unique_ptr<LlamaModel> m(new LlamaModel(ctx, c, options));
+  TANDEM_RETURN_IF_ERROR(m->AllocateParameters());
+  for (Parameter& p : m->params_) p.trainable = options.trainable;
+  TANDEM_RETURN_IF_ERROR(m->ZeroGrads());
+
+  const std::vector<float> inv = RopeInvFreq(c);
+  Tensor host = Tensor::Cpu({static_cast<int64_t>(inv.size())}, DType::kF32);  // [D/2]
+  std::copy(inv.begin(), inv.end(), host.data<float>());
+  TANDEM_ASSIGN_OR_RETURN(m->inv_freq_, CopyToDeviceBlocking(host, ctx.allocator()));
+  return m;
+}
+
+Status LlamaModel::AllocateParameters() {
+  const int64_t C = config_.hidden_size, F = config_.intermediate_size;
+  const int64_t V = config_.vocab_size, D = config_.head_dim;
+  const int64_t Hq = config_.num_attention_heads, Hkv = config_.num_key_value_heads;
+  int64_t total = 0;
+  // One group of parameters stacked as rows of a [sum rows, cols] matrix.
+  auto add_group = [&](const std::vector<std::pair<std::string, int64_t>>& parts, int64_t cols,
+                       bool one_dim) -> int {
+    Group g;
+    g.offset = total;
+    g.cols = cols;
+    g.one_dim = one_dim;
+    g.row_start.push_back(0);
+    for (const auto& [name, rows] : parts) {
+      Parameter p;
+      p.name = name;
+      p.weight_decay = !one_dim;
+      g.members.push_back(params_.size());
+      group_of_.push_back(static_cast<int>(groups_.size()));
+      params_.push_back(std::move(p));
+      g.rows += rows;
+      g.row_start.push_back(g.rows);
+    }
+    total = AlignUp(total + g.rows * g.cols);
+    groups_.push_back(std::move(g));
+    return static_cast<int>(groups_.size()) - 1;
+  };
+  auto first = [&](int group) { return groups_[group].members[0]; };
+
+  embed_ = first(add_group({{"model.embed_tokens.weight", V}}, C, false));
+  for (int64_t l = 0; l < config_.num_hidden_layers; ++l) {
+    const std::string pre = StrCat("model.layers.", l, ".");
+    Layer layer;
+    layer.qkv_group = add_group({{pre + "self_attn.q_proj.weight", Hq * D},
+                                 {pre + "self_attn.k_proj.weight", Hkv * D},
+                                 {pre + "self_attn.v_proj.weight", Hkv * D}},
+                                C, false);
+    layer.q = groups_[layer.qkv_group].members[0];
+    layer.k = groups_[layer.qkv_group].members[1];
+    layer.v = groups_[layer.qkv_group].members[2];
+    layer.o = first(add_group({{pre + "self_attn.o_proj.weight", C}}, Hq * D, false));
+    layer.gate_up_group =
+        add_group({{pre + "mlp.gate_proj.weight", F}, {pre + "mlp.up_proj.weight", F}}, C, false);
+    layer.gate = groups_[layer.gate_up_group].members[0];
+    layer.up = groups_[layer.gate_up_group].members[1];
+    layer.down = first(add_group({{pre + "mlp.down_proj.weight", C}}, F, false));
+    layer.attn_norm = first(add_group({{pre + "input_layernorm.weight", 1}}, C, true));
+    layer.mlp_norm = first(add_group({{pre + "post_attention_layernorm.weight", 1}}, C, true));
+    layers_.push_back(layer);
+  }
+  final_norm_ = first(add_group({{"model.norm.weight", 1}}, C, true));
+  lm_head_ =
+      config_.tie_word_embeddings ? embed_ : first(add_group({{"lm_head.weight", V}}, C, false));
+
+  TANDEM_ASSIGN_OR_RETURN(weights_flat_, Tensor::Empty({total}, compute_dtype_, ctx_.allocator()));
+  for (Group& g : groups_) {
+    g.weight = weights_flat_.Slice(0, g.offset, g.offset + g.rows * g.cols).View({g.rows, g.cols});
+    for (size_t m = 0; m < g.members.size(); ++m) {
+      Parameter& p = params_[g.members[m]];
+      const Tensor w = g.weight.Slice(0, g.row_start[m], g.row_start[m + 1]);  // [rows_m, cols]
+      p.weight = g.one_dim ? w.View({g.cols}) : w;
+      if (compute_dtype_ == DType::kF32) p.master = p.weight;
+    }
+  }
+  return Status::Ok();
+}
+
+Status LlamaModel::EnsureTrainingState(bool relayout_grads) {
+  // f32 masters for trainable parameters (CUDA), made from the current compute-dtype weights.
+  for (Parameter& p : params_) {
+    if (!p.trainable || p.master.defined()) continue;
+    TANDEM_ASSIGN_OR_RETURN(p.master,
+                            Tensor::Empty(p.weight.shape(), DType::kF32, ctx_.allocator()));
+    TANDEM_RETURN_IF_ERROR(ops::Cast(ctx_, p.master, p.weight));
+  }
+  std::vector<bool> want(groups_.size(), false);
+  for (size_t g = 0; g < groups_.size(); ++g) {
+    for (size_t i : groups_[g].members) want[g] = want[g] || params_[i].trainable;
+  }
+  if (want == grad_layout_) return Status::Ok();
+  if (!relayout_grads) {
+    return FailedPreconditionError(
+        "Parameter::trainable flags changed since the last ZeroGrads(): call ZeroGrads() before "
+        "ForwardBackward() so gradients are laid out for the new set of trainable parameters");
+  }
+  int64_t total = 0;
+  for (size_t g = 0; g < groups_.size(); ++g) {
+    if (want[g]) total = AlignUp(total + groups_[g].rows * groups_[g].cols);
+  }
+  grads_flat_ = Tensor();
+  for (Group& g : groups_) g.grad = Tensor();
+  for (Parameter& p : params_) p.grad = Tensor();  // frees the old buffer
+  if (total > 0) {
+    TANDEM_ASSIGN_OR_RETURN(grads_flat_, Tensor::Empty({total}, DType::kF32, ctx_.allocator()));
+  }
+  int64_t offset = 0;
+  for (size_t gi = 0; gi < groups_.size(); ++gi) {
+    if (!want[gi]) continue;
+    Group& g = groups_[gi];
+    g.grad = grads_flat_.Slice(0, offset, offset + g.rows * g.cols).View({g.rows, g.cols});
+    for (size_t m = 0; m < g.members.size(); ++m) {
+      const Tensor d = g.grad.Slice(0, g.row_start[m], g.row_start[m + 1]);  // [rows_m, cols]
+      params_[g.members[m]].grad = g.one_dim ? d.View({g.cols}) : d;
+    }
+    offset = AlignUp(offset + g.rows * g.cols);
+  }
+  grad_layout_ = want;
+  return Status::Ok();
+}
+
+Status LlamaModel::ZeroGrads() {
+  TANDEM_RETURN_IF_ERROR(EnsureTrainingState(/*relayout_grads=*/true));
+  if (grads_flat_.defined()) TANDEM_RETURN_IF_ERROR(ops::Fill(ctx_, grads_flat_, 0.0f));
+  return Status::Ok();
+}
+
+Status LlamaModel::SetFromHost(size_t param, const Tensor& host_f32) {
+  Parameter& p = params_[param];
+  if (p.master.defined() && compute_dtype_ != DType::kF32) {
+    TANDEM_RETURN_IF_ERROR(CopyTensor(p.master, host_f32, ctx_.stream()));
+    TANDEM_RETURN_IF_ERROR(ops::Cast(ctx_, p.weight, p.master));
+  } else if (compute_dtype_ == DType::kF32) {
+    TANDEM_RETURN_IF_ERROR(CopyTensor(p.weight, host_f32, ctx_.stream()));
+  } else {
+    TANDEM_ASSIGN_OR_RETURN(Tensor h, CastCpu(host_f32, compute_dtype_));
+    TANDEM_RETURN_IF_ERROR(CopyTensor(p.weight, h, ctx_.stream()));
+    return ctx_.Synchronize();  // `h` dies here
+  }
+  return ctx_.Synchronize();  // the caller may reuse host_f32
+}
+
+StatusOr<Tensor> LlamaModel::ToHostF32(const Tensor& t) const {
+  Tensor host = Tensor::Cpu(t.shape(), t.dtype());
+  TANDEM_RETURN_IF_ERROR(CopyTensor(host, t, ctx_.stream()));
+  TANDEM_RETURN_IF_ERROR(ctx_.Synchronize());
+  if (host.dtype() == DType::kF32) return host;
+  return CastCpu(host, DType::kF32);
+}
+
+Status LlamaModel::InitRandom(uint64_t seed, float std) {
+  for (size_t i = 0; i < params_.size(); ++i) {
+    Parameter& p = params_[i];
+    Tensor host = Tensor::Cpu(p.weight.shape(), DType::kF32);
+    float* h = host.data<float>();
+    if (groups_[group_of_[i]].one_dim) {
+      std::fill(h, h + host.numel(), 1.0f);  // RMSNorm weights start at one
+    } else {
+      Rng rng(seed, /*stream=*/i);
+      for (int64_t j = 0; j < host.numel(); ++j) h[j] = std * rng.Normal();
+    }
+    TANDEM_RETURN_IF_ERROR(SetFromHost(i, host));
+  }
+  return Status::Ok();
+}
+
+}  // namespace tandem::model

@@ -1,0 +1,152 @@
+// LlamaModel: a Llama decoder (HF LlamaForCausalLM) with an explicit forward and backward per
+// block, in the style of llm.c: no autograd tape, every activation and gradient buffer named.
+//
+//   auto ctx = ops::Context::Cpu();
+//   TANDEM_ASSIGN_OR_RETURN(auto model, LlamaModel::Create(*ctx, config, ModelOptions{}));
+//   TANDEM_RETURN_IF_ERROR(model->LoadSafetensors(model_dir));
+//   TANDEM_RETURN_IF_ERROR(model->ZeroGrads());
+//   TANDEM_ASSIGN_OR_RETURN(LossSum l, model->ForwardBackward(batch, 1.0f / num_target_tokens));
+//   // ... optimizer over model->parameters(): ops::AdamW(master, m, v, weight, grad, ...)
+//
+// Numerics: on a CPU context everything is f32. On a CUDA context weights and activations are
+// bf16 (Parameter::weight) with an f32 master copy (Parameter::master) and f32 gradients;
+// RMSNorm statistics, attention log-sum-exp and losses are f32.
+//
+// Memory layout: all weights live in one flat buffer; each Parameter is a contiguous view in HF
+// shape. q/k/v of a layer are adjacent rows of one [(Hq + 2 Hkv) D, C] block and gate/up of one
+// [2F, C] block, so one GEMM computes each fused projection; gradients use the same layout in one
+// flat f32 buffer. Activations are allocated once per batch shape [B, T] and reused; with
+// ModelOptions::recompute only each block's input is kept and the block is recomputed in
+// backward (bitwise-identical gradients, since every op is deterministic).
+//
+// Frozen parameters (trainable == false) get no weight gradient: their dW GEMMs are skipped.
+// ZeroGrads() (re)lays out the gradient buffer over the parameter groups (fused q|k|v, gate|up,
+// or a single parameter) that hold a trainable parameter; the grads of fully frozen groups become
+// undefined and their memory is freed. Change `trainable` flags only before ZeroGrads().
+//
+// Ownership: the model keeps a reference to the Context, which must outlive it; tensors it hands
+// out (parameters, logits) are its own or fresh host copies.
+// Thread-safety: one thread at a time (like the Context).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/status.h"
+#include "core/tensor.h"
+#include "model/config.h"
+#include "ops/context.h"
+
+namespace tandem::model {
+
+struct ModelOptions {
+  // Keep only each block's input; recompute the block in backward.
+  bool recompute = false;
+  // false: every parameter starts frozen and no f32 master copy or gradient is allocated (a
+  // frozen base for PEFT). Parameters made trainable later get both at the next ZeroGrads().
+  bool trainable = true;
+  // Tokens per chunk of the loss head: the [N, V] logits of a batch never exist at once.
+  int64_t loss_chunk_tokens = 1024;
+};
+
+struct Parameter {
+  std::string name;  // HF name, e.g. "model.layers.0.self_attn.q_proj.weight"
+  Tensor master;     // f32, the optimizer's copy (on CPU the same tensor as weight; on CUDA
+                     // undefined while frozen with ModelOptions::trainable == false)
+  Tensor weight;     // compute dtype (f32 on CPU, bf16 on CUDA), what ops read
+  Tensor grad;       // f32, accumulated by ForwardBackward (undefined for frozen groups)
+  bool trainable = true;
+  bool weight_decay = true;  // false for norms
+};
+
+struct Batch {
+  Tensor tokens;       // i32 [B, T], host
+  Tensor targets;      // i32 [B, T], host, ops::kIgnoreIndex where no loss
+  Tensor positions;    // i32 [B, T], host, optional (default 0..T-1 per row)
+  Tensor segment_ids;  // i32 [B, T], host, optional (packed documents attend within a segment)
+};
+
+struct LossSum {
+  double sum = 0;     // sum of token losses (natural log)
+  int64_t count = 0;  // number of target tokens (targets != kIgnoreIndex)
+};
+
+class LlamaModel {
+ public:
+  ~LlamaModel();
+  LlamaModel(const LlamaModel&) = delete;
+  LlamaModel& operator=(const LlamaModel&) = delete;
+
+  // Validates the config and allocates weights (uninitialized), masters and gradients.
+  static StatusOr<std::unique_ptr<LlamaModel>> Create(ops::Context& ctx, const LlamaConfig& config,
+                                                      const ModelOptions& options);
+
+  // normal(0, std) for linears and embeddings, ones for norms (HF's init). Deterministic and
+  // device-independent: element j of parameter i (in parameters() order, row-major) is
+  // std * the j-th Rng(seed, /*stream=*/i).Normal() of core/rng.h (Philox, Box-Muller).
+  Status InitRandom(uint64_t seed, float std = 0.02f);
+  // `path`: a model directory (model.safetensors.index.json or model.safetensors), an index file
+  // or a .safetensors file. F32/BF16/F16 accepted and converted. Missing, unexpected or
+  // mis-shaped tensors are errors naming them (checked before any weight changes). With tied
+  // embeddings a stored lm_head.weight is ignored; rotary inv_freq buffers are ignored.
+  Status LoadSafetensors(const std::string& path);
+  // Writes `dir`/config.json and `dir`/model.safetensors (HF names, from the f32 master where
+  // there is one) in `dtype` (f32, bf16 or f16). Creates `dir`.
+  Status SaveSafetensors(const std::string& dir, DType dtype) const;
+
+  std::vector<Parameter>& parameters() { return params_; }
+  const std::vector<Parameter>& parameters() const { return params_; }
+  const LlamaConfig& config() const { return config_; }
+  DType compute_dtype() const { return compute_dtype_; }
+
+  // Lays out gradients for the trainable groups (see above) and sets them to zero.
+  Status ZeroGrads();
+  // Forward + backward; grads += d(grad_scale * sum of token losses)/d(param). Returns the loss
+  // sum (synchronizes with the device).
+  StatusOr<LossSum> ForwardBackward(const Batch& batch, float grad_scale);
+  // Forward only.
+  StatusOr<LossSum> Loss(const Batch& batch);
+  // f32 host [B, T, V] (targets may be undefined), for tests and small generation.
+  StatusOr<Tensor> Logits(const Batch& batch);
+
+ private:
+  struct Layer;        // indices of one decoder block's parameters
+  struct Group;        // parameters sharing one contiguous weight/grad range (fused projections)
+  struct Activations;  // per-batch-shape buffers (model/internal/llama_state.h)
+
+  LlamaModel(ops::Context& ctx, const LlamaConfig& config, const ModelOptions& options);
+
+  Status AllocateParameters();
+  Status EnsureTrainingState(bool relayout_grads);
+  Status SetFromHost(size_t param, const Tensor& host_f32);
+  StatusOr<Tensor> ToHostF32(const Tensor& t) const;
+
+  Status EnsureActivations(int64_t batch, int64_t seq, bool backward);
+  Status PrepareBatch(const Batch& batch, bool need_targets, bool backward);
+  Status Forward();
+  Status BlockForward(int64_t layer, bool write_output);
+  Status BlockBackward(int64_t layer);
+  Status ProjectionGrad(const Group& group, const Tensor& dy, const Tensor& x);
+  Status WeightGrad(size_t param, const Tensor& dy, const Tensor& x);
+  Status LossHead(float grad_scale, bool backward);
+  StatusOr<LossSum> SumLosses();
+
+  ops::Context& ctx_;
+  LlamaConfig config_;
+  ModelOptions options_;
+  DType compute_dtype_;
+  std::vector<Parameter> params_;
+  std::vector<Group> groups_;
+  std::vector<int> group_of_;  // param index -> group index
+  std::vector<Layer> layers_;
+  size_t embed_ = 0, final_norm_ = 0, lm_head_ = 0;  // lm_head_ == embed_ when tied
+  Tensor weights_flat_;                              // compute dtype, every parameter's weight
+  Tensor grads_flat_;                                // f32, the groups with a trainable parameter
+  std::vector<bool> grad_layout_;                    // per group: has a gradient in grads_flat_
+  Tensor inv_freq_;                                  // f32 [D/2] on the device
+  std::unique_ptr<Activations> acts_;
+};
+
+}  // namespace tandem::model

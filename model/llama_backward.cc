@@ -1,0 +1,90 @@
+// LlamaModel: the backward pass of one decoder block and the weight-gradient GEMMs.
+#include <cmath>
+
+#include "model/internal/llama_state.h"
+#include "model/llama.h"
+#include "ops/ops.h"
+
+namespace tandem::model {
+
+// grad(param) += dy^T x: dy [N, out], x [N, in], grad f32 [out, in]. Skipped for frozen weights.
+Status LlamaModel::WeightGrad(size_t param, const Tensor& dy, const Tensor& x) {
+  Parameter& p = params_[param];
+  if (!p.trainable) return Status::Ok();
+  return ops::Matmul(ctx_, p.grad, dy, x, /*trans_a=*/true, /*trans_b=*/false, 1.0f, 1.0f);
+}
+
+// The weight gradient of a fused projection y = x W^T with W the group's [rows, C] block:
+// one GEMM when every member trains, else one per trainable member on its column slice of dy.
+Status LlamaModel::ProjectionGrad(const Group& group, const Tensor& dy, const Tensor& x) {
+  bool all = true;
+  for (size_t i : group.members) all = all && params_[i].trainable;
+  if (all) {
+    Tensor grad = group.grad;  // [rows, C]
+    return ops::Matmul(ctx_, grad, dy, x, true, false, 1.0f, 1.0f);
+  }
+  for (size_t m = 0; m < group.members.size(); ++m) {
+    const Tensor dy_m = dy.Slice(1, group.row_start[m], group.row_start[m + 1]);  // [N, rows_m]
+    TANDEM_RETURN_IF_ERROR(WeightGrad(group.members[m], dy_m, x));
+  }
+  return Status::Ok();
+}
+
+// On entry a.dres = dL/d x[l + 1]; on exit a.dres = dL/d x[l]. Reads the block's saved (or
+// recomputed) activations; weight gradients accumulate into the parameters' grads.
+Status LlamaModel::BlockBackward(int64_t l) {
+  Activations& a = *acts_;
+  Activations::Block& b = a.blocks[options_.recompute ? 0 : l];
+  const Layer& layer = layers_[l];
+  const int64_t B = a.batch, T = a.seq, N = B * T;
+  const int64_t Hq = config_.num_attention_heads, Hkv = config_.num_key_value_heads;
+  const int64_t D = config_.head_dim, F = config_.intermediate_size, H3 = Hq + 2 * Hkv;
+  const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(D)));
+  auto norm_grad = [&](size_t i) { return params_[i].trainable ? params_[i].grad : Tensor(); };
+
+  // MLP. x[l + 1] = x_mid + act Wdown^T, so d x_mid = dres + d(norm2 path).
+  TANDEM_RETURN_IF_ERROR(
+      ops::Matmul(ctx_, a.dact, a.dres, params_[layer.down].weight, false, false));  // [N, F]
+  TANDEM_RETURN_IF_ERROR(WeightGrad(layer.down, a.dres, b.act));                     // [C, F]
+  Tensor dgate = a.dgate_up.Slice(1, 0, F);  // [N, F], row stride 2F
+  Tensor dup = a.dgate_up.Slice(1, F, 2 * F);
+  TANDEM_RETURN_IF_ERROR(ops::SwigluBackward(ctx_, dgate, dup, a.dact, b.gate_up.Slice(1, 0, F),
+                                             b.gate_up.Slice(1, F, 2 * F)));
+  const Group& gate_up = groups_[layer.gate_up_group];
+  TANDEM_RETURN_IF_ERROR(
+      ops::Matmul(ctx_, a.dln, a.dgate_up, gate_up.weight, false, false));  // [N, C]
+  if (gate_up.grad.defined()) TANDEM_RETURN_IF_ERROR(ProjectionGrad(gate_up, a.dgate_up, b.ln2));
+  Tensor dw2 = norm_grad(layer.mlp_norm);
+  TANDEM_RETURN_IF_ERROR(ops::RmsNormBackward(ctx_, a.dres, dw2, a.dln, b.x_mid,
+                                              params_[layer.mlp_norm].weight, b.rstd2,
+                                              /*accumulate_dx=*/true));
+
+  // Attention. x_mid = x[l] + attn Wo^T.
+  TANDEM_RETURN_IF_ERROR(
+      ops::Matmul(ctx_, a.dattn, a.dres, params_[layer.o].weight, false, false));  // [N, Hq D]
+  TANDEM_RETURN_IF_ERROR(WeightGrad(layer.o, a.dres, b.attn));                     // [C, Hq D]
+  const Tensor qkv4 = b.qkv.View({B, T, H3, D});
+  const Tensor dqkv4 = a.dqkv.View({B, T, H3, D});
+  Tensor dq = dqkv4.Slice(2, 0, Hq);  // [B, T, Hq, D], token stride H3 D
+  Tensor dk = dqkv4.Slice(2, Hq, Hq + Hkv);
+  Tensor dv = dqkv4.Slice(2, Hq + Hkv, H3);
+  const Tensor seg = a.use_segments ? a.segment_ids : Tensor();
+  TANDEM_RETURN_IF_ERROR(ops::AttentionBackward(ctx_, dq, dk, dv, a.dattn.View({B, T, Hq, D}),
+                                                qkv4.Slice(2, 0, Hq), qkv4.Slice(2, Hq, Hq + Hkv),
+                                                qkv4.Slice(2, Hq + Hkv, H3),
+                                                b.attn.View({B, T, Hq, D}), b.lse, scale, seg));
+  // RoPE is a rotation: its backward rotates the gradient back.
+  const Tensor dheads = a.dqkv.View({N, H3, D});
+  Tensor dq_rot = dheads.Slice(1, 0, Hq);  // [N, Hq, D]
+  Tensor dk_rot = dheads.Slice(1, Hq, Hq + Hkv);
+  TANDEM_RETURN_IF_ERROR(ops::Rope(ctx_, dq_rot, dq_rot, a.positions, inv_freq_, true));
+  TANDEM_RETURN_IF_ERROR(ops::Rope(ctx_, dk_rot, dk_rot, a.positions, inv_freq_, true));
+  const Group& qkv = groups_[layer.qkv_group];
+  TANDEM_RETURN_IF_ERROR(ops::Matmul(ctx_, a.dln, a.dqkv, qkv.weight, false, false));  // [N, C]
+  if (qkv.grad.defined()) TANDEM_RETURN_IF_ERROR(ProjectionGrad(qkv, a.dqkv, b.ln1));
+  Tensor dw1 = norm_grad(layer.attn_norm);
+  return ops::RmsNormBackward(ctx_, a.dres, dw1, a.dln, a.x[l], params_[layer.attn_norm].weight,
+                              b.rstd1, /*accumulate_dx=*/true);
+}
+
+}  // namespace tandem::model

@@ -1,0 +1,298 @@
+// LlamaModel: batch validation, activation buffers, the forward pass and the chunked loss head.
+#include <algorithm>
+#include <cmath>
+
+#include "model/internal/llama_state.h"
+#include "model/llama.h"
+#include "ops/ops.h"
+
+namespace tandem::model {
+
+namespace {
+
+// A Batch field: i32 [B, T], contiguous, on the host.
+Status CheckBatchTensor(const Tensor& t, const char* name, int64_t B, int64_t T) {
+  if (!t.device().is_cpu() || t.dtype() != DType::kI32 || !t.is_contiguous() ||
+      t.shape() != Shape{B, T}) {
+    return InvalidArgumentError(StrCat("batch.", name, ": expected a contiguous host i32 tensor ",
+                                       ShapeToString({B, T}), ", found ", t.DebugString()));
+  }
+  return Status::Ok();
+}
+
+// Every element in [lo, hi), or kIgnoreIndex when allow_ignore.
+Status CheckRange(const Tensor& t, const char* name, int32_t lo, int64_t hi, bool allow_ignore) {
+  const int32_t* p = t.data<int32_t>();
+  const int64_t T = t.dim(1);
+  for (int64_t i = 0; i < t.numel(); ++i) {
+    if ((p[i] >= lo && p[i] < hi) || (allow_ignore && p[i] == ops::kIgnoreIndex)) continue;
+    return InvalidArgumentError(StrCat("batch.", name, "[", i / T, ", ", i % T, "] = ", p[i],
+                                       " is outside [", lo, ", ", hi, ")",
+                                       allow_ignore ? " and is not ops::kIgnoreIndex (-100)" : ""));
+  }
+  return Status::Ok();
+}
+
+Tensor Rows(const Tensor& t, int64_t begin, int64_t end) { return t.Slice(0, begin, end); }
+
+}  // namespace
+
+Status LlamaModel::EnsureActivations(int64_t B, int64_t T, bool backward) {
+  Activations* a = acts_.get();
+  if (a != nullptr && a->batch == B && a->seq == T && (a->has_backward || !backward)) {
+    return Status::Ok();
+  }
+  const int64_t N = B * T, C = config_.hidden_size, F = config_.intermediate_size;
+  const int64_t D = config_.head_dim, Hq = config_.num_attention_heads;
+  const int64_t H3 = Hq + 2 * config_.num_key_value_heads;
+  const DType A = compute_dtype_;
+  auto alloc = [&](Tensor* t, const Shape& shape, DType dtype) -> Status {
+    TANDEM_ASSIGN_OR_RETURN(*t, Tensor::Empty(shape, dtype, ctx_.allocator()));
+    return Status::Ok();
+  };
+  if (a == nullptr || a->batch != B || a->seq != T) {
+    acts_.reset();  // free the old shape's buffers before allocating the new ones
+    acts_ = std::make_unique<Activations>();
+    a = acts_.get();
+    a->batch = B;
+    a->seq = T;
+    TANDEM_RETURN_IF_ERROR(alloc(&a->tokens, {N}, DType::kI32));
+    TANDEM_RETURN_IF_ERROR(alloc(&a->targets, {N}, DType::kI32));
+    TANDEM_RETURN_IF_ERROR(alloc(&a->positions, {N}, DType::kI32));
+    a->x.resize(config_.num_hidden_layers + 1);
+    for (Tensor& x : a->x) TANDEM_RETURN_IF_ERROR(alloc(&x, {N, C}, A));
+    a->blocks.resize(options_.recompute ? 1 : config_.num_hidden_layers);
+    for (Activations::Block& b : a->blocks) {
+      TANDEM_RETURN_IF_ERROR(alloc(&b.ln1, {N, C}, A));
+      TANDEM_RETURN_IF_ERROR(alloc(&b.rstd1, {N}, DType::kF32));
+      TANDEM_RETURN_IF_ERROR(alloc(&b.qkv, {N, H3 * D}, A));
+      TANDEM_RETURN_IF_ERROR(alloc(&b.attn, {N, Hq * D}, A));
+      TANDEM_RETURN_IF_ERROR(alloc(&b.lse, {B, Hq, T}, DType::kF32));
+      TANDEM_RETURN_IF_ERROR(alloc(&b.x_mid, {N, C}, A));
+      TANDEM_RETURN_IF_ERROR(alloc(&b.ln2, {N, C}, A));
+      TANDEM_RETURN_IF_ERROR(alloc(&b.rstd2, {N}, DType::kF32));
+      TANDEM_RETURN_IF_ERROR(alloc(&b.gate_up, {N, 2 * F}, A));
+      TANDEM_RETURN_IF_ERROR(alloc(&b.act, {N, F}, A));
+    }
+    TANDEM_RETURN_IF_ERROR(alloc(&a->lnf, {N, C}, A));
+    TANDEM_RETURN_IF_ERROR(alloc(&a->rstdf, {N}, DType::kF32));
+    TANDEM_RETURN_IF_ERROR(alloc(&a->proj, {N, C}, A));
+    const int64_t chunk = std::min(options_.loss_chunk_tokens, N);
+    TANDEM_RETURN_IF_ERROR(alloc(&a->logits, {chunk, config_.vocab_size}, A));
+    TANDEM_RETURN_IF_ERROR(alloc(&a->losses, {N}, DType::kF32));
+  }
+  if (backward && !a->has_backward) {
+    TANDEM_RETURN_IF_ERROR(alloc(&a->dres, {N, C}, A));
+    TANDEM_RETURN_IF_ERROR(alloc(&a->dln, {N, C}, A));
+    TANDEM_RETURN_IF_ERROR(alloc(&a->dqkv, {N, H3 * D}, A));
+    TANDEM_RETURN_IF_ERROR(alloc(&a->dattn, {N, Hq * D}, A));
+    TANDEM_RETURN_IF_ERROR(alloc(&a->dgate_up, {N, 2 * F}, A));
+    TANDEM_RETURN_IF_ERROR(alloc(&a->dact, {N, F}, A));
+    a->has_backward = true;
+  }
+  return Status::Ok();
+}
+
+Status LlamaModel::PrepareBatch(const Batch& batch, bool need_targets, bool backward) {
+  const Tensor& tok = batch.tokens;
+  if (!tok.defined() || tok.ndim() != 2 || tok.dim(0) <= 0 || tok.dim(1) <= 0) {
+    return InvalidArgumentError(StrCat("batch.tokens: expected a host i32 tensor [B, T] with ",
+                                       "B, T > 0, found ", tok.DebugString()));
+  }
+  const int64_t B = tok.dim(0), T = tok.dim(1), N = B * T;
+  TANDEM_RETURN_IF_ERROR(CheckBatchTensor(tok, "tokens", B, T));
+  TANDEM_RETURN_IF_ERROR(CheckRange(tok, "tokens", 0, config_.vocab_size, false));
+  if (need_targets) {
+    if (!batch.targets.defined()) return InvalidArgumentError("batch.targets is undefined");
+    TANDEM_RETURN_IF_ERROR(CheckBatchTensor(batch.targets, "targets", B, T));
+    TANDEM_RETURN_IF_ERROR(CheckRange(batch.targets, "targets", 0, config_.vocab_size, true));
+  }
+  if (batch.positions.defined()) {
+    TANDEM_RETURN_IF_ERROR(CheckBatchTensor(batch.positions, "positions", B, T));
+    TANDEM_RETURN_IF_ERROR(CheckRange(batch.positions, "positions", 0, INT32_MAX, false));
+  }
+  if (batch.segment_ids.defined()) {
+    TANDEM_RETURN_IF_ERROR(CheckBatchTensor(batch.segment_ids, "segment_ids", B, T));
+  }
+  TANDEM_RETURN_IF_ERROR(EnsureActivations(B, T, backward));
+  Activations& a = *acts_;
+  const CudaStream stream = ctx_.stream();
+  TANDEM_RETURN_IF_ERROR(CopyTensor(a.tokens, tok.View({N}), stream));
+  a.host_targets.clear();
+  a.num_targets = 0;
+  if (need_targets) {
+    TANDEM_RETURN_IF_ERROR(CopyTensor(a.targets, batch.targets.View({N}), stream));
+    const int32_t* t = batch.targets.data<int32_t>();
+    a.host_targets.assign(t, t + N);
+    for (int32_t id : a.host_targets) a.num_targets += id != ops::kIgnoreIndex;
+  }
+  Tensor positions = batch.positions;
+  if (!positions.defined()) {  // 0..T-1 in every row
+    positions = Tensor::Cpu({B, T}, DType::kI32);
+    for (int64_t i = 0; i < N; ++i) positions.data<int32_t>()[i] = static_cast<int32_t>(i % T);
+  }
+  TANDEM_RETURN_IF_ERROR(CopyTensor(a.positions, positions.View({N}), stream));
+  a.use_segments = batch.segment_ids.defined();
+  if (a.use_segments) {
+    if (!a.segment_ids.defined()) {
+      TANDEM_ASSIGN_OR_RETURN(a.segment_ids, Tensor::Empty({B, T}, DType::kI32, ctx_.allocator()));
+    }
+    TANDEM_RETURN_IF_ERROR(CopyTensor(a.segment_ids, batch.segment_ids, stream));
+  }
+  return ctx_.Synchronize();  // the host tensors above may die when we return
+}
+
+Status LlamaModel::Forward() {
+  Activations& a = *acts_;
+  TANDEM_RETURN_IF_ERROR(ops::EmbeddingForward(ctx_, a.x[0], a.tokens, params_[embed_].weight));
+  for (int64_t l = 0; l < config_.num_hidden_layers; ++l) {
+    TANDEM_RETURN_IF_ERROR(BlockForward(l, /*write_output=*/true));
+  }
+  return Status::Ok();
+}
+
+// x[l] -> x[l + 1]. Without write_output (recompute) it stops after SwiGLU: backward needs
+// everything but the block's output.
+Status LlamaModel::BlockForward(int64_t l, bool write_output) {
+  Activations& a = *acts_;
+  Activations::Block& b = a.blocks[options_.recompute ? 0 : l];
+  const Layer& layer = layers_[l];
+  const int64_t B = a.batch, T = a.seq, N = B * T;
+  const int64_t Hq = config_.num_attention_heads, Hkv = config_.num_key_value_heads;
+  const int64_t D = config_.head_dim, F = config_.intermediate_size, H3 = Hq + 2 * Hkv;
+  const float eps = static_cast<float>(config_.rms_norm_eps);
+  const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(D)));
+  const Tensor& x_in = a.x[l];  // [N, C]
+
+  // Attention: ln1 = norm(x); q|k|v = ln1 Wqkv^T; rope(q, k); attn = softmax(q k^T) v.
+  TANDEM_RETURN_IF_ERROR(
+      ops::RmsNormForward(ctx_, b.ln1, b.rstd1, x_in, params_[layer.attn_norm].weight, eps));
+  TANDEM_RETURN_IF_ERROR(
+      ops::Matmul(ctx_, b.qkv, b.ln1, groups_[layer.qkv_group].weight, false, true));  // [N, H3 D]
+  const Tensor heads = b.qkv.View({N, H3, D});
+  Tensor q_rot = heads.Slice(1, 0, Hq);         // [N, Hq, D], token stride H3 D
+  Tensor k_rot = heads.Slice(1, Hq, Hq + Hkv);  // [N, Hkv, D]
+  TANDEM_RETURN_IF_ERROR(ops::Rope(ctx_, q_rot, q_rot, a.positions, inv_freq_, false));
+  TANDEM_RETURN_IF_ERROR(ops::Rope(ctx_, k_rot, k_rot, a.positions, inv_freq_, false));
+  const Tensor qkv4 = b.qkv.View({B, T, H3, D});
+  const Tensor q = qkv4.Slice(2, 0, Hq);         // [B, T, Hq, D]
+  const Tensor k = qkv4.Slice(2, Hq, Hq + Hkv);  // [B, T, Hkv, D]
+  const Tensor v = qkv4.Slice(2, Hq + Hkv, H3);  // [B, T, Hkv, D]
+  Tensor attn4 = b.attn.View({B, T, Hq, D});
+  const Tensor seg = a.use_segments ? a.segment_ids : Tensor();
+  TANDEM_RETURN_IF_ERROR(ops::AttentionForward(ctx_, attn4, b.lse, q, k, v, scale, seg));
+  TANDEM_RETURN_IF_ERROR(ops::Matmul(ctx_, a.proj, b.attn, params_[layer.o].weight, false, true));
+  TANDEM_RETURN_IF_ERROR(ops::Add(ctx_, b.x_mid, x_in, a.proj));  // [N, C]
+
+  // MLP: ln2 = norm(x_mid); gate|up = ln2 Wgu^T; act = silu(gate) * up; out = act Wdown^T.
+  TANDEM_RETURN_IF_ERROR(
+      ops::RmsNormForward(ctx_, b.ln2, b.rstd2, b.x_mid, params_[layer.mlp_norm].weight, eps));
+  TANDEM_RETURN_IF_ERROR(
+      ops::Matmul(ctx_, b.gate_up, b.ln2, groups_[layer.gate_up_group].weight, false, true));
+  const Tensor gate = b.gate_up.Slice(1, 0, F);  // [N, F], row stride 2F
+  const Tensor up = b.gate_up.Slice(1, F, 2 * F);
+  TANDEM_RETURN_IF_ERROR(ops::SwigluForward(ctx_, b.act, gate, up));
+  if (!write_output) return Status::Ok();
+  TANDEM_RETURN_IF_ERROR(ops::Matmul(ctx_, a.proj, b.act, params_[layer.down].weight, false, true));
+  return ops::Add(ctx_, a.x[l + 1], b.x_mid, a.proj);
+}
+
+// Final norm, then per chunk of rows: logits = h Wlm^T, losses (and dlogits in place), and in
+// backward dh = dlogits Wlm, dWlm += dlogits^T h; finally dres = d(final norm input).
+Status LlamaModel::LossHead(float grad_scale, bool backward) {
+  Activations& a = *acts_;
+  const int64_t N = a.batch * a.seq;
+  const int64_t L = config_.num_hidden_layers;
+  const Tensor& w_norm = params_[final_norm_].weight;
+  TANDEM_RETURN_IF_ERROR(ops::RmsNormForward(ctx_, a.lnf, a.rstdf, a.x[L], w_norm,
+                                             static_cast<float>(config_.rms_norm_eps)));
+  const Tensor& w_lm = params_[lm_head_].weight;  // [V, C]
+  const int64_t chunk = a.logits.dim(0);
+  for (int64_t r0 = 0; r0 < N; r0 += chunk) {
+    const int64_t r1 = std::min(N, r0 + chunk);
+    Tensor losses = a.losses.Slice(0, r0, r1);  // f32 [n]
+    const bool any = std::any_of(a.host_targets.begin() + r0, a.host_targets.begin() + r1,
+                                 [](int32_t t) { return t != ops::kIgnoreIndex; });
+    if (!any) {  // no loss and no gradient from these rows
+      TANDEM_RETURN_IF_ERROR(ops::Fill(ctx_, losses, 0.0f));
+      if (backward) {
+        Tensor dh = Rows(a.dln, r0, r1);
+        TANDEM_RETURN_IF_ERROR(ops::Fill(ctx_, dh, 0.0f));
+      }
+      continue;
+    }
+    const Tensor h = Rows(a.lnf, r0, r1);        // [n, C]
+    Tensor logits = Rows(a.logits, 0, r1 - r0);  // [n, V]
+    const Tensor targets = a.targets.Slice(0, r0, r1);
+    TANDEM_RETURN_IF_ERROR(ops::Matmul(ctx_, logits, h, w_lm, false, true));
+    Tensor dlogits = backward ? logits : Tensor();  // in place
+    TANDEM_RETURN_IF_ERROR(ops::CrossEntropy(ctx_, losses, dlogits, logits, targets, grad_scale));
+    if (!backward) continue;
+    Tensor dh = Rows(a.dln, r0, r1);  // [n, C]
+    TANDEM_RETURN_IF_ERROR(ops::Matmul(ctx_, dh, logits, w_lm, false, false));
+    TANDEM_RETURN_IF_ERROR(WeightGrad(lm_head_, logits, h));
+  }
+  if (!backward) return Status::Ok();
+  Tensor dw = params_[final_norm_].trainable ? params_[final_norm_].grad : Tensor();
+  return ops::RmsNormBackward(ctx_, a.dres, dw, a.dln, a.x[L], w_norm, a.rstdf, false);
+}
+
+StatusOr<LossSum> LlamaModel::SumLosses() {
+  TANDEM_ASSIGN_OR_RETURN(Tensor host, ToHostF32(acts_->losses));  // syncs
+  LossSum out;
+  const float* p = host.data<float>();
+  for (int64_t i = 0; i < host.numel(); ++i) out.sum += p[i];
+  out.count = acts_->num_targets;
+  return out;
+}
+
+StatusOr<LossSum> LlamaModel::ForwardBackward(const Batch& batch, float grad_scale) {
+  TANDEM_RETURN_IF_ERROR(EnsureTrainingState(/*relayout_grads=*/false));
+  TANDEM_RETURN_IF_ERROR(PrepareBatch(batch, /*need_targets=*/true, /*backward=*/true));
+  TANDEM_RETURN_IF_ERROR(Forward());
+  TANDEM_RETURN_IF_ERROR(LossHead(grad_scale, /*backward=*/true));
+  const int64_t L = config_.num_hidden_layers;
+  for (int64_t l = L - 1; l >= 0; --l) {
+    // With recompute the shared block buffers still hold the last layer from the forward pass.
+    if (options_.recompute && l != L - 1) {
+      TANDEM_RETURN_IF_ERROR(BlockForward(l, /*write_output=*/false));
+    }
+    TANDEM_RETURN_IF_ERROR(BlockBackward(l));
+  }
+  if (params_[embed_].trainable) {
+    TANDEM_RETURN_IF_ERROR(
+        ops::EmbeddingBackward(ctx_, params_[embed_].grad, acts_->dres, acts_->tokens));
+  }
+  return SumLosses();
+}
+
+StatusOr<LossSum> LlamaModel::Loss(const Batch& batch) {
+  TANDEM_RETURN_IF_ERROR(PrepareBatch(batch, /*need_targets=*/true, /*backward=*/false));
+  TANDEM_RETURN_IF_ERROR(Forward());
+  TANDEM_RETURN_IF_ERROR(LossHead(1.0f, /*backward=*/false));
+  return SumLosses();
+}
+
+StatusOr<Tensor> LlamaModel::Logits(const Batch& batch) {
+  TANDEM_RETURN_IF_ERROR(PrepareBatch(batch, /*need_targets=*/false, /*backward=*/false));
+  TANDEM_RETURN_IF_ERROR(Forward());
+  Activations& a = *acts_;
+  const int64_t N = a.batch * a.seq, V = config_.vocab_size;
+  TANDEM_RETURN_IF_ERROR(ops::RmsNormForward(ctx_, a.lnf, a.rstdf, a.x[config_.num_hidden_layers],
+                                             params_[final_norm_].weight,
+                                             static_cast<float>(config_.rms_norm_eps)));
+  Tensor out = Tensor::Cpu({a.batch, a.seq, V}, DType::kF32);  // [B, T, V]
+  float* dst = out.data<float>();
+  const int64_t chunk = a.logits.dim(0);
+  for (int64_t r0 = 0; r0 < N; r0 += chunk) {
+    const int64_t r1 = std::min(N, r0 + chunk);
+    Tensor logits = Rows(a.logits, 0, r1 - r0);  // [n, V]
+    TANDEM_RETURN_IF_ERROR(
+        ops::Matmul(ctx_, logits, Rows(a.lnf, r0, r1), params_[lm_head_].weight, false, true));
+    TANDEM_ASSIGN_OR_RETURN(Tensor host, ToHostF32(logits));
+    std::copy(host.data<float>(), host.data<float>() + host.numel(), dst + r0 * V);
+  }
+  return out;
+}
+
+}  // namespace tandem::model

@@ -1,0 +1,112 @@
+// LlamaModel: loading and saving HF-format weights (config.json + safetensors).
+#include <algorithm>
+#include <filesystem>
+#include <set>
+
+#include "model/internal/llama_state.h"
+#include "model/llama.h"
+#include "model/safetensors.h"
+
+namespace tandem::model {
+
+namespace {
+
+// Tensors an HF checkpoint may carry that are not parameters: the rotary inv_freq buffers older
+// exports saved, and lm_head when embeddings are tied (transformers ties it on load).
+bool IgnorableTensor(const std::string& name, bool tied) {
+  const std::string suffix = "rotary_emb.inv_freq";
+  if (name.size() >= suffix.size() &&
+      name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0) {
+    return true;
+  }
+  return tied && name == "lm_head.weight";
+}
+
+std::string JoinNames(const std::vector<std::string>& names) {
+  std::string out;
+  const size_t shown = std::min<size_t>(names.size(), 8);
+  for (size_t i = 0; i < shown; ++i) out += (i ? ", '" : "'") + names[i] + "'";
+  if (names.size() > shown) out += StrCat(" and ", names.size() - shown, " more");
+  return out;
+}
+
+const char* TorchDTypeName(DType dtype) {
+  switch (dtype) {
+    case DType::kBF16:
+      return "bfloat16";
+    case DType::kF16:
+      return "float16";
+    default:
+      return "float32";
+  }
+}
+
+}  // namespace
+
+Status LlamaModel::LoadSafetensors(const std::string& path) {
+  TANDEM_ASSIGN_OR_RETURN(SafetensorsCheckpoint ckpt, SafetensorsCheckpoint::Open(path));
+  // Check names, shapes and dtypes of everything before changing any weight.
+  std::set<std::string> expected;
+  std::vector<std::string> missing, extra, bad;
+  for (const Parameter& p : params_) {
+    expected.insert(p.name);
+    const SafetensorsTensorInfo* info = ckpt.Find(p.name);
+    if (info == nullptr) {
+      missing.push_back(p.name);
+    } else if (info->shape != p.weight.shape() || !IsFloating(info->dtype)) {
+      bad.push_back(StrCat("'", p.name, "' in '", ckpt.FileOf(p.name), "' is ",
+                           SafetensorsDTypeName(info->dtype), ShapeToString(info->shape),
+                           ", expected ", ShapeToString(p.weight.shape()), " F32/BF16/F16"));
+    }
+  }
+  for (const std::string& name : ckpt.names()) {
+    if (!expected.count(name) && !IgnorableTensor(name, config_.tie_word_embeddings)) {
+      extra.push_back(name);
+    }
+  }
+  const std::string where = StrCat("loading weights from '", path, "': ");
+  if (!missing.empty()) {
+    return NotFoundError(StrCat(where, missing.size(), " tensor(s) missing: ", JoinNames(missing)));
+  }
+  if (!extra.empty()) {
+    return InvalidArgumentError(
+        StrCat(where, extra.size(), " unexpected tensor(s) for this config: ", JoinNames(extra)));
+  }
+  if (!bad.empty()) {
+    std::string all;
+    for (const std::string& b : bad) all += (all.empty() ? "" : "; ") + b;
+    return InvalidArgumentError(StrCat(where, "mis-shaped or non-float tensor(s): ", all));
+  }
+  for (size_t i = 0; i < params_.size(); ++i) {
+    TANDEM_ASSIGN_OR_RETURN(Tensor host, ckpt.GetFloat(params_[i].name, params_[i].weight.shape()));
+    if (!host.is_contiguous()) return InternalError("safetensors view is not contiguous");
+    TANDEM_RETURN_IF_ERROR(SetFromHost(i, host));
+  }
+  return Status::Ok();
+}
+
+Status LlamaModel::SaveSafetensors(const std::string& dir, DType dtype) const {
+  if (dtype != DType::kF32 && dtype != DType::kBF16 && dtype != DType::kF16) {
+    return InvalidArgumentError(
+        StrCat("SaveSafetensors: expected dtype f32, bf16 or f16, found ", DTypeName(dtype)));
+  }
+  std::error_code ec;
+  std::filesystem::create_directories(dir, ec);
+  if (ec) return InternalError(StrCat("cannot create directory '", dir, "': ", ec.message()));
+  LlamaConfig config = config_;
+  config.torch_dtype = TorchDTypeName(dtype);
+  TANDEM_RETURN_IF_ERROR(SaveLlamaConfig(config, dir + "/config.json"));
+
+  std::vector<SafetensorsTensorSpec> specs;
+  for (const Parameter& p : params_) specs.push_back({p.name, dtype, p.weight.shape()});
+  auto fetch = [&](size_t i) -> StatusOr<Tensor> {
+    const Parameter& p = params_[i];
+    // The f32 master where there is one: saving must not lose what the optimizer holds.
+    TANDEM_ASSIGN_OR_RETURN(Tensor host, ToHostF32(p.master.defined() ? p.master : p.weight));
+    if (dtype == DType::kF32) return host;
+    return CastCpu(host, dtype);
+  };
+  return WriteSafetensorsStreaming(dir + "/model.safetensors", specs, fetch, {{"format", "pt"}});
+}
+
+}  // namespace tandem::model

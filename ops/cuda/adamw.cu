@@ -1,0 +1,110 @@
+// AdamW update (ops::AdamW), elementwise, f32 math in exactly ops.h's order:
+//   g = grad * grad_scale
+//   p = p * (1 - lr * weight_decay)
+//   m = m + (1 - beta1) * (g - m)
+//   v = v * beta2 + (1 - beta2) * g * g
+//   denom = sqrt(v) / sqrt(1 - beta2^step) + eps
+//   p = p - (lr / (1 - beta1^step)) * (m / denom)     (PyTorch's addcdiv_)
+// The scalars 1 - lr * weight_decay, lr / (1 - beta1^step) and sqrt(1 - beta2^step) are computed
+// once on the host in double and rounded to f32 (as PyTorch computes them in Python floats, and
+// as ops/cpu/adamw.cc does); the rest is per element in f32. Optional model weights (f32, bf16
+// or f16) receive p rounded to their dtype.
+// float4 packs when every buffer is aligned for them; a scalar tail covers n % 4.
+#include <cmath>
+
+#include "ops/cuda/common.cuh"
+#include "ops/internal/cuda_kernels.h"
+
+namespace tandem::ops::cuda {
+namespace {
+
+struct AdamWScalars {
+  float decay;  // 1 - lr * weight_decay
+  float one_minus_beta1, beta2, one_minus_beta2;
+  float bias2_sqrt;  // sqrt(1 - beta2^step)
+  float step_size;   // lr / (1 - beta1^step)
+  float eps, grad_scale;
+};
+
+__device__ __forceinline__ float AdamWElement(float& p, float& m, float& v, float grad,
+                                              const AdamWScalars& s) {
+  const float g = grad * s.grad_scale;
+  p = p * s.decay;
+  m = m + s.one_minus_beta1 * (g - m);
+  v = v * s.beta2 + s.one_minus_beta2 * g * g;
+  const float denom = sqrtf(v) / s.bias2_sqrt + s.eps;
+  p = p - s.step_size * (m / denom);
+  return p;
+}
+
+template <typename TW, int V>
+__global__ void AdamWKernel(float* master, float* m, float* v, TW* weights, const float* grad,
+                            int64_t n, AdamWScalars s) {
+  const int64_t num_packs = n / V;
+  for (int64_t i = GlobalThreadIndex(); i < num_packs; i += GlobalThreadCount()) {
+    const int64_t base = i * V;
+    Pack<float, V> pp = LoadPack<float, V>(master + base);
+    Pack<float, V> mp = LoadPack<float, V>(m + base);
+    Pack<float, V> vp = LoadPack<float, V>(v + base);
+    const Pack<float, V> gp = LoadPack<float, V>(grad + base);
+    Pack<TW, V> wp;
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      wp.v[j] = FromFloat<TW>(AdamWElement(pp.v[j], mp.v[j], vp.v[j], gp.v[j], s));
+    }
+    StorePack<float, V>(master + base, pp);
+    StorePack<float, V>(m + base, mp);
+    StorePack<float, V>(v + base, vp);
+    if (weights != nullptr) StorePack<TW, V>(weights + base, wp);
+  }
+  for (int64_t i = num_packs * V + GlobalThreadIndex(); i < n; i += GlobalThreadCount()) {
+    const float p = AdamWElement(master[i], m[i], v[i], grad[i], s);
+    if (weights != nullptr) weights[i] = FromFloat<TW>(p);
+  }
+}
+
+template <typename TW>
+cudaError_t LaunchAdamW(cudaStream_t stream, float* master, float* m, float* v, TW* weights,
+                        const float* grad, int64_t n, const AdamWScalars& s) {
+  constexpr int kV = 4;
+  const bool vec = IsAligned(master, 16) && IsAligned(m, 16) && IsAligned(v, 16) &&
+                   IsAligned(grad, 16) && IsAligned(weights, sizeof(TW) * kV);
+  const int threads = 256;
+  if (vec) {
+    AdamWKernel<TW, kV><<<GridFor(n / kV + 1, threads), threads, 0, stream>>>(master, m, v,
+                                                                             weights, grad, n, s);
+  } else {
+    AdamWKernel<TW, 1><<<GridFor(n, threads), threads, 0, stream>>>(master, m, v, weights, grad,
+                                                                    n, s);
+  }
+  return cudaGetLastError();
+}
+
+}  // namespace
+
+cudaError_t AdamW(cudaStream_t stream, float* master, float* m, float* v, void* model_weights,
+                  DType model_dtype, const float* grad, int64_t n, float lr, float beta1,
+                  float beta2, float eps, float weight_decay, int64_t step, float grad_scale) {
+  if (step < 1) return cudaErrorInvalidValue;
+  if (n <= 0) return cudaSuccess;
+  const double bias1 = 1.0 - std::pow(static_cast<double>(beta1), static_cast<double>(step));
+  const double bias2 = 1.0 - std::pow(static_cast<double>(beta2), static_cast<double>(step));
+  AdamWScalars s;
+  s.decay = static_cast<float>(1.0 - static_cast<double>(lr) * weight_decay);
+  s.one_minus_beta1 = 1.0f - beta1;
+  s.beta2 = beta2;
+  s.one_minus_beta2 = 1.0f - beta2;
+  s.bias2_sqrt = static_cast<float>(std::sqrt(bias2));
+  s.step_size = static_cast<float>(static_cast<double>(lr) / bias1);
+  s.eps = eps;
+  s.grad_scale = grad_scale;
+  if (model_weights == nullptr) {
+    return LaunchAdamW<float>(stream, master, m, v, nullptr, grad, n, s);
+  }
+  return DispatchFloating(model_dtype, [&](auto tag) -> cudaError_t {
+    using TW = typename decltype(tag)::type;
+    return LaunchAdamW<TW>(stream, master, m, v, static_cast<TW*>(model_weights), grad, n, s);
+  });
+}
+
+}  // namespace tandem::ops::cuda

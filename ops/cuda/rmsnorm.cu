@@ -1,0 +1,184 @@
+// RMSNorm forward and backward (ops::RmsNormForward/RmsNormBackward).
+//
+// One block per row; 16-byte packs when every row start is aligned (pointers and row strides)
+// and cols is a multiple of the pack, scalar accesses otherwise. All math in f32.
+//   forward:  rstd = 1 / sqrt(sum(x^2) / C + eps); y = x * rstd * w
+//   backward: g = dy * w; dx = rstd * g - x * (rstd^3 / C) * sum(g * x)
+//             dw += sum over rows of dy * x * rstd
+// dw is deterministic without atomics: kernel A sums a fixed partition of rows (row groups, a
+// function of `rows` only) per column into scratch [groups, C]; kernel B adds the groups in
+// index order to dw. The dw kernels run before the dx kernel, so dx may alias dy or x.
+#include "ops/cuda/common.cuh"
+#include "ops/internal/cuda_kernels.h"
+
+namespace tandem::ops::cuda {
+namespace {
+
+constexpr int64_t kMaxRowGroups = 128;
+constexpr int kDwThreads = 256;
+
+int64_t RowGroups(int64_t rows) { return std::min(rows, kMaxRowGroups); }
+
+template <typename T, int V>
+__global__ void RmsNormForwardKernel(T* y, int64_t y_stride, float* rstd, const T* x,
+                                     int64_t x_stride, const T* w, int64_t rows, int64_t cols,
+                                     float eps) {
+  __shared__ float shared[32];
+  for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    const T* xr = x + r * x_stride;
+    T* yr = y + r * y_stride;
+    float ss = 0.0f;
+    for (int64_t c = static_cast<int64_t>(threadIdx.x) * V; c < cols; c += blockDim.x * V) {
+      const Pack<T, V> xp = LoadPack<T, V>(xr + c);
+#pragma unroll
+      for (int i = 0; i < V; ++i) {
+        const float f = ToFloat(xp.v[i]);
+        ss += f * f;
+      }
+    }
+    ss = BlockSum(ss, shared);
+    const float rs = 1.0f / sqrtf(ss / static_cast<float>(cols) + eps);
+    if (rstd != nullptr && threadIdx.x == 0) rstd[r] = rs;
+    for (int64_t c = static_cast<int64_t>(threadIdx.x) * V; c < cols; c += blockDim.x * V) {
+      const Pack<T, V> xp = LoadPack<T, V>(xr + c);
+      const Pack<T, V> wp = LoadPack<T, V>(w + c);
+      Pack<T, V> yp;
+#pragma unroll
+      for (int i = 0; i < V; ++i) yp.v[i] = FromFloat<T>(ToFloat(xp.v[i]) * rs * ToFloat(wp.v[i]));
+      StorePack<T, V>(yr + c, yp);
+    }
+  }
+}
+
+template <typename T, int V>
+__global__ void RmsNormBackwardDxKernel(T* dx, int64_t dx_stride, const T* dy, int64_t dy_stride,
+                                        const T* x, int64_t x_stride, const T* w,
+                                        const float* rstd, int64_t rows, int64_t cols,
+                                        bool accumulate) {
+  __shared__ float shared[32];
+  for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    const T* xr = x + r * x_stride;
+    const T* dyr = dy + r * dy_stride;
+    T* dxr = dx + r * dx_stride;
+    float dot = 0.0f;  // sum over c of dy * w * x
+    for (int64_t c = static_cast<int64_t>(threadIdx.x) * V; c < cols; c += blockDim.x * V) {
+      const Pack<T, V> xp = LoadPack<T, V>(xr + c);
+      const Pack<T, V> gp = LoadPack<T, V>(dyr + c);
+      const Pack<T, V> wp = LoadPack<T, V>(w + c);
+#pragma unroll
+      for (int i = 0; i < V; ++i) dot += ToFloat(gp.v[i]) * ToFloat(wp.v[i]) * ToFloat(xp.v[i]);
+    }
+    dot = BlockSum(dot, shared);  // also a barrier: every read of the row precedes any write
+    const float rs = rstd[r];
+    const float coef = dot * (rs * rs * rs) / static_cast<float>(cols);
+    for (int64_t c = static_cast<int64_t>(threadIdx.x) * V; c < cols; c += blockDim.x * V) {
+      const Pack<T, V> xp = LoadPack<T, V>(xr + c);
+      const Pack<T, V> gp = LoadPack<T, V>(dyr + c);
+      const Pack<T, V> wp = LoadPack<T, V>(w + c);
+      Pack<T, V> out;
+      if (accumulate) out = LoadPack<T, V>(dxr + c);
+#pragma unroll
+      for (int i = 0; i < V; ++i) {
+        float v = rs * (ToFloat(gp.v[i]) * ToFloat(wp.v[i])) - ToFloat(xp.v[i]) * coef;
+        if (accumulate) v += ToFloat(out.v[i]);
+        out.v[i] = FromFloat<T>(v);
+      }
+      StorePack<T, V>(dxr + c, out);
+    }
+  }
+}
+
+// partial[g, c] = sum over rows of group g (in order) of dy * x * rstd.
+template <typename T>
+__global__ void RmsNormDwPartialKernel(float* partial, const T* dy, int64_t dy_stride, const T* x,
+                                       int64_t x_stride, const float* rstd, int64_t rows,
+                                       int64_t cols, int64_t rows_per_group) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= cols) return;
+  const int64_t g = blockIdx.y;
+  const int64_t r_end = std::min(rows, (g + 1) * rows_per_group);
+  float sum = 0.0f;
+  for (int64_t r = g * rows_per_group; r < r_end; ++r) {
+    sum += ToFloat(dy[r * dy_stride + c]) * ToFloat(x[r * x_stride + c]) * rstd[r];
+  }
+  partial[g * cols + c] = sum;
+}
+
+__global__ void RmsNormDwReduceKernel(float* dw, const float* partial, int64_t groups,
+                                      int64_t cols) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= cols) return;
+  float sum = 0.0f;
+  for (int64_t g = 0; g < groups; ++g) sum += partial[g * cols + c];
+  dw[c] += sum;
+}
+
+}  // namespace
+
+cudaError_t RmsNormForward(cudaStream_t stream, DType dtype, void* y, int64_t y_stride,
+                           float* rstd, const void* x, int64_t x_stride, const void* w,
+                           int64_t rows, int64_t cols, float eps) {
+  return DispatchF32Bf16(dtype, [&](auto tag) -> cudaError_t {
+    using T = typename decltype(tag)::type;
+    constexpr int kV = kVec16<T>;
+    if (rows <= 0 || cols <= 0) return cudaSuccess;
+    T* yt = static_cast<T*>(y);
+    const T* xt = static_cast<const T*>(x);
+    const T* wt = static_cast<const T*>(w);
+    if (RowsVectorizable<T>(cols, {y, x, w}, {y_stride, x_stride})) {
+      RmsNormForwardKernel<T, kV><<<RowGrid(rows), ThreadsFor(cols / kV, 512), 0, stream>>>(
+          yt, y_stride, rstd, xt, x_stride, wt, rows, cols, eps);
+    } else {
+      RmsNormForwardKernel<T, 1><<<RowGrid(rows), ThreadsFor(cols, 512), 0, stream>>>(
+          yt, y_stride, rstd, xt, x_stride, wt, rows, cols, eps);
+    }
+    return cudaGetLastError();
+  });
+}
+
+size_t RmsNormBackwardScratchBytes(int64_t rows, int64_t cols) {
+  if (rows <= 0 || cols <= 0) return 0;
+  return static_cast<size_t>(RowGroups(rows) * cols) * sizeof(float);
+}
+
+cudaError_t RmsNormBackward(cudaStream_t stream, DType dtype, void* dx, int64_t dx_stride,
+                            float* dw, const void* dy, int64_t dy_stride, const void* x,
+                            int64_t x_stride, const void* w, const float* rstd, int64_t rows,
+                            int64_t cols, bool accumulate_dx, void* scratch,
+                            size_t scratch_bytes) {
+  return DispatchF32Bf16(dtype, [&](auto tag) -> cudaError_t {
+    using T = typename decltype(tag)::type;
+    constexpr int kV = kVec16<T>;
+    if (rows <= 0 || cols <= 0) return cudaSuccess;
+    const T* dyt = static_cast<const T*>(dy);
+    const T* xt = static_cast<const T*>(x);
+    if (dw != nullptr) {
+      const int64_t groups = RowGroups(rows);
+      if (scratch == nullptr || scratch_bytes < RmsNormBackwardScratchBytes(rows, cols) ||
+          groups > 65535) {
+        return cudaErrorInvalidValue;
+      }
+      float* partial = static_cast<float*>(scratch);
+      const dim3 grid(static_cast<unsigned>(CeilDiv(cols, kDwThreads)),
+                      static_cast<unsigned>(groups));
+      RmsNormDwPartialKernel<T><<<grid, kDwThreads, 0, stream>>>(
+          partial, dyt, dy_stride, xt, x_stride, rstd, rows, cols, CeilDiv(rows, groups));
+      RmsNormDwReduceKernel<<<static_cast<unsigned>(CeilDiv(cols, kDwThreads)), kDwThreads, 0,
+                              stream>>>(dw, partial, groups, cols);
+    }
+    if (dx != nullptr) {
+      T* dxt = static_cast<T*>(dx);
+      const T* wt = static_cast<const T*>(w);
+      if (RowsVectorizable<T>(cols, {dx, dy, x, w}, {dx_stride, dy_stride, x_stride})) {
+        RmsNormBackwardDxKernel<T, kV><<<RowGrid(rows), ThreadsFor(cols / kV, 512), 0, stream>>>(
+            dxt, dx_stride, dyt, dy_stride, xt, x_stride, wt, rstd, rows, cols, accumulate_dx);
+      } else {
+        RmsNormBackwardDxKernel<T, 1><<<RowGrid(rows), ThreadsFor(cols, 512), 0, stream>>>(
+            dxt, dx_stride, dyt, dy_stride, xt, x_stride, wt, rstd, rows, cols, accumulate_dx);
+      }
+    }
+    return cudaGetLastError();
+  });
+}
+
+}  // namespace tandem::ops::cuda

@@ -1,0 +1,56 @@
+// Rotary position embedding, HF "rotate_half" convention (ops::Rope).
+//
+// Block per token; thread x owns frequency i (pairing element i with i + D/2) and computes the
+// angle float(pos) * inv_freq[i] and its sine and cosine once (sincosf: the precise library
+// function, not the __sinf intrinsic), then thread y walks the heads. Each thread reads both
+// elements of a pair before writing them, so y may be x (in place).
+#include "ops/cuda/common.cuh"
+#include "ops/internal/cuda_kernels.h"
+
+namespace tandem::ops::cuda {
+namespace {
+
+template <typename T>
+__global__ void RopeKernel(T* y, int64_t y_token_stride, const T* x, int64_t x_token_stride,
+                           const int32_t* positions, const float* inv_freq, int64_t tokens,
+                           int64_t heads, int64_t half, bool inverse) {
+  for (int64_t n = blockIdx.x; n < tokens; n += gridDim.x) {
+    const float pos = static_cast<float>(positions[n]);
+    const T* xn = x + n * x_token_stride;
+    T* yn = y + n * y_token_stride;
+    for (int64_t i = threadIdx.x; i < half; i += blockDim.x) {
+      const float angle = pos * inv_freq[i];
+      float sin_a, cos_a;
+      sincosf(angle, &sin_a, &cos_a);
+      if (inverse) sin_a = -sin_a;
+      for (int64_t h = threadIdx.y; h < heads; h += blockDim.y) {
+        const int64_t lo = h * 2 * half + i;
+        const float x1 = ToFloat(xn[lo]);
+        const float x2 = ToFloat(xn[lo + half]);
+        yn[lo] = FromFloat<T>(x1 * cos_a - x2 * sin_a);
+        yn[lo + half] = FromFloat<T>(x2 * cos_a + x1 * sin_a);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+cudaError_t Rope(cudaStream_t stream, DType dtype, void* y, int64_t y_token_stride, const void* x,
+                 int64_t x_token_stride, const int32_t* positions, const float* inv_freq,
+                 int64_t tokens, int64_t heads, int64_t head_dim, bool inverse) {
+  return DispatchF32Bf16(dtype, [&](auto tag) -> cudaError_t {
+    using T = typename decltype(tag)::type;
+    if (head_dim % 2 != 0) return cudaErrorInvalidValue;
+    if (tokens <= 0 || heads <= 0 || head_dim <= 0) return cudaSuccess;
+    const int64_t half = head_dim / 2;
+    const int bx = ThreadsFor(half, 128);
+    const int by = static_cast<int>(std::clamp<int64_t>(256 / bx, 1, heads));
+    RopeKernel<T><<<RowGrid(tokens), dim3(bx, by), 0, stream>>>(
+        static_cast<T*>(y), y_token_stride, static_cast<const T*>(x), x_token_stride, positions,
+        inv_freq, tokens, heads, half, inverse);
+    return cudaGetLastError();
+  });
+}
+
+}  // namespace tandem::ops::cuda

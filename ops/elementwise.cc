@@ -1,0 +1,117 @@
+// ops::SumSquares, Add, Cast, Fill, Scale: validation and dispatch. Unlike the other ops these take
+// every floating dtype (f32, bf16, f16) on both CPU and CUDA (Fill: every dtype): they are the
+// glue for gradients, norms and dtype conversion, not compute.
+#include "ops/cpu/kernels.h"
+#include "ops/internal/op_util.h"
+#include "ops/ops.h"
+
+namespace tandem::ops {
+namespace {
+
+using internal::DTypeSet;
+using internal::Layout;
+
+constexpr DTypeSet kAllFloats{DType::kF32, DType::kBF16, DType::kF16};
+constexpr DTypeSet kAllDTypes{DType::kF32, DType::kBF16, DType::kF16,
+                              DType::kI32, DType::kI64,  DType::kU8};
+
+bool RequireSameShape(internal::OpChecker& chk, const Tensor& t, const char* name,
+                      const Tensor& ref, const char* ref_name) {
+  return chk.Require(t.shape() == ref.shape(), "tensor '", name, "': expected shape ",
+                     ShapeToString(ref.shape()), " (as '", ref_name, "'), found ",
+                     ShapeToString(t.shape()));
+}
+
+#ifdef TANDEM_WITH_CUDA
+Status Launched(cudaError_t err, const char* op, Context& ctx, const char* name, const Tensor& t) {
+  return internal::CudaResult(err, op, ctx, [&] { return internal::Describe(name, t); });
+}
+#endif
+
+}  // namespace
+
+Status SumSquares(Context& ctx, Tensor& out, const Tensor& x) {
+  internal::OpChecker chk("SumSquares", ctx);
+  chk.ExpectContiguous(x, "x", kAllFloats);
+  chk.Expect(out, "out", {{"1", 1}}, {DType::kF32}, Layout::Contiguous());
+  if (!chk.ok()) return chk.status();
+  if (x.numel() == 0) return Status::Ok();
+#ifdef TANDEM_WITH_CUDA
+  if (ctx.is_cuda()) {
+    const size_t bytes = cuda::SumSquaresScratchBytes(x.numel());
+    StatusOr<Tensor> scratch = internal::AllocateScratch(ctx, bytes);
+    if (!scratch.ok()) return scratch.status().WithContext("SumSquares scratch");
+    return Launched(cuda::SumSquares(internal::StreamOf(ctx), x.dtype(), out.data<float>(),
+                                     x.raw_data(), x.numel(), scratch->raw_data(), bytes),
+                    "SumSquares", ctx, "x", x);
+  }
+#endif
+  cpu::SumSquares(out.data<float>(), x.dtype(), x.raw_data(), x.numel());
+  return Status::Ok();
+}
+
+Status Add(Context& ctx, Tensor& out, const Tensor& a, const Tensor& b) {
+  internal::OpChecker chk("Add", ctx);
+  chk.ExpectContiguous(a, "a", kAllFloats);
+  chk.ExpectContiguous(b, "b", {a.dtype()}) && RequireSameShape(chk, b, "b", a, "a");
+  chk.ExpectContiguous(out, "out", {a.dtype()}) && RequireSameShape(chk, out, "out", a, "a");
+  if (!chk.ok()) return chk.status();
+  if (a.numel() == 0) return Status::Ok();
+#ifdef TANDEM_WITH_CUDA
+  if (ctx.is_cuda()) {
+    return Launched(cuda::Add(internal::StreamOf(ctx), a.dtype(), out.raw_data(), a.raw_data(),
+                              b.raw_data(), a.numel()),
+                    "Add", ctx, "a", a);
+  }
+#endif
+  cpu::Add(a.dtype(), out.raw_data(), a.raw_data(), b.raw_data(), a.numel());
+  return Status::Ok();
+}
+
+Status Cast(Context& ctx, Tensor& out, const Tensor& in) {
+  internal::OpChecker chk("Cast", ctx);
+  chk.ExpectContiguous(in, "in", kAllFloats);
+  chk.ExpectContiguous(out, "out", kAllFloats) && RequireSameShape(chk, out, "out", in, "in");
+  if (!chk.ok()) return chk.status();
+  if (in.numel() == 0) return Status::Ok();
+#ifdef TANDEM_WITH_CUDA
+  if (ctx.is_cuda()) {
+    return Launched(cuda::Cast(internal::StreamOf(ctx), out.dtype(), out.raw_data(), in.dtype(),
+                               in.raw_data(), in.numel()),
+                    "Cast", ctx, "in", in);
+  }
+#endif
+  cpu::Cast(out.dtype(), out.raw_data(), in.dtype(), in.raw_data(), in.numel());
+  return Status::Ok();
+}
+
+Status Fill(Context& ctx, Tensor& out, float value) {
+  internal::OpChecker chk("Fill", ctx);
+  if (!chk.ExpectContiguous(out, "out", kAllDTypes)) return chk.status();
+  if (out.numel() == 0) return Status::Ok();
+#ifdef TANDEM_WITH_CUDA
+  if (ctx.is_cuda()) {
+    return Launched(
+        cuda::Fill(internal::StreamOf(ctx), out.dtype(), out.raw_data(), value, out.numel()),
+        "Fill", ctx, "out", out);
+  }
+#endif
+  cpu::Fill(out.dtype(), out.raw_data(), value, out.numel());
+  return Status::Ok();
+}
+
+Status Scale(Context& ctx, Tensor& x, float s) {
+  internal::OpChecker chk("Scale", ctx);
+  if (!chk.ExpectContiguous(x, "x", kAllFloats)) return chk.status();
+  if (x.numel() == 0) return Status::Ok();
+#ifdef TANDEM_WITH_CUDA
+  if (ctx.is_cuda()) {
+    return Launched(cuda::Scale(internal::StreamOf(ctx), x.dtype(), x.raw_data(), s, x.numel()),
+                    "Scale", ctx, "x", x);
+  }
+#endif
+  cpu::Scale(x.dtype(), x.raw_data(), s, x.numel());
+  return Status::Ok();
+}
+
+}  // namespace tandem::ops

@@ -1,0 +1,101 @@
+#include "trainer/config.h"
+
+namespace tandem::trainer {
+
+void ModelSection::Describe(ConfigSchema<ModelSection>& s) {
+  s.Field("init", &ModelSection::init, "scratch (random init from the fields below) or pretrained (load `path`)")
+      .OneOf({"scratch", "pretrained"});
+  s.Field("path", &ModelSection::path, "HF model directory (config.json + safetensors) for init = pretrained");
+  s.Field("vocab_size", &ModelSection::vocab_size, "vocabulary size; 0 = the tokenizer's").Min(0);
+  s.Field("hidden_size", &ModelSection::hidden_size, "model width C").Min(1);
+  s.Field("intermediate_size", &ModelSection::intermediate_size, "SwiGLU width F").Min(1);
+  s.Field("num_layers", &ModelSection::num_layers, "decoder blocks L").Min(1);
+  s.Field("num_heads", &ModelSection::num_heads, "query heads").Min(1);
+  s.Field("num_kv_heads", &ModelSection::num_kv_heads, "key/value heads (divides num_heads)").Min(1);
+  s.Field("head_dim", &ModelSection::head_dim, "head dimension; 0 = hidden_size / num_heads").Min(0);
+  s.Field("rope_theta", &ModelSection::rope_theta, "RoPE base").Min(1.0);
+  s.Field("rms_norm_eps", &ModelSection::rms_norm_eps, "RMSNorm epsilon").Min(0.0);
+  s.Field("tie_word_embeddings", &ModelSection::tie_word_embeddings, "share embedding and lm_head weights");
+  s.Field("max_position_embeddings", &ModelSection::max_position_embeddings, "longest sequence").Min(1);
+  s.Field("init_std", &ModelSection::init_std, "std of the normal init of linears and embeddings").Min(0.0);
+  s.Field("recompute", &ModelSection::recompute, "recompute each block in backward (saves memory)");
+}
+
+void DataSection::Describe(ConfigSchema<DataSection>& s) {
+  s.Field("dir", &DataSection::dir, "directory of token shards (tandem data prepare)");
+  s.Field("inputs", &DataSection::inputs, "raw files prepared into `dir` when it has no manifest.json");
+  s.Field("format", &DataSection::format, "format of `inputs`").OneOf({"auto", "text", "jsonl", "sft", "chat"});
+  s.Field("tokenizer", &DataSection::tokenizer, "byte, or the path of a HF tokenizer.json");
+  s.Field("seq_len", &DataSection::seq_len, "tokens per sequence T").Min(1);
+  s.Field("packing", &DataSection::packing, "eos (documents back to back) or doc_mask (attention within documents)")
+      .OneOf({"eos", "doc_mask"});
+  s.Field("val_fraction", &DataSection::val_fraction, "fraction of documents held out for evaluation").Min(0.0).Max(0.5);
+}
+
+void TrainSection::Describe(ConfigSchema<TrainSection>& s) {
+  s.Field("device", &TrainSection::device, "cpu (f32) or cuda[:N] (bf16 with f32 master weights)");
+  s.Field("seed", &TrainSection::seed, "the one seed; per-purpose seeds derive from it").Min(0);
+  s.Field("steps", &TrainSection::steps, "optimizer updates").Min(1);
+  s.Field("micro_batch_size", &TrainSection::micro_batch_size, "sequences per forward/backward").Min(1);
+  s.Field("grad_accum", &TrainSection::grad_accum, "micro-batches per update").Min(1);
+  s.Field("lr", &TrainSection::lr, "peak learning rate").Min(0.0);
+  s.Field("min_lr_ratio", &TrainSection::min_lr_ratio, "final lr as a fraction of the peak").Min(0.0).Max(1.0);
+  s.Field("warmup_steps", &TrainSection::warmup_steps, "linear warmup updates").Min(0);
+  s.Field("schedule", &TrainSection::schedule, "lr decay after warmup").OneOf({"cosine", "linear", "constant"});
+  s.Field("weight_decay", &TrainSection::weight_decay, "AdamW decoupled weight decay (not on norms)").Min(0.0);
+  s.Field("beta1", &TrainSection::beta1, "AdamW beta1").Min(0.0).Max(1.0);
+  s.Field("beta2", &TrainSection::beta2, "AdamW beta2").Min(0.0).Max(1.0);
+  s.Field("eps", &TrainSection::eps, "AdamW epsilon").Min(0.0);
+  s.Field("grad_clip", &TrainSection::grad_clip, "clip the global gradient norm to this; 0 = off").Min(0.0);
+  s.Field("log_interval", &TrainSection::log_interval, "updates between progress lines").Min(1);
+  s.Field("eval_interval", &TrainSection::eval_interval, "updates between evaluations; 0 = only at the end").Min(0);
+  s.Field("eval_batches", &TrainSection::eval_batches, "micro-batches of held-out data per evaluation").Min(0);
+  s.Field("save_interval", &TrainSection::save_interval, "updates between checkpoints; 0 = only at the end").Min(0);
+  s.Field("out_dir", &TrainSection::out_dir, "run directory (config, metrics.jsonl, checkpoints)");
+  s.Field("max_minutes", &TrainSection::max_minutes, "stop (and save) after this wall time; 0 = no limit").Min(0.0);
+  s.Field("peak_tflops", &TrainSection::peak_tflops, "device peak for MFU; 0 = known GPUs only").Min(0.0);
+}
+
+StatusOr<TrainConfig> LoadTrainConfig(const std::string& path, const std::vector<std::string>& overrides) {
+  ConfigDoc doc;
+  if (!path.empty()) {
+    TANDEM_ASSIGN_OR_RETURN(doc, ConfigDoc::FromTomlFile(path));
+  }
+  for (const std::string& o : overrides) TANDEM_RETURN_IF_ERROR(doc.ApplyOverride(o));
+  TrainConfig c;
+  TANDEM_RETURN_IF_ERROR(doc.Bind("model", &c.model));
+  TANDEM_RETURN_IF_ERROR(doc.Bind("data", &c.data));
+  TANDEM_RETURN_IF_ERROR(doc.Bind("train", &c.train));
+  TANDEM_RETURN_IF_ERROR(doc.CheckNoUnknownKeys());
+  if (c.data.dir.empty()) {
+    return InvalidArgumentError(StrCat("data.dir is not set", path.empty() ? "" : " in " + path,
+                                       ": name a directory of token shards (tandem data prepare)"));
+  }
+  if (c.model.init == "pretrained" && c.model.path.empty()) {
+    return InvalidArgumentError("model.init = \"pretrained\" needs model.path (a HF model directory)");
+  }
+  if (c.model.num_heads % c.model.num_kv_heads != 0) {
+    return InvalidArgumentError(StrCat("model.num_heads (", c.model.num_heads, ") must be a multiple of model.num_kv_heads (",
+                                       c.model.num_kv_heads, ")"));
+  }
+  if (c.model.head_dim == 0 && c.model.hidden_size % c.model.num_heads != 0) {
+    return InvalidArgumentError(StrCat("model.hidden_size (", c.model.hidden_size, ") is not a multiple of model.num_heads (",
+                                       c.model.num_heads, "); set model.head_dim"));
+  }
+  if (c.data.seq_len > c.model.max_position_embeddings && c.model.init == "scratch") {
+    return InvalidArgumentError(StrCat("data.seq_len (", c.data.seq_len, ") exceeds model.max_position_embeddings (",
+                                       c.model.max_position_embeddings, ")"));
+  }
+  return c;
+}
+
+std::string TrainConfigToToml(const TrainConfig& c) {
+  return ToToml("model", c.model) + "\n" + ToToml("data", c.data) + "\n" + ToToml("train", c.train);
+}
+
+std::string TrainConfigHelp() {
+  return DescribeSection<ModelSection>("model") + "\n" + DescribeSection<DataSection>("data") + "\n" +
+         DescribeSection<TrainSection>("train");
+}
+
+}  // namespace tandem::trainer

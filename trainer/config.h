@@ -1,0 +1,89 @@
+// The `tandem train` configuration: three sections of a TOML file, each one typed struct whose
+// fields are declared once (default + doc). `tandem train --help` prints them all.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "core/config.h"
+
+namespace tandem::trainer {
+
+// [model]: the Llama to train. init = "scratch" builds it from the fields below; "pretrained"
+// loads config.json and safetensors from `path` (the shape fields are then ignored).
+struct ModelSection {
+  std::string init = "scratch";
+  std::string path;
+  int64_t vocab_size = 0;
+  int64_t hidden_size = 256;
+  int64_t intermediate_size = 688;
+  int64_t num_layers = 4;
+  int64_t num_heads = 8;
+  int64_t num_kv_heads = 4;
+  int64_t head_dim = 0;
+  double rope_theta = 10000.0;
+  double rms_norm_eps = 1e-5;
+  bool tie_word_embeddings = false;
+  int64_t max_position_embeddings = 4096;
+  double init_std = 0.02;
+  bool recompute = false;
+
+  static void Describe(ConfigSchema<ModelSection>& s);
+};
+
+// [data]: token shards made by `tandem data prepare`, or raw inputs prepared on first use.
+struct DataSection {
+  std::string dir;
+  std::vector<std::string> inputs;
+  std::string format = "auto";
+  std::string tokenizer = "byte";
+  int64_t seq_len = 256;
+  std::string packing = "eos";
+  double val_fraction = 0.02;
+
+  static void Describe(ConfigSchema<DataSection>& s);
+};
+
+// [train]: the loop.
+struct TrainSection {
+  std::string device = "cpu";
+  int64_t seed = 1234;
+  int64_t steps = 200;
+  int64_t micro_batch_size = 8;
+  int64_t grad_accum = 1;
+  double lr = 1e-3;
+  double min_lr_ratio = 0.1;
+  int64_t warmup_steps = 20;
+  std::string schedule = "cosine";
+  double weight_decay = 0.1;
+  double beta1 = 0.9;
+  double beta2 = 0.95;
+  double eps = 1e-8;
+  double grad_clip = 1.0;
+  int64_t log_interval = 10;
+  int64_t eval_interval = 50;
+  int64_t eval_batches = 4;
+  int64_t save_interval = 0;
+  std::string out_dir = "runs/default";
+  double max_minutes = 0;
+  double peak_tflops = 0;
+
+  static void Describe(ConfigSchema<TrainSection>& s);
+};
+
+struct TrainConfig {
+  ModelSection model;
+  DataSection data;
+  TrainSection train;
+};
+
+// Reads `path` (empty: defaults only), applies `--set` overrides in order, binds the three
+// sections and rejects unknown keys. Errors name the key, its source and the nearest valid key.
+StatusOr<TrainConfig> LoadTrainConfig(const std::string& path, const std::vector<std::string>& overrides);
+// The resolved configuration as TOML (written to the run directory; loads back identically).
+std::string TrainConfigToToml(const TrainConfig& config);
+// Help text listing every option with its default.
+std::string TrainConfigHelp();
+
+}  // namespace tandem::trainer

@@ -1,0 +1,302 @@
+#include "trainer/trainer.h"
+
+#include <unistd.h>
+
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "core/logging.h"
+#include "core/rng.h"
+#include "model/config.h"
+#include "model/llama.h"
+#include "model/tokenizer.h"
+#include "ops/ops.h"
+#include "trainer/data.h"
+#include "trainer/internal/run_dir.h"
+#include "trainer/metrics.h"
+#include "trainer/schedule.h"
+
+namespace tandem::trainer {
+namespace {
+
+namespace fs = std::filesystem;
+using Clock = std::chrono::steady_clock;
+
+double Seconds(Clock::time_point a, Clock::time_point b) { return std::chrono::duration<double>(b - a).count(); }
+
+StatusOr<model::LlamaConfig> BuildModelConfig(const ModelSection& m, int64_t tokenizer_vocab) {
+  if (m.init == "pretrained") {
+    TANDEM_ASSIGN_OR_RETURN(model::LlamaConfig cfg, model::LoadLlamaConfig(m.path + "/config.json"));
+    if (tokenizer_vocab > cfg.vocab_size) {
+      return InvalidArgumentError(StrCat("the tokenizer has ", tokenizer_vocab, " ids but the model in ", m.path,
+                                         " has vocab_size ", cfg.vocab_size, ": they do not belong together"));
+    }
+    return cfg;
+  }
+  model::LlamaConfig cfg;
+  cfg.vocab_size = m.vocab_size == 0 ? tokenizer_vocab : m.vocab_size;
+  if (cfg.vocab_size < tokenizer_vocab) {
+    return InvalidArgumentError(StrCat("model.vocab_size = ", m.vocab_size, " is smaller than the tokenizer's ",
+                                       tokenizer_vocab, " ids"));
+  }
+  cfg.hidden_size = m.hidden_size;
+  cfg.intermediate_size = m.intermediate_size;
+  cfg.num_hidden_layers = m.num_layers;
+  cfg.num_attention_heads = m.num_heads;
+  cfg.num_key_value_heads = m.num_kv_heads;
+  cfg.head_dim = m.head_dim == 0 ? m.hidden_size / m.num_heads : m.head_dim;
+  cfg.rope_theta = m.rope_theta;
+  cfg.rms_norm_eps = m.rms_norm_eps;
+  cfg.tie_word_embeddings = m.tie_word_embeddings;
+  cfg.max_position_embeddings = m.max_position_embeddings;
+  return cfg;
+}
+
+// Adam moments of one trainable parameter.
+struct OptimizerSlot {
+  Tensor m;  // f32, like master
+  Tensor v;  // f32, like master
+};
+
+StatusOr<Tensor> Zeros(ops::Context& ctx, const Shape& shape) {
+  TANDEM_ASSIGN_OR_RETURN(Tensor t, Tensor::Empty(shape, DType::kF32, ctx.allocator()));
+  TANDEM_RETURN_IF_ERROR(ops::Fill(ctx, t, 0.0f));
+  return t;
+}
+
+int64_t CountTargets(const Tensor& targets) {
+  int64_t n = 0;
+  const int32_t* p = targets.data<int32_t>();
+  for (int64_t i = 0; i < targets.numel(); ++i) n += p[i] != ops::kIgnoreIndex;
+  return n;
+}
+
+model::Batch ToModelBatch(const TokenBatch& b) {
+  model::Batch mb;
+  mb.tokens = b.tokens;
+  mb.targets = b.targets;
+  mb.positions = b.positions;
+  mb.segment_ids = b.segment_ids;
+  return mb;
+}
+
+// Mean loss over `batches` micro-batches of the held-out split, from its beginning.
+StatusOr<double> Evaluate(model::LlamaModel& model, DataLoader& loader, int64_t batches) {
+  TANDEM_RETURN_IF_ERROR(loader.Seek(DataPosition{}));
+  model::LossSum total;
+  for (int64_t i = 0; i < batches; ++i) {
+    TANDEM_ASSIGN_OR_RETURN(TokenBatch b, loader.Next());
+    TANDEM_ASSIGN_OR_RETURN(model::LossSum s, model.Loss(ToModelBatch(b)));
+    total.sum += s.sum;
+    total.count += s.count;
+  }
+  return total.count > 0 ? total.sum / static_cast<double>(total.count) : 0.0;
+}
+
+double MemoryGiB(ops::Context& ctx) {
+  if (ctx.is_cuda()) return static_cast<double>(ctx.allocator().stats().peak_bytes_in_use) / (1ull << 30);
+  return static_cast<double>(internal::PeakResidentBytes()) / (1ull << 30);
+}
+
+}  // namespace
+
+StatusOr<TrainResult> RunTraining(const TrainConfig& c, const std::string& command_line) {
+  const TrainSection& t = c.train;
+  ScheduleOptions sched{t.schedule, t.lr, t.min_lr_ratio, t.warmup_steps, t.steps};
+  TANDEM_RETURN_IF_ERROR(ValidateSchedule(sched));
+
+  // Device.
+  TANDEM_ASSIGN_OR_RETURN(Device device, ParseDevice(t.device));
+  std::unique_ptr<ops::Context> ctx;
+  if (device.is_cpu()) {
+    ctx = ops::Context::Cpu();
+  } else {
+    TANDEM_ASSIGN_OR_RETURN(ctx, ops::Context::Cuda(device.index));
+  }
+
+  // Tokenizer and data (prepared on first use when the directory has no manifest).
+  std::unique_ptr<model::Tokenizer> tokenizer;
+  if (c.data.tokenizer == "byte") {
+    tokenizer = model::MakeByteTokenizer();
+  } else {
+    TANDEM_ASSIGN_OR_RETURN(tokenizer, model::LoadTokenizer(c.data.tokenizer));
+  }
+  if (!fs::exists(fs::path(c.data.dir) / "manifest.json")) {
+    if (c.data.inputs.empty()) {
+      return NotFoundError(StrCat("data.dir '", c.data.dir, "' has no manifest.json and data.inputs is empty: run ",
+                                  "`tandem data prepare` or list raw inputs in data.inputs"));
+    }
+    PrepareOptions prep;
+    prep.inputs = c.data.inputs;
+    prep.format = c.data.format;
+    prep.out_dir = c.data.dir;
+    prep.val_fraction = c.data.val_fraction;
+    prep.seed = static_cast<uint64_t>(t.seed);
+    TANDEM_LOG(INFO, "data") << "preparing " << c.data.inputs.size() << " input(s) into " << c.data.dir;
+    TANDEM_ASSIGN_OR_RETURN(PrepareReport report, PrepareData(prep, *tokenizer));
+    (void)report;
+  }
+
+  // Model.
+  TANDEM_ASSIGN_OR_RETURN(model::LlamaConfig mcfg, BuildModelConfig(c.model, tokenizer->vocab_size()));
+  model::ModelOptions mopt;
+  mopt.recompute = c.model.recompute;
+  TANDEM_ASSIGN_OR_RETURN(std::unique_ptr<model::LlamaModel> model, model::LlamaModel::Create(*ctx, mcfg, mopt));
+  if (c.model.init == "pretrained") {
+    TANDEM_RETURN_IF_ERROR(model->LoadSafetensors(c.model.path));
+  } else {
+    TANDEM_RETURN_IF_ERROR(model->InitRandom(DeriveSeed(static_cast<uint64_t>(t.seed), 0, "model-init"),
+                                             static_cast<float>(c.model.init_std)));
+  }
+
+  // Loaders: the training order derives from the seed; evaluation reads the held-out split in order.
+  LoaderOptions lo;
+  lo.batch_size = t.micro_batch_size;
+  lo.seq_len = c.data.seq_len;
+  lo.seed = DeriveSeed(static_cast<uint64_t>(t.seed), 0, "data-order");
+  lo.packing = c.data.packing;
+  TANDEM_ASSIGN_OR_RETURN(std::unique_ptr<DataLoader> train_loader, DataLoader::Open(c.data.dir, "train", lo, 0, 1));
+  TANDEM_RETURN_IF_ERROR(CheckVocab(*train_loader, mcfg.vocab_size));
+  std::unique_ptr<DataLoader> val_loader;
+  if (t.eval_batches > 0) {
+    LoaderOptions vo = lo;
+    vo.shuffle = false;
+    auto opened = DataLoader::Open(c.data.dir, "val", vo, 0, 1);
+    if (opened.ok()) {
+      val_loader = std::move(opened).value();
+    } else {
+      TANDEM_LOG(WARNING, "train") << "no evaluation: " << opened.status().message();
+    }
+  }
+
+  // Optimizer state.
+  std::vector<model::Parameter>& params = model->parameters();
+  std::vector<OptimizerSlot> slots(params.size());
+  int64_t trainable = 0;
+  for (size_t i = 0; i < params.size(); ++i) {
+    if (!params[i].trainable) continue;
+    TANDEM_ASSIGN_OR_RETURN(slots[i].m, Zeros(*ctx, params[i].master.shape()));
+    TANDEM_ASSIGN_OR_RETURN(slots[i].v, Zeros(*ctx, params[i].master.shape()));
+    trainable += params[i].master.numel();
+  }
+  TANDEM_ASSIGN_OR_RETURN(Tensor norm_acc, Tensor::Empty({1}, DType::kF32, ctx->allocator()));
+
+  // Run directory.
+  TANDEM_ASSIGN_OR_RETURN(internal::RunDir run, internal::RunDir::Create(t.out_dir, c, command_line, device, mcfg));
+  TANDEM_ASSIGN_OR_RETURN(MetricsWriter metrics, MetricsWriter::Open(run.path() + "/metrics.jsonl"));
+  TANDEM_LOG(INFO, "train") << "model: " << mcfg.NumParameters() / 1e6 << "M parameters (" << trainable / 1e6
+                            << "M trainable), " << mcfg.num_hidden_layers << " layers, hidden " << mcfg.hidden_size
+                            << ", vocab " << mcfg.vocab_size << " on " << DeviceName(device);
+  TANDEM_LOG(INFO, "train") << "run directory: " << run.path();
+
+  const double flops_per_token = FlopsPerToken(mcfg, c.data.seq_len, /*frozen_base=*/false);
+  double peak = t.peak_tflops > 0 ? t.peak_tflops * 1e12 : PeakFlopsForDevice(DeviceName(device));
+  const bool tty = isatty(STDERR_FILENO);
+  const auto start = Clock::now();
+  auto window_start = start;
+  int64_t window_tokens = 0;
+  TrainResult result;
+
+  for (int64_t step = 1; step <= t.steps; ++step) {
+    const auto step_start = Clock::now();
+    // Fetch the update's micro-batches first: the loss is the mean over all their target tokens.
+    std::vector<TokenBatch> micro;
+    int64_t targets = 0, tokens = 0;
+    for (int64_t a = 0; a < t.grad_accum; ++a) {
+      TANDEM_ASSIGN_OR_RETURN(TokenBatch b, train_loader->Next());
+      targets += CountTargets(b.targets);
+      tokens += b.tokens.numel();
+      micro.push_back(std::move(b));
+    }
+    TANDEM_RETURN_IF_ERROR(model->ZeroGrads());
+    model::LossSum loss;
+    const float grad_scale = targets > 0 ? 1.0f / static_cast<float>(targets) : 0.0f;
+    for (const TokenBatch& b : micro) {
+      TANDEM_ASSIGN_OR_RETURN(model::LossSum s, model->ForwardBackward(ToModelBatch(b), grad_scale));
+      loss.sum += s.sum;
+      loss.count += s.count;
+    }
+
+    // Global gradient norm and clipping.
+    TANDEM_RETURN_IF_ERROR(ops::Fill(*ctx, norm_acc, 0.0f));
+    for (const model::Parameter& p : params) {
+      if (p.trainable) TANDEM_RETURN_IF_ERROR(ops::SumSquares(*ctx, norm_acc, p.grad));
+    }
+    TANDEM_ASSIGN_OR_RETURN(Tensor norm_host, CopyToHostBlocking(norm_acc));
+    const double grad_norm = std::sqrt(static_cast<double>(norm_host.data<float>()[0]));
+    if (!std::isfinite(grad_norm)) {
+      return InternalError(StrCat("step ", step, ": the gradient norm is ", grad_norm,
+                                  " (loss ", loss.sum / std::max<int64_t>(1, loss.count), "); stopping"));
+    }
+    const double clip = (t.grad_clip > 0 && grad_norm > t.grad_clip) ? t.grad_clip / (grad_norm + 1e-6) : 1.0;
+
+    // AdamW.
+    const double lr = LearningRate(sched, step);
+    for (size_t i = 0; i < params.size(); ++i) {
+      model::Parameter& p = params[i];
+      if (!p.trainable) continue;
+      ops::AdamWParams ap;
+      ap.lr = static_cast<float>(lr);
+      ap.beta1 = static_cast<float>(t.beta1);
+      ap.beta2 = static_cast<float>(t.beta2);
+      ap.eps = static_cast<float>(t.eps);
+      ap.weight_decay = p.weight_decay ? static_cast<float>(t.weight_decay) : 0.0f;
+      ap.step = step;
+      ap.grad_scale = static_cast<float>(clip);
+      Tensor model_weights = p.weight.storage() == p.master.storage() ? Tensor() : p.weight;
+      TANDEM_RETURN_IF_ERROR(ops::AdamW(*ctx, p.master, slots[i].m, slots[i].v, model_weights, p.grad, ap));
+    }
+    TANDEM_RETURN_IF_ERROR(ctx->Synchronize());
+
+    // Metrics.
+    const auto now = Clock::now();
+    window_tokens += tokens;
+    StepMetrics m;
+    m.step = step;
+    m.total_steps = t.steps;
+    m.loss = loss.count > 0 ? loss.sum / static_cast<double>(loss.count) : 0.0;
+    m.lr = lr;
+    m.grad_norm = grad_norm;
+    m.tokens = tokens;
+    m.step_s = Seconds(step_start, now);
+    m.elapsed_s = Seconds(start, now);
+    m.tokens_per_s = window_tokens / std::max(1e-9, Seconds(window_start, now));
+    m.mfu = peak > 0 ? m.tokens_per_s * flops_per_token / peak : -1;
+    m.mem_gib = MemoryGiB(*ctx);
+    m.eta_s = m.elapsed_s / step * (t.steps - step);
+    const bool last = step == t.steps;
+    const bool out_of_time = t.max_minutes > 0 && m.elapsed_s > t.max_minutes * 60;
+    if (val_loader && ((t.eval_interval > 0 && step % t.eval_interval == 0) || last || out_of_time)) {
+      TANDEM_ASSIGN_OR_RETURN(double eval, Evaluate(*model, *val_loader, t.eval_batches));
+      m.eval_loss = eval;
+      result.final_eval_loss = eval;
+    }
+    TANDEM_RETURN_IF_ERROR(metrics.Write(m));
+    if (step == 1) result.first_loss = m.loss;
+    result.final_loss = m.loss;
+    result.steps_done = step;
+    if (step == 1 || step % t.log_interval == 0 || last || out_of_time || m.eval_loss) {
+      std::fprintf(stderr, "%s\n", FormatProgressLine(m, tty).c_str());
+      window_start = Clock::now();
+      window_tokens = 0;
+    }
+    if ((t.save_interval > 0 && step % t.save_interval == 0) || last || out_of_time) {
+      TANDEM_ASSIGN_OR_RETURN(result.last_checkpoint, run.SaveCheckpoint(*model, step, *tokenizer, c.data.tokenizer));
+    }
+    if (out_of_time) {
+      TANDEM_LOG(WARNING, "train") << "stopping after " << FormatDuration(m.elapsed_s) << " (train.max_minutes = "
+                                   << t.max_minutes << ")";
+      break;
+    }
+  }
+  TANDEM_LOG(INFO, "train") << "done: " << result.steps_done << " steps, loss " << result.first_loss << " -> "
+                            << result.final_loss << (result.final_eval_loss >= 0 ? StrCat(", eval loss ", result.final_eval_loss) : "")
+                            << "; checkpoint " << result.last_checkpoint;
+  return result;
+}
+
+}  // namespace tandem::trainer
