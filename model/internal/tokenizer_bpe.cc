@@ -71,7 +71,7 @@ void BpeModel::MergeAll(std::vector<int32_t>* ids) const {
     int32_t result;
     // Lowest rank first, then leftmost.
     bool operator<(const Candidate& o) const {
-      return rank != o.rank ? rank > o.rank : pos < o.pos;
+      return rank != o.rank ? rank > o.rank : pos > o.pos;
     }
   };
   const int32_t n = static_cast<int32_t>(ids->size());
