@@ -74,6 +74,12 @@ LLAMA_SPECS = [
                 "vocab_size": 203, "tie_word_embeddings": False, "rope_theta": 10000.0,
                 "rope_scaling": LLAMA3_ROPE, "max_position_embeddings": 64,
                 "rms_norm_eps": 1e-5}},
+    # head_dim 64: the shape the CUDA attention kernels take, so the GPU path is checked too.
+    {"name": "gqa_d64", "seq": 37, "seed": 404,
+     "config": {"num_hidden_layers": 2, "hidden_size": 128, "num_attention_heads": 4,
+                "num_key_value_heads": 2, "head_dim": 64, "intermediate_size": 176,
+                "vocab_size": 311, "tie_word_embeddings": False, "rope_theta": 10000.0,
+                "rope_scaling": None, "max_position_embeddings": 128, "rms_norm_eps": 1e-5}},
 ]
 
 
