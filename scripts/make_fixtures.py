@@ -76,9 +76,9 @@ LLAMA_SPECS = [
                 "rms_norm_eps": 1e-5}},
     # head_dim 64: the shape the CUDA attention kernels take, so the GPU path is checked too.
     {"name": "gqa_d64", "seq": 37, "seed": 404,
-     "config": {"num_hidden_layers": 2, "hidden_size": 128, "num_attention_heads": 4,
-                "num_key_value_heads": 2, "head_dim": 64, "intermediate_size": 176,
-                "vocab_size": 311, "tie_word_embeddings": False, "rope_theta": 10000.0,
+     "config": {"num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 2,
+                "num_key_value_heads": 1, "head_dim": 64, "intermediate_size": 96,
+                "vocab_size": 257, "tie_word_embeddings": False, "rope_theta": 10000.0,
                 "rope_scaling": None, "max_position_embeddings": 128, "rms_norm_eps": 1e-5}},
 ]
 
@@ -143,6 +143,35 @@ def adamw_losses(model, input_ids, labels):
     return losses
 
 
+def max_rel(actual, expected):
+    """max |a - e| / max |e| over a whole tensor, in f64."""
+    a, e = actual.double().cpu(), expected.double().cpu()
+    return ((a - e).abs().max() / e.abs().max().clamp_min(1e-30)).item()
+
+
+def hf_bf16_errors(out_dir, input_ids, labels, tensors, losses):
+    """How far transformers itself lands from its f32 results when run in bf16 (on the GPU when
+    there is one): the yardstick for tandem's bf16 path. The same saved weights, batch, loss and
+    AdamW steps; errors as max_rel per tensor (relative for the losses)."""
+    import torch
+    from transformers import LlamaForCausalLM
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = LlamaForCausalLM.from_pretrained(out_dir, attn_implementation="eager")
+    model = model.to(device=device, dtype=torch.bfloat16)
+    model.train()
+    ids, lab = input_ids.to(device), labels.to(device)
+    out = model(input_ids=ids, labels=lab)
+    out.loss.backward()
+    errors = {"device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
+              "logits": max_rel(out.logits.float(), tensors["logits"]),
+              "loss": abs(out.loss.item() - tensors["loss"].item()) / abs(tensors["loss"].item())}
+    for name, p in model.named_parameters():
+        errors["grad." + name] = max_rel(p.grad.float(), tensors["grad." + name])
+    bf16_losses = adamw_losses(model, ids, lab)
+    errors["adamw_losses"] = max(abs(a - b) / abs(b) for a, b in zip(bf16_losses, losses))
+    return errors
+
+
 def write_llama(spec, out_root):
     import inspect
 
@@ -200,6 +229,7 @@ def write_llama(spec, out_root):
     losses = adamw_losses(model, input_ids, labels)
     assert abs(losses[0] - out.loss.item()) <= 1e-6 * max(1.0, abs(losses[0])), losses
     tensors["adamw_losses"] = torch.tensor(losses, dtype=torch.float32)
+    bf16_errors = hf_bf16_errors(out_dir, input_ids, labels, tensors, losses)
     save_file({k: v.contiguous() for k, v in tensors.items()},
               os.path.join(out_dir, "expected.safetensors"), metadata={"format": "pt"})
 
@@ -221,6 +251,7 @@ def write_llama(spec, out_root):
         "adamw": {**ADAMW, "amsgrad": False, "maximize": False},
         "adamw_losses": "loss before each step; steps start from model.safetensors",
         "weight_decay_on_all_params": True,
+        "hf_bf16_errors": bf16_errors,
         "attn_implementation": "eager",
         "torch": torch.__version__,
         "transformers": transformers.__version__,

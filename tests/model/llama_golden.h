@@ -12,6 +12,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <nlohmann/json.hpp>
 #include <optional>
 #include <string>
@@ -58,6 +59,9 @@ struct GoldenCase {
   Batch batch;        // targets[t] = labels[t + 1], the last position ignored
   int64_t count = 0;  // target tokens
   AdamWMeta adamw;
+  // How far transformers itself lands from its f32 results when run in bf16 ("hf_bf16_errors" of
+  // meta.json: max|a-e|/max|e| per tensor, relative error for losses); empty in old fixtures.
+  std::map<std::string, double> hf_bf16_errors;
 };
 
 inline StatusOr<GoldenCase> LoadCase(const std::string& dir) {
@@ -89,6 +93,11 @@ inline StatusOr<GoldenCase> LoadCase(const std::string& dir) {
   const nlohmann::json& a = meta["adamw"];
   g.adamw = {a.at("lr").get<float>(), a.at("betas")[0].get<float>(), a.at("betas")[1].get<float>(),
              a.at("eps").get<float>(), a.at("weight_decay").get<float>()};
+  if (meta.contains("hf_bf16_errors")) {
+    for (const auto& [key, value] : meta["hf_bf16_errors"].items()) {
+      if (value.is_number()) g.hf_bf16_errors[key] = value.get<double>();
+    }
+  }
   return g;
 }
 
