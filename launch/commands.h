@@ -12,5 +12,6 @@ using Args = std::vector<std::string>;
 int TrainCommand(const Args& args);
 int DataCommand(const Args& args);
 int PlotCommand(const Args& args);
+int LogitsCommand(const Args& args);
 
 }  // namespace tandem::launch

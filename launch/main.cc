@@ -17,6 +17,7 @@ constexpr Command kCommands[] = {
     {"train", tandem::launch::TrainCommand, "train or fine-tune a Llama model from a TOML config"},
     {"data", tandem::launch::DataCommand, "prepare token shards (prepare) or extract the Brown corpus (brown)"},
     {"plot", tandem::launch::PlotCommand, "draw a run's loss and throughput curves into a PNG"},
+    {"logits", tandem::launch::LogitsCommand, "write a model's logits for given tokens (to compare frameworks)"},
 };
 
 void PrintHelp() {
