@@ -12,6 +12,7 @@
 #include <string>
 
 #include "core/tensor.h"
+#include "core/version.h"
 #include "ops/ops.h"
 
 namespace {
@@ -63,7 +64,7 @@ struct Bench {
   void Report(const std::string& op, nlohmann::json sizes, const char* dtype, double seconds, double flops,
               double bytes) {
     nlohmann::json j = {{"bench", "ops"}, {"device", device_name}, {"op", op}, {"sizes", sizes},
-                        {"dtype", dtype}, {"ms", seconds * 1e3}, {"commit", TANDEM_GIT_COMMIT}, {"date", Today()}};
+                        {"dtype", dtype}, {"ms", seconds * 1e3}, {"commit", tandem::GitCommit()}, {"date", Today()}};
     if (flops > 0) {
       j["tflops"] = flops / seconds / 1e12;
       if (ctx.is_cuda()) j["gemm_ceiling_tflops"] = kGemmCeilingTflops;

@@ -6,6 +6,8 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 
+#include "core/version.h"
+
 namespace tandem::trainer::internal {
 namespace {
 
@@ -42,7 +44,8 @@ StatusOr<RunDir> RunDir::Create(const std::string& path, const TrainConfig& conf
   if (ec) return NotFoundError(StrCat("cannot create run directory ", path, ": ", ec.message()));
   TANDEM_RETURN_IF_ERROR(WriteFile(path + "/config.toml", TrainConfigToToml(config)));
   nlohmann::json run = {
-      {"git_commit", TANDEM_GIT_COMMIT},
+      {"git_commit", GitCommit()},
+      {"build", BuildFlags()},
       {"built_with_cuda", BuiltWithCuda()},
       {"device", device.ToString()},
       {"device_name", DeviceName(device)},
