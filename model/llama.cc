@@ -166,6 +166,7 @@ Status LlamaModel::EnsureTrainingState(bool relayout_grads) {
 Status LlamaModel::ZeroGrads() {
   TANDEM_RETURN_IF_ERROR(EnsureTrainingState(/*relayout_grads=*/true));
   if (grads_flat_.defined()) TANDEM_RETURN_IF_ERROR(ops::Fill(ctx_, grads_flat_, 0.0f));
+  if (adapter_ != nullptr) TANDEM_RETURN_IF_ERROR(adapter_->ZeroGrads());  // [adapter]
   return Status::Ok();
 }
 

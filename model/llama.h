@@ -36,6 +36,7 @@
 
 #include "core/status.h"
 #include "core/tensor.h"
+#include "model/adapter.h"
 #include "model/config.h"
 #include "ops/context.h"
 
@@ -66,6 +67,10 @@ struct Batch {
   Tensor targets;      // i32 [B, T], host, ops::kIgnoreIndex where no loss
   Tensor positions;    // i32 [B, T], host, optional (default 0..T-1 per row)
   Tensor segment_ids;  // i32 [B, T], host, optional (packed documents attend within a segment)
+  // [adapter] i32 [B], host, optional: per sequence, the index of the attached adapter that
+  // serves it (-1: the base model alone); read by the AdapterHooks (model/adapter.h), an error
+  // when no adapter is attached.
+  Tensor adapter_ids;
 };
 
 struct LossSum {
@@ -101,6 +106,12 @@ class LlamaModel {
   const LlamaConfig& config() const { return config_; }
   DType compute_dtype() const { return compute_dtype_; }
 
+  // [adapter] Attaches adapter hooks (model/adapter.h), not owned: they must outlive the model or
+  // be detached with SetAdapter(nullptr). Forward and backward then call them for every
+  // projection, and ZeroGrads() zeroes their gradients too.
+  void SetAdapter(AdapterHooks* adapter) { adapter_ = adapter; }
+  AdapterHooks* adapter() const { return adapter_; }
+
   // Lays out gradients for the trainable groups (see above) and sets them to zero.
   Status ZeroGrads();
   // Forward + backward; grads += d(grad_scale * sum of token losses)/d(param). Returns the loss
@@ -128,6 +139,11 @@ class LlamaModel {
   Status Forward();
   Status BlockForward(int64_t layer, bool write_output);
   Status BlockBackward(int64_t layer);
+  // [adapter] The hooks for the members of a fused projection group (y's column blocks).
+  Status AdapterForward(int64_t layer, const Group& group, const Projection* projs, const Tensor& x,
+                        const Tensor& y);
+  Status AdapterBackward(int64_t layer, const Group& group, const Projection* projs,
+                         const Tensor& x, const Tensor& dy, Tensor& dx);
   Status ProjectionGrad(const Group& group, const Tensor& dy, const Tensor& x);
   Status WeightGrad(size_t param, const Tensor& dy, const Tensor& x);
   Status LossHead(float grad_scale, bool backward);
@@ -147,6 +163,7 @@ class LlamaModel {
   std::vector<bool> grad_layout_;                    // per group: has a gradient in grads_flat_
   Tensor inv_freq_;                                  // f32 [D/2] on the device
   std::unique_ptr<Activations> acts_;
+  AdapterHooks* adapter_ = nullptr;  // [adapter] not owned
 };
 
 }  // namespace tandem::model

@@ -30,6 +30,16 @@ Status LlamaModel::ProjectionGrad(const Group& group, const Tensor& dy, const Te
   return Status::Ok();
 }
 
+// [adapter] dy's column blocks are the group's members, in `projs` order; dx accumulates.
+Status LlamaModel::AdapterBackward(int64_t l, const Group& group, const Projection* projs,
+                                   const Tensor& x, const Tensor& dy, Tensor& dx) {
+  for (size_t m = 0; m < group.members.size(); ++m) {
+    const Tensor dy_m = dy.Slice(1, group.row_start[m], group.row_start[m + 1]);  // [N, rows_m]
+    TANDEM_RETURN_IF_ERROR(adapter_->ProjectionBackward(l, projs[m], x, dy_m, dx));
+  }
+  return Status::Ok();
+}
+
 // On entry a.dres = dL/d x[l + 1]; on exit a.dres = dL/d x[l]. Reads the block's saved (or
 // recomputed) activations; weight gradients accumulate into the parameters' grads.
 Status LlamaModel::BlockBackward(int64_t l) {
@@ -46,6 +56,11 @@ Status LlamaModel::BlockBackward(int64_t l) {
   TANDEM_RETURN_IF_ERROR(
       ops::Matmul(ctx_, a.dact, a.dres, params_[layer.down].weight, false, false));  // [N, F]
   TANDEM_RETURN_IF_ERROR(WeightGrad(layer.down, a.dres, b.act));                     // [C, F]
+  // [adapter]
+  if (adapter_ != nullptr) {
+    TANDEM_RETURN_IF_ERROR(
+        adapter_->ProjectionBackward(l, Projection::kDown, b.act, a.dres, a.dact));
+  }
   Tensor dgate = a.dgate_up.Slice(1, 0, F);  // [N, F], row stride 2F
   Tensor dup = a.dgate_up.Slice(1, F, 2 * F);
   TANDEM_RETURN_IF_ERROR(ops::SwigluBackward(ctx_, dgate, dup, a.dact, b.gate_up.Slice(1, 0, F),
@@ -53,6 +68,11 @@ Status LlamaModel::BlockBackward(int64_t l) {
   const Group& gate_up = groups_[layer.gate_up_group];
   TANDEM_RETURN_IF_ERROR(
       ops::Matmul(ctx_, a.dln, a.dgate_up, gate_up.weight, false, false));  // [N, C]
+  // [adapter]
+  if (adapter_ != nullptr) {
+    constexpr Projection kGateUp[] = {Projection::kGate, Projection::kUp};
+    TANDEM_RETURN_IF_ERROR(AdapterBackward(l, gate_up, kGateUp, b.ln2, a.dgate_up, a.dln));
+  }
   if (gate_up.grad.defined()) TANDEM_RETURN_IF_ERROR(ProjectionGrad(gate_up, a.dgate_up, b.ln2));
   Tensor dw2 = norm_grad(layer.mlp_norm);
   TANDEM_RETURN_IF_ERROR(ops::RmsNormBackward(ctx_, a.dres, dw2, a.dln, b.x_mid,
@@ -63,6 +83,11 @@ Status LlamaModel::BlockBackward(int64_t l) {
   TANDEM_RETURN_IF_ERROR(
       ops::Matmul(ctx_, a.dattn, a.dres, params_[layer.o].weight, false, false));  // [N, Hq D]
   TANDEM_RETURN_IF_ERROR(WeightGrad(layer.o, a.dres, b.attn));                     // [C, Hq D]
+  // [adapter]
+  if (adapter_ != nullptr) {
+    TANDEM_RETURN_IF_ERROR(
+        adapter_->ProjectionBackward(l, Projection::kO, b.attn, a.dres, a.dattn));
+  }
   const Tensor qkv4 = b.qkv.View({B, T, H3, D});
   const Tensor dqkv4 = a.dqkv.View({B, T, H3, D});
   Tensor dq = dqkv4.Slice(2, 0, Hq);  // [B, T, Hq, D], token stride H3 D
@@ -81,6 +106,11 @@ Status LlamaModel::BlockBackward(int64_t l) {
   TANDEM_RETURN_IF_ERROR(ops::Rope(ctx_, dk_rot, dk_rot, a.positions, inv_freq_, true));
   const Group& qkv = groups_[layer.qkv_group];
   TANDEM_RETURN_IF_ERROR(ops::Matmul(ctx_, a.dln, a.dqkv, qkv.weight, false, false));  // [N, C]
+  // [adapter] dq, dk are already rotated back
+  if (adapter_ != nullptr) {
+    constexpr Projection kQkv[] = {Projection::kQ, Projection::kK, Projection::kV};
+    TANDEM_RETURN_IF_ERROR(AdapterBackward(l, qkv, kQkv, b.ln1, a.dqkv, a.dln));
+  }
   if (qkv.grad.defined()) TANDEM_RETURN_IF_ERROR(ProjectionGrad(qkv, a.dqkv, b.ln1));
   Tensor dw1 = norm_grad(layer.attn_norm);
   return ops::RmsNormBackward(ctx_, a.dres, dw1, a.dln, a.x[l], params_[layer.attn_norm].weight,

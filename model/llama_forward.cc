@@ -114,6 +114,17 @@ Status LlamaModel::PrepareBatch(const Batch& batch, bool need_targets, bool back
   if (batch.segment_ids.defined()) {
     TANDEM_RETURN_IF_ERROR(CheckBatchTensor(batch.segment_ids, "segment_ids", B, T));
   }
+  if (batch.adapter_ids.defined()) {  // [adapter] the adapter checks the values
+    if (adapter_ == nullptr) {
+      return InvalidArgumentError(
+          "batch.adapter_ids is set but no adapter is attached (LlamaModel::SetAdapter)");
+    }
+    const Tensor& ids = batch.adapter_ids;
+    if (!ids.device().is_cpu() || ids.dtype() != DType::kI32 || ids.shape() != Shape{B}) {
+      return InvalidArgumentError(StrCat("batch.adapter_ids: expected a host i32 tensor [", B,
+                                         "], found ", ids.DebugString()));
+    }
+  }
   TANDEM_RETURN_IF_ERROR(EnsureActivations(B, T, backward));
   Activations& a = *acts_;
   const CudaStream stream = ctx_.stream();
@@ -139,6 +150,7 @@ Status LlamaModel::PrepareBatch(const Batch& batch, bool need_targets, bool back
     }
     TANDEM_RETURN_IF_ERROR(CopyTensor(a.segment_ids, batch.segment_ids, stream));
   }
+  if (adapter_ != nullptr) TANDEM_RETURN_IF_ERROR(adapter_->BeginBatch(batch, backward));
   return ctx_.Synchronize();  // the host tensors above may die when we return
 }
 
@@ -147,6 +159,16 @@ Status LlamaModel::Forward() {
   TANDEM_RETURN_IF_ERROR(ops::EmbeddingForward(ctx_, a.x[0], a.tokens, params_[embed_].weight));
   for (int64_t l = 0; l < config_.num_hidden_layers; ++l) {
     TANDEM_RETURN_IF_ERROR(BlockForward(l, /*write_output=*/true));
+  }
+  return Status::Ok();
+}
+
+// [adapter] y's column blocks are the group's members (q|k|v or gate|up), in `projs` order.
+Status LlamaModel::AdapterForward(int64_t l, const Group& group, const Projection* projs,
+                                  const Tensor& x, const Tensor& y) {
+  for (size_t m = 0; m < group.members.size(); ++m) {
+    Tensor y_m = y.Slice(1, group.row_start[m], group.row_start[m + 1]);  // [N, rows_m]
+    TANDEM_RETURN_IF_ERROR(adapter_->ProjectionForward(l, projs[m], x, y_m));
   }
   return Status::Ok();
 }
@@ -169,6 +191,11 @@ Status LlamaModel::BlockForward(int64_t l, bool write_output) {
       ops::RmsNormForward(ctx_, b.ln1, b.rstd1, x_in, params_[layer.attn_norm].weight, eps));
   TANDEM_RETURN_IF_ERROR(
       ops::Matmul(ctx_, b.qkv, b.ln1, groups_[layer.qkv_group].weight, false, true));  // [N, H3 D]
+  // [adapter] deltas on q|k|v before RoPE reads them
+  if (adapter_ != nullptr) {
+    constexpr Projection kQkv[] = {Projection::kQ, Projection::kK, Projection::kV};
+    TANDEM_RETURN_IF_ERROR(AdapterForward(l, groups_[layer.qkv_group], kQkv, b.ln1, b.qkv));
+  }
   const Tensor heads = b.qkv.View({N, H3, D});
   Tensor q_rot = heads.Slice(1, 0, Hq);         // [N, Hq, D], token stride H3 D
   Tensor k_rot = heads.Slice(1, Hq, Hq + Hkv);  // [N, Hkv, D]
@@ -182,6 +209,10 @@ Status LlamaModel::BlockForward(int64_t l, bool write_output) {
   const Tensor seg = a.use_segments ? a.segment_ids : Tensor();
   TANDEM_RETURN_IF_ERROR(ops::AttentionForward(ctx_, attn4, b.lse, q, k, v, scale, seg));
   TANDEM_RETURN_IF_ERROR(ops::Matmul(ctx_, a.proj, b.attn, params_[layer.o].weight, false, true));
+  // [adapter]
+  if (adapter_ != nullptr) {
+    TANDEM_RETURN_IF_ERROR(adapter_->ProjectionForward(l, Projection::kO, b.attn, a.proj));
+  }
   TANDEM_RETURN_IF_ERROR(ops::Add(ctx_, b.x_mid, x_in, a.proj));  // [N, C]
 
   // MLP: ln2 = norm(x_mid); gate|up = ln2 Wgu^T; act = silu(gate) * up; out = act Wdown^T.
@@ -189,11 +220,21 @@ Status LlamaModel::BlockForward(int64_t l, bool write_output) {
       ops::RmsNormForward(ctx_, b.ln2, b.rstd2, b.x_mid, params_[layer.mlp_norm].weight, eps));
   TANDEM_RETURN_IF_ERROR(
       ops::Matmul(ctx_, b.gate_up, b.ln2, groups_[layer.gate_up_group].weight, false, true));
+  // [adapter]
+  if (adapter_ != nullptr) {
+    constexpr Projection kGateUp[] = {Projection::kGate, Projection::kUp};
+    TANDEM_RETURN_IF_ERROR(
+        AdapterForward(l, groups_[layer.gate_up_group], kGateUp, b.ln2, b.gate_up));
+  }
   const Tensor gate = b.gate_up.Slice(1, 0, F);  // [N, F], row stride 2F
   const Tensor up = b.gate_up.Slice(1, F, 2 * F);
   TANDEM_RETURN_IF_ERROR(ops::SwigluForward(ctx_, b.act, gate, up));
   if (!write_output) return Status::Ok();
   TANDEM_RETURN_IF_ERROR(ops::Matmul(ctx_, a.proj, b.act, params_[layer.down].weight, false, true));
+  // [adapter]
+  if (adapter_ != nullptr) {
+    TANDEM_RETURN_IF_ERROR(adapter_->ProjectionForward(l, Projection::kDown, b.act, a.proj));
+  }
   return ops::Add(ctx_, a.x[l + 1], b.x_mid, a.proj);
 }
 

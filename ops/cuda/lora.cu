@@ -1,0 +1,333 @@
+// Segmented multi-adapter LoRA kernels (ops/lora.h). Correct first, simple shared-memory tiling:
+//
+// Token kernels (shrink, expand and their input gradients): one thread block per (tile of
+// kLoraTileRows tokens of one segment, block of kBN output columns). The block loops over the
+// reduction dimension K in steps of kBK, staging a [kBM, kBK] slice of the token rows and a
+// [kBK, kBN] slice of the adapter's weight in shared memory as f32, and each thread accumulates a
+// 2 x 4 block of outputs in f32 registers. Each output element is produced by exactly one thread,
+// summing k in increasing order: deterministic.
+//
+//   mode          rows (K-dim input)          weight view W(k, j)         N      K
+//   kShrink       drop(x) [N, in]             A[j, k]   (A [r, in])       r      in
+//   kExpand       h (packed [len, r])         B[j, k]   (B [out, r])      out    r
+//   kExpandGrad   dy [N, out]                 B[k, j]                     r      out
+//   kShrinkGrad   dh (packed)                 A[k, j]                     in     r
+//
+// Weight-gradient kernels: one block per (adapter, kGP x kGQ tile of the gradient). The block
+// walks the adapter's segments in increasing order and their tokens in steps of kGT, staging
+// [kGT, kGP] and [kGT, kGQ] slices, and each thread keeps a 4 x 4 block of sums; at the end it
+// adds its sums to the f32 gradient, which no other block touches: deterministic, no atomics.
+//   dA_a[j, c] += sum_n dh[n, j] drop(x)[n, c]        (P = r,   Q = in)
+//   dB_a[o, j] += s_a * sum_n dy[n, o] h[n, j]        (P = out, Q = r)
+// The parallelism of these kernels is (P / 64) * (Q / 64) blocks per adapter, each with a serial
+// loop over the adapter's tokens; a split over tokens with a fixed-order second pass is the next
+// step for speed.
+#include "ops/cuda/common.cuh"
+#include "ops/internal/lora_kernels.h"
+
+namespace tandem::ops::cuda {
+namespace {
+
+using lora::AdapterRecord;
+using lora::DropoutScale;
+using lora::SegmentRecord;
+using lora::SegmentsView;
+using lora::TileRecord;
+using lora::WeightsView;
+
+constexpr int kBM = lora::kLoraTileRows;  // 32 tokens
+constexpr int kBN = 64;
+constexpr int kBK = 32;
+constexpr int kThreads = 256;  // 16 x 16: 2 rows x 4 columns per thread
+static_assert(kBM == 32, "the thread layout below assumes 32-token tiles");
+
+enum class Mode { kShrink, kExpand, kExpandGrad, kShrinkGrad };
+
+struct TokenArgs {
+  void* out;         // h / y / dh / dx
+  int64_t ld_out;    // row stride of y or dx
+  const void* rows;  // x / h / dy / dh
+  int64_t ld_rows;   // row stride of x or dy
+  SegmentsView segs;
+  WeightsView w;
+  uint64_t seed;
+};
+
+template <Mode M>
+__device__ __forceinline__ bool RowsArePacked() {
+  return M == Mode::kExpand || M == Mode::kShrinkGrad;
+}
+template <Mode M>
+__device__ __forceinline__ bool OutIsPacked() {
+  return M == Mode::kShrink || M == Mode::kExpandGrad;
+}
+
+template <typename T, Mode M>
+__global__ void __launch_bounds__(kThreads) LoraTokenKernel(TokenArgs args) {
+  __shared__ float xs[kBK][kBM + 1];  // token rows, transposed: xs[k][m]
+  __shared__ float ws[kBK][kBN + 1];  // weight slice: ws[k][j]
+  const TileRecord tile = args.segs.tiles[blockIdx.x];
+  const SegmentRecord seg = args.segs.segments[tile.segment];
+  const AdapterRecord ad = args.w.adapters[seg.adapter];
+  const int64_t r = seg.rank, in = args.w.in, out = args.w.out;
+  const int64_t ncols = (M == Mode::kShrink || M == Mode::kExpandGrad) ? r
+                        : M == Mode::kExpand                           ? out
+                                                                       : in;
+  const int64_t kdim = M == Mode::kShrink ? in : M == Mode::kExpandGrad ? out : r;
+  const int64_t n0 = static_cast<int64_t>(blockIdx.y) * kBN;
+  if (n0 >= ncols) return;
+  const int rows = min(kBM, seg.end - seg.start - tile.row0);
+  const int64_t token0 = seg.start + tile.row0;  // global row of tile row 0
+  const int64_t packed0 = seg.h_offset + static_cast<int64_t>(tile.row0) * r;
+  const T* src = static_cast<const T*>(args.rows);
+  const T* W = static_cast<const T*>(M == Mode::kShrink || M == Mode::kShrinkGrad ? ad.a : ad.b);
+  const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
+  float acc[2][4] = {};
+  for (int64_t k0 = 0; k0 < kdim; k0 += kBK) {
+    for (int e = tid; e < kBM * kBK; e += kThreads) {
+      const int m = e / kBK, k = e % kBK;
+      const int64_t kk = k0 + k;
+      float v = 0.0f;
+      if (m < rows && kk < kdim) {
+        if (RowsArePacked<M>()) {
+          v = ToFloat(src[packed0 + m * r + kk]);
+        } else {
+          v = ToFloat(src[(token0 + m) * args.ld_rows + kk]);
+          if (M == Mode::kShrink) v *= DropoutScale(args.seed, token0 + m, kk, ad.dropout);
+        }
+      }
+      xs[k][m] = v;
+    }
+    for (int e = tid; e < kBK * kBN; e += kThreads) {
+      // NT modes read W[j, k] (k contiguous); NN modes read W[k, j] (j contiguous).
+      const bool nt = M == Mode::kShrink || M == Mode::kExpand;
+      const int j = nt ? e / kBK : e % kBN;
+      const int k = nt ? e % kBK : e / kBN;
+      const int64_t jj = n0 + j, kk = k0 + k;
+      float v = 0.0f;
+      if (jj < ncols && kk < kdim) v = ToFloat(nt ? W[jj * kdim + kk] : W[kk * ncols + jj]);
+      ws[k][j] = v;
+    }
+    __syncthreads();
+#pragma unroll 8
+    for (int k = 0; k < kBK; ++k) {
+      const float a0 = xs[k][ty], a1 = xs[k][ty + 16];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const float b = ws[k][tx + 16 * j];
+        acc[0][j] = fmaf(a0, b, acc[0][j]);
+        acc[1][j] = fmaf(a1, b, acc[1][j]);
+      }
+    }
+    __syncthreads();
+  }
+  T* dst = static_cast<T*>(args.out);
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int m = ty + 16 * i;
+    if (m >= rows) continue;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int64_t col = n0 + tx + 16 * j;
+      if (col >= ncols) continue;
+      const float v = acc[i][j];
+      if (OutIsPacked<M>()) {
+        dst[packed0 + m * r + col] = FromFloat<T>(M == Mode::kExpandGrad ? ad.scale * v : v);
+      } else {
+        T* p = dst + (token0 + m) * args.ld_out + col;
+        const float delta = M == Mode::kExpand
+                                ? ad.scale * v
+                                : DropoutScale(args.seed, token0 + m, col, ad.dropout) * v;
+        *p = FromFloat<T>(ToFloat(*p) + delta);
+      }
+    }
+  }
+}
+
+template <typename T, Mode M>
+cudaError_t LaunchToken(cudaStream_t stream, const TokenArgs& args) {
+  if (args.segs.num_tiles == 0) return cudaSuccess;
+  const int64_t ncols = (M == Mode::kShrink || M == Mode::kExpandGrad) ? args.segs.max_rank
+                        : M == Mode::kExpand                           ? args.w.out
+                                                                       : args.w.in;
+  if (ncols <= 0) return cudaSuccess;
+  const dim3 grid(static_cast<unsigned>(args.segs.num_tiles),
+                  static_cast<unsigned>(CeilDiv(ncols, kBN)));
+  LoraTokenKernel<T, M><<<grid, kThreads, 0, stream>>>(args);
+  return cudaGetLastError();
+}
+
+template <Mode M>
+cudaError_t DispatchToken(cudaStream_t stream, DType dtype, const TokenArgs& args) {
+  return DispatchF32Bf16(dtype, [&](auto tag) -> cudaError_t {
+    using T = typename decltype(tag)::type;
+    return LaunchToken<T, M>(stream, args);
+  });
+}
+
+// ---- weight gradients ----
+
+constexpr int kGP = 64, kGQ = 64, kGT = 16;
+enum class Grad { kA, kB };
+
+struct GradArgs {
+  const void* left;   // dh (packed) for kA, dy [N, out] for kB
+  int64_t ld_left;    // row stride of dy
+  const void* right;  // x [N, in] for kA, h (packed) for kB
+  int64_t ld_right;   // row stride of x
+  SegmentsView segs;
+  WeightsView w;
+  WeightsView grads;
+  uint64_t seed;
+};
+
+template <typename T, Grad G>
+__global__ void __launch_bounds__(kThreads) LoraWeightGradKernel(GradArgs args) {
+  __shared__ float ls[kGT][kGP + 1];
+  __shared__ float rs[kGT][kGQ + 1];
+  const int a = blockIdx.x;
+  const AdapterRecord ad = args.w.adapters[a];
+  float* grad =
+      static_cast<float*>(G == Grad::kA ? args.grads.adapters[a].a : args.grads.adapters[a].b);
+  const int64_t r = ad.rank;
+  if (grad == nullptr || r == 0) return;
+  const int64_t P = G == Grad::kA ? r : args.w.out;
+  const int64_t Q = G == Grad::kA ? args.w.in : r;
+  const int64_t p0 = static_cast<int64_t>(blockIdx.y) * kGP;
+  const int64_t q0 = static_cast<int64_t>(blockIdx.z) * kGQ;
+  if (p0 >= P || q0 >= Q) return;
+  const T* left = static_cast<const T*>(args.left);
+  const T* right = static_cast<const T*>(args.right);
+  const int tid = threadIdx.x, tq = tid % 16, tp = tid / 16;
+  float acc[4][4] = {};
+  const int32_t b0 = args.segs.adapter_seg_begin[a], b1 = args.segs.adapter_seg_begin[a + 1];
+  for (int32_t i = b0; i < b1; ++i) {
+    const SegmentRecord seg = args.segs.segments[args.segs.adapter_segs[i]];
+    const int len = seg.end - seg.start;
+    for (int t0 = 0; t0 < len; t0 += kGT) {
+      for (int e = tid; e < kGT * kGP; e += kThreads) {
+        const int t = e / kGP, p = e % kGP;
+        const int64_t pp = p0 + p, n = seg.start + t0 + t;
+        float v = 0.0f;
+        if (t0 + t < len && pp < P) {
+          v = G == Grad::kA ? ToFloat(left[seg.h_offset + static_cast<int64_t>(t0 + t) * r + pp])
+                            : ToFloat(left[n * args.ld_left + pp]);
+        }
+        ls[t][p] = v;
+      }
+      for (int e = tid; e < kGT * kGQ; e += kThreads) {
+        const int t = e / kGQ, q = e % kGQ;
+        const int64_t qq = q0 + q, n = seg.start + t0 + t;
+        float v = 0.0f;
+        if (t0 + t < len && qq < Q) {
+          if (G == Grad::kA) {
+            v = ToFloat(right[n * args.ld_right + qq]) * DropoutScale(args.seed, n, qq, ad.dropout);
+          } else {
+            v = ToFloat(right[seg.h_offset + static_cast<int64_t>(t0 + t) * r + qq]);
+          }
+        }
+        rs[t][q] = v;
+      }
+      __syncthreads();
+#pragma unroll 4
+      for (int t = 0; t < kGT; ++t) {
+        float lv[4], rv[4];
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+          lv[u] = ls[t][tp + 16 * u];
+          rv[u] = rs[t][tq + 16 * u];
+        }
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+#pragma unroll
+          for (int v = 0; v < 4; ++v) acc[u][v] = fmaf(lv[u], rv[v], acc[u][v]);
+        }
+      }
+      __syncthreads();
+    }
+  }
+  const float alpha = G == Grad::kA ? 1.0f : ad.scale;
+#pragma unroll
+  for (int u = 0; u < 4; ++u) {
+    const int64_t p = p0 + tp + 16 * u;
+    if (p >= P) continue;
+#pragma unroll
+    for (int v = 0; v < 4; ++v) {
+      const int64_t q = q0 + tq + 16 * v;
+      if (q < Q) grad[p * Q + q] += alpha * acc[u][v];
+    }
+  }
+}
+
+template <Grad G>
+cudaError_t LaunchWeightGrad(cudaStream_t stream, DType dtype, const GradArgs& args) {
+  if (args.segs.num_adapters == 0 || args.segs.max_rank == 0) return cudaSuccess;
+  const int64_t P = G == Grad::kA ? args.segs.max_rank : args.w.out;
+  const int64_t Q = G == Grad::kA ? args.w.in : args.segs.max_rank;
+  const dim3 grid(static_cast<unsigned>(args.segs.num_adapters),
+                  static_cast<unsigned>(CeilDiv(P, kGP)), static_cast<unsigned>(CeilDiv(Q, kGQ)));
+  return DispatchF32Bf16(dtype, [&](auto tag) -> cudaError_t {
+    using T = typename decltype(tag)::type;
+    LoraWeightGradKernel<T, G><<<grid, kThreads, 0, stream>>>(args);
+    return cudaGetLastError();
+  });
+}
+
+template <typename T>
+__global__ void LoraDropoutKernel(T* y, int64_t ldy, const T* x, int64_t ldx, int64_t rows,
+                                  int64_t cols, uint64_t seed, float p, bool accumulate) {
+  const int64_t total = rows * cols;
+  for (int64_t i = GlobalThreadIndex(); i < total; i += GlobalThreadCount()) {
+    const int64_t n = i / cols, c = i % cols;
+    const float v = ToFloat(x[n * ldx + c]) * DropoutScale(seed, n, c, p);
+    T* dst = y + n * ldy + c;
+    *dst = FromFloat<T>(accumulate ? ToFloat(*dst) + v : v);
+  }
+}
+
+}  // namespace
+
+cudaError_t LoraShrink(cudaStream_t stream, DType dtype, void* h, const void* x, int64_t ldx,
+                       const SegmentsView& segs, const WeightsView& w, uint64_t seed) {
+  return DispatchToken<Mode::kShrink>(stream, dtype, TokenArgs{h, 0, x, ldx, segs, w, seed});
+}
+
+cudaError_t LoraExpand(cudaStream_t stream, DType dtype, void* y, int64_t ldy, const void* h,
+                       const SegmentsView& segs, const WeightsView& w) {
+  return DispatchToken<Mode::kExpand>(stream, dtype, TokenArgs{y, ldy, h, 0, segs, w, 0});
+}
+
+cudaError_t LoraExpandBackward(cudaStream_t stream, DType dtype, void* dh, const WeightsView* grads,
+                               const void* dy, int64_t lddy, const void* h,
+                               const SegmentsView& segs, const WeightsView& w) {
+  cudaError_t err =
+      DispatchToken<Mode::kExpandGrad>(stream, dtype, TokenArgs{dh, 0, dy, lddy, segs, w, 0});
+  if (err != cudaSuccess || grads == nullptr) return err;
+  return LaunchWeightGrad<Grad::kB>(stream, dtype, GradArgs{dy, lddy, h, 0, segs, w, *grads, 0});
+}
+
+cudaError_t LoraShrinkBackward(cudaStream_t stream, DType dtype, void* dx, int64_t lddx,
+                               const WeightsView* grads, const void* dh, const void* x, int64_t ldx,
+                               const SegmentsView& segs, const WeightsView& w, uint64_t seed) {
+  if (dx != nullptr) {
+    const cudaError_t err =
+        DispatchToken<Mode::kShrinkGrad>(stream, dtype, TokenArgs{dx, lddx, dh, 0, segs, w, seed});
+    if (err != cudaSuccess) return err;
+  }
+  if (grads == nullptr) return cudaSuccess;
+  return LaunchWeightGrad<Grad::kA>(stream, dtype, GradArgs{dh, 0, x, ldx, segs, w, *grads, seed});
+}
+
+cudaError_t LoraDropout(cudaStream_t stream, DType dtype, void* y, int64_t ldy, const void* x,
+                        int64_t ldx, int64_t rows, int64_t cols, uint64_t seed, float p,
+                        bool accumulate) {
+  return DispatchF32Bf16(dtype, [&](auto tag) -> cudaError_t {
+    using T = typename decltype(tag)::type;
+    const int threads = 256;
+    LoraDropoutKernel<T><<<GridFor(rows * cols, threads), threads, 0, stream>>>(
+        static_cast<T*>(y), ldy, static_cast<const T*>(x), ldx, rows, cols, seed, p, accumulate);
+    return cudaGetLastError();
+  });
+}
+
+}  // namespace tandem::ops::cuda

@@ -1,0 +1,288 @@
+// AdapterSet (peft/adapter_set.h): batch segments, per-projection dispatch to plain GEMMs (one
+// adapter serves every token) or the segmented multi-adapter kernels (ops/lora.h).
+#include "peft/adapter_set.h"
+
+#include "core/rng.h"
+#include "ops/ops.h"
+
+namespace tandem::peft {
+
+struct AdapterSet::Call {
+  int64_t index = 0;  // layer * 7 + projection
+  Tables* tables = nullptr;
+  bool active = false;                      // some token of the batch is adapted here
+  int single = -1;                          // the adapter serving every token, or -1
+  int target = -1;                          // its target index
+  const ops::LoraSegments* segs = nullptr;  // the segmented path
+  uint64_t seed = 0;
+};
+
+namespace {
+
+// Ensures `t` holds `numel` elements of `dtype` on ctx's device (keeps it when it already does).
+Status EnsureBuffer(ops::Context& ctx, Tensor& t, int64_t numel, DType dtype) {
+  if (t.defined() && t.numel() == numel && t.dtype() == dtype) return Status::Ok();
+  t = Tensor();
+  TANDEM_ASSIGN_OR_RETURN(t, Tensor::Empty({numel}, dtype, ctx.allocator()));
+  return Status::Ok();
+}
+
+bool SameArchitecture(const model::LlamaConfig& a, const model::LlamaConfig& b) {
+  return a.num_hidden_layers == b.num_hidden_layers && a.hidden_size == b.hidden_size &&
+         a.intermediate_size == b.intermediate_size &&
+         a.num_attention_heads == b.num_attention_heads &&
+         a.num_key_value_heads == b.num_key_value_heads && a.head_dim == b.head_dim;
+}
+
+// Both factors of a module train, or neither does.
+StatusOr<bool> TargetTrainable(const LoraAdapter& ad, int target) {
+  const bool a = ad.a(target).trainable, b = ad.b(target).trainable;
+  if (a != b) {
+    return FailedPreconditionError(StrCat(ad.a(target).name, " and ", ad.b(target).name,
+                                          " must be both trainable or both frozen"));
+  }
+  return a;
+}
+
+}  // namespace
+
+AdapterSet::AdapterSet(ops::Context& ctx, const model::LlamaConfig& base)
+    : ctx_(ctx), base_(base), dropout_seed_(DeriveSeed(0, 0, "lora_dropout")) {
+  if (base_.num_key_value_heads == 0) base_.num_key_value_heads = base_.num_attention_heads;
+  if (base_.head_dim == 0 && base_.num_attention_heads > 0) {
+    base_.head_dim = base_.hidden_size / base_.num_attention_heads;
+  }
+  tables_.resize(base_.num_hidden_layers * model::kNumProjections);
+  h_.resize(tables_.size());
+}
+
+AdapterSet::~AdapterSet() = default;
+
+StatusOr<int> AdapterSet::Add(std::unique_ptr<LoraAdapter> adapter) {
+  if (adapter == nullptr) return InvalidArgumentError("AdapterSet::Add: null adapter");
+  model::LlamaConfig theirs = adapter->base_config();
+  if (theirs.num_key_value_heads == 0) theirs.num_key_value_heads = theirs.num_attention_heads;
+  if (theirs.head_dim == 0) theirs.head_dim = theirs.hidden_size / theirs.num_attention_heads;
+  if (!SameArchitecture(theirs, base_)) {
+    return InvalidArgumentError(
+        StrCat("AdapterSet::Add: the adapter was made for a base with ", theirs.num_hidden_layers,
+               " layers, hidden ", theirs.hidden_size, ", ffn ", theirs.intermediate_size,
+               ", heads ", theirs.num_attention_heads, "/", theirs.num_key_value_heads,
+               "; this set's base has ", base_.num_hidden_layers, " layers, hidden ",
+               base_.hidden_size, ", ffn ", base_.intermediate_size, ", heads ",
+               base_.num_attention_heads, "/", base_.num_key_value_heads));
+  }
+  if (&adapter->context() != &ctx_) {
+    return InvalidArgumentError("AdapterSet::Add: the adapter lives on another ops::Context");
+  }
+  adapters_.push_back(std::move(adapter));
+  for (Tables& t : tables_) t = Tables();  // rebuilt with the new adapter on first use
+  segments_.clear();
+  return size() - 1;
+}
+
+std::vector<model::Parameter> AdapterSet::parameters() const {
+  std::vector<model::Parameter> out;
+  for (const auto& a : adapters_) {
+    out.insert(out.end(), a->parameters().begin(), a->parameters().end());
+  }
+  return out;
+}
+
+Status AdapterSet::ZeroGrads() {
+  for (auto& a : adapters_) TANDEM_RETURN_IF_ERROR(a->ZeroGrads());
+  return Status::Ok();
+}
+
+Status AdapterSet::BeginBatch(const model::Batch& batch, bool training) {
+  const int64_t B = batch.tokens.dim(0), T = batch.tokens.dim(1);
+  std::vector<int32_t> ids(B, default_adapter_);
+  if (batch.adapter_ids.defined()) {
+    const int32_t* p = batch.adapter_ids.data<int32_t>();
+    ids.assign(p, p + B);
+  }
+  for (int64_t b = 0; b < B; ++b) {
+    if (ids[b] >= -1 && ids[b] < size()) continue;
+    return InvalidArgumentError(
+        StrCat(batch.adapter_ids.defined() ? StrCat("batch.adapter_ids[", b, "] = ", ids[b])
+                                           : StrCat("AdapterSet::default_adapter() = ", ids[b]),
+               " is not -1 or the index of an adapter of this AdapterSet (it holds ", size(), ")"));
+  }
+  seg_start_.assign(1, 0);
+  seg_adapter_.clear();
+  for (int64_t b = 0; b < B; ++b) {
+    if (b == 0 || ids[b] != ids[b - 1]) {
+      if (b > 0) seg_start_.push_back(static_cast<int32_t>(b * T));
+      seg_adapter_.push_back(ids[b]);
+    }
+  }
+  seg_start_.push_back(static_cast<int32_t>(B * T));
+  num_tokens_ = B * T;
+  segments_.clear();
+  training_ = training;
+  if (training) {
+    batch_seed_ = SplitMix64(dropout_seed_ ^ SplitMix64(batch_counter_));
+    ++batch_counter_;
+  }
+  // The tables' gradient entries follow the parameters' trainable flags: rebuild when they change.
+  std::vector<bool> signature;
+  for (const auto& a : adapters_) {
+    for (const model::Parameter& p : a->parameters()) signature.push_back(p.trainable);
+  }
+  if (signature != trainable_signature_) {
+    for (Tables& t : tables_) t = Tables();
+    trainable_signature_ = std::move(signature);
+  }
+  return Status::Ok();
+}
+
+uint64_t AdapterSet::CallSeed(int64_t layer, model::Projection proj) const {
+  return SplitMix64(batch_seed_ ^ static_cast<uint64_t>(layer * model::kNumProjections +
+                                                        static_cast<int>(proj) + 1));
+}
+
+Status AdapterSet::BuildTables(int64_t layer, model::Projection proj, Tables& t) {
+  const auto [in, out] = ProjectionShape(base_, proj);
+  std::vector<ops::LoraWeights::Entry> train, eval, grads;
+  t.ranks.assign(size(), 0);
+  for (int a = 0; a < size(); ++a) {
+    const LoraAdapter& ad = *adapters_[a];
+    const int ti = ad.Find(layer, proj);
+    if (ti < 0) {
+      train.emplace_back();
+      eval.emplace_back();
+      grads.emplace_back();
+      continue;
+    }
+    const LoraTarget& target = ad.targets()[ti];
+    t.ranks[a] = static_cast<int32_t>(target.rank);
+    const float p = static_cast<float>(ad.config().dropout);
+    train.push_back({ad.a(ti).weight, ad.b(ti).weight, target.scale, p});
+    eval.push_back({ad.a(ti).weight, ad.b(ti).weight, target.scale, 0.0f});
+    TANDEM_ASSIGN_OR_RETURN(const bool trainable, TargetTrainable(ad, ti));
+    if (trainable) {
+      grads.push_back({ad.a(ti).grad, ad.b(ti).grad});
+    } else {
+      grads.emplace_back();
+    }
+  }
+  TANDEM_ASSIGN_OR_RETURN(t.train, ops::LoraWeights::Create(ctx_, in, out, std::move(train)));
+  TANDEM_ASSIGN_OR_RETURN(t.eval, ops::LoraWeights::Create(ctx_, in, out, std::move(eval)));
+  TANDEM_ASSIGN_OR_RETURN(t.grads, ops::LoraWeights::Create(ctx_, in, out, std::move(grads)));
+  t.built = true;
+  return Status::Ok();
+}
+
+StatusOr<const ops::LoraSegments*> AdapterSet::SegmentsFor(const std::vector<int32_t>& ranks) {
+  auto it = segments_.find(ranks);
+  if (it == segments_.end()) {
+    TANDEM_ASSIGN_OR_RETURN(ops::LoraSegments segs,
+                            ops::LoraSegments::Create(ctx_, seg_start_, seg_adapter_, ranks));
+    it = segments_.emplace(ranks, std::move(segs)).first;
+  }
+  return &it->second;
+}
+
+StatusOr<AdapterSet::Call> AdapterSet::PrepareCall(int64_t layer, model::Projection proj) {
+  if (layer < 0 || layer >= base_.num_hidden_layers || seg_adapter_.empty()) {
+    return FailedPreconditionError(StrCat("AdapterSet: projection call for layer ", layer,
+                                          " before BeginBatch or beyond the base's ",
+                                          base_.num_hidden_layers, " layers"));
+  }
+  Call c;
+  c.index = layer * model::kNumProjections + static_cast<int>(proj);
+  c.tables = &tables_[c.index];
+  if (!c.tables->built) TANDEM_RETURN_IF_ERROR(BuildTables(layer, proj, *c.tables));
+  const std::vector<int32_t>& ranks = c.tables->ranks;
+  for (int32_t a : seg_adapter_) c.active = c.active || (a >= 0 && ranks[a] > 0);
+  if (!c.active) return c;
+  c.seed = CallSeed(layer, proj);
+  if (seg_adapter_.size() == 1) {
+    c.single = seg_adapter_[0];
+    c.target = adapters_[c.single]->Find(layer, proj);
+    return c;
+  }
+  TANDEM_ASSIGN_OR_RETURN(c.segs, SegmentsFor(ranks));
+  return c;
+}
+
+Status AdapterSet::ProjectionForward(int64_t layer, model::Projection proj, const Tensor& x,
+                                     Tensor& y) {
+  TANDEM_ASSIGN_OR_RETURN(const Call c, PrepareCall(layer, proj));
+  if (!c.active) return Status::Ok();
+  if (c.single >= 0) return SingleForward(c, x, y);
+  Tensor& h = h_[c.index];
+  TANDEM_RETURN_IF_ERROR(EnsureBuffer(ctx_, h, c.segs->h_numel(), x.dtype()));
+  const ops::LoraWeights& w = training_ ? c.tables->train : c.tables->eval;
+  TANDEM_RETURN_IF_ERROR(ops::LoraShrink(ctx_, h, x, w, *c.segs, c.seed));
+  return ops::LoraExpand(ctx_, y, h, w, *c.segs);
+}
+
+Status AdapterSet::ProjectionBackward(int64_t layer, model::Projection proj, const Tensor& x,
+                                      const Tensor& dy, Tensor& dx) {
+  TANDEM_ASSIGN_OR_RETURN(const Call c, PrepareCall(layer, proj));
+  if (!c.active) return Status::Ok();
+  if (c.single >= 0) return SingleBackward(c, x, dy, dx);
+  const Tensor& h = h_[c.index];
+  if (!h.defined() || h.numel() != c.segs->h_numel()) {
+    return FailedPreconditionError("AdapterSet: ProjectionBackward without a matching forward");
+  }
+  TANDEM_ASSIGN_OR_RETURN(Tensor dh,
+                          Tensor::Empty({c.segs->h_numel()}, x.dtype(), ctx_.allocator()));
+  const ops::LoraWeights& w = training_ ? c.tables->train : c.tables->eval;
+  TANDEM_RETURN_IF_ERROR(ops::LoraExpandBackward(ctx_, dh, &c.tables->grads, dy, h, w, *c.segs));
+  return ops::LoraShrinkBackward(ctx_, dx, &c.tables->grads, dh, x, w, *c.segs, c.seed);
+}
+
+// One adapter serves every token: h = drop(x) A^T and y += s h B^T as GEMMs.
+Status AdapterSet::SingleForward(const Call& c, const Tensor& x, Tensor& y) {
+  const LoraAdapter& ad = *adapters_[c.single];
+  const LoraTarget& t = ad.targets()[c.target];
+  const float p = training_ ? static_cast<float>(ad.config().dropout) : 0.0f;
+  const int64_t N = num_tokens_;
+  Tensor& h = h_[c.index];
+  TANDEM_RETURN_IF_ERROR(EnsureBuffer(ctx_, h, N * t.rank, x.dtype()));
+  Tensor h2 = h.View({N, t.rank});
+  Tensor x_in = x;
+  if (p > 0.0f) {
+    TANDEM_ASSIGN_OR_RETURN(x_in, Tensor::Empty({N, t.in}, x.dtype(), ctx_.allocator()));
+    TANDEM_RETURN_IF_ERROR(ops::LoraDropout(ctx_, x_in, x, c.seed, p, false));
+  }
+  TANDEM_RETURN_IF_ERROR(ops::Matmul(ctx_, h2, x_in, ad.a(c.target).weight, false, true));
+  return ops::Matmul(ctx_, y, h2, ad.b(c.target).weight, false, true, t.scale, 1.0f);
+}
+
+// dh = s dy B; dB += s dy^T h; dA += dh^T drop(x); dx += drop(dh A).
+Status AdapterSet::SingleBackward(const Call& c, const Tensor& x, const Tensor& dy, Tensor& dx) {
+  const LoraAdapter& ad = *adapters_[c.single];
+  const LoraTarget& t = ad.targets()[c.target];
+  const float p = training_ ? static_cast<float>(ad.config().dropout) : 0.0f;
+  const int64_t N = num_tokens_;
+  const Tensor& h = h_[c.index];
+  if (!h.defined() || h.numel() != N * t.rank) {
+    return FailedPreconditionError("AdapterSet: ProjectionBackward without a matching forward");
+  }
+  const Tensor h2 = h.View({N, t.rank});
+  const Tensor& A = ad.a(c.target).weight;  // [r, in]
+  const Tensor& B = ad.b(c.target).weight;  // [out, r]
+  TANDEM_ASSIGN_OR_RETURN(Tensor dh, Tensor::Empty({N, t.rank}, x.dtype(), ctx_.allocator()));
+  TANDEM_RETURN_IF_ERROR(ops::Matmul(ctx_, dh, dy, B, false, false, t.scale, 0.0f));
+  TANDEM_ASSIGN_OR_RETURN(const bool trainable, TargetTrainable(ad, c.target));
+  Tensor x_in = x;
+  if (p > 0.0f && (trainable || dx.defined())) {
+    TANDEM_ASSIGN_OR_RETURN(x_in, Tensor::Empty({N, t.in}, x.dtype(), ctx_.allocator()));
+    if (trainable) TANDEM_RETURN_IF_ERROR(ops::LoraDropout(ctx_, x_in, x, c.seed, p, false));
+  }
+  if (trainable) {
+    Tensor dB = ad.b(c.target).grad, dA = ad.a(c.target).grad;
+    TANDEM_RETURN_IF_ERROR(ops::Matmul(ctx_, dB, dy, h2, true, false, t.scale, 1.0f));
+    TANDEM_RETURN_IF_ERROR(ops::Matmul(ctx_, dA, dh, x_in, true, false, 1.0f, 1.0f));
+  }
+  if (!dx.defined()) return Status::Ok();
+  if (p == 0.0f) return ops::Matmul(ctx_, dx, dh, A, false, false, 1.0f, 1.0f);
+  Tensor& tmp = x_in;  // reuse: drop(x) is no longer needed
+  TANDEM_RETURN_IF_ERROR(ops::Matmul(ctx_, tmp, dh, A, false, false));
+  return ops::LoraDropout(ctx_, dx, tmp, c.seed, p, /*accumulate=*/true);
+}
+
+}  // namespace tandem::peft

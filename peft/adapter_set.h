@@ -1,0 +1,121 @@
+// AdapterSet: several LoRA adapters over one base model, serving one batch together. Implements
+// model::AdapterHooks, so LlamaModel's forward and backward add each sequence's adapter deltas:
+//
+//   peft::AdapterSet set(ctx, model->config());
+//   TANDEM_ASSIGN_OR_RETURN(int a, set.Add(std::move(adapter_a)));   // 0
+//   TANDEM_ASSIGN_OR_RETURN(int b, set.Add(std::move(adapter_b)));   // 1
+//   model->SetAdapter(&set);
+//   batch.adapter_ids = ...;  // i32 [B] on the host: a, b or -1 (base model) per sequence
+//   model->ForwardBackward(batch, scale);  // grads of every adapter that served a sequence
+//
+// Batch metadata: sequence b's tokens are rows [b T, (b + 1) T) of the model's [N, C]
+// activations; runs of consecutive sequences with the same adapter id become one segment. Without
+// Batch::adapter_ids every sequence uses default_adapter() (0 unless set; -1 = base only).
+//
+// Dispatch per projection: when one adapter serves every token, the LoRA math runs as plain GEMMs
+// (ops::Matmul, cuBLASLt on CUDA) with ops::LoraDropout for the dropout mask; otherwise through
+// the segmented multi-adapter kernels of ops/lora.h (adapters of different ranks, no padding).
+// Both use the same dropout mask, so the choice never changes results beyond rounding.
+//
+// Memory: per (layer, projection) the set keeps the low-rank activations h = drop(x) A^T of the
+// last forward ([N, r], or segment-packed, compute dtype), which the backward needs; the
+// projection inputs x are the model's own saved activations. Nothing else is kept.
+//
+// Dropout runs only in training calls (ForwardBackward). Its masks come from a counter-based
+// generator: the seed of one projection call is a function of (dropout_seed, the batch counter,
+// layer, projection), and the counter advances once per training batch. With recompute the
+// repeated forward of a block regenerates the same masks. Save batch_counter() with a checkpoint
+// and restore it with set_batch_counter() to resume bit for bit.
+//
+// Ownership: owns its adapters; keeps a reference to the Context, which must outlive it. The
+// model holds a non-owning pointer: detach (SetAdapter(nullptr)) before destroying the set.
+// Thread-safety: one thread at a time (the model's).
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <vector>
+
+#include "core/status.h"
+#include "core/tensor.h"
+#include "model/adapter.h"
+#include "model/config.h"
+#include "model/llama.h"
+#include "ops/context.h"
+#include "ops/lora.h"
+#include "peft/lora.h"
+
+namespace tandem::peft {
+
+class AdapterSet final : public model::AdapterHooks {
+ public:
+  AdapterSet(ops::Context& ctx, const model::LlamaConfig& base);
+  ~AdapterSet() override;
+  AdapterSet(const AdapterSet&) = delete;
+  AdapterSet& operator=(const AdapterSet&) = delete;
+
+  // Adds an adapter for the same base architecture (InvalidArgument otherwise) on the set's
+  // context; returns its index, the value sequences use in Batch::adapter_ids.
+  StatusOr<int> Add(std::unique_ptr<LoraAdapter> adapter);
+  int size() const { return static_cast<int>(adapters_.size()); }
+  LoraAdapter& adapter(int index) { return *adapters_[index]; }
+  const LoraAdapter& adapter(int index) const { return *adapters_[index]; }
+
+  // The adapter of every sequence of a batch without adapter_ids (-1: base only).
+  void set_default_adapter(int index) { default_adapter_ = index; }
+  int default_adapter() const { return default_adapter_; }
+
+  // Every adapter's parameters, in adapter order: handles that share the adapters' tensors, so
+  // an optimizer stepping them updates the adapters (their `trainable` flags are copies).
+  std::vector<model::Parameter> parameters() const;
+
+  void set_dropout_seed(uint64_t seed) { dropout_seed_ = seed; }
+  uint64_t batch_counter() const { return batch_counter_; }
+  void set_batch_counter(uint64_t counter) { batch_counter_ = counter; }
+
+  // model::AdapterHooks.
+  Status BeginBatch(const model::Batch& batch, bool training) override;
+  Status ProjectionForward(int64_t layer, model::Projection proj, const Tensor& x,
+                           Tensor& y) override;
+  Status ProjectionBackward(int64_t layer, model::Projection proj, const Tensor& x,
+                            const Tensor& dy, Tensor& dx) override;
+  Status ZeroGrads() override;
+
+ private:
+  // What one projection call works with.
+  struct Call;
+  // Cached per (layer, projection): the adapters' weight tables, built on first use.
+  struct Tables {
+    bool built = false;
+    std::vector<int32_t> ranks;    // per adapter (0: not adapted here)
+    ops::LoraWeights train, eval;  // dropout p, and p = 0
+    ops::LoraWeights grads;        // f32; undefined entries for frozen adapters
+  };
+
+  StatusOr<Call> PrepareCall(int64_t layer, model::Projection proj);
+  Status BuildTables(int64_t layer, model::Projection proj, Tables& t);
+  StatusOr<const ops::LoraSegments*> SegmentsFor(const std::vector<int32_t>& ranks);
+  uint64_t CallSeed(int64_t layer, model::Projection proj) const;
+  Status SingleForward(const Call& c, const Tensor& x, Tensor& y);
+  Status SingleBackward(const Call& c, const Tensor& x, const Tensor& dy, Tensor& dx);
+
+  ops::Context& ctx_;
+  model::LlamaConfig base_;
+  std::vector<std::unique_ptr<LoraAdapter>> adapters_;
+  int default_adapter_ = 0;
+  uint64_t dropout_seed_;
+  uint64_t batch_counter_ = 0;
+
+  // The current batch.
+  bool training_ = false;
+  uint64_t batch_seed_ = 0;  // dropout key of the current training batch
+  int64_t num_tokens_ = 0;
+  std::vector<bool> trainable_signature_;  // every adapter parameter's trainable flag
+  std::vector<int32_t> seg_start_, seg_adapter_;
+  std::map<std::vector<int32_t>, ops::LoraSegments> segments_;  // by rank table, this batch
+  std::vector<Tables> tables_;                                  // [L * 7]
+  std::vector<Tensor> h_;                                       // [L * 7]: h of the last forward
+};
+
+}  // namespace tandem::peft
