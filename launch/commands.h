@@ -13,5 +13,6 @@ int TrainCommand(const Args& args);
 int DataCommand(const Args& args);
 int PlotCommand(const Args& args);
 int LogitsCommand(const Args& args);
+int GenerateCommand(const Args& args);
 
 }  // namespace tandem::launch

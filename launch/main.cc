@@ -18,6 +18,7 @@ constexpr Command kCommands[] = {
     {"data", tandem::launch::DataCommand, "prepare token shards (prepare) or extract the Brown corpus (brown)"},
     {"plot", tandem::launch::PlotCommand, "draw a run's loss and throughput curves into a PNG"},
     {"logits", tandem::launch::LogitsCommand, "write a model's logits for given tokens (to compare frameworks)"},
+    {"generate", tandem::launch::GenerateCommand, "continue a prompt with a model (and a LoRA adapter): a demo"},
 };
 
 void PrintHelp() {

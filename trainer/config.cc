@@ -21,6 +21,18 @@ void ModelSection::Describe(ConfigSchema<ModelSection>& s) {
   s.Field("recompute", &ModelSection::recompute, "recompute each block in backward (saves memory)");
 }
 
+void PeftSection::Describe(ConfigSchema<PeftSection>& s) {
+  s.Field("method", &PeftSection::method, "none (train every weight) or lora (frozen base, one adapter)")
+      .OneOf({"none", "lora"});
+  s.Field("r", &PeftSection::r, "LoRA rank").Min(1);
+  s.Field("alpha", &PeftSection::alpha, "LoRA alpha; the update is scaled by alpha / r").Min(0.0);
+  s.Field("dropout", &PeftSection::dropout, "dropout on the adapter input").Min(0.0).Max(0.99);
+  s.Field("target_modules", &PeftSection::target_modules,
+          "projections to adapt: q_proj k_proj v_proj o_proj gate_proj up_proj down_proj, or all-linear");
+  s.Field("use_rslora", &PeftSection::use_rslora, "scale by alpha / sqrt(r) (rsLoRA)");
+  s.Field("init_adapter", &PeftSection::init_adapter, "PEFT adapter directory to start from (empty: PEFT init)");
+}
+
 void DataSection::Describe(ConfigSchema<DataSection>& s) {
   s.Field("dir", &DataSection::dir, "directory of token shards (tandem data prepare)");
   s.Field("inputs", &DataSection::inputs, "raw files prepared into `dir` when it has no manifest.json");
@@ -64,6 +76,7 @@ StatusOr<TrainConfig> LoadTrainConfig(const std::string& path, const std::vector
   for (const std::string& o : overrides) TANDEM_RETURN_IF_ERROR(doc.ApplyOverride(o));
   TrainConfig c;
   TANDEM_RETURN_IF_ERROR(doc.Bind("model", &c.model));
+  TANDEM_RETURN_IF_ERROR(doc.Bind("peft", &c.peft));
   TANDEM_RETURN_IF_ERROR(doc.Bind("data", &c.data));
   TANDEM_RETURN_IF_ERROR(doc.Bind("train", &c.train));
   TANDEM_RETURN_IF_ERROR(doc.CheckNoUnknownKeys());
@@ -90,11 +103,12 @@ StatusOr<TrainConfig> LoadTrainConfig(const std::string& path, const std::vector
 }
 
 std::string TrainConfigToToml(const TrainConfig& c) {
-  return ToToml("model", c.model) + "\n" + ToToml("data", c.data) + "\n" + ToToml("train", c.train);
+  return ToToml("model", c.model) + "\n" + ToToml("peft", c.peft) + "\n" + ToToml("data", c.data) + "\n" + ToToml("train", c.train);
 }
 
 std::string TrainConfigHelp() {
-  return DescribeSection<ModelSection>("model") + "\n" + DescribeSection<DataSection>("data") + "\n" +
+  return DescribeSection<ModelSection>("model") + "\n" + DescribeSection<PeftSection>("peft") + "\n" +
+         DescribeSection<DataSection>("data") + "\n" +
          DescribeSection<TrainSection>("train");
 }
 

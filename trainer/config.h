@@ -72,8 +72,23 @@ struct TrainSection {
   static void Describe(ConfigSchema<TrainSection>& s);
 };
 
+// [peft]: parameter-efficient fine-tuning. method = "lora" freezes the base model (no f32
+// masters or gradients for it) and trains one LoRA adapter, saved in PEFT format.
+struct PeftSection {
+  std::string method = "none";
+  int64_t r = 8;
+  double alpha = 16.0;
+  double dropout = 0.0;
+  std::vector<std::string> target_modules = {"all-linear"};
+  bool use_rslora = false;
+  std::string init_adapter;
+
+  static void Describe(ConfigSchema<PeftSection>& s);
+};
+
 struct TrainConfig {
   ModelSection model;
+  PeftSection peft;
   DataSection data;
   TrainSection train;
 };

@@ -15,6 +15,9 @@
 #include "model/llama.h"
 #include "model/tokenizer.h"
 #include "ops/ops.h"
+#include "peft/adapter_io.h"
+#include "peft/adapter_set.h"
+#include "peft/lora.h"
 #include "trainer/data.h"
 #include "trainer/internal/run_dir.h"
 #include "trainer/metrics.h"
@@ -97,6 +100,32 @@ StatusOr<double> Evaluate(model::LlamaModel& model, DataLoader& loader, int64_t 
   return total.count > 0 ? total.sum / static_cast<double>(total.count) : 0.0;
 }
 
+// A LoRA adapter over the frozen model, attached to it: PEFT's init from the seed, or the weights
+// of c.peft.init_adapter.
+StatusOr<std::unique_ptr<peft::AdapterSet>> CreateLoraAdapter(ops::Context& ctx, model::LlamaModel& model,
+                                                               const TrainConfig& c, const model::LlamaConfig& mcfg) {
+  std::unique_ptr<peft::LoraAdapter> adapter;
+  if (!c.peft.init_adapter.empty()) {
+    TANDEM_ASSIGN_OR_RETURN(adapter, peft::LoadLoraAdapter(ctx, mcfg, c.peft.init_adapter));
+  } else {
+    peft::LoraConfig lc;
+    lc.r = c.peft.r;
+    lc.alpha = c.peft.alpha;
+    lc.dropout = c.peft.dropout;
+    lc.target_modules = c.peft.target_modules;
+    lc.use_rslora = c.peft.use_rslora;
+    lc.init_seed = DeriveSeed(static_cast<uint64_t>(c.train.seed), 0, "lora-init");
+    lc.base_model_name_or_path = c.model.path;
+    TANDEM_ASSIGN_OR_RETURN(adapter, peft::LoraAdapter::Create(ctx, mcfg, lc));
+  }
+  auto set = std::make_unique<peft::AdapterSet>(ctx, mcfg);
+  TANDEM_ASSIGN_OR_RETURN(int index, set->Add(std::move(adapter)));
+  set->set_default_adapter(index);
+  set->set_dropout_seed(DeriveSeed(static_cast<uint64_t>(c.train.seed), 0, "lora-dropout"));
+  model.SetAdapter(set.get());
+  return set;
+}
+
 double MemoryGiB(ops::Context& ctx) {
   if (ctx.is_cuda()) return static_cast<double>(ctx.allocator().stats().peak_bytes_in_use) / (1ull << 30);
   return static_cast<double>(internal::PeakResidentBytes()) / (1ull << 30);
@@ -141,10 +170,12 @@ StatusOr<TrainResult> RunTraining(const TrainConfig& c, const std::string& comma
     (void)report;
   }
 
-  // Model.
+  // Model (frozen when an adapter is trained).
   TANDEM_ASSIGN_OR_RETURN(model::LlamaConfig mcfg, BuildModelConfig(c.model, tokenizer->vocab_size()));
+  const bool lora = c.peft.method == "lora";
   model::ModelOptions mopt;
   mopt.recompute = c.model.recompute;
+  mopt.trainable = !lora;
   TANDEM_ASSIGN_OR_RETURN(std::unique_ptr<model::LlamaModel> model, model::LlamaModel::Create(*ctx, mcfg, mopt));
   if (c.model.init == "pretrained") {
     TANDEM_RETURN_IF_ERROR(model->LoadSafetensors(c.model.path));
@@ -173,8 +204,14 @@ StatusOr<TrainResult> RunTraining(const TrainConfig& c, const std::string& comma
     }
   }
 
+  // The adapter, when one is trained: its parameters are the optimizer's.
+  std::unique_ptr<peft::AdapterSet> adapters;
+  if (lora) {
+    TANDEM_ASSIGN_OR_RETURN(adapters, CreateLoraAdapter(*ctx, *model, c, mcfg));
+  }
+
   // Optimizer state.
-  std::vector<model::Parameter>& params = model->parameters();
+  std::vector<model::Parameter> params = lora ? adapters->parameters() : model->parameters();
   std::vector<OptimizerSlot> slots(params.size());
   int64_t trainable = 0;
   for (size_t i = 0; i < params.size(); ++i) {
@@ -193,7 +230,7 @@ StatusOr<TrainResult> RunTraining(const TrainConfig& c, const std::string& comma
                             << ", vocab " << mcfg.vocab_size << " on " << DeviceName(device);
   TANDEM_LOG(INFO, "train") << "run directory: " << run.path();
 
-  const double flops_per_token = FlopsPerToken(mcfg, c.data.seq_len, /*frozen_base=*/false);
+  const double flops_per_token = FlopsPerToken(mcfg, c.data.seq_len, /*frozen_base=*/lora);
   double peak = t.peak_tflops > 0 ? t.peak_tflops * 1e12 : PeakFlopsForDevice(DeviceName(device));
   const bool tty = isatty(STDERR_FILENO);
   const auto start = Clock::now();
@@ -285,7 +322,11 @@ StatusOr<TrainResult> RunTraining(const TrainConfig& c, const std::string& comma
       window_tokens = 0;
     }
     if ((t.save_interval > 0 && step % t.save_interval == 0) || last || out_of_time) {
-      TANDEM_ASSIGN_OR_RETURN(result.last_checkpoint, run.SaveCheckpoint(*model, step, *tokenizer, c.data.tokenizer));
+      auto write = [&](const std::string& dir) -> Status {
+        if (lora) return peft::SaveLoraAdapter(adapters->adapter(0), dir, DType::kF32);
+        return model->SaveSafetensors(dir, DType::kF32);
+      };
+      TANDEM_ASSIGN_OR_RETURN(result.last_checkpoint, run.SaveCheckpoint(write, step, *tokenizer, c.data.tokenizer));
     }
     if (out_of_time) {
       TANDEM_LOG(WARNING, "train") << "stopping after " << FormatDuration(m.elapsed_s) << " (train.max_minutes = "

@@ -119,6 +119,50 @@ TEST(TrainerTest, GradientAccumulationMatchesOneLargeBatch) {
   for (size_t i = 0; i < a.size(); ++i) EXPECT_NEAR(a[i], b[i], 1e-4 * std::fabs(a[i])) << "step " << i + 1;
 }
 
+TEST(TrainerTest, LoraFineTuningTrainsOnlyTheAdapter) {
+  testing::TempDir dir;
+  const std::string corpus = WriteCorpus(dir, 300);
+  std::vector<std::string> pre = TinyOverrides(dir, corpus);
+  pre.insert(pre.end(), {"model.hidden_size=128", "model.intermediate_size=256"});  // room for an adapter
+  ASSERT_TRUE(Train(pre).ok());
+  const std::string base = dir.Join("run/checkpoints/step-30");
+  // An SFT set: whatever the prompt, answer with the same two words (a behaviour the base
+  // model does not have and an adapter learns quickly).
+  const std::string sft = dir.Join("sft.jsonl");
+  {
+    std::ofstream out(sft);
+    std::mt19937 gen(3);
+    const char* words[] = {"the", "jury", "said", "city", "report", "election", "county", "new"};
+    for (int i = 0; i < 400; ++i) {
+      std::string a = words[gen() % 8], b = words[gen() % 8];
+      out << nlohmann::json({{"prompt", a + " " + b + " ->"}, {"completion", " election county"}}).dump() << "\n";
+    }
+  }
+  std::vector<std::string> o = TinyOverrides(dir, sft);
+  o.insert(o.end(), {"model.init=\"pretrained\"", "model.path=\"" + base + "\"", "peft.method=\"lora\"",
+                     "peft.r=8", "peft.alpha=16.0", "train.lr=1e-2", "train.steps=25", "data.dir=\"" + dir.Join("sft_data") + "\"", "data.format=\"sft\"",
+                     "train.out_dir=\"" + dir.Join("lora") + "\""});
+  std::ifstream before_file(base + "/model.safetensors", std::ios::binary);
+  const std::string before((std::istreambuf_iterator<char>(before_file)), {});
+  StatusOr<TrainResult> r = Train(o);
+  ASSERT_TRUE(r.ok()) << r.status().ToString();
+  EXPECT_LT(r->final_loss, r->first_loss - 0.5) << "first " << r->first_loss << ", last " << r->final_loss;
+  // The checkpoint is a PEFT adapter; the base model's file is untouched.
+  const std::string ckpt = dir.Join("lora/checkpoints/step-25");
+  EXPECT_TRUE(fs::exists(ckpt + "/adapter_config.json"));
+  EXPECT_TRUE(fs::exists(ckpt + "/adapter_model.safetensors"));
+  EXPECT_FALSE(fs::exists(ckpt + "/model.safetensors"));
+  std::ifstream after_file(base + "/model.safetensors", std::ios::binary);
+  EXPECT_EQ(std::string((std::istreambuf_iterator<char>(after_file)), {}), before);
+  // Continuing from the saved adapter reproduces its loss on the first step's data.
+  std::vector<std::string> again = o;
+  again.insert(again.end(), {"peft.init_adapter=\"" + ckpt + "\"", "train.steps=1", "train.lr=1e-12",
+                             "train.warmup_steps=0", "train.out_dir=\"" + dir.Join("lora2") + "\""});
+  StatusOr<TrainResult> r2 = Train(again);
+  ASSERT_TRUE(r2.ok()) << r2.status().ToString();
+  EXPECT_LT(r2->first_loss, r->first_loss - 0.5);
+}
+
 // Each bad input fails before the first step with an error naming what is wrong.
 void ExpectFails(const std::vector<std::string>& overrides, const std::string& needle, const std::string& run_dir) {
   StatusOr<TrainResult> r = Train(overrides);

@@ -57,7 +57,7 @@ StatusOr<RunDir> RunDir::Create(const std::string& path, const TrainConfig& conf
   return RunDir(path);
 }
 
-StatusOr<std::string> RunDir::SaveCheckpoint(const model::LlamaModel& model, int64_t step,
+StatusOr<std::string> RunDir::SaveCheckpoint(const std::function<Status(const std::string& dir)>& write, int64_t step,
                                              const model::Tokenizer& tokenizer, const std::string& tokenizer_path) const {
   const fs::path dir = fs::path(path_) / "checkpoints";
   const std::string name = StrCat("step-", step);
@@ -67,7 +67,7 @@ StatusOr<std::string> RunDir::SaveCheckpoint(const model::LlamaModel& model, int
   fs::remove_all(tmp, ec);
   fs::create_directories(tmp, ec);
   if (ec) return InternalError(StrCat("cannot create ", tmp.string(), ": ", ec.message()));
-  TANDEM_RETURN_IF_ERROR(model.SaveSafetensors(tmp.string(), DType::kF32));
+  TANDEM_RETURN_IF_ERROR(write(tmp.string()));
   if (tokenizer.kind() == "bpe") {
     const fs::path src(tokenizer_path);
     fs::copy_file(src, tmp / "tokenizer.json", fs::copy_options::overwrite_existing, ec);

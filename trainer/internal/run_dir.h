@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <string>
 
 #include "core/device.h"
@@ -20,10 +21,11 @@ class RunDir {
   static StatusOr<RunDir> Create(const std::string& path, const TrainConfig& config, const std::string& command_line,
                                  Device device, const model::LlamaConfig& model_config);
   const std::string& path() const { return path_; }
-  // Writes checkpoints/step-N/ (config.json, model.safetensors in f32 from the master weights,
-  // the tokenizer files) into a temporary directory, renames it into place, then points
-  // checkpoints/latest at it. Returns the checkpoint's path.
-  StatusOr<std::string> SaveCheckpoint(const model::LlamaModel& model, int64_t step,
+  // Writes checkpoints/step-N/ (what `write` puts into the directory it is given: the model's
+  // config.json + model.safetensors, or a PEFT adapter; plus the tokenizer files) into a
+  // temporary directory, renames it into place, then points checkpoints/latest at it. Returns
+  // the checkpoint's path.
+  StatusOr<std::string> SaveCheckpoint(const std::function<Status(const std::string& dir)>& write, int64_t step,
                                        const model::Tokenizer& tokenizer, const std::string& tokenizer_path) const;
 
  private:
