@@ -4,6 +4,7 @@
 #include <exception>
 #include <string>
 #include <type_traits>
+#include <utility>
 
 #include "launch/commands.h"
 #include "launch/internal/generate.h"
@@ -70,20 +71,29 @@ std::string ParseArgs(const Args& args, GenerateOptions* o, bool* help) {
     }
     if (i + 1 >= args.size()) return "unexpected argument '" + flag + "' (or it lacks a value)";
     const std::string& value = args[++i];
-    bool ok = true;
-    if (flag == "--prompt") have_prompt = true;
-    if (flag == "--model") o->model_dir = value;
-    else if (flag == "--adapter") o->adapter_dir = value;
-    else if (flag == "--tokenizer") o->tokenizer = value;
-    else if (flag == "--prompt") o->prompt = value;
-    else if (flag == "--stop") o->stop = value;
-    else if (flag == "--device") o->device = value;
-    else if (flag == "--max-tokens") ok = ParseNumber(value, &o->max_tokens) && o->max_tokens >= 0;
-    else if (flag == "--temperature") ok = ParseNumber(value, &o->sampling.temperature);
-    else if (flag == "--top-k") ok = ParseNumber(value, &o->sampling.top_k);
-    else if (flag == "--top-p") ok = ParseNumber(value, &o->sampling.top_p);
-    else if (flag == "--seed") ok = ParseNumber(value, &o->seed);
-    else return "unexpected argument '" + flag + "'";
+    const std::pair<const char*, std::string*> text_flags[] = {
+        {"--model", &o->model_dir}, {"--adapter", &o->adapter_dir}, {"--tokenizer", &o->tokenizer},
+        {"--prompt", &o->prompt},   {"--stop", &o->stop},           {"--device", &o->device}};
+    bool known = false, ok = true;
+    for (const auto& [name, field] : text_flags) {
+      if (flag != name) continue;
+      *field = value;
+      known = true;
+    }
+    have_prompt = have_prompt || flag == "--prompt";
+    if (flag == "--max-tokens") {
+      ok = ParseNumber(value, &o->max_tokens) && o->max_tokens >= 0;
+    } else if (flag == "--temperature") {
+      ok = ParseNumber(value, &o->sampling.temperature);
+    } else if (flag == "--top-k") {
+      ok = ParseNumber(value, &o->sampling.top_k);
+    } else if (flag == "--top-p") {
+      ok = ParseNumber(value, &o->sampling.top_p);
+    } else if (flag == "--seed") {
+      ok = ParseNumber(value, &o->seed);
+    } else if (!known) {
+      return "unexpected argument '" + flag + "'";
+    }
     if (!ok) return flag + ": '" + value + "' is not a valid value";
   }
   if (o->model_dir.empty()) return "--model DIR is required";

@@ -31,9 +31,10 @@ StatusOr<std::vector<int32_t>> EncodePrompt(const model::Tokenizer& tokenizer,
   }
   for (int32_t id : ids) {
     if (id < 0 || id >= vocab_size) {
-      return InvalidArgumentError(StrCat(
-          "the ", tokenizer.kind(), " tokenizer gave token id ", id, " for the prompt, outside the ",
-          "model's vocabulary [0, ", vocab_size, ") (config.json vocab_size): wrong tokenizer?"));
+      return InvalidArgumentError(StrCat("the ", tokenizer.kind(), " tokenizer gave token id ", id,
+                                         " for the prompt, outside the ", "model's vocabulary [0, ",
+                                         vocab_size,
+                                         ") (config.json vocab_size): wrong tokenizer?"));
     }
   }
   return ids;
@@ -64,9 +65,12 @@ StatusOr<Tensor> NextLogits(model::LlamaModel& model, const std::vector<int32_t>
 
 const char* FinishReasonName(FinishReason reason) {
   switch (reason) {
-    case FinishReason::kLength: return "length";
-    case FinishReason::kEos: return "eos";
-    case FinishReason::kStop: return "stop";
+    case FinishReason::kLength:
+      return "length";
+    case FinishReason::kEos:
+      return "eos";
+    case FinishReason::kStop:
+      return "stop";
   }
   return "unknown";
 }

@@ -8,8 +8,8 @@ namespace tandem::launch {
 
 Status ValidateSamplingParams(const SamplingParams& params) {
   if (!std::isfinite(params.temperature) || params.temperature < 0.0f) {
-    return InvalidArgumentError(
-        StrCat("temperature: expected a finite value >= 0 (0 = greedy), found ", params.temperature));
+    return InvalidArgumentError(StrCat(
+        "temperature: expected a finite value >= 0 (0 = greedy), found ", params.temperature));
   }
   if (params.top_k < 0) {
     return InvalidArgumentError(
