@@ -452,7 +452,7 @@ def write_peft(spec, out_root):
 
     scales = {name.replace("base_model.model.", ""): float(m.scaling["default"])
               for name, m in peft_model.named_modules()
-              if hasattr(m, "scaling") and "default" in getattr(m, "scaling", {})}
+              if isinstance(getattr(m, "scaling", None), dict) and "default" in m.scaling}
     meta = {
         "name": spec["name"],
         "base": spec["base"],
