@@ -69,20 +69,31 @@ bool ParseFlags(int argc, char** argv, Flags* f) {
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     auto next = [&]() -> std::string { return i + 1 < argc ? argv[++i] : ""; };
-    if (a == "--backend") f->backend = next();
-    else if (a == "--min-bytes") f->min_bytes = ParseBytes(next());
-    else if (a == "--max-bytes") f->max_bytes = ParseBytes(next());
-    else if (a == "--factor") f->factor = std::atoll(next().c_str());
-    else if (a == "--ops") f->ops = next();
-    else if (a == "--dtype") f->dtype = next();
-    else if (a == "--iters") f->iters = std::atoi(next().c_str());
-    else if (a == "--warmup") f->warmup = std::atoi(next().c_str());
-    else if (a == "--timeout") f->timeout_s = std::atof(next().c_str());
-    else return false;
+    if (a == "--backend")
+      f->backend = next();
+    else if (a == "--min-bytes")
+      f->min_bytes = ParseBytes(next());
+    else if (a == "--max-bytes")
+      f->max_bytes = ParseBytes(next());
+    else if (a == "--factor")
+      f->factor = std::atoll(next().c_str());
+    else if (a == "--ops")
+      f->ops = next();
+    else if (a == "--dtype")
+      f->dtype = next();
+    else if (a == "--iters")
+      f->iters = std::atoi(next().c_str());
+    else if (a == "--warmup")
+      f->warmup = std::atoi(next().c_str());
+    else if (a == "--timeout")
+      f->timeout_s = std::atof(next().c_str());
+    else
+      return false;
   }
   if (f->max_bytes < 0) f->max_bytes = f->backend == "nccl" ? int64_t{1} << 30 : int64_t{64} << 20;
   return (f->backend == "nccl" || f->backend == "mpi") && f->factor >= 2 && f->iters > 0 &&
-         f->min_bytes > 0 && f->min_bytes <= f->max_bytes && (f->dtype == "f32" || f->dtype == "bf16");
+         f->min_bytes > 0 && f->min_bytes <= f->max_bytes &&
+         (f->dtype == "f32" || f->dtype == "bf16");
 }
 
 struct Bench {
@@ -147,12 +158,20 @@ struct Bench {
     const double moved = static_cast<double>(count * elem);
     const double algbw = moved / seconds / 1e9;
     if (comm.rank() == 0) {
-      nlohmann::json j = {{"bench", "collectives"}, {"backend", comm.backend()}, {"op", op},
-                          {"dtype", tandem::DTypeName(dtype)}, {"bytes", count * elem},
-                          {"count", count}, {"ranks", n}, {"iters", flags.iters},
-                          {"time_us", seconds * 1e6}, {"algbw_gbps", algbw},
-                          {"busbw_gbps", algbw * bus_factor}, {"device", device_name},
-                          {"commit", tandem::GitCommit()}, {"date", Today()}};
+      nlohmann::json j = {{"bench", "collectives"},
+                          {"backend", comm.backend()},
+                          {"op", op},
+                          {"dtype", tandem::DTypeName(dtype)},
+                          {"bytes", count * elem},
+                          {"count", count},
+                          {"ranks", n},
+                          {"iters", flags.iters},
+                          {"time_us", seconds * 1e6},
+                          {"algbw_gbps", algbw},
+                          {"busbw_gbps", algbw * bus_factor},
+                          {"device", device_name},
+                          {"commit", tandem::GitCommit()},
+                          {"date", Today()}};
       std::printf("%s\n", j.dump().c_str());
       std::fflush(stdout);
     }
@@ -202,10 +221,12 @@ int Main(int argc, char** argv) {
     device_name = tandem::DeviceName(tandem::Device::Cuda(mpi->local_rank()));
   }
   Communicator& comm = nccl ? *nccl : **host;
-  tandem::Allocator& allocator =
-      device_allocator ? static_cast<tandem::Allocator&>(*device_allocator) : tandem::HostAllocator();
-  Bench bench{comm, **host, allocator, flags,
-              flags.dtype == "bf16" ? DType::kBF16 : DType::kF32, device_name};
+  tandem::Allocator& allocator = device_allocator
+                                     ? static_cast<tandem::Allocator&>(*device_allocator)
+                                     : tandem::HostAllocator();
+  Bench bench{
+      comm,       **host, allocator, flags, flags.dtype == "bf16" ? DType::kBF16 : DType::kF32,
+      device_name};
   for (const std::string& op : Split(flags.ops)) {
     for (int64_t bytes = flags.min_bytes; bytes <= flags.max_bytes; bytes *= flags.factor) {
       const Status s = bench.Run(op, bytes);

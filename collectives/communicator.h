@@ -56,8 +56,8 @@ struct CollectiveOptions {
   // DeadlineExceeded and breaks the group. Must be > 0.
   double timeout_s = 60;
   // MPI (and NCCL bootstrapped over MPI): each rank sends one small message per collective to
-  // group rank 0, so that a timeout can name the ranks that did not arrive. Off: a timeout names
-  // the group and operation only.
+  // group rank 0, so that a timeout can name the ranks that did not arrive. Off: a timeout
+  // still names the ranks that fail a liveness check, but not which ones never arrived.
   bool track_arrivals = true;
   // NCCL only: run operations on this stream (the caller's, e.g. ops::Context::stream()), so no
   // cross-stream ordering is needed; nullptr: the communicator creates and owns a stream.

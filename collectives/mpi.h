@@ -10,16 +10,18 @@
 //   }
 //
 // Every operation is nonblocking underneath (MPI_Iallreduce, MPI_Ireduce_scatter_block,
-// MPI_Iallgather, MPI_Ibcast, MPI_Ibarrier, MPI_Isend/Irecv) and polled with MPI_Test until it
+// MPI_Iallgather, MPI_Ibcast, MPI_Ibarrier, MPI_Issend/Irecv) and polled with MPI_Test until it
 // completes or the timeout passes. With CollectiveOptions::track_arrivals each rank reports its
 // arrival at every collective to group rank 0 on a private duplicate communicator; on a timeout
-// the ranks ask rank 0 which ranks are missing, so the error names them. A timed-out or aborted
-// group tells its peers (best effort) and keeps the buffers of abandoned requests alive, since
-// MPI may still write them.
+// a rank asks rank 0 who arrived and pings every peer, so the error names the ranks that did
+// not arrive and those that arrived but no longer answer (dead inside the operation). The
+// first rank to give up tells the others (best effort), whose calls then fail at once. A broken
+// group keeps its MPI communicators and the buffers of abandoned requests until exit, since MPI
+// may still use them.
 //
 // Results: MPI chooses the reduction order (not guaranteed bitwise reproducible across rank
 // counts or MPI versions; Open MPI is repeatable for a fixed size, layout and message size).
-// bf16/f16 reductions are converted to f32, reduced in f32 and rounded once.
+// bf16/f16 reductions are converted to f32, reduced in f32 and rounded once; u8 sums run in i32.
 //
 // Ownership: MpiRuntime owns MPI's initialization (move-only; Finalize is explicit; the
 // destructor never finalizes, because finalizing can hang when a peer is gone). Communicators
@@ -67,7 +69,7 @@ class MpiRuntime {
 
  private:
   MpiRuntime() = default;
-  bool active_ = false;     // this object initialized MPI and has not finalized it
+  bool active_ = false;  // this object initialized MPI and has not finalized it
   double timeout_s_ = 60;
   int world_rank_ = 0;
   int world_size_ = 1;

@@ -11,8 +11,8 @@
 // Split and every enqueue are polled with ncclCommGetAsyncError, and completion with a CUDA event
 // per operation, against a deadline of issue time + timeout_s; on a timeout or an asynchronous
 // error the communicator is aborted (ncclCommAbort) and the group is broken. When `bootstrap` is
-// an MPI communicator and track_arrivals is on, a duplicate of it carries arrival reports, so a
-// timeout names the ranks that never issued the operation, and abort notices reach the peers.
+// an MPI communicator, a duplicate of it carries arrival reports (with track_arrivals), liveness
+// checks and abort notices, so a timeout names the missing ranks and peers stop waiting.
 //
 // Operations are stream-ordered on stream() (CollectiveOptions::stream, or one the communicator
 // owns): inputs must be ready on that stream, outputs are ready after Synchronize() or for work

@@ -36,7 +36,7 @@ struct InjectedFault {
   int rank = 0;         // rank in the group CreateThreadGroup makes
   int64_t at_call = 0;  // 0-based index of that rank's call, counted over all derived groups
   Kind kind = Kind::kNeverArrive;
-  double delay_s = 0;   // kDelay only
+  double delay_s = 0;  // kDelay only
 };
 
 // `size` communicators named "world"; element i has rank i. `size` >= 1.

@@ -9,10 +9,14 @@ namespace tandem::collectives {
 
 const char* ReduceOpName(ReduceOp op) {
   switch (op) {
-    case ReduceOp::kSum: return "sum";
-    case ReduceOp::kMax: return "max";
-    case ReduceOp::kMin: return "min";
-    case ReduceOp::kAvg: return "avg";
+    case ReduceOp::kSum:
+      return "sum";
+    case ReduceOp::kMax:
+      return "max";
+    case ReduceOp::kMin:
+      return "min";
+    case ReduceOp::kAvg:
+      return "avg";
   }
   return "?";
 }
@@ -21,17 +25,28 @@ namespace internal {
 
 const char* OpName(OpKind op) {
   switch (op) {
-    case OpKind::kAllReduce: return "AllReduce";
-    case OpKind::kReduceScatter: return "ReduceScatter";
-    case OpKind::kAllGather: return "AllGather";
-    case OpKind::kBroadcast: return "Broadcast";
-    case OpKind::kBarrier: return "Barrier";
-    case OpKind::kSplit: return "Split";
-    case OpKind::kSend: return "Send";
-    case OpKind::kRecv: return "Recv";
-    case OpKind::kSendRecv: return "SendRecv";
-    case OpKind::kCreate: return "Create";
-    case OpKind::kSynchronize: return "Synchronize";
+    case OpKind::kAllReduce:
+      return "AllReduce";
+    case OpKind::kReduceScatter:
+      return "ReduceScatter";
+    case OpKind::kAllGather:
+      return "AllGather";
+    case OpKind::kBroadcast:
+      return "Broadcast";
+    case OpKind::kBarrier:
+      return "Barrier";
+    case OpKind::kSplit:
+      return "Split";
+    case OpKind::kSend:
+      return "Send";
+    case OpKind::kRecv:
+      return "Recv";
+    case OpKind::kSendRecv:
+      return "SendRecv";
+    case OpKind::kCreate:
+      return "Create";
+    case OpKind::kSynchronize:
+      return "Synchronize";
   }
   return "?";
 }
@@ -50,13 +65,13 @@ void Backoff::Pause() {
   ++rounds_;
   const double waited_s =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
-  if (waited_s < 0.005) {
+  // MPI moves data only inside its calls, so while a transfer may be running the loop only
+  // yields (other ranks sharing the core still run). A wait this long is a late peer: sleep.
+  if (waited_s < 0.25) {
     std::this_thread::yield();
     return;
   }
-  // 20 us growing to 1 ms: a late peer costs little CPU, a finished one little latency.
-  const double step_s = std::min(1e-3, 2e-5 * std::pow(1.5, std::min<int64_t>(rounds_ / 8, 20)));
-  std::this_thread::sleep_for(std::chrono::duration<double>(step_s));
+  std::this_thread::sleep_for(std::chrono::microseconds(waited_s < 2.0 ? 50 : 1000));
 }
 
 std::string GroupLabel(const std::string& name, const char* backend, int rank, int size) {
@@ -87,7 +102,8 @@ bool SupportedDType(DType dtype) {
     case DType::kF16:
     case DType::kI32:
     case DType::kI64:
-    case DType::kU8: return true;
+    case DType::kU8:
+      return true;
   }
   return false;
 }
@@ -176,7 +192,8 @@ Status ValidatePeer(int peer, int rank, int size, const char* what) {
 
 Status ValidateRoot(int root, int size) {
   if (root < 0 || root >= size) {
-    return InvalidArgumentError(StrCat("Broadcast root ", root, " outside the group [0, ", size, ")"));
+    return InvalidArgumentError(
+        StrCat("Broadcast root ", root, " outside the group [0, ", size, ")"));
   }
   return Status::Ok();
 }
@@ -190,8 +207,8 @@ Status ValidateTag(int tag) {
 
 Status ValidateOptions(const CollectiveOptions& options) {
   if (!(options.timeout_s > 0) || !std::isfinite(options.timeout_s)) {
-    return InvalidArgumentError(
-        StrCat("CollectiveOptions::timeout_s must be a finite number > 0, found ", options.timeout_s));
+    return InvalidArgumentError(StrCat(
+        "CollectiveOptions::timeout_s must be a finite number > 0, found ", options.timeout_s));
   }
   return Status::Ok();
 }

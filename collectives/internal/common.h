@@ -41,15 +41,15 @@ class Deadline {
   std::chrono::steady_clock::time_point at_;
 };
 
-// Paces a polling loop: yields the CPU for the first milliseconds (latency matters while data
-// moves), then sleeps in growing steps up to 1 ms (a rank waiting for a late peer must not starve
-// the peer of a shared core).
+// Paces a polling loop: yields the CPU for the first 250 ms (MPI progresses transfers only
+// inside its calls, so sleeping would slow them), then sleeps 50 us, and 1 ms after 2 s (a rank
+// waiting for a late peer must not burn the core that peer may need).
 class Backoff {
  public:
   void Pause();
 
  private:
-  int64_t rounds_ = 0;
+  int64_t rounds_ = 0;  // calls so far
   std::chrono::steady_clock::time_point start_ = std::chrono::steady_clock::now();
 };
 

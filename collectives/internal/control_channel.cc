@@ -3,9 +3,9 @@
 #include <algorithm>
 #include <cstdlib>
 
+#include "collectives/communicator.h"
 #include "collectives/internal/common.h"
 #include "collectives/internal/mpi_check.h"
-#include "collectives/communicator.h"
 
 namespace tandem::collectives::internal {
 
@@ -121,6 +121,10 @@ void ControlChannel::Handle(const MPI_Status& st) {
     SendWords(src, kStatus, std::move(reply));
   } else if (st.MPI_TAG == kStatus) {
     replies_[words[0]] = std::move(words);
+  } else if (st.MPI_TAG == kPing) {
+    SendWords(src, kPong, {words[0], my_seq_});
+  } else if (st.MPI_TAG == kPong && words.size() == 2) {
+    pongs_[words[0]][src] = words[1];
   }
 }
 
@@ -150,53 +154,96 @@ std::vector<int> ControlChannel::MissingAt(int64_t seq) const {
   return missing;
 }
 
-ControlChannel::Diagnosis ControlChannel::DiagnoseMissing(
-    int64_t seq, double grace_s, const std::function<bool()>& completed) {
+ControlChannel::Diagnosis ControlChannel::DiagnoseMissing(int64_t seq, double grace_s,
+                                                          const std::function<bool()>& completed) {
   Diagnosis d;
-  if (!track_ || ctl_ == MPI_COMM_NULL) {
-    d.text = "arrival tracking is off, so the missing ranks are unknown";
-    return d;
-  }
-  auto phrase = [&](const std::vector<int>& missing) {
-    if (missing.empty()) {
-      return std::string("every rank arrived (a rank died inside the operation, or ranks "
-                         "called different operations)");
-    }
-    return StrCat(missing.size() > 1 ? "ranks " : "rank ", RankList(missing, world_ranks_),
-                  " did not arrive");
-  };
-  if (rank_ == 0) {
-    Service().IgnoreError();
-    const std::vector<int> missing = MissingAt(seq);
-    d.text = phrase(missing);
-    std::vector<int64_t> status = {seq, my_seq_};
-    status.insert(status.end(), missing.begin(), missing.end());
-    for (int r = 1; r < size_; ++r) SendWords(r, kStatus, status);
+  if (ctl_ == MPI_COMM_NULL) {
+    d.text = "the missing ranks are unknown (no control channel)";
     return d;
   }
   Service().IgnoreError();
-  if (!replies_.count(seq)) SendWords(0, kQuery, {seq});
+  for (int r = 0; r < size_; ++r) {
+    if (r != rank_) SendWords(r, kPing, {seq});
+  }
+  if (track_ && rank_ == 0) {
+    // Rank 0 knows the arrivals: tell everyone, so ranks timing out later need not ask.
+    std::vector<int64_t> status = {seq, my_seq_};
+    for (int r : MissingAt(seq)) status.push_back(r);
+    for (int r = 1; r < size_; ++r) SendWords(r, kStatus, status);
+  } else if (track_ && !replies_.count(seq)) {
+    SendWords(0, kQuery, {seq});
+  }
+  auto answered = [&] {
+    return static_cast<int>(pongs_[seq].size()) == size_ - 1 &&
+           (!track_ || rank_ == 0 || replies_.count(seq) > 0);
+  };
   Deadline deadline(grace_s);
   Backoff backoff;
-  while (!deadline.Expired()) {
-    Service().IgnoreError();
-    auto it = replies_.find(seq);
-    if (it != replies_.end()) {
-      const std::vector<int64_t>& w = it->second;
-      std::vector<int> missing(w.begin() + 2, w.end());  // includes 0 when rank 0 is behind
-      d.text = phrase(missing);
-      if (w[1] < seq) d.text += StrCat(" (rank 0 is at collective #", w[1], ")");
-      return d;
-    }
+  while (!answered() && !deadline.Expired()) {
     if (completed()) {
       d.completed = true;
       return d;
     }
     backoff.Pause();
+    Service().IgnoreError();
   }
-  d.text = StrCat("rank ", RankList({0}, world_ranks_), " (which tracks arrivals) did not answer within ",
-                  grace_s, " s, so it is missing or stuck outside this group; other ranks unknown");
+  d.text = Describe(seq);
   return d;
+}
+
+std::string ControlChannel::Describe(int64_t seq) {
+  const std::map<int, int64_t>& pong = pongs_[seq];
+  auto answers = [&](int r) { return r == rank_ || pong.count(r) > 0; };
+  auto ranks = [&](const std::vector<int>& rs) {
+    return StrCat(rs.size() > 1 ? "ranks " : "rank ", RankList(rs, world_ranks_));
+  };
+  std::vector<std::string> parts;
+  std::vector<int> missing;
+  bool known = false;
+  if (track_ && rank_ == 0) {
+    missing = MissingAt(seq);
+    known = true;
+  } else if (auto it = replies_.find(seq); track_ && it != replies_.end()) {
+    missing.assign(it->second.begin() + 2, it->second.end());  // includes 0 if it is behind
+    known = true;
+  }
+  std::vector<int> silent_inside, silent, behind;
+  for (int r = 0; r < size_; ++r) {
+    const bool is_missing = std::find(missing.begin(), missing.end(), r) != missing.end();
+    if (known && is_missing) {
+      parts.push_back(StrCat(ranks({r}), " did not arrive",
+                             answers(r) ? StrCat(" (it answers, at collective #", pong.at(r), ")")
+                                        : std::string(" (no answer: dead, or busy outside this "
+                                                      "group)")));
+    } else if (!answers(r)) {
+      (known ? silent_inside : silent).push_back(r);
+    } else if (!known && r != rank_ && pong.at(r) < seq) {
+      behind.push_back(r);
+    }
+  }
+  if (!silent_inside.empty()) {
+    parts.push_back(StrCat(ranks(silent_inside), " arrived but ",
+                           silent_inside.size() > 1 ? "do" : "does",
+                           " not answer: died or hung inside the operation"));
+  }
+  if (!known && track_) {
+    parts.push_back(StrCat("which ranks arrived is unknown (rank ", RankList({0}, world_ranks_),
+                           ", which tracks arrivals, did not answer)"));
+  }
+  if (!silent.empty()) {
+    parts.push_back(StrCat(ranks(silent), silent.size() > 1 ? " do" : " does",
+                           " not answer: dead, or busy outside this group"));
+  }
+  for (int r : behind) {
+    parts.push_back(StrCat(ranks({r}), " answers but is at collective #", pong.at(r)));
+  }
+  if (parts.empty()) {
+    parts.push_back(known ? "every rank arrived and answers (ranks called different operations?)"
+                          : "every rank answers (arrival tracking is off)");
+  }
+  std::string text;
+  for (size_t i = 0; i < parts.size(); ++i) text += (i ? "; " : "") + parts[i];
+  return text;
 }
 
 void ControlChannel::NotifyAbort(const Status& error) {

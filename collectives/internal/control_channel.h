@@ -9,10 +9,14 @@
 //                      latest arrival is before seq; sent as the answer to a QUERY, and to
 //                      every rank when rank 0 itself times out (so ranks whose deadline comes
 //                      later need not ask);
+//   PING(seq) / PONG(seq, s)  a rank that timed out in collective #seq -> every other rank, and
+//                      the answer: the responder's latest collective s (a liveness check);
 //   ABORT(code, text)  any rank -> every other rank, when it breaks the group.
-// Rank 0 handles ARRIVE and QUERY whenever it is inside a call of this group (Service()), so a
-// query is answered when rank 0 is waiting too; when rank 0 itself is missing, the query goes
-// unanswered and the error says so.
+// Every rank handles these whenever it is inside a call of this group (Service()): ranks waiting
+// in the same collective answer, a dead rank (or one busy elsewhere) does not. So on a timeout
+// a rank can tell "did not arrive" (rank 0's arrivals) from "arrived but does not answer" (died
+// or hung inside the operation), and name the ranks either way. The first rank to time out
+// breaks the group and its ABORT carries that diagnosis to the others.
 #pragma once
 
 #include <mpi.h>
@@ -67,7 +71,7 @@ class ControlChannel {
   bool tracking() const { return track_; }
 
  private:
-  enum Tag : int { kArrive = 1, kQuery = 2, kStatus = 3, kAbort = 4 };
+  enum Tag : int { kArrive = 1, kQuery = 2, kStatus = 3, kAbort = 4, kPing = 5, kPong = 6 };
   struct PendingSend {
     MPI_Request request = MPI_REQUEST_NULL;
     std::vector<int64_t> words;
@@ -77,6 +81,8 @@ class ControlChannel {
   void ReapSends();
   void Handle(const MPI_Status& st);
   std::vector<int> MissingAt(int64_t seq) const;  // rank 0 only
+  // The diagnosis text from what arrived by now (arrivals, liveness answers).
+  std::string Describe(int64_t seq);
 
   MPI_Comm ctl_;
   std::vector<int> world_ranks_;
@@ -84,8 +90,9 @@ class ControlChannel {
   int size_ = 1;
   bool track_;
   int64_t my_seq_ = 0;
-  std::vector<int64_t> last_arrived_;                 // rank 0: per rank, latest seq reported
-  std::map<int64_t, std::vector<int64_t>> replies_;   // STATUS answers by seq
+  std::vector<int64_t> last_arrived_;                // rank 0: per rank, latest seq reported
+  std::map<int64_t, std::vector<int64_t>> replies_;  // STATUS answers by seq
+  std::map<int64_t, std::map<int, int64_t>> pongs_;  // by seq: responder -> its collective
   Status abort_notice_;
   std::list<PendingSend> sends_;
 };

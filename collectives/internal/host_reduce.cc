@@ -19,8 +19,10 @@ T Combine(T a, T b, ReduceOp op) {
       } else {
         return a + b;
       }
-    case ReduceOp::kMax: return std::max(a, b);
-    case ReduceOp::kMin: return std::min(a, b);
+    case ReduceOp::kMax:
+      return std::max(a, b);
+    case ReduceOp::kMin:
+      return std::min(a, b);
   }
   return a;
 }
@@ -74,12 +76,17 @@ void ReduceInOrder(void* out, const std::vector<const void*>& ins, int64_t n, DT
                    ReduceOp op) {
   TANDEM_CHECK(!ins.empty());
   switch (dtype) {
-    case DType::kF32: return ReduceTyped(static_cast<float*>(out), ins, n, op);
-    case DType::kI32: return ReduceTyped(static_cast<int32_t*>(out), ins, n, op);
-    case DType::kI64: return ReduceTyped(static_cast<int64_t*>(out), ins, n, op);
-    case DType::kU8: return ReduceTyped(static_cast<uint8_t*>(out), ins, n, op);
+    case DType::kF32:
+      return ReduceTyped(static_cast<float*>(out), ins, n, op);
+    case DType::kI32:
+      return ReduceTyped(static_cast<int32_t*>(out), ins, n, op);
+    case DType::kI64:
+      return ReduceTyped(static_cast<int64_t*>(out), ins, n, op);
+    case DType::kU8:
+      return ReduceTyped(static_cast<uint8_t*>(out), ins, n, op);
     case DType::kBF16:
-    case DType::kF16: return ReduceHalf(out, ins, n, dtype, op);
+    case DType::kF16:
+      return ReduceHalf(out, ins, n, dtype, op);
   }
 }
 

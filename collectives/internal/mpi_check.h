@@ -15,12 +15,12 @@ std::string MpiErrorString(int code);
 bool MpiActive();
 }  // namespace tandem::collectives::internal
 
-#define TANDEM_MPI_RETURN_IF_ERROR(expr)                                                  \
-  do {                                                                                    \
-    const int tandem_mpi_err_ = (expr);                                                   \
-    if (tandem_mpi_err_ != MPI_SUCCESS) {                                                 \
-      return ::tandem::InternalError(::tandem::StrCat(                                    \
-          ::tandem::internal::SourceLocation(__FILE__, __LINE__), ": ", #expr, ": ",      \
-          ::tandem::collectives::internal::MpiErrorString(tandem_mpi_err_)));             \
-    }                                                                                     \
+#define TANDEM_MPI_RETURN_IF_ERROR(expr)                                             \
+  do {                                                                               \
+    const int tandem_mpi_err_ = (expr);                                              \
+    if (tandem_mpi_err_ != MPI_SUCCESS) {                                            \
+      return ::tandem::InternalError(::tandem::StrCat(                               \
+          ::tandem::internal::SourceLocation(__FILE__, __LINE__), ": ", #expr, ": ", \
+          ::tandem::collectives::internal::MpiErrorString(tandem_mpi_err_)));        \
+    }                                                                                \
   } while (0)

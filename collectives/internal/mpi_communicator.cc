@@ -14,12 +14,17 @@ bool IsHalf(DType d) { return d == DType::kBF16 || d == DType::kF16; }
 // Element type for moving data (no arithmetic): halves travel as 16-bit words.
 MPI_Datatype MoveType(DType d) {
   switch (d) {
-    case DType::kF32: return MPI_FLOAT;
+    case DType::kF32:
+      return MPI_FLOAT;
     case DType::kBF16:
-    case DType::kF16: return MPI_UINT16_T;
-    case DType::kI32: return MPI_INT32_T;
-    case DType::kI64: return MPI_INT64_T;
-    case DType::kU8: return MPI_UINT8_T;
+    case DType::kF16:
+      return MPI_UINT16_T;
+    case DType::kI32:
+      return MPI_INT32_T;
+    case DType::kI64:
+      return MPI_INT64_T;
+    case DType::kU8:
+      return MPI_UINT8_T;
   }
   return MPI_BYTE;
 }
@@ -27,9 +32,12 @@ MPI_Datatype MoveType(DType d) {
 MPI_Op ToMpiOp(ReduceOp op) {
   switch (op) {
     case ReduceOp::kSum:
-    case ReduceOp::kAvg: return MPI_SUM;  // kAvg divides afterwards
-    case ReduceOp::kMax: return MPI_MAX;
-    case ReduceOp::kMin: return MPI_MIN;
+    case ReduceOp::kAvg:
+      return MPI_SUM;  // kAvg divides afterwards
+    case ReduceOp::kMax:
+      return MPI_MAX;
+    case ReduceOp::kMin:
+      return MPI_MIN;
   }
   return MPI_SUM;
 }
@@ -162,8 +170,8 @@ Status MpiCommunicator::Run(Op op, const std::function<int(MPI_Request*, int*)>&
   return Wait(op, reqs, n, statuses, seq, deadline);
 }
 
-Status MpiCommunicator::Wait(Op& op, MPI_Request* reqs, int n, MPI_Status* statuses,
-                             int64_t seq, const Deadline& deadline) {
+Status MpiCommunicator::Wait(Op& op, MPI_Request* reqs, int n, MPI_Status* statuses, int64_t seq,
+                             const Deadline& deadline) {
   MPI_Status local[2];
   MPI_Status* st = statuses ? statuses : local;
   Status error;
@@ -191,9 +199,9 @@ Status MpiCommunicator::Wait(Op& op, MPI_Request* reqs, int n, MPI_Status* statu
     if (round % 16 == 15) {
       Status notice = ctl_->Service();
       if (!notice.ok()) {
-        return abandon(Status(notice.code(), StrCat(Label(), ": ", op.what, " abandoned: ",
-                                                    notice.message())),
-                       false);
+        return abandon(
+            Status(notice.code(), StrCat(Label(), ": ", op.what, " abandoned: ", notice.message())),
+            false);
       }
     }
     if (deadline.Expired()) break;
@@ -217,13 +225,13 @@ Status MpiCommunicator::AllReduce(Tensor& inout, ReduceOp op) {
   TANDEM_RETURN_IF_ERROR(ValidateAllReduce(inout, op, device()));
   Tensor buf = ReduceBuffer(inout, op, true);
   const int n = static_cast<int>(inout.numel());
-  TANDEM_RETURN_IF_ERROR(Run(
-      {OpKind::kAllReduce, StrCat(BufferLabel(inout), ", ", ReduceOpName(op)), true, {}, {buf}},
-      [&](MPI_Request* r, int* k) {
-        *k = 1;
-        return MPI_Iallreduce(MPI_IN_PLACE, buf.raw_data(), n, MoveType(buf.dtype()),
-                              ToMpiOp(op), comm_, r);
-      }));
+  TANDEM_RETURN_IF_ERROR(
+      Run({OpKind::kAllReduce, StrCat(BufferLabel(inout), ", ", ReduceOpName(op)), true, {}, {buf}},
+          [&](MPI_Request* r, int* k) {
+            *k = 1;
+            return MPI_Iallreduce(MPI_IN_PLACE, buf.raw_data(), n, MoveType(buf.dtype()),
+                                  ToMpiOp(op), comm_, r);
+          }));
   FinishReduce(inout, buf, op, size_);
   return Status::Ok();
 }
@@ -233,16 +241,17 @@ Status MpiCommunicator::ReduceScatter(Tensor& out, const Tensor& in, ReduceOp op
   Tensor in_buf = ReduceBuffer(in, op, true);
   Tensor out_buf = ReduceBuffer(out, op, false);
   const int n = static_cast<int>(out.numel());
-  TANDEM_RETURN_IF_ERROR(Run({OpKind::kReduceScatter,
-                              StrCat(BufferLabel(in), " -> ", BufferLabel(out), ", ",
-                                     ReduceOpName(op)),
-                              true, {}, {in_buf, out_buf}},
-                             [&](MPI_Request* r, int* k) {
-                               *k = 1;
-                               return MPI_Ireduce_scatter_block(
-                                   in_buf.raw_data(), out_buf.raw_data(), n,
-                                   MoveType(in_buf.dtype()), ToMpiOp(op), comm_, r);
-                             }));
+  TANDEM_RETURN_IF_ERROR(
+      Run({OpKind::kReduceScatter,
+           StrCat(BufferLabel(in), " -> ", BufferLabel(out), ", ", ReduceOpName(op)),
+           true,
+           {},
+           {in_buf, out_buf}},
+          [&](MPI_Request* r, int* k) {
+            *k = 1;
+            return MPI_Ireduce_scatter_block(in_buf.raw_data(), out_buf.raw_data(), n,
+                                             MoveType(in_buf.dtype()), ToMpiOp(op), comm_, r);
+          }));
   FinishReduce(out, out_buf, op, size_);
   return Status::Ok();
 }
@@ -252,25 +261,25 @@ Status MpiCommunicator::AllGather(Tensor& out, const Tensor& in) {
   TANDEM_RETURN_IF_ERROR(ValidateAllGather(out, in, rank_, size_, device(), &in_place));
   const int n = static_cast<int>(in.numel());
   const MPI_Datatype type = MoveType(in.dtype());
-  return Run({OpKind::kAllGather, StrCat(BufferLabel(in), " -> ", BufferLabel(out)), true, {},
-              {in, out}},
-             [&](MPI_Request* r, int* k) {
-               *k = 1;
-               return MPI_Iallgather(in_place ? MPI_IN_PLACE : in.raw_data(), n, type,
-                                     out.raw_data(), n, type, comm_, r);
-             });
+  return Run(
+      {OpKind::kAllGather, StrCat(BufferLabel(in), " -> ", BufferLabel(out)), true, {}, {in, out}},
+      [&](MPI_Request* r, int* k) {
+        *k = 1;
+        return MPI_Iallgather(in_place ? MPI_IN_PLACE : in.raw_data(), n, type, out.raw_data(), n,
+                              type, comm_, r);
+      });
 }
 
 Status MpiCommunicator::Broadcast(Tensor& inout, int root) {
   TANDEM_RETURN_IF_ERROR(ValidateBuffer(inout, "inout", device()));
   TANDEM_RETURN_IF_ERROR(ValidateRoot(root, size_));
   const int n = static_cast<int>(inout.numel());
-  return Run({OpKind::kBroadcast, StrCat(BufferLabel(inout), " from root ", root), true, {},
-              {inout}},
-             [&](MPI_Request* r, int* k) {
-               *k = 1;
-               return MPI_Ibcast(inout.raw_data(), n, MoveType(inout.dtype()), root, comm_, r);
-             });
+  return Run(
+      {OpKind::kBroadcast, StrCat(BufferLabel(inout), " from root ", root), true, {}, {inout}},
+      [&](MPI_Request* r, int* k) {
+        *k = 1;
+        return MPI_Ibcast(inout.raw_data(), n, MoveType(inout.dtype()), root, comm_, r);
+      });
 }
 
 Status MpiCommunicator::Barrier() {
@@ -293,8 +302,11 @@ Status MpiCommunicator::Send(const Tensor& t, int peer, int tag) {
   TANDEM_RETURN_IF_ERROR(ValidatePeer(peer, rank_, size_, "Send: peer"));
   TANDEM_RETURN_IF_ERROR(ValidateTag(tag));
   const int n = static_cast<int>(t.numel());
-  return Run({OpKind::kSend, StrCat("Send of ", BufferLabel(t), " to rank ", peer, " (tag ", tag,
-                                    ")"), false, {peer}, {t}},
+  return Run({OpKind::kSend,
+              StrCat("Send of ", BufferLabel(t), " to rank ", peer, " (tag ", tag, ")"),
+              false,
+              {peer},
+              {t}},
              [&](MPI_Request* r, int* k) {
                *k = 1;
                return MPI_Issend(t.raw_data(), n, MoveType(t.dtype()), peer, tag, comm_, r);
@@ -307,14 +319,17 @@ Status MpiCommunicator::Recv(Tensor& t, int peer, int tag) {
   TANDEM_RETURN_IF_ERROR(ValidateTag(tag));
   const int n = static_cast<int>(t.numel());
   MPI_Status st[2];
-  TANDEM_RETURN_IF_ERROR(Run({OpKind::kRecv, StrCat("Recv of ", BufferLabel(t), " from rank ",
-                                                    peer, " (tag ", tag, ")"), false, {peer}, {t}},
-                             [&](MPI_Request* r, int* k) {
-                               *k = 1;
-                               return MPI_Irecv(t.raw_data(), n, MoveType(t.dtype()), peer, tag,
-                                                comm_, r);
-                             },
-                             st));
+  TANDEM_RETURN_IF_ERROR(Run(
+      {OpKind::kRecv,
+       StrCat("Recv of ", BufferLabel(t), " from rank ", peer, " (tag ", tag, ")"),
+       false,
+       {peer},
+       {t}},
+      [&](MPI_Request* r, int* k) {
+        *k = 1;
+        return MPI_Irecv(t.raw_data(), n, MoveType(t.dtype()), peer, tag, comm_, r);
+      },
+      st));
   Status s = CheckReceived(st[0], t, peer);
   return s.ok() ? s : Break(s);
 }
@@ -330,14 +345,16 @@ Status MpiCommunicator::SendRecv(const Tensor& send, int dst, Tensor& recv, int 
       {OpKind::kSendRecv,
        StrCat("SendRecv of ", BufferLabel(send), " to rank ", dst, " and ", BufferLabel(recv),
               " from rank ", src, " (tag ", tag, ")"),
-       false, dst == src ? std::vector<int>{dst} : std::vector<int>{dst, src}, {send, recv}},
+       false,
+       dst == src ? std::vector<int>{dst} : std::vector<int>{dst, src},
+       {send, recv}},
       [&](MPI_Request* r, int* k) {
         *k = 2;
         const int rc = MPI_Irecv(recv.raw_data(), static_cast<int>(recv.numel()),
                                  MoveType(recv.dtype()), src, tag, comm_, &r[1]);
         if (rc != MPI_SUCCESS) return rc;
-        return MPI_Issend(send.raw_data(), static_cast<int>(send.numel()),
-                          MoveType(send.dtype()), dst, tag, comm_, &r[0]);
+        return MPI_Issend(send.raw_data(), static_cast<int>(send.numel()), MoveType(send.dtype()),
+                          dst, tag, comm_, &r[0]);
       },
       st));
   Status s = CheckReceived(st[1], recv, src);
@@ -401,8 +418,7 @@ Status MpiCommunicator::Close() {
   return Status::Ok();
 }
 
-StatusOr<std::unique_ptr<ControlChannel>> MpiCommunicator::DupControlChannel(
-    bool track_arrivals) {
+StatusOr<std::unique_ptr<ControlChannel>> MpiCommunicator::DupControlChannel(bool track_arrivals) {
   TANDEM_RETURN_IF_ERROR(CheckUsable());
   TANDEM_ASSIGN_OR_RETURN(MPI_Comm ctl, DupComm(comm_, Deadline(options_.timeout_s),
                                                 StrCat(Label(), ": control channel")));

@@ -39,9 +39,9 @@ StatusOr<MpiRuntime> MpiRuntime::Init(int* argc, char*** argv, const CollectiveO
   MPI_Get_processor_name(host, &len);
   rt.host_name_.assign(host, len);
   // Made now, while every rank is here, so that Finalize can name a rank that never comes.
-  TANDEM_ASSIGN_OR_RETURN(MPI_Comm comm,
-                          internal::DupComm(MPI_COMM_WORLD, internal::Deadline(options.timeout_s),
-                                            "MpiRuntime::Init"));
+  TANDEM_ASSIGN_OR_RETURN(
+      MPI_Comm comm,
+      internal::DupComm(MPI_COMM_WORLD, internal::Deadline(options.timeout_s), "MpiRuntime::Init"));
   TANDEM_ASSIGN_OR_RETURN(rt.finalize_group_,
                           internal::MpiCommunicator::Create(comm, "finalize", options));
   return rt;
@@ -81,8 +81,8 @@ Status MpiRuntime::Finalize() {
 }
 
 void MpiRuntime::AbortJob(int exit_code, const std::string& reason) {
-  TANDEM_LOG(ERROR, "collectives") << "aborting the job (exit code " << exit_code
-                                   << "): " << reason;
+  TANDEM_LOG(ERROR, "collectives")
+      << "aborting the job (exit code " << exit_code << "): " << reason;
   if (internal::MpiActive()) MPI_Abort(MPI_COMM_WORLD, exit_code);
   std::_Exit(exit_code);
 }
@@ -90,7 +90,8 @@ void MpiRuntime::AbortJob(int exit_code, const std::string& reason) {
 StatusOr<std::unique_ptr<Communicator>> CreateMpiWorld(const CollectiveOptions& options) {
   TANDEM_RETURN_IF_ERROR(internal::ValidateOptions(options));
   if (!internal::MpiActive()) {
-    return FailedPreconditionError("CreateMpiWorld: MPI is not initialized (call MpiRuntime::Init)");
+    return FailedPreconditionError(
+        "CreateMpiWorld: MPI is not initialized (call MpiRuntime::Init)");
   }
   TANDEM_ASSIGN_OR_RETURN(MPI_Comm comm,
                           internal::DupComm(MPI_COMM_WORLD, internal::Deadline(options.timeout_s),

@@ -7,12 +7,12 @@
 
 #include "core/status.h"
 
-#define TANDEM_NCCL_RETURN_IF_ERROR(expr, comm)                                                 \
-  do {                                                                                          \
-    const ncclResult_t tandem_nccl_res_ = (expr);                                               \
-    if (tandem_nccl_res_ != ncclSuccess && tandem_nccl_res_ != ncclInProgress) {                \
-      return ::tandem::InternalError(::tandem::StrCat(                                          \
-          ::tandem::internal::SourceLocation(__FILE__, __LINE__), ": ", #expr, ": ",            \
-          ncclGetErrorString(tandem_nccl_res_), " (", ncclGetLastError(comm), ")"));            \
-    }                                                                                           \
+#define TANDEM_NCCL_RETURN_IF_ERROR(expr, comm)                                      \
+  do {                                                                               \
+    const ncclResult_t tandem_nccl_res_ = (expr);                                    \
+    if (tandem_nccl_res_ != ncclSuccess && tandem_nccl_res_ != ncclInProgress) {     \
+      return ::tandem::InternalError(::tandem::StrCat(                               \
+          ::tandem::internal::SourceLocation(__FILE__, __LINE__), ": ", #expr, ": ", \
+          ncclGetErrorString(tandem_nccl_res_), " (", ncclGetLastError(comm), ")")); \
+    }                                                                                \
   } while (0)

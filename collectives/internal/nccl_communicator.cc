@@ -11,22 +11,32 @@ namespace tandem::collectives::internal {
 
 ncclDataType_t NcclType(DType d) {
   switch (d) {
-    case DType::kF32: return ncclFloat32;
-    case DType::kBF16: return ncclBfloat16;
-    case DType::kF16: return ncclFloat16;
-    case DType::kI32: return ncclInt32;
-    case DType::kI64: return ncclInt64;
-    case DType::kU8: return ncclUint8;
+    case DType::kF32:
+      return ncclFloat32;
+    case DType::kBF16:
+      return ncclBfloat16;
+    case DType::kF16:
+      return ncclFloat16;
+    case DType::kI32:
+      return ncclInt32;
+    case DType::kI64:
+      return ncclInt64;
+    case DType::kU8:
+      return ncclUint8;
   }
   return ncclUint8;
 }
 
 ncclRedOp_t NcclOp(ReduceOp op) {
   switch (op) {
-    case ReduceOp::kSum: return ncclSum;
-    case ReduceOp::kMax: return ncclMax;
-    case ReduceOp::kMin: return ncclMin;
-    case ReduceOp::kAvg: return ncclAvg;
+    case ReduceOp::kSum:
+      return ncclSum;
+    case ReduceOp::kMax:
+      return ncclMax;
+    case ReduceOp::kMin:
+      return ncclMin;
+    case ReduceOp::kAvg:
+      return ncclAvg;
   }
   return ncclSum;
 }
@@ -86,8 +96,8 @@ Status NcclCommunicator::Enqueue(OpKind kind, std::string what, std::vector<int>
   if (!event.ok()) return Fail(event.status(), true);
   Status recorded = event->Record(stream_);
   if (!recorded.ok()) return Fail(recorded, true);
-  pending_.push_back(
-      Pending{std::move(*event), std::move(hold), std::move(what), seq, std::move(peers), deadline});
+  pending_.push_back(Pending{std::move(*event), std::move(hold), std::move(what), seq,
+                             std::move(peers), deadline});
   return Status::Ok();
 }
 
@@ -119,23 +129,22 @@ Status NcclCommunicator::Progress(bool block) {
       continue;
     }
     if (e != cudaErrorNotReady) {
-      return Fail(InternalError(StrCat(Label(), ": ", p.what, ": CUDA error ",
-                                       cudaGetErrorName(e), " (", cudaGetErrorString(e), ")")),
+      return Fail(InternalError(StrCat(Label(), ": ", p.what, ": CUDA error ", cudaGetErrorName(e),
+                                       " (", cudaGetErrorString(e), ")")),
                   true);
     }
     ncclResult_t async = ncclSuccess;
     ncclCommGetAsyncError(comm_, &async);
     if (async != ncclSuccess && async != ncclInProgress) {
-      return Fail(InternalError(StrCat(Label(), ": ", p.what, ": NCCL error ",
-                                       ncclGetErrorString(async), " (", ncclGetLastError(comm_),
-                                       ")")),
-                  true);
+      return Fail(
+          InternalError(StrCat(Label(), ": ", p.what, ": NCCL error ", ncclGetErrorString(async),
+                               " (", ncclGetLastError(comm_), ")")),
+          true);
     }
     TANDEM_RETURN_IF_ERROR(CheckUsable());  // a peer's abort notice
     if (p.deadline.Expired()) {
-      Status timed_out = TimedOut(p.what, p.seq, p.peers, [&] {
-        return cudaEventQuery(p.done.get()) == cudaSuccess;
-      });
+      Status timed_out = TimedOut(p.what, p.seq, p.peers,
+                                  [&] { return cudaEventQuery(p.done.get()) == cudaSuccess; });
       if (timed_out.ok()) continue;  // finished while we asked who was missing
       return Fail(timed_out, true);
     }
@@ -177,8 +186,8 @@ Status NcclCommunicator::AllGather(Tensor& out, const Tensor& in) {
 Status NcclCommunicator::Broadcast(Tensor& inout, int root) {
   TANDEM_RETURN_IF_ERROR(ValidateBuffer(inout, "inout", device()));
   TANDEM_RETURN_IF_ERROR(ValidateRoot(root, s_.size));
-  return Enqueue(OpKind::kBroadcast, StrCat(BufferLabel(inout), " from root ", root), {},
-                 {inout}, [&] {
+  return Enqueue(OpKind::kBroadcast, StrCat(BufferLabel(inout), " from root ", root), {}, {inout},
+                 [&] {
                    return ncclBroadcast(inout.raw_data(), inout.raw_data(), inout.numel(),
                                         NcclType(inout.dtype()), root, comm_, stream_);
                  });
@@ -187,21 +196,17 @@ Status NcclCommunicator::Broadcast(Tensor& inout, int root) {
 Status NcclCommunicator::Send(const Tensor& t, int peer, int tag) {
   TANDEM_RETURN_IF_ERROR(ValidateBuffer(t, "t", device()));
   TANDEM_RETURN_IF_ERROR(ValidatePeer(peer, s_.rank, s_.size, "Send: peer"));
-  return Enqueue(OpKind::kSend, StrCat("Send of ", BufferLabel(t), " to rank ", peer), {peer},
-                 {t}, [&] {
-                   return ncclSend(t.raw_data(), t.numel(), NcclType(t.dtype()), peer, comm_,
-                                   stream_);
-                 });
+  return Enqueue(
+      OpKind::kSend, StrCat("Send of ", BufferLabel(t), " to rank ", peer), {peer}, {t},
+      [&] { return ncclSend(t.raw_data(), t.numel(), NcclType(t.dtype()), peer, comm_, stream_); });
 }
 
 Status NcclCommunicator::Recv(Tensor& t, int peer, int tag) {
   TANDEM_RETURN_IF_ERROR(ValidateBuffer(t, "t", device()));
   TANDEM_RETURN_IF_ERROR(ValidatePeer(peer, s_.rank, s_.size, "Recv: peer"));
-  return Enqueue(OpKind::kRecv, StrCat("Recv of ", BufferLabel(t), " from rank ", peer), {peer},
-                 {t}, [&] {
-                   return ncclRecv(t.raw_data(), t.numel(), NcclType(t.dtype()), peer, comm_,
-                                   stream_);
-                 });
+  return Enqueue(
+      OpKind::kRecv, StrCat("Recv of ", BufferLabel(t), " from rank ", peer), {peer}, {t},
+      [&] { return ncclRecv(t.raw_data(), t.numel(), NcclType(t.dtype()), peer, comm_, stream_); });
 }
 
 Status NcclCommunicator::SendRecv(const Tensor& send, int dst, Tensor& recv, int src, int tag) {
@@ -210,17 +215,16 @@ Status NcclCommunicator::SendRecv(const Tensor& send, int dst, Tensor& recv, int
   TANDEM_RETURN_IF_ERROR(ValidatePeer(dst, s_.rank, s_.size, "SendRecv: destination"));
   TANDEM_RETURN_IF_ERROR(ValidatePeer(src, s_.rank, s_.size, "SendRecv: source"));
   std::vector<int> peers = dst == src ? std::vector<int>{dst} : std::vector<int>{dst, src};
-  return Enqueue(OpKind::kSendRecv,
-                 StrCat("SendRecv of ", BufferLabel(send), " to rank ", dst, " and ",
-                        BufferLabel(recv), " from rank ", src),
-                 std::move(peers), {send, recv}, [&] {
-                   ncclGroupStart();
-                   ncclSend(send.raw_data(), send.numel(), NcclType(send.dtype()), dst, comm_,
-                            stream_);
-                   ncclRecv(recv.raw_data(), recv.numel(), NcclType(recv.dtype()), src, comm_,
-                            stream_);
-                   return ncclGroupEnd();
-                 });
+  return Enqueue(
+      OpKind::kSendRecv,
+      StrCat("SendRecv of ", BufferLabel(send), " to rank ", dst, " and ", BufferLabel(recv),
+             " from rank ", src),
+      std::move(peers), {send, recv}, [&] {
+        ncclGroupStart();
+        ncclSend(send.raw_data(), send.numel(), NcclType(send.dtype()), dst, comm_, stream_);
+        ncclRecv(recv.raw_data(), recv.numel(), NcclType(recv.dtype()), src, comm_, stream_);
+        return ncclGroupEnd();
+      });
 }
 
 Status NcclCommunicator::Barrier() {

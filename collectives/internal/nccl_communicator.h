@@ -90,7 +90,7 @@ class NcclCommunicator final : public Communicator {
     CudaEventOwner done;
     std::vector<Tensor> hold;  // buffers the operation uses, alive until it completes
     std::string what;
-    int64_t seq;               // collective number; 0 for point to point
+    int64_t seq;  // collective number; 0 for point to point
     std::vector<int> peers;
     Deadline deadline;
   };

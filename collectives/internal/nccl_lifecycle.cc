@@ -1,7 +1,6 @@
 // The NCCL backend's life cycle: CreateNcclWorld, Split, Abort, Close (collectives/nccl.h).
-#include "collectives/nccl.h"
-
 #include "collectives/internal/nccl_communicator.h"
+#include "collectives/nccl.h"
 
 #if defined(TANDEM_WITH_NCCL)
 
@@ -17,8 +16,7 @@
 namespace tandem::collectives {
 namespace internal {
 
-StatusOr<std::unique_ptr<NcclCommunicator>> NcclCommunicator::Create(ncclComm_t comm,
-                                                                      Setup setup) {
+StatusOr<std::unique_ptr<NcclCommunicator>> NcclCommunicator::Create(ncclComm_t comm, Setup setup) {
   std::unique_ptr<NcclCommunicator> c(new NcclCommunicator(comm, std::move(setup)));
   Status s = c->AllocateResources();
   if (!s.ok()) {
@@ -86,7 +84,7 @@ StatusOr<std::unique_ptr<Communicator>> NcclCommunicator::Split(int color, int k
   }
   // 1. Every rank's (color, key, world rank), by a timed NCCL all-gather: a missing rank is
   //    reported here rather than hanging ncclCommSplit.
-  int32_t* table_dev = scratch_ + 1;            // [size, 3]
+  int32_t* table_dev = scratch_ + 1;               // [size, 3]
   int32_t* mine_dev = scratch_ + 1 + 3 * s_.size;  // [3]
   const int32_t mine[3] = {color, key, s_.world_ranks[s_.rank]};
   {
@@ -130,8 +128,8 @@ StatusOr<std::unique_ptr<Communicator>> NcclCommunicator::Split(int color, int k
   config.blocking = 0;
   config.commName = name.c_str();
   ncclComm_t child = nullptr;
-  const ncclResult_t r = ncclCommSplit(comm_, color == kNoColor ? NCCL_SPLIT_NOCOLOR : color, key,
-                                       &child, &config);
+  const ncclResult_t r =
+      ncclCommSplit(comm_, color == kNoColor ? NCCL_SPLIT_NOCOLOR : color, key, &child, &config);
   Status ready = (r == ncclSuccess || r == ncclInProgress)
                      ? Status::Ok()
                      : InternalError(StrCat(Label(), ": ncclCommSplit: ", ncclGetErrorString(r),
@@ -221,8 +219,10 @@ StatusOr<std::unique_ptr<Communicator>> CreateNcclWorld(Communicator& bootstrap,
   using internal::Deadline;
   TANDEM_RETURN_IF_ERROR(internal::ValidateOptions(options));
   if (!bootstrap.device().is_cpu()) {
-    return InvalidArgumentError(StrCat("CreateNcclWorld: the bootstrap must be a host communicator "
-                                       "(mpi or threads), found '", bootstrap.backend(), "'"));
+    return InvalidArgumentError(
+        StrCat("CreateNcclWorld: the bootstrap must be a host communicator "
+               "(mpi or threads), found '",
+               bootstrap.backend(), "'"));
   }
   int count = 0;
   TANDEM_CUDA_RETURN_IF_ERROR(cudaGetDeviceCount(&count));
@@ -261,8 +261,8 @@ StatusOr<std::unique_ptr<Communicator>> CreateNcclWorld(Communicator& bootstrap,
                      ? internal::WaitReady(comm, Deadline(options.timeout_s),
                                            StrCat("group 'world' (nccl, rank ", rank, " of ", size,
                                                   "): ncclCommInitRankConfig on cuda:", device))
-                     : InternalError(StrCat("ncclCommInitRankConfig: ", ncclGetErrorString(r),
-                                            " (", ncclGetLastError(nullptr), ")"));
+                     : InternalError(StrCat("ncclCommInitRankConfig: ", ncclGetErrorString(r), " (",
+                                            ncclGetLastError(nullptr), ")"));
   if (!ready.ok()) {
     if (comm) ncclCommAbort(comm);
     if (setup.ctl) setup.ctl->NotifyAbort(ready);

@@ -39,9 +39,9 @@ Status MakeChildren(std::vector<Slot>& slots, const GroupState& parent) {
                      [&](int a, int b) { return slots[a].key < slots[b].key; });
     for (int r : ranks) {
       if (slots[r].name != slots[ranks[0]].name) {
-        return InvalidArgumentError(StrCat(
-            "group '", parent.name(), "': Split color ", color, " named '", slots[ranks[0]].name,
-            "' by rank ", ranks[0], " and '", slots[r].name, "' by rank ", r));
+        return InvalidArgumentError(StrCat("group '", parent.name(), "': Split color ", color,
+                                           " named '", slots[ranks[0]].name, "' by rank ", ranks[0],
+                                           " and '", slots[r].name, "' by rank ", r));
       }
     }
     std::vector<int> world;
@@ -172,11 +172,14 @@ class ThreadCommunicator final : public Communicator {
         new ThreadCommunicator(all[rank_].child, all[rank_].child_rank, options_));
   }
 
-  Status Synchronize() override { return Usable(); }
+  Status Synchronize() override {
+    TANDEM_RETURN_IF_ERROR(Usable());
+    return group_->broken();
+  }
 
   Status Abort(std::string reason) override {
-    group_->Break(AbortedError(StrCat("group '", name(), "' (threads): rank ", rank_,
-                                      " aborted the group: ", reason)));
+    group_->Break(AbortedError(
+        StrCat("group '", name(), "' (threads): rank ", rank_, " aborted the group: ", reason)));
     return Status::Ok();
   }
 

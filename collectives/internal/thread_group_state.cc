@@ -44,7 +44,8 @@ std::string DescribeSlot(const Slot& s) {
       return StrCat("Broadcast(", dt, "[", s.in_numel, "], root ", s.root, ")");
     case OpKind::kSplit:
       return StrCat("Split(color ", s.color, ", key ", s.key, ", '", s.name, "')");
-    default: return StrCat(OpName(s.op), "()");
+    default:
+      return StrCat(OpName(s.op), "()");
   }
 }
 
@@ -95,18 +96,17 @@ Status GroupState::Rendezvous(int rank, const Slot* slot, const Deadline& deadli
     ++phase_;
     cv_.notify_all();
   } else {
-    const bool done = cv_.wait_until(lock, deadline.at(), [&] {
-      return phase_ != my_phase || !broken_.ok();
-    });
+    const bool done =
+        cv_.wait_until(lock, deadline.at(), [&] { return phase_ != my_phase || !broken_.ok(); });
     if (!done) {
       std::vector<int> missing;
       for (int r = 0; r < size(); ++r) {
         if (arrived_at_[r] != my_phase) missing.push_back(r);
       }
-      return BreakLocked(DeadlineExceededError(StrCat(
-          Label(), ": ", what, " did not complete within ", deadline.timeout_s(), " s: rank",
-          missing.size() > 1 ? "s " : " ", RankList(missing, world_ranks_),
-          " did not arrive (noticed by rank ", rank, ")")));
+      return BreakLocked(DeadlineExceededError(
+          StrCat(Label(), ": ", what, " did not complete within ", deadline.timeout_s(), " s: rank",
+                 missing.size() > 1 ? "s " : " ", RankList(missing, world_ranks_),
+                 " did not arrive (noticed by rank ", rank, ")")));
     }
   }
   // Completed unless the group broke at or before this phase.
@@ -126,15 +126,14 @@ Status GroupState::Send(int rank, const Tensor& t, int peer, int tag, const Dead
 
 Status GroupState::WaitTakenLocked(std::unique_lock<std::mutex>& lock, Message& m,
                                    const Deadline& deadline) {
-  const bool done =
-      cv_.wait_until(lock, deadline.at(), [&] { return m.taken || !broken_.ok(); });
+  const bool done = cv_.wait_until(lock, deadline.at(), [&] { return m.taken || !broken_.ok(); });
   if (m.taken) return m.result;
   mailbox_.remove(&m);
   if (!done) {
     return BreakLocked(DeadlineExceededError(
-        StrCat(Label(), ": Send from rank ", m.src, " to rank ",
-               RankList({m.dst}, world_ranks_), " (tag ", m.tag, ", ", DTypeName(m.dtype), "[",
-               m.numel, "]) was not received within ", deadline.timeout_s(), " s")));
+        StrCat(Label(), ": Send from rank ", m.src, " to rank ", RankList({m.dst}, world_ranks_),
+               " (tag ", m.tag, ", ", DTypeName(m.dtype), "[", m.numel,
+               "]) was not received within ", deadline.timeout_s(), " s")));
   }
   return broken_;
 }
@@ -154,17 +153,16 @@ Status GroupState::RecvLocked(std::unique_lock<std::mutex>& lock, int rank, Tens
   });
   if (!broken_.ok()) return broken_;
   if (!done) {
-    return BreakLocked(DeadlineExceededError(
-        StrCat(Label(), ": Recv on rank ", rank, " from rank ", RankList({peer}, world_ranks_),
-               " (tag ", tag, ") got nothing within ", deadline.timeout_s(),
-               " s: the peer did not send")));
+    return BreakLocked(DeadlineExceededError(StrCat(
+        Label(), ": Recv on rank ", rank, " from rank ", RankList({peer}, world_ranks_), " (tag ",
+        tag, ") got nothing within ", deadline.timeout_s(), " s: the peer did not send")));
   }
   mailbox_.remove(found);
   found->taken = true;
   if (found->dtype != t.dtype() || found->numel != t.numel()) {
-    found->result = BreakLocked(InvalidArgumentError(StrCat(
-        Label(), ": rank ", peer, " sent ", DTypeName(found->dtype), "[", found->numel,
-        "] (tag ", tag, ") but rank ", rank, " receives ", BufferLabel(t))));
+    found->result = BreakLocked(InvalidArgumentError(
+        StrCat(Label(), ": rank ", peer, " sent ", DTypeName(found->dtype), "[", found->numel,
+               "] (tag ", tag, ") but rank ", rank, " receives ", BufferLabel(t))));
     cv_.notify_all();
     return found->result;
   }

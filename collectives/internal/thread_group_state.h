@@ -42,7 +42,7 @@ struct Slot {
   int root = 0;
   int color = 0;
   int key = 0;
-  std::string name;        // Split: the new group's name
+  std::string name;  // Split: the new group's name
   const void* in = nullptr;
   void* out = nullptr;
   // Split results, written by the rank completing the rendezvous.
@@ -108,13 +108,13 @@ class GroupState {
 
   std::mutex mu_;
   std::condition_variable cv_;
-  int64_t phase_ = 0;               // rendezvous phases completed
-  int arrived_ = 0;                 // ranks arrived at phase_
-  std::vector<int64_t> arrived_at_; // per rank: the phase it last arrived at (-1: never)
+  int64_t phase_ = 0;                // rendezvous phases completed
+  int arrived_ = 0;                  // ranks arrived at phase_
+  std::vector<int64_t> arrived_at_;  // per rank: the phase it last arrived at (-1: never)
   std::vector<Slot> slots_;
   Status broken_;
-  int64_t broken_phase_ = -1;       // phase_ when the group broke
-  std::list<Message*> mailbox_;     // posted sends, oldest first
+  int64_t broken_phase_ = -1;    // phase_ when the group broke
+  std::list<Message*> mailbox_;  // posted sends, oldest first
 };
 
 }  // namespace tandem::collectives::internal

@@ -36,12 +36,24 @@ inline Tensor RankInput(DType dtype, int64_t n, uint64_t seed, int rank, int64_t
     const float f = static_cast<float>(h >> 40) / static_cast<float>(1 << 24) * 2.0f - 1.0f;
     const int32_t v = static_cast<int32_t>(h % 2000) - 1000;
     switch (dtype) {
-      case DType::kF32: out.data<float>()[k] = f; break;
-      case DType::kBF16: out.data<Bf16>()[k] = FloatToBf16(f); break;
-      case DType::kF16: out.data<F16>()[k] = FloatToF16(f); break;
-      case DType::kI32: out.data<int32_t>()[k] = v; break;
-      case DType::kI64: out.data<int64_t>()[k] = v; break;
-      case DType::kU8: out.data<uint8_t>()[k] = static_cast<uint8_t>(h & 0xff); break;
+      case DType::kF32:
+        out.data<float>()[k] = f;
+        break;
+      case DType::kBF16:
+        out.data<Bf16>()[k] = FloatToBf16(f);
+        break;
+      case DType::kF16:
+        out.data<F16>()[k] = FloatToF16(f);
+        break;
+      case DType::kI32:
+        out.data<int32_t>()[k] = v;
+        break;
+      case DType::kI64:
+        out.data<int64_t>()[k] = v;
+        break;
+      case DType::kU8:
+        out.data<uint8_t>()[k] = static_cast<uint8_t>(h & 0xff);
+        break;
     }
   }
   return out;
@@ -49,12 +61,18 @@ inline Tensor RankInput(DType dtype, int64_t n, uint64_t seed, int rank, int64_t
 
 inline double Load(const Tensor& t, int64_t i) {
   switch (t.dtype()) {
-    case DType::kF32: return t.data<float>()[i];
-    case DType::kBF16: return Bf16ToFloat(t.data<Bf16>()[i]);
-    case DType::kF16: return F16ToFloat(t.data<F16>()[i]);
-    case DType::kI32: return t.data<int32_t>()[i];
-    case DType::kI64: return static_cast<double>(t.data<int64_t>()[i]);
-    case DType::kU8: return t.data<uint8_t>()[i];
+    case DType::kF32:
+      return t.data<float>()[i];
+    case DType::kBF16:
+      return Bf16ToFloat(t.data<Bf16>()[i]);
+    case DType::kF16:
+      return F16ToFloat(t.data<F16>()[i]);
+    case DType::kI32:
+      return t.data<int32_t>()[i];
+    case DType::kI64:
+      return static_cast<double>(t.data<int64_t>()[i]);
+    case DType::kU8:
+      return t.data<uint8_t>()[i];
   }
   return 0;
 }
@@ -67,7 +85,9 @@ inline std::vector<double> ReferenceReduce(const std::vector<Tensor>& inputs, in
     double acc = Load(inputs[0], offset + i);
     for (size_t r = 1; r < inputs.size(); ++r) {
       const double x = Load(inputs[r], offset + i);
-      acc = op == ReduceOp::kMax ? std::max(acc, x) : op == ReduceOp::kMin ? std::min(acc, x) : acc + x;
+      acc = op == ReduceOp::kMax   ? std::max(acc, x)
+            : op == ReduceOp::kMin ? std::min(acc, x)
+                                   : acc + x;
     }
     if (op == ReduceOp::kAvg) acc /= static_cast<double>(inputs.size());
     if (inputs[0].dtype() == DType::kU8) acc = std::fmod(acc, 256.0);  // sums wrap around
@@ -82,15 +102,20 @@ inline std::vector<double> ReferenceReduce(const std::vector<Tensor>& inputs, in
 // (2^-7 relative for bf16, 2^-10 for f16). Integers: exact.
 inline ::tandem::testing::Tolerance ReduceTolerance(DType dtype, int ranks) {
   switch (dtype) {
-    case DType::kF32: return {2e-7 * ranks, 2e-7 * ranks};
-    case DType::kBF16: return {1e-6, 1.0 / 128};
-    case DType::kF16: return {1e-6, 1.0 / 1024};
-    default: return {0, 0};
+    case DType::kF32:
+      return {2e-7 * ranks, 2e-7 * ranks};
+    case DType::kBF16:
+      return {1e-6, 1.0 / 128};
+    case DType::kF16:
+      return {1e-6, 1.0 / 1024};
+    default:
+      return {0, 0};
   }
 }
 
 // Every element of `actual` (a host tensor) within `tol` of `expected`.
-inline ::testing::AssertionResult MatchesValues(const Tensor& actual, const std::vector<double>& expected,
+inline ::testing::AssertionResult MatchesValues(const Tensor& actual,
+                                                const std::vector<double>& expected,
                                                 ::tandem::testing::Tolerance tol) {
   if (actual.numel() != static_cast<int64_t>(expected.size())) {
     return ::testing::AssertionFailure() << "numel " << actual.numel() << " vs " << expected.size();
@@ -104,14 +129,15 @@ inline ::testing::AssertionResult MatchesValues(const Tensor& actual, const std:
     }
   }
   if (bad == 0) return ::testing::AssertionSuccess();
-  return ::testing::AssertionFailure() << bad << " of " << actual.numel() << " elements off; worst at "
-                                       << worst << ": " << Load(actual, worst) << " vs expected "
-                                       << expected[worst];
+  return ::testing::AssertionFailure()
+         << bad << " of " << actual.numel() << " elements off; worst at " << worst << ": "
+         << Load(actual, worst) << " vs expected " << expected[worst];
 }
 
 // Bytes of two host tensors equal.
 inline bool SameBytes(const Tensor& a, const Tensor& b) {
-  return a.num_bytes() == b.num_bytes() && std::memcmp(a.raw_data(), b.raw_data(), a.num_bytes()) == 0;
+  return a.num_bytes() == b.num_bytes() &&
+         std::memcmp(a.raw_data(), b.raw_data(), a.num_bytes()) == 0;
 }
 
 inline double SecondsSince(std::chrono::steady_clock::time_point t0) {

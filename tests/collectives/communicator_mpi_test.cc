@@ -53,7 +53,10 @@ TEST(MpiCommunicator, AllReduceEveryDTypeAndOddSize) {
     }
   }
   // The other ops and dtypes.
-  struct Extra { DType dt; ReduceOp op; };
+  struct Extra {
+    DType dt;
+    ReduceOp op;
+  };
   for (Extra e : {Extra{DType::kF32, ReduceOp::kMax}, Extra{DType::kF32, ReduceOp::kMin},
                   Extra{DType::kF32, ReduceOp::kAvg}, Extra{DType::kBF16, ReduceOp::kAvg},
                   Extra{DType::kI32, ReduceOp::kMax}, Extra{DType::kI32, ReduceOp::kMin},
@@ -80,7 +83,8 @@ TEST(MpiCommunicator, ReduceScatterEveryDTypeAndOddSize) {
       for (int q = 0; q < size; ++q) chunks.push_back(RankInput(dt, n, 3, q, rank * n));
       Tensor out = Tensor::Cpu({n}, dt);
       ASSERT_TRUE(world->ReduceScatter(out, RankInput(dt, n * size, 3, rank), ReduceOp::kSum).ok());
-      EXPECT_TRUE(testing::MatchesValues(out, testing::ReferenceReduce(chunks, 0, n, ReduceOp::kSum),
+      EXPECT_TRUE(testing::MatchesValues(out,
+                                         testing::ReferenceReduce(chunks, 0, n, ReduceOp::kSum),
                                          testing::ReduceTolerance(dt, size)));
     }
   }

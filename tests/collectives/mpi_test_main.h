@@ -13,6 +13,7 @@
 #include <gtest/gtest.h>
 
 #include <cstdio>
+#include <cstdlib>
 
 #include "collectives/mpi.h"
 #include "core/logging.h"
@@ -48,7 +49,11 @@ class RankFailurePrinter : public ::testing::EmptyTestEventListener {
   int rank_;
 };
 
-inline int RunMpiTests(int argc, char** argv) {
+// `ranks_may_die`: for tests that kill a rank (run with mpirun --enable-recovery): a dead peer
+// makes the final barrier impossible, so each surviving rank prints
+// "mpi-test-result: rank R passed|FAILED" and exits at once without finalizing MPI. mpirun's
+// exit status means nothing under --enable-recovery; ctest reads these lines instead.
+inline int RunMpiTests(int argc, char** argv, bool ranks_may_die = false) {
   CollectiveOptions options;
   options.timeout_s = 120;  // Init and the final barrier; tests set their own timeouts
   auto runtime = MpiRuntime::Init(&argc, &argv, options);
@@ -67,6 +72,13 @@ inline int RunMpiTests(int argc, char** argv) {
     listeners.Append(new RankFailurePrinter(runtime->world_rank()));
   }
   const int rc = RUN_ALL_TESTS();
+  if (ranks_may_die) {
+    std::printf("mpi-test-result: rank %d %s\n", runtime->world_rank(),
+                rc == 0 ? "passed" : "FAILED");
+    std::fflush(stdout);
+    std::fflush(stderr);
+    std::_Exit(rc);
+  }
   const Status finalized = runtime->Finalize();
   MpiSlot() = nullptr;
   if (!finalized.ok()) {
@@ -79,7 +91,12 @@ inline int RunMpiTests(int argc, char** argv) {
 
 }  // namespace tandem::collectives::testing
 
-#define TANDEM_MPI_TEST_MAIN()                                         \
-  int main(int argc, char** argv) {                                    \
-    return ::tandem::collectives::testing::RunMpiTests(argc, argv);    \
+#define TANDEM_MPI_TEST_MAIN()                                      \
+  int main(int argc, char** argv) {                                 \
+    return ::tandem::collectives::testing::RunMpiTests(argc, argv); \
+  }
+// For tests that kill ranks; see RunMpiTests.
+#define TANDEM_MPI_TEST_MAIN_RANKS_MAY_DIE()                              \
+  int main(int argc, char** argv) {                                       \
+    return ::tandem::collectives::testing::RunMpiTests(argc, argv, true); \
   }

@@ -82,17 +82,17 @@ TEST_F(NcclTest, AllReduceReduceScatterAllGatherEveryDTypeAndOddSize) {
       std::vector<Tensor> chunks;
       for (int q = 0; q < size; ++q) chunks.push_back(RankInput(dt, n, 2, q, rank * n));
       Tensor rs_out = *Tensor::Empty({n}, dt, *allocator_);
-      ASSERT_TRUE(nccl_->ReduceScatter(rs_out, ToDevice(RankInput(dt, n * size, 2, rank)),
-                                       ReduceOp::kSum).ok());
+      ASSERT_TRUE(
+          nccl_->ReduceScatter(rs_out, ToDevice(RankInput(dt, n * size, 2, rank)), ReduceOp::kSum)
+              .ok());
       Tensor ag_out = *Tensor::Empty({size * n}, dt, *allocator_);
       ASSERT_TRUE(nccl_->AllGather(ag_out, ToDevice(in[rank])).ok());
       ASSERT_TRUE(nccl_->Synchronize().ok());
-      EXPECT_TRUE(testing::MatchesValues(ToHost(x),
-                                         testing::ReferenceReduce(in, 0, n, ReduceOp::kSum),
-                                         NcclTolerance(dt, size)));
       EXPECT_TRUE(testing::MatchesValues(
-          ToHost(rs_out), testing::ReferenceReduce(chunks, 0, n, ReduceOp::kSum),
-          NcclTolerance(dt, size)));
+          ToHost(x), testing::ReferenceReduce(in, 0, n, ReduceOp::kSum), NcclTolerance(dt, size)));
+      EXPECT_TRUE(testing::MatchesValues(ToHost(rs_out),
+                                         testing::ReferenceReduce(chunks, 0, n, ReduceOp::kSum),
+                                         NcclTolerance(dt, size)));
       const Tensor gathered = ToHost(ag_out);
       for (int q = 0; q < size; ++q) {
         EXPECT_TRUE(testing::SameBytes(gathered.Slice(0, q * n, (q + 1) * n), in[q]));
@@ -129,7 +129,8 @@ TEST_F(NcclTest, OtherOpsBroadcastAndInPlaceAllGather) {
   ASSERT_TRUE(nccl_->Synchronize().ok());
   const Tensor got = ToHost(all);
   for (int q = 0; q < size; ++q) {
-    EXPECT_TRUE(testing::SameBytes(got.Slice(0, q * 3, q * 3 + 3), RankInput(DType::kI32, 3, 6, q)));
+    EXPECT_TRUE(
+        testing::SameBytes(got.Slice(0, q * 3, q * 3 + 3), RankInput(DType::kI32, 3, 6, q)));
   }
 }
 
@@ -139,7 +140,8 @@ TEST_F(NcclTest, SendRecvRingAndSplitMesh) {
   if (size < 2 || size % 2 != 0) GTEST_SKIP() << "needs an even number of ranks >= 2";
   const int next = (r + 1) % size, prev = (r + size - 1) % size;
   Tensor got = *Tensor::Empty({1000003}, DType::kF32, *allocator_);
-  ASSERT_TRUE(nccl_->SendRecv(ToDevice(RankInput(DType::kF32, 1000003, 7, r)), next, got, prev, 0).ok());
+  ASSERT_TRUE(
+      nccl_->SendRecv(ToDevice(RankInput(DType::kF32, 1000003, 7, r)), next, got, prev, 0).ok());
   ASSERT_TRUE(nccl_->Synchronize().ok());
   EXPECT_TRUE(testing::SameBytes(ToHost(got), RankInput(DType::kF32, 1000003, 7, prev)));
   // Mesh [size / 2, 2]: tp = rows, dp = columns.
@@ -179,7 +181,8 @@ TEST_F(NcclTest, RunsOnTheCallersStream) {
   ASSERT_TRUE(stream->Synchronize().ok());  // ordered on the caller's stream
   std::vector<Tensor> in;
   for (int q = 0; q < nccl_->size(); ++q) in.push_back(RankInput(DType::kF32, 1000, 8, q));
-  EXPECT_TRUE(testing::MatchesValues(ToHost(x), testing::ReferenceReduce(in, 0, 1000, ReduceOp::kSum),
+  EXPECT_TRUE(testing::MatchesValues(ToHost(x),
+                                     testing::ReferenceReduce(in, 0, 1000, ReduceOp::kSum),
                                      NcclTolerance(DType::kF32, nccl_->size())));
   EXPECT_TRUE(nccl_->Close().ok());
   nccl_.reset();  // before the stream it uses

@@ -33,7 +33,9 @@ Tensor RankOrderReduce(const std::vector<Tensor>& in, int64_t offset, int64_t n,
       float acc = static_cast<float>(testing::Load(in[0], offset + i));
       for (size_t r = 1; r < in.size(); ++r) {
         const float x = static_cast<float>(testing::Load(in[r], offset + i));
-        acc = op == ReduceOp::kMax ? std::max(acc, x) : op == ReduceOp::kMin ? std::min(acc, x) : acc + x;
+        acc = op == ReduceOp::kMax   ? std::max(acc, x)
+              : op == ReduceOp::kMin ? std::min(acc, x)
+                                     : acc + x;
       }
       if (op == ReduceOp::kAvg) acc /= static_cast<float>(in.size());
       if (dt == DType::kF32) out.data<float>()[i] = acc;
@@ -43,7 +45,9 @@ Tensor RankOrderReduce(const std::vector<Tensor>& in, int64_t offset, int64_t n,
       int64_t acc = static_cast<int64_t>(testing::Load(in[0], offset + i));
       for (size_t r = 1; r < in.size(); ++r) {
         const int64_t x = static_cast<int64_t>(testing::Load(in[r], offset + i));
-        acc = op == ReduceOp::kMax ? std::max(acc, x) : op == ReduceOp::kMin ? std::min(acc, x) : acc + x;
+        acc = op == ReduceOp::kMax   ? std::max(acc, x)
+              : op == ReduceOp::kMin ? std::min(acc, x)
+                                     : acc + x;
       }
       if (dt == DType::kI32) out.data<int32_t>()[i] = static_cast<int32_t>(acc);
       if (dt == DType::kI64) out.data<int64_t>()[i] = acc;
@@ -132,7 +136,9 @@ TEST(ThreadGroup, AllGatherConcatenatesInRankOrderAlsoInPlace) {
           ASSERT_TRUE(comm.AllGather(in_place, mine).ok());
           for (int q = 0; q < size; ++q) {
             EXPECT_EQ(std::memcmp(static_cast<char*>(out.raw_data()) + q * in[q].num_bytes(),
-                                  in[q].raw_data(), in[q].num_bytes()), 0) << "chunk " << q;
+                                  in[q].raw_data(), in[q].num_bytes()),
+                      0)
+                << "chunk " << q;
           }
           EXPECT_TRUE(testing::SameBytes(out, in_place));
         });
@@ -289,7 +295,8 @@ TEST(ThreadGroup, MismatchedCallsFailOnEveryRankNamingEachCall) {
     const Status s = comm.AllReduce(x, ReduceOp::kSum);
     EXPECT_EQ(s.code(), StatusCode::kInvalidArgument) << s.ToString();
     EXPECT_NE(s.message().find("rank 0: AllReduce(f32[3], sum); rank 1: AllReduce(f32[4], sum)"),
-              std::string::npos) << s.message();
+              std::string::npos)
+        << s.message();
   });
 }
 
@@ -299,7 +306,8 @@ TEST(ThreadGroup, ArgumentErrorsLeaveTheGroupUsable) {
     Tensor out = Tensor::Cpu({3}, DType::kF32);
     const Status bad = comm.ReduceScatter(out, Tensor::Cpu({5}, DType::kF32), ReduceOp::kSum);
     EXPECT_EQ(bad.code(), StatusCode::kInvalidArgument);
-    EXPECT_NE(bad.message().find("size (2) x 'out' elements = 6"), std::string::npos) << bad.message();
+    EXPECT_NE(bad.message().find("size (2) x 'out' elements = 6"), std::string::npos)
+        << bad.message();
     Tensor ints = Tensor::CpuZeros({2}, DType::kI32);
     EXPECT_EQ(comm.AllReduce(ints, ReduceOp::kAvg).code(), StatusCode::kInvalidArgument);
     EXPECT_EQ(comm.Send(out, r, 0).code(), StatusCode::kInvalidArgument);  // to itself
