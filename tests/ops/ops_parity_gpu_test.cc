@@ -158,6 +158,18 @@ void AddMatmulCases(std::vector<ParityCase>& cases, DType dt) {
            r.Run(Matmul(r.ctx(), c, a, b, false, true, 0.5f, 1.0f), "Matmul");
            return {{"c", r.Fetch(c_buf), dt == DType::kBF16 ? kF32Accumulated : kF32Reduce}};
          }});
+    // c in the case dtype, a column block of a wider fused buffer (as LoRA's y += s h B^T into
+    // the k block of q|k|v): alpha 0.5, beta 1; the columns around the block must not change.
+    cases.push_back(
+        {StrCat("Matmul_M", s.m, "_N", s.n, "_K", s.k, "_fused_block_beta1_", DTypeName(dt)),
+         [=](Runner& r) -> Outputs {
+           Tensor a = r.Random({s.m, s.k}, 12, dt);
+           Tensor b = r.Random({s.n, s.k}, 13, dt);
+           Tensor c_buf = r.Random({s.m, 64 + s.n + 32}, 14, dt);  // [M, 64 | N | 32]
+           Tensor c = c_buf.Slice(1, 64, 64 + s.n);
+           r.Run(Matmul(r.ctx(), c, a, b, false, true, 0.5f, 1.0f), "Matmul");
+           return {{"c", r.Fetch(c_buf), Reduce(dt)}};
+         }});
   }
 }
 
