@@ -131,184 +131,211 @@ double MemoryGiB(ops::Context& ctx) {
   return static_cast<double>(internal::PeakResidentBytes()) / (1ull << 30);
 }
 
+// Everything one run holds. Members are destroyed in reverse order, so the context (whose
+// allocator owns every tensor's bytes) goes last.
+struct Session {
+  std::unique_ptr<ops::Context> ctx;
+  Device device;
+  std::unique_ptr<model::Tokenizer> tokenizer;
+  model::LlamaConfig mcfg;
+  bool lora = false;
+  std::unique_ptr<model::LlamaModel> model;
+  std::unique_ptr<peft::AdapterSet> adapters;
+  std::unique_ptr<DataLoader> train_loader;
+  std::unique_ptr<DataLoader> val_loader;
+  std::vector<model::Parameter> params;  // what the optimizer updates
+  std::vector<OptimizerSlot> slots;      // one per params entry
+  Tensor norm_acc;                       // f32 [1] on the device
+  int64_t trainable = 0;
+};
+
+// The tokenizer; the data prepared on first use when data.dir has no manifest.
+Status OpenTokenizerAndData(const TrainConfig& c, Session& s) {
+  if (c.data.tokenizer == "byte") {
+    s.tokenizer = model::MakeByteTokenizer();
+  } else {
+    TANDEM_ASSIGN_OR_RETURN(s.tokenizer, model::LoadTokenizer(c.data.tokenizer));
+  }
+  if (fs::exists(fs::path(c.data.dir) / "manifest.json")) return Status::Ok();
+  if (c.data.inputs.empty()) {
+    return NotFoundError(StrCat("data.dir '", c.data.dir, "' has no manifest.json and data.inputs is empty: run ",
+                                "`tandem data prepare` or list raw inputs in data.inputs"));
+  }
+  PrepareOptions prep;
+  prep.inputs = c.data.inputs;
+  prep.format = c.data.format;
+  prep.out_dir = c.data.dir;
+  prep.val_fraction = c.data.val_fraction;
+  prep.seed = static_cast<uint64_t>(c.train.seed);
+  TANDEM_LOG(INFO, "data") << "preparing " << c.data.inputs.size() << " input(s) into " << c.data.dir;
+  return PrepareData(prep, *s.tokenizer).status();
+}
+
+// The model (frozen when an adapter is trained), its weights, and the adapter.
+Status OpenModel(const TrainConfig& c, Session& s) {
+  TANDEM_ASSIGN_OR_RETURN(s.mcfg, BuildModelConfig(c.model, s.tokenizer->vocab_size()));
+  s.lora = c.peft.method == "lora";
+  model::ModelOptions mopt;
+  mopt.recompute = c.model.recompute;
+  mopt.trainable = !s.lora;
+  TANDEM_ASSIGN_OR_RETURN(s.model, model::LlamaModel::Create(*s.ctx, s.mcfg, mopt));
+  if (c.model.init == "pretrained") {
+    TANDEM_RETURN_IF_ERROR(s.model->LoadSafetensors(c.model.path));
+  } else {
+    TANDEM_RETURN_IF_ERROR(s.model->InitRandom(DeriveSeed(static_cast<uint64_t>(c.train.seed), 0, "model-init"),
+                                               static_cast<float>(c.model.init_std)));
+  }
+  if (s.lora) {
+    TANDEM_ASSIGN_OR_RETURN(s.adapters, CreateLoraAdapter(*s.ctx, *s.model, c, s.mcfg));
+  }
+  return Status::Ok();
+}
+
+// Loaders: the training order derives from the seed; evaluation reads the held-out split in order.
+Status OpenLoaders(const TrainConfig& c, Session& s) {
+  LoaderOptions lo;
+  lo.batch_size = c.train.micro_batch_size;
+  lo.seq_len = c.data.seq_len;
+  lo.seed = DeriveSeed(static_cast<uint64_t>(c.train.seed), 0, "data-order");
+  lo.packing = c.data.packing;
+  TANDEM_ASSIGN_OR_RETURN(s.train_loader, DataLoader::Open(c.data.dir, "train", lo, 0, 1));
+  TANDEM_RETURN_IF_ERROR(CheckVocab(*s.train_loader, s.mcfg.vocab_size));
+  if (c.train.eval_batches == 0) return Status::Ok();
+  LoaderOptions vo = lo;
+  vo.shuffle = false;
+  auto opened = DataLoader::Open(c.data.dir, "val", vo, 0, 1);
+  if (opened.ok()) {
+    s.val_loader = std::move(opened).value();
+  } else {
+    TANDEM_LOG(WARNING, "train") << "no evaluation: " << opened.status().message();
+  }
+  return Status::Ok();
+}
+
+// Adam moments for every trainable parameter (the adapter's, when one is trained).
+Status InitOptimizer(Session& s) {
+  s.params = s.lora ? s.adapters->parameters() : s.model->parameters();
+  s.slots.resize(s.params.size());
+  for (size_t i = 0; i < s.params.size(); ++i) {
+    if (!s.params[i].trainable) continue;
+    TANDEM_ASSIGN_OR_RETURN(s.slots[i].m, Zeros(*s.ctx, s.params[i].master.shape()));
+    TANDEM_ASSIGN_OR_RETURN(s.slots[i].v, Zeros(*s.ctx, s.params[i].master.shape()));
+    s.trainable += s.params[i].master.numel();
+  }
+  TANDEM_ASSIGN_OR_RETURN(s.norm_acc, Tensor::Empty({1}, DType::kF32, s.ctx->allocator()));
+  return Status::Ok();
+}
+
+struct Update {
+  model::LossSum loss;
+  int64_t tokens = 0;
+  double grad_norm = 0;
+  double lr = 0;
+};
+
+// One optimizer update: grad_accum micro-batches (the loss is the mean over all their target
+// tokens), the global gradient norm, clipping, AdamW.
+StatusOr<Update> TrainStep(const TrainSection& t, const ScheduleOptions& sched, int64_t step, Session& s) {
+  std::vector<TokenBatch> micro;
+  int64_t targets = 0;
+  Update u;
+  for (int64_t a = 0; a < t.grad_accum; ++a) {
+    TANDEM_ASSIGN_OR_RETURN(TokenBatch b, s.train_loader->Next());
+    targets += CountTargets(b.targets);
+    u.tokens += b.tokens.numel();
+    micro.push_back(std::move(b));
+  }
+  TANDEM_RETURN_IF_ERROR(s.model->ZeroGrads());
+  const float grad_scale = targets > 0 ? 1.0f / static_cast<float>(targets) : 0.0f;
+  for (const TokenBatch& b : micro) {
+    TANDEM_ASSIGN_OR_RETURN(model::LossSum l, s.model->ForwardBackward(ToModelBatch(b), grad_scale));
+    u.loss.sum += l.sum;
+    u.loss.count += l.count;
+  }
+  TANDEM_RETURN_IF_ERROR(ops::Fill(*s.ctx, s.norm_acc, 0.0f));
+  for (const model::Parameter& p : s.params) {
+    if (p.trainable) TANDEM_RETURN_IF_ERROR(ops::SumSquares(*s.ctx, s.norm_acc, p.grad));
+  }
+  TANDEM_ASSIGN_OR_RETURN(Tensor norm_host, CopyToHostBlocking(s.norm_acc));
+  u.grad_norm = std::sqrt(static_cast<double>(norm_host.data<float>()[0]));
+  if (!std::isfinite(u.grad_norm)) {
+    return InternalError(StrCat("step ", step, ": the gradient norm is ", u.grad_norm, " (loss ",
+                                u.loss.sum / std::max<int64_t>(1, u.loss.count), "); stopping"));
+  }
+  const double clip = (t.grad_clip > 0 && u.grad_norm > t.grad_clip) ? t.grad_clip / (u.grad_norm + 1e-6) : 1.0;
+  u.lr = LearningRate(sched, step);
+  for (size_t i = 0; i < s.params.size(); ++i) {
+    model::Parameter& p = s.params[i];
+    if (!p.trainable) continue;
+    ops::AdamWParams ap;
+    ap.lr = static_cast<float>(u.lr);
+    ap.beta1 = static_cast<float>(t.beta1);
+    ap.beta2 = static_cast<float>(t.beta2);
+    ap.eps = static_cast<float>(t.eps);
+    ap.weight_decay = p.weight_decay ? static_cast<float>(t.weight_decay) : 0.0f;
+    ap.step = step;
+    ap.grad_scale = static_cast<float>(clip);
+    Tensor model_weights = p.weight.storage() == p.master.storage() ? Tensor() : p.weight;
+    TANDEM_RETURN_IF_ERROR(ops::AdamW(*s.ctx, p.master, s.slots[i].m, s.slots[i].v, model_weights, p.grad, ap));
+  }
+  TANDEM_RETURN_IF_ERROR(s.ctx->Synchronize());
+  return u;
+}
+
 }  // namespace
 
 StatusOr<TrainResult> RunTraining(const TrainConfig& c, const std::string& command_line) {
   const TrainSection& t = c.train;
   ScheduleOptions sched{t.schedule, t.lr, t.min_lr_ratio, t.warmup_steps, t.steps};
   TANDEM_RETURN_IF_ERROR(ValidateSchedule(sched));
-
-  // Device.
-  TANDEM_ASSIGN_OR_RETURN(Device device, ParseDevice(t.device));
-  std::unique_ptr<ops::Context> ctx;
-  if (device.is_cpu()) {
-    ctx = ops::Context::Cpu();
+  Session s;
+  TANDEM_ASSIGN_OR_RETURN(s.device, ParseDevice(t.device));
+  if (s.device.is_cpu()) {
+    s.ctx = ops::Context::Cpu();
   } else {
-    TANDEM_ASSIGN_OR_RETURN(ctx, ops::Context::Cuda(device.index));
+    TANDEM_ASSIGN_OR_RETURN(s.ctx, ops::Context::Cuda(s.device.index));
   }
+  TANDEM_RETURN_IF_ERROR(OpenTokenizerAndData(c, s));
+  TANDEM_RETURN_IF_ERROR(OpenModel(c, s));
+  TANDEM_RETURN_IF_ERROR(OpenLoaders(c, s));
+  TANDEM_RETURN_IF_ERROR(InitOptimizer(s));
 
-  // Tokenizer and data (prepared on first use when the directory has no manifest).
-  std::unique_ptr<model::Tokenizer> tokenizer;
-  if (c.data.tokenizer == "byte") {
-    tokenizer = model::MakeByteTokenizer();
-  } else {
-    TANDEM_ASSIGN_OR_RETURN(tokenizer, model::LoadTokenizer(c.data.tokenizer));
-  }
-  if (!fs::exists(fs::path(c.data.dir) / "manifest.json")) {
-    if (c.data.inputs.empty()) {
-      return NotFoundError(StrCat("data.dir '", c.data.dir, "' has no manifest.json and data.inputs is empty: run ",
-                                  "`tandem data prepare` or list raw inputs in data.inputs"));
-    }
-    PrepareOptions prep;
-    prep.inputs = c.data.inputs;
-    prep.format = c.data.format;
-    prep.out_dir = c.data.dir;
-    prep.val_fraction = c.data.val_fraction;
-    prep.seed = static_cast<uint64_t>(t.seed);
-    TANDEM_LOG(INFO, "data") << "preparing " << c.data.inputs.size() << " input(s) into " << c.data.dir;
-    TANDEM_ASSIGN_OR_RETURN(PrepareReport report, PrepareData(prep, *tokenizer));
-    (void)report;
-  }
-
-  // Model (frozen when an adapter is trained).
-  TANDEM_ASSIGN_OR_RETURN(model::LlamaConfig mcfg, BuildModelConfig(c.model, tokenizer->vocab_size()));
-  const bool lora = c.peft.method == "lora";
-  model::ModelOptions mopt;
-  mopt.recompute = c.model.recompute;
-  mopt.trainable = !lora;
-  TANDEM_ASSIGN_OR_RETURN(std::unique_ptr<model::LlamaModel> model, model::LlamaModel::Create(*ctx, mcfg, mopt));
-  if (c.model.init == "pretrained") {
-    TANDEM_RETURN_IF_ERROR(model->LoadSafetensors(c.model.path));
-  } else {
-    TANDEM_RETURN_IF_ERROR(model->InitRandom(DeriveSeed(static_cast<uint64_t>(t.seed), 0, "model-init"),
-                                             static_cast<float>(c.model.init_std)));
-  }
-
-  // Loaders: the training order derives from the seed; evaluation reads the held-out split in order.
-  LoaderOptions lo;
-  lo.batch_size = t.micro_batch_size;
-  lo.seq_len = c.data.seq_len;
-  lo.seed = DeriveSeed(static_cast<uint64_t>(t.seed), 0, "data-order");
-  lo.packing = c.data.packing;
-  TANDEM_ASSIGN_OR_RETURN(std::unique_ptr<DataLoader> train_loader, DataLoader::Open(c.data.dir, "train", lo, 0, 1));
-  TANDEM_RETURN_IF_ERROR(CheckVocab(*train_loader, mcfg.vocab_size));
-  std::unique_ptr<DataLoader> val_loader;
-  if (t.eval_batches > 0) {
-    LoaderOptions vo = lo;
-    vo.shuffle = false;
-    auto opened = DataLoader::Open(c.data.dir, "val", vo, 0, 1);
-    if (opened.ok()) {
-      val_loader = std::move(opened).value();
-    } else {
-      TANDEM_LOG(WARNING, "train") << "no evaluation: " << opened.status().message();
-    }
-  }
-
-  // The adapter, when one is trained: its parameters are the optimizer's.
-  std::unique_ptr<peft::AdapterSet> adapters;
-  if (lora) {
-    TANDEM_ASSIGN_OR_RETURN(adapters, CreateLoraAdapter(*ctx, *model, c, mcfg));
-  }
-
-  // Optimizer state.
-  std::vector<model::Parameter> params = lora ? adapters->parameters() : model->parameters();
-  std::vector<OptimizerSlot> slots(params.size());
-  int64_t trainable = 0;
-  for (size_t i = 0; i < params.size(); ++i) {
-    if (!params[i].trainable) continue;
-    TANDEM_ASSIGN_OR_RETURN(slots[i].m, Zeros(*ctx, params[i].master.shape()));
-    TANDEM_ASSIGN_OR_RETURN(slots[i].v, Zeros(*ctx, params[i].master.shape()));
-    trainable += params[i].master.numel();
-  }
-  TANDEM_ASSIGN_OR_RETURN(Tensor norm_acc, Tensor::Empty({1}, DType::kF32, ctx->allocator()));
-
-  // Run directory.
-  TANDEM_ASSIGN_OR_RETURN(internal::RunDir run, internal::RunDir::Create(t.out_dir, c, command_line, device, mcfg));
+  TANDEM_ASSIGN_OR_RETURN(internal::RunDir run, internal::RunDir::Create(t.out_dir, c, command_line, s.device, s.mcfg));
   TANDEM_ASSIGN_OR_RETURN(MetricsWriter metrics, MetricsWriter::Open(run.path() + "/metrics.jsonl"));
-  TANDEM_LOG(INFO, "train") << "model: " << mcfg.NumParameters() / 1e6 << "M parameters (" << trainable / 1e6
-                            << "M trainable), " << mcfg.num_hidden_layers << " layers, hidden " << mcfg.hidden_size
-                            << ", vocab " << mcfg.vocab_size << " on " << DeviceName(device);
+  TANDEM_LOG(INFO, "train") << "model: " << s.mcfg.NumParameters() / 1e6 << "M parameters (" << s.trainable / 1e6
+                            << "M trainable), " << s.mcfg.num_hidden_layers << " layers, hidden " << s.mcfg.hidden_size
+                            << ", vocab " << s.mcfg.vocab_size << " on " << DeviceName(s.device);
   TANDEM_LOG(INFO, "train") << "run directory: " << run.path();
 
-  const double flops_per_token = FlopsPerToken(mcfg, c.data.seq_len, /*frozen_base=*/lora);
-  double peak = t.peak_tflops > 0 ? t.peak_tflops * 1e12 : PeakFlopsForDevice(DeviceName(device));
+  const double flops_per_token = FlopsPerToken(s.mcfg, c.data.seq_len, /*frozen_base=*/s.lora);
+  const double peak = t.peak_tflops > 0 ? t.peak_tflops * 1e12 : PeakFlopsForDevice(DeviceName(s.device));
   const bool tty = isatty(STDERR_FILENO);
   const auto start = Clock::now();
   auto window_start = start;
   int64_t window_tokens = 0;
   TrainResult result;
-
   for (int64_t step = 1; step <= t.steps; ++step) {
     const auto step_start = Clock::now();
-    // Fetch the update's micro-batches first: the loss is the mean over all their target tokens.
-    std::vector<TokenBatch> micro;
-    int64_t targets = 0, tokens = 0;
-    for (int64_t a = 0; a < t.grad_accum; ++a) {
-      TANDEM_ASSIGN_OR_RETURN(TokenBatch b, train_loader->Next());
-      targets += CountTargets(b.targets);
-      tokens += b.tokens.numel();
-      micro.push_back(std::move(b));
-    }
-    TANDEM_RETURN_IF_ERROR(model->ZeroGrads());
-    model::LossSum loss;
-    const float grad_scale = targets > 0 ? 1.0f / static_cast<float>(targets) : 0.0f;
-    for (const TokenBatch& b : micro) {
-      TANDEM_ASSIGN_OR_RETURN(model::LossSum s, model->ForwardBackward(ToModelBatch(b), grad_scale));
-      loss.sum += s.sum;
-      loss.count += s.count;
-    }
-
-    // Global gradient norm and clipping.
-    TANDEM_RETURN_IF_ERROR(ops::Fill(*ctx, norm_acc, 0.0f));
-    for (const model::Parameter& p : params) {
-      if (p.trainable) TANDEM_RETURN_IF_ERROR(ops::SumSquares(*ctx, norm_acc, p.grad));
-    }
-    TANDEM_ASSIGN_OR_RETURN(Tensor norm_host, CopyToHostBlocking(norm_acc));
-    const double grad_norm = std::sqrt(static_cast<double>(norm_host.data<float>()[0]));
-    if (!std::isfinite(grad_norm)) {
-      return InternalError(StrCat("step ", step, ": the gradient norm is ", grad_norm,
-                                  " (loss ", loss.sum / std::max<int64_t>(1, loss.count), "); stopping"));
-    }
-    const double clip = (t.grad_clip > 0 && grad_norm > t.grad_clip) ? t.grad_clip / (grad_norm + 1e-6) : 1.0;
-
-    // AdamW.
-    const double lr = LearningRate(sched, step);
-    for (size_t i = 0; i < params.size(); ++i) {
-      model::Parameter& p = params[i];
-      if (!p.trainable) continue;
-      ops::AdamWParams ap;
-      ap.lr = static_cast<float>(lr);
-      ap.beta1 = static_cast<float>(t.beta1);
-      ap.beta2 = static_cast<float>(t.beta2);
-      ap.eps = static_cast<float>(t.eps);
-      ap.weight_decay = p.weight_decay ? static_cast<float>(t.weight_decay) : 0.0f;
-      ap.step = step;
-      ap.grad_scale = static_cast<float>(clip);
-      Tensor model_weights = p.weight.storage() == p.master.storage() ? Tensor() : p.weight;
-      TANDEM_RETURN_IF_ERROR(ops::AdamW(*ctx, p.master, slots[i].m, slots[i].v, model_weights, p.grad, ap));
-    }
-    TANDEM_RETURN_IF_ERROR(ctx->Synchronize());
-
-    // Metrics.
+    TANDEM_ASSIGN_OR_RETURN(Update u, TrainStep(t, sched, step, s));
     const auto now = Clock::now();
-    window_tokens += tokens;
+    window_tokens += u.tokens;
     StepMetrics m;
     m.step = step;
     m.total_steps = t.steps;
-    m.loss = loss.count > 0 ? loss.sum / static_cast<double>(loss.count) : 0.0;
-    m.lr = lr;
-    m.grad_norm = grad_norm;
-    m.tokens = tokens;
+    m.loss = u.loss.count > 0 ? u.loss.sum / static_cast<double>(u.loss.count) : 0.0;
+    m.lr = u.lr;
+    m.grad_norm = u.grad_norm;
+    m.tokens = u.tokens;
     m.step_s = Seconds(step_start, now);
     m.elapsed_s = Seconds(start, now);
     m.tokens_per_s = window_tokens / std::max(1e-9, Seconds(window_start, now));
     m.mfu = peak > 0 ? m.tokens_per_s * flops_per_token / peak : -1;
-    m.mem_gib = MemoryGiB(*ctx);
+    m.mem_gib = MemoryGiB(*s.ctx);
     m.eta_s = m.elapsed_s / step * (t.steps - step);
     const bool last = step == t.steps;
     const bool out_of_time = t.max_minutes > 0 && m.elapsed_s > t.max_minutes * 60;
-    if (val_loader && ((t.eval_interval > 0 && step % t.eval_interval == 0) || last || out_of_time)) {
-      TANDEM_ASSIGN_OR_RETURN(double eval, Evaluate(*model, *val_loader, t.eval_batches));
+    if (s.val_loader && ((t.eval_interval > 0 && step % t.eval_interval == 0) || last || out_of_time)) {
+      TANDEM_ASSIGN_OR_RETURN(double eval, Evaluate(*s.model, *s.val_loader, t.eval_batches));
       m.eval_loss = eval;
       result.final_eval_loss = eval;
     }
@@ -323,10 +350,10 @@ StatusOr<TrainResult> RunTraining(const TrainConfig& c, const std::string& comma
     }
     if ((t.save_interval > 0 && step % t.save_interval == 0) || last || out_of_time) {
       auto write = [&](const std::string& dir) -> Status {
-        if (lora) return peft::SaveLoraAdapter(adapters->adapter(0), dir, DType::kF32);
-        return model->SaveSafetensors(dir, DType::kF32);
+        if (s.lora) return peft::SaveLoraAdapter(s.adapters->adapter(0), dir, DType::kF32);
+        return s.model->SaveSafetensors(dir, DType::kF32);
       };
-      TANDEM_ASSIGN_OR_RETURN(result.last_checkpoint, run.SaveCheckpoint(write, step, *tokenizer, c.data.tokenizer));
+      TANDEM_ASSIGN_OR_RETURN(result.last_checkpoint, run.SaveCheckpoint(write, step, *s.tokenizer, c.data.tokenizer));
     }
     if (out_of_time) {
       TANDEM_LOG(WARNING, "train") << "stopping after " << FormatDuration(m.elapsed_s) << " (train.max_minutes = "
@@ -335,7 +362,8 @@ StatusOr<TrainResult> RunTraining(const TrainConfig& c, const std::string& comma
     }
   }
   TANDEM_LOG(INFO, "train") << "done: " << result.steps_done << " steps, loss " << result.first_loss << " -> "
-                            << result.final_loss << (result.final_eval_loss >= 0 ? StrCat(", eval loss ", result.final_eval_loss) : "")
+                            << result.final_loss
+                            << (result.final_eval_loss >= 0 ? StrCat(", eval loss ", result.final_eval_loss) : "")
                             << "; checkpoint " << result.last_checkpoint;
   return result;
 }
