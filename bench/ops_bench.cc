@@ -154,14 +154,9 @@ int main(int argc, char** argv) {
   }
   auto dev = tandem::ParseDevice(device);
   TANDEM_CHECK_OK(dev);
-  std::unique_ptr<ops::Context> ctx;
-  if (dev->is_cpu()) {
-    ctx = ops::Context::Cpu();
-  } else {
-    auto c = ops::Context::Cuda(dev->index);
-    TANDEM_CHECK_OK(c);
-    ctx = std::move(c).value();
-  }
+  auto made = ops::Context::ForDevice(*dev);
+  TANDEM_CHECK_OK(made);
+  std::unique_ptr<ops::Context> ctx = std::move(made).value();
   Bench b{*ctx, iters, tandem::DeviceName(*dev)};
   auto want = [&](const char* name) { return only.empty() || only.find(name) != std::string::npos; };
   const DType dt = ctx->is_cuda() ? DType::kBF16 : DType::kF32;

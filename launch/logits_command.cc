@@ -42,12 +42,7 @@ StatusOr<Tensor> ParseTokens(const std::string& text) {
 Status Run(const std::string& model_dir, const std::string& tokens_text, const std::string& out,
            const std::string& device_text) {
   TANDEM_ASSIGN_OR_RETURN(Device device, ParseDevice(device_text));
-  std::unique_ptr<ops::Context> ctx;
-  if (device.is_cpu()) {
-    ctx = ops::Context::Cpu();
-  } else {
-    TANDEM_ASSIGN_OR_RETURN(ctx, ops::Context::Cuda(device.index));
-  }
+  TANDEM_ASSIGN_OR_RETURN(std::unique_ptr<ops::Context> ctx, ops::Context::ForDevice(device));
   TANDEM_ASSIGN_OR_RETURN(model::LlamaConfig config, model::LoadLlamaConfig(model_dir + "/config.json"));
   model::ModelOptions options;
   options.trainable = false;

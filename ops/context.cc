@@ -58,6 +58,11 @@ StatusOr<std::unique_ptr<Context>> Context::Cuda(int device_index) {
 #endif
 }
 
+StatusOr<std::unique_ptr<Context>> Context::ForDevice(Device device) {
+  if (device.is_cpu()) return Cpu();
+  return Cuda(device.index);
+}
+
 CudaStream Context::stream() const {
 #ifdef TANDEM_WITH_CUDA
   return cuda_ ? reinterpret_cast<CudaStream>(cuda_->stream) : nullptr;

@@ -32,6 +32,8 @@ class Context {
   static std::unique_ptr<Context> Cpu();
   // Unimplemented in CPU-only builds; Unavailable when the device does not exist.
   static StatusOr<std::unique_ptr<Context>> Cuda(int device_index);
+  // Cpu() or Cuda(device.index).
+  static StatusOr<std::unique_ptr<Context>> ForDevice(Device device);
 
   Device device() const { return device_; }
   bool is_cuda() const { return device_.is_cuda(); }

@@ -290,11 +290,7 @@ StatusOr<TrainResult> RunTraining(const TrainConfig& c, const std::string& comma
   TANDEM_RETURN_IF_ERROR(ValidateSchedule(sched));
   Session s;
   TANDEM_ASSIGN_OR_RETURN(s.device, ParseDevice(t.device));
-  if (s.device.is_cpu()) {
-    s.ctx = ops::Context::Cpu();
-  } else {
-    TANDEM_ASSIGN_OR_RETURN(s.ctx, ops::Context::Cuda(s.device.index));
-  }
+  TANDEM_ASSIGN_OR_RETURN(s.ctx, ops::Context::ForDevice(s.device));
   TANDEM_RETURN_IF_ERROR(OpenTokenizerAndData(c, s));
   TANDEM_RETURN_IF_ERROR(OpenModel(c, s));
   TANDEM_RETURN_IF_ERROR(OpenLoaders(c, s));

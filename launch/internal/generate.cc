@@ -136,12 +136,7 @@ StatusOr<Generation> Generate(model::LlamaModel& model, const model::Tokenizer& 
 StatusOr<Generation> GenerateFromOptions(const GenerateOptions& options) {
   if (options.model_dir.empty()) return InvalidArgumentError("no model directory given");
   TANDEM_ASSIGN_OR_RETURN(Device device, ParseDevice(options.device));
-  std::unique_ptr<ops::Context> ctx;
-  if (device.is_cpu()) {
-    ctx = ops::Context::Cpu();
-  } else {
-    TANDEM_ASSIGN_OR_RETURN(ctx, ops::Context::Cuda(device.index));
-  }
+  TANDEM_ASSIGN_OR_RETURN(std::unique_ptr<ops::Context> ctx, ops::Context::ForDevice(device));
   TANDEM_ASSIGN_OR_RETURN(model::LlamaConfig config,
                           model::LoadLlamaConfig(options.model_dir + "/config.json"));
   TANDEM_ASSIGN_OR_RETURN(std::unique_ptr<model::Tokenizer> tokenizer,
