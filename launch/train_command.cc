@@ -1,6 +1,9 @@
+#include <algorithm>
 #include <cstdio>
+#include <cstdlib>
 #include <string>
 
+#include "collectives/mpi.h"
 #include "core/logging.h"
 #include "launch/commands.h"
 #include "trainer/config.h"
@@ -9,6 +12,47 @@
 namespace tandem::launch {
 
 namespace {
+
+// Ranks of the job when started by mpirun (Open MPI, or a PMI launcher); 1 otherwise.
+int LaunchedWorldSize() {
+  for (const char* name : {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE"}) {
+    if (const char* v = std::getenv(name)) return std::max(1, std::atoi(v));
+  }
+  return 1;
+}
+
+// [parallel] One rank of an mpirun job: MPI, the host world, training, a timed finalize.
+int TrainUnderMpi(const trainer::TrainConfig& config, const std::string& command_line) {
+  collectives::CollectiveOptions options;
+  options.timeout_s = config.parallel.timeout_s;
+  StatusOr<collectives::MpiRuntime> mpi = collectives::MpiRuntime::Init(nullptr, nullptr, options);
+  if (!mpi.ok()) {
+    std::fprintf(stderr, "tandem train: %s\n", mpi.status().message().c_str());
+    return 1;
+  }
+  LogOptions log;
+  log.rank = mpi->world_rank();
+  SetLogOptions(log);
+  StatusOr<std::unique_ptr<collectives::Communicator>> world = collectives::CreateMpiWorld(options);
+  if (!world.ok()) mpi->AbortJob(1, world.status().ToString());
+  trainer::TrainEnv env;
+  env.world = world->get();
+  env.local_rank = mpi->local_rank();
+  StatusOr<trainer::TrainResult> result = trainer::RunTraining(config, command_line, env);
+  if (!result.ok()) {
+    // A failed rank takes the job down at once rather than leaving peers to time out.
+    mpi->AbortJob(1, StrCat("rank ", mpi->world_rank(), ": ", result.status().message()));
+  }
+  Status closed = (*world)->Close();
+  Status finalized = mpi->Finalize();
+  if (!closed.ok() || !finalized.ok()) {
+    std::fprintf(stderr, "tandem train: rank %d: %s\n", mpi->world_rank(),
+                 (!closed.ok() ? closed : finalized).message().c_str());
+    return 1;
+  }
+  return 0;
+}
+
 void PrintTrainHelp() {
   std::printf(
       "usage: tandem train --config FILE.toml [--set section.key=value ...]\n\n"
@@ -59,6 +103,7 @@ int TrainCommand(const Args& args) {
     std::fprintf(stderr, "tandem train: %s\n", config.status().message().c_str());
     return 1;
   }
+  if (LaunchedWorldSize() > 1) return TrainUnderMpi(*config, command_line);
   StatusOr<trainer::TrainResult> result = trainer::RunTraining(*config, command_line);
   if (!result.ok()) {
     std::fprintf(stderr, "tandem train: %s\n", result.status().message().c_str());

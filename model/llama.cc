@@ -41,7 +41,12 @@ StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::Create(ops::Context& ctx,
     return InvalidArgumentError(StrCat("ModelOptions::loss_chunk_tokens must be positive, found ",
                                        options.loss_chunk_tokens));
   }
+  if (options.flat_numel_multiple <= 0) {
+    return InvalidArgumentError(StrCat("ModelOptions::flat_numel_multiple must be positive, found ",
+                                       options.flat_numel_multiple));
+  }
   std::unique_ptr<LlamaModel> m(new LlamaModel(ctx, c, options));
+  TANDEM_RETURN_IF_ERROR(m->CheckParallel());
   TANDEM_RETURN_IF_ERROR(m->AllocateParameters());
   for (Parameter& p : m->params_) p.trainable = options.trainable;
   TANDEM_RETURN_IF_ERROR(m->ZeroGrads());
@@ -53,61 +58,129 @@ StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::Create(ops::Context& ctx,
   return m;
 }
 
+Status LlamaModel::CheckParallel() const {
+  const ModelParallel& par = options_.parallel;
+  if (par.tp_size < 1 || par.cp_size < 1 || par.tp_rank < 0 || par.tp_rank >= par.tp_size ||
+      par.cp_rank < 0 || par.cp_rank >= par.cp_size) {
+    return InvalidArgumentError(
+        StrCat("ModelOptions::parallel: expected 0 <= rank < size, found tp ", par.tp_rank, "/",
+               par.tp_size, ", cp ", par.cp_rank, "/", par.cp_size));
+  }
+  if ((par.tp_size > 1 || par.cp_size > 1) && par.hooks == nullptr) {
+    return InvalidArgumentError("ModelOptions::parallel: tp or cp > 1 needs ParallelHooks");
+  }
+  const int64_t tp = par.tp_size, Hq = config_.num_attention_heads;
+  const int64_t Hkv = config_.num_key_value_heads, F = config_.intermediate_size;
+  if (Hq % tp != 0 || F % tp != 0 || (Hkv % tp != 0 && tp % Hkv != 0)) {
+    return InvalidArgumentError(
+        StrCat("tensor parallelism over ", tp, " ranks needs num_attention_heads (", Hq,
+               ") and intermediate_size (", F, ") divisible by tp, and num_key_value_heads (", Hkv,
+               ") a multiple or a divisor of tp"));
+  }
+  return Status::Ok();
+}
+
+int64_t LlamaModel::flat_offset(size_t i) const {
+  const Group& g = groups_[group_of_[i]];
+  for (size_t m = 0; m < g.members.size(); ++m) {
+    if (g.members[m] == i) return g.offset + g.row_start[m] * g.cols;
+  }
+  TANDEM_CHECK_MSG(false, "parameter not in its group");
+  return 0;
+}
+
 Status LlamaModel::AllocateParameters() {
   const int64_t C = config_.hidden_size, F = config_.intermediate_size;
   const int64_t V = config_.vocab_size, D = config_.head_dim;
   const int64_t Hq = config_.num_attention_heads, Hkv = config_.num_key_value_heads;
+  const int64_t tp = options_.parallel.tp_size, r = options_.parallel.tp_rank;
+  hq_ = Hq / tp;
+  ffn_ = F / tp;
+  kv_share_ = Hkv >= tp ? 1 : tp / Hkv;
+  hkv_ = Hkv >= tp ? Hkv / tp : 1;
+  kv_start_ = Hkv >= tp ? r * hkv_ : r / kv_share_;
+  vocab_rows_ = (V + tp - 1) / tp;
+  vocab_start_ = r * vocab_rows_;
   int64_t total = 0;
-  // One group of parameters stacked as rows of a [sum rows, cols] matrix.
-  auto add_group = [&](const std::vector<std::pair<std::string, int64_t>>& parts, int64_t cols,
-                       bool one_dim) -> int {
+  // A member of a group: HF name, local rows, and how it is sliced from the logical tensor.
+  struct Part {
+    std::string name;
+    int64_t rows;
+    int tp_dim;
+    int64_t tp_offset;
+    Shape logical;
+    int copies;
+  };
+  const int rep = static_cast<int>(tp);  // replicated on every tp rank
+  // One group of parameters stacked as rows of a [sum rows, cols] matrix (+ extra zero rows).
+  auto add_group = [&](const std::vector<Part>& parts, int64_t cols, bool one_dim,
+                       int64_t extra_rows = 0) -> int {
     Group g;
     g.offset = total;
     g.cols = cols;
     g.one_dim = one_dim;
     g.row_start.push_back(0);
-    for (const auto& [name, rows] : parts) {
+    for (const Part& part : parts) {
       Parameter p;
-      p.name = name;
+      p.name = part.name;
       p.weight_decay = !one_dim;
+      p.tp_dim = tp > 1 ? part.tp_dim : -1;
+      p.tp_offset = tp > 1 ? part.tp_offset : 0;
+      p.logical_shape = part.logical;
+      p.tp_copies = part.copies;
       g.members.push_back(params_.size());
       group_of_.push_back(static_cast<int>(groups_.size()));
       params_.push_back(std::move(p));
-      g.rows += rows;
+      g.rows += part.rows;
       g.row_start.push_back(g.rows);
     }
+    g.rows += extra_rows;
     total = AlignUp(total + g.rows * g.cols);
     groups_.push_back(std::move(g));
     return static_cast<int>(groups_.size()) - 1;
   };
   auto first = [&](int group) { return groups_[group].members[0]; };
-
-  embed_ = first(add_group({{"model.embed_tokens.weight", V}}, C, false));
+  const int64_t Vl = vocab_rows_, v0 = vocab_start_;
+  // Under tp, one zero row after the embedding rows takes the lookups of other ranks' tokens.
+  embed_ = first(
+      add_group({{"model.embed_tokens.weight", Vl, 0, v0, {V, C}, 1}}, C, false, tp > 1 ? 1 : 0));
+  const int kv_copies = static_cast<int>(kv_share_);
   for (int64_t l = 0; l < config_.num_hidden_layers; ++l) {
     const std::string pre = StrCat("model.layers.", l, ".");
     Layer layer;
-    layer.qkv_group = add_group({{pre + "self_attn.q_proj.weight", Hq * D},
-                                 {pre + "self_attn.k_proj.weight", Hkv * D},
-                                 {pre + "self_attn.v_proj.weight", Hkv * D}},
-                                C, false);
+    layer.qkv_group = add_group(
+        {{pre + "self_attn.q_proj.weight", hq_ * D, 0, r * hq_ * D, {Hq * D, C}, 1},
+         {pre + "self_attn.k_proj.weight", hkv_ * D, 0, kv_start_ * D, {Hkv * D, C}, kv_copies},
+         {pre + "self_attn.v_proj.weight", hkv_ * D, 0, kv_start_ * D, {Hkv * D, C}, kv_copies}},
+        C, false);
     layer.q = groups_[layer.qkv_group].members[0];
     layer.k = groups_[layer.qkv_group].members[1];
     layer.v = groups_[layer.qkv_group].members[2];
-    layer.o = first(add_group({{pre + "self_attn.o_proj.weight", C}}, Hq * D, false));
-    layer.gate_up_group =
-        add_group({{pre + "mlp.gate_proj.weight", F}, {pre + "mlp.up_proj.weight", F}}, C, false);
+    layer.o = first(add_group(
+        {{pre + "self_attn.o_proj.weight", C, 1, r * hq_ * D, {C, Hq * D}, 1}}, hq_ * D, false));
+    layer.gate_up_group = add_group({{pre + "mlp.gate_proj.weight", ffn_, 0, r * ffn_, {F, C}, 1},
+                                     {pre + "mlp.up_proj.weight", ffn_, 0, r * ffn_, {F, C}, 1}},
+                                    C, false);
     layer.gate = groups_[layer.gate_up_group].members[0];
     layer.up = groups_[layer.gate_up_group].members[1];
-    layer.down = first(add_group({{pre + "mlp.down_proj.weight", C}}, F, false));
-    layer.attn_norm = first(add_group({{pre + "input_layernorm.weight", 1}}, C, true));
-    layer.mlp_norm = first(add_group({{pre + "post_attention_layernorm.weight", 1}}, C, true));
+    layer.down =
+        first(add_group({{pre + "mlp.down_proj.weight", C, 1, r * ffn_, {C, F}, 1}}, ffn_, false));
+    layer.attn_norm =
+        first(add_group({{pre + "input_layernorm.weight", 1, -1, 0, {C}, rep}}, C, true));
+    layer.mlp_norm =
+        first(add_group({{pre + "post_attention_layernorm.weight", 1, -1, 0, {C}, rep}}, C, true));
     layers_.push_back(layer);
   }
-  final_norm_ = first(add_group({{"model.norm.weight", 1}}, C, true));
-  lm_head_ =
-      config_.tie_word_embeddings ? embed_ : first(add_group({{"lm_head.weight", V}}, C, false));
+  final_norm_ = first(add_group({{"model.norm.weight", 1, -1, 0, {C}, rep}}, C, true));
+  lm_head_ = config_.tie_word_embeddings
+                 ? embed_
+                 : first(add_group({{"lm_head.weight", Vl, 0, v0, {V, C}, 1}}, C, false));
+  const int64_t mult = options_.flat_numel_multiple;
+  total = (total + mult - 1) / mult * mult;
 
   TANDEM_ASSIGN_OR_RETURN(weights_flat_, Tensor::Empty({total}, compute_dtype_, ctx_.allocator()));
+  // Padding and sink rows stay zero (ZeRO all-gathers the whole buffer).
+  TANDEM_RETURN_IF_ERROR(ops::Fill(ctx_, weights_flat_, 0.0f));
   for (Group& g : groups_) {
     g.weight = weights_flat_.Slice(0, g.offset, g.offset + g.rows * g.cols).View({g.rows, g.cols});
     for (size_t m = 0; m < g.members.size(); ++m) {
@@ -142,6 +215,8 @@ Status LlamaModel::EnsureTrainingState(bool relayout_grads) {
   for (size_t g = 0; g < groups_.size(); ++g) {
     if (want[g]) total = AlignUp(total + groups_[g].rows * groups_[g].cols);
   }
+  const int64_t mult = options_.flat_numel_multiple;
+  total = (total + mult - 1) / mult * mult;
   grads_flat_ = Tensor();
   for (Group& g : groups_) g.grad = Tensor();
   for (Parameter& p : params_) p.grad = Tensor();  // frees the old buffer
@@ -196,7 +271,8 @@ StatusOr<Tensor> LlamaModel::ToHostF32(const Tensor& t) const {
 Status LlamaModel::InitRandom(uint64_t seed, float std) {
   for (size_t i = 0; i < params_.size(); ++i) {
     Parameter& p = params_[i];
-    Tensor host = Tensor::Cpu(p.weight.shape(), DType::kF32);
+    // The logical tensor, so every tp layout starts from the same weights.
+    Tensor host = Tensor::Cpu(p.logical_shape, DType::kF32);
     float* h = host.data<float>();
     if (groups_[group_of_[i]].one_dim) {
       std::fill(h, h + host.numel(), 1.0f);  // RMSNorm weights start at one
@@ -204,9 +280,26 @@ Status LlamaModel::InitRandom(uint64_t seed, float std) {
       Rng rng(seed, /*stream=*/i);
       for (int64_t j = 0; j < host.numel(); ++j) h[j] = std * rng.Normal();
     }
-    TANDEM_RETURN_IF_ERROR(SetFromHost(i, host));
+    TANDEM_RETURN_IF_ERROR(SetFromHost(i, SliceForRank(i, host)));
   }
   return Status::Ok();
+}
+
+Tensor LlamaModel::SliceForRank(size_t i, const Tensor& logical) const {
+  const Parameter& p = params_[i];
+  if (p.tp_dim < 0) return logical;
+  Tensor out = Tensor::CpuZeros(p.weight.shape(), DType::kF32);
+  const float* src = logical.data<float>();
+  float* dst = out.data<float>();
+  const int64_t rows = out.dim(0), cols = out.ndim() > 1 ? out.dim(1) : 1;
+  const int64_t lrows = logical.dim(0), lcols = logical.ndim() > 1 ? logical.dim(1) : 1;
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t sr = p.tp_dim == 0 ? p.tp_offset + r : r;
+    if (sr >= lrows) break;  // vocabulary padding stays zero
+    const int64_t c0 = p.tp_dim == 1 ? p.tp_offset : 0;
+    std::copy(src + sr * lcols + c0, src + sr * lcols + c0 + cols, dst + r * cols);
+  }
+  return out;
 }
 
 }  // namespace tandem::model

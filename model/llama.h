@@ -30,6 +30,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -42,6 +43,42 @@
 
 namespace tandem::model {
 
+// Tensor and context parallelism reach the model through this interface, which parallel/
+// implements over collectives (model/ must not depend on collectives/, as with AdapterHooks).
+// Tensors passed in may live on the host or on the model's device; contiguous, f32 or the
+// compute dtype. Every rank of the group makes the same calls in the same order.
+class ParallelHooks {
+ public:
+  virtual ~ParallelHooks() = default;
+  // In place sum over the tp group.
+  virtual Status TpAllReduceSum(Tensor& inout) = 0;
+  // In place max over the tp group.
+  virtual Status TpAllReduceMax(Tensor& inout) = 0;
+  // out [tp * n] = every tp rank's `in` [n], in tp rank order (same device and dtype as in).
+  virtual Status TpAllGather(Tensor& out, const Tensor& in) = 0;
+  // Context parallelism: causal attention of this rank's zig-zag token chunks against the whole
+  // sequence (shapes and layout of ops::AttentionForward/Backward with T = this rank's Tl tokens;
+  // q/k/v/out token stride free). See parallel/ring_attention.h.
+  virtual Status CpAttentionForward(Tensor& out, Tensor& lse, const Tensor& q, const Tensor& k,
+                                    const Tensor& v, float scale) = 0;
+  virtual Status CpAttentionBackward(Tensor& dq, Tensor& dk, Tensor& dv, const Tensor& dout,
+                                     const Tensor& q, const Tensor& k, const Tensor& v,
+                                     const Tensor& out, const Tensor& lse, float scale) = 0;
+};
+
+// This rank's place in the tensor- and context-parallel groups (see parallel/mesh.h).
+// tp > 1 (Megatron): q heads Hq/tp and kv heads Hkv/tp per rank (a kv head replicated over
+// tp/Hkv ranks when Hkv < tp), gate/up F/tp rows, o/down the matching input columns, embedding
+// and lm_head rows of the vocabulary padded to a multiple of tp. cp > 1: the batch holds this
+// rank's zig-zag chunks of each sequence and Batch::positions their global positions.
+struct ModelParallel {
+  int tp_rank = 0;
+  int tp_size = 1;
+  int cp_rank = 0;
+  int cp_size = 1;
+  ParallelHooks* hooks = nullptr;  // not owned; required when tp_size > 1 or cp_size > 1
+};
+
 struct ModelOptions {
   // Keep only each block's input; recompute the block in backward.
   bool recompute = false;
@@ -50,6 +87,11 @@ struct ModelOptions {
   bool trainable = true;
   // Tokens per chunk of the loss head: the [N, V] logits of a batch never exist at once.
   int64_t loss_chunk_tokens = 1024;
+  // Tensor/context parallel placement (default: one rank holds everything).
+  ModelParallel parallel;
+  // The flat weight and gradient buffers are padded to a multiple of this many elements (ZeRO
+  // shards them into equal parts).
+  int64_t flat_numel_multiple = 1;
 };
 
 struct Parameter {
@@ -60,6 +102,14 @@ struct Parameter {
   Tensor grad;       // f32, accumulated by ForwardBackward (undefined for frozen groups)
   bool trainable = true;
   bool weight_decay = true;  // false for norms
+  // Tensor parallelism: `weight` holds [tp_offset, tp_offset + weight.dim(tp_dim)) of the HF
+  // tensor (shape logical_shape) along tp_dim; tp_dim == -1: the whole tensor. Rows past the
+  // logical end are vocabulary padding (zero). tp_copies: how many tp ranks hold this same slice
+  // (replicated norms: tp; a kv head shared by tp/Hkv ranks: that many; else 1).
+  int tp_dim = -1;
+  int64_t tp_offset = 0;
+  Shape logical_shape;
+  int tp_copies = 1;
 };
 
 struct Batch {
@@ -92,13 +142,15 @@ class LlamaModel {
   // device-independent: element j of parameter i (in parameters() order, row-major) is
   // std * the j-th Rng(seed, /*stream=*/i).Normal() of core/rng.h (Philox, Box-Muller).
   Status InitRandom(uint64_t seed, float std = 0.02f);
+  // Under tp > 1 each rank keeps its slice of every tensor.
   // `path`: a model directory (model.safetensors.index.json or model.safetensors), an index file
   // or a .safetensors file. F32/BF16/F16 accepted and converted. Missing, unexpected or
   // mis-shaped tensors are errors naming them (checked before any weight changes). With tied
   // embeddings a stored lm_head.weight is ignored; rotary inv_freq buffers are ignored.
   Status LoadSafetensors(const std::string& path);
   // Writes `dir`/config.json and `dir`/model.safetensors (HF names, from the f32 master where
-  // there is one) in `dtype` (f32, bf16 or f16). Creates `dir`.
+  // there is one) in `dtype` (f32, bf16 or f16). Creates `dir`. Under tp > 1 a collective over
+  // the tp group: every tp rank calls it, tp rank 0 writes the logical (gathered) tensors.
   Status SaveSafetensors(const std::string& dir, DType dtype) const;
 
   std::vector<Parameter>& parameters() { return params_; }
@@ -119,7 +171,26 @@ class LlamaModel {
   StatusOr<LossSum> ForwardBackward(const Batch& batch, float grad_scale);
   // Forward only.
   StatusOr<LossSum> Loss(const Batch& batch);
-  // f32 host [B, T, V] (targets may be undefined), for tests and small generation.
+
+  // Called during ForwardBackward with parameter indices whose gradients are final for this
+  // backward pass (a block's right after its backward), so data parallelism can reduce them
+  // while the backward goes on. Empty function: none.
+  using GradReadyFn = std::function<Status(const std::vector<size_t>& params)>;
+  void SetGradReadyCallback(GradReadyFn fn) { grad_ready_ = std::move(fn); }
+
+  // The whole logical (HF-shaped) f32 host tensor of parameter i: its weight (master where there
+  // is one), or its gradient. Under tp > 1 a collective over the tp group (every tp rank calls).
+  StatusOr<Tensor> GatherParameter(size_t i, bool grad) const;
+  // Every weight, and every gradient (f32), in one flat buffer each, parameters at the offsets
+  // of their groups (ZeRO-1 shards these). Gradients are undefined until ZeroGrads().
+  Tensor& weights_flat() { return weights_flat_; }
+  Tensor& grads_flat() { return grads_flat_; }
+  // Offset of parameter i's weight in weights_flat() (equal to its grad offset in grads_flat()
+  // when every parameter trains).
+  int64_t flat_offset(size_t i) const;
+  const ModelParallel& parallel() const { return options_.parallel; }
+  // f32 host [B, T, V] (targets may be undefined), for tests and small generation. Under tp a
+  // collective over the tp group (the vocabulary slices are gathered).
   StatusOr<Tensor> Logits(const Batch& batch);
 
  private:
@@ -147,6 +218,20 @@ class LlamaModel {
   Status ProjectionGrad(const Group& group, const Tensor& dy, const Tensor& x);
   Status WeightGrad(size_t param, const Tensor& dy, const Tensor& x);
   Status LossHead(float grad_scale, bool backward);
+  // tp > 1: cross-entropy of vocabulary-sliced logits [n, V/tp] (max, sum of exponentials and
+  // target logit reduced over tp); dlogits in place when backward.
+  Status VocabParallelCrossEntropy(Tensor& losses, Tensor& logits, const int32_t* host_targets,
+                                   float grad_scale, bool backward);
+  // tp > 1 with a kv head replicated over several ranks: the k|v weight gradient of this pass is
+  // summed over the ranks sharing the head.
+  Status KvProjectionGrad(const Group& group, const Tensor& dy, const Tensor& x);
+  Status NotifyGradsReady(const std::vector<size_t>& params);
+  Status CheckParallel() const;
+  Status GatherOnly() const;  // SaveSafetensors on tp ranks other than 0
+  // Host f32 logical tensor -> this rank's slice (zero padding past the logical end), and back.
+  Tensor SliceForRank(size_t param, const Tensor& logical) const;
+  bool tp() const { return options_.parallel.tp_size > 1; }
+  bool cp() const { return options_.parallel.cp_size > 1; }
   StatusOr<LossSum> SumLosses();
 
   ops::Context& ctx_;
@@ -164,6 +249,12 @@ class LlamaModel {
   Tensor inv_freq_;                                  // f32 [D/2] on the device
   std::unique_ptr<Activations> acts_;
   AdapterHooks* adapter_ = nullptr;  // [adapter] not owned
+  GradReadyFn grad_ready_;
+  // This rank's sizes (the config's divided by tp): q and kv heads, ffn width, vocabulary rows
+  // (padded), the first vocabulary row and kv head held here, ranks sharing a kv head.
+  int64_t hq_ = 0, hkv_ = 0, ffn_ = 0, vocab_rows_ = 0, vocab_start_ = 0, kv_start_ = 0;
+  int64_t kv_share_ = 1;
+  Tensor kv_grad_scratch_;  // f32 [2 D, C] when kv_share_ > 1
 };
 
 }  // namespace tandem::model

@@ -30,6 +30,33 @@ Status LlamaModel::ProjectionGrad(const Group& group, const Tensor& dy, const Te
   return Status::Ok();
 }
 
+// q rows as usual; the k|v rows of this pass are computed apart, summed over the tp ranks that
+// share this kv head (in tp rank order, so every sharer gets the same bits), then added.
+Status LlamaModel::KvProjectionGrad(const Group& group, const Tensor& dy, const Tensor& x) {
+  const int64_t C = config_.hidden_size, D = config_.head_dim, tp = options_.parallel.tp_size;
+  const int64_t kv_rows = 2 * hkv_ * D, q_rows = hq_ * D;
+  if (!kv_grad_scratch_.defined()) {
+    TANDEM_ASSIGN_OR_RETURN(kv_grad_scratch_,
+                            Tensor::Empty({kv_rows, C}, DType::kF32, ctx_.allocator()));
+  }
+  TANDEM_RETURN_IF_ERROR(WeightGrad(group.members[0], dy.Slice(1, 0, q_rows), x));
+  TANDEM_RETURN_IF_ERROR(
+      ops::Matmul(ctx_, kv_grad_scratch_, dy.Slice(1, q_rows, q_rows + kv_rows), x, true, false));
+  TANDEM_ASSIGN_OR_RETURN(Tensor mine, ToHostF32(kv_grad_scratch_));  // [2 D, C]
+  Tensor all = Tensor::Cpu({tp * kv_rows * C}, DType::kF32);
+  TANDEM_RETURN_IF_ERROR(options_.parallel.hooks->TpAllGather(all, mine.View({kv_rows * C})));
+  Tensor sum = Tensor::CpuZeros({kv_rows, C}, DType::kF32);
+  const int64_t first = options_.parallel.tp_rank / kv_share_ * kv_share_;
+  for (int64_t r = first; r < first + kv_share_; ++r) {
+    const float* src = all.data<float>() + r * kv_rows * C;
+    for (int64_t i = 0; i < kv_rows * C; ++i) sum.data<float>()[i] += src[i];
+  }
+  TANDEM_RETURN_IF_ERROR(CopyTensor(kv_grad_scratch_, sum, ctx_.stream()));
+  Tensor kv_grad = group.grad.Slice(0, q_rows, q_rows + kv_rows);  // [2 D, C], contiguous
+  TANDEM_RETURN_IF_ERROR(ops::Add(ctx_, kv_grad, kv_grad, kv_grad_scratch_));
+  return ctx_.Synchronize();  // `sum` dies here
+}
+
 // [adapter] dy's column blocks are the group's members, in `projs` order; dx accumulates.
 Status LlamaModel::AdapterBackward(int64_t l, const Group& group, const Projection* projs,
                                    const Tensor& x, const Tensor& dy, Tensor& dx) {
@@ -47,8 +74,9 @@ Status LlamaModel::BlockBackward(int64_t l) {
   Activations::Block& b = a.blocks[options_.recompute ? 0 : l];
   const Layer& layer = layers_[l];
   const int64_t B = a.batch, T = a.seq, N = B * T;
-  const int64_t Hq = config_.num_attention_heads, Hkv = config_.num_key_value_heads;
-  const int64_t D = config_.head_dim, F = config_.intermediate_size, H3 = Hq + 2 * Hkv;
+  const int64_t Hq = hq_, Hkv = hkv_;  // this rank's heads
+  const int64_t D = config_.head_dim, F = ffn_, H3 = Hq + 2 * Hkv;
+  ParallelHooks* hooks = options_.parallel.hooks;
   const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(D)));
   auto norm_grad = [&](size_t i) { return params_[i].trainable ? params_[i].grad : Tensor(); };
 
@@ -73,6 +101,7 @@ Status LlamaModel::BlockBackward(int64_t l) {
     constexpr Projection kGateUp[] = {Projection::kGate, Projection::kUp};
     TANDEM_RETURN_IF_ERROR(AdapterBackward(l, gate_up, kGateUp, b.ln2, a.dgate_up, a.dln));
   }
+  if (tp()) TANDEM_RETURN_IF_ERROR(hooks->TpAllReduceSum(a.dln));  // column parallel input
   if (gate_up.grad.defined()) TANDEM_RETURN_IF_ERROR(ProjectionGrad(gate_up, a.dgate_up, b.ln2));
   Tensor dw2 = norm_grad(layer.mlp_norm);
   TANDEM_RETURN_IF_ERROR(ops::RmsNormBackward(ctx_, a.dres, dw2, a.dln, b.x_mid,
@@ -94,10 +123,16 @@ Status LlamaModel::BlockBackward(int64_t l) {
   Tensor dk = dqkv4.Slice(2, Hq, Hq + Hkv);
   Tensor dv = dqkv4.Slice(2, Hq + Hkv, H3);
   const Tensor seg = a.use_segments ? a.segment_ids : Tensor();
-  TANDEM_RETURN_IF_ERROR(ops::AttentionBackward(ctx_, dq, dk, dv, a.dattn.View({B, T, Hq, D}),
-                                                qkv4.Slice(2, 0, Hq), qkv4.Slice(2, Hq, Hq + Hkv),
-                                                qkv4.Slice(2, Hq + Hkv, H3),
-                                                b.attn.View({B, T, Hq, D}), b.lse, scale, seg));
+  if (cp()) {
+    TANDEM_RETURN_IF_ERROR(hooks->CpAttentionBackward(
+        dq, dk, dv, a.dattn.View({B, T, Hq, D}), qkv4.Slice(2, 0, Hq), qkv4.Slice(2, Hq, Hq + Hkv),
+        qkv4.Slice(2, Hq + Hkv, H3), b.attn.View({B, T, Hq, D}), b.lse, scale));
+  } else {
+    TANDEM_RETURN_IF_ERROR(ops::AttentionBackward(ctx_, dq, dk, dv, a.dattn.View({B, T, Hq, D}),
+                                                  qkv4.Slice(2, 0, Hq), qkv4.Slice(2, Hq, Hq + Hkv),
+                                                  qkv4.Slice(2, Hq + Hkv, H3),
+                                                  b.attn.View({B, T, Hq, D}), b.lse, scale, seg));
+  }
   // RoPE is a rotation: its backward rotates the gradient back.
   const Tensor dheads = a.dqkv.View({N, H3, D});
   Tensor dq_rot = dheads.Slice(1, 0, Hq);  // [N, Hq, D]
@@ -111,7 +146,11 @@ Status LlamaModel::BlockBackward(int64_t l) {
     constexpr Projection kQkv[] = {Projection::kQ, Projection::kK, Projection::kV};
     TANDEM_RETURN_IF_ERROR(AdapterBackward(l, qkv, kQkv, b.ln1, a.dqkv, a.dln));
   }
-  if (qkv.grad.defined()) TANDEM_RETURN_IF_ERROR(ProjectionGrad(qkv, a.dqkv, b.ln1));
+  if (tp()) TANDEM_RETURN_IF_ERROR(hooks->TpAllReduceSum(a.dln));  // column parallel input
+  if (qkv.grad.defined()) {
+    TANDEM_RETURN_IF_ERROR(kv_share_ > 1 ? KvProjectionGrad(qkv, a.dqkv, b.ln1)
+                                         : ProjectionGrad(qkv, a.dqkv, b.ln1));
+  }
   Tensor dw1 = norm_grad(layer.attn_norm);
   return ops::RmsNormBackward(ctx_, a.dres, dw1, a.dln, a.x[l], params_[layer.attn_norm].weight,
                               b.rstd1, /*accumulate_dx=*/true);

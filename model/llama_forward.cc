@@ -42,9 +42,9 @@ Status LlamaModel::EnsureActivations(int64_t B, int64_t T, bool backward) {
   if (a != nullptr && a->batch == B && a->seq == T && (a->has_backward || !backward)) {
     return Status::Ok();
   }
-  const int64_t N = B * T, C = config_.hidden_size, F = config_.intermediate_size;
-  const int64_t D = config_.head_dim, Hq = config_.num_attention_heads;
-  const int64_t H3 = Hq + 2 * config_.num_key_value_heads;
+  const int64_t N = B * T, C = config_.hidden_size, F = ffn_;  // this rank's share under tp
+  const int64_t D = config_.head_dim, Hq = hq_;
+  const int64_t H3 = Hq + 2 * hkv_;
   const DType A = compute_dtype_;
   auto alloc = [&](Tensor* t, const Shape& shape, DType dtype) -> Status {
     TANDEM_ASSIGN_OR_RETURN(*t, Tensor::Empty(shape, dtype, ctx_.allocator()));
@@ -78,7 +78,8 @@ Status LlamaModel::EnsureActivations(int64_t B, int64_t T, bool backward) {
     TANDEM_RETURN_IF_ERROR(alloc(&a->rstdf, {N}, DType::kF32));
     TANDEM_RETURN_IF_ERROR(alloc(&a->proj, {N, C}, A));
     const int64_t chunk = std::min(options_.loss_chunk_tokens, N);
-    TANDEM_RETURN_IF_ERROR(alloc(&a->logits, {chunk, config_.vocab_size}, A));
+    TANDEM_RETURN_IF_ERROR(alloc(&a->logits, {chunk, vocab_rows_}, A));
+    if (tp()) TANDEM_RETURN_IF_ERROR(alloc(&a->embed_ids, {N}, DType::kI32));
     TANDEM_RETURN_IF_ERROR(alloc(&a->losses, {N}, DType::kF32));
   }
   if (backward && !a->has_backward) {
@@ -113,6 +114,19 @@ Status LlamaModel::PrepareBatch(const Batch& batch, bool need_targets, bool back
   }
   if (batch.segment_ids.defined()) {
     TANDEM_RETURN_IF_ERROR(CheckBatchTensor(batch.segment_ids, "segment_ids", B, T));
+    if (cp()) {
+      return UnimplementedError(
+          "batch.segment_ids (packed documents, data.packing = doc_mask) with context "
+          "parallelism (cp > 1) is not supported: use data.packing = eos");
+    }
+  }
+  if (cp() && !batch.positions.defined()) {
+    return InvalidArgumentError(
+        "context parallelism (cp > 1): batch.positions must hold the global positions of this "
+        "rank's zig-zag chunks");
+  }
+  if (tp() && adapter_ != nullptr) {
+    return UnimplementedError("adapters (LoRA) with tensor parallelism (tp > 1) are not supported");
   }
   if (batch.adapter_ids.defined()) {  // [adapter] the adapter checks the values
     if (adapter_ == nullptr) {
@@ -129,6 +143,17 @@ Status LlamaModel::PrepareBatch(const Batch& batch, bool need_targets, bool back
   Activations& a = *acts_;
   const CudaStream stream = ctx_.stream();
   TANDEM_RETURN_IF_ERROR(CopyTensor(a.tokens, tok.View({N}), stream));
+  Tensor embed_ids;  // tp: row of the local table, or the zero sink row for other ranks' tokens
+  if (tp()) {
+    embed_ids = Tensor::Cpu({N}, DType::kI32);
+    const int32_t* t = tok.data<int32_t>();
+    for (int64_t i = 0; i < N; ++i) {
+      const int64_t local = t[i] - vocab_start_;
+      embed_ids.data<int32_t>()[i] =
+          static_cast<int32_t>(local >= 0 && local < vocab_rows_ ? local : vocab_rows_);
+    }
+    TANDEM_RETURN_IF_ERROR(CopyTensor(a.embed_ids, embed_ids, stream));
+  }
   a.host_targets.clear();
   a.num_targets = 0;
   if (need_targets) {
@@ -156,7 +181,13 @@ Status LlamaModel::PrepareBatch(const Batch& batch, bool need_targets, bool back
 
 Status LlamaModel::Forward() {
   Activations& a = *acts_;
-  TANDEM_RETURN_IF_ERROR(ops::EmbeddingForward(ctx_, a.x[0], a.tokens, params_[embed_].weight));
+  if (tp()) {  // vocabulary-parallel lookup: other ranks' tokens read the zero sink row
+    TANDEM_RETURN_IF_ERROR(
+        ops::EmbeddingForward(ctx_, a.x[0], a.embed_ids, groups_[group_of_[embed_]].weight));
+    TANDEM_RETURN_IF_ERROR(options_.parallel.hooks->TpAllReduceSum(a.x[0]));
+  } else {
+    TANDEM_RETURN_IF_ERROR(ops::EmbeddingForward(ctx_, a.x[0], a.tokens, params_[embed_].weight));
+  }
   for (int64_t l = 0; l < config_.num_hidden_layers; ++l) {
     TANDEM_RETURN_IF_ERROR(BlockForward(l, /*write_output=*/true));
   }
@@ -180,8 +211,9 @@ Status LlamaModel::BlockForward(int64_t l, bool write_output) {
   Activations::Block& b = a.blocks[options_.recompute ? 0 : l];
   const Layer& layer = layers_[l];
   const int64_t B = a.batch, T = a.seq, N = B * T;
-  const int64_t Hq = config_.num_attention_heads, Hkv = config_.num_key_value_heads;
-  const int64_t D = config_.head_dim, F = config_.intermediate_size, H3 = Hq + 2 * Hkv;
+  const int64_t Hq = hq_, Hkv = hkv_;  // this rank's heads
+  const int64_t D = config_.head_dim, F = ffn_, H3 = Hq + 2 * Hkv;
+  ParallelHooks* hooks = options_.parallel.hooks;
   const float eps = static_cast<float>(config_.rms_norm_eps);
   const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(D)));
   const Tensor& x_in = a.x[l];  // [N, C]
@@ -207,13 +239,18 @@ Status LlamaModel::BlockForward(int64_t l, bool write_output) {
   const Tensor v = qkv4.Slice(2, Hq + Hkv, H3);  // [B, T, Hkv, D]
   Tensor attn4 = b.attn.View({B, T, Hq, D});
   const Tensor seg = a.use_segments ? a.segment_ids : Tensor();
-  TANDEM_RETURN_IF_ERROR(ops::AttentionForward(ctx_, attn4, b.lse, q, k, v, scale, seg));
+  if (cp()) {
+    TANDEM_RETURN_IF_ERROR(hooks->CpAttentionForward(attn4, b.lse, q, k, v, scale));
+  } else {
+    TANDEM_RETURN_IF_ERROR(ops::AttentionForward(ctx_, attn4, b.lse, q, k, v, scale, seg));
+  }
   TANDEM_RETURN_IF_ERROR(ops::Matmul(ctx_, a.proj, b.attn, params_[layer.o].weight, false, true));
   // [adapter]
   if (adapter_ != nullptr) {
     TANDEM_RETURN_IF_ERROR(adapter_->ProjectionForward(l, Projection::kO, b.attn, a.proj));
   }
-  TANDEM_RETURN_IF_ERROR(ops::Add(ctx_, b.x_mid, x_in, a.proj));  // [N, C]
+  if (tp()) TANDEM_RETURN_IF_ERROR(hooks->TpAllReduceSum(a.proj));  // row parallel
+  TANDEM_RETURN_IF_ERROR(ops::Add(ctx_, b.x_mid, x_in, a.proj));    // [N, C]
 
   // MLP: ln2 = norm(x_mid); gate|up = ln2 Wgu^T; act = silu(gate) * up; out = act Wdown^T.
   TANDEM_RETURN_IF_ERROR(
@@ -235,6 +272,7 @@ Status LlamaModel::BlockForward(int64_t l, bool write_output) {
   if (adapter_ != nullptr) {
     TANDEM_RETURN_IF_ERROR(adapter_->ProjectionForward(l, Projection::kDown, b.act, a.proj));
   }
+  if (tp()) TANDEM_RETURN_IF_ERROR(hooks->TpAllReduceSum(a.proj));  // row parallel
   return ops::Add(ctx_, a.x[l + 1], b.x_mid, a.proj);
 }
 
@@ -266,16 +304,85 @@ Status LlamaModel::LossHead(float grad_scale, bool backward) {
     Tensor logits = Rows(a.logits, 0, r1 - r0);  // [n, V]
     const Tensor targets = a.targets.Slice(0, r0, r1);
     TANDEM_RETURN_IF_ERROR(ops::Matmul(ctx_, logits, h, w_lm, false, true));
-    Tensor dlogits = backward ? logits : Tensor();  // in place
-    TANDEM_RETURN_IF_ERROR(ops::CrossEntropy(ctx_, losses, dlogits, logits, targets, grad_scale));
+    if (tp()) {
+      TANDEM_RETURN_IF_ERROR(VocabParallelCrossEntropy(losses, logits, a.host_targets.data() + r0,
+                                                       grad_scale, backward));
+    } else {
+      Tensor dlogits = backward ? logits : Tensor();  // in place
+      TANDEM_RETURN_IF_ERROR(ops::CrossEntropy(ctx_, losses, dlogits, logits, targets, grad_scale));
+    }
     if (!backward) continue;
     Tensor dh = Rows(a.dln, r0, r1);  // [n, C]
     TANDEM_RETURN_IF_ERROR(ops::Matmul(ctx_, dh, logits, w_lm, false, false));
     TANDEM_RETURN_IF_ERROR(WeightGrad(lm_head_, logits, h));
   }
   if (!backward) return Status::Ok();
+  if (tp()) TANDEM_RETURN_IF_ERROR(options_.parallel.hooks->TpAllReduceSum(a.dln));
   Tensor dw = params_[final_norm_].trainable ? params_[final_norm_].grad : Tensor();
-  return ops::RmsNormBackward(ctx_, a.dres, dw, a.dln, a.x[L], w_norm, a.rstdf, false);
+  TANDEM_RETURN_IF_ERROR(
+      ops::RmsNormBackward(ctx_, a.dres, dw, a.dln, a.x[L], w_norm, a.rstdf, false));
+  std::vector<size_t> ready = {final_norm_};
+  if (lm_head_ != embed_) ready.push_back(lm_head_);
+  return NotifyGradsReady(ready);
+}
+
+Status LlamaModel::NotifyGradsReady(const std::vector<size_t>& params) {
+  return grad_ready_ ? grad_ready_(params) : Status::Ok();
+}
+
+// Host arithmetic in f64 (the [n, V/tp] chunk crosses to the host on CUDA: correct, not fast).
+Status LlamaModel::VocabParallelCrossEntropy(Tensor& losses, Tensor& logits, const int32_t* targets,
+                                             float grad_scale, bool backward) {
+  ParallelHooks& hooks = *options_.parallel.hooks;
+  const int64_t n = logits.dim(0), Vl = vocab_rows_;
+  // Columns of real tokens here (the last rank's padding columns take no part).
+  const int64_t valid = std::clamp<int64_t>(config_.vocab_size - vocab_start_, 0, Vl);
+  TANDEM_ASSIGN_OR_RETURN(Tensor h, ToHostF32(logits));  // [n, Vl]
+  float* x = h.data<float>();
+  Tensor max = Tensor::Cpu({n}, DType::kF32);           // [n]
+  Tensor sums = Tensor::CpuZeros({2, n}, DType::kF32);  // sum of exp, target logit
+  float* mx = max.data<float>();
+  float* se = sums.data<float>();
+  float* tl = se + n;
+  for (int64_t i = 0; i < n; ++i) {
+    float m = -INFINITY;
+    for (int64_t j = 0; j < valid; ++j) m = std::max(m, x[i * Vl + j]);
+    mx[i] = m;
+  }
+  TANDEM_RETURN_IF_ERROR(hooks.TpAllReduceMax(max));
+  for (int64_t i = 0; i < n; ++i) {
+    double s = 0;
+    for (int64_t j = 0; j < valid; ++j) s += std::exp(static_cast<double>(x[i * Vl + j]) - mx[i]);
+    se[i] = static_cast<float>(s);
+    const int64_t t = static_cast<int64_t>(targets[i]) - vocab_start_;
+    if (targets[i] != ops::kIgnoreIndex && t >= 0 && t < valid) tl[i] = x[i * Vl + t];
+  }
+  TANDEM_RETURN_IF_ERROR(hooks.TpAllReduceSum(sums));
+  Tensor loss_host = Tensor::Cpu({n}, DType::kF32);
+  for (int64_t i = 0; i < n; ++i) {
+    const bool ignored = targets[i] == ops::kIgnoreIndex;
+    const double lse = std::log(static_cast<double>(se[i])) + mx[i];
+    loss_host.data<float>()[i] = ignored ? 0.0f : static_cast<float>(lse - tl[i]);
+    if (!backward) continue;
+    const int64_t t = static_cast<int64_t>(targets[i]) - vocab_start_;
+    for (int64_t j = 0; j < Vl; ++j) {
+      double d = 0;
+      if (!ignored && j < valid) {
+        d = std::exp(static_cast<double>(x[i * Vl + j]) - lse) - (j == t ? 1.0 : 0.0);
+      }
+      x[i * Vl + j] = static_cast<float>(grad_scale * d);
+    }
+  }
+  TANDEM_RETURN_IF_ERROR(CopyTensor(losses, loss_host, ctx_.stream()));
+  if (backward) {
+    if (logits.dtype() == DType::kF32) {
+      TANDEM_RETURN_IF_ERROR(CopyTensor(logits, h, ctx_.stream()));
+      return ctx_.Synchronize();  // the host tensors die here
+    }
+    TANDEM_ASSIGN_OR_RETURN(Tensor cast, CastCpu(h, logits.dtype()));
+    TANDEM_RETURN_IF_ERROR(CopyTensor(logits, cast, ctx_.stream()));
+  }
+  return ctx_.Synchronize();
 }
 
 StatusOr<LossSum> LlamaModel::SumLosses() {
@@ -299,11 +406,20 @@ StatusOr<LossSum> LlamaModel::ForwardBackward(const Batch& batch, float grad_sca
       TANDEM_RETURN_IF_ERROR(BlockForward(l, /*write_output=*/false));
     }
     TANDEM_RETURN_IF_ERROR(BlockBackward(l));
+    const Layer& y = layers_[l];
+    TANDEM_RETURN_IF_ERROR(
+        NotifyGradsReady({y.q, y.k, y.v, y.o, y.gate, y.up, y.down, y.attn_norm, y.mlp_norm}));
   }
   if (params_[embed_].trainable) {
-    TANDEM_RETURN_IF_ERROR(
-        ops::EmbeddingBackward(ctx_, params_[embed_].grad, acts_->dres, acts_->tokens));
+    if (tp()) {  // the sink row's gradient is never read
+      Tensor dtable = groups_[group_of_[embed_]].grad;
+      TANDEM_RETURN_IF_ERROR(ops::EmbeddingBackward(ctx_, dtable, acts_->dres, acts_->embed_ids));
+    } else {
+      TANDEM_RETURN_IF_ERROR(
+          ops::EmbeddingBackward(ctx_, params_[embed_].grad, acts_->dres, acts_->tokens));
+    }
   }
+  TANDEM_RETURN_IF_ERROR(NotifyGradsReady({embed_}));
   return SumLosses();
 }
 
@@ -327,11 +443,25 @@ StatusOr<Tensor> LlamaModel::Logits(const Batch& batch) {
   const int64_t chunk = a.logits.dim(0);
   for (int64_t r0 = 0; r0 < N; r0 += chunk) {
     const int64_t r1 = std::min(N, r0 + chunk);
-    Tensor logits = Rows(a.logits, 0, r1 - r0);  // [n, V]
+    Tensor logits = Rows(a.logits, 0, r1 - r0);  // [n, V] ([n, V/tp] under tp)
     TANDEM_RETURN_IF_ERROR(
         ops::Matmul(ctx_, logits, Rows(a.lnf, r0, r1), params_[lm_head_].weight, false, true));
     TANDEM_ASSIGN_OR_RETURN(Tensor host, ToHostF32(logits));
-    std::copy(host.data<float>(), host.data<float>() + host.numel(), dst + r0 * V);
+    if (!tp()) {
+      std::copy(host.data<float>(), host.data<float>() + host.numel(), dst + r0 * V);
+      continue;
+    }
+    // tp: every rank's vocabulary columns, in rank order, without the padding.
+    const int64_t n = r1 - r0, Vl = vocab_rows_, tp = options_.parallel.tp_size;
+    Tensor all = Tensor::Cpu({tp * n * Vl}, DType::kF32);
+    TANDEM_RETURN_IF_ERROR(options_.parallel.hooks->TpAllGather(all, host.View({n * Vl})));
+    for (int64_t r = 0; r < tp; ++r) {
+      const int64_t cols = std::clamp<int64_t>(V - r * Vl, 0, Vl);
+      for (int64_t i = 0; i < n; ++i) {
+        const float* src = all.data<float>() + (r * n + i) * Vl;
+        std::copy(src, src + cols, dst + (r0 + i) * V + r * Vl);
+      }
+    }
   }
   return out;
 }

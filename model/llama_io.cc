@@ -53,10 +53,10 @@ Status LlamaModel::LoadSafetensors(const std::string& path) {
     const SafetensorsTensorInfo* info = ckpt.Find(p.name);
     if (info == nullptr) {
       missing.push_back(p.name);
-    } else if (info->shape != p.weight.shape() || !IsFloating(info->dtype)) {
+    } else if (info->shape != p.logical_shape || !IsFloating(info->dtype)) {
       bad.push_back(StrCat("'", p.name, "' in '", ckpt.FileOf(p.name), "' is ",
                            SafetensorsDTypeName(info->dtype), ShapeToString(info->shape),
-                           ", expected ", ShapeToString(p.weight.shape()), " F32/BF16/F16"));
+                           ", expected ", ShapeToString(p.logical_shape), " F32/BF16/F16"));
     }
   }
   for (const std::string& name : ckpt.names()) {
@@ -78,9 +78,9 @@ Status LlamaModel::LoadSafetensors(const std::string& path) {
     return InvalidArgumentError(StrCat(where, "mis-shaped or non-float tensor(s): ", all));
   }
   for (size_t i = 0; i < params_.size(); ++i) {
-    TANDEM_ASSIGN_OR_RETURN(Tensor host, ckpt.GetFloat(params_[i].name, params_[i].weight.shape()));
+    TANDEM_ASSIGN_OR_RETURN(Tensor host, ckpt.GetFloat(params_[i].name, params_[i].logical_shape));
     if (!host.is_contiguous()) return InternalError("safetensors view is not contiguous");
-    TANDEM_RETURN_IF_ERROR(SetFromHost(i, host));
+    TANDEM_RETURN_IF_ERROR(SetFromHost(i, SliceForRank(i, host)));  // this rank's tp slice
   }
   return Status::Ok();
 }
@@ -90,6 +90,7 @@ Status LlamaModel::SaveSafetensors(const std::string& dir, DType dtype) const {
     return InvalidArgumentError(
         StrCat("SaveSafetensors: expected dtype f32, bf16 or f16, found ", DTypeName(dtype)));
   }
+  if (tp() && options_.parallel.tp_rank != 0) return GatherOnly();
   std::error_code ec;
   std::filesystem::create_directories(dir, ec);
   if (ec) return InternalError(StrCat("cannot create directory '", dir, "': ", ec.message()));
@@ -98,15 +99,56 @@ Status LlamaModel::SaveSafetensors(const std::string& dir, DType dtype) const {
   TANDEM_RETURN_IF_ERROR(SaveLlamaConfig(config, dir + "/config.json"));
 
   std::vector<SafetensorsTensorSpec> specs;
-  for (const Parameter& p : params_) specs.push_back({p.name, dtype, p.weight.shape()});
+  for (const Parameter& p : params_) specs.push_back({p.name, dtype, p.logical_shape});
   auto fetch = [&](size_t i) -> StatusOr<Tensor> {
-    const Parameter& p = params_[i];
-    // The f32 master where there is one: saving must not lose what the optimizer holds.
-    TANDEM_ASSIGN_OR_RETURN(Tensor host, ToHostF32(p.master.defined() ? p.master : p.weight));
+    TANDEM_ASSIGN_OR_RETURN(Tensor host, GatherParameter(i, /*grad=*/false));
     if (dtype == DType::kF32) return host;
     return CastCpu(host, dtype);
   };
   return WriteSafetensorsStreaming(dir + "/model.safetensors", specs, fetch, {{"format", "pt"}});
+}
+
+Status LlamaModel::GatherOnly() const {
+  // The writer fetches in sorted-name order; the other tp ranks gather in that same order.
+  std::vector<size_t> order(params_.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+  std::sort(order.begin(), order.end(),
+            [&](size_t a, size_t b) { return params_[a].name < params_[b].name; });
+  for (size_t i : order) TANDEM_RETURN_IF_ERROR(GatherParameter(i, false).status());
+  return Status::Ok();
+}
+
+StatusOr<Tensor> LlamaModel::GatherParameter(size_t i, bool grad) const {
+  const Parameter& p = params_[i];
+  const Tensor& src = grad ? p.grad : (p.master.defined() ? p.master : p.weight);
+  if (!src.defined()) {
+    return FailedPreconditionError(
+        StrCat("parameter '", p.name, "' has no ", grad ? "gradient" : "weight", " to gather"));
+  }
+  // The f32 master where there is one: saving must not lose what the optimizer holds.
+  TANDEM_ASSIGN_OR_RETURN(Tensor local, ToHostF32(src));
+  if (p.tp_dim < 0 || !tp()) return local;
+  const int64_t tp = options_.parallel.tp_size, n = local.numel();
+  Tensor all = Tensor::Cpu({tp * n}, DType::kF32);
+  TANDEM_RETURN_IF_ERROR(options_.parallel.hooks->TpAllGather(all, local.View({n})));
+  Tensor out = Tensor::Cpu(p.logical_shape, DType::kF32);
+  const int64_t lrows = p.logical_shape[0];
+  const int64_t lcols = p.logical_shape.size() > 1 ? p.logical_shape[1] : 1;
+  const int64_t rows = local.dim(0), cols = local.ndim() > 1 ? local.dim(1) : 1;
+  // Rank r's slice starts where rank 0's would, shifted by r slices; replicated kv heads: the
+  // slice of the first rank holding each head.
+  for (int64_t r = 0; r < tp; ++r) {
+    if (r % p.tp_copies != 0) continue;
+    const int64_t start = r / p.tp_copies * (p.tp_dim == 0 ? rows : cols);
+    const float* s = all.data<float>() + r * n;
+    for (int64_t y = 0; y < rows; ++y) {
+      for (int64_t x = 0; x < cols; ++x) {
+        const int64_t ly = p.tp_dim == 0 ? start + y : y, lx = p.tp_dim == 1 ? start + x : x;
+        if (ly < lrows) out.data<float>()[ly * lcols + lx] = s[y * cols + x];
+      }
+    }
+  }
+  return out;
 }
 
 }  // namespace tandem::model

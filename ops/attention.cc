@@ -1,4 +1,5 @@
-// ops::AttentionForward / AttentionBackward: validation and dispatch.
+// ops::AttentionForward / AttentionBackward and their block variants (AttentionBlockForward /
+// AttentionBlockBackward, a mask mode instead of segment ids): validation and dispatch.
 #include <cmath>
 
 #include "ops/cpu/kernels.h"
@@ -64,8 +65,10 @@ bool RequireSameStride(internal::OpChecker& chk, const Tensor& g, const char* g_
 
 #ifdef TANDEM_WITH_CUDA
 cuda::AttentionShape ToCuda(const cpu::AttentionShape& s) {
-  return {s.batch,    s.seq,      s.q_heads,  s.kv_heads, s.head_dim,
-          s.q_stride, s.k_stride, s.v_stride, s.o_stride};
+  cuda::AttentionShape c{s.batch,    s.seq,      s.q_heads,  s.kv_heads, s.head_dim,
+                         s.q_stride, s.k_stride, s.v_stride, s.o_stride};
+  c.causal = s.causal;
+  return c;
 }
 std::string DescribeShape(const cpu::AttentionShape& s) {
   return StrCat("B=", s.batch, ", T=", s.seq, ", Hq=", s.q_heads, ", Hkv=", s.kv_heads,
@@ -73,25 +76,25 @@ std::string DescribeShape(const cpu::AttentionShape& s) {
 }
 #endif
 
-}  // namespace
-
-Status AttentionForward(Context& ctx, Tensor& out, Tensor& lse, const Tensor& q, const Tensor& k,
-                        const Tensor& v, float scale, const Tensor& segment_ids) {
-  internal::OpChecker chk("AttentionForward", ctx);
+Status ForwardImpl(const char* op, Context& ctx, Tensor& out, Tensor& lse, const Tensor& q,
+                   const Tensor& k, const Tensor& v, float scale, const Tensor& segment_ids,
+                   bool causal) {
+  internal::OpChecker chk(op, ctx);
   AttnDims a;
   if (!CheckInputs(chk, ctx, q, k, v, segment_ids, scale, &a)) return chk.status();
   chk.Expect(out, "out", {a.b, a.t, a.hq, a.d}, {q.dtype()}, Layout::TokenStrideFree());
   chk.Expect(lse, "lse", {a.b, a.hq, a.t}, {DType::kF32}, Layout::Contiguous());
   if (!chk.ok()) return chk.status();
   if (q.numel() == 0) return Status::Ok();
-  const cpu::AttentionShape s = ShapeOf(a, q, k, v, out);
+  cpu::AttentionShape s = ShapeOf(a, q, k, v, out);
+  s.causal = causal;
   const int32_t* seg = segment_ids.defined() ? segment_ids.data<int32_t>() : nullptr;
 #ifdef TANDEM_WITH_CUDA
   if (ctx.is_cuda()) {
     const cudaError_t err = cuda::AttentionForward(internal::StreamOf(ctx), ToCuda(s),
                                                    out.raw_data(), lse.data<float>(), q.raw_data(),
                                                    k.raw_data(), v.raw_data(), scale, seg);
-    return internal::CudaResult(err, "AttentionForward", ctx, [&] { return DescribeShape(s); });
+    return internal::CudaResult(err, op, ctx, [&] { return DescribeShape(s); });
   }
 #endif
   cpu::AttentionForward(s, out.data<float>(), lse.data<float>(), q.data<float>(), k.data<float>(),
@@ -99,10 +102,11 @@ Status AttentionForward(Context& ctx, Tensor& out, Tensor& lse, const Tensor& q,
   return Status::Ok();
 }
 
-Status AttentionBackward(Context& ctx, Tensor& dq, Tensor& dk, Tensor& dv, const Tensor& dout,
-                         const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
-                         const Tensor& lse, float scale, const Tensor& segment_ids) {
-  internal::OpChecker chk("AttentionBackward", ctx);
+Status BackwardImpl(const char* op, Context& ctx, Tensor& dq, Tensor& dk, Tensor& dv,
+                    const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
+                    const Tensor& out, const Tensor& lse, float scale, const Tensor& segment_ids,
+                    bool causal) {
+  internal::OpChecker chk(op, ctx);
   AttnDims a;
   if (!CheckInputs(chk, ctx, q, k, v, segment_ids, scale, &a)) return chk.status();
   const Layout tokens = Layout::TokenStrideFree();
@@ -119,25 +123,53 @@ Status AttentionBackward(Context& ctx, Tensor& dq, Tensor& dk, Tensor& dv, const
   RequireSameStride(chk, dv, "dv", v, "v");
   if (!chk.ok()) return chk.status();
   if (q.numel() == 0) return Status::Ok();
-  const cpu::AttentionShape s = ShapeOf(a, q, k, v, out);
+  cpu::AttentionShape s = ShapeOf(a, q, k, v, out);
+  s.causal = causal;
   const int32_t* seg = segment_ids.defined() ? segment_ids.data<int32_t>() : nullptr;
 #ifdef TANDEM_WITH_CUDA
   if (ctx.is_cuda()) {
     const cuda::AttentionShape cs = ToCuda(s);
     const size_t bytes = cuda::AttentionBackwardScratchBytes(cs);
     StatusOr<Tensor> scratch = internal::AllocateScratch(ctx, bytes);
-    if (!scratch.ok()) return scratch.status().WithContext("AttentionBackward scratch");
+    if (!scratch.ok()) return scratch.status().WithContext(StrCat(op, " scratch"));
     const cudaError_t err = cuda::AttentionBackward(
         internal::StreamOf(ctx), cs, dq.raw_data(), dk.raw_data(), dv.raw_data(), dout.raw_data(),
         q.raw_data(), k.raw_data(), v.raw_data(), out.raw_data(), lse.data<float>(), scale, seg,
         scratch->raw_data(), bytes);
-    return internal::CudaResult(err, "AttentionBackward", ctx, [&] { return DescribeShape(s); });
+    return internal::CudaResult(err, op, ctx, [&] { return DescribeShape(s); });
   }
 #endif
   cpu::AttentionBackward(s, dq.data<float>(), dk.data<float>(), dv.data<float>(),
                          dout.data<float>(), q.data<float>(), k.data<float>(), v.data<float>(),
                          out.data<float>(), lse.data<float>(), scale, seg);
   return Status::Ok();
+}
+
+}  // namespace
+
+Status AttentionForward(Context& ctx, Tensor& out, Tensor& lse, const Tensor& q, const Tensor& k,
+                        const Tensor& v, float scale, const Tensor& segment_ids) {
+  return ForwardImpl("AttentionForward", ctx, out, lse, q, k, v, scale, segment_ids, true);
+}
+
+Status AttentionBackward(Context& ctx, Tensor& dq, Tensor& dk, Tensor& dv, const Tensor& dout,
+                         const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
+                         const Tensor& lse, float scale, const Tensor& segment_ids) {
+  return BackwardImpl("AttentionBackward", ctx, dq, dk, dv, dout, q, k, v, out, lse, scale,
+                      segment_ids, true);
+}
+
+Status AttentionBlockForward(Context& ctx, Tensor& out, Tensor& lse, const Tensor& q,
+                             const Tensor& k, const Tensor& v, float scale, AttentionMask mask) {
+  return ForwardImpl("AttentionBlockForward", ctx, out, lse, q, k, v, scale, Tensor(),
+                     mask == AttentionMask::kCausal);
+}
+
+Status AttentionBlockBackward(Context& ctx, Tensor& dq, Tensor& dk, Tensor& dv, const Tensor& dout,
+                              const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
+                              const Tensor& lse, float scale, AttentionMask mask) {
+  return BackwardImpl("AttentionBlockBackward", ctx, dq, dk, dv, dout, q, k, v, out, lse, scale,
+                      Tensor(), mask == AttentionMask::kCausal);
 }
 
 }  // namespace tandem::ops

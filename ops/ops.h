@@ -76,6 +76,39 @@ Status AttentionBackward(Context& ctx, Tensor& dq, Tensor& dk, Tensor& dv, const
                          const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
                          const Tensor& lse, float scale, const Tensor& segment_ids = Tensor());
 
+// Attention over blocks of a longer sequence, for context-parallel ring attention
+// (parallel/ring_attention.h): a block of T queries against a block of T keys of the same length.
+enum class AttentionMask {
+  kCausal,  // the same chunk of the sequence: key j visible to query i iff j <= i
+  kFull,    // a key chunk entirely before the query chunk: every key visible
+};
+// The attention of the block alone: out and lse (over the block's keys only) overwritten, same
+// layouts, dtypes and head dims as AttentionForward (kCausal computes exactly AttentionForward).
+Status AttentionBlockForward(Context& ctx, Tensor& out, Tensor& lse, const Tensor& q,
+                             const Tensor& k, const Tensor& v, float scale, AttentionMask mask);
+// The block's share of the gradients, given the FINAL out and lse of the queries (over every key
+// block; flash backward with delta = rowsum(dout * out)): dq is the block's contribution to dq,
+// dk and dv the contributions to the key block's gradients; all three overwritten in q's dtype.
+// Summing the contributions over all key blocks (for dq) and all query blocks (for dk, dv) gives
+// the gradients of the whole attention.
+Status AttentionBlockBackward(Context& ctx, Tensor& dq, Tensor& dk, Tensor& dv,
+                              const Tensor& dout, const Tensor& q, const Tensor& k,
+                              const Tensor& v, const Tensor& out, const Tensor& lse, float scale,
+                              AttentionMask mask);
+// Merges one block's partial result into a running one, per row (b, t, h) in f32:
+//   l = log(exp(lse_acc) + exp(lse_blk))
+//   out_acc = exp(lse_acc - l) * out_acc + exp(lse_blk - l) * out_blk,  lse_acc = l.
+// A row with lse_acc = -inf (nothing merged yet) takes the block as is. out_acc f32
+// [B, T, H, D], lse_acc and lse_blk f32 [B, H, T], out_blk [B, T, H, D] in the context's
+// attention dtype (f32 on CPU, bf16 or f32 on CUDA); all contiguous.
+Status AttentionMerge(Context& ctx, Tensor& out_acc, Tensor& lse_acc, const Tensor& out_blk,
+                      const Tensor& lse_blk);
+// Moves tokens between the sequence layout x [B, C * Tc, H, D] (token stride free) and the
+// chunk-major layout chunked [C, B, Tc, H, D] (contiguous): chunked[c, b, t] = x[b, c * Tc + t].
+// Any dtype (a [B, H, T] lse is x [B * H, T, 1, 1]); no arithmetic, so results are exact.
+Status ToChunkMajor(Context& ctx, Tensor& chunked, const Tensor& x);
+Status FromChunkMajor(Context& ctx, Tensor& x, const Tensor& chunked);
+
 // out = silu(gate) * up with silu(g) = g / (1 + exp(-g)), in f32. gate, up, out [N, F], row
 // stride free (views into a fused gate|up projection).
 Status SwigluForward(Context& ctx, Tensor& out, const Tensor& gate, const Tensor& up);

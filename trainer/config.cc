@@ -22,8 +22,9 @@ void ModelSection::Describe(ConfigSchema<ModelSection>& s) {
 }
 
 void PeftSection::Describe(ConfigSchema<PeftSection>& s) {
-  s.Field("method", &PeftSection::method, "none (train every weight) or lora (frozen base, one adapter)")
-      .OneOf({"none", "lora"});
+  s.Field("method", &PeftSection::method,
+          "none (train every weight), lora (frozen base, one adapter) or s2ft (frozen base, sparse blocks)")
+      .OneOf({"none", "lora", "s2ft"});
   s.Field("r", &PeftSection::r, "LoRA rank").Min(1);
   s.Field("alpha", &PeftSection::alpha, "LoRA alpha; the update is scaled by alpha / r").Min(0.0);
   s.Field("dropout", &PeftSection::dropout, "dropout on the adapter input").Min(0.0).Max(0.99);
@@ -31,6 +32,16 @@ void PeftSection::Describe(ConfigSchema<PeftSection>& s) {
           "projections to adapt: q_proj k_proj v_proj o_proj gate_proj up_proj down_proj, or all-linear");
   s.Field("use_rslora", &PeftSection::use_rslora, "scale by alpha / sqrt(r) (rsLoRA)");
   s.Field("init_adapter", &PeftSection::init_adapter, "PEFT adapter directory to start from (empty: PEFT init)");
+  s.Field("s2ft_heads_fraction", &PeftSection::s2ft_heads_fraction, "s2ft: fraction of kv head groups per layer")
+      .Min(0.0).Max(1.0);
+  s.Field("s2ft_ffn_fraction", &PeftSection::s2ft_ffn_fraction, "s2ft: fraction of FFN channels per layer")
+      .Min(0.0).Max(1.0);
+  s.Field("s2ft_budget", &PeftSection::s2ft_budget,
+          "s2ft: trainable parameters in all (> 0 overrides the fractions' counts, keeps their ratio)").Min(0);
+  s.Field("s2ft_selection", &PeftSection::s2ft_selection, "s2ft: random (seeded) or weight (largest column norms)")
+      .OneOf({"random", "weight"});
+  s.Field("s2ft_coupled", &PeftSection::s2ft_coupled, "s2ft: also train q/k/v and gate/up rows of the selection");
+  s.Field("s2ft_seed", &PeftSection::s2ft_seed, "s2ft: selection seed; -1 = derived from train.seed").Min(-1);
 }
 
 void DataSection::Describe(ConfigSchema<DataSection>& s) {
@@ -68,6 +79,15 @@ void TrainSection::Describe(ConfigSchema<TrainSection>& s) {
   s.Field("peak_tflops", &TrainSection::peak_tflops, "device peak for MFU; 0 = known GPUs only").Min(0.0);
 }
 
+void ParallelSection::Describe(ConfigSchema<ParallelSection>& s) {
+  s.Field("dp", &ParallelSection::dp, "data-parallel replicas; 0 = world size / (cp * tp)").Min(0);
+  s.Field("cp", &ParallelSection::cp, "context-parallel ranks (ring attention, zig-zag chunks)").Min(1);
+  s.Field("tp", &ParallelSection::tp, "tensor-parallel ranks (Megatron; innermost, inside a node)").Min(1);
+  s.Field("zero", &ParallelSection::zero, "1: ZeRO-1, Adam states and master weights sharded over dp x cp").Min(0).Max(1);
+  s.Field("bucket_mb", &ParallelSection::bucket_mb, "gradient all-reduce bucket size (MB of f32)").Min(0.001);
+  s.Field("timeout_s", &ParallelSection::timeout_s, "seconds any collective may take before the job fails").Min(0.001);
+}
+
 StatusOr<TrainConfig> LoadTrainConfig(const std::string& path, const std::vector<std::string>& overrides) {
   ConfigDoc doc;
   if (!path.empty()) {
@@ -79,6 +99,7 @@ StatusOr<TrainConfig> LoadTrainConfig(const std::string& path, const std::vector
   TANDEM_RETURN_IF_ERROR(doc.Bind("peft", &c.peft));
   TANDEM_RETURN_IF_ERROR(doc.Bind("data", &c.data));
   TANDEM_RETURN_IF_ERROR(doc.Bind("train", &c.train));
+  TANDEM_RETURN_IF_ERROR(doc.Bind("parallel", &c.parallel));
   TANDEM_RETURN_IF_ERROR(doc.CheckNoUnknownKeys());
   if (c.data.dir.empty()) {
     return InvalidArgumentError(StrCat("data.dir is not set", path.empty() ? "" : " in " + path,
@@ -103,13 +124,14 @@ StatusOr<TrainConfig> LoadTrainConfig(const std::string& path, const std::vector
 }
 
 std::string TrainConfigToToml(const TrainConfig& c) {
-  return ToToml("model", c.model) + "\n" + ToToml("peft", c.peft) + "\n" + ToToml("data", c.data) + "\n" + ToToml("train", c.train);
+  return ToToml("model", c.model) + "\n" + ToToml("peft", c.peft) + "\n" + ToToml("data", c.data) + "\n" + ToToml("train", c.train) + "\n" +
+         ToToml("parallel", c.parallel);
 }
 
 std::string TrainConfigHelp() {
   return DescribeSection<ModelSection>("model") + "\n" + DescribeSection<PeftSection>("peft") + "\n" +
          DescribeSection<DataSection>("data") + "\n" +
-         DescribeSection<TrainSection>("train");
+         DescribeSection<TrainSection>("train") + "\n" + DescribeSection<ParallelSection>("parallel");
 }
 
 }  // namespace tandem::trainer

@@ -73,7 +73,8 @@ struct TrainSection {
 };
 
 // [peft]: parameter-efficient fine-tuning. method = "lora" freezes the base model (no f32
-// masters or gradients for it) and trains one LoRA adapter, saved in PEFT format.
+// masters or gradients for it) and trains one LoRA adapter, saved in PEFT format; method = "s2ft"
+// freezes it too and trains S²FT blocks (peft/s2ft.h), saved in tandem's S²FT format.
 struct PeftSection {
   std::string method = "none";
   int64_t r = 8;
@@ -82,8 +83,27 @@ struct PeftSection {
   std::vector<std::string> target_modules = {"all-linear"};
   bool use_rslora = false;
   std::string init_adapter;
+  // method = "s2ft" (peft/s2ft.h): heads and FFN channels per layer, by fraction or budget.
+  double s2ft_heads_fraction = 0.1;
+  double s2ft_ffn_fraction = 0.1;
+  int64_t s2ft_budget = 0;
+  std::string s2ft_selection = "random";
+  bool s2ft_coupled = false;
+  int64_t s2ft_seed = -1;
 
   static void Describe(ConfigSchema<PeftSection>& s);
+};
+
+// [parallel]: the mesh dp x cp x tp (= mpirun -np), tp innermost. One process per GPU.
+struct ParallelSection {
+  int64_t dp = 0;  // 0: world / (cp * tp)
+  int64_t cp = 1;
+  int64_t tp = 1;
+  int64_t zero = 0;  // 1: ZeRO-1 (optimizer states sharded over dp x cp)
+  double bucket_mb = 25.0;
+  double timeout_s = 300.0;
+
+  static void Describe(ConfigSchema<ParallelSection>& s);
 };
 
 struct TrainConfig {
@@ -91,9 +111,10 @@ struct TrainConfig {
   PeftSection peft;
   DataSection data;
   TrainSection train;
+  ParallelSection parallel;
 };
 
-// Reads `path` (empty: defaults only), applies `--set` overrides in order, binds the three
+// Reads `path` (empty: defaults only), applies `--set` overrides in order, binds the
 // sections and rejects unknown keys. Errors name the key, its source and the nearest valid key.
 StatusOr<TrainConfig> LoadTrainConfig(const std::string& path, const std::vector<std::string>& overrides);
 // The resolved configuration as TOML (written to the run directory; loads back identically).

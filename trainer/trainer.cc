@@ -8,6 +8,7 @@
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <optional>
 
 #include "core/logging.h"
 #include "core/rng.h"
@@ -18,7 +19,10 @@
 #include "peft/adapter_io.h"
 #include "peft/adapter_set.h"
 #include "peft/lora.h"
+#include "peft/s2ft.h"
+#include "peft/s2ft_io.h"
 #include "trainer/data.h"
+#include "trainer/internal/parallel_run.h"
 #include "trainer/internal/run_dir.h"
 #include "trainer/metrics.h"
 #include "trainer/schedule.h"
@@ -126,6 +130,30 @@ StatusOr<std::unique_ptr<peft::AdapterSet>> CreateLoraAdapter(ops::Context& ctx,
   return set;
 }
 
+// [s2ft] An S²FT adapter (peft/s2ft.h) attached to the frozen model, whose weights it permutes: a
+// fresh selection from the [peft] keys, or the adapter in c.peft.init_adapter.
+StatusOr<std::unique_ptr<peft::S2ftAdapter>> CreateS2ftAdapter(ops::Context& ctx, model::LlamaModel& model,
+                                                               const TrainConfig& c) {
+  std::unique_ptr<peft::S2ftAdapter> adapter;
+  if (!c.peft.init_adapter.empty()) {
+    TANDEM_ASSIGN_OR_RETURN(adapter, peft::LoadS2ftAdapter(ctx, model.config(), c.peft.init_adapter));
+    TANDEM_RETURN_IF_ERROR(peft::PermuteS2ftBase(ctx, model, adapter->selection()));
+  } else {
+    peft::S2ftConfig sc;
+    sc.heads_fraction = c.peft.s2ft_heads_fraction;
+    sc.ffn_fraction = c.peft.s2ft_ffn_fraction;
+    sc.budget = c.peft.s2ft_budget;
+    sc.selection = c.peft.s2ft_selection;
+    sc.coupled = c.peft.s2ft_coupled;
+    sc.seed = c.peft.s2ft_seed >= 0 ? static_cast<uint64_t>(c.peft.s2ft_seed)
+                                     : DeriveSeed(static_cast<uint64_t>(c.train.seed), 0, "s2ft-select");
+    sc.base_model_name_or_path = c.model.path;
+    TANDEM_ASSIGN_OR_RETURN(adapter, peft::PrepareS2ft(ctx, model, sc));
+  }
+  model.SetAdapter(adapter.get());
+  return adapter;
+}
+
 double MemoryGiB(ops::Context& ctx) {
   if (ctx.is_cuda()) return static_cast<double>(ctx.allocator().stats().peak_bytes_in_use) / (1ull << 30);
   return static_cast<double>(internal::PeakResidentBytes()) / (1ull << 30);
@@ -141,12 +169,15 @@ struct Session {
   bool lora = false;
   std::unique_ptr<model::LlamaModel> model;
   std::unique_ptr<peft::AdapterSet> adapters;
+  std::unique_ptr<peft::S2ftAdapter> s2ft;  // [s2ft] peft.method = "s2ft"
   std::unique_ptr<DataLoader> train_loader;
   std::unique_ptr<DataLoader> val_loader;
   std::vector<model::Parameter> params;  // what the optimizer updates
   std::vector<OptimizerSlot> slots;      // one per params entry
   Tensor norm_acc;                       // f32 [1] on the device
   int64_t trainable = 0;
+  // [parallel] under mpirun with more than one rank (destroyed first: it refers to the model).
+  std::unique_ptr<internal::ParallelRun> par;
 };
 
 // The tokenizer; the data prepared on first use when data.dir has no manifest.
@@ -177,7 +208,11 @@ Status OpenModel(const TrainConfig& c, Session& s) {
   s.lora = c.peft.method == "lora";
   model::ModelOptions mopt;
   mopt.recompute = c.model.recompute;
-  mopt.trainable = !s.lora;
+  mopt.trainable = !s.lora && c.peft.method != "s2ft";
+  if (s.par) {  // [parallel]
+    mopt.parallel = s.par->model_parallel();
+    mopt.flat_numel_multiple = s.par->shape.dp * s.par->shape.cp;
+  }
   TANDEM_ASSIGN_OR_RETURN(s.model, model::LlamaModel::Create(*s.ctx, s.mcfg, mopt));
   if (c.model.init == "pretrained") {
     TANDEM_RETURN_IF_ERROR(s.model->LoadSafetensors(c.model.path));
@@ -187,6 +222,9 @@ Status OpenModel(const TrainConfig& c, Session& s) {
   }
   if (s.lora) {
     TANDEM_ASSIGN_OR_RETURN(s.adapters, CreateLoraAdapter(*s.ctx, *s.model, c, s.mcfg));
+  }
+  if (c.peft.method == "s2ft") {
+    TANDEM_ASSIGN_OR_RETURN(s.s2ft, CreateS2ftAdapter(*s.ctx, *s.model, c));
   }
   return Status::Ok();
 }
@@ -198,12 +236,15 @@ Status OpenLoaders(const TrainConfig& c, Session& s) {
   lo.seq_len = c.data.seq_len;
   lo.seed = DeriveSeed(static_cast<uint64_t>(c.train.seed), 0, "data-order");
   lo.packing = c.data.packing;
-  TANDEM_ASSIGN_OR_RETURN(s.train_loader, DataLoader::Open(c.data.dir, "train", lo, 0, 1));
+  // [parallel] each dp rank reads its rows of the global batch; tp and cp ranks share them.
+  const int data_rank = s.par ? s.par->groups.coords.dp : 0;
+  const int data_world = s.par ? s.par->shape.dp : 1;
+  TANDEM_ASSIGN_OR_RETURN(s.train_loader, DataLoader::Open(c.data.dir, "train", lo, data_rank, data_world));
   TANDEM_RETURN_IF_ERROR(CheckVocab(*s.train_loader, s.mcfg.vocab_size));
   if (c.train.eval_batches == 0) return Status::Ok();
   LoaderOptions vo = lo;
   vo.shuffle = false;
-  auto opened = DataLoader::Open(c.data.dir, "val", vo, 0, 1);
+  auto opened = DataLoader::Open(c.data.dir, "val", vo, data_rank, data_world);
   if (opened.ok()) {
     s.val_loader = std::move(opened).value();
   } else {
@@ -214,7 +255,7 @@ Status OpenLoaders(const TrainConfig& c, Session& s) {
 
 // Adam moments for every trainable parameter (the adapter's, when one is trained).
 Status InitOptimizer(Session& s) {
-  s.params = s.lora ? s.adapters->parameters() : s.model->parameters();
+  s.params = s.lora ? s.adapters->parameters() : s.s2ft ? s.s2ft->parameters() : s.model->parameters();
   s.slots.resize(s.params.size());
   for (size_t i = 0; i < s.params.size(); ++i) {
     if (!s.params[i].trainable) continue;
@@ -282,29 +323,104 @@ StatusOr<Update> TrainStep(const TrainSection& t, const ScheduleOptions& sched, 
   return u;
 }
 
+// [parallel] The mesh, and the device of this rank (cuda:<local rank> on a GPU job).
+Status OpenParallel(const TrainConfig& c, const TrainEnv& env, Session& s) {
+  if (c.peft.method == "s2ft" || (c.peft.method == "lora" && (c.parallel.tp > 1 || c.parallel.zero == 1))) {
+    return UnimplementedError(StrCat("peft.method = ", c.peft.method, " under mpirun with ", env.world->size(),
+                                     " ranks is not supported", c.peft.method == "lora" ? " with parallel.tp > 1 or parallel.zero = 1" : "",
+                                     ": LoRA trains on dp x cp meshes; S2FT on one rank"));
+  }
+  if (s.device.is_cuda()) s.device = Device::Cuda(env.local_rank);
+  TANDEM_ASSIGN_OR_RETURN(s.ctx, ops::Context::ForDevice(s.device));
+  TANDEM_ASSIGN_OR_RETURN(s.par, internal::OpenParallelRun(c.parallel, *env.world, *s.ctx, env.local_rank));
+  if (s.par->writer()) {
+    TANDEM_LOG(INFO, "train") << "mesh " << s.par->shape.ToString() << " over " << env.world->size() << " ranks";
+  }
+  return Status::Ok();
+}
+
+// [parallel] Rank 0 prepares the data (when needed) while the others wait; then all read it.
+Status OpenTokenizerAndDataParallel(const TrainConfig& c, Session& s) {
+  if (s.par->writer()) TANDEM_RETURN_IF_ERROR(OpenTokenizerAndData(c, s));
+  TANDEM_RETURN_IF_ERROR(s.par->world->Barrier());
+  if (!s.par->writer()) TANDEM_RETURN_IF_ERROR(OpenTokenizerAndData(c, s));
+  return Status::Ok();
+}
+
+// [parallel] Gradient reduction, global norm and AdamW over the mesh (parallel/optimizer.h).
+Status InitParallelOptimizer(const TrainConfig& c, Session& s) {
+  parallel::ParallelOptimizerOptions o;
+  o.beta1 = static_cast<float>(c.train.beta1);
+  o.beta2 = static_cast<float>(c.train.beta2);
+  o.eps = static_cast<float>(c.train.eps);
+  o.weight_decay = static_cast<float>(c.train.weight_decay);
+  o.zero = c.parallel.zero == 1;
+  o.bucket_bytes = static_cast<int64_t>(c.parallel.bucket_mb * (1 << 20));
+  if (s.lora) {  // the adapter's parameters, reduced after backward
+    s.params = s.adapters->parameters();
+    TANDEM_ASSIGN_OR_RETURN(s.par->optimizer,
+                            parallel::ParallelOptimizer::Create(*s.ctx, *s.model, s.par->groups, o, &s.params));
+    for (const model::Parameter& p : s.params) s.trainable += p.trainable ? p.master.numel() : 0;
+    return Status::Ok();
+  }
+  TANDEM_ASSIGN_OR_RETURN(s.par->optimizer, parallel::ParallelOptimizer::Create(*s.ctx, *s.model, s.par->groups, o));
+  for (const model::Parameter& p : s.model->parameters()) {  // logical (unsliced) sizes
+    int64_t n = 1;
+    for (int64_t d : p.logical_shape) n *= d;
+    s.trainable += p.trainable ? n : 0;
+  }
+  return Status::Ok();
+}
+
+// [parallel] Every rank takes rank 0's decision (wall clocks differ).
+StatusOr<bool> AgreeOnRank0(Session& s, bool mine) {
+  if (!s.par) return mine;
+  Tensor flag = Tensor::Cpu({1}, DType::kI32);
+  flag.data<int32_t>()[0] = mine ? 1 : 0;
+  TANDEM_RETURN_IF_ERROR(s.par->world->Broadcast(flag, 0));
+  return flag.data<int32_t>()[0] != 0;
+}
+
 }  // namespace
 
 StatusOr<TrainResult> RunTraining(const TrainConfig& c, const std::string& command_line) {
+  return RunTraining(c, command_line, TrainEnv{});
+}
+
+StatusOr<TrainResult> RunTraining(const TrainConfig& c, const std::string& command_line, const TrainEnv& env) {
   const TrainSection& t = c.train;
   ScheduleOptions sched{t.schedule, t.lr, t.min_lr_ratio, t.warmup_steps, t.steps};
   TANDEM_RETURN_IF_ERROR(ValidateSchedule(sched));
   Session s;
   TANDEM_ASSIGN_OR_RETURN(s.device, ParseDevice(t.device));
-  TANDEM_ASSIGN_OR_RETURN(s.ctx, ops::Context::ForDevice(s.device));
-  TANDEM_RETURN_IF_ERROR(OpenTokenizerAndData(c, s));
+  if (env.world != nullptr && env.world->size() > 1) {
+    TANDEM_RETURN_IF_ERROR(OpenParallel(c, env, s));
+    TANDEM_RETURN_IF_ERROR(OpenTokenizerAndDataParallel(c, s));
+  } else {
+    TANDEM_ASSIGN_OR_RETURN(s.ctx, ops::Context::ForDevice(s.device));
+    TANDEM_RETURN_IF_ERROR(OpenTokenizerAndData(c, s));
+  }
   TANDEM_RETURN_IF_ERROR(OpenModel(c, s));
   TANDEM_RETURN_IF_ERROR(OpenLoaders(c, s));
-  TANDEM_RETURN_IF_ERROR(InitOptimizer(s));
+  TANDEM_RETURN_IF_ERROR(s.par ? InitParallelOptimizer(c, s) : InitOptimizer(s));
 
-  TANDEM_ASSIGN_OR_RETURN(internal::RunDir run, internal::RunDir::Create(t.out_dir, c, command_line, s.device, s.mcfg));
-  TANDEM_ASSIGN_OR_RETURN(MetricsWriter metrics, MetricsWriter::Open(run.path() + "/metrics.jsonl"));
-  TANDEM_LOG(INFO, "train") << "model: " << s.mcfg.NumParameters() / 1e6 << "M parameters (" << s.trainable / 1e6
+  const bool writer = !s.par || s.par->writer();  // [parallel] only world rank 0 writes
+  std::optional<internal::RunDir> run;
+  std::optional<MetricsWriter> metrics;
+  if (writer) {
+    TANDEM_ASSIGN_OR_RETURN(run, internal::RunDir::Create(t.out_dir, c, command_line, s.device, s.mcfg));
+    TANDEM_ASSIGN_OR_RETURN(MetricsWriter opened, MetricsWriter::Open(run->path() + "/metrics.jsonl"));
+    metrics.emplace(std::move(opened));
+  }
+  if (writer) TANDEM_LOG(INFO, "train") << "model: " << s.mcfg.NumParameters() / 1e6 << "M parameters (" << s.trainable / 1e6
                             << "M trainable), " << s.mcfg.num_hidden_layers << " layers, hidden " << s.mcfg.hidden_size
                             << ", vocab " << s.mcfg.vocab_size << " on " << DeviceName(s.device);
-  TANDEM_LOG(INFO, "train") << "run directory: " << run.path();
+  if (writer) TANDEM_LOG(INFO, "train") << "run directory: " << run->path();
 
-  const double flops_per_token = FlopsPerToken(s.mcfg, c.data.seq_len, /*frozen_base=*/s.lora);
-  const double peak = t.peak_tflops > 0 ? t.peak_tflops * 1e12 : PeakFlopsForDevice(DeviceName(s.device));
+  const double flops_per_token = FlopsPerToken(s.mcfg, c.data.seq_len, /*frozen_base=*/s.lora || s.s2ft);
+  // [parallel] tokens/s counts the whole job, so the peak is every rank's.
+  const double peak = (t.peak_tflops > 0 ? t.peak_tflops * 1e12 : PeakFlopsForDevice(DeviceName(s.device))) *
+                      (s.par ? s.par->world->size() : 1);
   const bool tty = isatty(STDERR_FILENO);
   const auto start = Clock::now();
   auto window_start = start;
@@ -312,7 +428,18 @@ StatusOr<TrainResult> RunTraining(const TrainConfig& c, const std::string& comma
   TrainResult result;
   for (int64_t step = 1; step <= t.steps; ++step) {
     const auto step_start = Clock::now();
-    TANDEM_ASSIGN_OR_RETURN(Update u, TrainStep(t, sched, step, s));
+    Update u;
+    if (s.par) {  // [parallel]
+      u.lr = LearningRate(sched, step);
+      TANDEM_ASSIGN_OR_RETURN(internal::ParallelUpdate pu,
+                              internal::ParallelTrainStep(*s.par, *s.ctx, *s.model, *s.train_loader, t.grad_accum,
+                                                          t.grad_clip, static_cast<float>(u.lr), step));
+      u.loss = pu.loss;
+      u.tokens = pu.tokens;
+      u.grad_norm = pu.grad_norm;
+    } else {
+      TANDEM_ASSIGN_OR_RETURN(u, TrainStep(t, sched, step, s));
+    }
     const auto now = Clock::now();
     window_tokens += u.tokens;
     StepMetrics m;
@@ -329,17 +456,19 @@ StatusOr<TrainResult> RunTraining(const TrainConfig& c, const std::string& comma
     m.mem_gib = MemoryGiB(*s.ctx);
     m.eta_s = m.elapsed_s / step * (t.steps - step);
     const bool last = step == t.steps;
-    const bool out_of_time = t.max_minutes > 0 && m.elapsed_s > t.max_minutes * 60;
+    TANDEM_ASSIGN_OR_RETURN(const bool out_of_time, AgreeOnRank0(s, t.max_minutes > 0 && m.elapsed_s > t.max_minutes * 60));
     if (s.val_loader && ((t.eval_interval > 0 && step % t.eval_interval == 0) || last || out_of_time)) {
-      TANDEM_ASSIGN_OR_RETURN(double eval, Evaluate(*s.model, *s.val_loader, t.eval_batches));
+      TANDEM_ASSIGN_OR_RETURN(double eval, s.par ? internal::ParallelEvaluate(*s.par, *s.ctx, *s.model, *s.val_loader,
+                                                                              t.eval_batches)
+                                                 : Evaluate(*s.model, *s.val_loader, t.eval_batches));
       m.eval_loss = eval;
       result.final_eval_loss = eval;
     }
-    TANDEM_RETURN_IF_ERROR(metrics.Write(m));
+    if (writer) TANDEM_RETURN_IF_ERROR(metrics->Write(m));
     if (step == 1) result.first_loss = m.loss;
     result.final_loss = m.loss;
     result.steps_done = step;
-    if (step == 1 || step % t.log_interval == 0 || last || out_of_time || m.eval_loss) {
+    if (writer && (step == 1 || step % t.log_interval == 0 || last || out_of_time || m.eval_loss)) {
       std::fprintf(stderr, "%s\n", FormatProgressLine(m, tty).c_str());
       window_start = Clock::now();
       window_tokens = 0;
@@ -347,9 +476,15 @@ StatusOr<TrainResult> RunTraining(const TrainConfig& c, const std::string& comma
     if ((t.save_interval > 0 && step % t.save_interval == 0) || last || out_of_time) {
       auto write = [&](const std::string& dir) -> Status {
         if (s.lora) return peft::SaveLoraAdapter(s.adapters->adapter(0), dir, DType::kF32);
+        if (s.s2ft) return peft::SaveS2ftAdapter(*s.s2ft, dir, DType::kF32);
         return s.model->SaveSafetensors(dir, DType::kF32);
       };
-      TANDEM_ASSIGN_OR_RETURN(result.last_checkpoint, run.SaveCheckpoint(write, step, *s.tokenizer, c.data.tokenizer));
+      if (s.par) TANDEM_RETURN_IF_ERROR(s.par->optimizer->SyncMasters());  // [parallel] ZeRO shards
+      if (writer) {
+        TANDEM_ASSIGN_OR_RETURN(result.last_checkpoint, run->SaveCheckpoint(write, step, *s.tokenizer, c.data.tokenizer));
+      } else if (s.par->saver()) {  // [parallel] rank 0's tp group gathers the tp slices with it
+        TANDEM_RETURN_IF_ERROR(s.model->SaveSafetensors("", DType::kF32));
+      }
     }
     if (out_of_time) {
       TANDEM_LOG(WARNING, "train") << "stopping after " << FormatDuration(m.elapsed_s) << " (train.max_minutes = "
@@ -357,7 +492,8 @@ StatusOr<TrainResult> RunTraining(const TrainConfig& c, const std::string& comma
       break;
     }
   }
-  TANDEM_LOG(INFO, "train") << "done: " << result.steps_done << " steps, loss " << result.first_loss << " -> "
+  if (s.par) TANDEM_RETURN_IF_ERROR(s.par->Close());
+  if (writer) TANDEM_LOG(INFO, "train") << "done: " << result.steps_done << " steps, loss " << result.first_loss << " -> "
                             << result.final_loss
                             << (result.final_eval_loss >= 0 ? StrCat(", eval loss ", result.final_eval_loss) : "")
                             << "; checkpoint " << result.last_checkpoint;

@@ -1,6 +1,6 @@
 // The training loop of `tandem train`.
 //
-// One process, one device (data/tensor/context parallelism come with parallel/). Each update:
+// One process and device, or one rank of an mpirun job (TrainEnv below). Each update:
 // grad_accum micro-batches of forward+backward with the loss averaged over every target token of
 // the update, the global gradient norm, clipping, AdamW per parameter with the scheduled lr, then
 // metrics. Deterministic: the same config and seed on the same device give bitwise-identical
@@ -14,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "collectives/communicator.h"
 #include "core/status.h"
 #include "trainer/config.h"
 
@@ -30,5 +31,17 @@ struct TrainResult {
 // `command_line` is recorded in run.json. Bad configuration, data or model files fail before
 // the first step with a clear error.
 StatusOr<TrainResult> RunTraining(const TrainConfig& config, const std::string& command_line);
+
+// [parallel] Where this process sits in an mpirun job. With a world of more than one rank the run
+// is data x context x tensor parallel over the mesh of config.parallel (parallel/mesh.h): on CUDA
+// each rank uses cuda:<local_rank> and NCCL bootstrapped over `world`. Only world rank 0 writes
+// logs, metrics, run.json and checkpoints; the reported loss is the global mean. LoRA trains on
+// dp x cp meshes (not with tp or ZeRO); S2FT is refused under more than one rank.
+struct TrainEnv {
+  collectives::Communicator* world = nullptr;  // MPI (host) world; null: one process
+  int local_rank = 0;                          // rank on this node (the GPU index)
+};
+StatusOr<TrainResult> RunTraining(const TrainConfig& config, const std::string& command_line,
+                                  const TrainEnv& env);
 
 }  // namespace tandem::trainer

@@ -38,6 +38,7 @@ struct LlamaModel::Activations {
   Tensor tokens;                      // i32 [N]
   Tensor targets;                     // i32 [N]
   Tensor positions;                   // i32 [N]
+  Tensor embed_ids;                   // i32 [N], tp > 1: rows of the local embedding table
   Tensor segment_ids;                 // i32 [B, T], allocated when a batch first brings segment ids
   bool use_segments = false;          // this batch has segment ids
   std::vector<int32_t> host_targets;  // [N], to skip loss chunks without targets

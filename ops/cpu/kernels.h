@@ -48,6 +48,7 @@ struct AttentionShape {
   int64_t batch, seq, q_heads, kv_heads, head_dim;
   // Token strides (elements) of each [B, T, H, D] operand; batch stride = seq * token stride.
   int64_t q_stride, k_stride, v_stride, o_stride;
+  bool causal = true;  // false: every key visible (ops::AttentionMask::kFull)
 };
 // lse f32 [B, Hq, T]; segment_ids nullable [B, T].
 void AttentionForward(const AttentionShape& s, float* out, float* lse, const float* q,
@@ -56,6 +57,9 @@ void AttentionForward(const AttentionShape& s, float* out, float* lse, const flo
 void AttentionBackward(const AttentionShape& s, float* dq, float* dk, float* dv, const float* dout,
                        const float* q, const float* k, const float* v, const float* out,
                        const float* lse, float scale, const int32_t* segment_ids);
+// See ops::AttentionMerge; out_acc, out_blk [B, T, H, D], lse_acc, lse_blk [B, H, T], contiguous.
+void AttentionMerge(float* out_acc, float* lse_acc, const float* out_blk, const float* lse_blk,
+                    int64_t batch, int64_t seq, int64_t heads, int64_t head_dim);
 
 void SwigluForward(float* out, int64_t out_stride, const float* gate, int64_t gate_stride,
                    const float* up, int64_t up_stride, int64_t rows, int64_t cols);

@@ -94,6 +94,7 @@ cudaError_t AttentionBackward(cudaStream_t stream, const AttentionShape& s, void
   p.q_heads = static_cast<int>(s.q_heads);
   p.kv_heads = static_cast<int>(s.kv_heads);
   p.group = static_cast<int>(s.q_heads / s.kv_heads);
+  p.causal = s.causal;
   p.scale = scale;
   p.scale_log2 = scale * attn::kLog2e;
   const auto* out_bf16 = static_cast<const attn::bf16*>(out);

@@ -33,8 +33,8 @@ struct DkdvTraits {
 // without segments) are the query tile's values in shared memory; kseg the lane's key segments.
 template <int kBM>
 __device__ __forceinline__ void ProbsTransposed(float (&s)[1][kBM / 8][4], float scale_log2,
-                                                bool need_mask, int key_row0, int q0, int seq,
-                                                const float* lse2, const int32_t* qseg,
+                                                bool need_mask, bool causal, int key_row0, int q0,
+                                                int seq, const float* lse2, const int32_t* qseg,
                                                 const int (&kseg)[2], int lane) {
   const int g = lane >> 2;
   const int t = lane & 3;
@@ -47,7 +47,7 @@ __device__ __forceinline__ void ProbsTransposed(float (&s)[1][kBM / 8][4], float
       if (need_mask) {
         const int key = key_row0 + g + 8 * (e >> 1);
         const int query = q0 + col;
-        bool visible = key <= query && query < seq;
+        bool visible = (causal ? key <= query : key < seq) && query < seq;
         if (qseg != nullptr) visible = visible && qseg[col] == kseg[e >> 1];
         if (!visible) x = -INFINITY;
       }
@@ -85,7 +85,7 @@ __global__ void __launch_bounds__(kWarps * 32) AttentionBackwardDkdvKernel(const
   const int32_t* seg = p.seg == nullptr ? nullptr : p.seg + b_tokens;
 
   // Iteration it visits query head kvh * group + it / nq, query tile qt_first + it % nq.
-  const int qt_first = k0 / kBM;  // queries before k0 see none of the keys
+  const int qt_first = p.causal ? k0 / kBM : 0;  // causal: queries before k0 see no key here
   const int nq = CeilDiv(seq, kBM) - qt_first;
   const int iters = p.group * nq;
 
@@ -145,8 +145,11 @@ __global__ void __launch_bounds__(kWarps * 32) AttentionBackwardDkdvKernel(const
     GemmSmemNT<kD, 1, kBM>(s, sk_addr, warp_row, sq_addr, lane);  // S^T = K Q^T
     // Masking where the tiles cross the diagonal, where queries run past the sequence (their
     // lse2 = +inf already zeroes P; the mask makes it explicit) or with segments.
-    const bool need_mask = seg != nullptr || k0 + Tr::kBN - 1 > q0 || q0 + kBM > seq;
-    ProbsTransposed<kBM>(s, p.scale_log2, need_mask, warp_k0, q0, seq, lse2,
+    // Without the causal mask, key rows >= seq (zero-filled, never stored) are masked too, so no
+    // inf can arise in rows that are thrown away.
+    const bool need_mask = seg != nullptr || q0 + kBM > seq ||
+                           (p.causal ? k0 + Tr::kBN - 1 > q0 : k0 + Tr::kBN > seq);
+    ProbsTransposed<kBM>(s, p.scale_log2, need_mask, p.causal, warp_k0, q0, seq, lse2,
                          seg != nullptr ? sseg + buf * kBM : nullptr, kseg, lane);  // P^T
     GemmRegSmem<kD, 1, kBM>(dv, s, sdo_addr, lane);  // dV += P^T dO
 

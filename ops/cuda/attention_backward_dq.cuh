@@ -96,7 +96,7 @@ __global__ void __launch_bounds__(kWarps * 32) AttentionBackwardDqKernel(const B
 
   const uint32_t sq_addr = SmemAddr(sq);
   const uint32_t sdo_addr = SmemAddr(sdo);
-  const int num_ktiles = CeilDiv(min(q0 + Tr::kBM, seq), kBN);
+  const int num_ktiles = CeilDiv(p.causal ? min(q0 + Tr::kBM, seq) : seq, kBN);
   for (int j = 0; j < num_ktiles; ++j) {
     const int buf = j & 1;
     CpAsyncWaitAll();
@@ -108,8 +108,9 @@ __global__ void __launch_bounds__(kWarps * 32) AttentionBackwardDqKernel(const B
     float s[1][kBN / 8][4];
     GemmSmemNT<kD, 1, kBN>(s, sq_addr, warp_row, sk_addr, lane);  // S = Q K^T
     const int k0 = j * kBN;
-    const bool need_mask = seg != nullptr || k0 + kBN - 1 > q0;
-    ScaleAndMaskRows<1, kBN>(s, p.scale_log2, need_mask, warp_q0, k0, seq,
+    const bool need_mask =
+        seg != nullptr || (p.causal ? k0 + kBN - 1 > q0 : k0 + kBN > seq);
+    ScaleAndMaskRows<1, kBN>(s, p.scale_log2, need_mask, p.causal, warp_q0, k0, seq,
                              seg != nullptr ? sseg + buf * kBN : nullptr, qseg, lane);
     float dp[1][kBN / 8][4];
     GemmSmemNT<kD, 1, kBN>(dp, sdo_addr, warp_row, sv_addr, lane);  // dP = dO V^T

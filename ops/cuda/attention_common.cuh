@@ -205,12 +205,13 @@ __device__ __forceinline__ void GemmRegSmem(float (&acc)[kMT][kD / 8][4],
 // (x = s * scale * log2(e)); with need_mask, entries whose key is invisible become -inf.
 // s[mt][nt][e] is query q_row0 + mt*16 + g + 8*(e/2), key k0 + nt*8 + 2t + e%2.
 // kseg: the key tile's segment ids in shared memory, or nullptr without segments; qseg: the
-// segment ids of the lane's rows. Key j is visible to query i iff j <= i (so j < seq for every
-// row that is written), j < seq, and the segments agree.
+// segment ids of the lane's rows. Key j is visible to query i iff j < seq, j <= i when causal
+// (a block with every key visible otherwise, ops::AttentionMask::kFull), and the segments agree.
 template <int kMT, int kBN>
 __device__ __forceinline__ void ScaleAndMaskRows(float (&s)[kMT][kBN / 8][4], float scale_log2,
-                                                 bool need_mask, int q_row0, int k0, int seq,
-                                                 const int32_t* kseg, const int (&qseg)[kMT][2],
+                                                 bool need_mask, bool causal, int q_row0, int k0,
+                                                 int seq, const int32_t* kseg,
+                                                 const int (&qseg)[kMT][2],
                                                  int lane) {
   const int g = lane >> 2;
   const int t = lane & 3;
@@ -225,7 +226,7 @@ __device__ __forceinline__ void ScaleAndMaskRows(float (&s)[kMT][kBN / 8][4], fl
           const int row = q_row0 + mt * 16 + g + 8 * (e >> 1);
           const int col = nt * 8 + 2 * t + (e & 1);  // inside the key tile
           const int key = k0 + col;
-          bool visible = key <= row && key < seq;
+          bool visible = (!causal || key <= row) && key < seq;
           if (kseg != nullptr) visible = visible && kseg[col] == qseg[mt][e >> 1];
           if (!visible) x = -INFINITY;
         }
@@ -248,6 +249,7 @@ struct BwdParams {
   const int32_t* seg;  // [B, T] or nullptr
   int64_t q_stride, k_stride, v_stride, o_stride;
   int seq, q_heads, kv_heads, group;  // group = Hq / Hkv
+  bool causal;                        // false: every key visible (a full block of a ring)
   float scale;                        // softmax scale (dq and dk carry it once)
   float scale_log2;                   // scale * log2(e)
 };

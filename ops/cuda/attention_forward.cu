@@ -51,6 +51,7 @@ cudaError_t AttentionForward(cudaStream_t stream, const AttentionShape& s, void*
   p.seq = static_cast<int>(s.seq);
   p.q_heads = static_cast<int>(s.q_heads);
   p.group = static_cast<int>(s.q_heads / s.kv_heads);
+  p.causal = s.causal;
   p.scale_log2 = scale * attn::kLog2e;
   // 128 query rows x 64 keys per block. D = 64: 4 warps of 32 rows (each K/V fragment loaded
   // from shared memory feeds two row tiles). D = 128: 8 warps of 16 rows, which keeps the

@@ -26,6 +26,7 @@ struct FwdParams {
   const int32_t* seg;  // [B, T] or nullptr
   int64_t q_stride, k_stride, v_stride, o_stride;
   int seq, q_heads, group;  // group = Hq / Hkv
+  bool causal;              // false: every key visible (a full block of a ring)
   float scale_log2;         // scale * log2(e)
 };
 
@@ -156,7 +157,7 @@ __global__ void __launch_bounds__(kWarps * 32) AttentionForwardKernel(const FwdP
   }
 
   const uint32_t sq_addr = SmemAddr(sq);
-  const int num_ktiles = CeilDiv(min(q0 + Tr::kBM, seq), kBN);
+  const int num_ktiles = CeilDiv(p.causal ? min(q0 + Tr::kBM, seq) : seq, kBN);
   for (int j = 0; j < num_ktiles; ++j) {
     const int buf = j & 1;
     CpAsyncWaitAll();
@@ -167,9 +168,11 @@ __global__ void __launch_bounds__(kWarps * 32) AttentionForwardKernel(const FwdP
     GemmSmemNT<kD, kMT, kBN>(s, sq_addr, warp_row, SmemAddr(sk + buf * Tr::kKVElems), lane);
     const int k0 = j * kBN;
     // Masking is needed where the tile crosses the diagonal (this also covers keys >= seq,
-    // which only the last tile has and which lie beyond every row < seq) or with segments.
-    const bool need_mask = seg != nullptr || k0 + kBN - 1 > q0;
-    ScaleAndMaskRows<kMT, kBN>(s, p.scale_log2, need_mask, warp_q0, k0, seq,
+    // which only the last tile has and which lie beyond every row < seq), without the causal
+    // mask on the last tile when it runs past the sequence, or with segments.
+    const bool need_mask =
+        seg != nullptr || (p.causal ? k0 + kBN - 1 > q0 : k0 + kBN > seq);
+    ScaleAndMaskRows<kMT, kBN>(s, p.scale_log2, need_mask, p.causal, warp_q0, k0, seq,
                                seg != nullptr ? sseg + buf * kBN : nullptr, qseg, lane);
     SoftmaxUpdate<kD, kMT, kBN>(s, m, l, o);
     GemmRegSmem<kD, kMT, kBN>(o, s, SmemAddr(sv + buf * Tr::kKVElems), lane);  // O += P V

@@ -50,6 +50,7 @@ struct AttentionShape {
   int64_t batch, seq, q_heads, kv_heads, head_dim;
   // Token strides (elements) of each [B, T, H, D] operand; batch stride = seq * token stride.
   int64_t q_stride, k_stride, v_stride, o_stride;
+  bool causal = true;  // false: every key visible (ops::AttentionMask::kFull)
 };
 // bf16 only. lse f32 [B, Hq, T]. segment_ids nullable [B, T].
 size_t AttentionBackwardScratchBytes(const AttentionShape& s);
@@ -62,6 +63,11 @@ cudaError_t AttentionBackward(cudaStream_t stream, const AttentionShape& s, void
                               void* dv, const void* dout, const void* q, const void* k,
                               const void* v, const void* out, const float* lse, float scale,
                               const int32_t* segment_ids, void* scratch, size_t scratch_bytes);
+// See ops::AttentionMerge: out_acc f32 [B, T, H, D], out_blk blk_dtype (f32 or bf16) [B, T, H, D],
+// lse_acc, lse_blk f32 [B, H, T], contiguous.
+cudaError_t AttentionMerge(cudaStream_t stream, DType blk_dtype, float* out_acc, float* lse_acc,
+                           const void* out_blk, const float* lse_blk, int64_t batch, int64_t seq,
+                           int64_t heads, int64_t head_dim);
 
 cudaError_t SwigluForward(cudaStream_t stream, DType dtype, void* out, int64_t out_stride,
                           const void* gate, int64_t gate_stride, const void* up, int64_t up_stride,
