@@ -1,0 +1,215 @@
+#include "checkpoint/internal/agent_peers.h"
+
+#include <cstring>
+
+#include "core/logging.h"
+
+namespace tandem::checkpoint::internal {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+enum Tag : uint64_t { kFragment = 1, kAck = 2, kFetch = 3, kFetchReply = 4 };
+constexpr int kVersionsHeld = 2;  // per owner: the newest and the one before
+
+template <typename T>
+void Put(std::vector<uint8_t>* out, const T& v) {
+  const auto* p = reinterpret_cast<const uint8_t*>(&v);
+  out->insert(out->end(), p, p + sizeof(T));
+}
+template <typename T>
+bool Get(std::span<const uint8_t> in, size_t* off, T* v) {
+  if (*off + sizeof(T) > in.size()) return false;
+  std::memcpy(v, in.data() + *off, sizeof(T));
+  *off += sizeof(T);
+  return true;
+}
+
+}  // namespace
+
+StatusOr<std::unique_ptr<PeerGroup>> PeerGroup::Create(const PeerGroupOptions& o) {
+  const int n = static_cast<int>(o.group.size());
+  const int k = o.k > 0 ? o.k : n - o.m;
+  if (n < 2 || k + o.m != n || o.node < 0 || o.node >= n) {
+    return InvalidArgumentError(StrCat("agent group: expected k + m == group size and node < ",
+                                       "group size, found k=", k, " m=", o.m, " group of ", n,
+                                       " node ", o.node));
+  }
+  TANDEM_ASSIGN_OR_RETURN(ErasureCoder coder, ErasureCoder::Create(k, o.m));
+  std::unique_ptr<PeerGroup> g(new PeerGroup(o, std::move(coder)));
+  const std::string& self = o.group[o.node];
+  const size_t colon = self.rfind(':');
+  collectives::FabricOptions fo;
+  fo.provider = o.provider;
+  fo.bind_host = self.substr(0, colon);
+  fo.bind_port = colon == std::string::npos ? 0 : std::atoi(self.c_str() + colon + 1);
+  fo.self_id = static_cast<uint32_t>(o.node);
+  fo.rate_limit_bytes_per_s = o.rate_limit_bytes_per_s;
+  TANDEM_ASSIGN_OR_RETURN(g->transport_, collectives::CreateFabricTransport(fo));
+  for (int i = 0; i < n; ++i) {
+    if (i == o.node) {
+      g->handle_.push_back(-1);
+      continue;
+    }
+    TANDEM_ASSIGN_OR_RETURN(int h, g->transport_->AddPeer(o.group[i]));
+    g->handle_.push_back(h);
+  }
+  g->thread_ = std::thread([p = g.get()] { p->ReceiveLoop(); });
+  return g;
+}
+
+PeerGroup::~PeerGroup() {
+  stop_ = true;
+  if (thread_.joinable()) thread_.join();
+}
+
+void PeerGroup::ReceiveLoop() {
+  while (!stop_) {
+    StatusOr<collectives::FabricMessage> m = transport_->Recv(0.1);
+    if (m.ok()) {
+      Handle(std::move(*m));
+    } else if (m.status().code() != StatusCode::kDeadlineExceeded) {
+      TANDEM_LOG(WARNING, "agent") << "peer receive: " << m.status().ToString();
+    }
+  }
+}
+
+void PeerGroup::Handle(collectives::FabricMessage msg) {
+  const int from = static_cast<int>(msg.source_id);
+  if (from < 0 || from >= static_cast<int>(handle_.size()) || handle_[from] < 0) return;
+  const double t = options_.timeout_s;
+  if (msg.tag == kFragment) {
+    StatusOr<FragmentHeader> h = ParseFragment(msg.bytes);
+    uint8_t ok = h.ok() ? 1 : 0;
+    std::vector<uint8_t> ack;
+    Put(&ack, h.ok() ? h->snapshot_version : uint64_t{0});
+    Put(&ack, ok);
+    if (h.ok()) {
+      std::lock_guard<std::mutex> lock(mu_);
+      auto& versions = held_[h->owner_node];
+      versions[h->snapshot_version] = std::move(msg.bytes);
+      while (versions.size() > kVersionsHeld) versions.erase(versions.begin());
+    } else {
+      TANDEM_LOG(WARNING, "agent") << "fragment from node " << from << " refused: "
+                                   << h.status().ToString();
+    }
+    transport_->Send(handle_[from], kAck, ack, t).IgnoreError();
+  } else if (msg.tag == kAck) {
+    uint64_t version = 0;
+    uint8_t ok = 0;
+    size_t off = 0;
+    if (Get(msg.bytes, &off, &version) && Get(msg.bytes, &off, &ok)) {
+      std::lock_guard<std::mutex> lock(mu_);
+      acks_[{version, from}] = ok != 0;
+      cv_.notify_all();
+    }
+  } else if (msg.tag == kFetch) {
+    uint64_t request = 0;
+    size_t off = 0;
+    if (!Get(msg.bytes, &off, &request)) return;
+    std::vector<uint8_t> reply;
+    Put(&reply, request);
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      for (const auto& [version, frag] : held_[static_cast<uint32_t>(from)]) {
+        Put(&reply, static_cast<uint64_t>(frag.size()));
+        reply.insert(reply.end(), frag.begin(), frag.end());
+      }
+    }
+    transport_->Send(handle_[from], kFetchReply, reply, t).IgnoreError();
+  } else if (msg.tag == kFetchReply) {
+    uint64_t request = 0, len = 0;
+    size_t off = 0;
+    if (!Get(msg.bytes, &off, &request)) return;
+    std::vector<std::vector<uint8_t>> frags;
+    while (Get(msg.bytes, &off, &len) && off + len <= msg.bytes.size()) {
+      frags.emplace_back(msg.bytes.begin() + off, msg.bytes.begin() + off + len);
+      off += len;
+    }
+    std::lock_guard<std::mutex> lock(mu_);
+    if (replies_.count(request)) replies_[request][from] = std::move(frags);
+    cv_.notify_all();
+  }
+}
+
+Status PeerGroup::Distribute(uint64_t version, std::span<const uint8_t> image) {
+  const int n = coder_.n();
+  TANDEM_ASSIGN_OR_RETURN(auto frags, EncodeFragments(coder_, image, version,
+                                                      static_cast<uint32_t>(options_.node)));
+  for (int j = 1; j < n; ++j) {
+    const int dest = (options_.node + j) % n;
+    Status s = transport_->Send(handle_[dest], kFragment, frags[j], options_.timeout_s);
+    if (!s.ok()) {
+      return UnavailableError(StrCat("agent node ", options_.node, ": fragment ", j, " of version ",
+                                     version, " to node ", dest, " (", options_.group[dest],
+                                     "): ", s.message()));
+    }
+  }
+  const auto deadline = Clock::now() + std::chrono::duration_cast<Clock::duration>(
+                                           std::chrono::duration<double>(options_.timeout_s));
+  std::unique_lock<std::mutex> lock(mu_);
+  for (int j = 1; j < n; ++j) {
+    const int dest = (options_.node + j) % n;
+    if (!cv_.wait_until(lock, deadline, [&] { return acks_.count({version, dest}) > 0; })) {
+      return DeadlineExceededError(StrCat("agent node ", options_.node, ": node ", dest,
+                                          " did not acknowledge its fragment of version ", version,
+                                          " within ", options_.timeout_s, " s"));
+    }
+    if (!acks_[{version, dest}]) {
+      return DataLossError(StrCat("agent node ", options_.node, ": node ", dest,
+                                  " received a corrupt fragment of version ", version));
+    }
+  }
+  std::erase_if(acks_, [&](const auto& e) { return e.first.first <= version; });
+  return Status::Ok();
+}
+
+StatusOr<std::vector<uint8_t>> PeerGroup::Rebuild(uint64_t* version) {
+  uint64_t request;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    request = next_request_++;
+    replies_[request];
+  }
+  std::vector<uint8_t> ask;
+  Put(&ask, request);
+  int asked = 0;
+  for (int i = 0; i < static_cast<int>(handle_.size()); ++i) {
+    if (handle_[i] < 0) continue;
+    Status s = transport_->Send(handle_[i], kFetch, ask, options_.timeout_s);
+    if (s.ok()) ++asked;
+    else TANDEM_LOG(WARNING, "agent") << "rebuild: node " << i << " unreachable: " << s.message();
+  }
+  const auto deadline = Clock::now() + std::chrono::duration_cast<Clock::duration>(
+                                           std::chrono::duration<double>(options_.timeout_s));
+  std::map<int, std::vector<std::vector<uint8_t>>> got;
+  {
+    std::unique_lock<std::mutex> lock(mu_);
+    cv_.wait_until(lock, deadline, [&] { return static_cast<int>(replies_[request].size()) >= asked; });
+    got = std::move(replies_[request]);
+    replies_.erase(request);
+  }
+  // Group the valid fragments by version, newest first.
+  std::map<uint64_t, std::vector<std::span<const uint8_t>>, std::greater<>> by_version;
+  for (const auto& [node, frags] : got) {
+    for (const auto& f : frags) {
+      StatusOr<FragmentHeader> h = ParseFragment(f);
+      if (h.ok() && h->owner_node == static_cast<uint32_t>(options_.node)) {
+        by_version[h->snapshot_version].emplace_back(f);
+      }
+    }
+  }
+  Status last = DataLossError(StrCat("agent node ", options_.node, ": no peer holds fragments of",
+                                     " this node (", got.size(), " of ", asked, " peers answered)"));
+  for (const auto& [v, frags] : by_version) {
+    StatusOr<std::vector<uint8_t>> image = DecodeFragments(frags);
+    if (image.ok()) {
+      *version = v;
+      return image;
+    }
+    last = image.status();
+  }
+  return last;
+}
+
+}  // namespace tandem::checkpoint::internal
