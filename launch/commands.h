@@ -14,5 +14,8 @@ int DataCommand(const Args& args);
 int PlotCommand(const Args& args);
 int LogitsCommand(const Args& args);
 int GenerateCommand(const Args& args);
+int AgentCommand(const Args& args);
+int CkptCommand(const Args& args);
+int ServeCommand(const Args& args);
 
 }  // namespace tandem::launch

@@ -19,6 +19,9 @@ constexpr Command kCommands[] = {
     {"plot", tandem::launch::PlotCommand, "draw a run's loss and throughput curves into a PNG"},
     {"logits", tandem::launch::LogitsCommand, "write a model's logits for given tokens (to compare frameworks)"},
     {"generate", tandem::launch::GenerateCommand, "continue a prompt with a model (and a LoRA adapter): a demo"},
+    {"agent", tandem::launch::AgentCommand, "the per-node snapshot agent (shared memory, erasure coding across nodes)"},
+    {"ckpt", tandem::launch::CkptCommand, "inspect universal checkpoints; export-hf, import-hf, export-adapter"},
+    {"serve", tandem::launch::ServeCommand, "serve a model and its LoRA adapters over an OpenAI-compatible HTTP API"},
 };
 
 void PrintHelp() {

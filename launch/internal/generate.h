@@ -10,7 +10,7 @@
 //
 // The prompt is encoded with the tokenizer, after its BOS when it has one. Each step feeds the
 // last max_position_embeddings ids (the context is cut from the left beyond that), samples the
-// last row (launch/internal/sampling.h, one Rng stream DeriveSeed(seed, 0, "sampling")), and stops
+// last row (serve/sampling.h, one Rng stream DeriveSeed(seed, 0, "sampling")), and stops
 // at an EOS id (the tokenizer's or any of config.json's eos_token_ids, unless ignore_eos), when
 // the decoded continuation contains `stop` (the text is cut before it), or after max_tokens.
 // Tokens are drawn only from ids both the model and the tokenizer know (a model's vocabulary may
@@ -24,11 +24,18 @@
 #include <vector>
 
 #include "core/status.h"
-#include "launch/internal/sampling.h"
 #include "model/llama.h"
 #include "model/tokenizer.h"
+#include "serve/sampling.h"
 
 namespace tandem::launch {
+
+// The sampler lives in serve/ (the engine uses it too); generate keeps its historical names.
+using SamplingParams = serve::SamplerParams;
+using serve::Argmax;
+using serve::FilteredProbabilities;
+using serve::SampleToken;
+using serve::ValidateSamplingParams;
 
 struct GenerateOptions {
   std::string model_dir;    // config.json + model.safetensors (or a sharded index)

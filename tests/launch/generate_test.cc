@@ -10,13 +10,13 @@
 #include <numeric>
 #include <vector>
 
-#include "launch/internal/sampling.h"
 #include "model/llama.h"
 #include "model/tokenizer.h"
 #include "ops/context.h"
 #include "peft/adapter_io.h"
 #include "peft/adapter_set.h"
 #include "peft/lora.h"
+#include "serve/sampling.h"
 #include "tests/common/testing.h"
 
 namespace tandem::launch {

@@ -1,0 +1,214 @@
+// Serving benchmark: S-LoRA's synthetic workload replayed against the engine (serve/engine.h).
+//
+//   tandem-serve_bench [--model-dir DIR | --layers 22 --hidden 2048 --inter 5632 --vocab 32000
+//                       --heads 32 --kv-heads 4] [--adapters 16] [--rank 16] [--requests 256]
+//                      [--rate 8] [--cv 1] [--alpha 1] [--min-len 8] [--max-len 512]
+//                      [--device auto] [--pool-gb 0] [--max-batch-tokens 2048]
+//
+// Without --model-dir a random model of the given shape is saved (bf16) to a temporary directory.
+// N random rank-r LoRA adapters on q/k/v/o (nonzero B) are written once and registered under N
+// names (each name is a separate adapter to the engine: its own pool pages and loads). Requests:
+// adapter chosen by a power law (probability of the i-th adapter ~ 1 / (i + 1)^alpha), arrivals
+// with gamma-distributed gaps (mean 1 / rate, coefficient of variation cv), prompt and output
+// lengths uniform in [min-len, max-len] (random token ids; EOS ignored). --adapters 0 runs the base
+// model alone. Prints one JSON object: requests/s, generated tokens/s, TTFT and TPOT p50/p99.
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <condition_variable>
+#include <cstdio>
+#include <ctime>
+#include <filesystem>
+#include <map>
+#include <mutex>
+#include <nlohmann/json.hpp>
+#include <random>
+#include <string>
+#include <thread>
+
+#include "core/version.h"
+#include "model/llama.h"
+#include "peft/adapter_io.h"
+#include "serve/engine.h"
+
+namespace {
+
+using namespace tandem;
+using Clock = std::chrono::steady_clock;
+
+struct Args {
+  std::map<std::string, std::string> kv;
+  std::string Get(const std::string& k, const std::string& d) const {
+    auto it = kv.find(k);
+    return it == kv.end() ? d : it->second;
+  }
+  int64_t Int(const std::string& k, int64_t d) const {
+    return std::stoll(Get(k, std::to_string(d)));
+  }
+  double Num(const std::string& k, double d) const { return std::stod(Get(k, std::to_string(d))); }
+};
+
+struct Timing {
+  Clock::time_point submit, first, last;
+  int64_t tokens = 0;
+  bool done = false;
+};
+
+double Percentile(std::vector<double> v, double p) {
+  if (v.empty()) return 0.0;
+  std::sort(v.begin(), v.end());
+  return v[std::min(v.size() - 1, static_cast<size_t>(p * (v.size() - 1) + 0.5))];
+}
+
+void Fail(const Status& s) {
+  std::fprintf(stderr, "serve_bench: %s\n", s.ToString().c_str());
+  std::exit(1);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  Args a;
+  for (int i = 1; i + 1 < argc; i += 2) a.kv[std::string(argv[i]).substr(2)] = argv[i + 1];
+  const std::string tmp =
+      (std::filesystem::temp_directory_path() / ("serve_bench_" + std::to_string(getpid())))
+          .string();
+  std::string model_dir = a.Get("model-dir", "");
+  model::LlamaConfig config;
+  auto ctx = ops::Context::Cpu();
+  if (model_dir.empty()) {
+    config.num_hidden_layers = a.Int("layers", 22);
+    config.hidden_size = a.Int("hidden", 2048);
+    config.intermediate_size = a.Int("inter", 5632);
+    config.vocab_size = a.Int("vocab", 32000);
+    config.num_attention_heads = a.Int("heads", 32);
+    config.num_key_value_heads = a.Int("kv-heads", 4);
+    config.max_position_embeddings = 2048;
+    model::ModelOptions mo;
+    mo.trainable = false;
+    auto m = model::LlamaModel::Create(*ctx, config, mo);
+    if (!m.ok()) Fail(m.status());
+    if (Status s = (*m)->InitRandom(1, 0.02f); !s.ok()) Fail(s);
+    model_dir = tmp + "/model";
+    if (Status s = (*m)->SaveSafetensors(model_dir, DType::kBF16); !s.ok()) Fail(s);
+  } else {
+    auto c = model::LoadLlamaConfig(model_dir + "/config.json");
+    if (!c.ok()) Fail(c.status());
+    config = *c;
+  }
+  const int64_t num_adapters = a.Int("adapters", 16);
+  serve::EngineOptions eo;
+  eo.model_dir = model_dir;
+  eo.device = a.Get("device", "auto");
+  eo.pool_bytes = static_cast<int64_t>(a.Num("pool-gb", 0) * (1 << 30));
+  eo.max_batch_tokens = a.Int("max-batch-tokens", 2048);
+  eo.max_waiting = 1 << 20;
+  if (num_adapters > 0) {
+    peft::LoraConfig lc;
+    lc.r = a.Int("rank", 16);
+    lc.alpha = 2.0 * lc.r;
+    lc.target_modules = {"q_proj", "k_proj", "v_proj", "o_proj"};
+    auto adapter = peft::LoraAdapter::Create(*ctx, config, lc);
+    if (!adapter.ok()) Fail(adapter.status());
+    for (size_t i = 1; i < (*adapter)->parameters().size(); i += 2) {  // nonzero B
+      Tensor b = Tensor::Cpu((*adapter)->parameters()[i].weight.shape(), DType::kF32);
+      for (int64_t j = 0; j < b.numel(); ++j) b.data<float>()[j] = 1e-3f * ((j % 7) - 3);
+      if (Status s = (*adapter)->SetFromHost(i, b); !s.ok()) Fail(s);
+    }
+    Status saved = peft::SaveLoraAdapter(**adapter, tmp + "/adapter", DType::kBF16);
+    if (!saved.ok()) Fail(saved);
+    for (int64_t i = 0; i < num_adapters; ++i) {
+      eo.adapters.push_back({"lora" + std::to_string(i), tmp + "/adapter"});
+    }
+  }
+  auto engine_or = serve::Engine::Create(eo);
+  if (!engine_or.ok()) Fail(engine_or.status());
+  std::unique_ptr<serve::Engine> engine = std::move(engine_or).value();
+
+  // The workload.
+  const int64_t n = a.Int("requests", 256), lo = a.Int("min-len", 8), hi = a.Int("max-len", 512);
+  const double rate = a.Num("rate", 8), cv = a.Num("cv", 1), alpha = a.Num("alpha", 1);
+  std::mt19937_64 rng(1234);
+  std::gamma_distribution<double> gap(1.0 / (cv * cv), cv * cv / rate);
+  std::uniform_int_distribution<int64_t> len(lo, hi);
+  std::uniform_int_distribution<int32_t> tok(0, static_cast<int32_t>(config.vocab_size) - 1);
+  std::vector<double> weights;
+  for (int64_t i = 0; i < num_adapters; ++i) weights.push_back(1.0 / std::pow(i + 1.0, alpha));
+  std::discrete_distribution<int64_t> pick(weights.begin(), weights.end());
+  std::vector<Timing> t(n);
+  std::mutex mu;
+  std::condition_variable cv_done;
+  int64_t finished = 0;
+  const Clock::time_point start = Clock::now();
+  double at = 0.0;
+  for (int64_t i = 0; i < n; ++i) {
+    at += gap(rng);
+    serve::GenerationRequest r;
+    r.model = num_adapters > 0 ? "lora" + std::to_string(pick(rng)) : engine->base_model_name();
+    r.prompt_tokens.resize(len(rng));
+    for (int32_t& id : r.prompt_tokens) id = tok(rng);
+    r.sampling.temperature = 0.0f;
+    r.sampling.max_tokens = static_cast<int>(len(rng));
+    r.sampling.ignore_eos = true;
+    std::this_thread::sleep_until(start + std::chrono::duration<double>(at));
+    t[i].submit = Clock::now();
+    auto id = engine->Submit(std::move(r), [&, i](const serve::TokenEvent& e) {
+      std::lock_guard<std::mutex> lock(mu);
+      const Clock::time_point now = Clock::now();
+      if (e.has_token && t[i].tokens++ == 0) t[i].first = now;
+      t[i].last = now;
+      if (e.finished) {
+        t[i].done = true;
+        ++finished;
+        cv_done.notify_all();
+      }
+    });
+    if (!id.ok()) Fail(id.status());
+  }
+  {
+    std::unique_lock<std::mutex> lock(mu);
+    cv_done.wait(lock, [&] { return finished == n; });
+  }
+  const double wall = std::chrono::duration<double>(Clock::now() - start).count();
+  std::vector<double> ttft, tpot;
+  int64_t generated = 0;
+  for (const Timing& x : t) {
+    generated += x.tokens;
+    ttft.push_back(std::chrono::duration<double>(x.first - x.submit).count());
+    if (x.tokens > 1) {
+      tpot.push_back(std::chrono::duration<double>(x.last - x.first).count() / (x.tokens - 1));
+    }
+  }
+  const serve::EngineStats st = engine->Stats();
+  engine->Shutdown();
+  std::filesystem::remove_all(tmp);
+  char date[32];
+  const std::time_t now = std::time(nullptr);
+  std::strftime(date, sizeof(date), "%Y-%m-%dT%H:%M:%SZ", std::gmtime(&now));
+  nlohmann::json j = {{"bench", "serve"},
+                      {"device", eo.device},
+                      {"layers", config.num_hidden_layers},
+                      {"hidden", config.hidden_size},
+                      {"adapters", num_adapters},
+                      {"rank", a.Int("rank", 16)},
+                      {"requests", n},
+                      {"rate", rate},
+                      {"cv", cv},
+                      {"alpha", alpha},
+                      {"len", {lo, hi}},
+                      {"wall_s", wall},
+                      {"requests_per_s", n / wall},
+                      {"generated_tokens_per_s", generated / wall},
+                      {"ttft_p50_s", Percentile(ttft, 0.5)},
+                      {"ttft_p99_s", Percentile(ttft, 0.99)},
+                      {"tpot_p50_s", Percentile(tpot, 0.5)},
+                      {"tpot_p99_s", Percentile(tpot, 0.99)},
+                      {"preemptions", st.preemptions},
+                      {"adapter_loads", st.adapter_loads},
+                      {"commit", GitCommit()},
+                      {"date", date}};
+  std::printf("%s\n", j.dump().c_str());
+  return 0;
+}

@@ -1,0 +1,324 @@
+// InferModel (serve/infer_model.h).
+#include "serve/infer_model.h"
+
+#include <algorithm>
+#include <cmath>
+#include <map>
+
+#include "model/rope.h"
+#include "ops/ops.h"
+#include "ops/paged_attention.h"
+
+namespace tandem::serve {
+namespace {
+
+constexpr int kProjections = model::kNumProjections;
+
+// The rows of a fused group: parameters `first` .. `first + count - 1` must be adjacent in memory
+// (LlamaModel lays fused projections out that way); returns them as one [rows, cols] tensor.
+StatusOr<Tensor> Fused(const std::vector<model::Parameter>& params, size_t first, size_t count) {
+  const Tensor& w0 = params[first].weight;
+  int64_t rows = 0;
+  const char* expect = static_cast<const char*>(w0.raw_data());
+  for (size_t i = first; i < first + count; ++i) {
+    const Tensor& w = params[i].weight;
+    if (w.raw_data() != expect || w.dim(1) != w0.dim(1)) {
+      return InternalError(StrCat("InferModel: ", params[i].name,
+                                  " does not follow the previous projection in memory"));
+    }
+    rows += w.dim(0);
+    expect += w.num_bytes();
+  }
+  return Tensor::Wrap(w0.raw_data(), {rows, w0.dim(1)}, w0.dtype(), w0.device());
+}
+
+}  // namespace
+
+int64_t AdapterWeights::num_bytes() const {
+  int64_t n = 0;
+  for (const Target& t : targets) n += static_cast<int64_t>(t.a.num_bytes() + t.b.num_bytes());
+  return n;
+}
+
+StatusOr<AdapterWeights> AdapterWeights::FromLora(ops::Context& ctx, const peft::LoraAdapter& lora,
+                                                  DType dtype) {
+  const int64_t L = lora.base_config().num_hidden_layers;
+  AdapterWeights w;
+  w.index.assign(L * model::kNumProjections, -1);
+  auto to_device = [&](const Tensor& host) -> StatusOr<Tensor> {
+    if (!ctx.is_cuda()) return host;  // shared with the host copy (f32)
+    TANDEM_ASSIGN_OR_RETURN(Tensor cast, CastCpu(host, dtype));
+    return CopyToDeviceBlocking(cast, ctx.allocator());
+  };
+  for (size_t t = 0; t < lora.targets().size(); ++t) {
+    const peft::LoraTarget& target = lora.targets()[t];
+    if (!lora.a(t).weight.device().is_cpu()) {
+      return InvalidArgumentError("AdapterWeights::FromLora: expected an adapter on the host");
+    }
+    Target out;
+    TANDEM_ASSIGN_OR_RETURN(out.a, to_device(lora.a(t).weight));  // [r, in]
+    TANDEM_ASSIGN_OR_RETURN(out.b, to_device(lora.b(t).weight));  // [out, r]
+    out.scale = target.scale;
+    w.index[target.layer * model::kNumProjections + static_cast<int>(target.proj)] =
+        static_cast<int>(w.targets.size());
+    w.targets.push_back(std::move(out));
+  }
+  return w;
+}
+
+struct InferModel::Buffers {
+  int64_t n = 0, r = 0;
+  Tensor x, ln, qkv, attn, proj, x_mid, gate_up, act;  // [N, ...]
+  Tensor positions, req, slots, tables;                // device i32
+  int64_t max_blocks = 0;
+};
+
+StatusOr<std::unique_ptr<InferModel>> InferModel::Create(ops::Context& ctx,
+                                                         model::LlamaModel& model,
+                                                         int64_t block_tokens) {
+  if (block_tokens <= 0) {
+    return InvalidArgumentError(StrCat("block_tokens must be positive, found ", block_tokens));
+  }
+  std::unique_ptr<InferModel> m(new InferModel(ctx, model, block_tokens));
+  TANDEM_RETURN_IF_ERROR(m->BindWeights());
+  return m;
+}
+
+int64_t InferModel::kv_block_bytes() const {
+  return 2 * block_tokens_ * config_.num_key_value_heads * config_.head_dim *
+         static_cast<int64_t>(DTypeSize(compute_dtype()));
+}
+
+Status InferModel::BindWeights() {
+  const std::vector<model::Parameter>& params = model_.parameters();
+  std::map<std::string, size_t> index;
+  for (size_t i = 0; i < params.size(); ++i) index[params[i].name] = i;
+  auto find = [&](const std::string& name) -> StatusOr<size_t> {
+    auto it = index.find(name);
+    if (it == index.end()) return NotFoundError(StrCat("InferModel: no parameter ", name));
+    return it->second;
+  };
+  TANDEM_ASSIGN_OR_RETURN(size_t embed, find("model.embed_tokens.weight"));
+  embed_ = params[embed].weight;
+  TANDEM_ASSIGN_OR_RETURN(size_t norm, find("model.norm.weight"));
+  final_norm_ = params[norm].weight;
+  if (config_.tie_word_embeddings) {
+    lm_head_ = embed_;
+  } else {
+    TANDEM_ASSIGN_OR_RETURN(size_t lm, find("lm_head.weight"));
+    lm_head_ = params[lm].weight;
+  }
+  for (int64_t l = 0; l < config_.num_hidden_layers; ++l) {
+    const std::string pre = StrCat("model.layers.", l, ".");
+    LayerWeights w;
+    TANDEM_ASSIGN_OR_RETURN(size_t q, find(pre + "self_attn.q_proj.weight"));
+    TANDEM_ASSIGN_OR_RETURN(w.qkv, Fused(params, q, 3));
+    TANDEM_ASSIGN_OR_RETURN(size_t o, find(pre + "self_attn.o_proj.weight"));
+    w.o = params[o].weight;
+    TANDEM_ASSIGN_OR_RETURN(size_t gate, find(pre + "mlp.gate_proj.weight"));
+    TANDEM_ASSIGN_OR_RETURN(w.gate_up, Fused(params, gate, 2));
+    TANDEM_ASSIGN_OR_RETURN(size_t down, find(pre + "mlp.down_proj.weight"));
+    w.down = params[down].weight;
+    TANDEM_ASSIGN_OR_RETURN(size_t n1, find(pre + "input_layernorm.weight"));
+    TANDEM_ASSIGN_OR_RETURN(size_t n2, find(pre + "post_attention_layernorm.weight"));
+    w.attn_norm = params[n1].weight;
+    w.mlp_norm = params[n2].weight;
+    layers_.push_back(w);
+  }
+  const std::vector<float> inv = model::RopeInvFreq(config_);
+  Tensor host = Tensor::Cpu({static_cast<int64_t>(inv.size())}, DType::kF32);  // [D/2]
+  std::copy(inv.begin(), inv.end(), host.data<float>());
+  TANDEM_ASSIGN_OR_RETURN(inv_freq_, CopyToDeviceBlocking(host, ctx_.allocator()));
+  return Status::Ok();
+}
+
+Status InferModel::PrepareLora(const std::vector<SeqChunk>& seqs,
+                               const std::vector<const AdapterWeights*>& adapters) {
+  const int64_t L = config_.num_hidden_layers;
+  lora_segs_.clear();
+  lora_segs_index_.clear();
+  if (adapters.empty()) return Status::Ok();
+  if (adapters != lora_adapters_ || lora_weights_.empty()) {
+    lora_weights_.assign(L * kProjections, ops::LoraWeights());
+    for (int64_t l = 0; l < L; ++l) {
+      for (int p = 0; p < kProjections; ++p) {
+        const auto proj = static_cast<model::Projection>(p);
+        const auto [in, out] = peft::ProjectionShape(config_, proj);
+        std::vector<ops::LoraWeights::Entry> entries(adapters.size());
+        for (size_t a = 0; a < adapters.size(); ++a) {
+          const int t = adapters[a]->Find(l, proj);
+          if (t < 0) continue;
+          const AdapterWeights::Target& tg = adapters[a]->targets[t];
+          entries[a] = {tg.a, tg.b, tg.scale, 0.0f};
+        }
+        TANDEM_ASSIGN_OR_RETURN(lora_weights_[l * kProjections + p],
+                                ops::LoraWeights::Create(ctx_, in, out, std::move(entries)));
+      }
+    }
+    lora_adapters_ = adapters;
+  }
+  // Segments: runs of equal adapter over the batch's tokens.
+  std::vector<int32_t> seg_start{0}, seg_adapter;
+  for (const SeqChunk& s : seqs) {
+    const int32_t len = static_cast<int32_t>(s.tokens.size());
+    if (!seg_adapter.empty() && seg_adapter.back() == s.adapter) {
+      seg_start.back() += len;
+    } else {
+      seg_adapter.push_back(s.adapter);
+      seg_start.push_back(seg_start.back() + len);
+    }
+  }
+  lora_segs_.clear();
+  lora_segs_index_.assign(L * kProjections, -1);
+  std::map<std::vector<int32_t>, int> by_ranks;
+  for (int64_t i = 0; i < L * kProjections; ++i) {
+    std::vector<int32_t> ranks(adapters.size());
+    bool any = false;
+    for (size_t a = 0; a < adapters.size(); ++a) {
+      ranks[a] = lora_weights_[i].rank(static_cast<int64_t>(a));
+      for (int32_t sa : seg_adapter) any = any || (sa == static_cast<int32_t>(a) && ranks[a] > 0);
+    }
+    if (!any) continue;
+    auto [it, inserted] = by_ranks.emplace(ranks, static_cast<int>(lora_segs_.size()));
+    if (inserted) {
+      TANDEM_ASSIGN_OR_RETURN(ops::LoraSegments segs,
+                              ops::LoraSegments::Create(ctx_, seg_start, seg_adapter, ranks));
+      lora_segs_.push_back(std::move(segs));
+    }
+    lora_segs_index_[i] = it->second;
+  }
+  return Status::Ok();
+}
+
+Status InferModel::LoraDelta(int64_t l, model::Projection p, const Tensor& x, Tensor y) {
+  const int64_t i = l * kProjections + static_cast<int>(p);
+  if (lora_segs_index_.empty() || lora_segs_index_[i] < 0) return Status::Ok();
+  const ops::LoraSegments& segs = lora_segs_[lora_segs_index_[i]];
+  TANDEM_ASSIGN_OR_RETURN(Tensor h, Tensor::Empty({segs.h_numel()}, x.dtype(), ctx_.allocator()));
+  TANDEM_RETURN_IF_ERROR(ops::LoraShrink(ctx_, h, x, lora_weights_[i], segs, 0));
+  return ops::LoraExpand(ctx_, y, h, lora_weights_[i], segs);
+}
+
+Status InferModel::Layer(int64_t l, Buffers& b, Tensor& kv_pages) {
+  using model::Projection;
+  const LayerWeights& w = layers_[l];
+  const int64_t N = b.n, Hq = config_.num_attention_heads, Hkv = config_.num_key_value_heads;
+  const int64_t D = config_.head_dim, F = config_.intermediate_size, H3 = Hq + 2 * Hkv;
+  const float eps = static_cast<float>(config_.rms_norm_eps);
+  const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(D)));
+  Tensor none;
+  TANDEM_RETURN_IF_ERROR(ops::RmsNormForward(ctx_, b.ln, none, b.x, w.attn_norm, eps));
+  TANDEM_RETURN_IF_ERROR(ops::Matmul(ctx_, b.qkv, b.ln, w.qkv, false, true));  // [N, H3 D]
+  TANDEM_RETURN_IF_ERROR(LoraDelta(l, Projection::kQ, b.ln, b.qkv.Slice(1, 0, Hq * D)));
+  TANDEM_RETURN_IF_ERROR(
+      LoraDelta(l, Projection::kK, b.ln, b.qkv.Slice(1, Hq * D, (Hq + Hkv) * D)));
+  TANDEM_RETURN_IF_ERROR(
+      LoraDelta(l, Projection::kV, b.ln, b.qkv.Slice(1, (Hq + Hkv) * D, H3 * D)));
+  const Tensor heads = b.qkv.View({N, H3, D});
+  Tensor q = heads.Slice(1, 0, Hq);         // [N, Hq, D]
+  Tensor k = heads.Slice(1, Hq, Hq + Hkv);  // [N, Hkv, D]
+  const Tensor v = heads.Slice(1, Hq + Hkv, H3);
+  TANDEM_RETURN_IF_ERROR(ops::Rope(ctx_, q, q, b.positions, inv_freq_, false));
+  TANDEM_RETURN_IF_ERROR(ops::Rope(ctx_, k, k, b.positions, inv_freq_, false));
+  const Tensor slots = b.slots.Slice(0, l, l + 1).View({N});
+  TANDEM_RETURN_IF_ERROR(ops::PagedKvWrite(ctx_, kv_pages, k, v, slots, block_tokens_));
+  const Tensor table = b.tables.Slice(0, l, l + 1).View({b.r, b.max_blocks});
+  Tensor attn = b.attn.View({N, Hq, D});
+  TANDEM_RETURN_IF_ERROR(ops::PagedAttention(ctx_, attn, q, kv_pages, table, b.req, b.positions,
+                                             Hkv, block_tokens_, scale));
+  TANDEM_RETURN_IF_ERROR(ops::Matmul(ctx_, b.proj, b.attn, w.o, false, true));
+  TANDEM_RETURN_IF_ERROR(LoraDelta(l, Projection::kO, b.attn, b.proj));
+  TANDEM_RETURN_IF_ERROR(ops::Add(ctx_, b.x_mid, b.x, b.proj));  // [N, C]
+  TANDEM_RETURN_IF_ERROR(ops::RmsNormForward(ctx_, b.ln, none, b.x_mid, w.mlp_norm, eps));
+  TANDEM_RETURN_IF_ERROR(ops::Matmul(ctx_, b.gate_up, b.ln, w.gate_up, false, true));
+  TANDEM_RETURN_IF_ERROR(LoraDelta(l, Projection::kGate, b.ln, b.gate_up.Slice(1, 0, F)));
+  TANDEM_RETURN_IF_ERROR(LoraDelta(l, Projection::kUp, b.ln, b.gate_up.Slice(1, F, 2 * F)));
+  TANDEM_RETURN_IF_ERROR(
+      ops::SwigluForward(ctx_, b.act, b.gate_up.Slice(1, 0, F), b.gate_up.Slice(1, F, 2 * F)));
+  TANDEM_RETURN_IF_ERROR(ops::Matmul(ctx_, b.proj, b.act, w.down, false, true));
+  TANDEM_RETURN_IF_ERROR(LoraDelta(l, Projection::kDown, b.act, b.proj));
+  return ops::Add(ctx_, b.x, b.x_mid, b.proj);
+}
+
+StatusOr<Tensor> InferModel::Forward(Tensor& kv_pages, const std::vector<SeqChunk>& seqs,
+                                     const std::vector<const AdapterWeights*>& adapters) {
+  const int64_t L = config_.num_hidden_layers, R = static_cast<int64_t>(seqs.size());
+  const int64_t C = config_.hidden_size, V = config_.vocab_size;
+  Buffers b;
+  b.r = R;
+  for (const SeqChunk& s : seqs) {
+    TANDEM_CHECK(s.blocks != nullptr && static_cast<int64_t>(s.blocks->size()) == L);
+    TANDEM_CHECK(!s.tokens.empty());
+    b.n += static_cast<int64_t>(s.tokens.size());
+    b.max_blocks = std::max<int64_t>(b.max_blocks, (*s.blocks)[0].size());
+  }
+  if (R == 0) return Tensor::Cpu({0, V}, DType::kF32);
+  // Host metadata: tokens, positions, owning sequence, KV slots [L, N], block tables [L, R, B].
+  const int64_t N = b.n;
+  Tensor tokens = Tensor::Cpu({N}, DType::kI32), positions = Tensor::Cpu({N}, DType::kI32);
+  Tensor req = Tensor::Cpu({N}, DType::kI32), last = Tensor::Cpu({R}, DType::kI32);
+  Tensor slots = Tensor::Cpu({L, N}, DType::kI32);
+  Tensor tables = Tensor::CpuZeros({L, R, b.max_blocks}, DType::kI32);
+  int64_t n = 0;
+  for (int64_t r = 0; r < R; ++r) {
+    const SeqChunk& s = seqs[r];
+    for (int64_t l = 0; l < L; ++l) {
+      const std::vector<int32_t>& pages = (*s.blocks)[l];
+      TANDEM_CHECK(static_cast<int64_t>(pages.size()) * block_tokens_ >=
+                   s.start + static_cast<int64_t>(s.tokens.size()));
+      std::copy(pages.begin(), pages.end(), tables.data<int32_t>() + (l * R + r) * b.max_blocks);
+    }
+    for (size_t t = 0; t < s.tokens.size(); ++t, ++n) {
+      const int64_t p = s.start + static_cast<int64_t>(t);
+      tokens.data<int32_t>()[n] = s.tokens[t];
+      positions.data<int32_t>()[n] = static_cast<int32_t>(p);
+      req.data<int32_t>()[n] = static_cast<int32_t>(r);
+      for (int64_t l = 0; l < L; ++l) {
+        slots.data<int32_t>()[l * N + n] = static_cast<int32_t>(
+            (*s.blocks)[l][p / block_tokens_] * block_tokens_ + p % block_tokens_);
+      }
+    }
+    last.data<int32_t>()[r] = static_cast<int32_t>(n - 1);
+  }
+  auto up = [&](const Tensor& host) { return CopyToDeviceBlocking(host, ctx_.allocator()); };
+  TANDEM_ASSIGN_OR_RETURN(Tensor d_tokens, up(tokens));
+  TANDEM_ASSIGN_OR_RETURN(b.positions, up(positions));
+  TANDEM_ASSIGN_OR_RETURN(b.req, up(req));
+  TANDEM_ASSIGN_OR_RETURN(Tensor d_last, up(last));
+  TANDEM_ASSIGN_OR_RETURN(b.slots, up(slots));
+  TANDEM_ASSIGN_OR_RETURN(b.tables, up(tables));
+  TANDEM_RETURN_IF_ERROR(PrepareLora(seqs, adapters));
+
+  const int64_t Hq = config_.num_attention_heads, Hkv = config_.num_key_value_heads;
+  const int64_t D = config_.head_dim, F = config_.intermediate_size;
+  const DType A = compute_dtype();
+  auto alloc = [&](Tensor* t, const Shape& shape) -> Status {
+    TANDEM_ASSIGN_OR_RETURN(*t, Tensor::Empty(shape, A, ctx_.allocator()));
+    return Status::Ok();
+  };
+  TANDEM_RETURN_IF_ERROR(alloc(&b.x, {N, C}));
+  TANDEM_RETURN_IF_ERROR(alloc(&b.ln, {N, C}));
+  TANDEM_RETURN_IF_ERROR(alloc(&b.qkv, {N, (Hq + 2 * Hkv) * D}));
+  TANDEM_RETURN_IF_ERROR(alloc(&b.attn, {N, Hq * D}));
+  TANDEM_RETURN_IF_ERROR(alloc(&b.proj, {N, C}));
+  TANDEM_RETURN_IF_ERROR(alloc(&b.x_mid, {N, C}));
+  TANDEM_RETURN_IF_ERROR(alloc(&b.gate_up, {N, 2 * F}));
+  TANDEM_RETURN_IF_ERROR(alloc(&b.act, {N, F}));
+  TANDEM_RETURN_IF_ERROR(ops::EmbeddingForward(ctx_, b.x, d_tokens, embed_));
+  for (int64_t l = 0; l < L; ++l) TANDEM_RETURN_IF_ERROR(Layer(l, b, kv_pages));
+
+  // Last token of each sequence: gather rows (an embedding lookup into x), norm, lm head.
+  Tensor h, hn, logits, none;
+  TANDEM_RETURN_IF_ERROR(alloc(&h, {R, C}));
+  TANDEM_RETURN_IF_ERROR(alloc(&hn, {R, C}));
+  TANDEM_RETURN_IF_ERROR(alloc(&logits, {R, V}));
+  TANDEM_RETURN_IF_ERROR(ops::EmbeddingForward(ctx_, h, d_last, b.x));
+  TANDEM_RETURN_IF_ERROR(ops::RmsNormForward(ctx_, hn, none, h, final_norm_,
+                                             static_cast<float>(config_.rms_norm_eps)));
+  TANDEM_RETURN_IF_ERROR(ops::Matmul(ctx_, logits, hn, lm_head_, false, true));  // [R, V]
+  TANDEM_ASSIGN_OR_RETURN(Tensor host, CopyToHostBlocking(logits));
+  if (host.dtype() == DType::kF32) return host;
+  return CastCpu(host, DType::kF32);
+}
+
+}  // namespace tandem::serve

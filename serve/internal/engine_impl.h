@@ -1,0 +1,125 @@
+// EngineImpl: the Engine behind serve/engine.h (private to serve/).
+//
+// Threads: API calls (Submit, Cancel, LoadAdapter, ...) take `mu_` and touch only the intake
+// queues, the adapter name map and the stats copy; the engine thread owns everything else (the
+// waiting and running queues, the pool, the model) and runs Loop(): take new requests and
+// cancels, run one Step, publish stats.
+//
+// One Step (serve/internal/engine_step.cc):
+//   1. Running requests, oldest first, each get their next chunk (the rest of a prompt being
+//      recomputed, or one decode token) within max_batch_tokens; a request that needs a new KV
+//      block when the pool is full preempts the newest running request (its pages are freed and
+//      it goes back to the front of the waiting queue, to be recomputed from its tokens).
+//   2. Waiting requests are admitted in FIFO order while the budget, max_running and the pool
+//      allow (admission never preempts); a request's adapter is made resident first (pool pages,
+//      evicting unused adapters least-recently-used first). The next few waiting requests' adapters
+//      are prefetched into the host tier.
+//   3. The batch (sorted by adapter so LoRA segments are contiguous) runs through InferModel;
+//      every request whose chunk reached the end of its tokens samples one token: EOS, stop
+//      strings, max_tokens and the context limit end it and free its pages.
+#pragma once
+
+#include <condition_variable>
+#include <deque>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <set>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "model/llama.h"
+#include "ops/context.h"
+#include "serve/engine.h"
+#include "serve/infer_model.h"
+#include "serve/internal/engine_state.h"
+#include "serve/kv_pool.h"
+#include "serve/sampling.h"
+
+namespace tandem::serve::internal {
+
+class EngineImpl final : public Engine {
+ public:
+  EngineImpl() = default;
+  ~EngineImpl() override;
+
+  Status Init(const EngineOptions& options);
+
+  StatusOr<RequestId> Submit(GenerationRequest request, EventCallback on_event) override;
+  void Cancel(RequestId id) override;
+  std::vector<ModelInfo> Models() const override;
+  Status LoadAdapter(const std::string& name, const std::string& path) override;
+  Status UnloadAdapter(const std::string& name) override;
+  EngineStats Stats() const override;
+  const model::Tokenizer& tokenizer() const override { return *tokenizer_; }
+  const std::string& base_model_name() const override { return base_name_; }
+  int64_t max_model_len() const override { return max_model_len_; }
+  void Shutdown() override;
+
+ private:
+  struct Scheduled {
+    RequestState* req;
+    int64_t chunk;
+  };
+
+  StatusOr<std::shared_ptr<AdapterEntry>> FindAdapterLocked(const std::string& model);
+  Status AlreadyExists(const std::string& name) const;
+  Status LoadHostCopy(AdapterEntry& entry) const;
+
+  // Engine thread.
+  void Loop();
+  Status Step();
+  void CancelNow(RequestId id);
+  void FailAll(const Status& error);
+  // Blocks so the request's cache covers `positions`; false when the pool is short.
+  bool GrowBlocks(RequestState& r, int64_t positions);
+  void FreeBlocks(RequestState& r);
+  // Preempts the newest running request; returns it (nullptr when none is running).
+  RequestState* PreemptNewest();
+  // Makes r's adapter resident (pool pages, device copy); false when the pool is short.
+  StatusOr<bool> MakeResident(const std::shared_ptr<AdapterEntry>& entry);
+  void ReleaseAdapter(AdapterEntry& a);
+  // Frees the pages of the least recently used resident adapter that no running request uses
+  // (other than `keep`); false when there is none.
+  bool EvictUnusedAdapter(const AdapterEntry* keep);
+  // Frees the pool pages of unloaded adapters no running request uses.
+  void DropUnloadedAdapters();
+  void Prefetch();
+  // Drops host copies of adapters beyond options_.host_adapter_cache (least recently used first,
+  // never one that is resident or in use).
+  void TrimHostCache();
+  // Samples and emits r's next token from its logits row; true when r finished.
+  StatusOr<bool> Emit(RequestState& r, const float* logits, int64_t vocab);
+  // Sends the final event and releases r's pages and adapter.
+  void Finish(RequestState& r, const std::string& reason, const std::string& error);
+
+  EngineOptions options_;
+  std::unique_ptr<ops::Context> ctx_;
+  std::unique_ptr<model::LlamaModel> model_;
+  std::unique_ptr<model::Tokenizer> tokenizer_;
+  std::unique_ptr<InferModel> infer_;
+  std::string base_name_;
+  int64_t max_model_len_ = 0;
+  std::set<int32_t> eos_ids_;
+  PagePool pool_;
+  Tensor kv_pages_;  // the pool as [P, page_elems] in the compute dtype
+  uint64_t iteration_ = 0;
+  std::vector<std::shared_ptr<AdapterEntry>> resident_;  // adapters holding pool pages
+
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  bool stopping_ = false;
+  RequestId next_id_ = 1;
+  std::vector<std::unique_ptr<RequestState>> incoming_;            // guarded by mu_
+  std::vector<RequestId> cancels_;                                 // guarded by mu_
+  std::map<std::string, std::shared_ptr<AdapterEntry>> adapters_;  // guarded by mu_
+  EngineStats stats_;                                              // guarded by mu_
+  int64_t waiting_count_ = 0;                                      // guarded by mu_
+
+  std::deque<std::unique_ptr<RequestState>> waiting_;   // engine thread
+  std::vector<std::unique_ptr<RequestState>> running_;  // engine thread, admission order
+  std::thread thread_;
+};
+
+}  // namespace tandem::serve::internal
