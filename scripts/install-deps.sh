@@ -6,7 +6,7 @@
 set -euo pipefail
 
 packages=(
-  build-essential cmake ninja-build pkg-config git
+  build-essential cmake ninja-build pkg-config git curl
   libgtest-dev libgmock-dev
   nlohmann-json3-dev libtomlplusplus-dev libcpp-httplib-dev
   libopenblas-dev zlib1g-dev
