@@ -229,6 +229,14 @@ Status CopyTensor(Tensor& dst, const Tensor& src, CudaStream stream) {
 
 StatusOr<Tensor> CopyToDeviceBlocking(const Tensor& src, Allocator& allocator) {
   TANDEM_ASSIGN_OR_RETURN(Tensor dst, Tensor::Empty(src.shape(), src.dtype(), allocator));
+#ifdef TANDEM_WITH_CUDA
+  // Work queued on any stream (contexts use non-blocking streams, which the legacy stream's copy
+  // would not wait for) may still write `src` or read the memory `dst` reuses: wait for it all.
+  if (dst.device().is_cuda() || src.device().is_cuda()) {
+    cudaError_t err = cudaDeviceSynchronize();
+    if (err != cudaSuccess) return InternalError(StrCat("cudaDeviceSynchronize: ", cudaGetErrorString(err)));
+  }
+#endif
   TANDEM_RETURN_IF_ERROR(CopyTensor(dst, src, nullptr));
 #ifdef TANDEM_WITH_CUDA
   if (dst.device().is_cuda() || src.device().is_cuda()) {

@@ -115,7 +115,9 @@ Status CopyTensor(Tensor& dst, const Tensor& src, CudaStream stream = nullptr);
 StatusOr<Tensor> CastCpu(const Tensor& src, DType dtype);
 
 // Returns a new contiguous tensor on `allocator`'s device with the contents of `src`, waiting for
-// the copy to finish. Convenient for tests and loading; not for hot paths.
+// the copy to finish. When a GPU is involved it first waits for all work queued on the device (on
+// every stream), so results of kernels on a context's stream are complete. Convenient for tests,
+// loading and once-per-step transfers; not for hot paths.
 StatusOr<Tensor> CopyToDeviceBlocking(const Tensor& src, Allocator& allocator);
 // Returns a contiguous host copy of `src`, waiting for the copy to finish.
 StatusOr<Tensor> CopyToHostBlocking(const Tensor& src);
