@@ -56,12 +56,13 @@ def run(cmd, cwd=None):
 
 
 def make_base(out_dir):
-    """A tiny random Llama in f32 (weights N(0, 0.08^2), norms 1 + N(0, 0.1^2))."""
+    """A tiny random Llama in f32 (weights N(0, 0.05^2), norms 1 + N(0, 0.1^2)); head dim 64,
+    which the CUDA attention kernels take (64 or 128)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
     torch.manual_seed(1)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=256, intermediate_size=160, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=64,
                       max_position_embeddings=128, rms_norm_eps=1e-5, tie_word_embeddings=False,
                       hidden_act="silu", attention_bias=False, mlp_bias=False, use_cache=False,
                       bos_token_id=256, eos_token_id=257)
@@ -70,7 +71,7 @@ def make_base(out_dir):
     with torch.no_grad():
         for name, p in model.named_parameters():
             noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
-            p.copy_(1.0 + 0.1 * noise if name.endswith("norm.weight") else 0.08 * noise)
+            p.copy_(1.0 + 0.1 * noise if name.endswith("norm.weight") else 0.05 * noise)
     model.save_pretrained(out_dir, safe_serialization=True)
     return out_dir
 

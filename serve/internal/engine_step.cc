@@ -239,6 +239,7 @@ StatusOr<bool> EngineImpl::Emit(RequestState& r, const float* logits, int64_t vo
   if (!reason.empty()) {
     e.finished = true;
     e.finish_reason = reason;
+    FreeBlocks(r);  // before the event: a client that sees "finished" sees its pages free
   }
   if (r.on_event) r.on_event(e);
   return !reason.empty();
