@@ -95,25 +95,31 @@ TEST(S2ftGpuTest, MergeMatchesHooksOnGpu) {
   TANDEM_SKIP_WITHOUT_GPU();
   auto gpu = *ops::Context::Cuda(0);
   const model::LlamaConfig c = GpuConfig();
-  auto permuted = testing::MakeBase(*gpu, c, 4);
-  ASSERT_TRUE(permuted->InitRandom(4, kBaseStd).ok());
-  auto original = testing::MakeBase(*gpu, c, 4);
-  ASSERT_TRUE(original->InitRandom(4, kBaseStd).ok());
-  auto ad = *PrepareS2ft(*gpu, *permuted, Config());
-  for (size_t i = 0; i < ad->parameters().size(); ++i) {
-    ASSERT_TRUE(ad->SetFromHost(i, ::tandem::testing::RandomUniform(
-                                       ad->parameters()[i].master.shape(), 80 + i, -0.3f, 0.3f))
-                    .ok());
+  // Blocks of amplitude 0.1 (twice the base's std) change the logits by more than 100%. Much larger
+  // blocks (0.3: merged vs hooks 6.4e-2, against 0.9e-2 at 0.1 and 0.7e-2 at 0.05 on an H100)
+  // saturate the coupled q/k rows' softmax, where bf16 rounding of the merged weights is amplified.
+  for (const float amp : {0.1f, 0.05f}) {
+    auto permuted = testing::MakeBase(*gpu, c, 4);
+    ASSERT_TRUE(permuted->InitRandom(4, kBaseStd).ok());
+    auto original = testing::MakeBase(*gpu, c, 4);
+    ASSERT_TRUE(original->InitRandom(4, kBaseStd).ok());
+    auto ad = *PrepareS2ft(*gpu, *permuted, Config());
+    for (size_t i = 0; i < ad->parameters().size(); ++i) {
+      ASSERT_TRUE(ad->SetFromHost(i, ::tandem::testing::RandomUniform(
+                                         ad->parameters()[i].master.shape(), 80 + i, -amp, amp))
+                      .ok());
+    }
+    const model::Batch batch = MakeBatch(2, 17, c.vocab_size, 7);
+    const Tensor base_only = *original->Logits(batch);
+    permuted->SetAdapter(ad.get());
+    const Tensor with_adapter = *permuted->Logits(batch);
+    permuted->SetAdapter(nullptr);
+    const double effect = ::tandem::testing::MaxRelativeError(base_only, with_adapter);
+    ASSERT_TRUE(ad->Merge(*original).ok());
+    const double err = ::tandem::testing::MaxRelativeError(*original->Logits(batch), with_adapter);
+    EXPECT_GT(effect, 0.1) << "the blocks must matter, or the comparison below could not fail";
+    EXPECT_LT(err, 3e-2) << "amplitude " << amp;
   }
-  const model::Batch batch = MakeBatch(2, 17, c.vocab_size, 7);
-  const Tensor base_only = *original->Logits(batch);
-  permuted->SetAdapter(ad.get());
-  const Tensor with_adapter = *permuted->Logits(batch);
-  permuted->SetAdapter(nullptr);
-  EXPECT_GT(::tandem::testing::MaxRelativeError(base_only, with_adapter), 0.1)
-      << "the blocks must matter, or the comparison below could not fail";
-  ASSERT_TRUE(ad->Merge(*original).ok());
-  EXPECT_LT(::tandem::testing::MaxRelativeError(*original->Logits(batch), with_adapter), 3e-2);
 }
 
 }  // namespace
