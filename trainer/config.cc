@@ -73,6 +73,9 @@ void TrainSection::Describe(ConfigSchema<TrainSection>& s) {
   s.Field("log_interval", &TrainSection::log_interval, "updates between progress lines").Min(1);
   s.Field("eval_interval", &TrainSection::eval_interval, "updates between evaluations; 0 = only at the end").Min(0);
   s.Field("eval_batches", &TrainSection::eval_batches, "micro-batches of held-out data per evaluation").Min(0);
+  s.Field("eval_accuracy", &TrainSection::eval_accuracy,
+          "also report token accuracy on the held-out split (argmax == target over target tokens), "
+          "before the first update and at each evaluation; one process only");
   s.Field("save_interval", &TrainSection::save_interval, "updates between checkpoints; 0 = only at the end").Min(0);
   s.Field("out_dir", &TrainSection::out_dir, "run directory (config, metrics.jsonl, checkpoints)");
   s.Field("max_minutes", &TrainSection::max_minutes, "stop (and save) after this wall time; 0 = no limit").Min(0.0);

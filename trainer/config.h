@@ -64,6 +64,7 @@ struct TrainSection {
   int64_t log_interval = 10;
   int64_t eval_interval = 50;
   int64_t eval_batches = 4;
+  bool eval_accuracy = false;
   int64_t save_interval = 0;
   std::string out_dir = "runs/default";
   double max_minutes = 0;

@@ -41,6 +41,7 @@ Status MetricsWriter::Write(const StepMetrics& m) {
                       {"elapsed_s", m.elapsed_s}};
   if (m.mfu >= 0) j["mfu"] = m.mfu;
   if (m.eval_loss) j["eval_loss"] = *m.eval_loss;
+  if (m.eval_accuracy) j["eval_accuracy"] = *m.eval_accuracy;
   const std::string line = j.dump() + "\n";
   if (std::fwrite(line.data(), 1, line.size(), file_) != line.size() || std::fflush(file_) != 0) {
     return InternalError(StrCat("writing ", path_, " failed"));

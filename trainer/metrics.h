@@ -30,6 +30,7 @@ struct StepMetrics {
   double elapsed_s = 0;
   double eta_s = 0;
   std::optional<double> eval_loss;
+  std::optional<double> eval_accuracy;  // train.eval_accuracy: argmax == target, target tokens
 };
 
 double FlopsPerToken(const model::LlamaConfig& config, int64_t seq_len, bool frozen_base);

@@ -2,6 +2,8 @@
 
 #include <unistd.h>
 
+#include <algorithm>
+
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -102,6 +104,28 @@ StatusOr<double> Evaluate(model::LlamaModel& model, DataLoader& loader, int64_t 
     total.count += s.count;
   }
   return total.count > 0 ? total.sum / static_cast<double>(total.count) : 0.0;
+}
+
+// Fraction of the held-out target tokens whose most likely next token (argmax of the logits) is
+// the target: for SFT data, how often the model answers exactly, token by token.
+StatusOr<double> EvaluateAccuracy(model::LlamaModel& model, DataLoader& loader, int64_t batches) {
+  TANDEM_RETURN_IF_ERROR(loader.Seek(DataPosition{}));
+  int64_t right = 0, total = 0;
+  for (int64_t i = 0; i < batches; ++i) {
+    TANDEM_ASSIGN_OR_RETURN(TokenBatch b, loader.Next());
+    const model::Batch batch = ToModelBatch(b);
+    TANDEM_ASSIGN_OR_RETURN(Tensor logits, model.Logits(batch));  // f32 host [B, T, V]
+    const int64_t V = logits.dim(2), n = batch.targets.numel();
+    const int32_t* targets = batch.targets.data<int32_t>();
+    const float* l = logits.data<float>();
+    for (int64_t j = 0; j < n; ++j) {
+      if (targets[j] == ops::kIgnoreIndex) continue;
+      const float* row = l + j * V;
+      ++total;
+      right += std::max_element(row, row + V) - row == targets[j];
+    }
+  }
+  return total > 0 ? static_cast<double>(right) / static_cast<double>(total) : 0.0;
 }
 
 // A LoRA adapter over the frozen model, attached to it: PEFT's init from the seed, or the weights
@@ -421,11 +445,21 @@ StatusOr<TrainResult> RunTraining(const TrainConfig& c, const std::string& comma
   // [parallel] tokens/s counts the whole job, so the peak is every rank's.
   const double peak = (t.peak_tflops > 0 ? t.peak_tflops * 1e12 : PeakFlopsForDevice(DeviceName(s.device))) *
                       (s.par ? s.par->world->size() : 1);
+  if (t.eval_accuracy && s.par) {
+    return InvalidArgumentError("train.eval_accuracy is measured in one process only (this job has " +
+                                std::to_string(s.par->world->size()) + " ranks)");
+  }
+  double result_before_accuracy = -1;
+  if (t.eval_accuracy && s.val_loader) {
+    TANDEM_ASSIGN_OR_RETURN(result_before_accuracy, EvaluateAccuracy(*s.model, *s.val_loader, t.eval_batches));
+    if (writer) TANDEM_LOG(INFO, "train") << "before training: held-out token accuracy " << result_before_accuracy;
+  }
   const bool tty = isatty(STDERR_FILENO);
   const auto start = Clock::now();
   auto window_start = start;
   int64_t window_tokens = 0;
   TrainResult result;
+  result.initial_eval_accuracy = result_before_accuracy;
   for (int64_t step = 1; step <= t.steps; ++step) {
     const auto step_start = Clock::now();
     Update u;
@@ -463,6 +497,10 @@ StatusOr<TrainResult> RunTraining(const TrainConfig& c, const std::string& comma
                                                  : Evaluate(*s.model, *s.val_loader, t.eval_batches));
       m.eval_loss = eval;
       result.final_eval_loss = eval;
+      if (t.eval_accuracy && !s.par) {
+        TANDEM_ASSIGN_OR_RETURN(m.eval_accuracy, EvaluateAccuracy(*s.model, *s.val_loader, t.eval_batches));
+        result.final_eval_accuracy = *m.eval_accuracy;
+      }
     }
     if (writer) TANDEM_RETURN_IF_ERROR(metrics->Write(m));
     if (step == 1) result.first_loss = m.loss;
@@ -496,6 +534,10 @@ StatusOr<TrainResult> RunTraining(const TrainConfig& c, const std::string& comma
   if (writer) TANDEM_LOG(INFO, "train") << "done: " << result.steps_done << " steps, loss " << result.first_loss << " -> "
                             << result.final_loss
                             << (result.final_eval_loss >= 0 ? StrCat(", eval loss ", result.final_eval_loss) : "")
+                            << (result.final_eval_accuracy >= 0
+                                    ? StrCat(", held-out token accuracy ", result.initial_eval_accuracy, " -> ",
+                                             result.final_eval_accuracy)
+                                    : "")
                             << "; checkpoint " << result.last_checkpoint;
   return result;
 }

@@ -25,6 +25,10 @@ struct TrainResult {
   double first_loss = 0;   // mean loss of the first update
   double final_loss = 0;   // mean loss of the last update
   double final_eval_loss = -1;
+  // train.eval_accuracy: token accuracy on the held-out split before the first update and at
+  // the last evaluation (-1 when not measured).
+  double initial_eval_accuracy = -1;
+  double final_eval_accuracy = -1;
   std::string last_checkpoint;
 };
 

@@ -140,13 +140,18 @@ TEST(TrainerTest, LoraFineTuningTrainsOnlyTheAdapter) {
   }
   std::vector<std::string> o = TinyOverrides(dir, sft);
   o.insert(o.end(), {"model.init=\"pretrained\"", "model.path=\"" + base + "\"", "peft.method=\"lora\"",
-                     "peft.r=8", "peft.alpha=16.0", "train.lr=1e-2", "train.steps=25", "data.dir=\"" + dir.Join("sft_data") + "\"", "data.format=\"sft\"",
+                     "peft.r=8", "peft.alpha=16.0", "train.lr=1e-2", "train.steps=25", "train.eval_accuracy=true", "data.dir=\"" + dir.Join("sft_data") + "\"", "data.format=\"sft\"",
                      "train.out_dir=\"" + dir.Join("lora") + "\""});
   std::ifstream before_file(base + "/model.safetensors", std::ios::binary);
   const std::string before((std::istreambuf_iterator<char>(before_file)), {});
   StatusOr<TrainResult> r = Train(o);
   ASSERT_TRUE(r.ok()) << r.status().ToString();
   EXPECT_LT(r->final_loss, r->first_loss - 0.5) << "first " << r->first_loss << ", last " << r->final_loss;
+  // train.eval_accuracy: the answer tokens are learned (" election county" from any prompt).
+  EXPECT_GE(r->initial_eval_accuracy, 0.0);
+  EXPECT_LE(r->final_eval_accuracy, 1.0);
+  EXPECT_GT(r->final_eval_accuracy, r->initial_eval_accuracy + 0.3)
+      << "before " << r->initial_eval_accuracy << ", after " << r->final_eval_accuracy;
   // The checkpoint is a PEFT adapter; the base model's file is untouched.
   const std::string ckpt = dir.Join("lora/checkpoints/step-25");
   EXPECT_TRUE(fs::exists(ckpt + "/adapter_config.json"));
