@@ -9,6 +9,7 @@
 #include <sstream>
 
 #include "model/safetensors.h"
+#include "peft/internal/adapter_files.h"
 
 namespace tandem::peft {
 namespace {
@@ -168,20 +169,6 @@ std::string UnexpectedTensorHint(const std::string& name, int64_t num_layers) {
   return "not a LoRA tensor of a module that adapter_config.json's target_modules selects";
 }
 
-Status WriteTextFile(const std::string& path, const std::string& text) {
-  const std::string tmp = path + ".tmp";
-  {
-    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-    if (!out) return InternalError(StrCat("cannot open ", tmp, " for writing"));
-    out << text;
-    if (!out.flush()) return InternalError(StrCat("cannot write ", tmp));
-  }
-  std::error_code ec;
-  std::filesystem::rename(tmp, path, ec);
-  if (ec) return InternalError(StrCat("cannot rename ", tmp, " to ", path, ": ", ec.message()));
-  return Status::Ok();
-}
-
 }  // namespace
 
 std::string LoraConfigToJson(const LoraConfig& c) {
@@ -290,24 +277,10 @@ StatusOr<LoraConfig> LoadLoraConfig(const std::string& path) {
 }
 
 Status SaveLoraAdapter(const LoraAdapter& adapter, const std::string& dir, DType dtype) {
-  if (dtype != DType::kF32 && dtype != DType::kBF16 && dtype != DType::kF16) {
-    return InvalidArgumentError(
-        StrCat("SaveLoraAdapter: dtype must be f32, bf16 or f16, found ", DTypeName(dtype)));
-  }
-  std::error_code ec;
-  std::filesystem::create_directories(dir, ec);
-  if (ec) return InternalError(StrCat("SaveLoraAdapter: cannot create ", dir, ": ", ec.message()));
-  std::vector<std::pair<std::string, Tensor>> tensors;
-  for (size_t i = 0; i < adapter.parameters().size(); ++i) {
-    TANDEM_ASSIGN_OR_RETURN(Tensor host, adapter.ToHost(i));
-    if (dtype != DType::kF32) {
-      TANDEM_ASSIGN_OR_RETURN(host, CastCpu(host, dtype));
-    }
-    tensors.emplace_back(adapter.parameters()[i].name, host);
-  }
-  TANDEM_RETURN_IF_ERROR(
-      model::WriteSafetensors(StrCat(dir, "/", kAdapterWeightsFile), tensors, {{"format", "pt"}}));
-  return WriteTextFile(StrCat(dir, "/", kAdapterConfigFile), LoraConfigToJson(adapter.config()));
+  const internal::AdapterDirSpec spec{"SaveLoraAdapter", kAdapterWeightsFile, "pt",
+                                      kAdapterConfigFile, LoraConfigToJson(adapter.config())};
+  return internal::WriteAdapterDir(spec, dir, dtype, adapter.parameters(),
+                                   [&](size_t i) { return adapter.ToHost(i); });
 }
 
 StatusOr<std::unique_ptr<LoraAdapter>> LoadLoraAdapter(ops::Context& ctx,

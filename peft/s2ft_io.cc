@@ -8,6 +8,7 @@
 #include <sstream>
 
 #include "model/safetensors.h"
+#include "peft/internal/adapter_files.h"
 #include "peft/internal/s2ft_weights.h"
 #include "peft/lora.h"
 
@@ -28,20 +29,6 @@ Json BaseJson(const model::LlamaConfig& base) {
   j["num_key_value_heads"] = d.Hkv;
   j["head_dim"] = d.D;
   return j;
-}
-
-Status WriteTextFile(const std::string& path, const std::string& text) {
-  const std::string tmp = path + ".tmp";
-  {
-    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-    if (!out) return InternalError(StrCat("cannot open ", tmp, " for writing"));
-    out << text;
-    if (!out.flush()) return InternalError(StrCat("cannot write ", tmp));
-  }
-  std::error_code ec;
-  std::filesystem::rename(tmp, path, ec);
-  if (ec) return InternalError(StrCat("cannot rename ", tmp, " to ", path, ": ", ec.message()));
-  return Status::Ok();
 }
 
 // j[key] as an integer list.
@@ -241,24 +228,10 @@ std::string S2ftConfigToJson(const S2ftAdapter& a) {
 }
 
 Status SaveS2ftAdapter(const S2ftAdapter& adapter, const std::string& dir, DType dtype) {
-  if (dtype != DType::kF32 && dtype != DType::kBF16 && dtype != DType::kF16) {
-    return InvalidArgumentError(
-        StrCat("SaveS2ftAdapter: dtype must be f32, bf16 or f16, found ", DTypeName(dtype)));
-  }
-  std::error_code ec;
-  std::filesystem::create_directories(dir, ec);
-  if (ec) return InternalError(StrCat("SaveS2ftAdapter: cannot create ", dir, ": ", ec.message()));
-  std::vector<std::pair<std::string, Tensor>> tensors;
-  for (size_t i = 0; i < adapter.parameters().size(); ++i) {
-    TANDEM_ASSIGN_OR_RETURN(Tensor host, adapter.ToHost(i));
-    if (dtype != DType::kF32) {
-      TANDEM_ASSIGN_OR_RETURN(host, CastCpu(host, dtype));
-    }
-    tensors.emplace_back(adapter.parameters()[i].name, host);
-  }
-  TANDEM_RETURN_IF_ERROR(
-      model::WriteSafetensors(StrCat(dir, "/", kS2ftWeightsFile), tensors, {{"format", kFormat}}));
-  return WriteTextFile(StrCat(dir, "/", kS2ftConfigFile), S2ftConfigToJson(adapter));
+  const internal::AdapterDirSpec spec{"SaveS2ftAdapter", kS2ftWeightsFile, kFormat,
+                                      kS2ftConfigFile, S2ftConfigToJson(adapter)};
+  return internal::WriteAdapterDir(spec, dir, dtype, adapter.parameters(),
+                                   [&](size_t i) { return adapter.ToHost(i); });
 }
 
 StatusOr<std::unique_ptr<S2ftAdapter>> LoadS2ftAdapter(ops::Context& ctx,
