@@ -100,8 +100,8 @@ struct EngineOptions {
   int64_t max_running = 256;     // requests in the running batch at most
   int64_t max_waiting = 1024;    // Submit fails with Unavailable beyond this
   int64_t max_model_len = 0;     // prompt + completion tokens; 0: the model's max positions
-  int64_t host_adapter_cache = 64;  // adapters kept in the pinned-host LRU
-  // Adapters loaded at start: (name, PEFT or S2FT directory).
+  int64_t host_adapter_cache = 64;  // adapters kept in the host LRU (f32 copies)
+  // Adapters loaded at start: (name, PEFT LoRA directory). S2FT adapters are not served yet.
   std::vector<std::pair<std::string, std::string>> adapters;
 };
 
@@ -119,8 +119,8 @@ class Engine {
   virtual void Cancel(RequestId id) = 0;
 
   virtual std::vector<ModelInfo> Models() const = 0;
-  // Loads a PEFT (or S2FT) adapter directory under `name`. AlreadyExists if the name is taken,
-  // InvalidArgument for an adapter that does not fit the base model.
+  // Loads a PEFT LoRA adapter directory under `name`. FailedPrecondition ("already exists") if
+  // the name is taken, InvalidArgument for an adapter that does not fit the base model.
   virtual Status LoadAdapter(const std::string& name, const std::string& path) = 0;
   // NotFound if unknown; requests already running with it finish first.
   virtual Status UnloadAdapter(const std::string& name) = 0;
