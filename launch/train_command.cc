@@ -55,8 +55,10 @@ int TrainUnderMpi(const trainer::TrainConfig& config, const std::string& command
 
 void PrintTrainHelp() {
   std::printf(
-      "usage: tandem train --config FILE.toml [--set section.key=value ...]\n\n"
+      "usage: tandem train [--config] FILE.toml [--set section.key=value ...] [--resume]\n\n"
       "Trains the model the config describes; `--set` overrides any key (repeatable).\n"
+      "--resume continues from the newest universal checkpoint in train.out_dir when there is\n"
+      "one (= --set train.resume=auto); the mesh may differ from the one that saved it.\n"
       "Examples: examples/tiny-cpu.toml (the demo), examples/llama-1b-full.toml.\n\n"
       "options (key, type, default, meaning):\n%s",
       trainer::TrainConfigHelp().c_str());
@@ -89,6 +91,14 @@ int TrainCommand(const Args& args) {
     }
     if (a.rfind("--set=", 0) == 0) {
       overrides.push_back(a.substr(6));
+      continue;
+    }
+    if (a == "--resume") {
+      overrides.push_back("train.resume=\"auto\"");
+      continue;
+    }
+    if (a.rfind("--", 0) != 0 && config_path.empty()) {
+      config_path = a;
       continue;
     }
     std::fprintf(stderr, "tandem train: unexpected argument '%s' (see tandem train --help)\n", a.c_str());

@@ -268,4 +268,28 @@ Status ZeroOptimizer::GatherMasters() {
   return ctx_.Synchronize();
 }
 
+Status ZeroOptimizer::ReloadMasters() {
+  if (model_.weights_flat().dtype() == DType::kF32) return Status::Ok();
+  auto& params = model_.parameters();
+  for (const Segment& s : segments_) {
+    const Tensor& pm = params[s.param].master;
+    const int64_t pb = model_.flat_offset(s.param);
+    Tensor dst = master_.Slice(0, s.begin - shard_begin_, s.end - shard_begin_);
+    TANDEM_RETURN_IF_ERROR(
+        CopyTensor(dst, pm.View({pm.numel()}).Slice(0, s.begin - pb, s.end - pb), ctx_.stream()));
+  }
+  return ctx_.Synchronize();
+}
+
+std::vector<ZeroOptimizer::StateView> ZeroOptimizer::StateViews() {
+  std::vector<StateView> views;
+  for (const Segment& s : segments_) {
+    const int64_t a = s.begin - shard_begin_, b = s.end - shard_begin_;
+    const int64_t pb = model_.flat_offset(s.param);
+    views.push_back({s.param, s.begin - pb, s.end - pb, master_.Slice(0, a, b), m_.Slice(0, a, b),
+                     v_.Slice(0, a, b)});
+  }
+  return views;
+}
+
 }  // namespace tandem::parallel

@@ -102,6 +102,18 @@ class ZeroOptimizer {
   Status Step(const ops::AdamWParams& base);
   // The f32 masters of every parameter from the shards (CUDA: before saving; CPU: no-op).
   Status GatherMasters();
+  // The shard's masters from the per-parameter f32 masters (after writing them, e.g. when
+  // resuming from a checkpoint; CPU: no-op, the shard is a view of the weights).
+  Status ReloadMasters();
+
+  // One parameter's part of this rank's shard: elements [begin, end) of the parameter's
+  // (flattened) local tensor, with views of the shard's master and moments for it.
+  struct StateView {
+    size_t param;
+    int64_t begin, end;
+    Tensor master, exp_avg, exp_avg_sq;  // f32 [end - begin], views into the shard
+  };
+  std::vector<StateView> StateViews();
 
  private:
   struct Segment {

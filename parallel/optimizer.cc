@@ -90,4 +90,17 @@ Status ParallelOptimizer::Step(float lr, int64_t step, float grad_scale) {
 
 Status ParallelOptimizer::SyncMasters() { return zero_ ? zero_->GatherMasters() : Status::Ok(); }
 
+std::vector<ParallelOptimizer::StateView> ParallelOptimizer::StateViews() {
+  if (zero_) return zero_->StateViews();
+  std::vector<StateView> views;
+  auto& params = this->params();
+  for (size_t i = 0; i < params.size(); ++i) {
+    const model::Parameter& p = params[i];
+    if (!p.trainable) continue;
+    const int64_t n = p.master.numel();
+    views.push_back({i, 0, n, p.master.View({n}), m_[i].View({n}), v_[i].View({n})});
+  }
+  return views;
+}
+
 }  // namespace tandem::parallel

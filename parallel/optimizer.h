@@ -60,6 +60,16 @@ class ParallelOptimizer {
   // Before saving (ZeRO on CUDA: the per-parameter f32 masters from the shards).
   Status SyncMasters();
 
+  // This rank's optimizer state, for checkpoints: without ZeRO every trainable parameter whole
+  // (the same on every dp x cp replica); with ZeRO-1 the parameter ranges of this rank's shard
+  // (disjoint over the replicas). Views: writing them sets the state. `param` indexes the
+  // trained parameters (the model's, or the adapter's). After writing the parameters' masters
+  // (resume), call ReloadMasters.
+  using StateView = ZeroOptimizer::StateView;
+  std::vector<StateView> StateViews();
+  bool sharded() const { return zero_ != nullptr; }
+  Status ReloadMasters() { return zero_ ? zero_->ReloadMasters() : Status::Ok(); }
+
  private:
   ParallelOptimizer(ops::Context& ctx, model::LlamaModel& model, const MeshGroups& groups,
                     const ParallelOptimizerOptions& opts)

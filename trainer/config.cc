@@ -80,6 +80,15 @@ void TrainSection::Describe(ConfigSchema<TrainSection>& s) {
   s.Field("out_dir", &TrainSection::out_dir, "run directory (config, metrics.jsonl, checkpoints)");
   s.Field("max_minutes", &TrainSection::max_minutes, "stop (and save) after this wall time; 0 = no limit").Min(0.0);
   s.Field("peak_tflops", &TrainSection::peak_tflops, "device peak for MFU; 0 = known GPUs only").Min(0.0);
+  s.Field("universal_checkpoints", &TrainSection::universal_checkpoints,
+          "also save f32 weights and optimizer state as HDF5 (out_dir/checkpoints/universal) at every "
+          "save, resumable under any mesh");
+  s.Field("keep_checkpoints", &TrainSection::keep_checkpoints, "universal checkpoints kept (newest)").Min(1);
+  s.Field("resume", &TrainSection::resume,
+          "\"\" = start fresh; \"auto\" = from out_dir's newest universal checkpoint if any; or a "
+          "checkpoint file or directory");
+  s.Field("heartbeat_file", &TrainSection::heartbeat_file,
+          "rewritten after every update with \"<step> <unix time>\" (for supervisors); \"\" = none");
 }
 
 void ParallelSection::Describe(ConfigSchema<ParallelSection>& s) {

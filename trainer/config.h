@@ -69,6 +69,14 @@ struct TrainSection {
   std::string out_dir = "runs/default";
   double max_minutes = 0;
   double peak_tflops = 0;
+  // Universal checkpoints (checkpoint/universal.h) at every save, for resuming under any mesh.
+  bool universal_checkpoints = true;
+  int64_t keep_checkpoints = 3;
+  // "" starts fresh; "auto" resumes from out_dir's newest universal checkpoint when there is one;
+  // else a checkpoint file or directory to resume from.
+  std::string resume;
+  // Rewritten after every update with "<step> <unix time>" (for supervisors); "" = none.
+  std::string heartbeat_file;
 
   static void Describe(ConfigSchema<TrainSection>& s);
 };

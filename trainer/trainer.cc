@@ -12,6 +12,7 @@
 #include <nlohmann/json.hpp>
 #include <optional>
 
+#include "checkpoint/universal_writer.h"
 #include "core/logging.h"
 #include "core/rng.h"
 #include "model/config.h"
@@ -26,6 +27,7 @@
 #include "trainer/data.h"
 #include "trainer/internal/parallel_run.h"
 #include "trainer/internal/run_dir.h"
+#include "trainer/internal/train_state.h"
 #include "trainer/metrics.h"
 #include "trainer/schedule.h"
 
@@ -200,8 +202,14 @@ struct Session {
   std::vector<OptimizerSlot> slots;      // one per params entry
   Tensor norm_acc;                       // f32 [1] on the device
   int64_t trainable = 0;
-  // [parallel] under mpirun with more than one rank (destroyed first: it refers to the model).
+  // [parallel] under mpirun with more than one rank (destroyed late: the model refers to it).
   std::unique_ptr<internal::ParallelRun> par;
+  // [universal] this rank's optimizer state and what of it it saves; the background writer and
+  // its communicator (destroyed first: the writer's thread uses both).
+  std::vector<internal::StatePiece> pieces;
+  internal::StateOwner owner;
+  std::unique_ptr<collectives::Communicator> ckpt_group;
+  std::unique_ptr<checkpoint::CheckpointWriter> ckpt_writer;
 };
 
 // The tokenizer; the data prepared on first use when data.dir has no manifest.
@@ -405,6 +413,103 @@ StatusOr<bool> AgreeOnRank0(Session& s, bool mine) {
   return flag.data<int32_t>()[0] != 0;
 }
 
+// [universal] The parameters the optimizer updates (the model's, or the adapter's).
+std::vector<model::Parameter>& TrainedParams(Session& s) {
+  return s.par && !s.lora ? s.model->parameters() : s.params;
+}
+
+std::string UniversalDir(const TrainConfig& c) { return c.train.out_dir + "/checkpoints/universal"; }
+
+// [universal] This rank's optimizer state, which part of it this rank saves, and the writer.
+Status OpenUniversal(const TrainConfig& c, Session& s) {
+  std::vector<model::Parameter>& params = TrainedParams(s);
+  if (s.par) {
+    for (const parallel::ParallelOptimizer::StateView& v : s.par->optimizer->StateViews()) {
+      s.pieces.push_back({&params[v.param], v.begin, v.end, v.master, v.exp_avg, v.exp_avg_sq});
+    }
+    s.owner.sharded = s.par->optimizer->sharded();
+    s.owner.first_replica = s.par->groups.coords.dp == 0 && s.par->groups.coords.cp == 0;
+    s.owner.tp_rank = s.par->groups.coords.tp;
+  } else {
+    for (size_t i = 0; i < params.size(); ++i) {
+      if (!params[i].trainable) continue;
+      const int64_t n = params[i].master.numel();
+      s.pieces.push_back({&params[i], 0, n, params[i].master.View({n}), s.slots[i].m.View({n}),
+                          s.slots[i].v.View({n})});
+    }
+  }
+  s.owner.adapter = s.lora ? "default" : s.s2ft ? "s2ft" : "";
+  if (!c.train.universal_checkpoints) return Status::Ok();
+  collectives::Communicator* group = nullptr;
+  if (s.par) {  // the writer's thread needs a communicator of its own
+    TANDEM_ASSIGN_OR_RETURN(s.ckpt_group, s.par->world->Split(0, s.par->world->rank(), "ckpt"));
+    group = s.ckpt_group.get();
+  }
+  checkpoint::SaveOptions options;
+  options.keep_last = static_cast<int>(c.train.keep_checkpoints);
+  s.ckpt_writer = std::make_unique<checkpoint::CheckpointWriter>(UniversalDir(c), group, options);
+  return Status::Ok();
+}
+
+checkpoint::UniversalMeta UniversalMetaOf(const TrainConfig& c, Session& s, int64_t step) {
+  checkpoint::UniversalMeta meta;
+  meta.step = step;
+  meta.config_toml = TrainConfigToToml(c);
+  meta.model_config_json = model::LlamaConfigToJson(s.mcfg);
+  if (s.par) {
+    meta.dp = s.par->shape.dp;
+    meta.cp = s.par->shape.cp;
+    meta.tp = s.par->shape.tp;
+  }
+  meta.data_position_json = DataPositionToJson(s.train_loader->position());
+  nlohmann::json rng = {{"seed", c.train.seed}};
+  if (s.adapters) rng["lora_batch_counter"] = s.adapters->batch_counter();
+  meta.rng_state_json = rng.dump();
+  if (s.lora) meta.adapter_configs["default"] = peft::LoraConfigToJson(s.adapters->adapter(0).config());
+  return meta;
+}
+
+// [universal] Copies this rank's state to host memory (the trainer's stall) and hands it to the
+// background writer, which first finishes the previous save (its error surfaces here).
+Status SaveUniversalState(const TrainConfig& c, Session& s, int64_t step) {
+  const auto start = Clock::now();
+  TANDEM_ASSIGN_OR_RETURN(std::vector<checkpoint::TensorShard> copies,
+                          checkpoint::CopyShardsToHost(internal::OwnedShards(s.pieces, s.owner, step)));
+  const double copy_s = Seconds(start, Clock::now());
+  TANDEM_RETURN_IF_ERROR(s.ckpt_writer->Submit(UniversalMetaOf(c, s, step), std::move(copies)));
+  if (!s.par || s.par->writer()) {
+    TANDEM_LOG(INFO, "ckpt") << "step " << step << ": state copied to host in " << copy_s
+                             << " s; saving to " << UniversalDir(c) << " in the background";
+  }
+  return Status::Ok();
+}
+
+// [universal] Loads the checkpoint at `path` into this rank's state; returns its step.
+StatusOr<int64_t> ResumeFrom(const TrainConfig& c, Session& s, const std::string& path) {
+  TANDEM_ASSIGN_OR_RETURN(checkpoint::UniversalReader reader, checkpoint::UniversalReader::Open(path));
+  const checkpoint::UniversalMeta& meta = reader.meta();
+  TANDEM_RETURN_IF_ERROR(internal::RestoreState(*s.ctx, reader, TrainedParams(s), s.pieces, s.owner.adapter));
+  if (s.par) TANDEM_RETURN_IF_ERROR(s.par->optimizer->ReloadMasters());
+  TANDEM_ASSIGN_OR_RETURN(DataPosition position, DataPositionFromJson(meta.data_position_json));
+  TANDEM_RETURN_IF_ERROR(s.train_loader->Seek(position));
+  const nlohmann::json rng = nlohmann::json::parse(meta.rng_state_json, nullptr, false);
+  if (rng.is_discarded() || !rng.is_object()) {
+    return DataLossError(StrCat(path, ": the RNG state is not a JSON object: ", meta.rng_state_json));
+  }
+  if (rng.value("seed", c.train.seed) != c.train.seed && (!s.par || s.par->writer())) {
+    TANDEM_LOG(WARNING, "train") << path << " was written with train.seed = " << rng.value("seed", int64_t{0})
+                                 << ", this run has " << c.train.seed << ": the data order differs";
+  }
+  if (s.adapters && rng.contains("lora_batch_counter")) {
+    s.adapters->set_batch_counter(rng["lora_batch_counter"].get<uint64_t>());
+  }
+  if (!s.par || s.par->writer()) {
+    TANDEM_LOG(INFO, "train") << "resumed from " << path << " at step " << meta.step << " (saved under dp "
+                              << meta.dp << " x cp " << meta.cp << " x tp " << meta.tp << ")";
+  }
+  return meta.step;
+}
+
 }  // namespace
 
 StatusOr<TrainResult> RunTraining(const TrainConfig& c, const std::string& command_line) {
@@ -427,12 +532,19 @@ StatusOr<TrainResult> RunTraining(const TrainConfig& c, const std::string& comma
   TANDEM_RETURN_IF_ERROR(OpenModel(c, s));
   TANDEM_RETURN_IF_ERROR(OpenLoaders(c, s));
   TANDEM_RETURN_IF_ERROR(s.par ? InitParallelOptimizer(c, s) : InitOptimizer(s));
+  TANDEM_RETURN_IF_ERROR(OpenUniversal(c, s));
+  TANDEM_ASSIGN_OR_RETURN(const std::string resume_path, internal::ResolveResume(t.resume, UniversalDir(c)));
+  int64_t start_step = 0;
+  if (!resume_path.empty()) {
+    TANDEM_ASSIGN_OR_RETURN(start_step, ResumeFrom(c, s, resume_path));
+  }
 
   const bool writer = !s.par || s.par->writer();  // [parallel] only world rank 0 writes
   std::optional<internal::RunDir> run;
   std::optional<MetricsWriter> metrics;
   if (writer) {
     TANDEM_ASSIGN_OR_RETURN(run, internal::RunDir::Create(t.out_dir, c, command_line, s.device, s.mcfg));
+    if (start_step > 0) TANDEM_RETURN_IF_ERROR(internal::TruncateMetricsAfter(run->path() + "/metrics.jsonl", start_step));
     TANDEM_ASSIGN_OR_RETURN(MetricsWriter opened, MetricsWriter::Open(run->path() + "/metrics.jsonl"));
     metrics.emplace(std::move(opened));
   }
@@ -460,7 +572,9 @@ StatusOr<TrainResult> RunTraining(const TrainConfig& c, const std::string& comma
   int64_t window_tokens = 0;
   TrainResult result;
   result.initial_eval_accuracy = result_before_accuracy;
-  for (int64_t step = 1; step <= t.steps; ++step) {
+  result.resumed_from_step = start_step;
+  result.steps_done = start_step;
+  for (int64_t step = start_step + 1; step <= t.steps; ++step) {
     const auto step_start = Clock::now();
     Update u;
     if (s.par) {  // [parallel]
@@ -488,7 +602,7 @@ StatusOr<TrainResult> RunTraining(const TrainConfig& c, const std::string& comma
     m.tokens_per_s = window_tokens / std::max(1e-9, Seconds(window_start, now));
     m.mfu = peak > 0 ? m.tokens_per_s * flops_per_token / peak : -1;
     m.mem_gib = MemoryGiB(*s.ctx);
-    m.eta_s = m.elapsed_s / step * (t.steps - step);
+    m.eta_s = m.elapsed_s / static_cast<double>(step - start_step) * static_cast<double>(t.steps - step);
     const bool last = step == t.steps;
     TANDEM_ASSIGN_OR_RETURN(const bool out_of_time, AgreeOnRank0(s, t.max_minutes > 0 && m.elapsed_s > t.max_minutes * 60));
     if (s.val_loader && ((t.eval_interval > 0 && step % t.eval_interval == 0) || last || out_of_time)) {
@@ -503,7 +617,7 @@ StatusOr<TrainResult> RunTraining(const TrainConfig& c, const std::string& comma
       }
     }
     if (writer) TANDEM_RETURN_IF_ERROR(metrics->Write(m));
-    if (step == 1) result.first_loss = m.loss;
+    if (step == start_step + 1) result.first_loss = m.loss;
     result.final_loss = m.loss;
     result.steps_done = step;
     if (writer && (step == 1 || step % t.log_interval == 0 || last || out_of_time || m.eval_loss)) {
@@ -523,12 +637,18 @@ StatusOr<TrainResult> RunTraining(const TrainConfig& c, const std::string& comma
       } else if (s.par->saver()) {  // [parallel] rank 0's tp group gathers the tp slices with it
         TANDEM_RETURN_IF_ERROR(s.model->SaveSafetensors("", DType::kF32));
       }
+      if (s.ckpt_writer) TANDEM_RETURN_IF_ERROR(SaveUniversalState(c, s, step));
     }
+    if (writer && !t.heartbeat_file.empty()) TANDEM_RETURN_IF_ERROR(internal::WriteHeartbeat(t.heartbeat_file, step));
     if (out_of_time) {
       TANDEM_LOG(WARNING, "train") << "stopping after " << FormatDuration(m.elapsed_s) << " (train.max_minutes = "
                                    << t.max_minutes << ")";
       break;
     }
+  }
+  if (s.ckpt_writer) {
+    TANDEM_RETURN_IF_ERROR(s.ckpt_writer->Wait());
+    result.last_universal_checkpoint = s.ckpt_writer->last_path();
   }
   if (s.par) TANDEM_RETURN_IF_ERROR(s.par->Close());
   if (writer) TANDEM_LOG(INFO, "train") << "done: " << result.steps_done << " steps, loss " << result.first_loss << " -> "

@@ -8,7 +8,12 @@
 //
 // The run directory receives config.toml (resolved), run.json (git commit, build, device,
 // command line), metrics.jsonl (one object per update) and checkpoints/step-N/ (HF config.json +
-// model.safetensors, loadable by transformers) every save_interval updates and at the end.
+// model.safetensors, loadable by transformers) every save_interval updates and at the end; with
+// train.universal_checkpoints also checkpoints/universal/step-N.h5 (checkpoint/universal.h: f32
+// weights, Adam moments, data position, RNG state), saved in the background. train.resume
+// continues a run from one of those under any mesh: the same mesh gives bitwise the losses and
+// weights of an uninterrupted run; another mesh agrees within the reduction-order tolerance of
+// the parallel issue's tests.
 #pragma once
 
 #include <string>
@@ -30,6 +35,9 @@ struct TrainResult {
   double initial_eval_accuracy = -1;
   double final_eval_accuracy = -1;
   std::string last_checkpoint;
+  // train.universal_checkpoints: the newest universal checkpoint this run published ("" none).
+  std::string last_universal_checkpoint;
+  int64_t resumed_from_step = 0;  // the checkpoint's step when the run resumed, else 0
 };
 
 // `command_line` is recorded in run.json. Bad configuration, data or model files fail before

@@ -1,0 +1,157 @@
+// Universal checkpoints in the training loop, one process: a run resumed from its step-3
+// checkpoint continues exactly (losses and the step-6 checkpoint bitwise equal to the run that
+// never stopped) for full training and for LoRA with dropout (its RNG counter is restored);
+// --resume=auto with nothing saved starts fresh; a checkpoint of another model is refused
+// naming the tensor; metrics.jsonl keeps one line per step.
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <random>
+
+#include "checkpoint/universal.h"
+#include "tests/common/testing.h"
+#include "trainer/config.h"
+#include "trainer/trainer.h"
+
+namespace tandem::trainer {
+namespace {
+
+namespace fs = std::filesystem;
+
+std::string WriteCorpus(const testing::TempDir& dir) {
+  const char* words[] = {"the", "jury", "said", "city", "of", "a", "report", "was", "new"};
+  std::mt19937 gen(5);
+  const std::string path = dir.Join("corpus.jsonl");
+  std::ofstream out(path);
+  for (int d = 0; d < 150; ++d) {
+    std::string text;
+    for (int w = 0; w < 30; ++w) text += std::string(w ? " " : "") + words[gen() % 9];
+    out << nlohmann::json({{"text", text + "."}}).dump() << "\n";
+  }
+  return path;
+}
+
+std::vector<std::string> Overrides(const testing::TempDir& dir, const std::string& run,
+                                   bool lora) {
+  std::vector<std::string> o = {
+      "model.hidden_size=32", "model.intermediate_size=48", "model.num_layers=2",
+      "model.num_heads=4", "model.num_kv_heads=2", "model.max_position_embeddings=64",
+      "data.dir=\"" + dir.Join("data") + "\"", "data.inputs=[\"" + WriteCorpus(dir) + "\"]",
+      "data.seq_len=32", "train.micro_batch_size=2", "train.grad_accum=2", "train.steps=6",
+      "train.save_interval=3", "train.lr=3e-3", "train.warmup_steps=2",
+      "train.log_interval=100", "train.eval_interval=0", "train.eval_batches=1",
+      "train.out_dir=\"" + dir.Join(run) + "\""};
+  if (lora) {
+    for (const char* x : {"peft.method=\"lora\"", "peft.r=4", "peft.dropout=0.2", "train.lr=1e-2"})
+      o.push_back(x);
+  }
+  return o;
+}
+
+StatusOr<TrainResult> Train(std::vector<std::string> overrides, const std::string& resume = "") {
+  if (!resume.empty()) overrides.push_back("train.resume=\"" + resume + "\"");
+  TANDEM_ASSIGN_OR_RETURN(TrainConfig config, LoadTrainConfig("", overrides));
+  return RunTraining(config, "test");
+}
+
+std::vector<std::pair<int64_t, double>> StepLosses(const std::string& run_dir) {
+  std::vector<std::pair<int64_t, double>> out;
+  std::ifstream in(run_dir + "/metrics.jsonl");
+  std::string line;
+  while (std::getline(in, line)) {
+    const auto j = nlohmann::json::parse(line);
+    out.emplace_back(j.at("step").get<int64_t>(), j.at("loss").get<double>());
+  }
+  return out;
+}
+
+// Every tensor of `b` equals `a`'s bitwise (masters and moments).
+void ExpectSameState(const std::string& a_path, const std::string& b_path) {
+  auto a = checkpoint::UniversalReader::Open(a_path);
+  auto b = checkpoint::UniversalReader::Open(b_path);
+  ASSERT_TRUE(a.ok()) << a.status().ToString();
+  ASSERT_TRUE(b.ok()) << b.status().ToString();
+  ASSERT_EQ(a->tensors().size(), b->tensors().size());
+  EXPECT_EQ(a->meta().data_position_json, b->meta().data_position_json);
+  EXPECT_EQ(a->meta().rng_state_json, b->meta().rng_state_json);
+  for (const checkpoint::TensorInfo& info : a->tensors()) {
+    auto x = a->ReadAll(info.name, info.adapter);
+    auto y = b->ReadAll(info.name, info.adapter);
+    ASSERT_TRUE(x.ok() && y.ok()) << info.name;
+    for (auto [tx, ty] : {std::pair{&x->master, &y->master}, std::pair{&x->exp_avg, &y->exp_avg},
+                          std::pair{&x->exp_avg_sq, &y->exp_avg_sq}}) {
+      ASSERT_EQ(tx->numel(), ty->numel()) << info.name;
+      EXPECT_EQ(0, std::memcmp(tx->data<float>(), ty->data<float>(), tx->numel() * 4))
+          << info.name << " differs after resuming";
+    }
+  }
+}
+
+void ResumeIsExact(bool lora) {
+  testing::TempDir dir;
+  auto full = Train(Overrides(dir, "full", lora));
+  ASSERT_TRUE(full.ok()) << full.status().ToString();
+  EXPECT_EQ(full->last_universal_checkpoint, dir.Join("full/checkpoints/universal/step-6.h5"));
+  // The interrupted run: its own directory holding what the first run had after step 3.
+  fs::create_directories(dir.Join("cut/checkpoints/universal"));
+  fs::copy_file(dir.Join("full/checkpoints/universal/step-3.h5"),
+                dir.Join("cut/checkpoints/universal/step-3.h5"));
+  {
+    std::ofstream latest(dir.Join("cut/checkpoints/universal/latest"));
+    latest << "step-3.h5\n";
+  }
+  {
+    std::ofstream metrics(dir.Join("cut/metrics.jsonl"));  // lines of steps 1-4; 4 is rewritten
+    std::ifstream in(dir.Join("full/metrics.jsonl"));
+    std::string line;
+    for (int i = 0; i < 4 && std::getline(in, line); ++i) metrics << line << "\n";
+  }
+  auto resumed = Train(Overrides(dir, "cut", lora), "auto");
+  ASSERT_TRUE(resumed.ok()) << resumed.status().ToString();
+  EXPECT_EQ(resumed->resumed_from_step, 3);
+  EXPECT_EQ(resumed->steps_done, 6);
+  EXPECT_EQ(StepLosses(dir.Join("cut")), StepLosses(dir.Join("full")));  // bitwise, steps 1..6
+  ExpectSameState(dir.Join("full/checkpoints/universal/step-6.h5"),
+                  dir.Join("cut/checkpoints/universal/step-6.h5"));
+}
+
+TEST(ResumeTest, FullTrainingResumesBitwise) { ResumeIsExact(false); }
+
+TEST(ResumeTest, LoraWithDropoutResumesBitwise) { ResumeIsExact(true); }
+
+TEST(ResumeTest, AutoWithNothingSavedStartsFresh) {
+  testing::TempDir dir;
+  auto o = Overrides(dir, "fresh", false);
+  o.push_back("train.steps=2");
+  auto r = Train(o, "auto");
+  ASSERT_TRUE(r.ok()) << r.status().ToString();
+  EXPECT_EQ(r->resumed_from_step, 0);
+  EXPECT_EQ(r->steps_done, 2);
+}
+
+TEST(ResumeTest, RefusesAnotherModelsCheckpointAndAMissingPath) {
+  testing::TempDir dir;
+  auto o = Overrides(dir, "a", false);
+  o.push_back("train.steps=3");
+  ASSERT_TRUE(Train(o).ok());
+  auto other = Overrides(dir, "b", false);
+  other.push_back("model.intermediate_size=64");
+  auto r = Train(other, dir.Join("a/checkpoints/universal/step-3.h5"));
+  ASSERT_FALSE(r.ok());
+  EXPECT_NE(r.status().message().find("mlp.gate_proj.weight"), std::string::npos)
+      << r.status().message();
+  EXPECT_NE(r.status().message().find("[64, 32]"), std::string::npos) << r.status().message();
+  auto missing = Train(Overrides(dir, "c", false), dir.Join("nowhere.h5"));
+  ASSERT_FALSE(missing.ok());
+  EXPECT_EQ(missing.status().code(), StatusCode::kNotFound);
+  EXPECT_NE(missing.status().message().find("nowhere.h5"), std::string::npos);
+  // A LoRA run cannot resume from a full-training checkpoint: the adapter is not in it.
+  auto lora = Train(Overrides(dir, "d", true), dir.Join("a/checkpoints/universal/step-3.h5"));
+  ASSERT_FALSE(lora.ok());
+  EXPECT_NE(lora.status().message().find("lora_A"), std::string::npos) << lora.status().message();
+}
+
+}  // namespace
+}  // namespace tandem::trainer
