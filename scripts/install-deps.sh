@@ -12,6 +12,7 @@ packages=(
   libopenblas-dev zlib1g-dev
   libopenmpi-dev openmpi-bin
   libhdf5-dev liburing-dev libisal-dev libfabric-dev libnuma-dev
+  python3-h5py
 )
 
 missing=()
