@@ -1,17 +1,21 @@
 #include "checkpoint/universal_writer.h"
 
+#include <algorithm>
+
 #include "core/logging.h"
 
 namespace tandem::checkpoint {
 
-StatusOr<std::vector<TensorShard>> CopyShardsToHost(const std::vector<TensorShard>& shards) {
+StatusOr<std::vector<TensorShard>> CopyShardsToHost(const std::vector<TensorShard>& shards,
+                                                    Allocator* host) {
   std::vector<TensorShard> out;
   out.reserve(shards.size());
   for (const TensorShard& s : shards) {
     TensorShard c = s;
     for (Tensor* t : {&c.master, &c.exp_avg, &c.exp_avg_sq}) {
       if (!t->defined()) continue;
-      TANDEM_ASSIGN_OR_RETURN(*t, CopyToHostBlocking(*t));  // always a fresh copy
+      // always a fresh copy
+      TANDEM_ASSIGN_OR_RETURN(*t, host ? CopyToDeviceBlocking(*t, *host) : CopyToHostBlocking(*t));
     }
     out.push_back(std::move(c));
   }
@@ -21,6 +25,17 @@ StatusOr<std::vector<TensorShard>> CopyShardsToHost(const std::vector<TensorShar
 CheckpointWriter::CheckpointWriter(std::string dir, collectives::Communicator* group,
                                    SaveOptions options)
     : dir_(std::move(dir)), group_(group), options_(std::move(options)) {}
+
+StatusOr<std::vector<TensorShard>> CheckpointWriter::CopyToHost(
+    const std::vector<TensorShard>& shards) {
+  const bool from_device = std::any_of(shards.begin(), shards.end(), [](const TensorShard& s) {
+    return s.master.defined() && s.master.device().is_cuda();
+  });
+  if (from_device && pinned_ == nullptr) {
+    TANDEM_ASSIGN_OR_RETURN(pinned_, CreatePinnedHostAllocator());
+  }
+  return CopyShardsToHost(shards, from_device ? pinned_.get() : nullptr);
+}
 
 CheckpointWriter::~CheckpointWriter() {
   const Status s = Wait();

@@ -17,16 +17,20 @@
 // Thread-safety: Submit, Wait and last_path from one thread (the trainer's).
 #pragma once
 
+#include <memory>
 #include <string>
 #include <thread>
 #include <vector>
 
 #include "checkpoint/universal.h"
+#include "core/cuda_allocator.h"
 
 namespace tandem::checkpoint {
 
-// Deep copies of the shards' tensors into fresh host memory (from the host or a device).
-StatusOr<std::vector<TensorShard>> CopyShardsToHost(const std::vector<TensorShard>& shards);
+// Deep copies of the shards' tensors into fresh host memory from `host` (default: pageable
+// memory), from the host or a device.
+StatusOr<std::vector<TensorShard>> CopyShardsToHost(const std::vector<TensorShard>& shards,
+                                                    Allocator* host = nullptr);
 
 class CheckpointWriter {
  public:
@@ -41,6 +45,11 @@ class CheckpointWriter {
   Status Submit(UniversalMeta meta, std::vector<TensorShard> shards);
   // Waits for the save in flight and returns its result.
   Status Wait();
+  // CopyShardsToHost; shards on a CUDA device go into the writer's pinned (page-locked) host
+  // memory: the device-to-host copy runs at full bus speed and, after the first save, without
+  // new allocations (the previous save's blocks are cached and reused once that save ends; call
+  // Wait() first to keep one set). Host shards are copied into pageable memory.
+  StatusOr<std::vector<TensorShard>> CopyToHost(const std::vector<TensorShard>& shards);
   // Path of the newest checkpoint this writer published ("" before the first).
   const std::string& last_path() const { return last_path_; }
 
@@ -52,6 +61,7 @@ class CheckpointWriter {
   Status result_;          // written by the thread, read after join
   std::string done_path_;  // likewise
   std::string last_path_;
+  std::unique_ptr<CachingAllocator> pinned_;  // null without CUDA
 };
 
 }  // namespace tandem::checkpoint

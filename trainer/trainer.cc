@@ -469,12 +469,13 @@ checkpoint::UniversalMeta UniversalMetaOf(const TrainConfig& c, Session& s, int6
   return meta;
 }
 
-// [universal] Copies this rank's state to host memory (the trainer's stall) and hands it to the
-// background writer, which first finishes the previous save (its error surfaces here).
+// [universal] Waits for the previous save (its error surfaces here), copies this rank's state to
+// host memory (the trainer's stall) and hands it to the background writer.
 Status SaveUniversalState(const TrainConfig& c, Session& s, int64_t step) {
   const auto start = Clock::now();
+  TANDEM_RETURN_IF_ERROR(s.ckpt_writer->Wait());  // the previous save, whose buffers are reused
   TANDEM_ASSIGN_OR_RETURN(std::vector<checkpoint::TensorShard> copies,
-                          checkpoint::CopyShardsToHost(internal::OwnedShards(s.pieces, s.owner, step)));
+                          s.ckpt_writer->CopyToHost(internal::OwnedShards(s.pieces, s.owner, step)));
   const double copy_s = Seconds(start, Clock::now());
   TANDEM_RETURN_IF_ERROR(s.ckpt_writer->Submit(UniversalMetaOf(c, s, step), std::move(copies)));
   if (!s.par || s.par->writer()) {
