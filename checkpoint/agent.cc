@@ -35,7 +35,7 @@ class Agent {
  private:
   StatusOr<std::string> Dispatch(const Words& w, bool* shutdown);
   StatusOr<std::string> Commit(int rank, uint64_t version, uint64_t bytes, uint32_t crc);
-  StatusOr<std::string> Restore(int rank);
+  StatusOr<std::string> Restore(int rank, std::optional<uint64_t> version);
   StatusOr<std::string> Rebuild();
   std::string NoSnapshot() const {
     return StrCat("NONE no complete snapshot on node ", options_.node,
@@ -91,8 +91,9 @@ StatusOr<std::string> Agent::Dispatch(const Words& w, bool* shutdown) {
     return v ? StrCat("OK ", *v) : NoSnapshot();
   }
   if (verb == "RESTORE") {
-    TANDEM_RETURN_IF_ERROR(need(1));
-    return Restore(std::stoi(w[1]));
+    if (w.size() != 3) TANDEM_RETURN_IF_ERROR(need(1));
+    return Restore(std::stoi(w[1]), w.size() > 2 ? std::optional<uint64_t>(std::stoull(w[2]))
+                                                 : std::nullopt);
   }
   if (verb == "HEARTBEAT") {
     TANDEM_RETURN_IF_ERROR(need(1));
@@ -128,9 +129,15 @@ StatusOr<std::string> Agent::Commit(int rank, uint64_t version, uint64_t bytes, 
   return std::string("OK complete");
 }
 
-StatusOr<std::string> Agent::Restore(int rank) {
+StatusOr<std::string> Agent::Restore(int rank, std::optional<uint64_t> version) {
   std::optional<uint64_t> v = store_->latest_complete();
   if (!v) return NoSnapshot();
+  if (version) {
+    if (*version > *v) {
+      return NotFoundError(StrCat("version ", *version, " is not complete (newest complete: ", *v, ")"));
+    }
+    v = version;
+  }
   TANDEM_ASSIGN_OR_RETURN(SlotView view, store_->Find(rank, *v));
   uint32_t actual = Crc32(0, view.data, view.num_bytes);
   if (actual != view.crc32) {

@@ -15,7 +15,10 @@
 //   COMMIT r v bytes crc    -> OK complete|pending   (complete: every rank committed v, parity
 //                                                     sent and acknowledged, v published)
 //   LATEST                  -> OK <v> | NONE <why>
-//   RESTORE r               -> OK <v> <slot> <bytes> <crc> <shm name> | NONE <why>
+//   RESTORE r [v]           -> OK <v> <slot> <bytes> <crc> <shm name> | NONE <why>
+//                              (the newest complete version, or complete version v while its
+//                              slot still holds it: the previous one survives until the next
+//                              is published, so ranks of nodes one version apart agree)
 //   HEARTBEAT r             -> OK
 //   DEAD                    -> OK <r,r,...|->        (ranks silent for heartbeat_timeout_s)
 //   REBUILD                 -> OK <v> | ERR ...      (fetch fragments from peers, rebuild)
@@ -81,6 +84,8 @@ class AgentClient {
   // Rank's copy of the newest complete version (checked against its CRC). NotFound with the
   // agent's reason when there is no snapshot.
   StatusOr<RestoredShard> Restore(int rank);
+  // Version `version` (complete, not newer than the newest complete one) if still held.
+  StatusOr<RestoredShard> Restore(int rank, uint64_t version);
   Status Heartbeat(int rank);
   StatusOr<std::vector<int>> DeadRanks();
   // Asks the agent to rebuild its node's snapshot from its peers; returns the version rebuilt.

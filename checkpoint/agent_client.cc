@@ -102,8 +102,12 @@ StatusOr<std::optional<uint64_t>> AgentClient::LatestComplete(std::string* why) 
   return std::optional<uint64_t>(std::stoull((*w)[0]));
 }
 
-StatusOr<RestoredShard> AgentClient::Restore(int rank) {
-  TANDEM_ASSIGN_OR_RETURN(auto w, Call(StrCat("RESTORE ", rank)));
+StatusOr<RestoredShard> AgentClient::Restore(int rank) { return Restore(rank, UINT64_MAX); }
+
+StatusOr<RestoredShard> AgentClient::Restore(int rank, uint64_t wanted) {
+  TANDEM_ASSIGN_OR_RETURN(
+      auto w, Call(wanted == UINT64_MAX ? StrCat("RESTORE ", rank)
+                                         : StrCat("RESTORE ", rank, " ", wanted)));
   if (w.size() != 5) return InternalError("agent: bad RESTORE reply");
   const uint64_t version = std::stoull(w[0]), num_bytes = std::stoull(w[2]);
   const int slot = std::stoi(w[1]);

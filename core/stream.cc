@@ -100,7 +100,22 @@ StatusOr<float> CudaEventOwner::ElapsedMs(const CudaEventOwner& start, const Cud
   return ms;
 }
 
+StatusOr<HostRegistration> HostRegistration::Create(void* data, size_t num_bytes) {
+  if (CudaDeviceCount() == 0) return UnavailableError("cudaHostRegister: no CUDA device is visible");
+  TANDEM_CUDA_RETURN_IF_ERROR(cudaHostRegister(data, num_bytes, cudaHostRegisterPortable));
+  return HostRegistration(data);
+}
+void HostRegistration::Reset() {
+  if (data_ != nullptr) cudaHostUnregister(data_);
+  data_ = nullptr;
+}
+
 #else  // !TANDEM_WITH_CUDA
+
+StatusOr<HostRegistration> HostRegistration::Create(void*, size_t) {
+  return UnavailableError("cudaHostRegister: this build has no CUDA support");
+}
+void HostRegistration::Reset() { data_ = nullptr; }
 
 StatusOr<CudaStreamOwner> CudaStreamOwner::Create(int device) {
   return UnimplementedError(
@@ -135,6 +150,17 @@ StatusOr<float> CudaEventOwner::ElapsedMs(const CudaEventOwner&, const CudaEvent
 #endif  // TANDEM_WITH_CUDA
 
 // Move operations and destructors are the same in both builds.
+HostRegistration::HostRegistration(HostRegistration&& other) noexcept
+    : data_(std::exchange(other.data_, nullptr)) {}
+HostRegistration& HostRegistration::operator=(HostRegistration&& other) noexcept {
+  if (this != &other) {
+    Reset();
+    data_ = std::exchange(other.data_, nullptr);
+  }
+  return *this;
+}
+HostRegistration::~HostRegistration() { Reset(); }
+
 CudaStreamOwner::CudaStreamOwner(CudaStreamOwner&& other) noexcept
     : stream_(std::exchange(other.stream_, nullptr)), device_(other.device_) {}
 CudaStreamOwner& CudaStreamOwner::operator=(CudaStreamOwner&& other) noexcept {

@@ -18,6 +18,8 @@
 // thread-safe.
 #pragma once
 
+#include <cstddef>
+
 #include "core/device.h"
 #include "core/status.h"
 
@@ -78,6 +80,28 @@ class CudaEventOwner {
   void Reset();
   CudaEvent event_ = nullptr;
   int device_ = -1;
+};
+
+// Page-locks existing host memory (cudaHostRegister) so that copies between it and a device run
+// asynchronously at full speed, e.g. a shared-memory region another process owns. Unregisters
+// in the destructor (errors ignored). Create fails (Unavailable) without CUDA or a device; the
+// memory must outlive the registration.
+class HostRegistration {
+ public:
+  static StatusOr<HostRegistration> Create(void* data, size_t num_bytes);
+  HostRegistration() = default;
+  HostRegistration(HostRegistration&& other) noexcept;
+  HostRegistration& operator=(HostRegistration&& other) noexcept;
+  HostRegistration(const HostRegistration&) = delete;
+  HostRegistration& operator=(const HostRegistration&) = delete;
+  ~HostRegistration();
+
+  void* data() const { return data_; }
+
+ private:
+  explicit HostRegistration(void* data) : data_(data) {}
+  void Reset();
+  void* data_ = nullptr;
 };
 
 }  // namespace tandem

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 
+#include "ops/ops.h"
 #include "parallel/model_hooks.h"
 
 namespace tandem::parallel {
@@ -277,6 +278,20 @@ Status ZeroOptimizer::ReloadMasters() {
     Tensor dst = master_.Slice(0, s.begin - shard_begin_, s.end - shard_begin_);
     TANDEM_RETURN_IF_ERROR(
         CopyTensor(dst, pm.View({pm.numel()}).Slice(0, s.begin - pb, s.end - pb), ctx_.stream()));
+  }
+  return ctx_.Synchronize();
+}
+
+Status ZeroOptimizer::RestoreFromShard() {
+  Tensor& w = model_.weights_flat();
+  if (w.dtype() == DType::kF32) {  // the shard is a view of the weights
+    Tensor mine = w.Slice(0, shard_begin_, shard_begin_ + shard_numel_);
+    return AllGatherAnywhere(ctx_, group_, w, mine);
+  }
+  TANDEM_RETURN_IF_ERROR(GatherMasters());
+  for (model::Parameter& p : model_.parameters()) {
+    if (!p.master.defined() || p.weight.storage() == p.master.storage()) continue;
+    TANDEM_RETURN_IF_ERROR(ops::Cast(ctx_, p.weight, p.master));
   }
   return ctx_.Synchronize();
 }

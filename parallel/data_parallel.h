@@ -105,6 +105,9 @@ class ZeroOptimizer {
   // The shard's masters from the per-parameter f32 masters (after writing them, e.g. when
   // resuming from a checkpoint; CPU: no-op, the shard is a view of the weights).
   Status ReloadMasters();
+  // The other way (after writing the shard's masters, e.g. from a snapshot of this rank): every
+  // parameter's master and compute weights from the shards of the whole group.
+  Status RestoreFromShard();
 
   // One parameter's part of this rank's shard: elements [begin, end) of the parameter's
   // (flattened) local tensor, with views of the shard's master and moments for it.

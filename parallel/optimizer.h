@@ -69,6 +69,8 @@ class ParallelOptimizer {
   std::vector<StateView> StateViews();
   bool sharded() const { return zero_ != nullptr; }
   Status ReloadMasters() { return zero_ ? zero_->ReloadMasters() : Status::Ok(); }
+  // ZeRO-1: after writing this rank's shard views, every parameter from the group's shards.
+  Status RestoreFromShards() { return zero_ ? zero_->RestoreFromShard() : Status::Ok(); }
 
  private:
   ParallelOptimizer(ops::Context& ctx, model::LlamaModel& model, const MeshGroups& groups,

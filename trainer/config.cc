@@ -100,6 +100,15 @@ void ParallelSection::Describe(ConfigSchema<ParallelSection>& s) {
   s.Field("timeout_s", &ParallelSection::timeout_s, "seconds any collective may take before the job fails").Min(0.001);
 }
 
+void SnapshotSection::Describe(ConfigSchema<SnapshotSection>& s) {
+  s.Field("agent_socket", &SnapshotSection::agent_socket,
+          "Unix socket of the node's `tandem agent`; \"{node}\" = world rank / ranks_per_node; \"\" = no snapshots");
+  s.Field("interval", &SnapshotSection::interval, "updates between snapshots").Min(1);
+  s.Field("ranks_per_node", &SnapshotSection::ranks_per_node,
+          "ranks per node for {node}; 0 = mpirun's local size").Min(0);
+  s.Field("timeout_s", &SnapshotSection::timeout_s, "seconds to reach the agent and for each request").Min(0.001);
+}
+
 StatusOr<TrainConfig> LoadTrainConfig(const std::string& path, const std::vector<std::string>& overrides) {
   ConfigDoc doc;
   if (!path.empty()) {
@@ -112,6 +121,7 @@ StatusOr<TrainConfig> LoadTrainConfig(const std::string& path, const std::vector
   TANDEM_RETURN_IF_ERROR(doc.Bind("data", &c.data));
   TANDEM_RETURN_IF_ERROR(doc.Bind("train", &c.train));
   TANDEM_RETURN_IF_ERROR(doc.Bind("parallel", &c.parallel));
+  TANDEM_RETURN_IF_ERROR(doc.Bind("snapshot", &c.snapshot));
   TANDEM_RETURN_IF_ERROR(doc.CheckNoUnknownKeys());
   if (c.data.dir.empty()) {
     return InvalidArgumentError(StrCat("data.dir is not set", path.empty() ? "" : " in " + path,
@@ -137,13 +147,14 @@ StatusOr<TrainConfig> LoadTrainConfig(const std::string& path, const std::vector
 
 std::string TrainConfigToToml(const TrainConfig& c) {
   return ToToml("model", c.model) + "\n" + ToToml("peft", c.peft) + "\n" + ToToml("data", c.data) + "\n" + ToToml("train", c.train) + "\n" +
-         ToToml("parallel", c.parallel);
+         ToToml("parallel", c.parallel) + "\n" + ToToml("snapshot", c.snapshot);
 }
 
 std::string TrainConfigHelp() {
   return DescribeSection<ModelSection>("model") + "\n" + DescribeSection<PeftSection>("peft") + "\n" +
          DescribeSection<DataSection>("data") + "\n" +
-         DescribeSection<TrainSection>("train") + "\n" + DescribeSection<ParallelSection>("parallel");
+         DescribeSection<TrainSection>("train") + "\n" + DescribeSection<ParallelSection>("parallel") +
+         "\n" + DescribeSection<SnapshotSection>("snapshot");
 }
 
 }  // namespace tandem::trainer

@@ -115,12 +115,24 @@ struct ParallelSection {
   static void Describe(ConfigSchema<ParallelSection>& s);
 };
 
+// [snapshot]: in-memory snapshots of every rank's state in its node's agent (`tandem agent`,
+// checkpoint/agent.h), taken after an update and copied while the next one computes.
+struct SnapshotSection {
+  std::string agent_socket;    // "" = off; "{node}" becomes world_rank / ranks_per_node
+  int64_t interval = 1;        // updates between snapshots
+  int64_t ranks_per_node = 0;  // 0: mpirun's local size (OMPI_COMM_WORLD_LOCAL_SIZE), else all
+  double timeout_s = 60;       // connecting to and waiting on the agent
+
+  static void Describe(ConfigSchema<SnapshotSection>& s);
+};
+
 struct TrainConfig {
   ModelSection model;
   PeftSection peft;
   DataSection data;
   TrainSection train;
   ParallelSection parallel;
+  SnapshotSection snapshot;
 };
 
 // Reads `path` (empty: defaults only), applies `--set` overrides in order, binds the

@@ -27,6 +27,7 @@
 #include "trainer/data.h"
 #include "trainer/internal/parallel_run.h"
 #include "trainer/internal/run_dir.h"
+#include "trainer/internal/snapshot.h"
 #include "trainer/internal/train_state.h"
 #include "trainer/metrics.h"
 #include "trainer/schedule.h"
@@ -210,6 +211,8 @@ struct Session {
   internal::StateOwner owner;
   std::unique_ptr<collectives::Communicator> ckpt_group;
   std::unique_ptr<checkpoint::CheckpointWriter> ckpt_writer;
+  // [snapshot] in-memory snapshots in the node's agent (destroyed first: drains its commit).
+  std::unique_ptr<internal::Snapshotter> snap;
 };
 
 // The tokenizer; the data prepared on first use when data.dir has no manifest.
@@ -337,6 +340,7 @@ StatusOr<Update> TrainStep(const TrainSection& t, const ScheduleOptions& sched, 
   }
   const double clip = (t.grad_clip > 0 && u.grad_norm > t.grad_clip) ? t.grad_clip / (u.grad_norm + 1e-6) : 1.0;
   u.lr = LearningRate(sched, step);
+  if (s.snap) TANDEM_RETURN_IF_ERROR(s.snap->Fence());  // the previous snapshot's copy is done
   for (size_t i = 0; i < s.params.size(); ++i) {
     model::Parameter& p = s.params[i];
     if (!p.trainable) continue;
@@ -511,6 +515,99 @@ StatusOr<int64_t> ResumeFrom(const TrainConfig& c, Session& s, const std::string
   return meta.step;
 }
 
+// [snapshot] Connects this rank to its node's agent; it snapshots only unique bytes (see
+// trainer/internal/snapshot.h).
+Status OpenSnapshots(const TrainConfig& c, Session& s) {
+  if (c.snapshot.agent_socket.empty()) return Status::Ok();
+  std::vector<internal::StatePiece> mine;
+  if (s.owner.sharded || s.owner.first_replica) mine = s.pieces;
+  const int rank = s.par ? s.par->world->rank() : 0, size = s.par ? s.par->world->size() : 1;
+  TANDEM_ASSIGN_OR_RETURN(s.snap, internal::Snapshotter::Open(c.snapshot, s.par ? s.par->world : nullptr, rank,
+                                                              size, std::move(mine), *s.ctx));
+  if (!s.par || s.par->writer()) {
+    TANDEM_LOG(INFO, "snapshot") << "every " << c.snapshot.interval << " update(s) into the agent at "
+                                 << s.snap->socket();
+  }
+  return Status::Ok();
+}
+
+std::string SnapshotMetaJson(const TrainConfig& c, Session& s) {
+  const checkpoint::UniversalMeta m = UniversalMetaOf(c, s, 0);
+  return nlohmann::json{{"data_position", m.data_position_json}, {"rng", m.rng_state_json}}.dump();
+}
+
+// [snapshot] Every rank restores version `version` from its agent: its own pieces, then (without
+// ZeRO) the other replicas take the first replica's state. Returns the step, or 0 when some rank
+// could not restore (every rank then says why and falls back together).
+StatusOr<int64_t> RestoreFromSnapshot(const TrainConfig& c, Session& s, uint64_t version) {
+  StatusOr<std::pair<int64_t, std::string>> got = s.snap->Restore(version);
+  if (!got.ok()) TANDEM_LOG(WARNING, "snapshot") << "cannot restore: " << got.status().message();
+  TANDEM_ASSIGN_OR_RETURN(const bool all_ok, [&]() -> StatusOr<bool> {
+    if (!s.par) return got.ok();
+    Tensor flag = Tensor::Cpu({1}, DType::kI64);
+    flag.data<int64_t>()[0] = got.ok() ? 1 : 0;
+    TANDEM_RETURN_IF_ERROR(s.par->world->AllReduce(flag, collectives::ReduceOp::kMin));
+    return flag.data<int64_t>()[0] > 0;
+  }());
+  if (!all_ok) return int64_t{0};
+  if (s.par && !s.owner.sharded && s.par->groups.dp_cp && s.par->groups.dp_cp->size() > 1) {
+    for (internal::StatePiece& p : s.pieces) {
+      for (Tensor* t : {&p.master, &p.exp_avg, &p.exp_avg_sq}) {
+        TANDEM_RETURN_IF_ERROR(s.par->groups.dp_cp->Broadcast(*t, 0));
+      }
+    }
+    TANDEM_RETURN_IF_ERROR(s.par->groups.dp_cp->Synchronize());
+  }
+  if (s.par && s.owner.sharded) {
+    TANDEM_RETURN_IF_ERROR(s.par->optimizer->RestoreFromShards());
+  } else {
+    for (model::Parameter& p : TrainedParams(s)) {
+      if (!p.trainable || p.weight.storage() == p.master.storage()) continue;
+      TANDEM_RETURN_IF_ERROR(ops::Cast(*s.ctx, p.weight, p.master));
+    }
+  }
+  TANDEM_RETURN_IF_ERROR(s.ctx->Synchronize());
+  const nlohmann::json meta = nlohmann::json::parse(got->second, nullptr, false);
+  if (meta.is_discarded() || !meta.contains("data_position") || !meta.contains("rng")) {
+    return DataLossError(StrCat("snapshot version ", version, ": the meta is not the trainer's JSON"));
+  }
+  TANDEM_ASSIGN_OR_RETURN(DataPosition position, DataPositionFromJson(meta["data_position"].get<std::string>()));
+  TANDEM_RETURN_IF_ERROR(s.train_loader->Seek(position));
+  const nlohmann::json rng = nlohmann::json::parse(meta["rng"].get<std::string>(), nullptr, false);
+  if (s.adapters && rng.is_object() && rng.contains("lora_batch_counter")) {
+    s.adapters->set_batch_counter(rng["lora_batch_counter"].get<uint64_t>());
+  }
+  if (!s.par || s.par->writer()) {
+    TANDEM_LOG(INFO, "train") << "resumed from the in-memory snapshot of step " << got->first << " ("
+                              << s.snap->socket() << ")";
+  }
+  return got->first;
+}
+
+// [universal, snapshot] Where the run starts: the newest of the agents' snapshot (with
+// train.resume = "auto") and the universal checkpoint train.resume names; 0 = from scratch.
+StatusOr<int64_t> ResumeRun(const TrainConfig& c, Session& s) {
+  TANDEM_ASSIGN_OR_RETURN(const std::string path, internal::ResolveResume(c.train.resume, UniversalDir(c)));
+  int64_t universal_step = 0;
+  if (!path.empty()) {
+    TANDEM_ASSIGN_OR_RETURN(checkpoint::UniversalReader reader, checkpoint::UniversalReader::Open(path));
+    universal_step = reader.meta().step;
+  }
+  if (s.snap && c.train.resume == "auto") {
+    TANDEM_ASSIGN_OR_RETURN(std::optional<uint64_t> version, s.snap->AgreedLatest());
+    if (version && static_cast<int64_t>(*version) > universal_step) {
+      TANDEM_ASSIGN_OR_RETURN(const int64_t step, RestoreFromSnapshot(c, s, *version));
+      if (step > 0) return step;
+    }
+    if ((!s.par || s.par->writer()) && !version) {
+      TANDEM_LOG(INFO, "train") << "no complete snapshot in the agents"
+                                << (path.empty() ? "" : StrCat("; resuming from ", path));
+    }
+  }
+  if (path.empty()) return int64_t{0};
+  return ResumeFrom(c, s, path);
+}
+
 }  // namespace
 
 StatusOr<TrainResult> RunTraining(const TrainConfig& c, const std::string& command_line) {
@@ -534,11 +631,8 @@ StatusOr<TrainResult> RunTraining(const TrainConfig& c, const std::string& comma
   TANDEM_RETURN_IF_ERROR(OpenLoaders(c, s));
   TANDEM_RETURN_IF_ERROR(s.par ? InitParallelOptimizer(c, s) : InitOptimizer(s));
   TANDEM_RETURN_IF_ERROR(OpenUniversal(c, s));
-  TANDEM_ASSIGN_OR_RETURN(const std::string resume_path, internal::ResolveResume(t.resume, UniversalDir(c)));
-  int64_t start_step = 0;
-  if (!resume_path.empty()) {
-    TANDEM_ASSIGN_OR_RETURN(start_step, ResumeFrom(c, s, resume_path));
-  }
+  TANDEM_RETURN_IF_ERROR(OpenSnapshots(c, s));
+  TANDEM_ASSIGN_OR_RETURN(const int64_t start_step, ResumeRun(c, s));
 
   const bool writer = !s.par || s.par->writer();  // [parallel] only world rank 0 writes
   std::optional<internal::RunDir> run;
@@ -582,7 +676,9 @@ StatusOr<TrainResult> RunTraining(const TrainConfig& c, const std::string& comma
       u.lr = LearningRate(sched, step);
       TANDEM_ASSIGN_OR_RETURN(internal::ParallelUpdate pu,
                               internal::ParallelTrainStep(*s.par, *s.ctx, *s.model, *s.train_loader, t.grad_accum,
-                                                          t.grad_clip, static_cast<float>(u.lr), step));
+                                                          t.grad_clip, static_cast<float>(u.lr), step, [&] {
+                                                            return s.snap ? s.snap->Fence() : Status::Ok();
+                                                          }));
       u.loss = pu.loss;
       u.tokens = pu.tokens;
       u.grad_norm = pu.grad_norm;
@@ -640,6 +736,7 @@ StatusOr<TrainResult> RunTraining(const TrainConfig& c, const std::string& comma
       }
       if (s.ckpt_writer) TANDEM_RETURN_IF_ERROR(SaveUniversalState(c, s, step));
     }
+    if (s.snap && step % c.snapshot.interval == 0) TANDEM_RETURN_IF_ERROR(s.snap->Start(step, SnapshotMetaJson(c, s)));
     if (writer && !t.heartbeat_file.empty()) TANDEM_RETURN_IF_ERROR(internal::WriteHeartbeat(t.heartbeat_file, step));
     if (out_of_time) {
       TANDEM_LOG(WARNING, "train") << "stopping after " << FormatDuration(m.elapsed_s) << " (train.max_minutes = "
@@ -647,6 +744,7 @@ StatusOr<TrainResult> RunTraining(const TrainConfig& c, const std::string& comma
       break;
     }
   }
+  if (s.snap) TANDEM_RETURN_IF_ERROR(s.snap->Drain());
   if (s.ckpt_writer) {
     TANDEM_RETURN_IF_ERROR(s.ckpt_writer->Wait());
     result.last_universal_checkpoint = s.ckpt_writer->last_path();

@@ -102,7 +102,8 @@ int64_t CountLossTargets(const Tensor& targets) {
 StatusOr<ParallelUpdate> ParallelTrainStep(ParallelRun& run, ops::Context& ctx,
                                            model::LlamaModel& model, DataLoader& loader,
                                            int64_t grad_accum, double grad_clip, float lr,
-                                           int64_t step) {
+                                           int64_t step,
+                                           const std::function<Status()>& before_update) {
   std::vector<model::Batch> micro;
   std::vector<double> totals = {0, 0};  // target tokens, input tokens of this rank
   for (int64_t a = 0; a < grad_accum; ++a) {
@@ -135,6 +136,7 @@ StatusOr<ParallelUpdate> ParallelTrainStep(ParallelRun& run, ops::Context& ctx,
   }
   const double clip =
       (grad_clip > 0 && u.grad_norm > grad_clip) ? grad_clip / (u.grad_norm + 1e-6) : 1.0;
+  if (before_update) TANDEM_RETURN_IF_ERROR(before_update());
   TANDEM_RETURN_IF_ERROR(run.optimizer->Step(lr, step, static_cast<float>(clip)));
   return u;
 }

@@ -3,6 +3,7 @@
 // the world has more than one rank; a single process never touches this.
 #pragma once
 
+#include <functional>
 #include <memory>
 
 #include "collectives/communicator.h"
@@ -56,11 +57,13 @@ struct ParallelUpdate {
 };
 
 // One update: grad_accum micro-batches from `loader` (this dp rank's rows), gradients of the
-// global mean loss reduced over the replicas, the global norm, clipping, AdamW.
+// global mean loss reduced over the replicas, the global norm, clipping, AdamW (after
+// `before_update`, when given: the snapshot fence).
 StatusOr<ParallelUpdate> ParallelTrainStep(ParallelRun& run, ops::Context& ctx,
                                            model::LlamaModel& model, DataLoader& loader,
                                            int64_t grad_accum, double grad_clip, float lr,
-                                           int64_t step);
+                                           int64_t step,
+                                           const std::function<Status()>& before_update = {});
 
 // Mean held-out loss over `batches` micro-batches of every dp rank.
 StatusOr<double> ParallelEvaluate(ParallelRun& run, ops::Context& ctx, model::LlamaModel& model,

@@ -1,0 +1,231 @@
+#include "trainer/internal/snapshot.h"
+
+#include <cstdlib>
+#include <cstring>
+#include <nlohmann/json.hpp>
+
+#include "core/logging.h"
+
+namespace tandem::trainer::internal {
+namespace {
+
+constexpr uint64_t kAlign = 4096;
+
+uint64_t AlignUp(uint64_t n) { return (n + kAlign - 1) / kAlign * kAlign; }
+
+// The header's room: the JSON of every piece and the meta, generously.
+uint64_t HeaderBudget(const std::vector<StatePiece>& pieces) {
+  uint64_t n = 64 << 10;
+  for (const StatePiece& p : pieces) n += p.param->name.size() + 64;
+  return AlignUp(n);
+}
+
+std::string NodeSocket(const SnapshotSection& cfg, int world_rank, int world_size) {
+  int per_node = static_cast<int>(cfg.ranks_per_node);
+  if (per_node <= 0) {
+    const char* local = std::getenv("OMPI_COMM_WORLD_LOCAL_SIZE");
+    per_node = local != nullptr ? std::atoi(local) : world_size;
+  }
+  const int node = world_rank / std::max(1, per_node);
+  std::string s = cfg.agent_socket;
+  for (size_t at; (at = s.find("{node}")) != std::string::npos;) s.replace(at, 6, std::to_string(node));
+  return s;
+}
+
+const Tensor* Part(const StatePiece& p, int which) {
+  return which == 0 ? &p.master : which == 1 ? &p.exp_avg : &p.exp_avg_sq;
+}
+
+}  // namespace
+
+StatusOr<std::unique_ptr<Snapshotter>> Snapshotter::Open(const SnapshotSection& cfg,
+                                                         collectives::Communicator* world,
+                                                         int world_rank, int world_size,
+                                                         std::vector<StatePiece> pieces,
+                                                         ops::Context& ctx) {
+  std::unique_ptr<Snapshotter> s(new Snapshotter());
+  s->world_ = world;
+  s->rank_ = world_rank;
+  s->ctx_ = &ctx;
+  s->pieces_ = std::move(pieces);
+  s->socket_ = NodeSocket(cfg, world_rank, world_size);
+  uint64_t data = 0;
+  for (const StatePiece& p : s->pieces_) data += 12 * static_cast<uint64_t>(p.end - p.begin);
+  s->capacity_ = HeaderBudget(s->pieces_) + data;
+  StatusOr<checkpoint::AgentClient> client = checkpoint::AgentClient::Connect(s->socket_, cfg.timeout_s);
+  if (!client.ok()) {
+    return UnavailableError(StrCat("snapshot.agent_socket: no agent at ", s->socket_, " (start `tandem agent --socket ",
+                                   s->socket_, "` first, or leave snapshot.agent_socket empty): ",
+                                   client.status().message()));
+  }
+  s->client_.emplace(std::move(client).value());
+  s->client_->timeout_s = cfg.timeout_s;
+  TANDEM_RETURN_IF_ERROR(s->client_->Register(world_rank, s->capacity_));
+  TANDEM_ASSIGN_OR_RETURN(std::optional<uint64_t> newest, s->client_->LatestComplete());
+  int64_t base = newest ? static_cast<int64_t>(*newest) : 0;
+  if (world != nullptr && world->size() > 1) {
+    Tensor t = Tensor::Cpu({1}, DType::kI64);
+    t.data<int64_t>()[0] = base;
+    TANDEM_RETURN_IF_ERROR(world->AllReduce(t, collectives::ReduceOp::kMax));
+    base = t.data<int64_t>()[0];
+  }
+  s->next_version_ = static_cast<uint64_t>(base) + 1;
+  if (ctx.is_cuda()) {
+    TANDEM_ASSIGN_OR_RETURN(CudaStreamOwner stream, CudaStreamOwner::Create(ctx.device().index));
+    s->stream_.emplace(std::move(stream));
+    TANDEM_ASSIGN_OR_RETURN(CudaEventOwner ready, CudaEventOwner::Create(ctx.device().index, false));
+    TANDEM_ASSIGN_OR_RETURN(CudaEventOwner copied, CudaEventOwner::Create(ctx.device().index, false));
+    s->ready_.emplace(std::move(ready));
+    s->copied_.emplace(std::move(copied));
+  }
+  return s;
+}
+
+Snapshotter::~Snapshotter() {
+  const Status s = Drain();
+  if (!s.ok()) TANDEM_LOG(ERROR, "snapshot") << "last snapshot: " << s.message();
+}
+
+std::string Snapshotter::Header(int64_t step, const std::string& meta_json) const {
+  nlohmann::json pieces = nlohmann::json::array();
+  for (const StatePiece& p : pieces_) pieces.push_back({p.param->name, p.begin, p.end});
+  return nlohmann::json{{"step", step}, {"meta", meta_json}, {"pieces", pieces}}.dump();
+}
+
+StatusOr<uint8_t*> Snapshotter::Begin(uint64_t version) {
+  TANDEM_ASSIGN_OR_RETURN(uint8_t* slot, client_->BeginVersion(rank_, version));
+  if (stream_ && !registered_.contains(slot)) {
+    StatusOr<HostRegistration> r = HostRegistration::Create(slot, capacity_);
+    if (r.ok()) {
+      registered_.emplace(slot, std::move(r).value());
+    } else {
+      TANDEM_LOG(WARNING, "snapshot") << "the agent's slot could not be page-locked (" << r.status().message()
+                                      << "): snapshot copies run synchronously";
+      registered_.emplace(slot, HostRegistration());
+    }
+  }
+  return slot;
+}
+
+Status Snapshotter::Start(int64_t step, const std::string& meta_json) {
+  TANDEM_RETURN_IF_ERROR(Drain());
+  // Every node must have published the previous version before any rank may overwrite the
+  // slot of the one before it.
+  if (last_started_ > 0 && world_ != nullptr && world_->size() > 1) {
+    TANDEM_ASSIGN_OR_RETURN(std::optional<uint64_t> agreed, AgreedLatest());
+    if (!agreed || *agreed < last_started_) {
+      if (rank_ == 0) {
+        TANDEM_LOG(WARNING, "snapshot") << "step " << step << ": skipped, a node has not published version "
+                                        << last_started_ << " yet";
+      }
+      return Status::Ok();
+    }
+  }
+  const std::string header = Header(step, meta_json);
+  const uint64_t data_offset = AlignUp(8 + header.size());
+  if (data_offset > HeaderBudget(pieces_)) {
+    return InternalError(StrCat("snapshot header of ", header.size(), " bytes exceeds its room"));
+  }
+  const uint64_t version = next_version_++;
+  TANDEM_ASSIGN_OR_RETURN(uint8_t* slot, Begin(version));
+  const uint64_t length = header.size();
+  std::memcpy(slot, &length, 8);
+  std::memcpy(slot + 8, header.data(), header.size());
+  std::memset(slot + 8 + header.size(), 0, data_offset - 8 - header.size());
+  uint64_t at = data_offset;
+  const bool async = stream_ && registered_.at(slot).data() != nullptr;
+  if (stream_) {
+    TANDEM_RETURN_IF_ERROR(ready_->Record(ctx_->stream()));
+    TANDEM_RETURN_IF_ERROR(stream_->Wait(*ready_));
+  }
+  for (const StatePiece& p : pieces_) {
+    for (int which = 0; which < 3; ++which) {
+      const Tensor& src = *Part(p, which);
+      Tensor dst = Tensor::Wrap(slot + at, {src.numel()}, DType::kF32, Device::Cpu());
+      if (src.device().is_cuda()) {
+        TANDEM_RETURN_IF_ERROR(CopyTensor(dst, src, async ? stream_->get() : nullptr));
+        if (!async) TANDEM_RETURN_IF_ERROR(ctx_->Synchronize());
+      } else {
+        std::memcpy(dst.raw_data(), src.raw_data(), src.num_bytes());
+      }
+      at += src.num_bytes();
+    }
+  }
+  if (stream_) TANDEM_RETURN_IF_ERROR(copied_->Record(stream_->get()));
+  copying_ = version;
+  copying_bytes_ = at;
+  last_started_ = version;
+  if (!stream_) return Fence();  // host state: already copied
+  return Status::Ok();
+}
+
+Status Snapshotter::Fence() {
+  if (!copying_) return Status::Ok();
+  if (stream_) TANDEM_RETURN_IF_ERROR(copied_->Synchronize());
+  const uint64_t version = *copying_, bytes = copying_bytes_;
+  copying_.reset();
+  commit_ = std::thread([this, version, bytes] {
+    StatusOr<bool> done = client_->CommitVersion(rank_, version, bytes);
+    commit_status_ = done.status();
+    if (done.ok()) commit_status_ = client_->Heartbeat(rank_);
+  });
+  return Status::Ok();
+}
+
+Status Snapshotter::Drain() {
+  TANDEM_RETURN_IF_ERROR(Fence());
+  if (commit_.joinable()) commit_.join();
+  return std::exchange(commit_status_, Status::Ok());
+}
+
+StatusOr<std::optional<uint64_t>> Snapshotter::AgreedLatest() {
+  TANDEM_ASSIGN_OR_RETURN(std::optional<uint64_t> mine, client_->LatestComplete());
+  int64_t v = mine ? static_cast<int64_t>(*mine) : -1;
+  if (world_ != nullptr && world_->size() > 1) {
+    Tensor t = Tensor::Cpu({1}, DType::kI64);
+    t.data<int64_t>()[0] = v;
+    TANDEM_RETURN_IF_ERROR(world_->AllReduce(t, collectives::ReduceOp::kMin));
+    v = t.data<int64_t>()[0];
+  }
+  if (v < 0) return std::optional<uint64_t>();
+  return std::optional<uint64_t>(static_cast<uint64_t>(v));
+}
+
+StatusOr<std::pair<int64_t, std::string>> Snapshotter::Restore(uint64_t version) {
+  TANDEM_ASSIGN_OR_RETURN(checkpoint::RestoredShard shard, client_->Restore(rank_, version));
+  const std::string where = StrCat("snapshot version ", version, " of rank ", rank_, " (agent ", socket_, ")");
+  uint64_t length = 0;
+  if (shard.bytes.size() < 8) return DataLossError(where + ": shorter than its header");
+  std::memcpy(&length, shard.bytes.data(), 8);
+  if (8 + length > shard.bytes.size()) return DataLossError(where + ": header runs past the data");
+  const nlohmann::json h = nlohmann::json::parse(shard.bytes.begin() + 8, shard.bytes.begin() + 8 + length,
+                                                 nullptr, false);
+  if (h.is_discarded() || !h.contains("pieces") || !h.contains("step")) {
+    return DataLossError(where + ": the header is not the snapshot JSON");
+  }
+  const nlohmann::json& pieces = h["pieces"];
+  bool same = pieces.size() == pieces_.size();
+  for (size_t i = 0; same && i < pieces_.size(); ++i) {
+    same = pieces[i][0] == pieces_[i].param->name && pieces[i][1] == pieces_[i].begin &&
+           pieces[i][2] == pieces_[i].end;
+  }
+  if (!same) {
+    return InvalidArgumentError(where + ": holds other tensors or ranges than this rank's (another mesh, "
+                                        "model or method)");
+  }
+  uint64_t at = AlignUp(8 + length);
+  for (const StatePiece& p : pieces_) {
+    for (int which = 0; which < 3; ++which) {
+      const Tensor& dst_view = *Part(p, which);
+      if (at + dst_view.num_bytes() > shard.bytes.size()) return DataLossError(where + ": data is truncated");
+      Tensor src = Tensor::Wrap(shard.bytes.data() + at, {dst_view.numel()}, DType::kF32, Device::Cpu());
+      Tensor dst = dst_view;
+      TANDEM_RETURN_IF_ERROR(CopyTensor(dst, src, ctx_->stream()));
+      at += dst_view.num_bytes();
+    }
+  }
+  TANDEM_RETURN_IF_ERROR(ctx_->Synchronize());
+  return std::make_pair(h["step"].get<int64_t>(), h["meta"].get<std::string>());
+}
+
+}  // namespace tandem::trainer::internal

@@ -1,0 +1,99 @@
+// In-memory snapshots of a rank's training state in its node's agent (`tandem agent`,
+// checkpoint/agent.h): after an update the rank begins version = step in its shared-memory slot
+// and copies its state there (on CUDA: asynchronously on a side stream straight into the
+// page-locked slot, overlapped with the next forward and backward); the copy is fenced before the
+// next optimizer update changes the state, and committed to the agent on a background thread
+// (the agent publishes a version once every rank of the node committed it and its parity is on
+// the other nodes).
+//
+// What a rank snapshots: the StatePieces it is given (the caller passes only unique bytes: every
+// piece of a ZeRO-1 shard; the first dp x cp replica's pieces without ZeRO, nothing on the other
+// replicas) after a header:
+//   u64 header length | header JSON {"step", "meta", "pieces": [[name, begin, end], ...]}
+//   | zero padding to 4096 | per piece: master, exp_avg, exp_avg_sq (f32, little-endian)
+// Restore checks the pieces are the same (same mesh and model), else refuses.
+//
+// Consistency across nodes: before beginning version v the ranks agree (a world all-reduce) that
+// every node published the previous one, so the newest version all nodes hold is never older than
+// what any node has overwritten: restoring min over ranks of LatestComplete always finds it (the
+// agent keeps the previous complete version until the next is published). A snapshot is skipped
+// (and said) when a node is behind.
+//
+// Thread-safety: the trainer's thread; the background commit is internal.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "checkpoint/agent.h"
+#include "collectives/communicator.h"
+#include "core/status.h"
+#include "core/stream.h"
+#include "ops/context.h"
+#include "trainer/config.h"
+#include "trainer/internal/train_state.h"
+
+namespace tandem::trainer::internal {
+
+class Snapshotter {
+ public:
+  // Connects to the agent of this rank's node (cfg.agent_socket with "{node}" replaced) and
+  // registers `world_rank` with room for `pieces`. `world` (null: one process) is used for the
+  // version agreement; it must outlive the snapshotter.
+  static StatusOr<std::unique_ptr<Snapshotter>> Open(const SnapshotSection& cfg,
+                                                     collectives::Communicator* world,
+                                                     int world_rank, int world_size,
+                                                     std::vector<StatePiece> pieces,
+                                                     ops::Context& ctx);
+  ~Snapshotter();
+
+  // After update `step`: begins the next version and starts copying (host state: copied now).
+  // Versions count up from the newest any agent of the job holds, so an agent that outlived an
+  // older run never sees a version go back; the header carries the step.
+  // `meta_json` goes into the header (data position, RNG state). Collective over `world`.
+  Status Start(int64_t step, const std::string& meta_json);
+  // Before the next optimizer update: waits for the copy, then commits it in the background.
+  Status Fence();
+  // Fence, then waits for the commit; its error, if any.
+  Status Drain();
+
+  // The newest version every rank's agent holds complete (collective); nullopt when some rank's
+  // agent holds none.
+  StatusOr<std::optional<uint64_t>> AgreedLatest();
+  // Copies version `version` into the pieces; returns its step and meta JSON.
+  // InvalidArgument when the snapshot's pieces differ from this rank's (another mesh or model).
+  StatusOr<std::pair<int64_t, std::string>> Restore(uint64_t version);
+
+  const std::string& socket() const { return socket_; }
+
+ private:
+  Snapshotter() = default;
+  StatusOr<uint8_t*> Begin(uint64_t version);
+  std::string Header(int64_t step, const std::string& meta_json) const;
+
+  collectives::Communicator* world_ = nullptr;
+  int rank_ = 0;
+  std::string socket_;
+  ops::Context* ctx_ = nullptr;
+  std::vector<StatePiece> pieces_;
+  uint64_t capacity_ = 0;
+  std::optional<checkpoint::AgentClient> client_;
+  // CUDA: the side stream, its events and the page-locked slots.
+  std::optional<CudaStreamOwner> stream_;
+  std::optional<CudaEventOwner> ready_, copied_;
+  std::map<uint8_t*, HostRegistration> registered_;
+  // The version being copied (fence pending) and the background commit.
+  std::optional<uint64_t> copying_;
+  uint64_t copying_bytes_ = 0;
+  std::thread commit_;
+  Status commit_status_;
+  uint64_t last_started_ = 0;  // 0: none yet
+  uint64_t next_version_ = 1;
+};
+
+}  // namespace tandem::trainer::internal
