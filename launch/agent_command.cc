@@ -1,5 +1,4 @@
 // `tandem agent`: the per-node snapshot agent (checkpoint/agent.h), until SHUTDOWN or a signal.
-#include <pthread.h>
 #include <signal.h>
 
 #include <atomic>
@@ -86,6 +85,12 @@ bool ParseAgentArgs(const Args& args, checkpoint::AgentOptions* o, bool* help) {
   return true;
 }
 
+// The process-wide stop request of the signal handler (lock-free, so async-signal-safe).
+std::atomic<bool>& StopFlag() {
+  static std::atomic<bool> stop{false};
+  return stop;
+}
+
 }  // namespace
 
 int AgentCommand(const Args& args) {
@@ -96,22 +101,15 @@ int AgentCommand(const Args& args) {
     PrintAgentHelp();
     return 0;
   }
-  // SIGTERM and SIGINT stop the agent cleanly (its shared memory is unlinked): they are blocked
-  // here (and so in every thread started later) and taken by one sigwait thread.
-  sigset_t signals;
-  sigemptyset(&signals);
-  sigaddset(&signals, SIGTERM);
-  sigaddset(&signals, SIGINT);
-  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
-  std::atomic<bool> stop{false};
-  std::thread waiter([&] {
-    int sig = 0;
-    sigwait(&signals, &sig);
-    stop = true;
-  });
-  Status s = checkpoint::RunAgent(options, &stop);
-  if (!stop) pthread_kill(waiter.native_handle(), SIGTERM);  // wake the waiter to end it
-  waiter.join();
+  // SIGTERM and SIGINT stop the agent cleanly (its shared memory is unlinked). Libraries the
+  // binary links start threads before main (OpenBLAS, OpenMP), so a signal may land on any
+  // thread: a handler that only sets a flag works wherever it lands (RunAgent polls the flag).
+  struct sigaction action {};
+  action.sa_handler = [](int) { StopFlag().store(true); };
+  sigemptyset(&action.sa_mask);
+  sigaction(SIGTERM, &action, nullptr);
+  sigaction(SIGINT, &action, nullptr);
+  Status s = checkpoint::RunAgent(options, &StopFlag());
   if (!s.ok()) {
     std::fprintf(stderr, "tandem agent: %s\n", s.ToString().c_str());
     return 1;

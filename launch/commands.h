@@ -17,5 +17,7 @@ int GenerateCommand(const Args& args);
 int AgentCommand(const Args& args);
 int CkptCommand(const Args& args);
 int ServeCommand(const Args& args);
+// `tandem run` / `tandem-run`: the job supervisor (launch/internal/supervisor.h).
+int RunCommand(const Args& args);
 
 }  // namespace tandem::launch

@@ -22,6 +22,7 @@ constexpr Command kCommands[] = {
     {"agent", tandem::launch::AgentCommand, "the per-node snapshot agent (shared memory, erasure coding across nodes)"},
     {"ckpt", tandem::launch::CkptCommand, "inspect universal checkpoints; export-hf, import-hf, export-adapter"},
     {"serve", tandem::launch::ServeCommand, "serve a model and its LoRA adapters over an OpenAI-compatible HTTP API"},
+    {"run", tandem::launch::RunCommand, "supervise a training job: snapshot agents, relaunch after failures (tandem-run)"},
 };
 
 void PrintHelp() {
@@ -33,6 +34,11 @@ void PrintHelp() {
 }  // namespace
 
 int main(int argc, char** argv) {
+  // Installed as a link named `tandem-run`, the binary is `tandem run`.
+  const char* slash = std::strrchr(argv[0], '/');
+  if (std::strcmp(slash ? slash + 1 : argv[0], "tandem-run") == 0) {
+    return tandem::launch::RunCommand(tandem::launch::Args(argv + 1, argv + argc));
+  }
   if (argc < 2 || !std::strcmp(argv[1], "--help") || !std::strcmp(argv[1], "-h") || !std::strcmp(argv[1], "help")) {
     PrintHelp();
     return argc < 2 ? 2 : 0;

@@ -107,6 +107,9 @@ void SnapshotSection::Describe(ConfigSchema<SnapshotSection>& s) {
   s.Field("ranks_per_node", &SnapshotSection::ranks_per_node,
           "ranks per node for {node}; 0 = mpirun's local size").Min(0);
   s.Field("timeout_s", &SnapshotSection::timeout_s, "seconds to reach the agent and for each request").Min(0.001);
+  s.Field("when_busy", &SnapshotSection::when_busy,
+          "the previous commit still running: wait (lose at most `interval` updates) or skip (never stall)")
+      .OneOf({"wait", "skip"});
 }
 
 StatusOr<TrainConfig> LoadTrainConfig(const std::string& path, const std::vector<std::string>& overrides) {

@@ -122,6 +122,9 @@ struct SnapshotSection {
   int64_t interval = 1;        // updates between snapshots
   int64_t ranks_per_node = 0;  // 0: mpirun's local size (OMPI_COMM_WORLD_LOCAL_SIZE), else all
   double timeout_s = 60;       // connecting to and waiting on the agent
+  // While the previous snapshot's commit still runs: "wait" for it (at most `interval` updates
+  // are ever lost) or "skip" this snapshot (training never waits on the agent).
+  std::string when_busy = "wait";
 
   static void Describe(ConfigSchema<SnapshotSection>& s);
 };

@@ -550,6 +550,7 @@ StatusOr<int64_t> RestoreFromSnapshot(const TrainConfig& c, Session& s, uint64_t
     return flag.data<int64_t>()[0] > 0;
   }());
   if (!all_ok) return int64_t{0};
+  if (got.ok()) TANDEM_RETURN_IF_ERROR(s.snap->ApplyRestore());  // only now: every rank has it
   if (s.par && !s.owner.sharded && s.par->groups.dp_cp && s.par->groups.dp_cp->size() > 1) {
     for (internal::StatePiece& p : s.pieces) {
       for (Tensor* t : {&p.master, &p.exp_avg, &p.exp_avg_sq}) {
@@ -744,7 +745,13 @@ StatusOr<TrainResult> RunTraining(const TrainConfig& c, const std::string& comma
       break;
     }
   }
-  if (s.snap) TANDEM_RETURN_IF_ERROR(s.snap->Drain());
+  if (s.snap) {
+    TANDEM_RETURN_IF_ERROR(s.snap->Drain());
+    if (writer) {
+      TANDEM_LOG(INFO, "snapshot") << s.snap->taken() << " snapshot(s) taken, " << s.snap->skipped()
+                                   << " skipped while the agent was still committing the previous one";
+    }
+  }
   if (s.ckpt_writer) {
     TANDEM_RETURN_IF_ERROR(s.ckpt_writer->Wait());
     result.last_universal_checkpoint = s.ckpt_writer->last_path();

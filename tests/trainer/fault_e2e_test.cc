@@ -62,6 +62,12 @@ class Child {
     }
   }
   ~Child() { Kill(); }
+  // SIGTERM, then SIGKILL if still there after 5 s.
+  void Stop() {
+    if (pid_ <= 0) return;
+    kill(pid_, SIGTERM);
+    if (Wait(5) < 0) Kill();
+  }
   void Kill() {
     if (pid_ <= 0) return;
     kill(pid_, SIGKILL);
@@ -183,18 +189,28 @@ class FaultTest : public ::testing::Test {
     ASSERT_EQ(ref.Wait(120), 0) << ReadFile(dir_.Join("ref.log"));
     want_ = dir_.Join(StrCat("ref/checkpoints/universal/step-", kSteps, ".h5"));
   }
-  std::unique_ptr<Child> StartAgent(const std::string& name) {
-    auto agent = std::make_unique<Child>(
-        std::vector<std::string>{TandemBinary(), "agent", "--socket", dir_.Join(name + ".sock")},
-        dir_.Join(name + ".log"));
-    return agent;
+  void TearDown() override {
+    for (auto& agent : agents_) agent->Stop();
+    // Agents killed with SIGKILL (a lost node) leave their shared memory behind.
+    for (const auto& e : std::filesystem::directory_iterator("/dev/shm")) {
+      if (e.path().filename().string().rfind(prefix_, 0) == 0) std::filesystem::remove(e.path());
+    }
   }
+  Child* StartAgent(const std::string& name) {
+    agents_.push_back(std::make_unique<Child>(
+        std::vector<std::string>{TandemBinary(), "agent", "--socket", dir_.Join(name + ".sock"),
+                                 "--shm-prefix", prefix_ + name},
+        dir_.Join(name + ".log")));
+    return agents_.back().get();
+  }
+  std::vector<std::unique_ptr<Child>> agents_;
   TempDir dir_;
   std::string want_;
+  const std::string prefix_ = StrCat("tandem-fault-test-", getpid(), "-");
 };
 
 TEST_F(FaultTest, KilledTrainerResumesFromTheAgentLosingAtMostOneUpdate) {
-  auto agent = StartAgent("agent");
+  StartAgent("agent");
   const std::string sock = dir_.Join("agent.sock");
   const auto args = WithAgent(TrainArgs(dir_, "run"), sock);
   std::mt19937 gen(std::random_device{}());
@@ -214,14 +230,14 @@ TEST_F(FaultTest, KilledTrainerResumesFromTheAgentLosingAtMostOneUpdate) {
 }
 
 TEST_F(FaultTest, LostNodeFallsBackToTheUniversalCheckpoint) {
-  auto agent = StartAgent("agent");
+  Child* agent = StartAgent("agent");
   const std::string sock = dir_.Join("agent.sock");
   const auto args = WithAgent(TrainArgs(dir_, "run"), sock);
   const int64_t killed = RunAndKill(args, dir_.Join("run.heartbeat"), dir_.Join("run1.log"), 40);
   ASSERT_GE(killed, 40) << ReadFile(dir_.Join("run1.log"));
   agent->Kill();  // the whole node: its agent's memory is gone
   std::filesystem::remove(sock);
-  auto fresh = StartAgent("agent2");
+  StartAgent("agent2");
   const auto args2 = WithAgent(TrainArgs(dir_, "run"), dir_.Join("agent2.sock"));
   Child again(args2, dir_.Join("run2.log"));
   ASSERT_EQ(again.Wait(120), 0) << ReadFile(dir_.Join("run2.log"));

@@ -49,6 +49,7 @@ StatusOr<std::unique_ptr<Snapshotter>> Snapshotter::Open(const SnapshotSection& 
   s->ctx_ = &ctx;
   s->pieces_ = std::move(pieces);
   s->socket_ = NodeSocket(cfg, world_rank, world_size);
+  s->skip_when_busy_ = cfg.when_busy == "skip";
   uint64_t data = 0;
   for (const StatePiece& p : s->pieces_) data += 12 * static_cast<uint64_t>(p.end - p.begin);
   s->capacity_ = HeaderBudget(s->pieces_) + data;
@@ -108,6 +109,18 @@ StatusOr<uint8_t*> Snapshotter::Begin(uint64_t version) {
 }
 
 Status Snapshotter::Start(int64_t step, const std::string& meta_json) {
+  TANDEM_RETURN_IF_ERROR(Fence());
+  int64_t busy = skip_when_busy_ && committing_.load() ? 1 : 0;
+  if (skip_when_busy_ && world_ != nullptr && world_->size() > 1) {  // the same decision everywhere
+    Tensor t = Tensor::Cpu({1}, DType::kI64);
+    t.data<int64_t>()[0] = busy;
+    TANDEM_RETURN_IF_ERROR(world_->AllReduce(t, collectives::ReduceOp::kMax));
+    busy = t.data<int64_t>()[0];
+  }
+  if (busy) {
+    ++skipped_;
+    return Status::Ok();
+  }
   TANDEM_RETURN_IF_ERROR(Drain());
   // Every node must have published the previous version before any rank may overwrite the
   // slot of the one before it.
@@ -155,6 +168,7 @@ Status Snapshotter::Start(int64_t step, const std::string& meta_json) {
   copying_ = version;
   copying_bytes_ = at;
   last_started_ = version;
+  ++taken_;
   if (!stream_) return Fence();  // host state: already copied
   return Status::Ok();
 }
@@ -164,10 +178,12 @@ Status Snapshotter::Fence() {
   if (stream_) TANDEM_RETURN_IF_ERROR(copied_->Synchronize());
   const uint64_t version = *copying_, bytes = copying_bytes_;
   copying_.reset();
+  committing_ = true;
   commit_ = std::thread([this, version, bytes] {
     StatusOr<bool> done = client_->CommitVersion(rank_, version, bytes);
     commit_status_ = done.status();
     if (done.ok()) commit_status_ = client_->Heartbeat(rank_);
+    committing_ = false;
   });
   return Status::Ok();
 }
@@ -213,19 +229,31 @@ StatusOr<std::pair<int64_t, std::string>> Snapshotter::Restore(uint64_t version)
     return InvalidArgumentError(where + ": holds other tensors or ranges than this rank's (another mesh, "
                                         "model or method)");
   }
-  uint64_t at = AlignUp(8 + length);
+  uint64_t need = AlignUp(8 + length);
+  for (const StatePiece& p : pieces_) {
+    for (int which = 0; which < 3; ++which) need += Part(p, which)->num_bytes();
+  }
+  if (need > shard.bytes.size()) return DataLossError(where + ": data is truncated");
+  fetched_data_ = AlignUp(8 + length);
+  fetched_ = std::move(shard.bytes);
+  return std::make_pair(h["step"].get<int64_t>(), h["meta"].get<std::string>());
+}
+
+Status Snapshotter::ApplyRestore() {
+  TANDEM_CHECK(!fetched_.empty()) << "ApplyRestore without a successful Restore";
+  uint64_t at = fetched_data_;
   for (const StatePiece& p : pieces_) {
     for (int which = 0; which < 3; ++which) {
       const Tensor& dst_view = *Part(p, which);
-      if (at + dst_view.num_bytes() > shard.bytes.size()) return DataLossError(where + ": data is truncated");
-      Tensor src = Tensor::Wrap(shard.bytes.data() + at, {dst_view.numel()}, DType::kF32, Device::Cpu());
+      Tensor src = Tensor::Wrap(fetched_.data() + at, {dst_view.numel()}, DType::kF32, Device::Cpu());
       Tensor dst = dst_view;
       TANDEM_RETURN_IF_ERROR(CopyTensor(dst, src, ctx_->stream()));
       at += dst_view.num_bytes();
     }
   }
   TANDEM_RETURN_IF_ERROR(ctx_->Synchronize());
-  return std::make_pair(h["step"].get<int64_t>(), h["meta"].get<std::string>());
+  fetched_ = std::vector<uint8_t>();
+  return Status::Ok();
 }
 
 }  // namespace tandem::trainer::internal

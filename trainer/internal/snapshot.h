@@ -22,6 +22,7 @@
 // Thread-safety: the trainer's thread; the background commit is internal.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -53,6 +54,10 @@ class Snapshotter {
   ~Snapshotter();
 
   // After update `step`: begins the next version and starts copying (host state: copied now).
+  // While the previous commit is still running (CRCs and parity of a large state can take longer
+  // than an update), snapshot.when_busy = "wait" waits for it; "skip" skips this snapshot on
+  // every rank alike, so snapshots are as frequent as the agent can take them and never stall
+  // training; skipped() counts them.
   // Versions count up from the newest any agent of the job holds, so an agent that outlived an
   // older run never sees a version go back; the header carries the step.
   // `meta_json` goes into the header (data position, RNG state). Collective over `world`.
@@ -65,11 +70,17 @@ class Snapshotter {
   // The newest version every rank's agent holds complete (collective); nullopt when some rank's
   // agent holds none.
   StatusOr<std::optional<uint64_t>> AgreedLatest();
-  // Copies version `version` into the pieces; returns its step and meta JSON.
-  // InvalidArgument when the snapshot's pieces differ from this rank's (another mesh or model).
+  // Fetches version `version` from the agent and checks it, changing nothing yet; returns its step
+  // and meta JSON. InvalidArgument when the snapshot's pieces differ from this rank's (another
+  // mesh or model).
   StatusOr<std::pair<int64_t, std::string>> Restore(uint64_t version);
+  // Copies what Restore fetched into the pieces. Called only once every rank's Restore succeeded,
+  // so that a restore failing on one rank leaves every rank's state as it was (all fall back).
+  Status ApplyRestore();
 
   const std::string& socket() const { return socket_; }
+  int64_t taken() const { return taken_; }
+  int64_t skipped() const { return skipped_; }
 
  private:
   Snapshotter() = default;
@@ -91,7 +102,13 @@ class Snapshotter {
   std::optional<uint64_t> copying_;
   uint64_t copying_bytes_ = 0;
   std::thread commit_;
+  std::atomic<bool> committing_{false};
+  int64_t taken_ = 0, skipped_ = 0;
+  bool skip_when_busy_ = false;
   Status commit_status_;
+  // What Restore fetched, applied by ApplyRestore: the bytes and where the data begins.
+  std::vector<uint8_t> fetched_;
+  uint64_t fetched_data_ = 0;
   uint64_t last_started_ = 0;  // 0: none yet
   uint64_t next_version_ = 1;
 };
