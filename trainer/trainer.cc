@@ -550,7 +550,7 @@ StatusOr<int64_t> RestoreFromSnapshot(const TrainConfig& c, Session& s, uint64_t
     return flag.data<int64_t>()[0] > 0;
   }());
   if (!all_ok) return int64_t{0};
-  if (got.ok()) TANDEM_RETURN_IF_ERROR(s.snap->ApplyRestore());  // only now: every rank has it
+  TANDEM_RETURN_IF_ERROR(s.snap->ApplyRestore());  // only now that every rank has its copy
   if (s.par && !s.owner.sharded && s.par->groups.dp_cp && s.par->groups.dp_cp->size() > 1) {
     for (internal::StatePiece& p : s.pieces) {
       for (Tensor* t : {&p.master, &p.exp_avg, &p.exp_avg_sq}) {

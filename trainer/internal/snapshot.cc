@@ -240,7 +240,7 @@ StatusOr<std::pair<int64_t, std::string>> Snapshotter::Restore(uint64_t version)
 }
 
 Status Snapshotter::ApplyRestore() {
-  TANDEM_CHECK(!fetched_.empty()) << "ApplyRestore without a successful Restore";
+  TANDEM_CHECK_MSG(!fetched_.empty(), "Snapshotter::ApplyRestore without a successful Restore");
   uint64_t at = fetched_data_;
   for (const StatePiece& p : pieces_) {
     for (int which = 0; which < 3; ++which) {
