@@ -37,6 +37,7 @@ class Agent {
   StatusOr<std::string> Commit(int rank, uint64_t version, uint64_t bytes, uint32_t crc);
   StatusOr<std::string> Restore(int rank, std::optional<uint64_t> version);
   StatusOr<std::string> Rebuild();
+  Status InstallRebuilt(uint64_t version, const std::vector<uint8_t>& image);
   std::string NoSnapshot() const {
     return StrCat("NONE no complete snapshot on node ", options_.node,
                   " (an agent's memory starts empty when it starts; no version has completed",
@@ -148,17 +149,13 @@ StatusOr<std::string> Agent::Restore(int rank, std::optional<uint64_t> version) 
                 store_->ShmName(rank));
 }
 
-StatusOr<std::string> Agent::Rebuild() {
-  if (!peers_) return FailedPreconditionError("REBUILD needs a group of agents (--group)");
-  uint64_t version = 0;
-  TANDEM_ASSIGN_OR_RETURN(std::vector<uint8_t> image, peers_->Rebuild(&version));
+// Installs one decoded node image as complete version `version`.
+Status Agent::InstallRebuilt(uint64_t version, const std::vector<uint8_t>& image) {
   uint64_t image_version = 0;
   TANDEM_ASSIGN_OR_RETURN(auto shards, internal::ParseNodeImage(image, &image_version));
   if (image_version != version) {
-    return DataLossError(StrCat("rebuilt image says version ", image_version, ", fragments ", version));
-  }
-  if (store_->latest_complete() && *store_->latest_complete() >= version) {
-    return StrCat("OK ", *store_->latest_complete());  // nothing newer to restore
+    return DataLossError(
+        StrCat("rebuilt image says version ", image_version, ", fragments ", version));
   }
   for (const auto& s : shards) {
     TANDEM_RETURN_IF_ERROR(store_->RegisterRank(s.rank, s.capacity_bytes).status());
@@ -167,7 +164,29 @@ StatusOr<std::string> Agent::Rebuild() {
   TANDEM_RETURN_IF_ERROR(store_->Publish(version));
   TANDEM_LOG(INFO, "agent") << "node " << options_.node << ": rebuilt version " << version
                             << " of " << shards.size() << " ranks from peer fragments";
-  return StrCat("OK ", version);
+  return Status::Ok();
+}
+
+// Installs every version the peers' fragments decode (oldest first, into the two slots), not only
+// the newest: the other nodes may not have published the newest yet, and a job restores the
+// newest version every node holds.
+StatusOr<std::string> Agent::Rebuild() {
+  if (!peers_) return FailedPreconditionError("REBUILD needs a group of agents (--group)");
+  TANDEM_ASSIGN_OR_RETURN(auto images, peers_->Rebuild());
+  const uint64_t newest = images.back().first;
+  if (store_->latest_complete() && *store_->latest_complete() >= newest) {
+    return StrCat("OK ", *store_->latest_complete());  // nothing newer to restore
+  }
+  for (const auto& [version, image] : images) {
+    if (store_->latest_complete() && *store_->latest_complete() >= version) continue;
+    Status installed = InstallRebuilt(version, image);
+    if (!installed.ok() && version == newest) return installed;
+    if (!installed.ok()) {  // an older version only helps; the newest is what matters
+      TANDEM_LOG(WARNING, "agent") << "node " << options_.node << ": rebuilt version " << version
+                                   << " not installed: " << installed.message();
+    }
+  }
+  return StrCat("OK ", newest);
 }
 
 std::string DefaultPrefix(const AgentOptions& o) {

@@ -11,6 +11,10 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <thread>
+#include <vector>
+
+#include <zlib.h>
 
 namespace tandem::checkpoint {
 namespace {
@@ -75,7 +79,9 @@ std::string IndexList(const std::vector<int>& v) {
 
 }  // namespace
 
-uint32_t Crc32(uint32_t seed, const void* data, size_t num_bytes) {
+namespace {
+
+uint32_t Crc32Serial(uint32_t seed, const void* data, size_t num_bytes) {
   const auto* p = static_cast<const unsigned char*>(data);
   constexpr size_t kChunk = size_t{1} << 30;  // the ISA-L length is 64-bit, but keep calls bounded
   while (num_bytes > 0) {
@@ -85,6 +91,29 @@ uint32_t Crc32(uint32_t seed, const void* data, size_t num_bytes) {
     num_bytes -= len;
   }
   return seed;
+}
+
+}  // namespace
+
+uint32_t Crc32(uint32_t seed, const void* data, size_t num_bytes) {
+  constexpr size_t kMinPiece = size_t{64} << 20;
+  const size_t cores = std::max(1u, std::thread::hardware_concurrency());
+  const size_t pieces = std::min({cores, size_t{16}, num_bytes / kMinPiece});
+  if (pieces < 2) return Crc32Serial(seed, data, num_bytes);
+  const auto* p = static_cast<const unsigned char*>(data);
+  const size_t piece = (num_bytes + pieces - 1) / pieces;
+  std::vector<uint32_t> crc(pieces);
+  std::vector<size_t> len(pieces);
+  std::vector<std::thread> threads;
+  for (size_t i = 0; i < pieces; ++i) {
+    const size_t begin = i * piece;
+    len[i] = std::min(piece, num_bytes - begin);
+    threads.emplace_back([&, i, begin] { crc[i] = Crc32Serial(i == 0 ? seed : 0, p + begin, len[i]); });
+  }
+  for (std::thread& t : threads) t.join();
+  uLong joined = crc[0];
+  for (size_t i = 1; i < pieces; ++i) joined = crc32_combine(joined, crc[i], static_cast<z_off_t>(len[i]));
+  return static_cast<uint32_t>(joined);
 }
 
 ErasureCoder::ErasureCoder(int k, int m) : k_(k), m_(m) {}

@@ -74,6 +74,8 @@ inline constexpr uint32_t kFragmentMagic = 0x52464554;  // "TEFR" in memory orde
 inline constexpr uint16_t kFragmentFormatVersion = 1;
 
 // CRC-32 (zlib polynomial, ISA-L implementation): Crc32(0, ...) equals zlib's crc32(0, ...).
+// Buffers of 256 MiB and more are split over up to 16 threads and the pieces joined with zlib's
+// crc32_combine (a 13 GB snapshot slot in about a tenth of the single-core time).
 uint32_t Crc32(uint32_t seed, const void* data, size_t num_bytes);
 
 // Splits `object` into coder.k() data fragments, computes coder.m() parity fragments, and frames

@@ -478,13 +478,15 @@ checkpoint::UniversalMeta UniversalMetaOf(const TrainConfig& c, Session& s, int6
 Status SaveUniversalState(const TrainConfig& c, Session& s, int64_t step) {
   const auto start = Clock::now();
   TANDEM_RETURN_IF_ERROR(s.ckpt_writer->Wait());  // the previous save, whose buffers are reused
+  const auto copy_start = Clock::now();
   TANDEM_ASSIGN_OR_RETURN(std::vector<checkpoint::TensorShard> copies,
                           s.ckpt_writer->CopyToHost(internal::OwnedShards(s.pieces, s.owner, step)));
-  const double copy_s = Seconds(start, Clock::now());
+  const double wait_s = Seconds(start, copy_start), copy_s = Seconds(copy_start, Clock::now());
   TANDEM_RETURN_IF_ERROR(s.ckpt_writer->Submit(UniversalMetaOf(c, s, step), std::move(copies)));
   if (!s.par || s.par->writer()) {
-    TANDEM_LOG(INFO, "ckpt") << "step " << step << ": state copied to host in " << copy_s
-                             << " s; saving to " << UniversalDir(c) << " in the background";
+    TANDEM_LOG(INFO, "ckpt") << "step " << step << ": state copied to host in " << copy_s << " s (after "
+                             << wait_s << " s waiting for the previous save); saving to " << UniversalDir(c)
+                             << " in the background";
   }
   return Status::Ok();
 }
@@ -533,7 +535,8 @@ Status OpenSnapshots(const TrainConfig& c, Session& s) {
 
 std::string SnapshotMetaJson(const TrainConfig& c, Session& s) {
   const checkpoint::UniversalMeta m = UniversalMetaOf(c, s, 0);
-  return nlohmann::json{{"data_position", m.data_position_json}, {"rng", m.rng_state_json}}.dump();
+  return nlohmann::json{{"data_position", m.data_position_json}, {"rng", m.rng_state_json}, {"run", c.train.out_dir}}
+      .dump();
 }
 
 // [snapshot] Every rank restores version `version` from its agent: its own pieces, then (without
@@ -541,6 +544,14 @@ std::string SnapshotMetaJson(const TrainConfig& c, Session& s) {
 // could not restore (every rank then says why and falls back together).
 StatusOr<int64_t> RestoreFromSnapshot(const TrainConfig& c, Session& s, uint64_t version) {
   StatusOr<std::pair<int64_t, std::string>> got = s.snap->Restore(version);
+  if (got.ok()) {  // an agent outlives jobs: a snapshot of another run must not be taken for ours
+    const nlohmann::json m = nlohmann::json::parse(got->second, nullptr, false);
+    const std::string run = m.is_object() ? m.value("run", std::string()) : std::string();
+    if (run != c.train.out_dir) {
+      got = FailedPreconditionError(StrCat("snapshot version ", version, " belongs to the run in '", run,
+                                           "', not to train.out_dir = '", c.train.out_dir, "'"));
+    }
+  }
   if (!got.ok()) TANDEM_LOG(WARNING, "snapshot") << "cannot restore: " << got.status().message();
   TANDEM_ASSIGN_OR_RETURN(const bool all_ok, [&]() -> StatusOr<bool> {
     if (!s.par) return got.ok();

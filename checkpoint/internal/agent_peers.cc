@@ -164,7 +164,7 @@ Status PeerGroup::Distribute(uint64_t version, std::span<const uint8_t> image) {
   return Status::Ok();
 }
 
-StatusOr<std::vector<uint8_t>> PeerGroup::Rebuild(uint64_t* version) {
+StatusOr<std::vector<std::pair<uint64_t, std::vector<uint8_t>>>> PeerGroup::Rebuild() {
   uint64_t request;
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -201,15 +201,17 @@ StatusOr<std::vector<uint8_t>> PeerGroup::Rebuild(uint64_t* version) {
   }
   Status last = DataLossError(StrCat("agent node ", options_.node, ": no peer holds fragments of",
                                      " this node (", got.size(), " of ", asked, " peers answered)"));
+  std::vector<std::pair<uint64_t, std::vector<uint8_t>>> images;
   for (const auto& [v, frags] : by_version) {
     StatusOr<std::vector<uint8_t>> image = DecodeFragments(frags);
     if (image.ok()) {
-      *version = v;
-      return image;
+      images.emplace(images.begin(), v, std::move(image).value());
+    } else {
+      last = image.status();
     }
-    last = image.status();
   }
-  return last;
+  if (images.empty()) return last;
+  return images;
 }
 
 }  // namespace tandem::checkpoint::internal

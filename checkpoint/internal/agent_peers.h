@@ -10,6 +10,7 @@
 #include <mutex>
 #include <span>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "checkpoint/erasure.h"
@@ -38,9 +39,10 @@ class PeerGroup {
   // Encodes `image` of `version` and sends fragment j to node (node + j) % n, j = 1..n-1; returns
   // once every one of them acknowledged a valid fragment.
   Status Distribute(uint64_t version, std::span<const uint8_t> image);
-  // Asks every peer for the fragments it holds of this node; decodes the newest version of which
-  // at least k valid fragments came back. Sets *version.
-  StatusOr<std::vector<uint8_t>> Rebuild(uint64_t* version);
+  // Asks every peer for the fragments it holds of this node (the two newest versions); decodes
+  // every version of which at least k valid fragments came back: (version, image), oldest first.
+  // DataLoss when none can be decoded.
+  StatusOr<std::vector<std::pair<uint64_t, std::vector<uint8_t>>>> Rebuild();
 
  private:
   PeerGroup(const PeerGroupOptions& options, ErasureCoder coder)
