@@ -46,7 +46,16 @@ void PrintServeHelp() {
       "  --max-batch-tokens N   tokens per engine iteration (default 2048)\n"
       "  --max-running N        requests in the running batch (default 256)\n"
       "  --max-waiting N        queued requests before 503 (default 1024)\n"
-      "  --threads N            HTTP connections served at once (default 64)\n");
+      "  --threads N            HTTP connections served at once (default 64)\n"
+      "\nfine-tuning jobs (POST /v1/fine_tuning/jobs; trained in the token budget inference\n"
+      "leaves over, published as NAME@VERSION):\n"
+      "  --finetune-dir DIR     where training files may be read from (repeatable; none:\n"
+      "                         fine-tuning jobs are refused)\n"
+      "  --finetune-output-dir DIR  where versions are written as NAME-vN (default: the first\n"
+      "                         --adapter-dir)\n"
+      "  --finetune-state-dir DIR   job snapshots; unfinished jobs there resume at start\n"
+      "  --finetune-micro-batch-tokens N  padded tokens per forward+backward (default 256)\n"
+      "  --finetune-snapshot-steps N      snapshot every N optimizer steps (default 10)\n");
 }
 
 int UsageError(const std::string& message) {
@@ -75,7 +84,9 @@ std::string ApplyFlag(const std::string& flag, const std::string& value, ServeOp
   const std::pair<const char*, std::string*> text_flags[] = {
       {"--model", &o->engine.model_dir}, {"--name", &o->engine.model_name},
       {"--device", &o->engine.device},   {"--host", &o->http.host},
-      {"--api-key", &o->http.api_key},   {"--chat-template", &o->chat_template_file}};
+      {"--api-key", &o->http.api_key},   {"--chat-template", &o->chat_template_file},
+      {"--finetune-output-dir", &o->engine.finetune.publish_dir},
+      {"--finetune-state-dir", &o->engine.finetune.state_dir}};
   for (const auto& [name, field] : text_flags) {
     if (flag == name) {
       *field = value;
@@ -94,6 +105,10 @@ std::string ApplyFlag(const std::string& flag, const std::string& value, ServeOp
     o->http.adapter_dirs.push_back(value);
     return "";
   }
+  if (flag == "--finetune-dir") {
+    o->http.finetune_dirs.push_back(value);
+    return "";
+  }
   int64_t n = 0;
   const std::pair<const char*, int64_t*> int_flags[] = {
       {"--max-body-bytes", &o->http.max_body_bytes},
@@ -103,7 +118,9 @@ std::string ApplyFlag(const std::string& flag, const std::string& value, ServeOp
       {"--pool-bytes", &o->engine.pool_bytes},
       {"--max-batch-tokens", &o->engine.max_batch_tokens},
       {"--max-running", &o->engine.max_running},
-      {"--max-waiting", &o->engine.max_waiting}};
+      {"--max-waiting", &o->engine.max_waiting},
+      {"--finetune-micro-batch-tokens", &o->engine.finetune.micro_batch_tokens},
+      {"--finetune-snapshot-steps", &o->engine.finetune.snapshot_every_steps}};
   const bool is_port = flag == "--port", is_threads = flag == "--threads";
   bool known = is_port || is_threads;
   for (const auto& [name, field] : int_flags) known = known || flag == name;
@@ -132,6 +149,10 @@ std::string ParseArgs(const Args& args, ServeOptions* o, bool* help) {
     ++i;
   }
   if (o->engine.model_dir.empty()) return "--model DIR is required";
+  if (o->engine.finetune.publish_dir.empty() && !o->http.finetune_dirs.empty() &&
+      !o->http.adapter_dirs.empty()) {
+    o->engine.finetune.publish_dir = o->http.adapter_dirs.front();
+  }
   return "";
 }
 

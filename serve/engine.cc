@@ -88,6 +88,7 @@ Status EngineImpl::Init(const EngineOptions& options) {
   kv_pages_ = pool_.PagesAs(model_->compute_dtype());
   stats_.pool_pages_total = pool_.num_pages();
   for (const auto& [name, path] : options.adapters) TANDEM_RETURN_IF_ERROR(LoadAdapter(name, path));
+  TANDEM_RETURN_IF_ERROR(ResumeFineTuneJobs());
   thread_ = std::thread([this] { Loop(); });
   return Status::Ok();
 }
@@ -276,7 +277,7 @@ void EngineImpl::Loop() {
       std::unique_lock<std::mutex> lock(mu_);
       cv_.wait(lock, [&] {
         return stopping_ || !incoming_.empty() || !cancels_.empty() || !running_.empty() ||
-               !waiting_.empty();
+               !waiting_.empty() || !ft_queue_.empty() || ft_running_;
       });
       if (stopping_) break;
       for (auto& r : incoming_) waiting_.push_back(std::move(r));
@@ -308,6 +309,18 @@ void EngineImpl::Loop() {
 }
 
 }  // namespace internal
+
+StatusOr<FineTuneJobInfo> Engine::CreateFineTuneJob(FineTuneJobSpec) {
+  return UnimplementedError("this engine does not run fine-tuning jobs");
+}
+
+StatusOr<FineTuneJobInfo> Engine::GetFineTuneJob(const std::string& id) const {
+  return NotFoundError(StrCat("no fine-tuning job '", id, "'"));
+}
+
+StatusOr<FineTuneJobInfo> Engine::CancelFineTuneJob(const std::string& id) {
+  return NotFoundError(StrCat("no fine-tuning job '", id, "'"));
+}
 
 StatusOr<std::unique_ptr<Engine>> Engine::Create(const EngineOptions& options) {
   auto engine = std::make_unique<internal::EngineImpl>();

@@ -23,6 +23,7 @@
 
 #include "core/status.h"
 #include "model/tokenizer.h"
+#include "serve/finetune.h"
 
 namespace tandem::serve {
 
@@ -88,6 +89,11 @@ struct EngineStats {
   int64_t preemptions = 0;
   int64_t generated_tokens = 0;
   int64_t prompt_tokens = 0;
+  // Co-serving fine-tuning (serve/finetune.h).
+  int64_t finetune_tokens = 0;    // tokens through forward+backward since start
+  int64_t finetune_steps = 0;     // optimizer steps since start
+  int64_t finetune_jobs_running = 0;
+  double finetune_loss = 0;       // the running job's last step loss (0: none yet)
 };
 
 struct EngineOptions {
@@ -103,6 +109,9 @@ struct EngineOptions {
   int64_t host_adapter_cache = 64;  // adapters kept in the host LRU (f32 copies)
   // Adapters loaded at start: (name, PEFT LoRA directory). S2FT adapters are not served yet.
   std::vector<std::pair<std::string, std::string>> adapters;
+  // Fine-tuning jobs run in the leftover token budget (serve/finetune.h). Unfinished jobs under
+  // finetune.state_dir are resumed by Create.
+  FineTuneOptions finetune;
 };
 
 class Engine {
@@ -126,6 +135,15 @@ class Engine {
   virtual Status UnloadAdapter(const std::string& name) = 0;
 
   virtual EngineStats Stats() const = 0;
+
+  // Fine-tuning jobs (serve/finetune.h). The defaults answer Unimplemented (engines without
+  // fine-tuning). Create: InvalidArgument for a bad spec, FailedPrecondition when fine-tuning is
+  // not configured or the adapter name is taken; Get/Cancel: NotFound for an unknown id. Cancel
+  // of a finished job returns it unchanged.
+  virtual StatusOr<FineTuneJobInfo> CreateFineTuneJob(FineTuneJobSpec spec);
+  virtual std::vector<FineTuneJobInfo> ListFineTuneJobs() const { return {}; }
+  virtual StatusOr<FineTuneJobInfo> GetFineTuneJob(const std::string& id) const;
+  virtual StatusOr<FineTuneJobInfo> CancelFineTuneJob(const std::string& id);
   virtual const model::Tokenizer& tokenizer() const = 0;
   virtual const std::string& base_model_name() const = 0;
   virtual int64_t max_model_len() const = 0;

@@ -15,6 +15,7 @@
 #include <utility>
 
 #include "serve/chat_template.h"
+#include "serve/internal/http_finetune.h"
 #include "serve/internal/http_generation.h"
 #include "serve/internal/http_lib.h"
 #include "serve/internal/openai_protocol.h"
@@ -61,6 +62,7 @@ class HttpServerImpl : public HttpServer {
             &metrics_,
             &stopping_,
             &next_response_id_};
+    ft_ctx_ = {engine_, options_.finetune_dirs, &template_};
   }
   ~HttpServerImpl() override { Stop(); }
 
@@ -84,6 +86,7 @@ class HttpServerImpl : public HttpServer {
   std::atomic<bool> stopping_{false};
   std::atomic<uint64_t> next_response_id_{1};
   internal::GenerationContext ctx_;
+  internal::FineTuneHttpContext ft_ctx_;
   httplib::Server server_;
   int port_ = -1;
   int listen_fd_ = -1;  // owned by server_
@@ -145,6 +148,20 @@ void HttpServerImpl::Route() {
                [this](const Request& req, Response& res) { LoadAdapter(req, res); });
   server_.Post("/v1/unload_lora_adapter",
                [this](const Request& req, Response& res) { UnloadAdapter(req, res); });
+  server_.Post("/v1/fine_tuning/jobs", [this](const Request& req, Response& res) {
+    internal::HandleCreateFineTuneJob(ft_ctx_, req, &res);
+  });
+  server_.Get("/v1/fine_tuning/jobs", [this](const Request&, Response& res) {
+    internal::HandleListFineTuneJobs(ft_ctx_, &res);
+  });
+  server_.Get(R"(/v1/fine_tuning/jobs/([A-Za-z0-9_.-]+))",
+              [this](const Request& req, Response& res) {
+                internal::HandleGetFineTuneJob(ft_ctx_, req.matches[1], &res);
+              });
+  server_.Post(R"(/v1/fine_tuning/jobs/([A-Za-z0-9_.-]+)/cancel)",
+               [this](const Request& req, Response& res) {
+                 internal::HandleCancelFineTuneJob(ft_ctx_, req.matches[1], &res);
+               });
   server_.Get("/health", [](const Request&, Response& res) {
     res.set_content("{\"status\":\"ok\"}", "application/json");
   });

@@ -2,8 +2,10 @@
 //
 // Endpoints: POST /v1/completions, POST /v1/chat/completions (JSON or SSE streaming), GET
 // /v1/models, POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM bodies), GET /health,
-// GET /metrics (Prometheus text). Errors are OpenAI error objects. With an API key, every /v1/
-// endpoint needs `Authorization: Bearer KEY`; /health and /metrics stay open.
+// GET /metrics (Prometheus text), and fine-tuning jobs (POST/GET /v1/fine_tuning/jobs, GET
+// /v1/fine_tuning/jobs/{id}, POST /v1/fine_tuning/jobs/{id}/cancel; serve/finetune.h). Errors
+// are OpenAI error objects. With an API key, every /v1/ endpoint needs `Authorization: Bearer
+// KEY`; /health and /metrics stay open.
 //
 //   TANDEM_ASSIGN_OR_RETURN(auto server, HttpServer::Create(engine.get(), options));
 //   std::printf("listening on http://%s:%d\n", options.host.c_str(), server->port());
@@ -32,6 +34,9 @@ struct HttpServerOptions {
   std::string api_key;             // empty: no authentication
   // /v1/load_lora_adapter accepts only paths that resolve (realpath) inside one of these.
   std::vector<std::string> adapter_dirs;
+  // POST /v1/fine_tuning/jobs reads training files only from inside these (realpath); none:
+  // fine-tuning jobs are refused.
+  std::vector<std::string> finetune_dirs;
   int64_t max_body_bytes = 4 << 20;  // larger bodies get 413
   int64_t max_prompt_tokens = 0;     // 0: only the model's context limits the prompt
   int64_t max_tokens = 0;            // largest max_tokens accepted; 0: the model's context

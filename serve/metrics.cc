@@ -86,6 +86,15 @@ std::string ServerMetrics::Render(const EngineStats& s) const {
         s.generated_tokens, &out);
   Gauge("tandem_prompt_tokens_total", "Prompt tokens processed since start.", "counter",
         s.prompt_tokens, &out);
+  Gauge("tandem_finetune_tokens_total", "Fine-tuning tokens through forward+backward since start.",
+        "counter", s.finetune_tokens, &out);
+  Gauge("tandem_finetune_steps_total", "Fine-tuning optimizer steps since start.", "counter",
+        s.finetune_steps, &out);
+  Gauge("tandem_finetune_jobs_running", "Fine-tuning jobs being trained.", "gauge",
+        s.finetune_jobs_running, &out);
+  out += StrCat("# HELP tandem_finetune_loss Mean token loss of the last fine-tuning step.\n",
+                "# TYPE tandem_finetune_loss gauge\n", "tandem_finetune_loss ", s.finetune_loss,
+                "\n");
   out +=
       "# HELP tandem_http_requests_total HTTP responses by status code.\n"
       "# TYPE tandem_http_requests_total counter\n";

@@ -17,6 +17,11 @@
 //   3. The batch (sorted by adapter so LoRA segments are contiguous) runs through InferModel;
 //      every request whose chunk reached the end of its tokens samples one token: EOS, stop
 //      strings, max_tokens and the context limit end it and free its pages.
+//   4. Fine-tuning (serve/internal/engine_finetune.cc): when every waiting request was admitted
+//      and the next micro-batch of the active job fits in the budget left over minus one token
+//      (kept free for new requests), or nothing else ran, one micro-batch runs forward+backward
+//      with the job's adapter attached to the model; the last micro-batch of a step runs AdamW.
+//      So a decode step waits at most one micro-batch for fine-tuning.
 #pragma once
 
 #include <condition_variable>
@@ -34,6 +39,7 @@
 #include "serve/engine.h"
 #include "serve/infer_model.h"
 #include "serve/internal/engine_state.h"
+#include "serve/internal/finetune_job.h"
 #include "serve/kv_pool.h"
 #include "serve/sampling.h"
 
@@ -56,6 +62,11 @@ class EngineImpl final : public Engine {
   const std::string& base_model_name() const override { return base_name_; }
   int64_t max_model_len() const override { return max_model_len_; }
   void Shutdown() override;
+
+  StatusOr<FineTuneJobInfo> CreateFineTuneJob(FineTuneJobSpec spec) override;
+  std::vector<FineTuneJobInfo> ListFineTuneJobs() const override;
+  StatusOr<FineTuneJobInfo> GetFineTuneJob(const std::string& id) const override;
+  StatusOr<FineTuneJobInfo> CancelFineTuneJob(const std::string& id) override;
 
  private:
   struct Scheduled {
@@ -91,6 +102,25 @@ class EngineImpl final : public Engine {
   void TrimHostCache();
   // Samples and emits r's next token from its logits row; true when r finished.
   StatusOr<bool> Emit(RequestState& r, const float* logits, int64_t vocab);
+  // Part 3 of Step: the batched forward, sampling and events.
+  Status RunBatch(std::vector<Scheduled>& batch);
+
+  // Fine-tuning (engine_finetune.cc).
+  Status ValidateFineTuneSpec(const FineTuneJobSpec& spec) const;
+  // FailedPrecondition when `adapter` is loaded as a plain adapter or an unfinished job trains it.
+  Status CheckAdapterFreeLocked(const std::string& adapter) const;
+  // Init: reads the jobs under finetune.state_dir, queues unfinished ones, reloads published
+  // versions.
+  Status ResumeFineTuneJobs();
+  // Step 4 above. Failures end the job, never the inference requests.
+  void RunFineTune(int64_t leftover, bool all_admitted, bool idle);
+  Status StartNextJob();
+  Status PublishVersion(FineTuneJobEntry& job);
+  void SnapshotJob(FineTuneJobEntry& job, const std::string& status, const std::string& error);
+  void EndJob(const std::string& status, const std::string& error);
+  void SyncJobInfo(FineTuneJobEntry& job);
+  std::string JobDir(const std::string& id) const;
+
   // Sends the final event and releases r's pages and adapter.
   void Finish(RequestState& r, const std::string& reason, const std::string& error);
 
@@ -116,6 +146,11 @@ class EngineImpl final : public Engine {
   std::map<std::string, std::shared_ptr<AdapterEntry>> adapters_;  // guarded by mu_
   EngineStats stats_;                                              // guarded by mu_
   int64_t waiting_count_ = 0;                                      // guarded by mu_
+  std::map<std::string, std::shared_ptr<FineTuneJobEntry>> jobs_;  // guarded by mu_
+  std::deque<std::shared_ptr<FineTuneJobEntry>> ft_queue_;         // guarded by mu_
+  bool ft_running_ = false;                                        // guarded by mu_
+  int64_t next_job_ = 1;                                           // guarded by mu_
+  std::shared_ptr<FineTuneJobEntry> ft_active_;  // engine thread: the job being trained
 
   std::deque<std::unique_ptr<RequestState>> waiting_;   // engine thread
   std::vector<std::unique_ptr<RequestState>> running_;  // engine thread, admission order

@@ -328,8 +328,15 @@ Status EngineImpl::Step() {
   }
   Prefetch();
   TrimHostCache();
-  if (batch.empty()) return Status::Ok();
+  const int64_t leftover = budget;
+  const bool all_admitted = waiting_.empty();
+  if (!batch.empty()) TANDEM_RETURN_IF_ERROR(RunBatch(batch));
+  // 4. Fine-tuning in the leftover budget.
+  RunFineTune(leftover, all_admitted, batch.empty());
+  return Status::Ok();
+}
 
+Status EngineImpl::RunBatch(std::vector<Scheduled>& batch) {
   // 3. Forward, adapters grouped.
   std::stable_sort(batch.begin(), batch.end(), [](const Scheduled& a, const Scheduled& b) {
     return a.req->adapter.get() < b.req->adapter.get();

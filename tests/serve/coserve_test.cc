@@ -1,0 +1,571 @@
+// Co-serving: fine-tuning jobs inside the serving engine, on the CPU with a tiny random model
+// (byte tokenizer). A LoRA job learns a word-to-word map while 8 clients stream completions: its
+// loss falls, the published adapter answers the task better than the base model, and no request
+// fails; versions load as name@v; cancel; a job resumes from its snapshot after the engine is
+// destroyed (same losses, bit for bit, as an uninterrupted run); the HTTP API and its errors.
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <mutex>
+#include <nlohmann/json.hpp>
+#include <thread>
+
+#include "model/llama.h"
+#include "model/tokenizer.h"
+#include "ops/context.h"
+#include "serve/chat_template.h"
+#include "serve/engine.h"
+#include "serve/finetune.h"
+#include "serve/http_server.h"
+#include "serve/internal/http_lib.h"
+#include "tests/common/testing.h"
+
+namespace tandem::serve {
+namespace {
+
+using nlohmann::json;
+using testing::TempDir;
+using Clock = std::chrono::steady_clock;
+
+model::LlamaConfig TinyConfig() {
+  model::LlamaConfig c;
+  c.vocab_size = 270;
+  c.hidden_size = 32;
+  c.intermediate_size = 48;
+  c.num_hidden_layers = 2;
+  c.num_attention_heads = 4;
+  c.num_key_value_heads = 2;
+  c.head_dim = 8;
+  c.rope_theta = 100.0;
+  c.rms_norm_eps = 1e-5;
+  c.max_position_embeddings = 96;
+  return c;
+}
+
+// The task: each word maps to a fixed other word.
+const std::vector<std::pair<std::string, std::string>> kPairs = {
+    {"red", "sun"}, {"cat", "ink"}, {"map", "owl"}, {"jam", "fig"},
+    {"bus", "ice"}, {"hat", "elm"}, {"pen", "yak"}, {"cup", "wax"}};
+
+std::vector<int32_t> Ids(const std::string& text) {
+  std::vector<int32_t> ids = {256};  // <bos>
+  for (unsigned char ch : text) ids.push_back(ch);
+  return ids;
+}
+
+// Waits for one request's events; returns its text and finish reason.
+struct Outcome {
+  std::string text, reason, error;
+};
+
+Outcome Generate(Engine& engine, const std::string& model, const std::string& prompt,
+                 int max_tokens, bool greedy) {
+  std::mutex mu;
+  std::condition_variable cv;
+  Outcome out;
+  bool done = false;
+  GenerationRequest r;
+  r.model = model;
+  r.prompt_tokens = Ids(prompt);
+  r.sampling.temperature = greedy ? 0.0f : 1.0f;
+  r.sampling.max_tokens = max_tokens;
+  StatusOr<RequestId> id = engine.Submit(std::move(r), [&](const TokenEvent& e) {
+    std::lock_guard<std::mutex> lock(mu);
+    out.text += e.text;
+    if (e.finished) {
+      out.reason = e.finish_reason;
+      out.error = e.error;
+      done = true;
+      cv.notify_all();
+    }
+  });
+  if (!id.ok()) return {"", "submit", id.status().ToString()};
+  std::unique_lock<std::mutex> lock(mu);
+  if (!cv.wait_for(lock, std::chrono::seconds(30), [&] { return done; })) {
+    return {"", "timeout", ""};
+  }
+  return out;
+}
+
+// Greedy exact-match accuracy of `model` on the task (the answer then EOS).
+double Accuracy(Engine& engine, const std::string& model) {
+  int right = 0;
+  for (const auto& [word, answer] : kPairs) {
+    const Outcome o = Generate(engine, model, word + "=", 4, /*greedy=*/true);
+    EXPECT_NE(o.reason, "error") << o.error;
+    right += o.text == answer;
+  }
+  return static_cast<double>(right) / kPairs.size();
+}
+
+FineTuneJobInfo WaitFinished(Engine& engine, const std::string& id, double seconds = 50) {
+  const auto deadline = Clock::now() + std::chrono::milliseconds(static_cast<int>(seconds * 1000));
+  while (true) {
+    StatusOr<FineTuneJobInfo> job = engine.GetFineTuneJob(id);
+    EXPECT_TRUE(job.ok()) << job.status().ToString();
+    if (!job.ok()) return {};
+    const std::string& s = job->status;
+    if (s == "succeeded" || s == "failed" || s == "cancelled" || Clock::now() > deadline) {
+      return *job;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+}
+
+FineTuneJobInfo WaitStep(Engine& engine, const std::string& id, int64_t step) {
+  const auto deadline = Clock::now() + std::chrono::seconds(30);
+  while (true) {
+    FineTuneJobInfo job = *engine.GetFineTuneJob(id);
+    const bool active = job.status == "running" || job.status == "queued";
+    if (job.step >= step || !active || Clock::now() > deadline) {
+      return job;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  }
+}
+
+class CoserveTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    model::ModelOptions o;
+    o.trainable = false;
+    auto model = std::move(model::LlamaModel::Create(*ctx_, TinyConfig(), o)).value();
+    TANDEM_CHECK_OK(model->InitRandom(5, 0.5f));
+    TANDEM_CHECK_OK(model->SaveSafetensors(dir_.Join("model"), DType::kF32));
+    std::filesystem::create_directories(dir_.Join("data"));
+    std::ofstream f(dir_.Join("data/pairs.jsonl"));
+    for (int rep = 0; rep < 4; ++rep) {
+      for (const auto& [word, answer] : kPairs) {
+        f << json{{"prompt", word + "="}, {"completion", answer}}.dump() << "\n";
+      }
+    }
+    f.close();
+    options_.model_dir = dir_.Join("model");
+    options_.model_name = "base";
+    options_.device = "cpu";
+    options_.pool_bytes = 1 << 20;
+    options_.page_bytes = 1024;
+    options_.max_batch_tokens = 64;
+    options_.finetune.publish_dir = dir_.Join("adapters");
+    options_.finetune.state_dir = dir_.Join("state");
+    options_.finetune.micro_batch_tokens = 48;
+    options_.finetune.snapshot_every_steps = 2;
+  }
+
+  std::unique_ptr<Engine> MakeEngine() {
+    StatusOr<std::unique_ptr<Engine>> e = Engine::Create(options_);
+    TANDEM_CHECK_OK(e);
+    return std::move(e).value();
+  }
+
+  FineTuneJobSpec Spec(Engine& engine, const std::string& adapter, int64_t epochs,
+                       int64_t batch_size = 8) {
+    FineTuneJobSpec spec;
+    spec.training_file = dir_.Join("data/pairs.jsonl");
+    spec.adapter = adapter;
+    spec.hyper.n_epochs = epochs;
+    spec.hyper.batch_size = batch_size;
+    spec.hyper.learning_rate = 2e-2;
+    spec.hyper.lora_r = 8;
+    spec.hyper.lora_alpha = 16;
+    spec.hyper.target_modules = {"all-linear"};
+    spec.hyper.seed = 3;
+    spec.examples =
+        std::move(ReadFineTuneFile(spec.training_file, engine.tokenizer(), nullptr, 96)).value();
+    return spec;
+  }
+
+  TempDir dir_;
+  std::unique_ptr<ops::Context> ctx_ = ops::Context::Cpu();
+  EngineOptions options_;
+};
+
+TEST_F(CoserveTest, TrainsWhileEightClientsStreamAndPublishesVersions) {
+  auto engine = MakeEngine();
+  const double base_accuracy = Accuracy(*engine, "base");
+  const std::string base_greedy =
+      Generate(*engine, "base", kPairs[0].first + "=", 6, /*greedy=*/true).text;
+  FineTuneJobSpec spec = Spec(*engine, "pairs", 6, /*batch_size=*/4);
+  ASSERT_EQ(spec.examples.size(), 32u);
+  StatusOr<FineTuneJobInfo> job = engine->CreateFineTuneJob(spec);
+  ASSERT_TRUE(job.ok()) << job.status().ToString();
+  EXPECT_EQ(job->total_steps, 8 * 6);
+
+  std::atomic<bool> stop{false};
+  std::atomic<int> completed{0}, failed{0}, base_changed{0};
+  std::mutex mu;
+  std::string first_failure;
+  std::vector<std::thread> clients;
+  for (int c = 0; c < 8; ++c) {
+    clients.emplace_back([&, c] {
+      while (!stop.load()) {
+        // After the first publication half the clients ask for the newest version; client 0
+        // checks that the base model's greedy answer never sees the training adapter.
+        const bool adapted = c % 2 == 1 && !engine->GetFineTuneJob(job->id)->published.empty();
+        const Outcome o = Generate(*engine, adapted ? "pairs" : "base", kPairs[c].first + "=", 6,
+                                   /*greedy=*/c == 0);
+        if (c == 0 && o.text != base_greedy) ++base_changed;
+        if (o.reason == "stop" || o.reason == "length") {
+          ++completed;
+        } else {
+          ++failed;
+          std::lock_guard<std::mutex> lock(mu);
+          first_failure = o.reason + ": " + o.error;
+        }
+      }
+    });
+  }
+  const FineTuneJobInfo done = WaitFinished(*engine, job->id);
+  const int completed_while_training = completed.load();
+  stop = true;
+  for (std::thread& t : clients) t.join();
+
+  EXPECT_EQ(done.status, "succeeded") << done.error;
+  EXPECT_EQ(done.step, 48);
+  ASSERT_EQ(done.step_losses.size(), 48u);
+  EXPECT_LT(done.step_losses.back(), 0.5 * done.step_losses.front())
+      << "losses " << json(done.step_losses).dump();
+  EXPECT_EQ(failed.load(), 0) << first_failure;
+  EXPECT_EQ(base_changed.load(), 0) << "the base model's output changed during training";
+  EXPECT_GE(completed_while_training, 8) << "inference should keep running during the job";
+  EXPECT_GT(done.trained_tokens, 0);
+  ASSERT_EQ(done.published.size(), 6u);  // one version per epoch
+  EXPECT_EQ(done.published.front(), "pairs@1");
+  EXPECT_EQ(done.published.back(), "pairs@6");
+
+  const double tuned_accuracy = Accuracy(*engine, "pairs");  // the newest version
+  EXPECT_GT(tuned_accuracy, base_accuracy);
+  EXPECT_GE(tuned_accuracy, 0.75) << "base model " << base_accuracy;  // 0.875 and 0 when written
+  // A specific version, and the listing.
+  const Outcome v1 = Generate(*engine, "pairs@1", "red=", 4, true);
+  EXPECT_EQ(v1.reason == "stop" || v1.reason == "length", true) << v1.error;
+  int listed = 0;
+  for (const ModelInfo& m : engine->Models()) listed += m.id.rfind("pairs@", 0) == 0;
+  EXPECT_EQ(listed, 6);
+  EXPECT_TRUE(std::filesystem::exists(dir_.Join("adapters/pairs-v6/adapter_model.safetensors")));
+  const EngineStats s = engine->Stats();
+  EXPECT_EQ(s.finetune_steps, 48);
+  EXPECT_EQ(s.finetune_tokens, done.trained_tokens);
+  EXPECT_EQ(s.finetune_jobs_running, 0);
+}
+
+TEST_F(CoserveTest, CancelEndsRunningAndQueuedJobs) {
+  auto engine = MakeEngine();
+  FineTuneJobInfo a = *engine->CreateFineTuneJob(Spec(*engine, "long", 1000));
+  FineTuneJobInfo b = *engine->CreateFineTuneJob(Spec(*engine, "next", 1000));
+  // The same adapter name while a job trains it, and a bad spec.
+  EXPECT_EQ(engine->CreateFineTuneJob(Spec(*engine, "long", 1)).status().code(),
+            StatusCode::kFailedPrecondition);
+  FineTuneJobSpec bad = Spec(*engine, "x", 1);
+  bad.method = "s2ft";
+  EXPECT_EQ(engine->CreateFineTuneJob(bad).status().code(), StatusCode::kInvalidArgument);
+  bad.method = "lora";
+  bad.hyper.target_modules = {"nope_proj"};
+  EXPECT_FALSE(engine->CreateFineTuneJob(bad).ok());
+
+  ASSERT_GE(WaitStep(*engine, a.id, 2).step, 2);
+  EXPECT_EQ(engine->GetFineTuneJob(b.id)->status, "queued");
+  EXPECT_EQ(engine->CancelFineTuneJob(b.id)->status, "cancelled");
+  EXPECT_EQ(engine->CancelFineTuneJob(a.id)->status, "cancelled");
+  EXPECT_EQ(engine->CancelFineTuneJob("ftjob-99").status().code(), StatusCode::kNotFound);
+  // The engine thread stops it within an iteration; then no step happens any more.
+  const auto deadline = Clock::now() + std::chrono::seconds(10);
+  while (engine->Stats().finetune_jobs_running != 0 && Clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  const int64_t steps = engine->Stats().finetune_steps;
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  EXPECT_EQ(engine->Stats().finetune_steps, steps);
+  EXPECT_EQ(engine->Stats().finetune_jobs_running, 0);
+  EXPECT_EQ(engine->GetFineTuneJob(b.id)->step, 0);
+  EXPECT_EQ(engine->ListFineTuneJobs().size(), 2u);
+  // Cancelled jobs stay cancelled after a restart.
+  engine.reset();
+  engine = MakeEngine();
+  EXPECT_EQ(engine->GetFineTuneJob(a.id)->status, "cancelled");
+  EXPECT_EQ(engine->GetFineTuneJob(b.id)->status, "cancelled");
+  EXPECT_EQ(engine->Stats().finetune_jobs_running, 0);
+}
+
+TEST_F(CoserveTest, ResumesFromItsSnapshotAfterTheEngineIsDestroyed) {
+  // Long jobs (400 steps), so the engine is destroyed mid-job; the first kSteps steps are compared
+  // (the data order depends on the epoch, not on n_epochs).
+  constexpr int64_t kSteps = 24;
+  // Reference: the same job without interruption, in another state directory.
+  EngineOptions reference_options = options_;
+  reference_options.finetune.state_dir = dir_.Join("state-ref");
+  reference_options.finetune.publish_dir = dir_.Join("adapters-ref");
+  std::vector<double> reference_losses;
+  {
+    auto engine = std::move(Engine::Create(reference_options)).value();
+    FineTuneJobInfo j = *engine->CreateFineTuneJob(Spec(*engine, "pairs", 100));
+    ASSERT_GE(WaitStep(*engine, j.id, kSteps).step, kSteps);
+    reference_losses = engine->CancelFineTuneJob(j.id)->step_losses;
+  }
+  ASSERT_GE(reference_losses.size(), static_cast<size_t>(kSteps));
+  reference_losses.resize(kSteps);
+
+  auto engine = MakeEngine();
+  const std::string id = engine->CreateFineTuneJob(Spec(*engine, "pairs", 100))->id;
+  const FineTuneJobInfo before = WaitStep(*engine, id, 5);  // epoch 1 published, snapshots taken
+  ASSERT_EQ(before.status, "running");
+  engine.reset();  // as if the server died: the job is not marked finished
+
+  engine = MakeEngine();
+  FineTuneJobInfo resumed = *engine->GetFineTuneJob(id);
+  EXPECT_TRUE(resumed.resumed);
+  EXPECT_GE(resumed.step, 4) << "the snapshot of step 4 (or later) is where it picks up";
+  EXPECT_EQ(static_cast<int64_t>(resumed.step_losses.size()), resumed.step);
+  ASSERT_FALSE(resumed.published.empty());
+  EXPECT_EQ(resumed.published.front(), "pairs@1");
+  // The published version is served again right away.
+  const Outcome o = Generate(*engine, "pairs@1", "cat=", 3, true);
+  EXPECT_TRUE(o.reason == "stop" || o.reason == "length") << o.reason << " " << o.error;
+  ASSERT_GE(WaitStep(*engine, id, kSteps).step, kSteps);
+  std::vector<double> losses = engine->CancelFineTuneJob(id)->step_losses;
+  losses.resize(kSteps);
+  EXPECT_EQ(losses, reference_losses) << "a resumed job repeats the same steps, bit for bit";
+  // New jobs get fresh ids.
+  EXPECT_NE(engine->CreateFineTuneJob(Spec(*engine, "other", 1))->id, id);
+}
+
+TEST_F(CoserveTest, FineTuningWaitsWhileInferenceUsesTheWholeBudget) {
+  options_.max_batch_tokens = 16;  // 16 decoding requests fill it; a micro-batch needs >= 10
+  auto engine = MakeEngine();
+  std::mutex mu;
+  std::condition_variable cv;
+  int finished = 0;
+  int64_t ft_tokens_at_first_finish = -1;
+  std::vector<RequestId> ids;
+  for (int i = 0; i < 16; ++i) {
+    GenerationRequest r;
+    r.model = "base";
+    r.prompt_tokens = Ids("abcd");
+    r.sampling.temperature = 0.0f;
+    r.sampling.max_tokens = 60;
+    r.sampling.ignore_eos = true;
+    ids.push_back(*engine->Submit(std::move(r), [&](const TokenEvent& e) {
+      if (!e.finished) return;
+      // Stats() takes only the API mutex, which the engine never holds during callbacks.
+      const int64_t ft_tokens = engine->Stats().finetune_tokens;
+      std::lock_guard<std::mutex> lock(mu);
+      EXPECT_EQ(e.finish_reason, "length") << e.error;
+      if (finished++ == 0) ft_tokens_at_first_finish = ft_tokens;
+      cv.notify_all();
+    }));
+  }
+  const FineTuneJobInfo job = *engine->CreateFineTuneJob(Spec(*engine, "pairs", 1000));
+  {
+    std::unique_lock<std::mutex> lock(mu);
+    ASSERT_TRUE(cv.wait_for(lock, std::chrono::seconds(30), [&] { return finished == 16; }));
+  }
+  // Until the first request ended, every iteration either had requests waiting or spent the whole
+  // budget on decodes: fine-tuning did not run.
+  EXPECT_EQ(ft_tokens_at_first_finish, 0);
+  EXPECT_GE(WaitStep(*engine, job.id, 1).step, 1) << "it runs once inference leaves room";
+  EXPECT_EQ(engine->CancelFineTuneJob(job.id)->status, "cancelled");
+}
+
+TEST(FineTuneFileTest, ReadsPromptCompletionAndChatRowsWithTheirLossMasks) {
+  TempDir dir;
+  auto tok = model::MakeByteTokenizer();
+  const ChatTemplate chat = ChatTemplate::Fallback();
+  {
+    std::ofstream f(dir.Join("rows.jsonl"));
+    f << R"({"prompt": "red=", "completion": "sun"})"
+      << "\n\n";  // blank lines are skipped
+    f << R"({"messages": [{"role": "user", "content": "cat"},)"
+      << R"( {"role": "assistant", "content": "ink"}]})"
+      << "\n";
+  }
+  const std::vector<FineTuneExample> rows =
+      std::move(ReadFineTuneFile(dir.Join("rows.jsonl"), *tok, &chat, 96)).value();
+  ASSERT_EQ(rows.size(), 2u);
+  std::vector<int32_t> want = Ids("red=sun");
+  want.push_back(257);  // <eos>
+  EXPECT_EQ(rows[0].tokens, want);
+  EXPECT_EQ(rows[0].loss_from, 5);
+  const std::vector<int32_t>& t = rows[1].tokens;
+  const std::string prefix = tok->Decode(std::span(t.data(), rows[1].loss_from));
+  const std::string target =
+      tok->Decode(std::span(t.data() + rows[1].loss_from, t.size() - rows[1].loss_from - 1));
+  EXPECT_EQ(prefix, *chat.Render({{"user", "cat"}}, true, "<bos>", "<eos>")) << prefix;
+  EXPECT_EQ(target.rfind("ink", 0), 0u) << target;
+  EXPECT_EQ(t.back(), 257);
+
+  // Errors name the file and line.
+  auto error = [&](const std::string& text, const ChatTemplate* tmpl, int64_t max_tokens) {
+    std::ofstream(dir.Join("bad.jsonl")) << text;
+    StatusOr<std::vector<FineTuneExample>> r =
+        ReadFineTuneFile(dir.Join("bad.jsonl"), *tok, tmpl, max_tokens);
+    EXPECT_FALSE(r.ok()) << text;
+    return r.ok() ? std::string() : r.status().message();
+  };
+  EXPECT_NE(
+      error("{\"prompt\": \"a\", \"completion\": \"b\"}\n[1]\n", &chat, 96).find("bad.jsonl:2"),
+      std::string::npos);
+  EXPECT_NE(error("{\"prompt\": \"a\"}\n", &chat, 96).find("'completion'"), std::string::npos);
+  EXPECT_NE(error("{\"prompt\": \"a\", \"completion\": \"bcdef\"}\n", &chat, 5).find("limit of 5"),
+            std::string::npos);
+  const std::string chat_row =
+      R"({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]})";
+  EXPECT_NE(error(chat_row + "\n", nullptr, 96).find("chat template"), std::string::npos);
+  EXPECT_NE(error(R"({"messages": [{"role": "assistant", "content": "a"},)"
+                  R"( {"role": "user", "content": "b"}]})"
+                  "\n",
+                  &chat, 96)
+                .find("assistant"),
+            std::string::npos);
+  EXPECT_NE(error("", &chat, 96).find("no rows"), std::string::npos);
+  EXPECT_EQ(ReadFineTuneFile(dir.Join("missing.jsonl"), *tok, &chat, 96).status().code(),
+            StatusCode::kNotFound);
+}
+
+// ---- HTTP ----
+
+class CoserveHttpTest : public CoserveTest {
+ protected:
+  void StartServer() {
+    engine_ = MakeEngine();
+    HttpServerOptions o;
+    o.port = 0;
+    o.finetune_dirs = {dir_.Join("data")};
+    o.num_threads = 8;
+    server_ = std::move(HttpServer::Create(engine_.get(), o)).value();
+    TANDEM_CHECK_OK(server_->Start());
+  }
+  void TearDown() override {
+    if (server_) server_->Stop();
+  }
+  httplib::Result Post(const std::string& path, const std::string& body) {
+    httplib::Client c("127.0.0.1", server_->port());
+    return c.Post(path.c_str(), body, "application/json");
+  }
+  httplib::Result Get(const std::string& path) {
+    httplib::Client c("127.0.0.1", server_->port());
+    return c.Get(path.c_str());
+  }
+  // POSTs a create body; expects `status` and (for errors) `param`; returns the body.
+  json Create(const json& body, int status, const std::string& param = "") {
+    httplib::Result r = Post("/v1/fine_tuning/jobs", body.dump());
+    EXPECT_TRUE(r) << "no response";
+    if (!r) return {};
+    EXPECT_EQ(r->status, status) << body.dump() << " -> " << r->body;
+    json j = json::parse(r->body);
+    if (status != 200) {
+      EXPECT_TRUE(j.contains("error")) << r->body;
+      if (!param.empty()) {
+        EXPECT_EQ(j["error"]["param"], param) << r->body;
+      }
+    }
+    return j;
+  }
+
+  std::unique_ptr<Engine> engine_;
+  std::unique_ptr<HttpServer> server_;
+};
+
+TEST_F(CoserveHttpTest, JobsOverHttpAndTheirErrors) {
+  {
+    std::ofstream bad(dir_.Join("data/bad.jsonl"));
+    bad << R"({"prompt": "a", "completion": "b"})"
+        << "\n"
+        << "not json\n";
+    std::ofstream outside(dir_.Join("outside.jsonl"));
+    outside << R"({"prompt": "a", "completion": "b"})"
+            << "\n";
+    std::ofstream chat(dir_.Join("data/chat.jsonl"));
+    chat << R"({"messages": [{"role": "user", "content": "red"},)"
+         << R"( {"role": "assistant", "content": "sun"}]})"
+         << "\n";
+  }
+  StartServer();
+  const std::string file = dir_.Join("data/pairs.jsonl");
+  httplib::Result r = Post("/v1/fine_tuning/jobs", "{not json");
+  ASSERT_TRUE(r);
+  EXPECT_EQ(r->status, 400);
+  Create(json::object(), 400, "training_file");
+  Create({{"training_file", file}}, 400, "suffix");
+  Create({{"training_file", 3}, {"suffix", "p"}}, 400, "training_file");
+  Create({{"training_file", dir_.Join("outside.jsonl")}, {"suffix", "p"}}, 400, "training_file");
+  Create({{"training_file", dir_.Join("data/../outside.jsonl")}, {"suffix", "p"}}, 400,
+         "training_file");
+  Create({{"training_file", dir_.Join("data/missing.jsonl")}, {"suffix", "p"}}, 400,
+         "training_file");
+  const json bad_line = Create({{"training_file", dir_.Join("data/bad.jsonl")}, {"suffix", "p"}},
+                               400, "training_file");
+  EXPECT_NE(bad_line["error"]["message"].get<std::string>().find("bad.jsonl:2"), std::string::npos);
+  const json s2ft = Create(
+      {{"training_file", file}, {"suffix", "p"}, {"method", {{"type", "s2ft"}}}}, 400, "method");
+  EXPECT_NE(s2ft["error"]["message"].get<std::string>().find("not supported yet"),
+            std::string::npos);
+  Create({{"training_file", file}, {"suffix", "p"}, {"method", {{"type", "dpo"}}}}, 400, "method");
+  Create({{"training_file", file}, {"suffix", "p"}, {"n_epochs", 0}}, 400, "n_epochs");
+  Create({{"training_file", file}, {"suffix", "p"}, {"learning_rate", -1}}, 400, "learning_rate");
+  Create({{"training_file", file}, {"suffix", "p"}, {"colour", "blue"}}, 400, "colour");
+  Create({{"training_file", file}, {"suffix", "bad name!"}}, 400);
+  Create({{"training_file", file}, {"suffix", "p"}, {"target_modules", {"nope_proj"}}}, 400);
+  Create({{"training_file", file}, {"suffix", "p"}, {"model", "other"}}, 404, "model");
+  EXPECT_EQ(Get("/v1/fine_tuning/jobs/ftjob-404")->status, 404);
+  EXPECT_EQ(Post("/v1/fine_tuning/jobs/ftjob-404/cancel", "")->status, 404);
+  EXPECT_EQ(Get("/v1/fine_tuning/jobs")->body, R"({"data":[],"has_more":false,"object":"list"})");
+
+  // A chat-format file goes through the chat template; cancel it.
+  const json chat = Create(
+      {{"training_file", dir_.Join("data/chat.jsonl")}, {"suffix", "chat"}, {"n_epochs", 1000}},
+      200);
+  const json cancelled = json::parse(
+      Post("/v1/fine_tuning/jobs/" + chat["id"].get<std::string>() + "/cancel", "")->body);
+  EXPECT_EQ(cancelled["status"], "cancelled");
+
+  const json job = Create({{"training_file", file},
+                           {"suffix", "pairs"},
+                           {"model", "base"},
+                           {"method",
+                            {{"type", "lora"},
+                             {"lora",
+                              {{"hyperparameters",
+                                {{"n_epochs", 1},
+                                 {"batch_size", 8},
+                                 {"learning_rate", 0.02},
+                                 {"lora_r", 4},
+                                 {"target_modules", "all-linear"}}}}}}}},
+                          200);
+  EXPECT_EQ(job["object"], "fine_tuning.job");
+  EXPECT_EQ(job["hyperparameters"]["lora_r"], 4);
+  EXPECT_EQ(job["total_steps"], 4);
+  const std::string id = job["id"];
+  json now;
+  for (int i = 0; i < 3000; ++i) {
+    now = json::parse(Get("/v1/fine_tuning/jobs/" + id)->body);
+    if (now["status"] != "queued" && now["status"] != "running") break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  EXPECT_EQ(now["status"], "succeeded") << now.dump();
+  EXPECT_EQ(now["fine_tuned_model"], "pairs@1");
+  const json chat_now =
+      json::parse(Get("/v1/fine_tuning/jobs/" + chat["id"].get<std::string>())->body);
+  EXPECT_EQ(now["trained_tokens"].get<int64_t>() + chat_now["trained_tokens"].get<int64_t>(),
+            engine_->Stats().finetune_tokens);
+  const json list = json::parse(Get("/v1/fine_tuning/jobs")->body);
+  ASSERT_EQ(list["data"].size(), 2u);
+  EXPECT_EQ(list["data"][0]["id"], id);  // newest first
+  EXPECT_NE(Get("/v1/models")->body.find("\"pairs@1\""), std::string::npos);
+  httplib::Result c = Post(
+      "/v1/completions", json{{"model", "pairs@1"}, {"prompt", "red="}, {"max_tokens", 3}}.dump());
+  ASSERT_TRUE(c);
+  EXPECT_EQ(c->status, 200) << c->body;
+  const std::string metrics = Get("/metrics")->body;
+  EXPECT_NE(metrics.find("tandem_finetune_steps_total "), std::string::npos);
+  EXPECT_NE(metrics.find("tandem_finetune_tokens_total "), std::string::npos);
+  EXPECT_NE(metrics.find("tandem_finetune_jobs_running 0"), std::string::npos);
+  EXPECT_NE(metrics.find("tandem_finetune_loss "), std::string::npos);
+}
+
+}  // namespace
+}  // namespace tandem::serve
