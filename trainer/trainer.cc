@@ -491,25 +491,33 @@ Status SaveUniversalState(const TrainConfig& c, Session& s, int64_t step) {
   return Status::Ok();
 }
 
+// [universal, snapshot] Where the data and the RNG streams continue, from the JSON a universal
+// checkpoint or a snapshot saved (UniversalMetaOf); `where` names the source in errors.
+Status RestoreStreams(const TrainConfig& c, Session& s, const std::string& data_position_json,
+                      const std::string& rng_json, const std::string& where) {
+  TANDEM_ASSIGN_OR_RETURN(DataPosition position, DataPositionFromJson(data_position_json));
+  TANDEM_RETURN_IF_ERROR(s.train_loader->Seek(position));
+  const nlohmann::json rng = nlohmann::json::parse(rng_json, nullptr, false);
+  if (rng.is_discarded() || !rng.is_object()) {
+    return DataLossError(StrCat(where, ": the RNG state is not a JSON object: ", rng_json));
+  }
+  if (rng.value("seed", c.train.seed) != c.train.seed && (!s.par || s.par->writer())) {
+    TANDEM_LOG(WARNING, "train") << where << " was written with train.seed = " << rng.value("seed", int64_t{0})
+                                 << ", this run has " << c.train.seed << ": the data order differs";
+  }
+  if (s.adapters && rng.contains("lora_batch_counter")) {
+    s.adapters->set_batch_counter(rng["lora_batch_counter"].get<uint64_t>());
+  }
+  return Status::Ok();
+}
+
 // [universal] Loads the checkpoint at `path` into this rank's state; returns its step.
 StatusOr<int64_t> ResumeFrom(const TrainConfig& c, Session& s, const std::string& path) {
   TANDEM_ASSIGN_OR_RETURN(checkpoint::UniversalReader reader, checkpoint::UniversalReader::Open(path));
   const checkpoint::UniversalMeta& meta = reader.meta();
   TANDEM_RETURN_IF_ERROR(internal::RestoreState(*s.ctx, reader, TrainedParams(s), s.pieces, s.owner.adapter));
   if (s.par) TANDEM_RETURN_IF_ERROR(s.par->optimizer->ReloadMasters());
-  TANDEM_ASSIGN_OR_RETURN(DataPosition position, DataPositionFromJson(meta.data_position_json));
-  TANDEM_RETURN_IF_ERROR(s.train_loader->Seek(position));
-  const nlohmann::json rng = nlohmann::json::parse(meta.rng_state_json, nullptr, false);
-  if (rng.is_discarded() || !rng.is_object()) {
-    return DataLossError(StrCat(path, ": the RNG state is not a JSON object: ", meta.rng_state_json));
-  }
-  if (rng.value("seed", c.train.seed) != c.train.seed && (!s.par || s.par->writer())) {
-    TANDEM_LOG(WARNING, "train") << path << " was written with train.seed = " << rng.value("seed", int64_t{0})
-                                 << ", this run has " << c.train.seed << ": the data order differs";
-  }
-  if (s.adapters && rng.contains("lora_batch_counter")) {
-    s.adapters->set_batch_counter(rng["lora_batch_counter"].get<uint64_t>());
-  }
+  TANDEM_RETURN_IF_ERROR(RestoreStreams(c, s, meta.data_position_json, meta.rng_state_json, path));
   if (!s.par || s.par->writer()) {
     TANDEM_LOG(INFO, "train") << "resumed from " << path << " at step " << meta.step << " (saved under dp "
                               << meta.dp << " x cp " << meta.cp << " x tp " << meta.tp << ")";
@@ -583,12 +591,8 @@ StatusOr<int64_t> RestoreFromSnapshot(const TrainConfig& c, Session& s, uint64_t
   if (meta.is_discarded() || !meta.contains("data_position") || !meta.contains("rng")) {
     return DataLossError(StrCat("snapshot version ", version, ": the meta is not the trainer's JSON"));
   }
-  TANDEM_ASSIGN_OR_RETURN(DataPosition position, DataPositionFromJson(meta["data_position"].get<std::string>()));
-  TANDEM_RETURN_IF_ERROR(s.train_loader->Seek(position));
-  const nlohmann::json rng = nlohmann::json::parse(meta["rng"].get<std::string>(), nullptr, false);
-  if (s.adapters && rng.is_object() && rng.contains("lora_batch_counter")) {
-    s.adapters->set_batch_counter(rng["lora_batch_counter"].get<uint64_t>());
-  }
+  TANDEM_RETURN_IF_ERROR(RestoreStreams(c, s, meta["data_position"].get<std::string>(), meta["rng"].get<std::string>(),
+                                        StrCat("snapshot version ", version)));
   if (!s.par || s.par->writer()) {
     TANDEM_LOG(INFO, "train") << "resumed from the in-memory snapshot of step " << got->first << " ("
                               << s.snap->socket() << ")";
