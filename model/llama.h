@@ -218,9 +218,10 @@ class LlamaModel {
   Status ProjectionGrad(const Group& group, const Tensor& dy, const Tensor& x);
   Status WeightGrad(size_t param, const Tensor& dy, const Tensor& x);
   Status LossHead(float grad_scale, bool backward);
-  // tp > 1: cross-entropy of vocabulary-sliced logits [n, V/tp] (max, sum of exponentials and
-  // target logit reduced over tp); dlogits in place when backward.
-  Status VocabParallelCrossEntropy(Tensor& losses, Tensor& logits, const int32_t* host_targets,
+  // tp > 1: cross-entropy of vocabulary-sliced logits [n, V/tp] with targets i32 [n] (global
+  // ids, on the device): the rows' (max, sum of exponentials, target logit) are all-gathered over
+  // tp; dlogits in place when backward.
+  Status VocabParallelCrossEntropy(Tensor& losses, Tensor& logits, const Tensor& targets,
                                    float grad_scale, bool backward);
   // tp > 1 with a kv head replicated over several ranks: the k|v weight gradient of this pass is
   // summed over the ranks sharing the head.
@@ -255,6 +256,7 @@ class LlamaModel {
   int64_t hq_ = 0, hkv_ = 0, ffn_ = 0, vocab_rows_ = 0, vocab_start_ = 0, kv_start_ = 0;
   int64_t kv_share_ = 1;
   Tensor kv_grad_scratch_;  // f32 [2 D, C] when kv_share_ > 1
+  Tensor kv_grad_gather_;   // f32 [tp * 2 D * C] when kv_share_ > 1: every rank's kv gradient
 };
 
 }  // namespace tandem::model

@@ -42,19 +42,22 @@ Status LlamaModel::KvProjectionGrad(const Group& group, const Tensor& dy, const 
   TANDEM_RETURN_IF_ERROR(WeightGrad(group.members[0], dy.Slice(1, 0, q_rows), x));
   TANDEM_RETURN_IF_ERROR(
       ops::Matmul(ctx_, kv_grad_scratch_, dy.Slice(1, q_rows, q_rows + kv_rows), x, true, false));
-  TANDEM_ASSIGN_OR_RETURN(Tensor mine, ToHostF32(kv_grad_scratch_));  // [2 D, C]
-  Tensor all = Tensor::Cpu({tp * kv_rows * C}, DType::kF32);
-  TANDEM_RETURN_IF_ERROR(options_.parallel.hooks->TpAllGather(all, mine.View({kv_rows * C})));
-  Tensor sum = Tensor::CpuZeros({kv_rows, C}, DType::kF32);
-  const int64_t first = options_.parallel.tp_rank / kv_share_ * kv_share_;
-  for (int64_t r = first; r < first + kv_share_; ++r) {
-    const float* src = all.data<float>() + r * kv_rows * C;
-    for (int64_t i = 0; i < kv_rows * C; ++i) sum.data<float>()[i] += src[i];
+  if (!kv_grad_gather_.defined()) {
+    TANDEM_ASSIGN_OR_RETURN(kv_grad_gather_,
+                            Tensor::Empty({tp * kv_rows * C}, DType::kF32, ctx_.allocator()));
   }
-  TANDEM_RETURN_IF_ERROR(CopyTensor(kv_grad_scratch_, sum, ctx_.stream()));
+  TANDEM_RETURN_IF_ERROR(options_.parallel.hooks->TpAllGather(
+      kv_grad_gather_, kv_grad_scratch_.View({kv_rows * C})));
+  const int64_t first = options_.parallel.tp_rank / kv_share_ * kv_share_;
+  auto part = [&](int64_t r) {  // rank r's [2 D, C]
+    return kv_grad_gather_.Slice(0, r * kv_rows * C, (r + 1) * kv_rows * C).View({kv_rows, C});
+  };
+  TANDEM_RETURN_IF_ERROR(CopyTensor(kv_grad_scratch_, part(first), ctx_.stream()));
+  for (int64_t r = first + 1; r < first + kv_share_; ++r) {  // in tp rank order: same bits
+    TANDEM_RETURN_IF_ERROR(ops::Add(ctx_, kv_grad_scratch_, kv_grad_scratch_, part(r)));
+  }
   Tensor kv_grad = group.grad.Slice(0, q_rows, q_rows + kv_rows);  // [2 D, C], contiguous
-  TANDEM_RETURN_IF_ERROR(ops::Add(ctx_, kv_grad, kv_grad, kv_grad_scratch_));
-  return ctx_.Synchronize();  // `sum` dies here
+  return ops::Add(ctx_, kv_grad, kv_grad, kv_grad_scratch_);
 }
 
 // [adapter] dy's column blocks are the group's members, in `projs` order; dx accumulates.

@@ -305,8 +305,8 @@ Status LlamaModel::LossHead(float grad_scale, bool backward) {
     const Tensor targets = a.targets.Slice(0, r0, r1);
     TANDEM_RETURN_IF_ERROR(ops::Matmul(ctx_, logits, h, w_lm, false, true));
     if (tp()) {
-      TANDEM_RETURN_IF_ERROR(VocabParallelCrossEntropy(losses, logits, a.host_targets.data() + r0,
-                                                       grad_scale, backward));
+      TANDEM_RETURN_IF_ERROR(
+          VocabParallelCrossEntropy(losses, logits, targets, grad_scale, backward));
     } else {
       Tensor dlogits = backward ? logits : Tensor();  // in place
       TANDEM_RETURN_IF_ERROR(ops::CrossEntropy(ctx_, losses, dlogits, logits, targets, grad_scale));
@@ -330,59 +330,29 @@ Status LlamaModel::NotifyGradsReady(const std::vector<size_t>& params) {
   return grad_ready_ ? grad_ready_(params) : Status::Ok();
 }
 
-// Host arithmetic in f64 (the [n, V/tp] chunk crosses to the host on CUDA: correct, not fast).
-Status LlamaModel::VocabParallelCrossEntropy(Tensor& losses, Tensor& logits, const int32_t* targets,
+// Two passes over this rank's [n, V/tp] logits around one all-gather of the rows' partials
+// (max, sum-exp, target logit), all on the context's device; see ops::ShardedCrossEntropy*.
+Status LlamaModel::VocabParallelCrossEntropy(Tensor& losses, Tensor& logits, const Tensor& targets,
                                              float grad_scale, bool backward) {
-  ParallelHooks& hooks = *options_.parallel.hooks;
-  const int64_t n = logits.dim(0), Vl = vocab_rows_;
+  const int64_t n = logits.dim(0), tp = options_.parallel.tp_size;
   // Columns of real tokens here (the last rank's padding columns take no part).
-  const int64_t valid = std::clamp<int64_t>(config_.vocab_size - vocab_start_, 0, Vl);
-  TANDEM_ASSIGN_OR_RETURN(Tensor h, ToHostF32(logits));  // [n, Vl]
-  float* x = h.data<float>();
-  Tensor max = Tensor::Cpu({n}, DType::kF32);           // [n]
-  Tensor sums = Tensor::CpuZeros({2, n}, DType::kF32);  // sum of exp, target logit
-  float* mx = max.data<float>();
-  float* se = sums.data<float>();
-  float* tl = se + n;
-  for (int64_t i = 0; i < n; ++i) {
-    float m = -INFINITY;
-    for (int64_t j = 0; j < valid; ++j) m = std::max(m, x[i * Vl + j]);
-    mx[i] = m;
+  const int64_t valid = std::clamp<int64_t>(config_.vocab_size - vocab_start_, 0, vocab_rows_);
+  Activations& a = *acts_;
+  if (!a.ce_partials.defined() || a.ce_partials.dim(0) < tp * n * 3) {
+    TANDEM_ASSIGN_OR_RETURN(a.ce_partials,
+                            Tensor::Empty({tp * n * 3}, DType::kF32, ctx_.allocator()));
   }
-  TANDEM_RETURN_IF_ERROR(hooks.TpAllReduceMax(max));
-  for (int64_t i = 0; i < n; ++i) {
-    double s = 0;
-    for (int64_t j = 0; j < valid; ++j) s += std::exp(static_cast<double>(x[i * Vl + j]) - mx[i]);
-    se[i] = static_cast<float>(s);
-    const int64_t t = static_cast<int64_t>(targets[i]) - vocab_start_;
-    if (targets[i] != ops::kIgnoreIndex && t >= 0 && t < valid) tl[i] = x[i * Vl + t];
+  if (!a.ce_mine.defined() || a.ce_mine.numel() < n * 3) {
+    TANDEM_ASSIGN_OR_RETURN(a.ce_mine, Tensor::Empty({n * 3}, DType::kF32, ctx_.allocator()));
   }
-  TANDEM_RETURN_IF_ERROR(hooks.TpAllReduceSum(sums));
-  Tensor loss_host = Tensor::Cpu({n}, DType::kF32);
-  for (int64_t i = 0; i < n; ++i) {
-    const bool ignored = targets[i] == ops::kIgnoreIndex;
-    const double lse = std::log(static_cast<double>(se[i])) + mx[i];
-    loss_host.data<float>()[i] = ignored ? 0.0f : static_cast<float>(lse - tl[i]);
-    if (!backward) continue;
-    const int64_t t = static_cast<int64_t>(targets[i]) - vocab_start_;
-    for (int64_t j = 0; j < Vl; ++j) {
-      double d = 0;
-      if (!ignored && j < valid) {
-        d = std::exp(static_cast<double>(x[i * Vl + j]) - lse) - (j == t ? 1.0 : 0.0);
-      }
-      x[i * Vl + j] = static_cast<float>(grad_scale * d);
-    }
-  }
-  TANDEM_RETURN_IF_ERROR(CopyTensor(losses, loss_host, ctx_.stream()));
-  if (backward) {
-    if (logits.dtype() == DType::kF32) {
-      TANDEM_RETURN_IF_ERROR(CopyTensor(logits, h, ctx_.stream()));
-      return ctx_.Synchronize();  // the host tensors die here
-    }
-    TANDEM_ASSIGN_OR_RETURN(Tensor cast, CastCpu(h, logits.dtype()));
-    TANDEM_RETURN_IF_ERROR(CopyTensor(logits, cast, ctx_.stream()));
-  }
-  return ctx_.Synchronize();
+  Tensor mine = a.ce_mine.Slice(0, 0, n * 3).View({n, 3});
+  TANDEM_RETURN_IF_ERROR(
+      ops::ShardedCrossEntropyPartials(ctx_, mine, logits, targets, vocab_start_, valid));
+  Tensor all = a.ce_partials.Slice(0, 0, tp * n * 3);  // [tp, n, 3] flat
+  TANDEM_RETURN_IF_ERROR(options_.parallel.hooks->TpAllGather(all, mine.View({n * 3})));
+  Tensor dlogits = backward ? logits : Tensor();  // in place
+  return ops::ShardedCrossEntropyFinish(ctx_, losses, dlogits, logits, all.View({tp, n, 3}),
+                                        targets, vocab_start_, valid, grad_scale);
 }
 
 StatusOr<LossSum> LlamaModel::SumLosses() {

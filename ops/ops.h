@@ -125,6 +125,26 @@ Status SwigluBackward(Context& ctx, Tensor& dgate, Tensor& dup, const Tensor& do
 Status CrossEntropy(Context& ctx, Tensor& losses, Tensor& dlogits, const Tensor& logits,
                     const Tensor& targets, float grad_scale);
 
+// Cross-entropy over a vocabulary split across ranks (tensor parallelism): this rank holds the
+// logits of vocabulary ids [vocab_start, vocab_start + valid) in the first `valid` columns of
+// logits [N, Vl] (columns past `valid` are padding and take no part). targets i32 [N] hold
+// GLOBAL ids or kIgnoreIndex. Two steps around one all-gather of the partials:
+//   1. ShardedCrossEntropyPartials: partials f32 [N, 3] = (max over the row's valid columns,
+//      sum of exp(x - max), the target's logit if this rank holds it else 0).
+//   2. all-gather the partials of the tp ranks in rank order into all_partials f32 [R, N, 3].
+//   3. ShardedCrossEntropyFinish: lse = logsumexp of the R partials (combined in rank order, so
+//      every rank gets the same bits), losses f32 [N] = lse - sum of the target slots (0 for
+//      ignored rows); if dlogits [N, Vl] is defined (may be logits, in place):
+//      dlogits = grad_scale * (exp(x - lse) - onehot) on valid columns, 0 on padding and on
+//      ignored rows.
+// logits / dlogits f32 or bf16 (the context's float types), contiguous. 0 <= valid <= Vl.
+Status ShardedCrossEntropyPartials(Context& ctx, Tensor& partials, const Tensor& logits,
+                                   const Tensor& targets, int64_t vocab_start, int64_t valid);
+Status ShardedCrossEntropyFinish(Context& ctx, Tensor& losses, Tensor& dlogits,
+                                 const Tensor& logits, const Tensor& all_partials,
+                                 const Tensor& targets, int64_t vocab_start, int64_t valid,
+                                 float grad_scale);
+
 struct AdamWParams {
   float lr = 1e-3f;
   float beta1 = 0.9f;

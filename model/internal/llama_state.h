@@ -42,6 +42,8 @@ struct LlamaModel::Activations {
   Tensor segment_ids;                 // i32 [B, T], allocated when a batch first brings segment ids
   bool use_segments = false;          // this batch has segment ids
   std::vector<int32_t> host_targets;  // [N], to skip loss chunks without targets
+  Tensor ce_partials;                 // f32 [tp * chunk * 3], tp > 1: the gathered loss partials
+  Tensor ce_mine;                     // f32 [chunk * 3], tp > 1: this rank's partials to send
   int64_t num_targets = 0;
 
   // Residual stream: x[l] is block l's input, x[L] the last block's output.

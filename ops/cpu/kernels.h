@@ -70,6 +70,14 @@ void SwigluBackward(float* dgate, int64_t dgate_stride, float* dup, int64_t dup_
 // dlogits nullable, may equal logits; targets already checked (in [0, vocab) or ignore_index).
 void CrossEntropy(float* losses, float* dlogits, const float* logits, const int32_t* targets,
                   int64_t rows, int64_t vocab, float grad_scale, int32_t ignore_index);
+// See ops::ShardedCrossEntropyPartials / Finish; dlogits nullable, may equal logits.
+void ShardedCrossEntropyPartials(float* partials, const float* logits, const int32_t* targets,
+                                 int64_t rows, int64_t cols, int64_t vocab_start, int64_t valid,
+                                 int32_t ignore_index);
+void ShardedCrossEntropyFinish(float* losses, float* dlogits, const float* logits,
+                               const float* all_partials, int64_t ranks, const int32_t* targets,
+                               int64_t rows, int64_t cols, int64_t vocab_start, int64_t valid,
+                               float grad_scale, int32_t ignore_index);
 
 // model_weights nullable, f32 or bf16 (model_dtype).
 void AdamW(float* master, float* m, float* v, void* model_weights, DType model_dtype,

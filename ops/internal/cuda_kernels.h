@@ -81,6 +81,15 @@ cudaError_t SwigluBackward(cudaStream_t stream, DType dtype, void* dgate, int64_
 cudaError_t CrossEntropy(cudaStream_t stream, DType dtype, float* losses, void* dlogits,
                          const void* logits, const int32_t* targets, int64_t rows, int64_t vocab,
                          float grad_scale);
+// See ops::ShardedCrossEntropyPartials / Finish; dlogits nullable, may equal logits.
+cudaError_t ShardedCrossEntropyPartials(cudaStream_t stream, DType dtype, float* partials,
+                                        const void* logits, const int32_t* targets, int64_t rows,
+                                        int64_t cols, int64_t vocab_start, int64_t valid);
+cudaError_t ShardedCrossEntropyFinish(cudaStream_t stream, DType dtype, float* losses,
+                                      void* dlogits, const void* logits,
+                                      const float* all_partials, int64_t ranks,
+                                      const int32_t* targets, int64_t rows, int64_t cols,
+                                      int64_t vocab_start, int64_t valid, float grad_scale);
 
 cudaError_t AdamW(cudaStream_t stream, float* master, float* m, float* v, void* model_weights,
                   DType model_dtype, const float* grad, int64_t n, float lr, float beta1,

@@ -43,7 +43,7 @@ Tol Reduce(DType dt) { return dt == DType::kBF16 ? kBf16Reduce : kF32Reduce; }
 Tol Elementwise(DType dt) { return dt == DType::kBF16 ? kBf16Elementwise : kF32Elementwise; }
 
 struct Output {
-  const char* name;
+  std::string name;
   Tensor host;  // f32, contiguous
   Tol tol;
 };
@@ -382,6 +382,47 @@ void AddCrossEntropyCases(std::vector<ParityCase>& cases, DType dt) {
   }
 }
 
+// The vocabulary split over R simulated ranks (the last one with padding columns): every rank's
+// partials, then every rank's losses and in-place gradient from the gathered partials.
+void AddShardedCrossEntropyCases(std::vector<ParityCase>& cases, DType dt) {
+  for (int64_t n : {1, 19}) {
+    for (int64_t ranks : {1, 2, 3}) {
+      for (int64_t cols : {504, 16001}) {
+        cases.push_back(
+            {StrCat("ShardedCrossEntropy_N", n, "_R", ranks, "_Vl", cols, "_", DTypeName(dt)),
+             [=](Runner& r) -> Outputs {
+               const int64_t pad = 7, vocab = ranks * cols - pad;
+               Tensor targets = ::tandem::testing::RandomInts({n}, 40, static_cast<int32_t>(vocab));
+               if (n > 1) targets.data<int32_t>()[n / 2] = kIgnoreIndex;
+               if (n > 2) targets.data<int32_t>()[1] = static_cast<int32_t>(vocab - 1);
+               Tensor t = r.Put(targets);
+               Tensor all = r.NanAs({ranks, n, 3}, DType::kF32);
+               std::vector<Tensor> logits;
+               for (int64_t k = 0; k < ranks; ++k) {
+                 logits.push_back(r.Random({n, cols}, 41 + k, dt, -4.0f, 4.0f));
+                 const int64_t valid = std::min(cols, vocab - k * cols);
+                 Tensor part = all.Slice(0, k, k + 1).View({n, 3});
+                 r.Run(ShardedCrossEntropyPartials(r.ctx(), part, logits[k], t, k * cols, valid),
+                       "ShardedCrossEntropyPartials");
+               }
+               Outputs out = {{"partials", r.Fetch(all), {1e-6, 1e-5}}};
+               for (int64_t k = 0; k < ranks; ++k) {
+                 const int64_t valid = std::min(cols, vocab - k * cols);
+                 Tensor losses = r.Nan({n}, DType::kF32);
+                 r.Run(ShardedCrossEntropyFinish(r.ctx(), losses, logits[k], logits[k], all, t,
+                                                 k * cols, valid, 0.5f),
+                       "ShardedCrossEntropyFinish");
+                 const Tol grad_tol{1e-6, dt == DType::kBF16 ? 2e-2 : 1e-4};
+                 out.push_back({StrCat("losses_rank", k), r.Fetch(losses), {2e-5, 2e-5}});
+                 out.push_back({StrCat("dlogits_rank", k), r.Fetch(logits[k]), grad_tol});
+               }
+               return out;
+             }});
+      }
+    }
+  }
+}
+
 void AddOptimizerAndElementwiseCases(std::vector<ParityCase>& cases) {
   for (int64_t n : {1, 1000, 100003}) {
     for (DType wd : {DType::kBF16, DType::kF32}) {
@@ -451,6 +492,7 @@ std::vector<ParityCase> AllCases() {
     AddRopeCases(cases, dt);
     AddSwigluCases(cases, dt);
     AddCrossEntropyCases(cases, dt);
+    AddShardedCrossEntropyCases(cases, dt);
   }
   AddAttentionCases(cases);  // bf16 only on CUDA
   AddOptimizerAndElementwiseCases(cases);
