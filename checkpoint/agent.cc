@@ -37,6 +37,7 @@ class Agent {
   StatusOr<std::string> Commit(int rank, uint64_t version, uint64_t bytes, uint32_t crc);
   StatusOr<std::string> Restore(int rank, std::optional<uint64_t> version);
   StatusOr<std::string> Rebuild();
+  StatusOr<std::string> CorruptForTest(int owner, std::optional<uint64_t> version);
   Status InstallRebuilt(uint64_t version, const std::vector<uint8_t>& image);
   std::string NoSnapshot() const {
     return StrCat("NONE no complete snapshot on node ", options_.node,
@@ -69,7 +70,7 @@ StatusOr<std::string> Agent::Dispatch(const Words& w, bool* shutdown) {
     if (w.size() == n + 1) return Status::Ok();
     return InvalidArgumentError(StrCat(verb, " expects ", n, " arguments, found ", w.size() - 1));
   };
-  if (w.size() >= 2 && verb != "DEAD" && verb != "LATEST") {
+  if (w.size() >= 2 && verb != "DEAD" && verb != "LATEST" && verb != "TEST_CORRUPT") {
     last_seen_[std::stoi(w[1])] = Clock::now();  // any request from a rank is a sign of life
   }
   if (verb == "REGISTER") {
@@ -111,6 +112,12 @@ StatusOr<std::string> Agent::Dispatch(const Words& w, bool* shutdown) {
     return "OK " + (dead.empty() ? std::string("-") : dead);
   }
   if (verb == "REBUILD") return Rebuild();
+  if (verb == "TEST_CORRUPT") {
+    if (w.size() != 3) TANDEM_RETURN_IF_ERROR(need(1));
+    std::optional<uint64_t> version;
+    if (w.size() > 2) version = std::stoull(w[2]);
+    return CorruptForTest(std::stoi(w[1]), version);
+  }
   if (verb == "SHUTDOWN") {
     *shutdown = true;
     return std::string("OK");
@@ -187,6 +194,23 @@ StatusOr<std::string> Agent::Rebuild() {
     }
   }
   return StrCat("OK ", newest);
+}
+
+// The TEST_CORRUPT hook: refused unless the agent was started for tests.
+StatusOr<std::string> Agent::CorruptForTest(int owner, std::optional<uint64_t> version) {
+  if (!options_.test_hooks) {
+    return FailedPreconditionError(
+        "TEST_CORRUPT is a test hook: start the agent with --test-hooks");
+  }
+  if (!peers_) return FailedPreconditionError("TEST_CORRUPT needs a group of agents (--group)");
+  std::string hit;
+  for (const auto& [v, index] : peers_->CorruptHeldFragmentsForTest(owner, version)) {
+    hit += StrCat(hit.empty() ? "" : ",", v, ":", index);
+  }
+  if (hit.empty()) return StrCat("NONE node ", options_.node, " holds no fragment of node ", owner);
+  TANDEM_LOG(WARNING, "agent") << "node " << options_.node << ": TEST_CORRUPT flipped a byte in "
+                               << "fragments (version:index) " << hit << " of node " << owner;
+  return "OK " + hit;
 }
 
 std::string DefaultPrefix(const AgentOptions& o) {

@@ -23,6 +23,10 @@
 //   DEAD                    -> OK <r,r,...|->        (ranks silent for heartbeat_timeout_s)
 //   REBUILD                 -> OK <v> | ERR ...      (fetch fragments from peers, rebuild)
 //   SHUTDOWN                -> OK                    (the agent exits, unlinking its memory)
+//   TEST_CORRUPT owner [v]  -> OK <v:i,...> | NONE   (test hook, only with test_hooks: flips a
+//                                                     payload byte of the fragments this agent
+//                                                     holds of node `owner`; v:i = version and
+//                                                     fragment index hit)
 //
 // Thread-safety: RunAgent serves one request at a time; AgentClient is not thread-safe (one per
 // trainer thread).
@@ -53,6 +57,7 @@ struct AgentOptions {
   double peer_timeout_s = 30;              // every wait on a peer
   double heartbeat_timeout_s = 10;         // a rank silent this long is reported by DEAD
   std::string shm_prefix;                  // shm names; "" derives "tandem-<uid>-n<node>-<hash>"
+  bool test_hooks = false;                 // serve TEST_CORRUPT (fault tests only, never in jobs)
 };
 
 // Runs the agent until SHUTDOWN, or until *stop becomes true (checked every 100 ms). Returns
@@ -91,6 +96,10 @@ class AgentClient {
   // Asks the agent to rebuild its node's snapshot from its peers; returns the version rebuilt.
   StatusOr<uint64_t> Rebuild();
   Status Shutdown();
+  // Test hook (agent started with test_hooks): corrupts the fragments the agent holds of node
+  // `owner` (only version `version` when given) in place; returns "v:i,..." (version:fragment).
+  StatusOr<std::string> CorruptHeldFragmentsForTest(int owner,
+                                                    std::optional<uint64_t> version = {});
 
   double timeout_s = 60;  // every request's reply deadline (REBUILD and COMMIT wait on peers)
 

@@ -147,4 +147,12 @@ StatusOr<uint64_t> AgentClient::Rebuild() {
 
 Status AgentClient::Shutdown() { return Call("SHUTDOWN").status(); }
 
+StatusOr<std::string> AgentClient::CorruptHeldFragmentsForTest(int owner,
+                                                                std::optional<uint64_t> version) {
+  TANDEM_ASSIGN_OR_RETURN(auto w, Call(version ? StrCat("TEST_CORRUPT ", owner, " ", *version)
+                                               : StrCat("TEST_CORRUPT ", owner)));
+  if (w.size() != 1) return InternalError("agent: bad TEST_CORRUPT reply");
+  return w[0];
+}
+
 }  // namespace tandem::checkpoint

@@ -30,7 +30,8 @@ void PrintAgentHelp() {
       "  --peer-timeout S          every wait on a peer agent (default 30)\n"
       "  --heartbeat-timeout S     a rank silent this long is reported dead (default 10)\n"
       "  --shm-prefix NAME         shared-memory name prefix (default derived from uid and node)\n"
-      "  --log-level LEVEL         debug, info, warning, error (default info)\n");
+      "  --log-level LEVEL         debug, info, warning, error (default info)\n"
+      "  --test-hooks              serve TEST_CORRUPT (fault tests only)\n");
 }
 
 // Parses "--flag value" pairs into options; returns false (after printing why) on a bad one.
@@ -40,6 +41,10 @@ bool ParseAgentArgs(const Args& args, checkpoint::AgentOptions* o, bool* help) {
     if (a == "--help" || a == "-h") {
       *help = true;
       return true;
+    }
+    if (a == "--test-hooks") {  // the only flag without a value
+      o->test_hooks = true;
+      continue;
     }
     if (i + 1 >= args.size()) {
       std::fprintf(stderr, "tandem agent: '%s' needs a value (see --help)\n", a.c_str());

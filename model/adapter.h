@@ -66,6 +66,11 @@ class AdapterHooks {
 
   // Sets the adapter's gradients to zero.
   virtual Status ZeroGrads() = 0;
+
+  // Whether the adapter runs on a tensor-parallel model (ModelParallel::tp_size > 1): it then
+  // holds the slices of its weights that match the base's slices on this rank and does its own
+  // tp reductions (peft/adapter_set.h). LlamaModel refuses other adapters under tp.
+  virtual bool SupportsTensorParallel() const { return false; }
 };
 
 }  // namespace tandem::model

@@ -125,8 +125,10 @@ Status LlamaModel::PrepareBatch(const Batch& batch, bool need_targets, bool back
         "context parallelism (cp > 1): batch.positions must hold the global positions of this "
         "rank's zig-zag chunks");
   }
-  if (tp() && adapter_ != nullptr) {
-    return UnimplementedError("adapters (LoRA) with tensor parallelism (tp > 1) are not supported");
+  if (tp() && adapter_ != nullptr && !adapter_->SupportsTensorParallel()) {
+    return UnimplementedError(
+        "this adapter does not support tensor parallelism (tp > 1): only LoRA (peft::AdapterSet) "
+        "does; S2FT trains with tp = 1");
   }
   if (batch.adapter_ids.defined()) {  // [adapter] the adapter checks the values
     if (adapter_ == nullptr) {

@@ -4,6 +4,7 @@
 #include "ops/cpu/kernels.h"
 #include "ops/internal/op_util.h"
 #include "ops/ops.h"
+#include "ops/profiler.h"
 
 namespace tandem::ops {
 namespace {
@@ -41,6 +42,7 @@ Status Validate(Context& ctx, const Tensor& master, const Tensor& m, const Tenso
 
 Status AdamW(Context& ctx, Tensor& master, Tensor& m, Tensor& v, Tensor& model_weights,
              const Tensor& grad, const AdamWParams& p) {
+  ProfileScope profile(ctx, "optimizer");
   if (Status s = Validate(ctx, master, m, v, model_weights, grad, p); !s.ok()) return s;
   const int64_t n = master.numel();
   if (n == 0) return Status::Ok();

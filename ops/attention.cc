@@ -5,6 +5,7 @@
 #include "ops/cpu/kernels.h"
 #include "ops/internal/op_util.h"
 #include "ops/ops.h"
+#include "ops/profiler.h"
 
 namespace tandem::ops {
 namespace {
@@ -75,6 +76,18 @@ std::string DescribeShape(const cpu::AttentionShape& s) {
                 ", D=", s.head_dim);
 }
 #endif
+
+// Floating-point operations of one attention call for the profiler (ops/profiler.h): 4 * D per
+// visible (query, key) pair and query head in the forward (q.k and p.v), 2.5 times that in the
+// backward (s recomputed, dv, dp, dq, dk). 0 with segment ids (the visible pairs are not known
+// without reading them) or when q is not [B, T, Hq, D] (validation will say so).
+double AttentionFlops(const Tensor& q, bool causal, bool has_segments, bool backward) {
+  if (has_segments || !q.defined() || q.ndim() != 4) return 0.0;
+  const double t = static_cast<double>(q.dim(1));
+  const double pairs = causal ? t * (t + 1) / 2 : t * t;
+  const double fwd = 4.0 * static_cast<double>(q.dim(0) * q.dim(2) * q.dim(3)) * pairs;
+  return backward ? 2.5 * fwd : fwd;
+}
 
 Status ForwardImpl(const char* op, Context& ctx, Tensor& out, Tensor& lse, const Tensor& q,
                    const Tensor& k, const Tensor& v, float scale, const Tensor& segment_ids,
@@ -149,18 +162,26 @@ Status BackwardImpl(const char* op, Context& ctx, Tensor& dq, Tensor& dk, Tensor
 
 Status AttentionForward(Context& ctx, Tensor& out, Tensor& lse, const Tensor& q, const Tensor& k,
                         const Tensor& v, float scale, const Tensor& segment_ids) {
+  ProfileScope profile(ctx, "attention_fwd");
+  if (profile.active()) profile.AddFlops(AttentionFlops(q, true, segment_ids.defined(), false));
   return ForwardImpl("AttentionForward", ctx, out, lse, q, k, v, scale, segment_ids, true);
 }
 
 Status AttentionBackward(Context& ctx, Tensor& dq, Tensor& dk, Tensor& dv, const Tensor& dout,
                          const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
                          const Tensor& lse, float scale, const Tensor& segment_ids) {
+  ProfileScope profile(ctx, "attention_bwd");
+  if (profile.active()) profile.AddFlops(AttentionFlops(q, true, segment_ids.defined(), true));
   return BackwardImpl("AttentionBackward", ctx, dq, dk, dv, dout, q, k, v, out, lse, scale,
                       segment_ids, true);
 }
 
 Status AttentionBlockForward(Context& ctx, Tensor& out, Tensor& lse, const Tensor& q,
                              const Tensor& k, const Tensor& v, float scale, AttentionMask mask) {
+  ProfileScope profile(ctx, "attention_fwd");
+  if (profile.active()) {
+    profile.AddFlops(AttentionFlops(q, mask == AttentionMask::kCausal, false, false));
+  }
   return ForwardImpl("AttentionBlockForward", ctx, out, lse, q, k, v, scale, Tensor(),
                      mask == AttentionMask::kCausal);
 }
@@ -168,6 +189,10 @@ Status AttentionBlockForward(Context& ctx, Tensor& out, Tensor& lse, const Tenso
 Status AttentionBlockBackward(Context& ctx, Tensor& dq, Tensor& dk, Tensor& dv, const Tensor& dout,
                               const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
                               const Tensor& lse, float scale, AttentionMask mask) {
+  ProfileScope profile(ctx, "attention_bwd");
+  if (profile.active()) {
+    profile.AddFlops(AttentionFlops(q, mask == AttentionMask::kCausal, false, true));
+  }
   return BackwardImpl("AttentionBlockBackward", ctx, dq, dk, dv, dout, q, k, v, out, lse, scale,
                       Tensor(), mask == AttentionMask::kCausal);
 }

@@ -5,6 +5,7 @@
 #include "ops/cpu/kernels.h"
 #include "ops/internal/op_util.h"
 #include "ops/ops.h"
+#include "ops/profiler.h"
 
 namespace tandem::ops {
 namespace {
@@ -81,6 +82,7 @@ Status MoveChunks(const char* op, Context& ctx, const Tensor& chunked, const Ten
 
 Status AttentionMerge(Context& ctx, Tensor& out_acc, Tensor& lse_acc, const Tensor& out_blk,
                       const Tensor& lse_blk) {
+  ProfileScope profile(ctx, "attention_fwd");
   internal::OpChecker chk("AttentionMerge", ctx);
   if (!chk.Ranked(out_acc, "out_acc", 4)) return chk.status();
   const Dim b{"B", out_acc.dim(0)}, t{"T", out_acc.dim(1)}, h{"H", out_acc.dim(2)},
@@ -107,10 +109,12 @@ Status AttentionMerge(Context& ctx, Tensor& out_acc, Tensor& lse_acc, const Tens
 }
 
 Status ToChunkMajor(Context& ctx, Tensor& chunked, const Tensor& x) {
+  ProfileScope profile(ctx, "elementwise");
   return MoveChunks("ToChunkMajor", ctx, chunked, x, /*to_chunk_major=*/true);
 }
 
 Status FromChunkMajor(Context& ctx, Tensor& x, const Tensor& chunked) {
+  ProfileScope profile(ctx, "elementwise");
   return MoveChunks("FromChunkMajor", ctx, chunked, x, /*to_chunk_major=*/false);
 }
 

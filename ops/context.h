@@ -22,6 +22,7 @@ namespace tandem::ops {
 namespace internal {
 struct CudaResources;  // stream, cuBLASLt handle, workspace; see ops/internal/cuda_resources.h
 }
+class Profiler;  // ops/profiler.h
 
 class Context {
  public:
@@ -46,12 +47,18 @@ class Context {
 
   internal::CudaResources* cuda() { return cuda_.get(); }
 
+  // The profiler that times this context's ops (ops/profiler.h), or null (the default: each op
+  // then pays one pointer test). Not owned; Profiler::Begin/End attach and detach it.
+  Profiler* profiler() const { return profiler_; }
+  void set_profiler(Profiler* profiler) { profiler_ = profiler; }
+
  private:
   Context() = default;
   Device device_;
   Allocator* allocator_ = nullptr;
   std::unique_ptr<Allocator> owned_allocator_;
   std::unique_ptr<internal::CudaResources> cuda_;
+  Profiler* profiler_ = nullptr;
 };
 
 }  // namespace tandem::ops

@@ -4,6 +4,7 @@
 #include "ops/cpu/kernels.h"
 #include "ops/internal/op_util.h"
 #include "ops/ops.h"
+#include "ops/profiler.h"
 
 namespace tandem::ops {
 namespace {
@@ -46,6 +47,7 @@ Status Validate(Context& ctx, const Tensor& losses, const Tensor& dlogits, const
 
 Status CrossEntropy(Context& ctx, Tensor& losses, Tensor& dlogits, const Tensor& logits,
                     const Tensor& targets, float grad_scale) {
+  ProfileScope profile(ctx, "loss");
   if (Status s = Validate(ctx, losses, dlogits, logits, targets, grad_scale); !s.ok()) return s;
   const int64_t rows = logits.dim(0), vocab = logits.dim(1);
   if (rows == 0) return Status::Ok();

@@ -4,6 +4,7 @@
 #include "ops/cpu/kernels.h"
 #include "ops/internal/op_util.h"
 #include "ops/ops.h"
+#include "ops/profiler.h"
 
 namespace tandem::ops {
 namespace {
@@ -31,6 +32,7 @@ Status Launched(cudaError_t err, const char* op, Context& ctx, const char* name,
 }  // namespace
 
 Status SumSquares(Context& ctx, Tensor& out, const Tensor& x) {
+  ProfileScope profile(ctx, "optimizer");
   internal::OpChecker chk("SumSquares", ctx);
   chk.ExpectContiguous(x, "x", kAllFloats);
   chk.Expect(out, "out", {{"1", 1}}, {DType::kF32}, Layout::Contiguous());
@@ -51,6 +53,7 @@ Status SumSquares(Context& ctx, Tensor& out, const Tensor& x) {
 }
 
 Status Add(Context& ctx, Tensor& out, const Tensor& a, const Tensor& b) {
+  ProfileScope profile(ctx, "elementwise");
   internal::OpChecker chk("Add", ctx);
   chk.ExpectContiguous(a, "a", kAllFloats);
   chk.ExpectContiguous(b, "b", {a.dtype()}) && RequireSameShape(chk, b, "b", a, "a");
@@ -69,6 +72,7 @@ Status Add(Context& ctx, Tensor& out, const Tensor& a, const Tensor& b) {
 }
 
 Status Cast(Context& ctx, Tensor& out, const Tensor& in) {
+  ProfileScope profile(ctx, "elementwise");
   internal::OpChecker chk("Cast", ctx);
   chk.ExpectContiguous(in, "in", kAllFloats);
   chk.ExpectContiguous(out, "out", kAllFloats) && RequireSameShape(chk, out, "out", in, "in");
@@ -86,6 +90,7 @@ Status Cast(Context& ctx, Tensor& out, const Tensor& in) {
 }
 
 Status Fill(Context& ctx, Tensor& out, float value) {
+  ProfileScope profile(ctx, "elementwise");
   internal::OpChecker chk("Fill", ctx);
   if (!chk.ExpectContiguous(out, "out", kAllDTypes)) return chk.status();
   if (out.numel() == 0) return Status::Ok();
@@ -101,6 +106,7 @@ Status Fill(Context& ctx, Tensor& out, float value) {
 }
 
 Status Scale(Context& ctx, Tensor& x, float s) {
+  ProfileScope profile(ctx, "elementwise");
   internal::OpChecker chk("Scale", ctx);
   if (!chk.ExpectContiguous(x, "x", kAllFloats)) return chk.status();
   if (x.numel() == 0) return Status::Ok();

@@ -2,6 +2,7 @@
 #include "ops/cpu/kernels.h"
 #include "ops/internal/op_util.h"
 #include "ops/ops.h"
+#include "ops/profiler.h"
 
 namespace tandem::ops {
 namespace {
@@ -48,6 +49,7 @@ Status ValidateBackward(Context& ctx, const Tensor& dtable, const Tensor& dout, 
 }  // namespace
 
 Status EmbeddingForward(Context& ctx, Tensor& out, const Tensor& ids, const Tensor& table) {
+  ProfileScope profile(ctx, "embedding");
   if (Status s = ValidateForward(ctx, out, ids, table); !s.ok()) return s;
   const int64_t n = ids.dim(0), v = table.dim(0), c = table.dim(1);
   if (out.numel() == 0) return Status::Ok();
@@ -67,6 +69,7 @@ Status EmbeddingForward(Context& ctx, Tensor& out, const Tensor& ids, const Tens
 }
 
 Status EmbeddingBackward(Context& ctx, Tensor& dtable, const Tensor& dout, const Tensor& ids) {
+  ProfileScope profile(ctx, "embedding");
   if (Status s = ValidateBackward(ctx, dtable, dout, ids); !s.ok()) return s;
   if (!dtable.defined() || dout.numel() == 0) return Status::Ok();  // frozen table, or no tokens
   const int64_t n = ids.dim(0), v = dtable.dim(0), c = dtable.dim(1);

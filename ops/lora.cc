@@ -6,6 +6,7 @@
 
 #include "ops/internal/lora_kernels.h"
 #include "ops/internal/op_util.h"
+#include "ops/profiler.h"
 
 namespace tandem::ops {
 namespace {
@@ -202,6 +203,7 @@ Status LoraCudaResult(cudaError_t err, const char* op, Context& ctx, const LoraS
 StatusOr<LoraSegments> LoraSegments::Create(Context& ctx, const std::vector<int32_t>& seg_start,
                                             const std::vector<int32_t>& seg_adapter,
                                             const std::vector<int32_t>& ranks) {
+  ProfileScope profile(ctx, "lora");
   TANDEM_RETURN_IF_ERROR(CheckSegmentInput(seg_start, seg_adapter, ranks));
   LoraSegments out;
   out.seg_start_ = seg_start;
@@ -308,6 +310,7 @@ StatusOr<LoraWeights> LoraWeights::Create(Context& ctx, int64_t in, int64_t out,
 
 Status LoraShrink(Context& ctx, Tensor& h, const Tensor& x, const LoraWeights& w,
                   const LoraSegments& segs, uint64_t dropout_seed) {
+  ProfileScope profile(ctx, "lora");
   TANDEM_RETURN_IF_ERROR(
       ValidateCall(ctx, "LoraShrink", w, segs, nullptr, {{"x", &x}}, {}, {{"h", &h}}));
   if (segs.h_numel() == 0) return Status::Ok();
@@ -327,6 +330,7 @@ Status LoraShrink(Context& ctx, Tensor& h, const Tensor& x, const LoraWeights& w
 
 Status LoraExpand(Context& ctx, Tensor& y, const Tensor& h, const LoraWeights& w,
                   const LoraSegments& segs) {
+  ProfileScope profile(ctx, "lora");
   TANDEM_RETURN_IF_ERROR(
       ValidateCall(ctx, "LoraExpand", w, segs, nullptr, {}, {{"y", &y}}, {{"h", &h}}));
   if (!y.defined()) return InvalidArgumentError("LoraExpand: tensor 'y' is undefined");
@@ -345,6 +349,7 @@ Status LoraExpand(Context& ctx, Tensor& y, const Tensor& h, const LoraWeights& w
 
 Status LoraExpandBackward(Context& ctx, Tensor& dh, const LoraWeights* grads, const Tensor& dy,
                           const Tensor& h, const LoraWeights& w, const LoraSegments& segs) {
+  ProfileScope profile(ctx, "lora");
   TANDEM_RETURN_IF_ERROR(ValidateCall(ctx, "LoraExpandBackward", w, segs, grads, {}, {{"dy", &dy}},
                                       {{"dh", &dh}, {"h", &h}}));
   if (!dy.defined()) return InvalidArgumentError("LoraExpandBackward: tensor 'dy' is undefined");
@@ -369,6 +374,7 @@ Status LoraExpandBackward(Context& ctx, Tensor& dh, const LoraWeights* grads, co
 Status LoraShrinkBackward(Context& ctx, Tensor& dx, const LoraWeights* grads, const Tensor& dh,
                           const Tensor& x, const LoraWeights& w, const LoraSegments& segs,
                           uint64_t dropout_seed) {
+  ProfileScope profile(ctx, "lora");
   // dx is [N, in]: validate it as an input-shaped tensor when given.
   if (dx.defined()) {
     TANDEM_RETURN_IF_ERROR(ValidateCall(ctx, "LoraShrinkBackward", w, segs, grads,
@@ -400,6 +406,7 @@ Status LoraShrinkBackward(Context& ctx, Tensor& dx, const LoraWeights* grads, co
 
 Status LoraDropout(Context& ctx, Tensor& y, const Tensor& x, uint64_t seed, float p,
                    bool accumulate) {
+  ProfileScope profile(ctx, "lora");
   internal::OpChecker chk("LoraDropout", ctx);
   if (!chk.Ranked(x, "x", 2)) return chk.status();
   const Dim n{"N", x.dim(0)}, c{"C", x.dim(1)};

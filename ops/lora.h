@@ -161,4 +161,11 @@ Status LoraShrinkBackward(Context& ctx, Tensor& dx, const LoraWeights* grads, co
 Status LoraDropout(Context& ctx, Tensor& y, const Tensor& x, uint64_t seed, float p,
                    bool accumulate);
 
+// LoraDropout with the mask of other rows and columns: row i of x takes the mask of row
+// row_ids[i] (i64 [N], contiguous, on ctx's device; undefined: row i) and column c the mask of
+// column col_offset + c. For a rank that holds some tokens and input columns of a larger batch
+// (data, context and tensor parallelism), so that its mask equals that of the whole batch.
+Status LoraDropoutAt(Context& ctx, Tensor& y, const Tensor& x, uint64_t seed, float p,
+                     bool accumulate, const Tensor& row_ids, int64_t col_offset);
+
 }  // namespace tandem::ops

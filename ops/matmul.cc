@@ -2,6 +2,7 @@
 #include "ops/cpu/kernels.h"
 #include "ops/internal/op_util.h"
 #include "ops/ops.h"
+#include "ops/profiler.h"
 
 namespace tandem::ops {
 namespace {
@@ -71,10 +72,15 @@ Status MatmulCuda(Context& ctx, Tensor& c, const Tensor& a, const Tensor& b, boo
 
 Status Matmul(Context& ctx, Tensor& c, const Tensor& a, const Tensor& b, bool trans_a, bool trans_b,
               float alpha, float beta) {
+  ProfileScope profile(ctx, "gemm");
   const StatusOr<GemmDims> dims = ValidateMatmul(ctx, c, a, b, trans_a, trans_b);
   if (!dims.ok()) return dims.status();
   const GemmDims& d = *dims;
   if (d.m == 0 || d.n == 0) return Status::Ok();
+  if (profile.active()) {
+    profile.AddFlops(2.0 * static_cast<double>(d.m) * static_cast<double>(d.n) *
+                     static_cast<double>(d.k));
+  }
 #ifdef TANDEM_WITH_CUDA
   if (ctx.is_cuda()) return MatmulCuda(ctx, c, a, b, trans_a, trans_b, alpha, beta, d);
 #endif

@@ -5,6 +5,7 @@
 
 #include "ops/internal/op_util.h"
 #include "ops/internal/paged_attention_kernels.h"
+#include "ops/profiler.h"
 
 namespace tandem::ops {
 namespace {
@@ -37,6 +38,7 @@ PagedShape MakeShape(const Tensor& kv, int64_t tokens, int64_t q_heads, int64_t 
 
 Status PagedKvWrite(Context& ctx, Tensor& kv, const Tensor& k, const Tensor& v, const Tensor& slot,
                     int64_t block_tokens) {
+  ProfileScope profile(ctx, "paged_attention");
   internal::OpChecker chk("PagedKvWrite", ctx);
   if (!chk.Ranked(k, "k", 3)) return chk.status();
   const Dim n{"N", k.dim(0)}, hkv{"Hkv", k.dim(1)}, d{"D", k.dim(2)};
@@ -70,6 +72,7 @@ Status PagedKvWrite(Context& ctx, Tensor& kv, const Tensor& k, const Tensor& v, 
 Status PagedAttention(Context& ctx, Tensor& out, const Tensor& q, const Tensor& kv,
                       const Tensor& block_table, const Tensor& req, const Tensor& pos,
                       int64_t kv_heads, int64_t block_tokens, float scale) {
+  ProfileScope profile(ctx, "paged_attention");
   internal::OpChecker chk("PagedAttention", ctx);
   if (!chk.Ranked(q, "q", 3) || !chk.Ranked(block_table, "block_table", 2)) return chk.status();
   const Dim n{"N", q.dim(0)}, hq{"Hq", q.dim(1)}, d{"D", q.dim(2)};

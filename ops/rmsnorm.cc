@@ -4,6 +4,7 @@
 #include "ops/cpu/kernels.h"
 #include "ops/internal/op_util.h"
 #include "ops/ops.h"
+#include "ops/profiler.h"
 
 namespace tandem::ops {
 namespace {
@@ -42,6 +43,7 @@ Status ValidateBackward(Context& ctx, const Tensor& dx, const Tensor& dw, const 
 
 Status RmsNormForward(Context& ctx, Tensor& y, Tensor& rstd, const Tensor& x, const Tensor& w,
                       float eps) {
+  ProfileScope profile(ctx, "norm");
   if (Status s = ValidateForward(ctx, y, rstd, x, w, eps); !s.ok()) return s;
   const int64_t rows = x.dim(0), cols = x.dim(1);
   if (rows == 0) return Status::Ok();
@@ -63,6 +65,7 @@ Status RmsNormForward(Context& ctx, Tensor& y, Tensor& rstd, const Tensor& x, co
 
 Status RmsNormBackward(Context& ctx, Tensor& dx, Tensor& dw, const Tensor& dy, const Tensor& x,
                        const Tensor& w, const Tensor& rstd, bool accumulate_dx) {
+  ProfileScope profile(ctx, "norm");
   if (Status s = ValidateBackward(ctx, dx, dw, dy, x, w, rstd); !s.ok()) return s;
   const int64_t rows = x.dim(0), cols = x.dim(1);
   if (rows == 0) return Status::Ok();

@@ -2,6 +2,7 @@
 #include "ops/cpu/kernels.h"
 #include "ops/internal/op_util.h"
 #include "ops/ops.h"
+#include "ops/profiler.h"
 
 namespace tandem::ops {
 namespace {
@@ -27,6 +28,7 @@ Status ValidateRope(Context& ctx, const Tensor& y, const Tensor& x, const Tensor
 
 Status Rope(Context& ctx, Tensor& y, const Tensor& x, const Tensor& positions,
             const Tensor& inv_freq, bool inverse) {
+  ProfileScope profile(ctx, "rope");
   if (Status s = ValidateRope(ctx, y, x, positions, inv_freq); !s.ok()) return s;
   const int64_t tokens = x.dim(0), heads = x.dim(1), head_dim = x.dim(2);
   if (x.numel() == 0) return Status::Ok();

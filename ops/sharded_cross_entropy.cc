@@ -4,6 +4,7 @@
 #include "ops/cpu/kernels.h"
 #include "ops/internal/op_util.h"
 #include "ops/ops.h"
+#include "ops/profiler.h"
 
 namespace tandem::ops {
 namespace {
@@ -43,6 +44,7 @@ void CheckCommon(internal::OpChecker& chk, Context& ctx, const Tensor& logits,
 
 Status ShardedCrossEntropyPartials(Context& ctx, Tensor& partials, const Tensor& logits,
                                    const Tensor& targets, int64_t vocab_start, int64_t valid) {
+  ProfileScope profile(ctx, "loss");
   internal::OpChecker chk(kPartials, ctx);
   CheckCommon(chk, ctx, logits, targets, vocab_start, valid);
   if (!chk.ok()) return chk.status();
@@ -71,6 +73,7 @@ Status ShardedCrossEntropyFinish(Context& ctx, Tensor& losses, Tensor& dlogits,
                                  const Tensor& logits, const Tensor& all_partials,
                                  const Tensor& targets, int64_t vocab_start, int64_t valid,
                                  float grad_scale) {
+  ProfileScope profile(ctx, "loss");
   internal::OpChecker chk(kFinish, ctx);
   CheckCommon(chk, ctx, logits, targets, vocab_start, valid);
   if (!chk.ok() || !chk.Ranked(all_partials, "all_partials", 3)) return chk.status();

@@ -2,6 +2,7 @@
 #include "ops/cpu/kernels.h"
 #include "ops/internal/op_util.h"
 #include "ops/ops.h"
+#include "ops/profiler.h"
 
 namespace tandem::ops {
 namespace {
@@ -26,6 +27,7 @@ Status Validate(Context& ctx, const char* op, const Tensor& gate,
 }  // namespace
 
 Status SwigluForward(Context& ctx, Tensor& out, const Tensor& gate, const Tensor& up) {
+  ProfileScope profile(ctx, "swiglu");
   if (Status s = Validate(ctx, "SwigluForward", gate, {{&up, "up"}, {&out, "out"}}); !s.ok()) {
     return s;
   }
@@ -47,6 +49,7 @@ Status SwigluForward(Context& ctx, Tensor& out, const Tensor& gate, const Tensor
 
 Status SwigluBackward(Context& ctx, Tensor& dgate, Tensor& dup, const Tensor& dout,
                       const Tensor& gate, const Tensor& up) {
+  ProfileScope profile(ctx, "swiglu");
   if (Status s = Validate(ctx, "SwigluBackward", gate,
                           {{&up, "up"}, {&dout, "dout"}, {&dgate, "dgate"}, {&dup, "dup"}});
       !s.ok()) {

@@ -28,6 +28,57 @@ Status GradReducer::Layout() {
     buckets_.back().numel += n;
     bucket_of_[k] = static_cast<int>(buckets_.size()) - 1;
   }
+  in_place_ = PlaceInFlat();
+  if (in_place_) {
+    staging_ = Tensor();
+  } else {
+    TANDEM_RETURN_IF_ERROR(AllocateStaging());
+  }
+  if (overlap_ && event_ == nullptr) {
+    TANDEM_ASSIGN_OR_RETURN(CudaEventOwner e, CudaEventOwner::Create(ctx_.device().index, false));
+    event_ = std::make_unique<CudaEventOwner>(std::move(e));
+  }
+  return Status::Ok();
+}
+
+// Every bucket's members are contiguous f32 views into the flat buffer and the buckets' spans do
+// not overlap: then each bucket is the span [first element, last element) of its members.
+bool GradReducer::PlaceInFlat() {
+  const Tensor* flat = options_.flat_grads;
+  if (flat == nullptr || !flat->defined() || flat->dtype() != DType::kF32 ||
+      flat->device() != group_.device() || !flat->is_contiguous()) {
+    return false;
+  }
+  const float* base = flat->data<float>();
+  const int64_t total = flat->numel();
+  std::vector<std::pair<int64_t, int64_t>> spans;
+  for (Bucket& b : buckets_) {
+    int64_t lo = total, hi = 0;
+    for (size_t k : b.members) {
+      const Tensor& g = params_[k].grad;
+      if (g.dtype() != DType::kF32 || !g.is_contiguous() || g.storage() != flat->storage()) {
+        return false;
+      }
+      const int64_t at = g.data<float>() - base;
+      if (at < 0 || at + g.numel() > total) return false;
+      lo = std::min(lo, at);
+      hi = std::max(hi, at + g.numel());
+    }
+    spans.push_back({lo, hi});
+  }
+  std::vector<std::pair<int64_t, int64_t>> sorted = spans;
+  std::sort(sorted.begin(), sorted.end());
+  for (size_t i = 1; i < sorted.size(); ++i) {
+    if (sorted[i].first < sorted[i - 1].second) return false;  // a span inside another's
+  }
+  for (size_t i = 0; i < buckets_.size(); ++i) {
+    buckets_[i].offset = spans[i].first;
+    buckets_[i].numel = spans[i].second - spans[i].first;
+  }
+  return true;
+}
+
+Status GradReducer::AllocateStaging() {
   int64_t need = 0;
   for (Bucket& b : buckets_) {
     b.offset = overlap_ ? need : 0;
@@ -38,10 +89,6 @@ Status GradReducer::Layout() {
     staging_ = Tensor();
     TANDEM_ASSIGN_OR_RETURN(staging_,
                             Tensor::Empty({std::max<int64_t>(1, need)}, DType::kF32, alloc));
-  }
-  if (overlap_ && event_ == nullptr) {
-    TANDEM_ASSIGN_OR_RETURN(CudaEventOwner e, CudaEventOwner::Create(ctx_.device().index, false));
-    event_ = std::make_unique<CudaEventOwner>(std::move(e));
   }
   return Status::Ok();
 }
@@ -72,6 +119,13 @@ Status GradReducer::MarkReady(const std::vector<size_t>& params) {
 
 Status GradReducer::Issue(Bucket& bucket) {
   if (overlap_) return IssueOverlapped(bucket);
+  if (in_place_) {  // same device: ordered on the context stream, or after a host wait
+    Tensor span = options_.flat_grads->Slice(0, bucket.offset, bucket.offset + bucket.numel);
+    const bool same_stream = group_.stream() == ctx_.stream();
+    if (!same_stream) TANDEM_RETURN_IF_ERROR(ctx_.Synchronize());
+    TANDEM_RETURN_IF_ERROR(group_.AllReduce(span, ReduceOp::kSum));
+    return same_stream ? Status::Ok() : group_.Synchronize();
+  }
   const bool staged_on_host = group_.device() != ctx_.device();
   if (staged_on_host) TANDEM_RETURN_IF_ERROR(ctx_.Synchronize());
   int64_t off = bucket.offset;
@@ -97,6 +151,12 @@ Status GradReducer::Issue(Bucket& bucket) {
 // Copy in on the context stream, all-reduce on the group's stream after it; the copy back waits
 // for Finish().
 Status GradReducer::IssueOverlapped(Bucket& bucket) {
+  if (in_place_) {
+    TANDEM_RETURN_IF_ERROR(event_->Record(ctx_.stream()));
+    TANDEM_RETURN_IF_ERROR(event_->Wait(group_.stream()));
+    Tensor span = options_.flat_grads->Slice(0, bucket.offset, bucket.offset + bucket.numel);
+    return group_.AllReduce(span, ReduceOp::kSum);
+  }
   int64_t off = bucket.offset;
   for (size_t k : bucket.members) {
     const Tensor& g = params_[k].grad;
@@ -127,19 +187,30 @@ Status GradReducer::Finish() {
   if (overlap_) {  // the context stream waits for every all-reduce, then copies the sums back
     TANDEM_RETURN_IF_ERROR(event_->Record(group_.stream()));
     TANDEM_RETURN_IF_ERROR(event_->Wait(ctx_.stream()));
-    for (const Bucket& b : buckets_) TANDEM_RETURN_IF_ERROR(CopyBack(b));
+    if (!in_place_) {
+      for (const Bucket& b : buckets_) TANDEM_RETURN_IF_ERROR(CopyBack(b));
+    }
   }
   return ctx_.Synchronize();
 }
 
 namespace {
 
-// Sum of squares of `t` (f32, device) as a host double.
-StatusOr<double> SumSquaresHost(ops::Context& ctx, Tensor& acc, const Tensor& t) {
+// The sum of squares of each f32 device tensor, as host doubles: one f32 slot per tensor, one
+// copy to the host (no wait per tensor).
+StatusOr<std::vector<double>> SumSquaresEach(ops::Context& ctx, const std::vector<Tensor>& ts) {
+  std::vector<double> out(ts.size(), 0.0);
+  if (ts.empty()) return out;
+  const int64_t n = static_cast<int64_t>(ts.size());
+  TANDEM_ASSIGN_OR_RETURN(Tensor acc, Tensor::Empty({n}, DType::kF32, ctx.allocator()));
   TANDEM_RETURN_IF_ERROR(ops::Fill(ctx, acc, 0.0f));
-  TANDEM_RETURN_IF_ERROR(ops::SumSquares(ctx, acc, t));
-  TANDEM_ASSIGN_OR_RETURN(Tensor h, CopyToHostBlocking(acc));
-  return static_cast<double>(h.data<float>()[0]);
+  for (int64_t j = 0; j < n; ++j) {
+    Tensor slot = acc.Slice(0, j, j + 1);
+    TANDEM_RETURN_IF_ERROR(ops::SumSquares(ctx, slot, ts[j]));
+  }
+  TANDEM_ASSIGN_OR_RETURN(Tensor h, CopyToHostBlocking(acc));  // waits for the stream
+  for (int64_t j = 0; j < n; ++j) out[j] = static_cast<double>(h.data<float>()[j]);
+  return out;
 }
 
 StatusOr<double> SumOver(ops::Context& ctx, Communicator* comm, double local) {
@@ -155,13 +226,16 @@ StatusOr<double> SumOver(ops::Context& ctx, Communicator* comm, double local) {
 StatusOr<double> GlobalGradNormSquared(ops::Context& ctx,
                                        const std::vector<model::Parameter>& params,
                                        Communicator* tp) {
-  TANDEM_ASSIGN_OR_RETURN(Tensor acc, Tensor::Empty({1}, DType::kF32, ctx.allocator()));
-  double local = 0;
-  for (const model::Parameter& p : params) {
-    if (!p.trainable || !p.grad.defined()) continue;
-    TANDEM_ASSIGN_OR_RETURN(double s, SumSquaresHost(ctx, acc, p.grad));
-    local += s / p.tp_copies;
+  std::vector<size_t> with_grad;
+  std::vector<Tensor> grads;
+  for (size_t i = 0; i < params.size(); ++i) {
+    if (!params[i].trainable || !params[i].grad.defined()) continue;
+    with_grad.push_back(i);
+    grads.push_back(params[i].grad);
   }
+  TANDEM_ASSIGN_OR_RETURN(std::vector<double> sums, SumSquaresEach(ctx, grads));
+  double local = 0;
+  for (size_t j = 0; j < sums.size(); ++j) local += sums[j] / params[with_grad[j]].tp_copies;
   return SumOver(ctx, tp, local);
 }
 
@@ -228,12 +302,14 @@ Status ZeroOptimizer::ReduceScatterGrads() {
 }
 
 StatusOr<double> ZeroOptimizer::GlobalGradNormSquared(Communicator* tp) {
-  TANDEM_ASSIGN_OR_RETURN(Tensor acc, Tensor::Empty({1}, DType::kF32, ctx_.allocator()));
-  double local = 0;
+  std::vector<Tensor> parts;
   for (const Segment& s : segments_) {
-    const Tensor g = grad_shard_.Slice(0, s.begin - shard_begin_, s.end - shard_begin_);
-    TANDEM_ASSIGN_OR_RETURN(double v, SumSquaresHost(ctx_, acc, g));
-    local += v / model_.parameters()[s.param].tp_copies;
+    parts.push_back(grad_shard_.Slice(0, s.begin - shard_begin_, s.end - shard_begin_));
+  }
+  TANDEM_ASSIGN_OR_RETURN(std::vector<double> sums, SumSquaresEach(ctx_, parts));
+  double local = 0;
+  for (size_t j = 0; j < sums.size(); ++j) {
+    local += sums[j] / model_.parameters()[segments_[j].param].tp_copies;
   }
   TANDEM_ASSIGN_OR_RETURN(double over_group, SumOver(ctx_, &group_, local));
   return SumOver(ctx_, tp, over_group);

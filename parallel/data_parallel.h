@@ -11,8 +11,9 @@
 //
 // Buckets: the parameters with a gradient, in reverse index order (the order backward finishes
 // them), cut every bucket_bytes; a bucket is issued as soon as every gradient in it is final, and
-// buckets are issued in bucket order on every rank. Each bucket is copied into one f32 buffer,
-// summed over the group and copied back. On host communicators the calls are synchronous. On an
+// buckets are issued in bucket order on every rank. A bucket whose gradients lie in the model's
+// flat gradient buffer (GradReducerOptions::flat_grads) is summed in place; otherwise it is
+// copied into one f32 buffer, summed over the group and copied back. On host communicators the calls are synchronous. On an
 // NCCL group with a stream of its own, each bucket's all-reduce waits (CUDA event) for its
 // copy on the context stream and then runs on the group's stream while backward goes on; every
 // bucket has its own slice of the staging buffer, and Finish() makes the context stream wait for
@@ -37,6 +38,11 @@ namespace tandem::parallel {
 
 struct GradReducerOptions {
   int64_t bucket_bytes = 25 << 20;  // f32 bytes per bucket
+  // The model's flat f32 gradient buffer (LlamaModel::grads_flat(), read at each layout), or
+  // null. When every bucket's gradients are views into it on the communicator's device, each
+  // bucket is reduced in place over the range its members span (the zero padding between them
+  // included) and no staging buffer exists.
+  const Tensor* flat_grads = nullptr;
 };
 
 class GradReducer {
@@ -59,11 +65,14 @@ class GradReducer {
  private:
   struct Bucket {
     std::vector<size_t> members;
-    int64_t offset = 0;  // in staging_ (0 for every bucket unless overlapping)
-    int64_t numel = 0;
+    int64_t offset = 0;  // in staging_ (0 for every bucket unless overlapping), or in_place_:
+                         // in *flat_grads, the start of the range the members span
+    int64_t numel = 0;   // in_place_: the span's length
     int pending = 0;
   };
   Status Layout();
+  bool PlaceInFlat();  // in-place spans of every bucket when possible
+  Status AllocateStaging();  // staging_ for the buckets (copy in, reduce, copy back)
   Status Issue(Bucket& bucket);
   Status IssueOverlapped(Bucket& bucket);
   Status CopyBack(const Bucket& bucket);
@@ -79,6 +88,7 @@ class GradReducer {
   bool enabled_ = false;
   Tensor staging_;  // f32 on the communicator's device: the largest bucket, or all when overlapping
   bool overlap_ = false;                   // NCCL on a stream other than the context's
+  bool in_place_ = false;                  // buckets are spans of *options_.flat_grads
   std::unique_ptr<CudaEventOwner> event_;  // overlap_: orders the two streams
 };
 

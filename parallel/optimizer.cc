@@ -12,10 +12,10 @@ StatusOr<std::unique_ptr<ParallelOptimizer>> ParallelOptimizer::Create(
   std::unique_ptr<ParallelOptimizer> o(new ParallelOptimizer(ctx, model, groups, opts));
   o->adapter_params_ = adapter_params;
   collectives::Communicator* replicas = groups.dp_cp.get();
-  if (adapter_params != nullptr && (opts.zero || groups.shape.tp > 1)) {
+  if (adapter_params != nullptr && opts.zero) {
     return UnimplementedError(
-        "training an adapter (LoRA, S2FT) on a mesh supports dp and cp only: parallel.tp must "
-        "be 1 and parallel.zero 0");
+        "training an adapter (LoRA, S2FT) on a mesh: parallel.zero must be 0 (the adapter's "
+        "Adam moments are small; ZeRO-1 shards the model's flat buffers only)");
   }
   if (opts.zero) {
     if (replicas == nullptr) return InvalidArgumentError("ZeRO-1 needs the dp_cp group");
@@ -34,8 +34,10 @@ StatusOr<std::unique_ptr<ParallelOptimizer>> ParallelOptimizer::Create(
     }
   }
   if (replicas != nullptr && replicas->size() > 1) {
-    o->reducer_ = std::make_unique<GradReducer>(ctx, *replicas, params,
-                                                GradReducerOptions{opts.bucket_bytes});
+    GradReducerOptions ro;
+    ro.bucket_bytes = opts.bucket_bytes;
+    if (adapter_params == nullptr) ro.flat_grads = &model.grads_flat();  // reduced in place
+    o->reducer_ = std::make_unique<GradReducer>(ctx, *replicas, params, ro);
     GradReducer* r = o->reducer_.get();
     if (adapter_params == nullptr) {  // the model names its own parameters as they become final
       model.SetGradReadyCallback(

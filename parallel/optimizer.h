@@ -39,7 +39,8 @@ class ParallelOptimizer {
  public:
   // `groups`: dp_cp and tp are used (either may be null for size 1). `adapter_params`: null to
   // train the model's parameters; else the parameters of an attached adapter (LoRA, S2FT), which
-  // must outlive the optimizer: their gradients are reduced in FinishBackward (no ZeRO, no tp).
+  // must outlive the optimizer: their gradients are reduced in FinishBackward (no ZeRO; under tp
+  // the adapter does its own tp reductions and its parameters carry tp_copies for the norm).
   static StatusOr<std::unique_ptr<ParallelOptimizer>> Create(
       ops::Context& ctx, model::LlamaModel& model, const MeshGroups& groups,
       const ParallelOptimizerOptions& opts,

@@ -279,16 +279,27 @@ StatusOr<LoraConfig> LoadLoraConfig(const std::string& path) {
 Status SaveLoraAdapter(const LoraAdapter& adapter, const std::string& dir, DType dtype) {
   const internal::AdapterDirSpec spec{"SaveLoraAdapter", kAdapterWeightsFile, "pt",
                                       kAdapterConfigFile, LoraConfigToJson(adapter.config())};
+  if (adapter.parallel().tp_size <= 1) {
+    return internal::WriteAdapterDir(spec, dir, dtype, adapter.parameters(),
+                                     [&](size_t i) { return adapter.ToHost(i); });
+  }
+  std::vector<Tensor> whole;  // every tp rank takes part in each gather, in parameter order
+  for (size_t i = 0; i < adapter.parameters().size(); ++i) {
+    TANDEM_ASSIGN_OR_RETURN(Tensor t, adapter.GatherToHost(i));
+    whole.push_back(std::move(t));
+  }
+  if (adapter.parallel().tp_rank != 0) return Status::Ok();
   return internal::WriteAdapterDir(spec, dir, dtype, adapter.parameters(),
-                                   [&](size_t i) { return adapter.ToHost(i); });
+                                   [&](size_t i) -> StatusOr<Tensor> { return whole[i]; });
 }
 
 StatusOr<std::unique_ptr<LoraAdapter>> LoadLoraAdapter(ops::Context& ctx,
                                                        const model::LlamaConfig& base,
-                                                       const std::string& dir) {
+                                                       const std::string& dir,
+                                                       const LoraParallel& parallel) {
   TANDEM_ASSIGN_OR_RETURN(LoraConfig config, LoadLoraConfig(dir));
   const std::string config_path = StrCat(dir, "/", kAdapterConfigFile);
-  StatusOr<std::unique_ptr<LoraAdapter>> made = LoraAdapter::Create(ctx, base, config);
+  StatusOr<std::unique_ptr<LoraAdapter>> made = LoraAdapter::Create(ctx, base, config, parallel);
   if (!made.ok()) return made.status().WithContext(config_path);
   std::unique_ptr<LoraAdapter> adapter = std::move(made).value();
   const std::string path = StrCat(dir, "/", kAdapterWeightsFile);
@@ -317,10 +328,10 @@ StatusOr<std::unique_ptr<LoraAdapter>> LoadLoraAdapter(ops::Context& ctx,
       return NotFoundError(StrCat(path, ": missing tensor '", p.name, "' (", t.module,
                                   " is a target of ", config_path, ")"));
     }
-    if (info->shape != p.master.shape()) {
+    if (info->shape != p.logical_shape) {
       return InvalidArgumentError(StrCat(path, ": tensor '", p.name, "' has shape ",
                                          ShapeToString(info->shape), ", expected ",
-                                         ShapeToString(p.master.shape()), " (rank ", t.rank,
+                                         ShapeToString(p.logical_shape), " (rank ", t.rank,
                                          " from ", config_path, ", in=", t.in, ", out=", t.out,
                                          " from the base model): the adapter was made for a "
                                          "different base model or rank"));
@@ -328,8 +339,8 @@ StatusOr<std::unique_ptr<LoraAdapter>> LoadLoraAdapter(ops::Context& ctx,
   }
   for (size_t i = 0; i < adapter->parameters().size(); ++i) {
     const model::Parameter& p = adapter->parameters()[i];
-    TANDEM_ASSIGN_OR_RETURN(Tensor host, file.GetFloat(p.name, p.master.shape()));
-    TANDEM_RETURN_IF_ERROR(adapter->SetFromHost(i, host));
+    TANDEM_ASSIGN_OR_RETURN(Tensor host, file.GetFloat(p.name, p.logical_shape));
+    TANDEM_RETURN_IF_ERROR(adapter->SetFromLogicalHost(i, host));
   }
   return adapter;
 }

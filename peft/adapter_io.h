@@ -48,13 +48,18 @@ StatusOr<LoraConfig> ParseLoraConfigJson(const std::string& text, const std::str
 // Reads <dir>/adapter_config.json (or a .json path).
 StatusOr<LoraConfig> LoadLoraConfig(const std::string& path);
 
-// Writes <dir>/adapter_config.json and <dir>/adapter_model.safetensors; creates dir.
+// Writes <dir>/adapter_config.json and <dir>/adapter_model.safetensors; creates dir. Under tensor
+// parallelism (adapter.parallel().tp_size > 1) a collective over the tp group: every tp rank
+// calls it, the sliced tensors are gathered and tp rank 0 writes the whole adapter (`dir` is not
+// touched on the other ranks).
 Status SaveLoraAdapter(const LoraAdapter& adapter, const std::string& dir,
                        DType dtype = DType::kF32);
 
-// Reads an adapter directory for a model of architecture `base` on ctx's device.
+// Reads an adapter directory for a model of architecture `base` on ctx's device; under
+// parallel.tp_size > 1 each rank keeps its slices (peft/lora.h).
 StatusOr<std::unique_ptr<LoraAdapter>> LoadLoraAdapter(ops::Context& ctx,
                                                        const model::LlamaConfig& base,
-                                                       const std::string& dir);
+                                                       const std::string& dir,
+                                                       const LoraParallel& parallel = {});
 
 }  // namespace tandem::peft

@@ -2,6 +2,8 @@
 // adapter serves every token) or the segmented multi-adapter kernels (ops/lora.h).
 #include "peft/adapter_set.h"
 
+#include <algorithm>
+
 #include "core/rng.h"
 #include "ops/ops.h"
 
@@ -46,8 +48,9 @@ StatusOr<bool> TargetTrainable(const LoraAdapter& ad, int target) {
 
 }  // namespace
 
-AdapterSet::AdapterSet(ops::Context& ctx, const model::LlamaConfig& base)
-    : ctx_(ctx), base_(base), dropout_seed_(DeriveSeed(0, 0, "lora_dropout")) {
+AdapterSet::AdapterSet(ops::Context& ctx, const model::LlamaConfig& base,
+                       const LoraParallel& parallel)
+    : ctx_(ctx), base_(base), parallel_(parallel), dropout_seed_(DeriveSeed(0, 0, "lora_dropout")) {
   if (base_.num_key_value_heads == 0) base_.num_key_value_heads = base_.num_attention_heads;
   if (base_.head_dim == 0 && base_.num_attention_heads > 0) {
     base_.head_dim = base_.hidden_size / base_.num_attention_heads;
@@ -74,6 +77,12 @@ StatusOr<int> AdapterSet::Add(std::unique_ptr<LoraAdapter> adapter) {
   }
   if (&adapter->context() != &ctx_) {
     return InvalidArgumentError("AdapterSet::Add: the adapter lives on another ops::Context");
+  }
+  const LoraParallel& tp = adapter->parallel();
+  if (tp.tp_size != parallel_.tp_size || tp.tp_rank != parallel_.tp_rank) {
+    return InvalidArgumentError(StrCat(
+        "AdapterSet::Add: the adapter is sliced for tp rank ", tp.tp_rank, " of ", tp.tp_size,
+        "; this set runs on tp rank ", parallel_.tp_rank, " of ", parallel_.tp_size));
   }
   adapters_.push_back(std::move(adapter));
   for (Tables& t : tables_) t = Tables();  // rebuilt with the new adapter on first use
@@ -124,6 +133,7 @@ Status AdapterSet::BeginBatch(const model::Batch& batch, bool training) {
     batch_seed_ = SplitMix64(dropout_seed_ ^ SplitMix64(batch_counter_));
     ++batch_counter_;
   }
+  TANDEM_RETURN_IF_ERROR(BuildRowIds(B, T));
   // The tables' gradient entries follow the parameters' trainable flags: rebuild when they change.
   std::vector<bool> signature;
   for (const auto& a : adapters_) {
@@ -136,13 +146,48 @@ Status AdapterSet::BeginBatch(const model::Batch& batch, bool training) {
   return Status::Ok();
 }
 
+// Local token (b, t) is global token (dp_rank B + b, t_global) of a global batch of sequences of
+// T cp tokens; under cp, local tokens [0, T/2) are zig-zag chunk cp_rank and [T/2, T) chunk
+// 2 cp - 1 - cp_rank (parallel/ring_attention.h). Needed only for dropout in training.
+Status AdapterSet::BuildRowIds(int64_t B, int64_t T) {
+  row_ids_ = Tensor();
+  bool dropout = false;
+  for (const auto& a : adapters_) dropout = dropout || a->config().dropout > 0.0;
+  const int64_t cp = parallel_.cp_size;
+  if (!training_ || !dropout || (parallel_.dp_rank == 0 && cp == 1)) return Status::Ok();
+  if (cp > 1 && T % 2 != 0) {
+    return InvalidArgumentError(StrCat("AdapterSet: under context parallelism (cp ", cp,
+                                       ") a rank's sequence holds two equal zig-zag chunks, ",
+                                       "found ", T, " tokens"));
+  }
+  const int64_t tg = T * cp, tc = T / 2;
+  Tensor host = Tensor::Cpu({B * T}, DType::kI64);
+  int64_t* ids = host.data<int64_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t row0 = (parallel_.dp_rank * B + b) * tg;
+    for (int64_t t = 0; t < T; ++t) {
+      int64_t pos = t;
+      if (cp > 1) {
+        const int64_t chunk = t < tc ? parallel_.cp_rank : 2 * cp - 1 - parallel_.cp_rank;
+        pos = chunk * tc + t % tc;
+      }
+      ids[b * T + t] = row0 + pos;
+    }
+  }
+  TANDEM_ASSIGN_OR_RETURN(row_ids_, Tensor::Empty({B * T}, DType::kI64, ctx_.allocator()));
+  TANDEM_RETURN_IF_ERROR(CopyTensor(row_ids_, host, ctx_.stream()));
+  return ctx_.Synchronize();  // `host` dies here
+}
+
 uint64_t AdapterSet::CallSeed(int64_t layer, model::Projection proj) const {
   return SplitMix64(batch_seed_ ^ static_cast<uint64_t>(layer * model::kNumProjections +
                                                         static_cast<int>(proj) + 1));
 }
 
 Status AdapterSet::BuildTables(int64_t layer, model::Projection proj, Tables& t) {
-  const auto [in, out] = ProjectionShape(base_, proj);
+  TANDEM_ASSIGN_OR_RETURN(const LoraSlice slice,
+                          LoraSliceFor(base_, proj, parallel_.tp_rank, parallel_.tp_size));
+  const int64_t in = slice.in, out = slice.out;  // this tp rank's
   std::vector<ops::LoraWeights::Entry> train, eval, grads;
   t.ranks.assign(size(), 0);
   for (int a = 0; a < size(); ++a) {
@@ -202,6 +247,18 @@ StatusOr<AdapterSet::Call> AdapterSet::PrepareCall(int64_t layer, model::Project
     c.target = adapters_[c.single]->Find(layer, proj);
     return c;
   }
+  if (parallel_.tp_size > 1) {
+    return UnimplementedError(
+        StrCat("AdapterSet under tensor parallelism (tp ", parallel_.tp_size,
+               "): one adapter "
+               "(or the base) must serve every sequence of a batch; this batch has ",
+               seg_adapter_.size(), " segments of different adapters"));
+  }
+  if (row_ids_.defined()) {
+    return UnimplementedError(
+        "AdapterSet: training a batch that mixes adapters with dropout on a dp rank > 0 or under "
+        "context parallelism (the segmented kernels index dropout by local rows)");
+  }
   TANDEM_ASSIGN_OR_RETURN(c.segs, SegmentsFor(ranks));
   return c;
 }
@@ -234,10 +291,36 @@ Status AdapterSet::ProjectionBackward(int64_t layer, model::Projection proj, con
   return ops::LoraShrinkBackward(ctx_, dx, &c.tables->grads, dh, x, w, *c.segs, c.seed);
 }
 
-// One adapter serves every token: h = drop(x) A^T and y += s h B^T as GEMMs.
+Status AdapterSet::Dropout(const Call& c, Tensor& y, const Tensor& x, float p, int64_t col_offset,
+                           bool accumulate) {
+  return ops::LoraDropoutAt(ctx_, y, x, c.seed, p, accumulate, row_ids_, col_offset);
+}
+
+Status AdapterSet::AddTpSum(Tensor& grad, int64_t rows, int64_t cols, int share) {
+  const int64_t n = rows * cols, tp = parallel_.tp_size;
+  Tensor partial = sum_scratch_.Slice(0, 0, n);
+  TANDEM_RETURN_IF_ERROR(EnsureBuffer(
+      ctx_, sum_gather_, std::max<int64_t>(sum_gather_.defined() ? sum_gather_.numel() : 0, tp * n),
+      DType::kF32));
+  Tensor all = sum_gather_.Slice(0, 0, tp * n);
+  TANDEM_RETURN_IF_ERROR(parallel_.hooks->TpAllGather(all, partial));
+  const int64_t first = parallel_.tp_rank / share * share;
+  TANDEM_RETURN_IF_ERROR(
+      CopyTensor(partial, all.Slice(0, first * n, (first + 1) * n), ctx_.stream()));
+  for (int64_t r = first + 1; r < first + share; ++r) {  // tp rank order: the same bits everywhere
+    TANDEM_RETURN_IF_ERROR(ops::Add(ctx_, partial, partial, all.Slice(0, r * n, (r + 1) * n)));
+  }
+  Tensor flat = grad.View({n});
+  return ops::Add(ctx_, flat, flat, partial);
+}
+
+// One adapter serves every token: h = drop(x) A^T and y += s h B^T as GEMMs. Under tp the
+// adapter's slices make this rank's column block of y (column parallel) or its partial sum
+// (row parallel; the model all-reduces it).
 Status AdapterSet::SingleForward(const Call& c, const Tensor& x, Tensor& y) {
   const LoraAdapter& ad = *adapters_[c.single];
   const LoraTarget& t = ad.targets()[c.target];
+  const LoraSlice& sl = ad.slice(c.target);
   const float p = training_ ? static_cast<float>(ad.config().dropout) : 0.0f;
   const int64_t N = num_tokens_;
   Tensor& h = h_[c.index];
@@ -245,44 +328,68 @@ Status AdapterSet::SingleForward(const Call& c, const Tensor& x, Tensor& y) {
   Tensor h2 = h.View({N, t.rank});
   Tensor x_in = x;
   if (p > 0.0f) {
-    TANDEM_ASSIGN_OR_RETURN(x_in, Tensor::Empty({N, t.in}, x.dtype(), ctx_.allocator()));
-    TANDEM_RETURN_IF_ERROR(ops::LoraDropout(ctx_, x_in, x, c.seed, p, false));
+    TANDEM_ASSIGN_OR_RETURN(x_in, Tensor::Empty({N, sl.in}, x.dtype(), ctx_.allocator()));
+    TANDEM_RETURN_IF_ERROR(Dropout(c, x_in, x, p, sl.in_offset, false));
   }
   TANDEM_RETURN_IF_ERROR(ops::Matmul(ctx_, h2, x_in, ad.a(c.target).weight, false, true));
   return ops::Matmul(ctx_, y, h2, ad.b(c.target).weight, false, true, t.scale, 1.0f);
 }
 
-// dh = s dy B; dB += s dy^T h; dA += dh^T drop(x); dx += drop(dh A).
+// dh = s dy B; dB += s dy^T h; dA += dh^T drop(x); dx += drop(dh A). Under tp the replicated
+// factor's gradient (A column parallel, B row parallel) is a partial sum here: it is summed over
+// the tp group; B rows of a kv head shared by several ranks are summed over those ranks.
 Status AdapterSet::SingleBackward(const Call& c, const Tensor& x, const Tensor& dy, Tensor& dx) {
   const LoraAdapter& ad = *adapters_[c.single];
   const LoraTarget& t = ad.targets()[c.target];
+  const LoraSlice& sl = ad.slice(c.target);
   const float p = training_ ? static_cast<float>(ad.config().dropout) : 0.0f;
-  const int64_t N = num_tokens_;
+  const int64_t N = num_tokens_, r = t.rank;
+  const int tp = parallel_.tp_size;
   const Tensor& h = h_[c.index];
-  if (!h.defined() || h.numel() != N * t.rank) {
+  if (!h.defined() || h.numel() != N * r) {
     return FailedPreconditionError("AdapterSet: ProjectionBackward without a matching forward");
   }
-  const Tensor h2 = h.View({N, t.rank});
+  const Tensor h2 = h.View({N, r});
   const Tensor& A = ad.a(c.target).weight;  // [r, in]
   const Tensor& B = ad.b(c.target).weight;  // [out, r]
-  TANDEM_ASSIGN_OR_RETURN(Tensor dh, Tensor::Empty({N, t.rank}, x.dtype(), ctx_.allocator()));
+  TANDEM_ASSIGN_OR_RETURN(Tensor dh, Tensor::Empty({N, r}, x.dtype(), ctx_.allocator()));
   TANDEM_RETURN_IF_ERROR(ops::Matmul(ctx_, dh, dy, B, false, false, t.scale, 0.0f));
   TANDEM_ASSIGN_OR_RETURN(const bool trainable, TargetTrainable(ad, c.target));
   Tensor x_in = x;
   if (p > 0.0f && (trainable || dx.defined())) {
-    TANDEM_ASSIGN_OR_RETURN(x_in, Tensor::Empty({N, t.in}, x.dtype(), ctx_.allocator()));
-    if (trainable) TANDEM_RETURN_IF_ERROR(ops::LoraDropout(ctx_, x_in, x, c.seed, p, false));
+    TANDEM_ASSIGN_OR_RETURN(x_in, Tensor::Empty({N, sl.in}, x.dtype(), ctx_.allocator()));
+    if (trainable) TANDEM_RETURN_IF_ERROR(Dropout(c, x_in, x, p, sl.in_offset, false));
   }
   if (trainable) {
     Tensor dB = ad.b(c.target).grad, dA = ad.a(c.target).grad;
-    TANDEM_RETURN_IF_ERROR(ops::Matmul(ctx_, dB, dy, h2, true, false, t.scale, 1.0f));
-    TANDEM_RETURN_IF_ERROR(ops::Matmul(ctx_, dA, dh, x_in, true, false, 1.0f, 1.0f));
+    const int b_share = sl.row_parallel ? tp : sl.out_copies;  // ranks whose dB partials add up
+    const int a_share = sl.row_parallel ? 1 : tp;
+    if (b_share > 1 || a_share > 1) {
+      TANDEM_RETURN_IF_ERROR(EnsureBuffer(
+          ctx_, sum_scratch_,
+          std::max({sum_scratch_.defined() ? sum_scratch_.numel() : 0, sl.out * r, r * sl.in}),
+          DType::kF32));
+    }
+    if (b_share > 1) {
+      Tensor part = sum_scratch_.Slice(0, 0, sl.out * r).View({sl.out, r});
+      TANDEM_RETURN_IF_ERROR(ops::Matmul(ctx_, part, dy, h2, true, false, t.scale, 0.0f));
+      TANDEM_RETURN_IF_ERROR(AddTpSum(dB, sl.out, r, b_share));
+    } else {
+      TANDEM_RETURN_IF_ERROR(ops::Matmul(ctx_, dB, dy, h2, true, false, t.scale, 1.0f));
+    }
+    if (a_share > 1) {
+      Tensor part = sum_scratch_.Slice(0, 0, r * sl.in).View({r, sl.in});
+      TANDEM_RETURN_IF_ERROR(ops::Matmul(ctx_, part, dh, x_in, true, false, 1.0f, 0.0f));
+      TANDEM_RETURN_IF_ERROR(AddTpSum(dA, r, sl.in, a_share));
+    } else {
+      TANDEM_RETURN_IF_ERROR(ops::Matmul(ctx_, dA, dh, x_in, true, false, 1.0f, 1.0f));
+    }
   }
   if (!dx.defined()) return Status::Ok();
   if (p == 0.0f) return ops::Matmul(ctx_, dx, dh, A, false, false, 1.0f, 1.0f);
   Tensor& tmp = x_in;  // reuse: drop(x) is no longer needed
   TANDEM_RETURN_IF_ERROR(ops::Matmul(ctx_, tmp, dh, A, false, false));
-  return ops::LoraDropout(ctx_, dx, tmp, c.seed, p, /*accumulate=*/true);
+  return Dropout(c, dx, tmp, p, sl.in_offset, /*accumulate=*/true);
 }
 
 }  // namespace tandem::peft

@@ -27,6 +27,18 @@
 // repeated forward of a block regenerates the same masks. Save batch_counter() with a checkpoint
 // and restore it with set_batch_counter() to resume bit for bit.
 //
+// Parallelism (LoraParallel, peft/lora.h): under tensor parallelism the adapters hold the slices
+// of peft/lora.h and the set adds the tp reductions that make the mesh run equal the one-rank run:
+// for column-parallel projections dA's partial sums are all-reduced over the tp group (and dB's
+// over the ranks sharing a kv head); for row-parallel ones each rank adds B (A_local x_local) to
+// its partial output before the model's all-reduce, and dB's partial sums are all-reduced. The
+// reductions are all-gathers summed in tp rank order, so replicated parameters get bitwise-equal
+// gradients on every tp rank. Dropout masks are indexed by the token's row in the global batch
+// and the input column of the whole projection (ops::LoraDropoutAt), so dp, cp and tp runs drop
+// what the one-rank run drops. The segmented multi-adapter path runs on one tp rank only, and in
+// training with dropout only where this rank's rows are the global batch's (dp_rank 0, cp 1):
+// other cases are Unimplemented.
+//
 // Ownership: owns its adapters; keeps a reference to the Context, which must outlive it. The
 // model holds a non-owning pointer: detach (SetAdapter(nullptr)) before destroying the set.
 // Thread-safety: one thread at a time (the model's).
@@ -50,13 +62,13 @@ namespace tandem::peft {
 
 class AdapterSet final : public model::AdapterHooks {
  public:
-  AdapterSet(ops::Context& ctx, const model::LlamaConfig& base);
+  AdapterSet(ops::Context& ctx, const model::LlamaConfig& base, const LoraParallel& parallel = {});
   ~AdapterSet() override;
   AdapterSet(const AdapterSet&) = delete;
   AdapterSet& operator=(const AdapterSet&) = delete;
 
-  // Adds an adapter for the same base architecture (InvalidArgument otherwise) on the set's
-  // context; returns its index, the value sequences use in Batch::adapter_ids.
+  // Adds an adapter for the same base architecture and tp slicing (InvalidArgument otherwise) on
+  // the set's context; returns its index, the value sequences use in Batch::adapter_ids.
   StatusOr<int> Add(std::unique_ptr<LoraAdapter> adapter);
   int size() const { return static_cast<int>(adapters_.size()); }
   LoraAdapter& adapter(int index) { return *adapters_[index]; }
@@ -81,6 +93,7 @@ class AdapterSet final : public model::AdapterHooks {
   Status ProjectionBackward(int64_t layer, model::Projection proj, const Tensor& x,
                             const Tensor& dy, Tensor& dx) override;
   Status ZeroGrads() override;
+  bool SupportsTensorParallel() const override { return true; }
 
  private:
   // What one projection call works with.
@@ -99,9 +112,19 @@ class AdapterSet final : public model::AdapterHooks {
   uint64_t CallSeed(int64_t layer, model::Projection proj) const;
   Status SingleForward(const Call& c, const Tensor& x, Tensor& y);
   Status SingleBackward(const Call& c, const Tensor& x, const Tensor& dy, Tensor& dx);
+  // y = drop(x) (or y += drop(x)) with the mask of the global rows and of input columns from
+  // col_offset on.
+  Status Dropout(const Call& c, Tensor& y, const Tensor& x, float p, int64_t col_offset,
+                 bool accumulate);
+  // grad += partial: the f32 [rows, cols] weight-gradient scratch sum_scratch_ after summing it
+  // over groups of `share` consecutive tp ranks (this rank's group), in tp rank order.
+  Status AddTpSum(Tensor& grad, int64_t rows, int64_t cols, int share);
+  // The global batch row of each local token (row_ids_), when it is not the local row.
+  Status BuildRowIds(int64_t B, int64_t T);
 
   ops::Context& ctx_;
   model::LlamaConfig base_;
+  LoraParallel parallel_;
   std::vector<std::unique_ptr<LoraAdapter>> adapters_;
   int default_adapter_ = 0;
   uint64_t dropout_seed_;
@@ -116,6 +139,9 @@ class AdapterSet final : public model::AdapterHooks {
   std::map<std::vector<int32_t>, ops::LoraSegments> segments_;  // by rank table, this batch
   std::vector<Tables> tables_;                                  // [L * 7]
   std::vector<Tensor> h_;                                       // [L * 7]: h of the last forward
+  Tensor row_ids_;      // i64 [N] on the device: global batch rows (undefined: the local rows)
+  Tensor sum_scratch_;  // f32: a weight-gradient partial sum (tp)
+  Tensor sum_gather_;   // f32 [tp * n]: every tp rank's partial sum
 };
 
 }  // namespace tandem::peft

@@ -31,6 +31,15 @@
 //   /*stream=*/l * 7 + p)       (core/rng.h; p in model::Projection order)
 // so a module's initial A does not depend on which other modules are targeted.
 //
+// Tensor parallelism (LoraParallel::tp_size > 1) splits each adapter the way LlamaModel splits
+// its base layer (model/llama.h, Megatron): column-parallel projections (q, k, v, gate, up) keep
+// the whole A [r, in] on every tp rank (identical initial values) and the rows of B [out, r] of
+// this rank's heads or ffn channels (a kv head replicated over tp / Hkv ranks keeps its rows on
+// each of them); row-parallel projections (o, down) keep the columns of A of this rank's input
+// slice and the whole B. Parameters carry the model's tp metadata (tp_dim, tp_offset,
+// logical_shape, tp_copies), so gradient norms, universal checkpoints and saving treat them as
+// the base's. AdapterSet (peft/adapter_set.h) does the tp reductions of their gradients.
+//
 // Numerics and memory: on a CPU context everything is f32 and master == weight. On CUDA the
 // compute copies (Parameter::weight) are bf16, the masters and gradients f32 (as the model).
 //
@@ -65,6 +74,35 @@ struct LoraConfig {
   std::string base_model_name_or_path;  // recorded in adapter_config.json
 };
 
+// Where a rank stands in the mesh (parallel/mesh.h) as far as adapters care. tp: how adapters are
+// sliced (see the header). dp and cp: where this rank's batch lies in the global batch, so that
+// AdapterSet's dropout masks are those of the whole batch (a mesh run then equals a one-rank run
+// of the global batch): the local sequences are rows [dp_rank B, (dp_rank + 1) B) of the global
+// batch, and with cp_size > 1 each holds the zig-zag chunks cp_rank and 2 cp_size - 1 - cp_rank of
+// its 2 cp_size equal chunks (parallel/ring_attention.h).
+struct LoraParallel {
+  int tp_rank = 0;
+  int tp_size = 1;
+  model::ParallelHooks* hooks = nullptr;  // not owned; required when tp_size > 1
+  int dp_rank = 0;
+  int cp_rank = 0;
+  int cp_size = 1;
+};
+
+// One projection's adapter on one tp rank: A is [r, in] here, B [out, r].
+struct LoraSlice {
+  int64_t in = 0, out = 0;
+  bool row_parallel = false;  // o, down: A holds input columns [in_offset, in_offset + in)
+  int64_t in_offset = 0;
+  int64_t out_offset = 0;  // column parallel: B holds output rows [out_offset, out_offset + out)
+  int out_copies = 1;      // tp ranks holding these B rows (a replicated kv head: tp / Hkv)
+};
+
+// The slice of projection `proj` held by tp rank `tp_rank` of `tp_size`. InvalidArgument when the
+// base cannot be split so (as LlamaModel::Create's check).
+StatusOr<LoraSlice> LoraSliceFor(const model::LlamaConfig& base, model::Projection proj,
+                                 int tp_rank, int tp_size);
+
 // One adapted projection, resolved from a LoraConfig against a base model.
 struct LoraTarget {
   int64_t layer = 0;
@@ -94,10 +132,12 @@ class LoraAdapter {
   LoraAdapter& operator=(const LoraAdapter&) = delete;
 
   // Resolves the config against `base`, allocates masters, compute copies and gradients on ctx's
-  // device and initializes them as PEFT does (see the header) from config.init_seed.
+  // device and initializes them as PEFT does (see the header) from config.init_seed. Under
+  // parallel.tp_size > 1 this rank's slices only (every tp rank calls it).
   static StatusOr<std::unique_ptr<LoraAdapter>> Create(ops::Context& ctx,
                                                        const model::LlamaConfig& base,
-                                                       const LoraConfig& config);
+                                                       const LoraConfig& config,
+                                                       const LoraParallel& parallel = {});
 
   const LoraConfig& config() const { return config_; }
   const model::LlamaConfig& base_config() const { return base_; }
@@ -106,6 +146,9 @@ class LoraAdapter {
   int Find(int64_t layer, model::Projection proj) const;
   DType compute_dtype() const { return compute_dtype_; }
   ops::Context& context() const { return ctx_; }
+  const LoraParallel& parallel() const { return parallel_; }
+  // This rank's slice of target i (the whole adapter when tp_size == 1).
+  const LoraSlice& slice(int target) const { return slices_[target]; }
 
   // Two parameters per target, in targets() order: parameters()[2 i] is A
   // ("base_model.model.<module>.lora_A.weight", [r, in]) and [2 i + 1] is B (".lora_B.weight",
@@ -118,14 +161,21 @@ class LoraAdapter {
 
   // A uniform as PEFT, B zero (see the header).
   Status InitPeft(uint64_t seed);
-  // Sets one parameter from a host f32 tensor of its shape (master and compute copy).
+  // Sets one parameter from a host f32 tensor of its (local) shape (master and compute copy).
   Status SetFromHost(size_t param, const Tensor& host_f32);
-  // Host f32 copy of a parameter's master.
+  // Sets one parameter from a host f32 tensor of its logical (PEFT) shape: this rank's slice.
+  Status SetFromLogicalHost(size_t param, const Tensor& host_f32);
+  // Host f32 copy of a parameter's master (this rank's slice).
   StatusOr<Tensor> ToHost(size_t param) const;
+  // Host f32 copy of the whole (logical) parameter (its master, or its gradient with `grad`),
+  // gathered from the tp ranks: under tp_size > 1 a collective over the tp group for sliced
+  // parameters (every tp rank calls it, in the same parameter order); the local copy otherwise.
+  StatusOr<Tensor> GatherToHost(size_t param, bool grad = false) const;
   // Zeroes every gradient.
   Status ZeroGrads();
 
   // W += scale * B A (Merge) or W -= scale * B A (Unmerge) for every target, in the model's f32
+  // (under tp each rank its slice of W: B_local A or B A_local)
   // masters where it has them (then re-cast to its compute copies), else in its weights. The model
   // must have the adapter's base architecture. Unmerge undoes Merge up to rounding: exactly in
   // f32 arithmetic terms on CPU (W + d - d), and only to bf16 precision for a bf16 base without
@@ -134,7 +184,8 @@ class LoraAdapter {
   Status Unmerge(model::LlamaModel& model) const;
 
  private:
-  LoraAdapter(ops::Context& ctx, const model::LlamaConfig& base, const LoraConfig& config);
+  LoraAdapter(ops::Context& ctx, const model::LlamaConfig& base, const LoraConfig& config,
+              const LoraParallel& parallel);
   Status Allocate();
   Status AddDelta(model::LlamaModel& model, float sign) const;
 
@@ -142,8 +193,10 @@ class LoraAdapter {
   model::LlamaConfig base_;
   LoraConfig config_;
   DType compute_dtype_;
+  LoraParallel parallel_;
   std::vector<LoraTarget> targets_;
-  std::vector<int> index_;  // [L * 7]: target index or -1
+  std::vector<LoraSlice> slices_;  // per target
+  std::vector<int> index_;         // [L * 7]: target index or -1
   std::vector<model::Parameter> params_;
   Tensor master_flat_;  // f32, every master
   Tensor weight_flat_;  // compute dtype (the same tensor as master_flat_ on CPU)

@@ -13,27 +13,93 @@ namespace {
 constexpr int64_t kAlignElems = 64;
 int64_t AlignUp(int64_t n) { return (n + kAlignElems - 1) / kAlignElems * kAlignElems; }
 
+// Rows [offset, offset + local[0]) (dim 0) or columns [offset, offset + local[1]) (dim 1) of the
+// host f32 matrix `whole`, as a contiguous host tensor.
+Tensor SliceHost(const Tensor& whole, int dim, int64_t offset, const Shape& local) {
+  Tensor out = Tensor::Cpu(local, DType::kF32);
+  const int64_t cols = whole.dim(1);
+  for (int64_t i = 0; i < local[0]; ++i) {
+    const float* src = whole.data<float>() + (dim == 0 ? (offset + i) * cols : i * cols + offset);
+    std::copy(src, src + local[1], out.data<float>() + i * local[1]);
+  }
+  return out;
+}
+
 }  // namespace
 
+StatusOr<LoraSlice> LoraSliceFor(const model::LlamaConfig& base, model::Projection proj,
+                                 int tp_rank, int tp_size) {
+  const int64_t tp = tp_size, r = tp_rank;
+  const int64_t Hq = base.num_attention_heads;
+  const int64_t Hkv = base.num_key_value_heads > 0 ? base.num_key_value_heads : Hq;
+  const int64_t F = base.intermediate_size;
+  if (tp < 1 || r < 0 || r >= tp) {
+    return InvalidArgumentError(
+        StrCat("LoraParallel: expected 0 <= tp_rank < tp_size, found ", tp_rank, "/", tp_size));
+  }
+  if (Hq % tp != 0 || F % tp != 0 || (Hkv % tp != 0 && tp % Hkv != 0)) {
+    return InvalidArgumentError(
+        StrCat("LoRA under tensor parallelism over ", tp, " ranks needs num_attention_heads (", Hq,
+               ") and intermediate_size (", F, ") divisible by tp, and num_key_value_heads (", Hkv,
+               ") a multiple or a divisor of tp"));
+  }
+  const auto [in, out] = ProjectionShape(base, proj);
+  LoraSlice s;
+  s.in = in;
+  s.out = out;
+  switch (proj) {
+    case model::Projection::kO:
+    case model::Projection::kDown:  // row parallel: the input columns of this rank's heads / ffn
+      s.row_parallel = true;
+      s.in = in / tp;
+      s.in_offset = r * s.in;
+      break;
+    case model::Projection::kK:
+    case model::Projection::kV: {  // a kv head may be shared by tp / Hkv ranks
+      const int64_t share = Hkv >= tp ? 1 : tp / Hkv;
+      const int64_t heads = Hkv >= tp ? Hkv / tp : 1;
+      const int64_t first = Hkv >= tp ? r * heads : r / share;
+      const int64_t D = out / Hkv;  // head_dim
+      s.out = heads * D;
+      s.out_offset = first * D;
+      s.out_copies = static_cast<int>(share);
+      break;
+    }
+    default:  // q, gate, up
+      s.out = out / tp;
+      s.out_offset = r * s.out;
+      break;
+  }
+  return s;
+}
+
 LoraAdapter::LoraAdapter(ops::Context& ctx, const model::LlamaConfig& base,
-                         const LoraConfig& config)
+                         const LoraConfig& config, const LoraParallel& parallel)
     : ctx_(ctx),
       base_(base),
       config_(config),
-      compute_dtype_(ctx.is_cuda() ? DType::kBF16 : DType::kF32) {}
+      compute_dtype_(ctx.is_cuda() ? DType::kBF16 : DType::kF32),
+      parallel_(parallel) {}
 
 LoraAdapter::~LoraAdapter() = default;
 
 StatusOr<std::unique_ptr<LoraAdapter>> LoraAdapter::Create(ops::Context& ctx,
                                                            const model::LlamaConfig& base,
-                                                           const LoraConfig& config) {
+                                                           const LoraConfig& config,
+                                                           const LoraParallel& parallel) {
   TANDEM_RETURN_IF_ERROR(model::ValidateLlamaConfig(base, "LoraAdapter::Create base config"));
-  std::unique_ptr<LoraAdapter> a(new LoraAdapter(ctx, base, config));
+  if (parallel.tp_size > 1 && parallel.hooks == nullptr) {
+    return InvalidArgumentError("LoraParallel: tp_size > 1 needs the model's ParallelHooks");
+  }
+  std::unique_ptr<LoraAdapter> a(new LoraAdapter(ctx, base, config, parallel));
   TANDEM_ASSIGN_OR_RETURN(a->targets_, ResolveLoraTargets(config, base));
   a->index_.assign(base.num_hidden_layers * model::kNumProjections, -1);
   for (size_t i = 0; i < a->targets_.size(); ++i) {
     const LoraTarget& t = a->targets_[i];
     a->index_[t.layer * model::kNumProjections + static_cast<int>(t.proj)] = static_cast<int>(i);
+    TANDEM_ASSIGN_OR_RETURN(LoraSlice slice,
+                            LoraSliceFor(base, t.proj, parallel.tp_rank, parallel.tp_size));
+    a->slices_.push_back(slice);
   }
   TANDEM_RETURN_IF_ERROR(a->Allocate());
   TANDEM_RETURN_IF_ERROR(a->InitPeft(config.init_seed));
@@ -49,8 +115,9 @@ int LoraAdapter::Find(int64_t layer, model::Projection proj) const {
 Status LoraAdapter::Allocate() {
   std::vector<int64_t> offsets;
   int64_t total = 0;
-  for (const LoraTarget& t : targets_) {
-    for (const Shape& shape : {Shape{t.rank, t.in}, Shape{t.out, t.rank}}) {
+  for (size_t i = 0; i < targets_.size(); ++i) {
+    const LoraTarget& t = targets_[i];
+    for (const Shape& shape : {Shape{t.rank, slices_[i].in}, Shape{slices_[i].out, t.rank}}) {
       offsets.push_back(total);
       total = AlignUp(total + ShapeNumel(shape));
     }
@@ -65,10 +132,13 @@ Status LoraAdapter::Allocate() {
   auto view = [](const Tensor& flat, int64_t offset, const Shape& shape) {
     return flat.Slice(0, offset, offset + ShapeNumel(shape)).View(shape);
   };
+  const bool tp = parallel_.tp_size > 1;
   for (size_t i = 0; i < targets_.size(); ++i) {
     const LoraTarget& t = targets_[i];
+    const LoraSlice& sl = slices_[i];
     const char* names[2] = {"lora_A", "lora_B"};
-    const Shape shapes[2] = {{t.rank, t.in}, {t.out, t.rank}};
+    const Shape shapes[2] = {{t.rank, sl.in}, {sl.out, t.rank}};
+    const Shape logical[2] = {{t.rank, t.in}, {t.out, t.rank}};
     for (int k = 0; k < 2; ++k) {
       const int64_t off = offsets[2 * i + k];
       model::Parameter p;
@@ -78,6 +148,16 @@ Status LoraAdapter::Allocate() {
       p.grad = view(grad_flat_, off, shapes[k]);
       p.trainable = true;
       p.weight_decay = true;
+      p.logical_shape = logical[k];
+      // Sliced: A of a row-parallel projection (dim 1), B of a column-parallel one (dim 0).
+      const bool sliced = k == 0 ? sl.row_parallel : !sl.row_parallel;
+      if (tp && sliced) {
+        p.tp_dim = k == 0 ? 1 : 0;
+        p.tp_offset = k == 0 ? sl.in_offset : sl.out_offset;
+        p.tp_copies = k == 0 ? 1 : sl.out_copies;
+      } else if (tp) {
+        p.tp_copies = parallel_.tp_size;  // replicated on every tp rank
+      }
       params_.push_back(std::move(p));
     }
   }
@@ -94,8 +174,9 @@ Status LoraAdapter::InitPeft(uint64_t seed) {
     const float bound = static_cast<float>(1.0 / std::sqrt(static_cast<double>(t.in)));
     for (int64_t j = 0; j < a.numel(); ++j)
       a.data<float>()[j] = bound * (2.0f * rng.Uniform() - 1.0f);
-    TANDEM_RETURN_IF_ERROR(SetFromHost(2 * i, a));
-    TANDEM_RETURN_IF_ERROR(SetFromHost(2 * i + 1, Tensor::CpuZeros({t.out, t.rank}, DType::kF32)));
+    TANDEM_RETURN_IF_ERROR(SetFromLogicalHost(2 * i, a));
+    TANDEM_RETURN_IF_ERROR(
+        SetFromLogicalHost(2 * i + 1, Tensor::CpuZeros({t.out, t.rank}, DType::kF32)));
   }
   return Status::Ok();
 }
@@ -112,10 +193,51 @@ Status LoraAdapter::SetFromHost(size_t param, const Tensor& host_f32) {
   return ctx_.Synchronize();  // the caller may reuse host_f32
 }
 
+Status LoraAdapter::SetFromLogicalHost(size_t param, const Tensor& host_f32) {
+  TANDEM_CHECK(param < params_.size());
+  const model::Parameter& p = params_[param];
+  TANDEM_RETURN_IF_ERROR(ExpectShape(host_f32, p.logical_shape, p.name.c_str()));
+  TANDEM_RETURN_IF_ERROR(ExpectDType(host_f32, DType::kF32, p.name.c_str()));
+  if (p.tp_dim < 0) return SetFromHost(param, host_f32);
+  if (!host_f32.device().is_cpu() || !host_f32.is_contiguous()) {
+    return InvalidArgumentError(
+        StrCat(p.name, ": expected a contiguous host tensor, found ", host_f32.DebugString()));
+  }
+  return SetFromHost(param, SliceHost(host_f32, p.tp_dim, p.tp_offset, p.master.shape()));
+}
+
 StatusOr<Tensor> LoraAdapter::ToHost(size_t param) const {
   TANDEM_CHECK(param < params_.size());
   TANDEM_RETURN_IF_ERROR(ctx_.Synchronize());
   return CopyToHostBlocking(params_[param].master);
+}
+
+// Every tp rank's slice, all-gathered on the host, placed at that rank's offset (ranks sharing a
+// kv head write the same rows).
+StatusOr<Tensor> LoraAdapter::GatherToHost(size_t param, bool grad) const {
+  TANDEM_CHECK(param < params_.size());
+  const model::Parameter& p = params_[param];
+  TANDEM_RETURN_IF_ERROR(ctx_.Synchronize());
+  TANDEM_ASSIGN_OR_RETURN(Tensor mine, CopyToHostBlocking(grad ? p.grad : p.master));
+  if (p.tp_dim < 0) return mine;
+  const int tp = parallel_.tp_size;
+  const int64_t n = mine.numel();
+  Tensor all = Tensor::Cpu({tp * n}, DType::kF32);
+  TANDEM_RETURN_IF_ERROR(parallel_.hooks->TpAllGather(all, mine.View({n})));
+  Tensor out = Tensor::Cpu(p.logical_shape, DType::kF32);
+  const LoraTarget& t = targets_[param / 2];
+  const int64_t rows = mine.dim(0), cols = mine.dim(1), out_cols = p.logical_shape[1];
+  for (int r = 0; r < tp; ++r) {
+    TANDEM_ASSIGN_OR_RETURN(LoraSlice sl, LoraSliceFor(base_, t.proj, r, tp));
+    const int64_t offset = p.tp_dim == 0 ? sl.out_offset : sl.in_offset;
+    const float* src = all.data<float>() + r * n;
+    for (int64_t i = 0; i < rows; ++i) {
+      float* dst =
+          out.data<float>() + (p.tp_dim == 0 ? (offset + i) * out_cols : i * out_cols + offset);
+      std::copy(src + i * cols, src + (i + 1) * cols, dst);
+    }
+  }
+  return out;
 }
 
 Status LoraAdapter::ZeroGrads() { return ops::Fill(ctx_, grad_flat_, 0.0f); }
@@ -143,7 +265,8 @@ Status LoraAdapter::AddDelta(model::LlamaModel& model, float sign) const {
                            [&](const model::Parameter& p) { return p.name == name; });
     if (it == params.end()) return NotFoundError(StrCat("LoraAdapter merge: no parameter ", name));
     model::Parameter& w = *it;
-    TANDEM_RETURN_IF_ERROR(ExpectShape(w.weight, {t.out, t.in}, name.c_str()));
+    const LoraSlice& sl = slices_[i];  // W's slice on this rank matches B_local A_local
+    TANDEM_RETURN_IF_ERROR(ExpectShape(w.weight, {sl.out, sl.in}, name.c_str()));
     const float alpha = sign * t.scale;
     const Tensor& A = params_[2 * i].master;      // [r, in]
     const Tensor& B = params_[2 * i + 1].master;  // [out, r]

@@ -89,6 +89,10 @@ void TrainSection::Describe(ConfigSchema<TrainSection>& s) {
           "checkpoint file or directory");
   s.Field("heartbeat_file", &TrainSection::heartbeat_file,
           "rewritten after every update with \"<step> <unix time>\" (for supervisors); \"\" = none");
+  s.Field("profile_step", &TrainSection::profile_step,
+          "profile this update: time per op category (gemm, attention, norm, loss, optimizer, ...) "
+          "and the unlabelled gap, logged and written to out_dir/profile-step-N.json; 0 = off")
+      .Min(0);
 }
 
 void ParallelSection::Describe(ConfigSchema<ParallelSection>& s) {

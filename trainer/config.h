@@ -77,6 +77,9 @@ struct TrainSection {
   std::string resume;
   // Rewritten after every update with "<step> <unix time>" (for supervisors); "" = none.
   std::string heartbeat_file;
+  // Profile this update (ops/profiler.h): per-category times logged and written to
+  // out_dir/profile-step-N.json; 0 = off.
+  int64_t profile_step = 0;
 
   static void Describe(ConfigSchema<TrainSection>& s);
 };

@@ -28,6 +28,7 @@
 #include "trainer/internal/parallel_run.h"
 #include "trainer/internal/run_dir.h"
 #include "trainer/internal/snapshot.h"
+#include "trainer/internal/step_profile.h"
 #include "trainer/internal/train_state.h"
 #include "trainer/metrics.h"
 #include "trainer/schedule.h"
@@ -133,11 +134,15 @@ StatusOr<double> EvaluateAccuracy(model::LlamaModel& model, DataLoader& loader, 
 
 // A LoRA adapter over the frozen model, attached to it: PEFT's init from the seed, or the weights
 // of c.peft.init_adapter.
+// [parallel] Under tp each rank holds its slices; dp_rank places its rows for dropout.
 StatusOr<std::unique_ptr<peft::AdapterSet>> CreateLoraAdapter(ops::Context& ctx, model::LlamaModel& model,
-                                                               const TrainConfig& c, const model::LlamaConfig& mcfg) {
+                                                               const TrainConfig& c, const model::LlamaConfig& mcfg,
+                                                               int dp_rank) {
+  const model::ModelParallel& mp = model.parallel();
+  const peft::LoraParallel lp{mp.tp_rank, mp.tp_size, mp.hooks, dp_rank, mp.cp_rank, mp.cp_size};
   std::unique_ptr<peft::LoraAdapter> adapter;
   if (!c.peft.init_adapter.empty()) {
-    TANDEM_ASSIGN_OR_RETURN(adapter, peft::LoadLoraAdapter(ctx, mcfg, c.peft.init_adapter));
+    TANDEM_ASSIGN_OR_RETURN(adapter, peft::LoadLoraAdapter(ctx, mcfg, c.peft.init_adapter, lp));
   } else {
     peft::LoraConfig lc;
     lc.r = c.peft.r;
@@ -147,9 +152,9 @@ StatusOr<std::unique_ptr<peft::AdapterSet>> CreateLoraAdapter(ops::Context& ctx,
     lc.use_rslora = c.peft.use_rslora;
     lc.init_seed = DeriveSeed(static_cast<uint64_t>(c.train.seed), 0, "lora-init");
     lc.base_model_name_or_path = c.model.path;
-    TANDEM_ASSIGN_OR_RETURN(adapter, peft::LoraAdapter::Create(ctx, mcfg, lc));
+    TANDEM_ASSIGN_OR_RETURN(adapter, peft::LoraAdapter::Create(ctx, mcfg, lc, lp));
   }
-  auto set = std::make_unique<peft::AdapterSet>(ctx, mcfg);
+  auto set = std::make_unique<peft::AdapterSet>(ctx, mcfg, lp);
   TANDEM_ASSIGN_OR_RETURN(int index, set->Add(std::move(adapter)));
   set->set_default_adapter(index);
   set->set_dropout_seed(DeriveSeed(static_cast<uint64_t>(c.train.seed), 0, "lora-dropout"));
@@ -256,7 +261,8 @@ Status OpenModel(const TrainConfig& c, Session& s) {
                                                static_cast<float>(c.model.init_std)));
   }
   if (s.lora) {
-    TANDEM_ASSIGN_OR_RETURN(s.adapters, CreateLoraAdapter(*s.ctx, *s.model, c, s.mcfg));
+    TANDEM_ASSIGN_OR_RETURN(s.adapters,
+                            CreateLoraAdapter(*s.ctx, *s.model, c, s.mcfg, s.par ? s.par->groups.coords.dp : 0));
   }
   if (c.peft.method == "s2ft") {
     TANDEM_ASSIGN_OR_RETURN(s.s2ft, CreateS2ftAdapter(*s.ctx, *s.model, c));
@@ -361,10 +367,10 @@ StatusOr<Update> TrainStep(const TrainSection& t, const ScheduleOptions& sched, 
 
 // [parallel] The mesh, and the device of this rank (cuda:<local rank> on a GPU job).
 Status OpenParallel(const TrainConfig& c, const TrainEnv& env, Session& s) {
-  if (c.peft.method == "s2ft" || (c.peft.method == "lora" && (c.parallel.tp > 1 || c.parallel.zero == 1))) {
+  if (c.peft.method == "s2ft" || (c.peft.method == "lora" && c.parallel.zero == 1)) {
     return UnimplementedError(StrCat("peft.method = ", c.peft.method, " under mpirun with ", env.world->size(),
-                                     " ranks is not supported", c.peft.method == "lora" ? " with parallel.tp > 1 or parallel.zero = 1" : "",
-                                     ": LoRA trains on dp x cp meshes; S2FT on one rank"));
+                                     " ranks is not supported", c.peft.method == "lora" ? " with parallel.zero = 1" : "",
+                                     ": LoRA trains on dp x cp x tp meshes without ZeRO; S2FT on one rank"));
   }
   if (s.device.is_cuda()) s.device = Device::Cuda(env.local_rank);
   TANDEM_ASSIGN_OR_RETURN(s.ctx, ops::Context::ForDevice(s.device));
@@ -396,7 +402,7 @@ Status InitParallelOptimizer(const TrainConfig& c, Session& s) {
     s.params = s.adapters->parameters();
     TANDEM_ASSIGN_OR_RETURN(s.par->optimizer,
                             parallel::ParallelOptimizer::Create(*s.ctx, *s.model, s.par->groups, o, &s.params));
-    for (const model::Parameter& p : s.params) s.trainable += p.trainable ? p.master.numel() : 0;
+    for (const model::Parameter& p : s.params) s.trainable += p.trainable ? ShapeNumel(p.logical_shape) : 0;
     return Status::Ok();
   }
   TANDEM_ASSIGN_OR_RETURN(s.par->optimizer, parallel::ParallelOptimizer::Create(*s.ctx, *s.model, s.par->groups, o));
@@ -687,6 +693,9 @@ StatusOr<TrainResult> RunTraining(const TrainConfig& c, const std::string& comma
   result.steps_done = start_step;
   for (int64_t step = start_step + 1; step <= t.steps; ++step) {
     const auto step_start = Clock::now();
+    // [profile] train.profile_step: this update's ops timed by category (step_profile.h).
+    TANDEM_ASSIGN_OR_RETURN(std::unique_ptr<ops::Profiler> profile,
+                            internal::StartStepProfile(*s.ctx, step, t.profile_step));
     Update u;
     if (s.par) {  // [parallel]
       u.lr = LearningRate(sched, step);
@@ -702,6 +711,10 @@ StatusOr<TrainResult> RunTraining(const TrainConfig& c, const std::string& comma
       TANDEM_ASSIGN_OR_RETURN(u, TrainStep(t, sched, step, s));
     }
     const auto now = Clock::now();
+    if (profile) {
+      TANDEM_RETURN_IF_ERROR(
+          internal::FinishStepProfile(*profile, *s.ctx, step, u.tokens, writer ? run->path() : ""));
+    }
     window_tokens += u.tokens;
     StepMetrics m;
     m.step = step;
@@ -748,7 +761,8 @@ StatusOr<TrainResult> RunTraining(const TrainConfig& c, const std::string& comma
       if (writer) {
         TANDEM_ASSIGN_OR_RETURN(result.last_checkpoint, run->SaveCheckpoint(write, step, *s.tokenizer, c.data.tokenizer));
       } else if (s.par->saver()) {  // [parallel] rank 0's tp group gathers the tp slices with it
-        TANDEM_RETURN_IF_ERROR(s.model->SaveSafetensors("", DType::kF32));
+        TANDEM_RETURN_IF_ERROR(s.lora ? peft::SaveLoraAdapter(s.adapters->adapter(0), "", DType::kF32)
+                                      : s.model->SaveSafetensors("", DType::kF32));
       }
       if (s.ckpt_writer) TANDEM_RETURN_IF_ERROR(SaveUniversalState(c, s, step));
     }

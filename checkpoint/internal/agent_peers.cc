@@ -1,5 +1,7 @@
 #include "checkpoint/internal/agent_peers.h"
 
+#include <algorithm>
+#include <cstddef>
 #include <cstring>
 
 #include "core/logging.h"
@@ -23,6 +25,17 @@ bool Get(std::span<const uint8_t> in, size_t* off, T* v) {
   std::memcpy(v, in.data() + *off, sizeof(T));
   *off += sizeof(T);
   return true;
+}
+
+// The version in a fragment's header when the header itself is intact and names `owner` (its
+// payload may still be corrupt); 0 otherwise. For messages only.
+uint64_t HeaderVersionIfIntact(std::span<const uint8_t> fragment, int owner) {
+  FragmentHeader h;
+  if (fragment.size() < sizeof(h)) return 0;
+  std::memcpy(&h, fragment.data(), sizeof(h));
+  const bool intact = h.magic == kFragmentMagic &&
+                      Crc32(0, &h, offsetof(FragmentHeader, header_crc32)) == h.header_crc32;
+  return intact && h.owner_node == static_cast<uint32_t>(owner) ? h.snapshot_version : 0;
 }
 
 }  // namespace
@@ -189,29 +202,66 @@ StatusOr<std::vector<std::pair<uint64_t, std::vector<uint8_t>>>> PeerGroup::Rebu
     got = std::move(replies_[request]);
     replies_.erase(request);
   }
-  // Group the valid fragments by version, newest first.
+  // Group the valid fragments by version, newest first. A fragment whose checksum fails is
+  // refused here, loudly: it is never decoded, so corrupted bytes are never installed.
   std::map<uint64_t, std::vector<std::span<const uint8_t>>, std::greater<>> by_version;
+  uint64_t newest_held = 0;  // including refused fragments whose header still checks out
+  int refused = 0;
   for (const auto& [node, frags] : got) {
     for (const auto& f : frags) {
       StatusOr<FragmentHeader> h = ParseFragment(f);
-      if (h.ok() && h->owner_node == static_cast<uint32_t>(options_.node)) {
+      if (!h.ok()) {
+        TANDEM_LOG(WARNING, "agent") << "rebuild of node " << options_.node << ": refused a "
+                                     << "fragment held by node " << node << ": "
+                                     << h.status().message();
+        newest_held = std::max(newest_held, HeaderVersionIfIntact(f, options_.node));
+        ++refused;
+        continue;
+      }
+      if (h->owner_node == static_cast<uint32_t>(options_.node)) {
         by_version[h->snapshot_version].emplace_back(f);
+        newest_held = std::max(newest_held, h->snapshot_version);
       }
     }
   }
-  Status last = DataLossError(StrCat("agent node ", options_.node, ": no peer holds fragments of",
-                                     " this node (", got.size(), " of ", asked, " peers answered)"));
+  Status last = DataLossError(StrCat("agent node ", options_.node, ": no peer holds valid ",
+                                     "fragments of this node (", got.size(), " of ", asked,
+                                     " peers answered; ", refused, " fragments refused)"));
   std::vector<std::pair<uint64_t, std::vector<uint8_t>>> images;
   for (const auto& [v, frags] : by_version) {
     StatusOr<std::vector<uint8_t>> image = DecodeFragments(frags);
     if (image.ok()) {
       images.emplace(images.begin(), v, std::move(image).value());
-    } else {
-      last = image.status();
+      continue;
     }
+    last = image.status();
+    TANDEM_LOG(WARNING, "agent") << "rebuild of node " << options_.node << ": version " << v
+                                 << " cannot be rebuilt: " << image.status().message();
   }
   if (images.empty()) return last;
+  if (images.back().first != newest_held) {
+    TANDEM_LOG(WARNING, "agent") << "rebuild of node " << options_.node << ": falling back to "
+                                 << "version " << images.back().first << ", the newest with "
+                                 << coder_.k() << " valid fragments (newest held by peers: "
+                                 << newest_held << ")";
+  }
   return images;
+}
+
+std::vector<std::pair<uint64_t, int>> PeerGroup::CorruptHeldFragmentsForTest(
+    int owner, std::optional<uint64_t> version) {
+  std::vector<std::pair<uint64_t, int>> hit;
+  std::lock_guard<std::mutex> lock(mu_);
+  for (auto& [v, frag] : held_[static_cast<uint32_t>(owner)]) {
+    if (version && *version != v) continue;
+    if (frag.size() <= sizeof(FragmentHeader)) continue;
+    const size_t payload = frag.size() - sizeof(FragmentHeader);
+    frag[sizeof(FragmentHeader) + payload / 2] ^= 0x5a;
+    FragmentHeader h;
+    std::memcpy(&h, frag.data(), sizeof(h));
+    hit.emplace_back(v, static_cast<int>(h.index));
+  }
+  return hit;
 }
 
 }  // namespace tandem::checkpoint::internal

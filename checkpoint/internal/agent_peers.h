@@ -8,6 +8,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <span>
 #include <thread>
 #include <utility>
@@ -43,6 +44,12 @@ class PeerGroup {
   // every version of which at least k valid fragments came back: (version, image), oldest first.
   // DataLoss when none can be decoded.
   StatusOr<std::vector<std::pair<uint64_t, std::vector<uint8_t>>>> Rebuild();
+
+  // Test hook (agents started with --test-hooks): flips one payload byte of every fragment this
+  // node holds of `owner`'s snapshot (only version `version` when given), as a memory fault
+  // would; the fragments keep their old CRCs. Returns the (version, fragment index) pairs hit.
+  std::vector<std::pair<uint64_t, int>> CorruptHeldFragmentsForTest(
+      int owner, std::optional<uint64_t> version);
 
  private:
   PeerGroup(const PeerGroupOptions& options, ErasureCoder coder)

@@ -102,6 +102,10 @@ void LoraShrinkBackward(float* dx, int64_t lddx, const lora::WeightsView* grads,
                         const lora::WeightsView& w, uint64_t seed);
 void LoraDropout(float* y, int64_t ldy, const float* x, int64_t ldx, int64_t rows, int64_t cols,
                  uint64_t seed, float p, bool accumulate);
+// row_ids nullable (row i); see ops::LoraDropoutAt.
+void LoraDropoutAt(float* y, int64_t ldy, const float* x, int64_t ldx, int64_t rows, int64_t cols,
+                   const int64_t* row_ids, int64_t col_offset, uint64_t seed, float p,
+                   bool accumulate);
 
 }  // namespace tandem::ops::cpu
 
@@ -125,6 +129,9 @@ cudaError_t LoraShrinkBackward(cudaStream_t stream, DType dtype, void* dx, int64
 cudaError_t LoraDropout(cudaStream_t stream, DType dtype, void* y, int64_t ldy, const void* x,
                         int64_t ldx, int64_t rows, int64_t cols, uint64_t seed, float p,
                         bool accumulate);
+cudaError_t LoraDropoutAt(cudaStream_t stream, DType dtype, void* y, int64_t ldy, const void* x,
+                          int64_t ldx, int64_t rows, int64_t cols, const int64_t* row_ids,
+                          int64_t col_offset, uint64_t seed, float p, bool accumulate);
 
 }  // namespace tandem::ops::cuda
 #endif

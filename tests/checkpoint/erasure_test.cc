@@ -84,6 +84,13 @@ TEST(Erasure, OtherShapes) {
   CheckEveryErasure(1, 2, 999, 8);
 }
 
+// The groups agents use with m = 2 and 3: every pair (triple) of lost fragments rebuilds bitwise.
+TEST(Erasure, EveryKFrom2To5WithM2And3) {
+  for (int k = 2; k <= 5; ++k) {
+    for (int m = 2; m <= 3; ++m) CheckEveryErasure(k, m, 1000 * k + 37 * m, 100 + 10 * k + m);
+  }
+}
+
 TEST(Erasure, XorParityIsTheXorOfData) {
   auto coder = ErasureCoder::Create(3, 1);
   ASSERT_TRUE(coder.ok());

@@ -1,7 +1,8 @@
-// The fixture of the mpirun fault tests (fault_mpi_e2e_test.cc, fault_soak_slow_test.cc): child
-// processes (mpirun, `tandem agent`) killed whatever happens, the rank pids under mpirun, two
-// agents forming a group (k = 1, m = 1) over free ports, `tandem train` over dp2 with a snapshot
-// every update, and the bitwise comparison with an uninterrupted mpirun run.
+// The fixture of the mpirun fault tests (fault_mpi_e2e_test.cc, fault_m2_e2e_test.cc,
+// fault_soak_slow_test.cc): child processes (mpirun, `tandem agent`) killed whatever happens, the
+// rank pids under mpirun, nodes_ agents forming a group (default 2 nodes, k = 1, m = 1) over free
+// ports, `tandem train` over dp<nodes_> (one rank per node) with a snapshot every update, and the
+// bitwise comparison with an uninterrupted mpirun run.
 #pragma once
 
 #include <arpa/inet.h>
@@ -38,6 +39,7 @@ using Clock = std::chrono::steady_clock;
 
 inline constexpr int kSteps = 60;  // the fault matrix's run length (the soak sets its own)
 inline constexpr double kCollectiveTimeoutS = 5;
+inline constexpr int kMaxNodes = 8;
 
 inline std::string TandemBinary() {
   std::error_code ec;
@@ -145,10 +147,10 @@ inline void WriteCorpus(const std::string& path) {
   }
 }
 
-// Two distinct free TCP ports on 127.0.0.1 (bound to port 0, then released).
-inline std::pair<int, int> FreePorts() {
-  int fds[2], ports[2];
-  for (int i = 0; i < 2; ++i) {
+// `n` distinct free TCP ports on 127.0.0.1 (bound to port 0, then released).
+inline std::vector<int> FreePorts(int n) {
+  std::vector<int> fds(n), ports(n);
+  for (int i = 0; i < n; ++i) {
     fds[i] = socket(AF_INET, SOCK_STREAM, 0);
     sockaddr_in a{};
     a.sin_family = AF_INET;
@@ -159,7 +161,7 @@ inline std::pair<int, int> FreePorts() {
     ports[i] = ntohs(a.sin_port);
   }
   for (int fd : fds) close(fd);
-  return {ports[0], ports[1]};
+  return ports;
 }
 
 // The step in the heartbeat file ("<step> <unix time>"), 0 when there is none yet.
@@ -192,7 +194,8 @@ inline void ExpectBitwiseEqual(const std::string& want_path, const std::string& 
   }
 }
 
-// The data, the corpus and the two uninterrupted references (dp2, dp2 with ZeRO-1), made once.
+// The data, the corpus and the two uninterrupted references (dp<nodes_>, the same with ZeRO-1),
+// made once per suite: a suite keeps one nodes_ (set it in the derived fixture's constructor).
 class FaultMpiTest : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
@@ -254,14 +257,14 @@ class FaultMpiTest : public ::testing::Test {
             {"OMPI_MCA_btl_vader_single_copy_mechanism", "none"},
             {"OMP_NUM_THREADS", "1"}};
   }
-  static std::vector<std::string> Mpirun(std::vector<std::string> train) {
-    std::vector<std::string> a = {
-        "mpirun", "--oversubscribe", "--allow-run-as-root", "--bind-to", "none", "-np", "2"};
+  std::vector<std::string> Mpirun(std::vector<std::string> train) const {
+    std::vector<std::string> a = {"mpirun", "--oversubscribe", "--allow-run-as-root", "--bind-to",
+                                  "none",   "-np",            std::to_string(nodes_)};
     a.insert(a.end(), train.begin(), train.end());
     return a;
   }
-  // `tandem train` over dp2 into `out_dir`; with `agents`, snapshots every update into this case's
-  // agents and writes a heartbeat file next to `out_dir`.
+  // `tandem train` over dp<nodes_> into `out_dir`; with `agents`, snapshots every update into
+  // this case's agents and writes a heartbeat file next to `out_dir`.
   std::vector<std::string> TrainArgs(const std::string& out_dir, bool zero, bool agents) const {
     const TempDir& d = *shared_;
     std::vector<std::string> a = {TandemBinary(), "train", d.Join("run.toml")};
@@ -298,30 +301,32 @@ class FaultMpiTest : public ::testing::Test {
   }
 
   std::string Socket(int node) const { return dir_.Join(StrCat("node", node, ".sock")); }
-  // Starts (or restarts, empty) node `node`'s agent of the 2-node group.
+  // Starts (or restarts, empty) node `node`'s agent of the nodes_-node group (m = m_).
   void StartAgent(int node) {
     agents_[node].reset();
     fs::remove(Socket(node));
-    const std::string group = StrCat("127.0.0.1:", ports_.first, ",127.0.0.1:", ports_.second);
+    std::string group;
+    for (int port : ports_) group += StrCat(group.empty() ? "" : ",", "127.0.0.1:", port);
+    std::vector<std::string> args = {TandemBinary(), "agent", "--socket", Socket(node), "--node",
+                                     std::to_string(node), "--group", group, "--m",
+                                     std::to_string(m_), "--peer-timeout", "5", "--shm-prefix",
+                                     StrCat(ShmStem(), "-n", node)};
+    if (test_hooks_) args.push_back("--test-hooks");
     agents_[node] = std::make_unique<Child>(
-        std::vector<std::string>{TandemBinary(), "agent", "--socket", Socket(node), "--node",
-                                 std::to_string(node), "--group", group, "--m", "1",
-                                 "--peer-timeout", "5", "--shm-prefix",
-                                 StrCat(ShmStem(), "-n", node)},
-        dir_.Join(StrCat("agent", node, "-", ++agent_starts_, ".log")));
+        args, dir_.Join(StrCat("agent", node, "-", ++agent_starts_, ".log")));
     auto c = checkpoint::AgentClient::Connect(Socket(node), 20);
     ASSERT_TRUE(c.ok()) << c.status().ToString() << "\n" << AgentLogs();
   }
   void StartAgents(const std::string& name) {
     this_case_ = name;
-    ports_ = FreePorts();
-    StartAgent(0);
-    StartAgent(1);
+    TANDEM_CHECK(nodes_ >= 2 && nodes_ <= kMaxNodes && m_ >= 1 && m_ < nodes_);
+    ports_ = FreePorts(nodes_);
+    for (int node = 0; node < nodes_; ++node) StartAgent(node);
   }
   std::string AgentLogs() const {
     std::string all;
     for (int i = 1; i <= agent_starts_; ++i) {
-      for (int n = 0; n < 2; ++n) {
+      for (int n = 0; n < nodes_; ++n) {
         const std::string p = dir_.Join(StrCat("agent", n, "-", i, ".log"));
         if (fs::exists(p)) all += StrCat("--- ", p, "\n", ReadFile(p));
       }
@@ -382,7 +387,7 @@ class FaultMpiTest : public ::testing::Test {
   void KillRankCase(const std::string& name, bool zero) {
     StartAgents(name);
     const int64_t at = RandomStep(5, 50);
-    const int victim = static_cast<int>(gen_() % 2);
+    const int victim = static_cast<int>(gen_() % nodes_);
     SCOPED_TRACE(::testing::Message()
                  << "seed " << seed_ << ": kill -9 rank " << victim << " after step " << at);
     Reference(zero);
@@ -406,9 +411,12 @@ class FaultMpiTest : public ::testing::Test {
 
   inline static TempDir* shared_ = nullptr;
   int64_t steps_ = kSteps;  // train.steps (the references are made once per suite: one value)
+  int nodes_ = 2;           // emulated nodes = agents = ranks (one per node); one value per suite
+  int m_ = 1;               // parity fragments of the group (k = nodes_ - m_)
+  bool test_hooks_ = false;  // agents serve TEST_CORRUPT
   TempDir dir_;
-  std::unique_ptr<Child> agents_[2];
-  std::pair<int, int> ports_;
+  std::unique_ptr<Child> agents_[kMaxNodes];
+  std::vector<int> ports_;
   int agent_starts_ = 0;
   std::string this_case_;
   uint32_t seed_ = 0;
