@@ -33,6 +33,7 @@
 #include "peft/lora.h"
 #include "tests/collectives/mpi_test_main.h"
 #include "tests/parallel/parallel_test_util.h"
+#include "tests/parallel/mpi_run_util.h"
 #include "trainer/trainer.h"
 
 namespace tandem::parallel::testing {
@@ -334,25 +335,6 @@ TEST(LoraTp, OtherAdaptersAreRefusedUnderTp) {
 
 // --- trainer level ---------------------------------------------------------------------------
 
-// A shared scratch directory: rank 0's temporary directory, its path broadcast.
-std::string SharedDir(collectives::Communicator& world, const tandem::testing::TempDir& mine) {
-  Tensor buf = Tensor::CpuZeros({512}, DType::kU8);
-  if (world.rank() == 0) std::copy(mine.path().begin(), mine.path().end(), buf.data<uint8_t>());
-  TANDEM_CHECK_OK(world.Broadcast(buf, 0));
-  return std::string(reinterpret_cast<const char*>(buf.data<uint8_t>()));
-}
-
-void WriteCorpus(const std::string& path) {
-  const char* words[] = {"the", "jury", "said", "city", "of", "a", "report", "was", "new"};
-  std::mt19937 gen(13);
-  std::ofstream out(path);
-  for (int d = 0; d < 200; ++d) {
-    std::string text;
-    for (int w = 0; w < 30; ++w) text += std::string(w ? " " : "") + words[gen() % 9];
-    out << nlohmann::json({{"text", text + "."}}).dump() << "\n";
-  }
-}
-
 std::vector<std::string> TrainOverrides(const std::string& dir, const std::string& run,
                                         const MeshShape& m) {
   return {"model.hidden_size=32",
@@ -421,9 +403,9 @@ TEST(LoraTpTrainer, MatchesOneProcessAndResumesOnOneRank) {
   collectives::Communicator& world = **world_or;
   const MeshShape mesh = world.size() == 4 ? MeshShape{2, 1, 2} : MeshShape{1, 1, world.size()};
   tandem::testing::TempDir tmp;
-  const std::string dir = SharedDir(world, tmp);
+  const std::string dir = tandem::testing::SharedDir(world, tmp);
   if (world.rank() == 0) {
-    WriteCorpus(dir + "/corpus.jsonl");
+    tandem::testing::WriteWordCorpus(dir + "/corpus.jsonl", 13);
     auto cfg = trainer::LoadTrainConfig("", TrainOverrides(dir, "single", MeshShape{}));
     ASSERT_TRUE(cfg.ok()) << cfg.status().ToString();
     auto single = trainer::RunTraining(*cfg, "test");

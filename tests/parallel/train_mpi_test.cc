@@ -13,31 +13,13 @@
 #include "model/safetensors.h"
 #include "tests/collectives/mpi_test_main.h"
 #include "tests/common/testing.h"
+#include "tests/parallel/mpi_run_util.h"
 #include "trainer/trainer.h"
 
 namespace tandem::trainer {
 namespace {
 
 using collectives::Communicator;
-
-// A shared scratch directory: rank 0's temporary directory, its path broadcast.
-std::string SharedDir(Communicator& world, const tandem::testing::TempDir& mine) {
-  Tensor buf = Tensor::CpuZeros({512}, DType::kU8);
-  if (world.rank() == 0) std::copy(mine.path().begin(), mine.path().end(), buf.data<uint8_t>());
-  TANDEM_CHECK_OK(world.Broadcast(buf, 0));
-  return std::string(reinterpret_cast<const char*>(buf.data<uint8_t>()));
-}
-
-void WriteCorpus(const std::string& path) {
-  const char* words[] = {"the", "jury", "said", "city", "of", "a", "report", "was", "new"};
-  std::mt19937 gen(11);
-  std::ofstream out(path);
-  for (int d = 0; d < 200; ++d) {
-    std::string text;
-    for (int w = 0; w < 30; ++w) text += std::string(w ? " " : "") + words[gen() % 9];
-    out << nlohmann::json({{"text", text + "."}}).dump() << "\n";
-  }
-}
 
 std::vector<std::string> Overrides(const std::string& dir, const std::string& run, int64_t mb) {
   return {"model.hidden_size=32",
@@ -81,10 +63,10 @@ TEST(TrainUnderMpi, LossesAndCheckpointMatchOneProcess) {
   ASSERT_TRUE(world_or.ok()) << world_or.status().ToString();
   Communicator& world = **world_or;
   tandem::testing::TempDir tmp;
-  const std::string dir = SharedDir(world, tmp);
+  const std::string dir = tandem::testing::SharedDir(world, tmp);
   const int64_t global_rows = 4;
   if (world.rank() == 0) {
-    WriteCorpus(dir + "/corpus.jsonl");
+    tandem::testing::WriteWordCorpus(dir + "/corpus.jsonl", 11);
     auto cfg = LoadTrainConfig("", Overrides(dir, "single", global_rows));
     ASSERT_TRUE(cfg.ok()) << cfg.status().ToString();
     auto single = RunTraining(*cfg, "test");

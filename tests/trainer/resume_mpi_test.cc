@@ -18,6 +18,7 @@
 #include "collectives/mpi.h"
 #include "tests/collectives/mpi_test_main.h"
 #include "tests/common/testing.h"
+#include "tests/parallel/mpi_run_util.h"
 #include "trainer/trainer.h"
 
 namespace tandem::trainer {
@@ -25,24 +26,6 @@ namespace {
 
 using collectives::Communicator;
 namespace fs = std::filesystem;
-
-std::string SharedDir(Communicator& world, const tandem::testing::TempDir& mine) {
-  Tensor buf = Tensor::CpuZeros({512}, DType::kU8);
-  if (world.rank() == 0) std::copy(mine.path().begin(), mine.path().end(), buf.data<uint8_t>());
-  TANDEM_CHECK_OK(world.Broadcast(buf, 0));
-  return std::string(reinterpret_cast<const char*>(buf.data<uint8_t>()));
-}
-
-void WriteCorpus(const std::string& path) {
-  const char* words[] = {"the", "jury", "said", "city", "of", "a", "report", "was", "new"};
-  std::mt19937 gen(13);
-  std::ofstream out(path);
-  for (int d = 0; d < 200; ++d) {
-    std::string text;
-    for (int w = 0; w < 30; ++w) text += std::string(w ? " " : "") + words[gen() % 9];
-    out << nlohmann::json({{"text", text + "."}}).dump() << "\n";
-  }
-}
 
 struct Mesh {
   int dp, cp, tp;
@@ -117,8 +100,8 @@ TEST(ResumeUnderMpi, ContinuesUnderAnyMesh) {
   Communicator& world = **world_or;
   ASSERT_EQ(world.size(), 4);
   tandem::testing::TempDir tmp;
-  const std::string dir = SharedDir(world, tmp);
-  if (world.rank() == 0) WriteCorpus(dir + "/corpus.jsonl");
+  const std::string dir = tandem::testing::SharedDir(world, tmp);
+  if (world.rank() == 0) tandem::testing::WriteWordCorpus(dir + "/corpus.jsonl", 13);
   const Mesh saved{2, 1, 2, true};
   TrainEnv env;
   env.world = &world;
