@@ -69,6 +69,15 @@ struct RestoredShard {
   std::vector<uint8_t> bytes;
 };
 
+// A rank's bytes of one version where they lie, in the agent's shared memory (no copy). `bytes`
+// stays valid while this object lives and the rank begins no newer version (a rank is the only
+// writer of its own slots, so a restoring trainer cannot race with a writer).
+struct MappedShard {
+  uint64_t version = 0;
+  std::span<const uint8_t> bytes;
+  ShardMapping mapping;  // keeps the region mapped
+};
+
 // A trainer's connection to its node's agent.
 class AgentClient {
  public:
@@ -91,6 +100,8 @@ class AgentClient {
   StatusOr<RestoredShard> Restore(int rank);
   // Version `version` (complete, not newer than the newest complete one) if still held.
   StatusOr<RestoredShard> Restore(int rank, uint64_t version);
+  // The same check, without the copy: what a restoring trainer uses for large states.
+  StatusOr<MappedShard> RestoreMapped(int rank, uint64_t version);
   Status Heartbeat(int rank);
   StatusOr<std::vector<int>> DeadRanks();
   // Asks the agent to rebuild its node's snapshot from its peers; returns the version rebuilt.

@@ -105,6 +105,11 @@ StatusOr<std::optional<uint64_t>> AgentClient::LatestComplete(std::string* why) 
 StatusOr<RestoredShard> AgentClient::Restore(int rank) { return Restore(rank, UINT64_MAX); }
 
 StatusOr<RestoredShard> AgentClient::Restore(int rank, uint64_t wanted) {
+  TANDEM_ASSIGN_OR_RETURN(MappedShard m, RestoreMapped(rank, wanted));
+  return RestoredShard{m.version, std::vector<uint8_t>(m.bytes.begin(), m.bytes.end())};
+}
+
+StatusOr<MappedShard> AgentClient::RestoreMapped(int rank, uint64_t wanted) {
   TANDEM_ASSIGN_OR_RETURN(
       auto w, Call(wanted == UINT64_MAX ? StrCat("RESTORE ", rank)
                                          : StrCat("RESTORE ", rank, " ", wanted)));
@@ -118,13 +123,13 @@ StatusOr<RestoredShard> AgentClient::Restore(int rank, uint64_t wanted) {
                                 " bytes in slot ", slot, " of a ", map.capacity_bytes(),
                                 "-byte region"));
   }
-  RestoredShard out{version, std::vector<uint8_t>(map.slot_data(slot), map.slot_data(slot) + num_bytes)};
-  uint32_t actual = Crc32(0, out.bytes.data(), out.bytes.size());
+  const uint8_t* data = map.slot_data(slot);
+  const uint32_t actual = Crc32(0, data, num_bytes);  // multi-threaded for large shards
   if (actual != crc) {
     return DataLossError(StrCat("agent: rank ", rank, " version ", version, " CRC-32 ", actual,
                                 ", expected ", crc, " (the slot changed while restoring?)"));
   }
-  return out;
+  return MappedShard{version, std::span<const uint8_t>(data, num_bytes), std::move(map)};
 }
 
 Status AgentClient::Heartbeat(int rank) { return Call(StrCat("HEARTBEAT ", rank)).status(); }

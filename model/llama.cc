@@ -4,6 +4,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <thread>
+#include <vector>
 
 #include "core/rng.h"
 #include "model/internal/llama_state.h"
@@ -19,6 +21,25 @@ namespace {
 constexpr int64_t kAlignElems = 64;
 
 int64_t AlignUp(int64_t n) { return (n + kAlignElems - 1) / kAlignElems * kAlignElems; }
+
+// h[j] = std * the j-th Normal() of Rng(seed, stream) for j < n. Normal() draws two words, so
+// element j starts at position 2j: large tensors are split over threads with identical results.
+void FillNormal(float* h, int64_t n, uint64_t seed, uint64_t stream, float std) {
+  constexpr int64_t kPerThread = int64_t{1} << 22;
+  const int64_t threads = std::clamp<int64_t>(
+      std::min<int64_t>(n / kPerThread, std::thread::hardware_concurrency()), 1, 32);
+  auto fill = [&](int64_t begin, int64_t end) {
+    Rng rng(seed, stream, 2 * static_cast<uint64_t>(begin));
+    for (int64_t j = begin; j < end; ++j) h[j] = std * rng.Normal();
+  };
+  if (threads == 1) return fill(0, n);
+  std::vector<std::thread> pool;
+  const int64_t per = (n + threads - 1) / threads;
+  for (int64_t t = 0; t < threads; ++t) {
+    pool.emplace_back(fill, std::min(n, t * per), std::min(n, (t + 1) * per));
+  }
+  for (std::thread& th : pool) th.join();
+}
 
 }  // namespace
 
@@ -277,8 +298,7 @@ Status LlamaModel::InitRandom(uint64_t seed, float std) {
     if (groups_[group_of_[i]].one_dim) {
       std::fill(h, h + host.numel(), 1.0f);  // RMSNorm weights start at one
     } else {
-      Rng rng(seed, /*stream=*/i);
-      for (int64_t j = 0; j < host.numel(); ++j) h[j] = std * rng.Normal();
+      FillNormal(h, host.numel(), seed, /*stream=*/i, std);
     }
     TANDEM_RETURN_IF_ERROR(SetFromHost(i, SliceForRank(i, host)));
   }

@@ -41,6 +41,12 @@ using Clock = std::chrono::steady_clock;
 
 double Seconds(Clock::time_point a, Clock::time_point b) { return std::chrono::duration<double>(b - a).count(); }
 
+std::string FormatFixed(double x, int digits) {
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "%.*f", digits, x);
+  return buf;
+}
+
 StatusOr<model::LlamaConfig> BuildModelConfig(const ModelSection& m, int64_t tokenizer_vocab) {
   if (m.init == "pretrained") {
     TANDEM_ASSIGN_OR_RETURN(model::LlamaConfig cfg, model::LoadLlamaConfig(m.path + "/config.json"));
@@ -641,22 +647,42 @@ StatusOr<TrainResult> RunTraining(const TrainConfig& c, const std::string& comma
   ScheduleOptions sched{t.schedule, t.lr, t.min_lr_ratio, t.warmup_steps, t.steps};
   TANDEM_RETURN_IF_ERROR(ValidateSchedule(sched));
   Session s;
+  // Where startup time goes (it bounds how fast a relaunched job resumes), logged once.
+  std::string startup_phases;
+  auto phase_start = Clock::now();
+  const auto startup_begin = phase_start;
+  auto phase = [&](const char* name) {
+    const auto now = Clock::now();
+    startup_phases += StrCat(startup_phases.empty() ? "" : ", ", name, " ", FormatFixed(Seconds(phase_start, now), 2), " s");
+    phase_start = now;
+  };
   TANDEM_ASSIGN_OR_RETURN(s.device, ParseDevice(t.device));
   if (env.world != nullptr && env.world->size() > 1) {
     TANDEM_RETURN_IF_ERROR(OpenParallel(c, env, s));
+    phase("mesh");
     TANDEM_RETURN_IF_ERROR(OpenTokenizerAndDataParallel(c, s));
   } else {
     TANDEM_ASSIGN_OR_RETURN(s.ctx, ops::Context::ForDevice(s.device));
+    phase("device");
     TANDEM_RETURN_IF_ERROR(OpenTokenizerAndData(c, s));
   }
+  phase("data");
   TANDEM_RETURN_IF_ERROR(OpenModel(c, s));
+  phase("model");
   TANDEM_RETURN_IF_ERROR(OpenLoaders(c, s));
   TANDEM_RETURN_IF_ERROR(s.par ? InitParallelOptimizer(c, s) : InitOptimizer(s));
   TANDEM_RETURN_IF_ERROR(OpenUniversal(c, s));
+  phase("optimizer");
   TANDEM_RETURN_IF_ERROR(OpenSnapshots(c, s));
+  phase("snapshots");
   TANDEM_ASSIGN_OR_RETURN(const int64_t start_step, ResumeRun(c, s));
+  phase("resume");
 
   const bool writer = !s.par || s.par->writer();  // [parallel] only world rank 0 writes
+  if (writer) {
+    TANDEM_LOG(INFO, "train") << "startup " << FormatFixed(Seconds(startup_begin, Clock::now()), 2) << " s: "
+                              << startup_phases;
+  }
   std::optional<internal::RunDir> run;
   std::optional<MetricsWriter> metrics;
   if (writer) {

@@ -12,6 +12,7 @@
 #include <random>
 #include <set>
 
+#include "core/rng.h"
 #include "model/safetensors.h"
 #include "ops/ops.h"
 #include "tests/common/testing.h"
@@ -121,6 +122,31 @@ TEST(LlamaModelTest, InitRandomIsDeterministicWithHfInit) {
       sum_sq += wa.data<float>()[j] * wa.data<float>()[j], ++n;
   }
   EXPECT_NEAR(std::sqrt(sum_sq / n), 0.02, 0.001);  // ~3600 samples
+}
+
+// Large tensors are filled by several threads; every element must still be the documented
+// draw: element j of parameter i is std * the j-th Normal() of Rng(seed, /*stream=*/i).
+TEST(LlamaModelTest, InitRandomOfLargeTensorsIsTheSequentialStream) {
+  LlamaConfig c = TinyConfig();
+  c.vocab_size = 4099;  // embedding and head of 4099 x 2048: over 2^23 elements each
+  c.hidden_size = 2048;
+  c.intermediate_size = 64;
+  c.num_attention_heads = 2;
+  c.num_key_value_heads = 1;
+  c.head_dim = 16;
+  c.num_hidden_layers = 1;
+  Fixture f = MakeModel(c, 21, 0.5f);
+  int checked = 0;
+  for (size_t i = 0; i < f.model->parameters().size(); ++i) {
+    const Tensor& w = f.model->parameters()[i].weight;
+    if (w.numel() < (int64_t{1} << 23)) continue;
+    Rng rng(21, i);
+    int64_t bad = 0;
+    for (int64_t j = 0; j < w.numel(); ++j) bad += w.data<float>()[j] != 0.5f * rng.Normal();
+    EXPECT_EQ(bad, 0) << f.model->parameters()[i].name;
+    ++checked;
+  }
+  EXPECT_EQ(checked, 2);
 }
 
 TEST(LlamaModelTest, LogitsAndLossMatchF64Reference) {

@@ -208,7 +208,7 @@ StatusOr<std::optional<uint64_t>> Snapshotter::AgreedLatest() {
 }
 
 StatusOr<std::pair<int64_t, std::string>> Snapshotter::Restore(uint64_t version) {
-  TANDEM_ASSIGN_OR_RETURN(checkpoint::RestoredShard shard, client_->Restore(rank_, version));
+  TANDEM_ASSIGN_OR_RETURN(checkpoint::MappedShard shard, client_->RestoreMapped(rank_, version));
   const std::string where = StrCat("snapshot version ", version, " of rank ", rank_, " (agent ", socket_, ")");
   uint64_t length = 0;
   if (shard.bytes.size() < 8) return DataLossError(where + ": shorter than its header");
@@ -235,24 +235,28 @@ StatusOr<std::pair<int64_t, std::string>> Snapshotter::Restore(uint64_t version)
   }
   if (need > shard.bytes.size()) return DataLossError(where + ": data is truncated");
   fetched_data_ = AlignUp(8 + length);
-  fetched_ = std::move(shard.bytes);
-  return std::make_pair(h["step"].get<int64_t>(), h["meta"].get<std::string>());
+  const int64_t step = h["step"].get<int64_t>();
+  std::string meta = h["meta"].get<std::string>();
+  fetched_.emplace(std::move(shard));
+  return std::make_pair(step, std::move(meta));
 }
 
 Status Snapshotter::ApplyRestore() {
-  TANDEM_CHECK_MSG(!fetched_.empty(), "Snapshotter::ApplyRestore without a successful Restore");
+  TANDEM_CHECK_MSG(fetched_.has_value(), "Snapshotter::ApplyRestore without a successful Restore");
   uint64_t at = fetched_data_;
   for (const StatePiece& p : pieces_) {
     for (int which = 0; which < 3; ++which) {
       const Tensor& dst_view = *Part(p, which);
-      Tensor src = Tensor::Wrap(fetched_.data() + at, {dst_view.numel()}, DType::kF32, Device::Cpu());
+      // Straight from the agent's shared memory (a const view: CopyTensor only reads it).
+      Tensor src = Tensor::Wrap(const_cast<uint8_t*>(fetched_->bytes.data()) + at, {dst_view.numel()},
+                                DType::kF32, Device::Cpu());
       Tensor dst = dst_view;
       TANDEM_RETURN_IF_ERROR(CopyTensor(dst, src, ctx_->stream()));
       at += dst_view.num_bytes();
     }
   }
   TANDEM_RETURN_IF_ERROR(ctx_->Synchronize());
-  fetched_ = std::vector<uint8_t>();
+  fetched_.reset();
   return Status::Ok();
 }
 

@@ -107,7 +107,7 @@ class Snapshotter {
   bool skip_when_busy_ = false;
   Status commit_status_;
   // What Restore fetched, applied by ApplyRestore: the bytes and where the data begins.
-  std::vector<uint8_t> fetched_;
+  std::optional<checkpoint::MappedShard> fetched_;
   uint64_t fetched_data_ = 0;
   uint64_t last_started_ = 0;  // 0: none yet
   uint64_t next_version_ = 1;
