@@ -100,6 +100,12 @@ StatusOr<float> CudaEventOwner::ElapsedMs(const CudaEventOwner& start, const Cud
   return ms;
 }
 
+Status UseDeviceOnThisThread(int device) {
+  TANDEM_RETURN_IF_ERROR(CheckDevice("UseDeviceOnThisThread", device));
+  TANDEM_CUDA_RETURN_IF_ERROR(cudaSetDevice(device));
+  return Status::Ok();
+}
+
 StatusOr<HostRegistration> HostRegistration::Create(void* data, size_t num_bytes) {
   if (CudaDeviceCount() == 0) return UnavailableError("cudaHostRegister: no CUDA device is visible");
   TANDEM_CUDA_RETURN_IF_ERROR(cudaHostRegister(data, num_bytes, cudaHostRegisterPortable));
@@ -111,6 +117,10 @@ void HostRegistration::Reset() {
 }
 
 #else  // !TANDEM_WITH_CUDA
+
+Status UseDeviceOnThisThread(int) {
+  return UnimplementedError("UseDeviceOnThisThread: this build has no CUDA support");
+}
 
 StatusOr<HostRegistration> HostRegistration::Create(void*, size_t) {
   return UnavailableError("cudaHostRegister: this build has no CUDA support");

@@ -82,6 +82,11 @@ class CudaEventOwner {
   int device_ = -1;
 };
 
+// Makes `device` the calling thread's current device. Worker threads that touch a device's
+// streams or events call it first: a thread that never chose one uses device 0, and the runtime
+// would create a context there. Unimplemented without CUDA.
+Status UseDeviceOnThisThread(int device);
+
 // Page-locks existing host memory (cudaHostRegister) so that copies between it and a device run
 // asynchronously at full speed, e.g. a shared-memory region another process owns. Unregisters
 // in the destructor (errors ignored). Create fails (Unavailable) without CUDA or a device; the

@@ -25,9 +25,9 @@ int64_t AlignUp(int64_t n) { return (n + kAlignElems - 1) / kAlignElems * kAlign
 // h[j] = std * the j-th Normal() of Rng(seed, stream) for j < n. Normal() draws two words, so
 // element j starts at position 2j: large tensors are split over threads with identical results.
 void FillNormal(float* h, int64_t n, uint64_t seed, uint64_t stream, float std) {
-  constexpr int64_t kPerThread = int64_t{1} << 22;
+  constexpr int64_t kPerThread = int64_t{1} << 18;  // ~5 ms of work: worth a thread
   const int64_t threads = std::clamp<int64_t>(
-      std::min<int64_t>(n / kPerThread, std::thread::hardware_concurrency()), 1, 32);
+      std::min<int64_t>(n / kPerThread, std::thread::hardware_concurrency()), 1, 64);
   auto fill = [&](int64_t begin, int64_t end) {
     Rng rng(seed, stream, 2 * static_cast<uint64_t>(begin));
     for (int64_t j = begin; j < end; ++j) h[j] = std * rng.Normal();

@@ -111,12 +111,13 @@ struct RunResult {
   std::vector<Tensor> weights;
 };
 
-inline RunResult ReferenceRun(bool tied, const StepOptions& so) {
+inline RunResult ReferenceRun(const model::LlamaConfig& config, float init_std,
+                              const StepOptions& so) {
   auto ctx = ops::Context::Cpu();
-  auto made = model::LlamaModel::Create(*ctx, SmallConfig(tied), {});
+  auto made = model::LlamaModel::Create(*ctx, config, {});
   TANDEM_CHECK_OK(made.status());
   model::LlamaModel& m = **made;
-  TANDEM_CHECK_OK(m.InitRandom(kInitSeed, kInitStd));
+  TANDEM_CHECK_OK(m.InitRandom(kInitSeed, init_std));
   auto& params = m.parameters();
   std::vector<Tensor> mom(params.size()), vel(params.size());
   for (size_t i = 0; i < params.size(); ++i) {
@@ -157,6 +158,10 @@ inline RunResult ReferenceRun(bool tied, const StepOptions& so) {
   }
   for (size_t i = 0; i < params.size(); ++i) out.weights.push_back(*m.GatherParameter(i, false));
   return out;
+}
+
+inline RunResult ReferenceRun(bool tied, const StepOptions& so) {
+  return ReferenceRun(SmallConfig(tied), kInitStd, so);
 }
 
 // The same run on the mesh `shape` over `world` (every rank of world calls it).

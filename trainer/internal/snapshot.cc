@@ -165,27 +165,33 @@ Status Snapshotter::Start(int64_t step, const std::string& meta_json) {
     }
   }
   if (stream_) TANDEM_RETURN_IF_ERROR(copied_->Record(stream_->get()));
-  copying_ = version;
-  copying_bytes_ = at;
   last_started_ = version;
   ++taken_;
-  if (!stream_) return Fence();  // host state: already copied
+  if (stream_) copying_ = version;  // host state: already copied
+  // The commit (checksums, the agent's parity work) starts as soon as the copy lands, so that it
+  // overlaps this step's forward and backward rather than waiting for the next Fence.
+  committing_ = true;
+  commit_ = std::thread([this, version, bytes = at] {
+    Status s = Status::Ok();
+    if (stream_) {
+      s = UseDeviceOnThisThread(ctx_->device().index);
+      if (s.ok()) s = copied_->Synchronize();
+    }
+    if (s.ok()) {
+      StatusOr<bool> done = client_->CommitVersion(rank_, version, bytes);
+      s = done.status();
+      if (s.ok()) s = client_->Heartbeat(rank_);
+    }
+    commit_status_ = s;
+    committing_ = false;
+  });
   return Status::Ok();
 }
 
 Status Snapshotter::Fence() {
   if (!copying_) return Status::Ok();
-  if (stream_) TANDEM_RETURN_IF_ERROR(copied_->Synchronize());
-  const uint64_t version = *copying_, bytes = copying_bytes_;
   copying_.reset();
-  committing_ = true;
-  commit_ = std::thread([this, version, bytes] {
-    StatusOr<bool> done = client_->CommitVersion(rank_, version, bytes);
-    commit_status_ = done.status();
-    if (done.ok()) commit_status_ = client_->Heartbeat(rank_);
-    committing_ = false;
-  });
-  return Status::Ok();
+  return copied_->Synchronize();
 }
 
 Status Snapshotter::Drain() {

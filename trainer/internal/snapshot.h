@@ -2,8 +2,8 @@
 // checkpoint/agent.h): after an update the rank begins version = step in its shared-memory slot
 // and copies its state there (on CUDA: asynchronously on a side stream straight into the
 // page-locked slot, overlapped with the next forward and backward); the copy is fenced before the
-// next optimizer update changes the state, and committed to the agent on a background thread
-// (the agent publishes a version once every rank of the node committed it and its parity is on
+// next optimizer update changes the state, and committed to the agent on a background thread as
+// soon as it lands (the agent publishes a version once every rank of the node committed it and its parity is on
 // the other nodes).
 //
 // What a rank snapshots: the StatePieces it is given (the caller passes only unique bytes: every
@@ -62,7 +62,8 @@ class Snapshotter {
   // older run never sees a version go back; the header carries the step.
   // `meta_json` goes into the header (data position, RNG state). Collective over `world`.
   Status Start(int64_t step, const std::string& meta_json);
-  // Before the next optimizer update: waits for the copy, then commits it in the background.
+  // Before the next optimizer update: waits for the copy (its commit already runs in the
+  // background from the moment the copy lands).
   Status Fence();
   // Fence, then waits for the commit; its error, if any.
   Status Drain();
@@ -100,7 +101,6 @@ class Snapshotter {
   std::map<uint8_t*, HostRegistration> registered_;
   // The version being copied (fence pending) and the background commit.
   std::optional<uint64_t> copying_;
-  uint64_t copying_bytes_ = 0;
   std::thread commit_;
   std::atomic<bool> committing_{false};
   int64_t taken_ = 0, skipped_ = 0;
