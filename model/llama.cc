@@ -290,10 +290,14 @@ StatusOr<Tensor> LlamaModel::ToHostF32(const Tensor& t) const {
 }
 
 Status LlamaModel::InitRandom(uint64_t seed, float std) {
+  // One host buffer for every parameter (SetFromHost is synchronous): memory is touched once.
+  int64_t most = 0;
+  for (const Parameter& p : params_) most = std::max(most, ShapeNumel(p.logical_shape));
+  Tensor buffer = Tensor::Cpu({most}, DType::kF32);
   for (size_t i = 0; i < params_.size(); ++i) {
     Parameter& p = params_[i];
     // The logical tensor, so every tp layout starts from the same weights.
-    Tensor host = Tensor::Cpu(p.logical_shape, DType::kF32);
+    Tensor host = buffer.Slice(0, 0, ShapeNumel(p.logical_shape)).View(p.logical_shape);
     float* h = host.data<float>();
     if (groups_[group_of_[i]].one_dim) {
       std::fill(h, h + host.numel(), 1.0f);  // RMSNorm weights start at one
