@@ -1,8 +1,9 @@
 // mpi-ranks: 2 4
-// The mesh parity of parallel_mpi_test on GPUs: bf16 weights, f32 masters and gradients, NCCL
-// communicators built exactly as `tandem train` builds them (trainer/internal/parallel_run.h: an
-// NCCL world on the compute stream, a second one for the dp x cp gradient buckets), with and
-// without ZeRO-1. Skips on every rank where the host has fewer GPUs than ranks (CI: no GPU).
+// The mesh parity of tests/parallel/parallel_mpi_test on GPUs: bf16 weights, f32 masters and
+// gradients, NCCL communicators built exactly as `tandem train` builds them
+// (trainer/internal/parallel_run.h, hence a trainer test: an NCCL world on the compute stream,
+// a second one for the dp x cp gradient buckets), with and without ZeRO-1. Skips on every rank
+// where the host has fewer GPUs than ranks (CI: no GPU).
 //
 // bf16 rounds every GEMM output and activation, and a mesh rounds at other places than one GPU
 // (split GEMMs, partial sums all-reduced), so the mesh cannot match one GPU bit for bit, and over
@@ -82,14 +83,17 @@ StatusOr<GpuResult> GpuReference(int device, bool tied, const StepOptions& so) {
     b.tokens = g.tokens;
     b.targets = g.targets;
     TANDEM_RETURN_IF_ERROR(m->ZeroGrads());
-    TANDEM_ASSIGN_OR_RETURN(model::LossSum l,
-                            m->ForwardBackward(b, 1.0f / static_cast<float>(CountTargets(g.targets))));
+    const float scale = 1.0f / static_cast<float>(CountTargets(g.targets));
+    TANDEM_ASSIGN_OR_RETURN(model::LossSum l, m->ForwardBackward(b, scale));
     out.losses.push_back(l.sum / static_cast<double>(l.count));
     double sq = 0;
     std::vector<Tensor> grads;
     for (size_t i = 0; i < params.size(); ++i) {
       TANDEM_ASSIGN_OR_RETURN(Tensor gi, m->GatherParameter(i, true));
-      for (int64_t j = 0; j < gi.numel(); ++j) sq += double(gi.data<float>()[j]) * gi.data<float>()[j];
+      for (int64_t j = 0; j < gi.numel(); ++j) {
+        const double x = gi.data<float>()[j];
+        sq += x * x;
+      }
       grads.push_back(gi);
     }
     if (step == 1) {
@@ -186,7 +190,8 @@ Diff Compare(const Tensor& a, const Tensor& e) {
 // err(x) <= 3 err(one GPU) + floor, where err is against the f32 reference.
 void ExpectAsAccurate(double mesh_err, double gpu_err, double floor, const std::string& what) {
   EXPECT_LE(mesh_err, 3 * gpu_err + floor)
-      << what << ": the mesh is off the f32 reference by " << mesh_err << ", one GPU by " << gpu_err;
+      << what << ": the mesh is off the f32 reference by " << mesh_err << ", one GPU by "
+      << gpu_err;
 }
 
 void ExpectGpuMatches(const GpuResult& got, const GpuResult& one, const RunResult& f32,
@@ -211,8 +216,8 @@ void ExpectGpuMatches(const GpuResult& got, const GpuResult& one, const RunResul
     const double g = Compare(one.r.weights[i], f32.weights[i]).mean_abs;
     worst_weight = std::max(worst_weight, m / std::max(g, 1e-12));
     ExpectAsAccurate(m, g, 0.02 * so.lr,
-                     "weight of parameter " + std::to_string(i) + " after " + std::to_string(kSteps) +
-                         " steps");
+                     "weight of parameter " + std::to_string(i) + " after " +
+                         std::to_string(kSteps) + " steps");
   }
   if (rank == 0) {
     std::printf("  loss1 f32 %.6f, one GPU %.6f, mesh %.6f; loss5 one GPU %.6f, mesh %.6f; "
