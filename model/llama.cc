@@ -217,7 +217,7 @@ Status LlamaModel::AllocateParameters() {
 Status LlamaModel::EnsureTrainingState(bool relayout_grads) {
   // f32 masters for trainable parameters (CUDA), made from the current compute-dtype weights.
   for (Parameter& p : params_) {
-    if (!p.trainable || p.master.defined()) continue;
+    if (!p.trainable || p.master.defined() || !options_.device_master) continue;
     TANDEM_ASSIGN_OR_RETURN(p.master,
                             Tensor::Empty(p.weight.shape(), DType::kF32, ctx_.allocator()));
     TANDEM_RETURN_IF_ERROR(ops::Cast(ctx_, p.master, p.weight));
@@ -268,6 +268,9 @@ Status LlamaModel::ZeroGrads() {
 
 Status LlamaModel::SetFromHost(size_t param, const Tensor& host_f32) {
   Parameter& p = params_[param];
+  if (host_masters_ != nullptr) {  // [offload]
+    TANDEM_RETURN_IF_ERROR(host_masters_->SetMaster(param, host_f32));
+  }
   if (p.master.defined() && compute_dtype_ != DType::kF32) {
     TANDEM_RETURN_IF_ERROR(CopyTensor(p.master, host_f32, ctx_.stream()));
     TANDEM_RETURN_IF_ERROR(ops::Cast(ctx_, p.weight, p.master));

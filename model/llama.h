@@ -79,6 +79,18 @@ struct ModelParallel {
   ParallelHooks* hooks = nullptr;  // not owned; required when tp_size > 1 or cp_size > 1
 };
 
+// [offload] The f32 master weights of a model whose optimizer keeps them off the device
+// (ModelOptions::device_master == false): the model hands every parameter's f32 values to it when
+// it sets them (InitRandom, LoadSafetensors) and reads them back when it saves, so nothing is lost
+// to the compute dtype. Indices are parameters() indices; tensors are host f32 in the parameter's
+// local shape. Implemented by the trainer over offload::OffloadedOptimizer.
+class HostMasters {
+ public:
+  virtual ~HostMasters() = default;
+  virtual Status SetMaster(size_t param, const Tensor& host_f32) = 0;
+  virtual Status GetMaster(size_t param, Tensor& host_f32) = 0;
+};
+
 struct ModelOptions {
   // Keep only each block's input; recompute the block in backward.
   bool recompute = false;
@@ -92,12 +104,16 @@ struct ModelOptions {
   // The flat weight and gradient buffers are padded to a multiple of this many elements (ZeRO
   // shards them into equal parts).
   int64_t flat_numel_multiple = 1;
+  // false: no f32 master copy on a CUDA device (Parameter::master stays undefined); the optimizer
+  // keeps the masters elsewhere (see HostMasters). On CPU master and weight are one f32 tensor.
+  bool device_master = true;
 };
 
 struct Parameter {
   std::string name;  // HF name, e.g. "model.layers.0.self_attn.q_proj.weight"
   Tensor master;     // f32, the optimizer's copy (on CPU the same tensor as weight; on CUDA
-                     // undefined while frozen with ModelOptions::trainable == false)
+                     // undefined while frozen with ModelOptions::trainable == false, and with
+                     // ModelOptions::device_master == false)
   Tensor weight;     // compute dtype (f32 on CPU, bf16 on CUDA), what ops read
   Tensor grad;       // f32, accumulated by ForwardBackward (undefined for frozen groups)
   bool trainable = true;
@@ -177,6 +193,8 @@ class LlamaModel {
   // while the backward goes on. Empty function: none.
   using GradReadyFn = std::function<Status(const std::vector<size_t>& params)>;
   void SetGradReadyCallback(GradReadyFn fn) { grad_ready_ = std::move(fn); }
+  // [offload] Not owned; must outlive its use (nullptr detaches). See HostMasters.
+  void SetHostMasters(HostMasters* masters) { host_masters_ = masters; }
 
   // The whole logical (HF-shaped) f32 host tensor of parameter i: its weight (master where there
   // is one), or its gradient. Under tp > 1 a collective over the tp group (every tp rank calls).
@@ -251,6 +269,7 @@ class LlamaModel {
   std::unique_ptr<Activations> acts_;
   AdapterHooks* adapter_ = nullptr;  // [adapter] not owned
   GradReadyFn grad_ready_;
+  HostMasters* host_masters_ = nullptr;  // [offload] not owned
   // This rank's sizes (the config's divided by tp): q and kv heads, ffn width, vocabulary rows
   // (padded), the first vocabulary row and kv head held here, ranks sharing a kv head.
   int64_t hq_ = 0, hkv_ = 0, ffn_ = 0, vocab_rows_ = 0, vocab_start_ = 0, kv_start_ = 0;

@@ -126,7 +126,13 @@ StatusOr<Tensor> LlamaModel::GatherParameter(size_t i, bool grad) const {
         StrCat("parameter '", p.name, "' has no ", grad ? "gradient" : "weight", " to gather"));
   }
   // The f32 master where there is one: saving must not lose what the optimizer holds.
-  TANDEM_ASSIGN_OR_RETURN(Tensor local, ToHostF32(src));
+  Tensor local;
+  if (!grad && !p.master.defined() && host_masters_ != nullptr) {  // [offload] masters off device
+    local = Tensor::Cpu(p.weight.shape(), DType::kF32);
+    TANDEM_RETURN_IF_ERROR(host_masters_->GetMaster(i, local));
+  } else {
+    TANDEM_ASSIGN_OR_RETURN(local, ToHostF32(src));
+  }
   if (p.tp_dim < 0 || !tp()) return local;
   const int64_t tp = options_.parallel.tp_size, n = local.numel();
   Tensor all = Tensor::Cpu({tp * n}, DType::kF32);

@@ -43,7 +43,7 @@ StatusOr<std::unique_ptr<OffloadedOptimizer>> OffloadedOptimizer::Create(
       opt->host_state_.push_back(std::move(buf).value());
     }
   }
-  if (options.tier == OptimizerTier::kStorage) {
+  if (options.tier == OptimizerTier::kStorage && options.zero_storage) {
     // Fresh state is zeros, as in host memory: write every record once.
     std::vector<float> zeros(3 * static_cast<size_t>(options.chunk_elems), 0.0f);
     for (int p = 0; p < opt->num_params(); ++p) {
@@ -170,11 +170,21 @@ Status OffloadedOptimizer::GetState(int param, float* master, float* m, float* v
 
 Status OffloadedOptimizer::BeginStep(const ops::AdamWParams& params,
                                      ChunkUpdatedFn on_chunk_updated) {
+  return BeginStep(params, std::move(on_chunk_updated), nullptr);
+}
+
+Status OffloadedOptimizer::BeginStep(const ops::AdamWParams& params,
+                                     ChunkUpdatedFn on_chunk_updated,
+                                     ChunkMasterFn on_master_updated) {
   std::lock_guard<std::mutex> lock(mu_);
   if (in_step_) return FailedPreconditionError("OffloadedOptimizer::BeginStep inside a step");
   for (auto& g : given_) std::fill(g.begin(), g.end(), 0);
   scalars_ = MakeAdamWScalars(params);
+  ops::AdamWParams no_decay = params;
+  no_decay.weight_decay = 0.0f;
+  scalars_no_decay_ = MakeAdamWScalars(no_decay);
   on_chunk_updated_ = std::move(on_chunk_updated);
+  on_master_updated_ = std::move(on_master_updated);
   first_error_ = Status::Ok();
   in_step_ = true;
   return Status::Ok();
@@ -218,6 +228,7 @@ Status OffloadedOptimizer::FinishStep() {
   done_cv_.wait(lock, [&] { return remaining_ == 0; });
   in_step_ = false;
   on_chunk_updated_ = nullptr;
+  on_master_updated_ = nullptr;
   for (int p = 0; p < num_params(); ++p) {
     for (int64_t c = 0; c < num_chunks(p); ++c) {
       if (!given_[p][c]) {
@@ -226,6 +237,11 @@ Status OffloadedOptimizer::FinishStep() {
       }
     }
   }
+  return first_error_;
+}
+
+Status OffloadedOptimizer::step_error() {
+  std::lock_guard<std::mutex> lock(mu_);
   return first_error_;
 }
 
@@ -257,17 +273,22 @@ Status OffloadedOptimizer::Update(const Task& t, std::vector<float>& scratch) {
   const int64_t first = t.chunk * options_.chunk_elems;
   const int64_t len = ChunkLen(t.param, t.chunk);
   Bf16* w = weights_[t.param].data() + first;
+  const AdamWScalars& scalars = params_[t.param].weight_decay ? scalars_ : scalars_no_decay_;
+  const float* master = nullptr;
   if (options_.tier == OptimizerTier::kHost) {
-    CpuAdamWRange(scalars_, HostState(t.param, 0) + first, HostState(t.param, 1) + first,
+    CpuAdamWRange(scalars, HostState(t.param, 0) + first, HostState(t.param, 1) + first,
                   HostState(t.param, 2) + first, w, t.grad, len, simd_);
+    master = HostState(t.param, 0) + first;
   } else {
     const uint64_t offset = RecordOffset(t.param, t.chunk);
     const size_t bytes = 3 * len * sizeof(float);
     TANDEM_RETURN_IF_ERROR(storage_->Read(offset, scratch.data(), bytes));
-    CpuAdamWRange(scalars_, scratch.data(), scratch.data() + len, scratch.data() + 2 * len, w,
+    CpuAdamWRange(scalars, scratch.data(), scratch.data() + len, scratch.data() + 2 * len, w,
                   t.grad, len, simd_);
     TANDEM_RETURN_IF_ERROR(storage_->Write(offset, scratch.data(), bytes));
+    master = scratch.data();
   }
+  if (on_master_updated_) on_master_updated_(t.param, t.chunk, first, master, len);
   if (on_chunk_updated_) on_chunk_updated_(t.param, t.chunk, first, w, len);
   return Status::Ok();
 }

@@ -49,6 +49,9 @@ enum class OptimizerTier : uint8_t { kHost, kStorage };
 struct OffloadedParam {
   std::string name;
   int64_t numel = 0;
+  // false: this parameter's update has no weight decay whatever AdamWParams::weight_decay says
+  // (norms), exactly as ops::AdamW with weight_decay = 0.
+  bool weight_decay = true;
 };
 
 struct OffloadedOptimizerOptions {
@@ -57,6 +60,9 @@ struct OffloadedOptimizerOptions {
   int num_threads = 2;                     // worker threads
   std::optional<SimdLevel> simd;           // default: BestSimdLevel()
   uint64_t storage_offset = 0;             // storage tier: byte offset of the first record
+  // Storage tier: write zero records at Create. false skips that (the caller SetStates every
+  // parameter before the first step, as the trainer does), halving the startup I/O.
+  bool zero_storage = true;
   // Host tier: where master weights and moments live (PlacementPolicy::Place(kOptimizerState)
   // gives local DRAM); the default, no nodes, is plain memory.
   Placement host_placement;
@@ -67,11 +73,16 @@ struct OffloadedOptimizerOptions {
 // BeginStep.
 using ChunkUpdatedFn = std::function<void(int param, int64_t chunk, int64_t first_elem,
                                           const Bf16* weights, int64_t num_elems)>;
+// Like ChunkUpdatedFn with the chunk's new f32 master values (valid during the call only), for
+// callers that keep f32 weights (a CPU model). Called before the ChunkUpdatedFn of the chunk.
+using ChunkMasterFn = std::function<void(int param, int64_t chunk, int64_t first_elem,
+                                         const float* master, int64_t num_elems)>;
 
 class OffloadedOptimizer {
  public:
   // InvalidArgument for empty or non-positive sizes, a bad chunk size, a storage tier without
-  // storage or an unsupported SIMD level. Master weights and moments start at zero.
+  // storage or an unsupported SIMD level. Master weights and moments start at zero
+  // (storage tier: only with options.zero_storage).
   static StatusOr<std::unique_ptr<OffloadedOptimizer>> Create(
       std::vector<OffloadedParam> params, const OffloadedOptimizerOptions& options,
       Storage* storage = nullptr);
@@ -93,9 +104,17 @@ class OffloadedOptimizer {
   Status GetState(int param, float* master, float* m, float* v);
   // The host bf16 weights of `param` as of the last update or SetState ([numel]).
   const Bf16* weights_bf16(int param) const { return weights_[param].data(); }
+  // Host tier: `param`'s state as f32 [3, numel] (master, m, v), owned by the optimizer; change it
+  // only outside a step. nullptr for the storage tier.
+  float* host_state(int param) {
+    return options_.tier == OptimizerTier::kHost ? HostState(param, 0) : nullptr;
+  }
 
   // Starts a step; `on_chunk_updated` may be empty. FailedPrecondition inside a step.
   Status BeginStep(const ops::AdamWParams& params, ChunkUpdatedFn on_chunk_updated);
+  // The same, also handing each updated chunk's f32 master to `on_master_updated` (may be empty).
+  Status BeginStep(const ops::AdamWParams& params, ChunkUpdatedFn on_chunk_updated,
+                   ChunkMasterFn on_master_updated);
   // The f32 gradients of chunk `chunk` of `param` ([chunk numel], from element chunk *
   // chunk_elems) are final: queue its update. InvalidArgument for bad indices or a chunk already
   // given this step; FailedPrecondition outside a step. Thread-safe.
@@ -106,6 +125,9 @@ class OffloadedOptimizer {
   // missing parameter and chunk) when some chunk was never given; otherwise the first update
   // error (I/O), or OK.
   Status FinishStep();
+  // The first update error of the step in progress so far (OK when none), so that a caller
+  // waiting on resources the failed chunks hold can stop. Thread-safe.
+  Status step_error();
 
  private:
   struct Task {
@@ -143,7 +165,9 @@ class OffloadedOptimizer {
   int64_t remaining_ = 0;  // chunks given and not yet finished
   Status first_error_;
   AdamWScalars scalars_;
+  AdamWScalars scalars_no_decay_;  // for parameters with weight_decay == false
   ChunkUpdatedFn on_chunk_updated_;
+  ChunkMasterFn on_master_updated_;
   std::vector<std::thread> workers_;
 };
 

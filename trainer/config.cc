@@ -116,6 +116,52 @@ void SnapshotSection::Describe(ConfigSchema<SnapshotSection>& s) {
       .OneOf({"wait", "skip"});
 }
 
+void OptimizerSection::Describe(ConfigSchema<OptimizerSection>& s) {
+  s.Field("offload", &OptimizerSection::offload,
+          "where f32 master weights and Adam moments live: none (the device), host (CPU memory) or "
+          "nvme (a file under nvme_path); host and nvme update on CPU threads, one rank, full "
+          "fine-tuning only")
+      .OneOf({"none", "host", "nvme"});
+  s.Field("nvme_path", &OptimizerSection::nvme_path,
+          "directory for the optimizer-state file with offload = nvme (O_DIRECT where possible)");
+  s.Field("chunk_mib", &OptimizerSection::chunk_mib,
+          "MiB of f32 gradients per offload chunk (copy, CPU update and I/O unit)")
+      .Min(1e-6)
+      .Max(1024.0);
+  s.Field("threads", &OptimizerSection::threads, "CPU threads updating offloaded chunks").Min(1).Max(256);
+}
+
+namespace {
+
+// [optimizer] Offload is one rank, full fine-tuning, no in-memory snapshots for now.
+Status CheckOffload(const TrainConfig& c) {
+  const OptimizerSection& o = c.optimizer;
+  if (o.offload == "none") return Status::Ok();
+  const std::string what = StrCat("optimizer.offload = \"", o.offload, "\"");
+  if (o.offload == "nvme" && o.nvme_path.empty()) {
+    return InvalidArgumentError(StrCat(what, " needs optimizer.nvme_path (a directory on the NVMe drive for the ",
+                                       "optimizer-state file)"));
+  }
+  if (c.parallel.dp > 1 || c.parallel.cp > 1 || c.parallel.tp > 1 || c.parallel.zero != 0) {
+    return UnimplementedError(StrCat(what, " runs on one rank for now; found parallel.dp = ", c.parallel.dp,
+                                     ", parallel.cp = ", c.parallel.cp, ", parallel.tp = ", c.parallel.tp,
+                                     ", parallel.zero = ", c.parallel.zero,
+                                     " (set optimizer.offload = \"none\" for a mesh)"));
+  }
+  if (c.peft.method != "none") {
+    return UnimplementedError(StrCat(what, " is for full fine-tuning; found peft.method = \"", c.peft.method,
+                                     "\" (its adapter state is small: use optimizer.offload = \"none\")"));
+  }
+  if (!c.snapshot.agent_socket.empty()) {
+    return UnimplementedError(StrCat(what, " cannot be combined with in-memory snapshots yet; found ",
+                                     "snapshot.agent_socket = \"", c.snapshot.agent_socket,
+                                     "\" (universal checkpoints work: train.universal_checkpoints)"));
+  }
+  return Status::Ok();
+}
+
+}  // namespace
+
 StatusOr<TrainConfig> LoadTrainConfig(const std::string& path, const std::vector<std::string>& overrides) {
   ConfigDoc doc;
   if (!path.empty()) {
@@ -129,6 +175,7 @@ StatusOr<TrainConfig> LoadTrainConfig(const std::string& path, const std::vector
   TANDEM_RETURN_IF_ERROR(doc.Bind("train", &c.train));
   TANDEM_RETURN_IF_ERROR(doc.Bind("parallel", &c.parallel));
   TANDEM_RETURN_IF_ERROR(doc.Bind("snapshot", &c.snapshot));
+  TANDEM_RETURN_IF_ERROR(doc.Bind("optimizer", &c.optimizer));
   TANDEM_RETURN_IF_ERROR(doc.CheckNoUnknownKeys());
   if (c.data.dir.empty()) {
     return InvalidArgumentError(StrCat("data.dir is not set", path.empty() ? "" : " in " + path,
@@ -149,19 +196,22 @@ StatusOr<TrainConfig> LoadTrainConfig(const std::string& path, const std::vector
     return InvalidArgumentError(StrCat("data.seq_len (", c.data.seq_len, ") exceeds model.max_position_embeddings (",
                                        c.model.max_position_embeddings, ")"));
   }
+  TANDEM_RETURN_IF_ERROR(CheckOffload(c));
   return c;
 }
 
 std::string TrainConfigToToml(const TrainConfig& c) {
   return ToToml("model", c.model) + "\n" + ToToml("peft", c.peft) + "\n" + ToToml("data", c.data) + "\n" + ToToml("train", c.train) + "\n" +
-         ToToml("parallel", c.parallel) + "\n" + ToToml("snapshot", c.snapshot);
+         ToToml("parallel", c.parallel) + "\n" + ToToml("snapshot", c.snapshot) + "\n" +
+         ToToml("optimizer", c.optimizer);
 }
 
 std::string TrainConfigHelp() {
   return DescribeSection<ModelSection>("model") + "\n" + DescribeSection<PeftSection>("peft") + "\n" +
          DescribeSection<DataSection>("data") + "\n" +
          DescribeSection<TrainSection>("train") + "\n" + DescribeSection<ParallelSection>("parallel") +
-         "\n" + DescribeSection<SnapshotSection>("snapshot");
+         "\n" + DescribeSection<SnapshotSection>("snapshot") + "\n" +
+         DescribeSection<OptimizerSection>("optimizer");
 }
 
 }  // namespace tandem::trainer

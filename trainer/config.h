@@ -132,6 +132,19 @@ struct SnapshotSection {
   static void Describe(ConfigSchema<SnapshotSection>& s);
 };
 
+// [optimizer]: where the AdamW state lives (its hyperparameters are in [train]). offload =
+// "host" or "nvme" keeps the f32 master weights and Adam moments off the device in an
+// offload::OffloadedOptimizer updated on CPU threads (host memory, or a file under nvme_path);
+// one rank and full fine-tuning only for now (trainer/internal/offload_step.h).
+struct OptimizerSection {
+  std::string offload = "none";
+  std::string nvme_path;  // directory of the state file for offload = "nvme"
+  double chunk_mib = 4.0;  // MiB of f32 gradients per chunk (the unit of copy, update and I/O)
+  int64_t threads = 4;     // CPU update threads
+
+  static void Describe(ConfigSchema<OptimizerSection>& s);
+};
+
 struct TrainConfig {
   ModelSection model;
   PeftSection peft;
@@ -139,6 +152,7 @@ struct TrainConfig {
   TrainSection train;
   ParallelSection parallel;
   SnapshotSection snapshot;
+  OptimizerSection optimizer;
 };
 
 // Reads `path` (empty: defaults only), applies `--set` overrides in order, binds the

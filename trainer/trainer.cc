@@ -25,6 +25,7 @@
 #include "peft/s2ft.h"
 #include "peft/s2ft_io.h"
 #include "trainer/data.h"
+#include "trainer/internal/offload_step.h"
 #include "trainer/internal/parallel_run.h"
 #include "trainer/internal/run_dir.h"
 #include "trainer/internal/snapshot.h"
@@ -206,6 +207,8 @@ struct Session {
   model::LlamaConfig mcfg;
   bool lora = false;
   std::unique_ptr<model::LlamaModel> model;
+  // [offload] optimizer.offload = host/nvme: the masters and moments (the model's HostMasters).
+  std::unique_ptr<internal::OffloadedAdamW> offload;
   std::unique_ptr<peft::AdapterSet> adapters;
   std::unique_ptr<peft::S2ftAdapter> s2ft;  // [s2ft] peft.method = "s2ft"
   std::unique_ptr<DataLoader> train_loader;
@@ -255,11 +258,21 @@ Status OpenModel(const TrainConfig& c, Session& s) {
   model::ModelOptions mopt;
   mopt.recompute = c.model.recompute;
   mopt.trainable = !s.lora && c.peft.method != "s2ft";
+  const bool offload = c.optimizer.offload != "none";
+  mopt.device_master = !offload;  // [offload] the f32 masters live in the offloaded optimizer
   if (s.par) {  // [parallel]
     mopt.parallel = s.par->model_parallel();
     mopt.flat_numel_multiple = s.par->shape.dp * s.par->shape.cp;
   }
   TANDEM_ASSIGN_OR_RETURN(s.model, model::LlamaModel::Create(*s.ctx, s.mcfg, mopt));
+  if (offload) {  // [offload] one rank, full fine-tuning (trainer/config.cc checks the config)
+    if (s.par || !mopt.trainable) {
+      return UnimplementedError(StrCat("optimizer.offload = \"", c.optimizer.offload,
+                                       "\" runs on one rank with peft.method = \"none\" for now"));
+    }
+    TANDEM_ASSIGN_OR_RETURN(s.offload, internal::OffloadedAdamW::Create(*s.ctx, s.model->parameters(), c.optimizer));
+    s.model->SetHostMasters(s.offload.get());  // the initial weights below land in it
+  }
   if (c.model.init == "pretrained") {
     TANDEM_RETURN_IF_ERROR(s.model->LoadSafetensors(c.model.path));
   } else {
@@ -306,6 +319,10 @@ Status InitOptimizer(Session& s) {
   s.slots.resize(s.params.size());
   for (size_t i = 0; i < s.params.size(); ++i) {
     if (!s.params[i].trainable) continue;
+    if (s.offload) {  // [offload] the moments live in the offloaded optimizer
+      s.trainable += s.params[i].weight.numel();
+      continue;
+    }
     TANDEM_ASSIGN_OR_RETURN(s.slots[i].m, Zeros(*s.ctx, s.params[i].master.shape()));
     TANDEM_ASSIGN_OR_RETURN(s.slots[i].v, Zeros(*s.ctx, s.params[i].master.shape()));
     s.trainable += s.params[i].master.numel();
@@ -353,7 +370,18 @@ StatusOr<Update> TrainStep(const TrainSection& t, const ScheduleOptions& sched, 
   const double clip = (t.grad_clip > 0 && u.grad_norm > t.grad_clip) ? t.grad_clip / (u.grad_norm + 1e-6) : 1.0;
   u.lr = LearningRate(sched, step);
   if (s.snap) TANDEM_RETURN_IF_ERROR(s.snap->Fence());  // the previous snapshot's copy is done
-  for (size_t i = 0; i < s.params.size(); ++i) {
+  if (s.offload) {  // [offload] updated on CPU threads; the weights come back to the device
+    ops::AdamWParams ap;
+    ap.lr = static_cast<float>(u.lr);
+    ap.beta1 = static_cast<float>(t.beta1);
+    ap.beta2 = static_cast<float>(t.beta2);
+    ap.eps = static_cast<float>(t.eps);
+    ap.weight_decay = static_cast<float>(t.weight_decay);  // not on norms (Parameter::weight_decay)
+    ap.step = step;
+    ap.grad_scale = static_cast<float>(clip);
+    TANDEM_RETURN_IF_ERROR(s.offload->Update(s.params, ap));
+  }
+  for (size_t i = 0; i < s.params.size() && !s.offload; ++i) {
     model::Parameter& p = s.params[i];
     if (!p.trainable) continue;
     ops::AdamWParams ap;
@@ -446,7 +474,7 @@ Status OpenUniversal(const TrainConfig& c, Session& s) {
     s.owner.sharded = s.par->optimizer->sharded();
     s.owner.first_replica = s.par->groups.coords.dp == 0 && s.par->groups.coords.cp == 0;
     s.owner.tp_rank = s.par->groups.coords.tp;
-  } else {
+  } else if (!s.offload) {  // [offload] the pieces come from the optimizer at each save
     for (size_t i = 0; i < params.size(); ++i) {
       if (!params[i].trainable) continue;
       const int64_t n = params[i].master.numel();
@@ -491,8 +519,13 @@ Status SaveUniversalState(const TrainConfig& c, Session& s, int64_t step) {
   const auto start = Clock::now();
   TANDEM_RETURN_IF_ERROR(s.ckpt_writer->Wait());  // the previous save, whose buffers are reused
   const auto copy_start = Clock::now();
+  std::vector<internal::StatePiece> offloaded;  // [offload] the optimizer's state now
+  if (s.offload) {
+    TANDEM_ASSIGN_OR_RETURN(offloaded, s.offload->StatePieces(TrainedParams(s)));
+  }
   TANDEM_ASSIGN_OR_RETURN(std::vector<checkpoint::TensorShard> copies,
-                          s.ckpt_writer->CopyToHost(internal::OwnedShards(s.pieces, s.owner, step)));
+                          s.ckpt_writer->CopyToHost(internal::OwnedShards(s.offload ? offloaded : s.pieces,
+                                                                          s.owner, step)));
   const double wait_s = Seconds(start, copy_start), copy_s = Seconds(copy_start, Clock::now());
   TANDEM_RETURN_IF_ERROR(s.ckpt_writer->Submit(UniversalMetaOf(c, s, step), std::move(copies)));
   if (!s.par || s.par->writer()) {
@@ -527,7 +560,8 @@ Status RestoreStreams(const TrainConfig& c, Session& s, const std::string& data_
 StatusOr<int64_t> ResumeFrom(const TrainConfig& c, Session& s, const std::string& path) {
   TANDEM_ASSIGN_OR_RETURN(checkpoint::UniversalReader reader, checkpoint::UniversalReader::Open(path));
   const checkpoint::UniversalMeta& meta = reader.meta();
-  TANDEM_RETURN_IF_ERROR(internal::RestoreState(*s.ctx, reader, TrainedParams(s), s.pieces, s.owner.adapter));
+  TANDEM_RETURN_IF_ERROR(s.offload ? s.offload->Restore(reader, TrainedParams(s))  // [offload]
+                                   : internal::RestoreState(*s.ctx, reader, TrainedParams(s), s.pieces, s.owner.adapter));
   if (s.par) TANDEM_RETURN_IF_ERROR(s.par->optimizer->ReloadMasters());
   TANDEM_RETURN_IF_ERROR(RestoreStreams(c, s, meta.data_position_json, meta.rng_state_json, path));
   if (!s.par || s.par->writer()) {

@@ -1,0 +1,206 @@
+// optimizer.offload in the training loop (CPU): a tiny model trained with the AdamW state in host
+// memory or in a file (io_uring; buffered where O_DIRECT is refused) gives bitwise the losses,
+// final weights (HF safetensors bytes) and optimizer state (universal checkpoint, every element)
+// of the on-device optimizer, with several chunks per parameter updated on several threads and
+// weight decay off for norms. Universal checkpoints saved under offload resume with and without
+// offload (and the reverse) exactly like the run that never stopped. Bad [optimizer] settings
+// fail before training with errors naming the key.
+#include <gtest/gtest.h>
+
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <iterator>
+#include <nlohmann/json.hpp>
+#include <random>
+
+#include "checkpoint/universal.h"
+#include "tests/common/testing.h"
+#include "trainer/config.h"
+#include "trainer/trainer.h"
+
+namespace tandem::trainer {
+namespace {
+
+namespace fs = std::filesystem;
+
+std::string WriteCorpus(const testing::TempDir& dir) {
+  const char* words[] = {"the", "jury", "said", "city", "of", "a", "report", "was", "new"};
+  std::mt19937 gen(11);
+  const std::string path = dir.Join("corpus.jsonl");
+  if (fs::exists(path)) return path;
+  std::ofstream out(path);
+  for (int d = 0; d < 120; ++d) {
+    std::string text;
+    for (int w = 0; w < 30; ++w) text += std::string(w ? " " : "") + words[gen() % 9];
+    out << nlohmann::json({{"text", text + "."}}).dump() << "\n";
+  }
+  return path;
+}
+
+// 6 updates, checkpoints after 3 and 6. chunk_mib = 0.001: 262 elements per chunk, so the
+// embedding [256, 32] and every projection span several chunks (and a partial last one).
+std::vector<std::string> Overrides(const testing::TempDir& dir, const std::string& run,
+                                   const std::string& offload) {
+  std::vector<std::string> o = {
+      "model.hidden_size=32", "model.intermediate_size=48", "model.num_layers=2",
+      "model.num_heads=4", "model.num_kv_heads=2", "model.max_position_embeddings=64",
+      "data.dir=\"" + dir.Join("data") + "\"", "data.inputs=[\"" + WriteCorpus(dir) + "\"]",
+      "data.seq_len=32", "train.micro_batch_size=2", "train.grad_accum=2", "train.steps=6",
+      "train.save_interval=3", "train.lr=3e-3", "train.warmup_steps=2", "train.grad_clip=0.5",
+      "train.weight_decay=0.1", "train.log_interval=100", "train.eval_interval=0",
+      "train.eval_batches=1", "train.out_dir=\"" + dir.Join(run) + "\"",
+      "optimizer.offload=\"" + offload + "\"", "optimizer.chunk_mib=0.001", "optimizer.threads=3"};
+  if (offload == "nvme") o.push_back("optimizer.nvme_path=\"" + dir.Join(run + "-nvme") + "\"");
+  return o;
+}
+
+StatusOr<TrainResult> Train(std::vector<std::string> overrides, const std::string& resume = "") {
+  if (!resume.empty()) overrides.push_back("train.resume=\"" + resume + "\"");
+  TANDEM_ASSIGN_OR_RETURN(TrainConfig config, LoadTrainConfig("", overrides));
+  return RunTraining(config, "test");
+}
+
+std::vector<std::pair<int64_t, double>> StepLosses(const std::string& run_dir) {
+  std::vector<std::pair<int64_t, double>> out;
+  std::ifstream in(run_dir + "/metrics.jsonl");
+  std::string line;
+  while (std::getline(in, line)) {
+    const auto j = nlohmann::json::parse(line);
+    out.emplace_back(j.at("step").get<int64_t>(), j.at("loss").get<double>());
+  }
+  return out;
+}
+
+std::string ReadBytes(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+}
+
+// Every tensor of the checkpoint at `b` equals `a`'s bitwise (masters and both moments).
+void ExpectSameState(const std::string& a_path, const std::string& b_path) {
+  auto a = checkpoint::UniversalReader::Open(a_path);
+  auto b = checkpoint::UniversalReader::Open(b_path);
+  ASSERT_TRUE(a.ok()) << a.status().ToString();
+  ASSERT_TRUE(b.ok()) << b.status().ToString();
+  ASSERT_EQ(a->tensors().size(), b->tensors().size());
+  EXPECT_EQ(a->meta().data_position_json, b->meta().data_position_json);
+  for (const checkpoint::TensorInfo& info : a->tensors()) {
+    auto x = a->ReadAll(info.name, info.adapter);
+    auto y = b->ReadAll(info.name, info.adapter);
+    ASSERT_TRUE(x.ok() && y.ok()) << info.name;
+    for (auto [tx, ty] : {std::pair{&x->master, &y->master}, std::pair{&x->exp_avg, &y->exp_avg},
+                          std::pair{&x->exp_avg_sq, &y->exp_avg_sq}}) {
+      ASSERT_EQ(tx->numel(), ty->numel()) << info.name;
+      EXPECT_EQ(0, std::memcmp(tx->data<float>(), ty->data<float>(), tx->numel() * 4))
+          << info.name << " differs between " << a_path << " and " << b_path;
+    }
+  }
+}
+
+// The run in `dir`/`run` matches `dir`/"none" (the on-device optimizer) bit for bit.
+void ExpectSameAsNone(const testing::TempDir& dir, const std::string& run) {
+  EXPECT_EQ(StepLosses(dir.Join(run)), StepLosses(dir.Join("none")));
+  EXPECT_EQ(StepLosses(dir.Join(run)).size(), 6u);
+  for (const char* step : {"step-3", "step-6"}) {
+    const std::string st = StrCat("/checkpoints/", step, "/model.safetensors");
+    const std::string want = ReadBytes(dir.Join("none") + st);
+    ASSERT_FALSE(want.empty()) << st;
+    EXPECT_TRUE(ReadBytes(dir.Join(run) + st) == want) << run << st << " differs";
+    const std::string h5 = StrCat("/checkpoints/universal/", step, ".h5");
+    ExpectSameState(dir.Join("none") + h5, dir.Join(run) + h5);
+  }
+}
+
+class OffloadTrainTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    auto none = Train(Overrides(dir_, "none", "none"));
+    ASSERT_TRUE(none.ok()) << none.status().ToString();
+  }
+  // A run directory `run` holding only what `from` had after step 3.
+  void CutAfterStep3(const std::string& from, const std::string& run) {
+    fs::create_directories(dir_.Join(run + "/checkpoints/universal"));
+    fs::copy_file(dir_.Join(from + "/checkpoints/universal/step-3.h5"),
+                  dir_.Join(run + "/checkpoints/universal/step-3.h5"));
+    std::ofstream latest(dir_.Join(run + "/checkpoints/universal/latest"));
+    latest << "step-3.h5\n";
+  }
+  testing::TempDir dir_;
+};
+
+TEST_F(OffloadTrainTest, HostTierIsBitwiseTheDeviceOptimizer) {
+  auto host = Train(Overrides(dir_, "host", "host"));
+  ASSERT_TRUE(host.ok()) << host.status().ToString();
+  ExpectSameAsNone(dir_, "host");
+}
+
+TEST_F(OffloadTrainTest, NvmeTierIsBitwiseTheDeviceOptimizerAndRemovesItsFile) {
+  auto nvme = Train(Overrides(dir_, "nvme", "nvme"));
+  ASSERT_TRUE(nvme.ok()) << nvme.status().ToString();
+  ExpectSameAsNone(dir_, "nvme");
+  ASSERT_TRUE(fs::is_directory(dir_.Join("nvme-nvme")));
+  EXPECT_TRUE(fs::is_empty(dir_.Join("nvme-nvme"))) << "the optimizer-state file was left behind";
+}
+
+TEST_F(OffloadTrainTest, CheckpointsResumeAcrossOffloadModes) {
+  auto host = Train(Overrides(dir_, "host", "host"));
+  ASSERT_TRUE(host.ok()) << host.status().ToString();
+  struct Case {
+    const char* from;  // whose step-3 checkpoint
+    const char* run;
+    const char* offload;  // the resumed run's mode
+  };
+  for (const Case& c :
+       {Case{"host", "host-to-none", "none"}, Case{"none", "none-to-host", "host"},
+        Case{"host", "host-to-nvme", "nvme"}, Case{"host", "host-to-host", "host"}}) {
+    SCOPED_TRACE(c.run);
+    CutAfterStep3(c.from, c.run);
+    auto resumed = Train(Overrides(dir_, c.run, c.offload), "auto");
+    ASSERT_TRUE(resumed.ok()) << resumed.status().ToString();
+    EXPECT_EQ(resumed->resumed_from_step, 3);
+    EXPECT_EQ(resumed->steps_done, 6);
+    const std::vector<std::pair<int64_t, double>> all = StepLosses(dir_.Join("none"));
+    ASSERT_EQ(all.size(), 6u);
+    const std::vector<std::pair<int64_t, double>> after3(all.begin() + 3, all.end());
+    EXPECT_EQ(StepLosses(dir_.Join(c.run)), after3);
+    ExpectSameState(dir_.Join("none/checkpoints/universal/step-6.h5"),
+                    dir_.Join(std::string(c.run) + "/checkpoints/universal/step-6.h5"));
+    const std::string st = "/checkpoints/step-6/model.safetensors";
+    EXPECT_TRUE(ReadBytes(dir_.Join(c.run) + st) == ReadBytes(dir_.Join("none") + st));
+  }
+}
+
+// The error of loading a config with `extra` overrides, expected to name every string in `names`.
+void ExpectConfigError(const std::vector<std::string>& extra,
+                       const std::vector<std::string>& names) {
+  std::vector<std::string> o = {"data.dir=\"/nonexistent\""};
+  o.insert(o.end(), extra.begin(), extra.end());
+  auto c = LoadTrainConfig("", o);
+  ASSERT_FALSE(c.ok()) << "accepted: " << ::testing::PrintToString(extra);
+  for (const std::string& name : names) {
+    EXPECT_NE(c.status().message().find(name), std::string::npos)
+        << "'" << name << "' not in: " << c.status().message();
+  }
+}
+
+TEST(OffloadConfigTest, BadSettingsNameTheKey) {
+  ExpectConfigError({"optimizer.offload=\"gpu\""}, {"optimizer.offload", "gpu"});
+  ExpectConfigError({"optimizer.offload=\"nvme\""}, {"optimizer.nvme_path"});
+  ExpectConfigError({"optimizer.offload=\"host\"", "parallel.tp=2"},
+                    {"optimizer.offload", "parallel.tp = 2"});
+  ExpectConfigError({"optimizer.offload=\"host\"", "parallel.dp=2"}, {"parallel.dp = 2"});
+  ExpectConfigError({"optimizer.offload=\"host\"", "peft.method=\"lora\""},
+                    {"optimizer.offload", "peft.method"});
+  ExpectConfigError({"optimizer.offload=\"host\"", "snapshot.agent_socket=\"/tmp/a.sock\""},
+                    {"snapshot.agent_socket"});
+  ExpectConfigError({"optimizer.offload=\"host\"", "optimizer.threads=0"}, {"optimizer.threads"});
+  ExpectConfigError({"optimizer.offload=\"host\"", "optimizer.chunk_mib=0"},
+                    {"optimizer.chunk_mib"});
+  auto ok = LoadTrainConfig("", {"data.dir=\"/x\"", "optimizer.offload=\"nvme\"",
+                                 "optimizer.nvme_path=\"/x\""});
+  EXPECT_TRUE(ok.ok()) << ok.status().ToString();
+}
+
+}  // namespace
+}  // namespace tandem::trainer

@@ -1,0 +1,398 @@
+// OffloadedAdamW: the offloaded optimizer step of `tandem train` (see offload_step.h).
+#include "trainer/internal/offload_step.h"
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstring>
+#include <filesystem>
+#include <thread>
+
+#include "core/logging.h"
+
+#if defined(TANDEM_WITH_CUDA)
+#include <cuda_runtime.h>
+
+#include "core/cuda_check.h"
+#endif
+
+namespace tandem::trainer::internal {
+namespace {
+
+constexpr size_t kSlabAlign = 4096;
+
+double GiB(double bytes) { return bytes / double(1ull << 30); }
+
+// A parameter's tensor as a flat host f32 pointer, checked.
+Status CheckHostF32(const Tensor& t, int64_t numel, const std::string& what) {
+  if (!t.defined() || t.device().is_cuda() || t.dtype() != DType::kF32 || !t.is_contiguous() ||
+      t.numel() != numel) {
+    return InvalidArgumentError(StrCat(what, ": expected a contiguous host f32 tensor of ", numel,
+                                       " elements, found ",
+                                       t.defined() ? t.DebugString() : "undefined"));
+  }
+  return Status::Ok();
+}
+
+}  // namespace
+
+OffloadedAdamW::OffloadedAdamW(ops::Context& ctx, std::vector<int> index)
+    : ctx_(ctx), index_(std::move(index)) {}
+
+StatusOr<std::unique_ptr<OffloadedAdamW>> OffloadedAdamW::Create(
+    ops::Context& ctx, const std::vector<model::Parameter>& params,
+    const OptimizerSection& options) {
+  if (options.offload != "host" && options.offload != "nvme") {
+    return InvalidArgumentError(StrCat("optimizer.offload: expected \"host\" or \"nvme\", found \"",
+                                       options.offload, "\""));
+  }
+  std::vector<int> index(params.size(), -1);
+  std::vector<offload::OffloadedParam> oparams;
+  std::vector<size_t> param_of;
+  int64_t numel = 0;
+  for (size_t i = 0; i < params.size(); ++i) {
+    const model::Parameter& p = params[i];
+    if (!p.trainable) continue;
+    if (!p.grad.defined() || !p.grad.is_contiguous() || !p.weight.is_contiguous()) {
+      return FailedPreconditionError(StrCat("optimizer.offload: parameter '", p.name,
+                                            "' needs contiguous weight and gradient tensors"));
+    }
+    index[i] = static_cast<int>(oparams.size());
+    oparams.push_back({p.name, p.weight.numel(), p.weight_decay});
+    param_of.push_back(i);
+    numel += p.weight.numel();
+  }
+  if (oparams.empty()) return InvalidArgumentError("optimizer.offload: no trainable parameters");
+  auto self = std::unique_ptr<OffloadedAdamW>(new OffloadedAdamW(ctx, std::move(index)));
+  self->param_of_ = std::move(param_of);
+  self->numel_ = numel;
+  offload::OffloadedOptimizerOptions oo;
+  oo.chunk_elems = std::max<int64_t>(1, std::llround(options.chunk_mib * (1 << 20) / 4.0));
+  oo.num_threads = static_cast<int>(options.threads);
+  oo.zero_storage = false;  // the model's initialisation (or a checkpoint) sets every parameter
+  if (options.offload == "nvme") {
+    oo.tier = offload::OptimizerTier::kStorage;
+    std::error_code ec;
+    std::filesystem::create_directories(options.nvme_path, ec);
+    if (ec) {
+      return InternalError(StrCat("optimizer.nvme_path = '", options.nvme_path,
+                                  "': cannot create the directory: ", ec.message()));
+    }
+    self->file_ = (std::filesystem::path(options.nvme_path) /
+                   StrCat("tandem-optimizer-", getpid(), ".bin")).string();
+    std::filesystem::remove(self->file_, ec);  // a stale file of a reused pid
+    auto storage = offload::IoUringStorage::Open(self->file_, {});
+    if (!storage.ok()) {
+      return storage.status().WithContext(
+          StrCat("optimizer.nvme_path = '", options.nvme_path, "'"));
+    }
+    self->storage_ = std::move(storage).value();
+  }
+  TANDEM_ASSIGN_OR_RETURN(self->opt_, offload::OffloadedOptimizer::Create(
+                                          std::move(oparams), oo, self->storage_.get()));
+  if (ctx.is_cuda()) TANDEM_RETURN_IF_ERROR(self->InitCuda(oo.chunk_elems, oo.num_threads));
+  const std::string slabs =
+      self->pool_ ? StrCat(", ", self->pool_->num_slabs(), " pinned slabs of ",
+                           self->pool_->slab_bytes() >> 10, " KiB")
+                  : std::string();
+  TANDEM_LOG(INFO, "train") << "optimizer state (f32 master weights + Adam moments, "
+                            << GiB(double(self->state_bytes())) << " GiB) in " << self->where()
+                            << ", plus " << GiB(2.0 * double(numel)) << " GiB of bf16 weight "
+                            << "copies in host memory; " << oo.num_threads << " CPU threads, "
+                            << oo.chunk_elems << " elements per chunk" << slabs;
+  return self;
+}
+
+OffloadedAdamW::~OffloadedAdamW() {
+  // Every stream callback must have run before the slabs and the optimizer go.
+  if (d2h_) (void)d2h_->Synchronize();
+  if (upload_) (void)upload_->Synchronize();
+  opt_.reset();
+  storage_.reset();
+  if (!file_.empty()) {
+    std::error_code ec;
+    std::filesystem::remove(file_, ec);
+  }
+}
+
+std::string OffloadedAdamW::where() const {
+  return file_.empty() ? std::string("host memory") : StrCat("the file ", file_);
+}
+
+Status OffloadedAdamW::InitCuda(int64_t chunk_elems, int threads) {
+  const int device = ctx_.device().index;
+  TANDEM_ASSIGN_OR_RETURN(CudaStreamOwner d2h, CudaStreamOwner::Create(device));
+  TANDEM_ASSIGN_OR_RETURN(CudaStreamOwner upload, CudaStreamOwner::Create(device));
+  TANDEM_ASSIGN_OR_RETURN(CudaEventOwner grads, CudaEventOwner::Create(device, false));
+  TANDEM_ASSIGN_OR_RETURN(CudaEventOwner uploads, CudaEventOwner::Create(device, false));
+  d2h_.emplace(std::move(d2h));
+  upload_.emplace(std::move(upload));
+  grads_done_.emplace(std::move(grads));
+  uploads_done_.emplace(std::move(uploads));
+  offload::StagingPoolOptions po;
+  int64_t largest = 0;  // a slab holds one chunk's f32 gradients (then its bf16 weights)
+  for (int k = 0; k < opt_->num_params(); ++k) largest = std::max(largest, opt_->param(k).numel);
+  const size_t bytes = static_cast<size_t>(std::min(chunk_elems, largest)) * sizeof(float);
+  po.slab_bytes = (bytes + kSlabAlign - 1) / kSlabAlign * kSlabAlign;
+  po.num_slabs = std::max(4, 2 * threads + 2);  // chunks in flight: copying, updating, uploading
+  TANDEM_ASSIGN_OR_RETURN(pool_, offload::StagingPool::Create(po));
+  tickets_.resize(static_cast<size_t>(opt_->num_params()));
+  for (int k = 0; k < opt_->num_params(); ++k) {
+    tickets_[k].resize(static_cast<size_t>(opt_->num_chunks(k)));
+    for (int64_t c = 0; c < opt_->num_chunks(k); ++c) tickets_[k][c] = Ticket{this, k, c, {}};
+  }
+  device_weights_.resize(static_cast<size_t>(opt_->num_params()), nullptr);
+  return Status::Ok();
+}
+
+Status OffloadedAdamW::SetMaster(size_t param, const Tensor& host_f32) {
+  if (param >= index_.size() || index_[param] < 0) return Status::Ok();  // frozen: not ours
+  const int k = index_[param];
+  TANDEM_RETURN_IF_ERROR(CheckHostF32(host_f32, opt_->param(k).numel,
+                                      StrCat("master of '", opt_->param(k).name, "'")));
+  return opt_->SetState(k, host_f32.data<float>(), nullptr, nullptr);
+}
+
+Status OffloadedAdamW::GetMaster(size_t param, Tensor& host_f32) {
+  if (param >= index_.size() || index_[param] < 0) {
+    return FailedPreconditionError(StrCat("OffloadedAdamW::GetMaster: parameter ", param,
+                                          " is not trained by the offloaded optimizer"));
+  }
+  const int k = index_[param];
+  TANDEM_RETURN_IF_ERROR(CheckHostF32(host_f32, opt_->param(k).numel,
+                                      StrCat("master of '", opt_->param(k).name, "'")));
+  return opt_->GetState(k, host_f32.data<float>(), nullptr, nullptr);
+}
+
+Status OffloadedAdamW::Update(const std::vector<model::Parameter>& params,
+                              const ops::AdamWParams& adamw) {
+  if (params.size() != index_.size()) {
+    return InternalError(StrCat("OffloadedAdamW::Update: ", params.size(),
+                                " parameters, created over ", index_.size()));
+  }
+  return ctx_.is_cuda() ? UpdateCuda(params, adamw) : UpdateCpu(params, adamw);
+}
+
+Status OffloadedAdamW::UpdateCpu(const std::vector<model::Parameter>& params,
+                                 const ops::AdamWParams& adamw) {
+  std::vector<float*> weights(param_of_.size());
+  for (size_t k = 0; k < param_of_.size(); ++k) {
+    weights[k] = params[param_of_[k]].weight.data<float>();
+  }
+  TANDEM_RETURN_IF_ERROR(opt_->BeginStep(
+      adamw, nullptr, [&](int k, int64_t, int64_t first, const float* master, int64_t n) {
+        std::memcpy(weights[k] + first, master, static_cast<size_t>(n) * sizeof(float));
+      }));
+  Status given = Status::Ok();
+  for (size_t k = 0; k < param_of_.size() && given.ok(); ++k) {
+    given = opt_->GradientsReady(static_cast<int>(k), params[param_of_[k]].grad.data<float>());
+  }
+  const Status finished = opt_->FinishStep();
+  TANDEM_RETURN_IF_ERROR(given);
+  return finished;
+}
+
+void OffloadedAdamW::RecordError(const Status& st) {
+  if (st.ok()) return;
+  std::lock_guard<std::mutex> lock(error_mu_);
+  if (error_.ok()) error_ = st;
+}
+
+Status OffloadedAdamW::TakeError() {
+  std::lock_guard<std::mutex> lock(error_mu_);
+  Status st = error_;
+  error_ = Status::Ok();
+  return st;
+}
+
+StatusOr<offload::StagingPool::Slab> OffloadedAdamW::AcquireSlab() {
+  while (true) {
+    if (std::optional<offload::StagingPool::Slab> slab = pool_->TryAcquire()) return *slab;
+    // A chunk whose update failed never gives its slab back: stop on the first error.
+    TANDEM_RETURN_IF_ERROR(opt_->step_error());
+    TANDEM_RETURN_IF_ERROR(TakeError());
+    std::this_thread::sleep_for(std::chrono::microseconds(20));
+  }
+}
+
+void OffloadedAdamW::ReleaseSlab(Ticket& t) {
+  std::lock_guard<std::mutex> lock(slab_mu_);
+  if (!t.lent) return;
+  t.lent = false;
+  pool_->Release(t.slab);
+}
+
+void OffloadedAdamW::ReleaseAllSlabs() {
+  for (std::vector<Ticket>& param : tickets_) {
+    for (Ticket& t : param) ReleaseSlab(t);
+  }
+}
+
+#if defined(TANDEM_WITH_CUDA)
+
+void OffloadedAdamW::GradLanded(void* arg) {
+  auto* t = static_cast<Ticket*>(arg);
+  t->self->RecordError(t->self->opt_->GradientsReady(t->param, t->chunk,
+                                                     reinterpret_cast<const float*>(t->slab.data)));
+}
+
+void OffloadedAdamW::UploadDone(void* arg) {
+  auto* t = static_cast<Ticket*>(arg);
+  t->self->ReleaseSlab(*t);
+}
+
+// On a worker thread: the chunk's gradients in its slab are consumed; the slab now carries the
+// new bf16 weights to the device and is released when that copy is done.
+void OffloadedAdamW::UploadChunk(int k, int64_t chunk, int64_t first, const Bf16* w, int64_t n) {
+  Ticket& t = tickets_[k][chunk];
+  const size_t bytes = static_cast<size_t>(n) * sizeof(Bf16);
+  std::memcpy(t.slab.data, w, bytes);
+  auto upload = [&]() -> Status {
+    TANDEM_CUDA_RETURN_IF_ERROR(cudaSetDevice(ctx_.device().index));
+    TANDEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(device_weights_[k] + first * sizeof(Bf16),
+                                                t.slab.data, bytes, cudaMemcpyHostToDevice,
+                                                upload_->get()));
+    TANDEM_CUDA_RETURN_IF_ERROR(cudaLaunchHostFunc(upload_->get(), &UploadDone, &t));
+    return Status::Ok();
+  };
+  const Status st = upload();
+  if (!st.ok()) {
+    RecordError(st.WithContext(StrCat("uploading the weights of '", opt_->param(k).name, "'")));
+  }
+}
+
+Status OffloadedAdamW::UpdateCuda(const std::vector<model::Parameter>& params,
+                                  const ops::AdamWParams& adamw) {
+  TANDEM_CUDA_RETURN_IF_ERROR(cudaSetDevice(ctx_.device().index));
+  // The previous update's uploads and their slab releases (long done: the forward waited for
+  // them) must have run before the tickets are reused.
+  TANDEM_RETURN_IF_ERROR(upload_->Synchronize());
+  for (size_t k = 0; k < param_of_.size(); ++k) {
+    device_weights_[k] = static_cast<char*>(params[param_of_[k]].weight.raw_data());
+  }
+  TANDEM_RETURN_IF_ERROR(grads_done_->Record(ctx_.stream()));  // backward's gradients
+  TANDEM_RETURN_IF_ERROR(grads_done_->Wait(d2h_->get()));
+  TANDEM_RETURN_IF_ERROR(opt_->BeginStep(
+      adamw, [this](int k, int64_t c, int64_t first, const Bf16* w, int64_t n) {
+        UploadChunk(k, c, first, w, n);
+      }));
+  const int64_t chunk_elems = opt_->chunk_elems();
+  auto issue = [&]() -> Status {
+    for (int k = 0; k < opt_->num_params(); ++k) {
+      const char* grad = static_cast<const char*>(params[param_of_[k]].grad.raw_data());
+      for (int64_t c = 0; c < opt_->num_chunks(k); ++c) {
+        const int64_t first = c * chunk_elems;
+        const int64_t n = std::min(chunk_elems, opt_->param(k).numel - first);
+        Ticket& t = tickets_[k][c];
+        TANDEM_ASSIGN_OR_RETURN(t.slab, AcquireSlab());  // waits while every slab is in flight
+        {
+          std::lock_guard<std::mutex> lock(slab_mu_);
+          t.lent = true;
+        }
+        TANDEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(t.slab.data, grad + first * sizeof(float),
+                                                    static_cast<size_t>(n) * sizeof(float),
+                                                    cudaMemcpyDeviceToHost, d2h_->get()));
+        TANDEM_CUDA_RETURN_IF_ERROR(cudaLaunchHostFunc(d2h_->get(), &GradLanded, &t));
+      }
+    }
+    return Status::Ok();
+  };
+  const Status issued = issue();
+  if (!issued.ok()) TANDEM_RETURN_IF_ERROR(d2h_->Synchronize());  // no callback may come late
+  const Status finished = opt_->FinishStep();
+  Status failed = !issued.ok() ? issued : !finished.ok() ? finished : TakeError();
+  if (!failed.ok()) {  // slabs of chunks that never uploaded go back once the streams are idle
+    TANDEM_RETURN_IF_ERROR(d2h_->Synchronize());
+    TANDEM_RETURN_IF_ERROR(upload_->Synchronize());
+    ReleaseAllSlabs();
+    return failed;
+  }
+  // The next forward (on the context's stream) waits for every upload, on the device.
+  TANDEM_RETURN_IF_ERROR(uploads_done_->Record(upload_->get()));
+  return uploads_done_->Wait(ctx_.stream());
+}
+
+#else  // CPU-only build: UpdateCuda is never reached.
+
+void OffloadedAdamW::GradLanded(void*) {}
+void OffloadedAdamW::UploadDone(void*) {}
+void OffloadedAdamW::UploadChunk(int, int64_t, int64_t, const Bf16*, int64_t) {}
+Status OffloadedAdamW::UpdateCuda(const std::vector<model::Parameter>&, const ops::AdamWParams&) {
+  return UnimplementedError("OffloadedAdamW: a CUDA context in a CPU-only build");
+}
+
+#endif
+
+StatusOr<std::vector<StatePiece>> OffloadedAdamW::StatePieces(
+    const std::vector<model::Parameter>& params) {
+  std::vector<StatePiece> pieces;
+  for (size_t k = 0; k < param_of_.size(); ++k) {
+    const int ki = static_cast<int>(k);
+    const int64_t n = opt_->param(ki).numel;
+    StatePiece piece;
+    piece.param = &params[param_of_[k]];
+    piece.begin = 0;
+    piece.end = n;
+    if (float* state = opt_->host_state(ki)) {  // host tier: [master | m | v], no copy
+      piece.master = Tensor::Wrap(state, {n}, DType::kF32, Device::Cpu());
+      piece.exp_avg = Tensor::Wrap(state + n, {n}, DType::kF32, Device::Cpu());
+      piece.exp_avg_sq = Tensor::Wrap(state + 2 * n, {n}, DType::kF32, Device::Cpu());
+    } else {
+      piece.master = Tensor::Cpu({n}, DType::kF32);
+      piece.exp_avg = Tensor::Cpu({n}, DType::kF32);
+      piece.exp_avg_sq = Tensor::Cpu({n}, DType::kF32);
+      TANDEM_RETURN_IF_ERROR(opt_->GetState(ki, piece.master.data<float>(),
+                                            piece.exp_avg.data<float>(),
+                                            piece.exp_avg_sq.data<float>()));
+    }
+    pieces.push_back(std::move(piece));
+  }
+  return pieces;
+}
+
+Status OffloadedAdamW::CopyWeightsToModel(int k, const model::Parameter& p) {
+  Tensor weight = p.weight;
+  if (!ctx_.is_cuda()) {
+    TANDEM_RETURN_IF_ERROR(CheckHostF32(weight, opt_->param(k).numel, p.name));
+    return opt_->GetState(k, weight.data<float>(), nullptr, nullptr);
+  }
+  const Tensor host = Tensor::Wrap(const_cast<Bf16*>(opt_->weights_bf16(k)), weight.shape(),
+                                   DType::kBF16, Device::Cpu());
+  TANDEM_RETURN_IF_ERROR(CopyTensor(weight, host, ctx_.stream()));
+  return ctx_.Synchronize();
+}
+
+Status OffloadedAdamW::Restore(const checkpoint::UniversalReader& reader,
+                               const std::vector<model::Parameter>& params) {
+  for (size_t k = 0; k < param_of_.size(); ++k) {
+    const int ki = static_cast<int>(k);
+    const model::Parameter& p = params[param_of_[k]];
+    const std::string where = StrCat(reader.path(), ": tensor '", p.name, "'");
+    const checkpoint::TensorInfo* info = reader.Find(p.name);
+    if (info == nullptr) {
+      return InvalidArgumentError(StrCat(where, " is not in the checkpoint: it was written by a ",
+                                         "run with another model or training method"));
+    }
+    if (info->shape != p.logical_shape || ShapeNumel(info->shape) != opt_->param(ki).numel) {
+      return InvalidArgumentError(StrCat(where, " has shape ", ShapeToString(info->shape),
+                                         ", this run's model needs ",
+                                         ShapeToString(p.logical_shape)));
+    }
+    if (!info->has_moments) {
+      return InvalidArgumentError(StrCat(where, " has no optimizer state (saved frozen)"));
+    }
+    TANDEM_ASSIGN_OR_RETURN(checkpoint::TensorShard s, reader.ReadAll(p.name, "", true));
+    const std::string what = StrCat(where, " as read");
+    TANDEM_RETURN_IF_ERROR(CheckHostF32(s.master, opt_->param(ki).numel, what));
+    TANDEM_RETURN_IF_ERROR(CheckHostF32(s.exp_avg, opt_->param(ki).numel, what));
+    TANDEM_RETURN_IF_ERROR(CheckHostF32(s.exp_avg_sq, opt_->param(ki).numel, what));
+    TANDEM_RETURN_IF_ERROR(opt_->SetState(ki, s.master.data<float>(), s.exp_avg.data<float>(),
+                                          s.exp_avg_sq.data<float>()));
+    TANDEM_RETURN_IF_ERROR(CopyWeightsToModel(ki, p));
+  }
+  return Status::Ok();
+}
+
+}  // namespace tandem::trainer::internal

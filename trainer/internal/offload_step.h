@@ -1,0 +1,122 @@
+// OffloadedAdamW: the trainer's AdamW with the f32 master weights and Adam moments off the device
+// (optimizer.offload = "host" or "nvme"), kept in an offload::OffloadedOptimizer (host memory, or
+// a file under optimizer.nvme_path through io_uring) and updated on CPU worker threads.
+//
+// Setup: Create() over the model's parameters right after the model is created, then
+// model.SetHostMasters(this) before InitRandom / LoadSafetensors: the initial f32 values go
+// straight into the optimizer, and with ModelOptions::device_master = false a CUDA device never
+// holds an f32 master copy (7B: 28 GB saved). Saving HF weights reads the f32 masters back
+// (GetMaster), so nothing is lost to bf16.
+//
+// Update(), after backward and the global gradient norm: every trainable parameter's f32
+// gradient goes to the CPU chunk by chunk. On CUDA each chunk is copied device -> pinned staging
+// slab on a copy stream and handed to the optimizer by a stream callback the moment it lands;
+// the worker that updates it writes the new bf16 values into the same slab and copies them to the
+// device weights on an upload stream; the slab goes back to the pool when that copy is done. So
+// several chunks are in flight while the workers update earlier ones, and the host waits only for
+// free slabs. The context's stream then waits (on the device) for the uploads before the next
+// forward. On CPU the gradients are read in place and each chunk's new f32 master is copied into
+// the model weight (f32 there). Results are bitwise those of ops::AdamW on a CPU context (the
+// CUDA kernel may differ by f32 ulps), with per-parameter weight decay, lr, clipping scale and
+// step as the caller gives them.
+//
+// Ownership: the context must outlive it; it owns the optimizer, the state file (removed at
+// destruction), the staging slabs and streams. Thread-safety: the run's thread; internally
+// worker threads and CUDA stream callbacks.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "checkpoint/universal.h"
+#include "core/status.h"
+#include "core/stream.h"
+#include "model/llama.h"
+#include "offload/offloaded_optimizer.h"
+#include "offload/staging_pool.h"
+#include "offload/storage.h"
+#include "ops/context.h"
+#include "trainer/config.h"
+#include "trainer/internal/train_state.h"
+
+namespace tandem::trainer::internal {
+
+class OffloadedAdamW : public model::HostMasters {
+ public:
+  // Over the trainable parameters of `params` (the model's, in parameters() order). Creates the
+  // state file for "nvme"; InvalidArgument for a mode other than host/nvme.
+  static StatusOr<std::unique_ptr<OffloadedAdamW>> Create(
+      ops::Context& ctx, const std::vector<model::Parameter>& params,
+      const OptimizerSection& options);
+  ~OffloadedAdamW() override;
+  OffloadedAdamW(const OffloadedAdamW&) = delete;
+  OffloadedAdamW& operator=(const OffloadedAdamW&) = delete;
+
+  // model::HostMasters: parameter `param`'s f32 master (host f32, its local shape); set also
+  // zeroes its moments. Frozen parameters are ignored (Set) or an error (Get).
+  Status SetMaster(size_t param, const Tensor& host_f32) override;
+  Status GetMaster(size_t param, Tensor& host_f32) override;
+
+  // One AdamW update of every trainable parameter of `params` (the list given to Create) from its
+  // f32 gradient: `adamw` as given, but weight_decay only where Parameter::weight_decay.
+  Status Update(const std::vector<model::Parameter>& params, const ops::AdamWParams& adamw);
+
+  // [universal] The state as StatePieces of `params` (whole parameters): views of the host
+  // tier's memory, or fresh host copies for "nvme" (valid until the next Update).
+  StatusOr<std::vector<StatePiece>> StatePieces(const std::vector<model::Parameter>& params);
+  // [universal] Masters and moments of every trainable parameter from `reader`, and the model
+  // weights from the masters. Errors name the tensor and the file.
+  Status Restore(const checkpoint::UniversalReader& reader,
+                 const std::vector<model::Parameter>& params);
+
+  // "host memory" or the state file's path; bytes of f32 state (master + 2 moments).
+  std::string where() const;
+  int64_t state_bytes() const { return 12 * numel_; }
+  int64_t trainable_numel() const { return numel_; }
+
+ private:
+  // One chunk's trip through a staging slab (CUDA).
+  struct Ticket {
+    OffloadedAdamW* self = nullptr;
+    int param = 0;  // optimizer index
+    int64_t chunk = 0;
+    offload::StagingPool::Slab slab;
+    bool lent = false;  // holds `slab` (guarded by slab_mu_)
+  };
+  OffloadedAdamW(ops::Context& ctx, std::vector<int> index);
+  Status InitCuda(int64_t chunk_elems, int threads);
+  Status UpdateCpu(const std::vector<model::Parameter>& params, const ops::AdamWParams& adamw);
+  Status UpdateCuda(const std::vector<model::Parameter>& params, const ops::AdamWParams& adamw);
+  Status CopyWeightsToModel(int k, const model::Parameter& p);
+  void UploadChunk(int k, int64_t chunk, int64_t first, const Bf16* w, int64_t n);
+  void RecordError(const Status& st);
+  StatusOr<offload::StagingPool::Slab> AcquireSlab();
+  void ReleaseSlab(Ticket& t);
+  void ReleaseAllSlabs();  // after a failed step, once the streams are idle
+  Status TakeError();
+  static void GradLanded(void* ticket);    // CUDA host callback
+  static void UploadDone(void* ticket);    // CUDA host callback
+
+  ops::Context& ctx_;
+  std::vector<int> index_;          // parameter index -> optimizer index (-1: frozen)
+  std::vector<size_t> param_of_;    // optimizer index -> parameter index
+  int64_t numel_ = 0;
+  std::string file_;                // "nvme": the state file
+  std::unique_ptr<offload::Storage> storage_;
+  std::unique_ptr<offload::OffloadedOptimizer> opt_;
+  // CUDA only.
+  std::unique_ptr<offload::StagingPool> pool_;
+  std::optional<CudaStreamOwner> d2h_, upload_;
+  std::optional<CudaEventOwner> grads_done_, uploads_done_;
+  std::vector<std::vector<Ticket>> tickets_;  // [optimizer index][chunk]
+  std::vector<char*> device_weights_;         // per optimizer index, during Update
+  std::mutex slab_mu_;
+  std::mutex error_mu_;
+  Status error_;
+};
+
+}  // namespace tandem::trainer::internal
