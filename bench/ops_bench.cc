@@ -90,6 +90,46 @@ void GemmBench(Bench& b, DType dt) {
   }
 }
 
+// The six small GEMMs of one LoRA projection (peft/adapter_set.cc, one adapter): x [N, in],
+// A [r, in], B [out, r], h = x A^T [N, r]; f32 adapter gradients. They are memory-bound, so each
+// reports GB/s of its compulsory traffic against the HBM ceiling.
+void LoraGemmBench(Bench& b, DType dt) {
+  const int64_t N = b.ctx.is_cuda() ? 8192 : 512, r = 16;
+  const int64_t shapes[][2] = {{2048, 2048}, {2048, 512}, {2048, 8192}, {8192, 2048}};
+  const double es = tandem::DTypeSize(dt);
+  for (auto& s : shapes) {
+    const int64_t in = s[0], out = s[1];
+    Tensor x = b.Random({N, in}, dt), A = b.Random({r, in}, dt, 0.02f), B = b.Random({out, r}, dt, 0.02f);
+    Tensor h = b.Random({N, r}, dt), y = b.Random({N, out}, dt), dy = b.Random({N, out}, dt);
+    Tensor dh = b.Empty({N, r}, dt), dx = b.Random({N, in}, dt);
+    Tensor dA = b.Empty({r, in}, DType::kF32), dB = b.Empty({out, r}, DType::kF32);
+    TANDEM_CHECK_OK(ops::Fill(b.ctx, dA, 0.0f));
+    TANDEM_CHECK_OK(ops::Fill(b.ctx, dB, 0.0f));
+    const nlohmann::json sizes = {{"tokens", N}, {"in", in}, {"out", out}, {"rank", r}};
+    struct Op {
+      const char* name;
+      double bytes;
+      std::function<void()> run;
+    };
+    const Op ops_list[] = {
+        {"lora_shrink", (N * in + N * r) * es, [&] { TANDEM_CHECK_OK(ops::Matmul(b.ctx, h, x, A, false, true)); }},
+        {"lora_expand_acc", (2.0 * N * out + N * r) * es,
+         [&] { TANDEM_CHECK_OK(ops::Matmul(b.ctx, y, h, B, false, true, 2.0f, 1.0f)); }},
+        {"lora_dh", (N * out + N * r) * es, [&] { TANDEM_CHECK_OK(ops::Matmul(b.ctx, dh, dy, B, false, false, 2.0f, 0.0f)); }},
+        {"lora_dB_acc", (N * out + N * r) * es,
+         [&] { TANDEM_CHECK_OK(ops::Matmul(b.ctx, dB, dy, h, true, false, 2.0f, 1.0f)); }},
+        {"lora_dA_acc", (N * in + N * r) * es,
+         [&] { TANDEM_CHECK_OK(ops::Matmul(b.ctx, dA, dh, x, true, false, 1.0f, 1.0f)); }},
+        {"lora_dx_acc", (2.0 * N * in + N * r) * es,
+         [&] { TANDEM_CHECK_OK(ops::Matmul(b.ctx, dx, dh, A, false, false, 1.0f, 1.0f)); }},
+    };
+    for (const Op& o : ops_list) {
+      const double sec = b.Time(o.run);
+      b.Report(o.name, sizes, tandem::DTypeName(dt), sec, 0, o.bytes);
+    }
+  }
+}
+
 void AttentionBench(Bench& b) {
   struct Case { int64_t batch, seq, heads, kv_heads, dim; };
   const Case cases[] = {{4, 2048, 32, 8, 64}, {4, 2048, 32, 32, 128}, {4, 2048, 16, 4, 128}, {1, 8192, 32, 8, 128}};
@@ -148,7 +188,7 @@ int main(int argc, char** argv) {
     else if (a == "--iters" && i + 1 < argc) iters = std::atoi(argv[++i]);
     else if (a == "--only" && i + 1 < argc) only = argv[++i];
     else {
-      std::fprintf(stderr, "usage: %s [--device cpu|cuda:N] [--iters N] [--only gemm,attention,cross_entropy,rmsnorm]\n", argv[0]);
+      std::fprintf(stderr, "usage: %s [--device cpu|cuda:N] [--iters N] [--only gemm,attention,lora,cross_entropy,rmsnorm]\n", argv[0]);
       return 2;
     }
   }
@@ -162,6 +202,7 @@ int main(int argc, char** argv) {
   const DType dt = ctx->is_cuda() ? DType::kBF16 : DType::kF32;
   if (want("gemm")) GemmBench(b, dt);
   if (want("attention")) AttentionBench(b);
+  if (want("lora")) LoraGemmBench(b, dt);
   if (want("cross_entropy")) CrossEntropyBench(b, dt);
   if (want("rmsnorm")) RmsNormBench(b, dt);
   return 0;
