@@ -4,6 +4,7 @@
 //                       --heads 32 --kv-heads 4] [--adapters 16] [--rank 16] [--requests 256]
 //                      [--rate 8] [--cv 1] [--alpha 1] [--min-len 8] [--max-len 512]
 //                      [--device auto] [--pool-gb 0] [--max-batch-tokens 2048]
+//                      [--progress-s 10] [--timeout-s 600]
 //
 // Without --model-dir a random model of the given shape is saved (bf16) to a temporary directory.
 // N random rank-r LoRA adapters on q/k/v/o (nonzero B) are written once and registered under N
@@ -11,7 +12,10 @@
 // adapter chosen by a power law (probability of the i-th adapter ~ 1 / (i + 1)^alpha), arrivals
 // with gamma-distributed gaps (mean 1 / rate, coefficient of variation cv), prompt and output
 // lengths uniform in [min-len, max-len] (random token ids; EOS ignored). --adapters 0 runs the base
-// model alone. Prints one JSON object: requests/s, generated tokens/s, TTFT and TPOT p50/p99.
+// model alone. Prints one JSON object: requests/s, generated tokens/s, TTFT and TPOT p50/p99,
+// engine iterations and their mean wall time. While it waits it prints the engine's state to
+// stderr every --progress-s seconds; past --timeout-s it prints {"timed_out": true, ...} and exits
+// with status 2 (a stalled engine is diagnosed, not waited for).
 #include <unistd.h>
 
 #include <algorithm>
@@ -19,6 +23,7 @@
 #include <cmath>
 #include <condition_variable>
 #include <cstdio>
+#include <cstdlib>
 #include <ctime>
 #include <filesystem>
 #include <map>
@@ -159,7 +164,7 @@ int main(int argc, char** argv) {
       const Clock::time_point now = Clock::now();
       if (e.has_token && t[i].tokens++ == 0) t[i].first = now;
       t[i].last = now;
-      if (e.finished) {
+      if (e.finished && !t[i].done) {  // a second final event (an engine bug) counts once
         t[i].done = true;
         ++finished;
         cv_done.notify_all();
@@ -167,16 +172,49 @@ int main(int argc, char** argv) {
     });
     if (!id.ok()) Fail(id.status());
   }
+  // Wait, printing the engine's state every --progress-s seconds to stderr; past --timeout-s the
+  // run is reported as timed out (with the last state) instead of hanging.
+  const double progress_s = a.Num("progress-s", 10), timeout_s = a.Num("timeout-s", 600);
+  bool timed_out = false;
   {
     std::unique_lock<std::mutex> lock(mu);
-    cv_done.wait(lock, [&] { return finished == n; });
+    const auto every = std::chrono::duration_cast<Clock::duration>(
+        std::chrono::duration<double>(progress_s));
+    Clock::time_point next = Clock::now() + every;
+    while (!cv_done.wait_until(lock, next, [&] { return finished == n; })) {
+      next += every;
+      const double elapsed = std::chrono::duration<double>(Clock::now() - start).count();
+      const serve::EngineStats st = engine->Stats();
+      std::fprintf(stderr,
+                   "serve_bench: %.0f s: %ld/%ld finished, engine waiting %ld running %ld, pool "
+                   "pages kv %ld adapter %ld of %ld, adapter loads %ld, LoRA table builds %ld, "
+                   "preemptions %ld, generated %ld, iterations %ld (%.2f ms each)\n",
+                   elapsed, static_cast<long>(finished), static_cast<long>(n),
+                   static_cast<long>(st.waiting), static_cast<long>(st.running),
+                   static_cast<long>(st.pool_pages_kv), static_cast<long>(st.pool_pages_adapter),
+                   static_cast<long>(st.pool_pages_total), static_cast<long>(st.adapter_loads),
+                   static_cast<long>(st.lora_table_builds), static_cast<long>(st.preemptions),
+                   static_cast<long>(st.generated_tokens), static_cast<long>(st.iterations),
+                   st.iterations > 0 ? 1e3 * st.batch_seconds / st.iterations : 0.0);
+      if (elapsed > timeout_s) {
+        timed_out = true;
+        break;
+      }
+    }
+  }
+  if (timed_out) {  // the engine thread may be stuck: report and leave without joining it
+    std::printf("{\"bench\":\"serve\",\"timed_out\":true,\"finished\":%ld,\"requests\":%ld}\n",
+                static_cast<long>(finished), static_cast<long>(n));
+    std::fflush(stdout);
+    std::filesystem::remove_all(tmp);
+    std::_Exit(2);
   }
   const double wall = std::chrono::duration<double>(Clock::now() - start).count();
   std::vector<double> ttft, tpot;
   int64_t generated = 0;
   for (const Timing& x : t) {
     generated += x.tokens;
-    ttft.push_back(std::chrono::duration<double>(x.first - x.submit).count());
+    if (x.tokens > 0) ttft.push_back(std::chrono::duration<double>(x.first - x.submit).count());
     if (x.tokens > 1) {
       tpot.push_back(std::chrono::duration<double>(x.last - x.first).count() / (x.tokens - 1));
     }
@@ -206,7 +244,11 @@ int main(int argc, char** argv) {
                       {"tpot_p50_s", Percentile(tpot, 0.5)},
                       {"tpot_p99_s", Percentile(tpot, 0.99)},
                       {"preemptions", st.preemptions},
+                      {"iterations", st.iterations},
+                      {"ms_per_iteration",
+                       st.iterations > 0 ? 1e3 * st.batch_seconds / st.iterations : 0.0},
                       {"adapter_loads", st.adapter_loads},
+                      {"lora_table_builds", st.lora_table_builds},
                       {"commit", GitCommit()},
                       {"date", date}};
   std::printf("%s\n", j.dump().c_str());

@@ -89,6 +89,13 @@ Status EngineImpl::Init(const EngineOptions& options) {
   stats_.pool_pages_total = pool_.num_pages();
   for (const auto& [name, path] : options.adapters) TANDEM_RETURN_IF_ERROR(LoadAdapter(name, path));
   TANDEM_RETURN_IF_ERROR(ResumeFineTuneJobs());
+  loader_ = std::make_unique<AdapterLoader>(
+      [this](const AdapterEntry& e) { return ReadHostAdapter(e); },
+      [this] {
+        std::lock_guard<std::mutex> lock(mu_);
+        load_finished_ = true;
+        cv_.notify_all();
+      });
   thread_ = std::thread([this] { Loop(); });
   return Status::Ok();
 }
@@ -208,10 +215,11 @@ Status EngineImpl::AlreadyExists(const std::string& name) const {
                 StrCat("adapter '", name, "' is already loaded (AlreadyExists)"));
 }
 
-Status EngineImpl::LoadHostCopy(AdapterEntry& entry) const {
-  entry.host_ctx = ops::Context::Cpu();
+StatusOr<HostAdapter> EngineImpl::ReadHostAdapter(const AdapterEntry& entry) const {
+  HostAdapter out;
+  out.ctx = ops::Context::Cpu();
   StatusOr<std::unique_ptr<peft::LoraAdapter>> host =
-      peft::LoadLoraAdapter(*entry.host_ctx, model_->config(), entry.path);
+      peft::LoadLoraAdapter(*out.ctx, model_->config(), entry.path);
   if (!host.ok()) {
     Status s = host.status();
     if (s.code() == StatusCode::kNotFound || s.code() == StatusCode::kInvalidArgument ||
@@ -221,13 +229,24 @@ Status EngineImpl::LoadHostCopy(AdapterEntry& entry) const {
     return InvalidArgumentError(
         StrCat("adapter '", entry.name, "' from ", entry.path, ": ", s.ToString()));
   }
-  entry.host = std::move(*host);
+  out.lora = std::move(*host);
+  return out;
+}
+
+void EngineImpl::InstallHostCopy(AdapterEntry& entry, HostAdapter host) const {
+  entry.host_ctx = std::move(host.ctx);
+  entry.host = std::move(host.lora);
   entry.config = entry.host->config();
   entry.weight_bytes = 0;
   for (const model::Parameter& p : entry.host->parameters()) {
     entry.weight_bytes +=
         p.weight.numel() * static_cast<int64_t>(DTypeSize(model_->compute_dtype()));
   }
+}
+
+Status EngineImpl::LoadHostCopy(AdapterEntry& entry) const {
+  TANDEM_ASSIGN_OR_RETURN(HostAdapter host, ReadHostAdapter(entry));
+  InstallHostCopy(entry, std::move(host));
   return Status::Ok();
 }
 
@@ -275,10 +294,13 @@ void EngineImpl::Loop() {
     std::vector<RequestId> cancels;
     {
       std::unique_lock<std::mutex> lock(mu_);
+      // Waiting requests that only wait for adapter reads sleep until a read finishes.
       cv_.wait(lock, [&] {
         return stopping_ || !incoming_.empty() || !cancels_.empty() || !running_.empty() ||
-               !waiting_.empty() || !ft_queue_.empty() || ft_running_;
+               (!waiting_.empty() && (!waiting_on_loads_ || load_finished_)) ||
+               !ft_queue_.empty() || ft_running_;
       });
+      load_finished_ = false;
       if (stopping_) break;
       for (auto& r : incoming_) waiting_.push_back(std::move(r));
       incoming_.clear();

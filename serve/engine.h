@@ -86,9 +86,12 @@ struct EngineStats {
   int64_t pool_pages_kv = 0;     // pages holding KV-cache blocks
   int64_t pool_pages_adapter = 0;
   int64_t adapter_loads = 0;     // adapter loads into the pool since start
+  int64_t lora_table_builds = 0;  // LoRA weight tables built over the resident adapters
   int64_t preemptions = 0;
   int64_t generated_tokens = 0;
   int64_t prompt_tokens = 0;
+  int64_t iterations = 0;        // engine iterations that ran a batch
+  double batch_seconds = 0;      // wall time of those iterations (schedule, forward, sampling)
   // Co-serving fine-tuning (serve/finetune.h).
   int64_t finetune_tokens = 0;    // tokens through forward+backward since start
   int64_t finetune_steps = 0;     // optimizer steps since start

@@ -3,11 +3,14 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <map>
 
+#include "core/cuda_allocator.h"
 #include "model/rope.h"
 #include "ops/ops.h"
 #include "ops/paged_attention.h"
+#include "ops/sampling.h"
 
 namespace tandem::serve {
 namespace {
@@ -43,25 +46,53 @@ int64_t AdapterWeights::num_bytes() const {
 StatusOr<AdapterWeights> AdapterWeights::FromLora(ops::Context& ctx, const peft::LoraAdapter& lora,
                                                   DType dtype) {
   const int64_t L = lora.base_config().num_hidden_layers;
+  const size_t n = lora.targets().size();
   AdapterWeights w;
   w.index.assign(L * model::kNumProjections, -1);
-  auto to_device = [&](const Tensor& host) -> StatusOr<Tensor> {
-    if (!ctx.is_cuda()) return host;  // shared with the host copy (f32)
-    TANDEM_ASSIGN_OR_RETURN(Tensor cast, CastCpu(host, dtype));
-    return CopyToDeviceBlocking(cast, ctx.allocator());
-  };
-  for (size_t t = 0; t < lora.targets().size(); ++t) {
-    const peft::LoraTarget& target = lora.targets()[t];
-    if (!lora.a(t).weight.device().is_cpu()) {
-      return InvalidArgumentError("AdapterWeights::FromLora: expected an adapter on the host");
+  // CUDA: every A and B rounded to `dtype` into one host buffer (each at a 256-byte offset), one
+  // device allocation, one copy; the targets are views of it. CPU: the host tensors are shared.
+  constexpr int64_t kAlign = 256;
+  std::vector<int64_t> offset(2 * n);
+  int64_t total = 0;
+  for (size_t t = 0; t < n; ++t) {
+    for (int k = 0; k < 2; ++k) {
+      const Tensor& src = k == 0 ? lora.a(t).weight : lora.b(t).weight;
+      if (!src.device().is_cpu()) {
+        return InvalidArgumentError("AdapterWeights::FromLora: expected an adapter on the host");
+      }
+      offset[2 * t + k] = total;
+      total +=
+          (src.numel() * static_cast<int64_t>(DTypeSize(dtype)) + kAlign - 1) / kAlign * kAlign;
     }
+  }
+  Tensor host;
+  if (ctx.is_cuda()) {
+    host = Tensor::Cpu({std::max<int64_t>(total, 1)}, DType::kU8);
+    TANDEM_ASSIGN_OR_RETURN(w.storage_, Tensor::Empty(host.shape(), DType::kU8, ctx.allocator()));
+  }
+  for (size_t t = 0; t < n; ++t) {
+    const peft::LoraTarget& target = lora.targets()[t];
     Target out;
-    TANDEM_ASSIGN_OR_RETURN(out.a, to_device(lora.a(t).weight));  // [r, in]
-    TANDEM_ASSIGN_OR_RETURN(out.b, to_device(lora.b(t).weight));  // [out, r]
+    for (int k = 0; k < 2; ++k) {
+      const Tensor& src = k == 0 ? lora.a(t).weight : lora.b(t).weight;  // A [r, in], B [out, r]
+      Tensor& dst = k == 0 ? out.a : out.b;
+      if (!ctx.is_cuda()) {
+        dst = src;
+        continue;
+      }
+      TANDEM_ASSIGN_OR_RETURN(Tensor cast, CastCpu(src, dtype));
+      std::memcpy(host.data<uint8_t>() + offset[2 * t + k], cast.raw_data(), cast.num_bytes());
+      dst = Tensor::Wrap(static_cast<uint8_t*>(w.storage_.raw_data()) + offset[2 * t + k],
+                         src.shape(), dtype, w.storage_.device());
+    }
     out.scale = target.scale;
     w.index[target.layer * model::kNumProjections + static_cast<int>(target.proj)] =
         static_cast<int>(w.targets.size());
     w.targets.push_back(std::move(out));
+  }
+  if (ctx.is_cuda()) {
+    TANDEM_RETURN_IF_ERROR(CopyTensor(w.storage_, host, ctx.stream()));
+    TANDEM_RETURN_IF_ERROR(ctx.Synchronize());  // `host` is freed on return
   }
   return w;
 }
@@ -132,30 +163,51 @@ Status InferModel::BindWeights() {
   return Status::Ok();
 }
 
+Status InferModel::BuildLoraTables(const std::vector<const AdapterWeights*>& adapters) {
+  const int64_t L = config_.num_hidden_layers;
+  lora_weights_.assign(L * kProjections, ops::LoraWeights());
+  lora_group_.assign(L * kProjections, -1);
+  lora_group_ranks_.clear();
+  std::map<std::vector<int32_t>, int> by_ranks;
+  for (int64_t l = 0; l < L; ++l) {
+    for (int p = 0; p < kProjections; ++p) {
+      const auto proj = static_cast<model::Projection>(p);
+      const auto [in, out] = peft::ProjectionShape(config_, proj);
+      std::vector<ops::LoraWeights::Entry> entries(adapters.size());
+      std::vector<int32_t> ranks(adapters.size(), 0);
+      bool any = false;
+      for (size_t a = 0; a < adapters.size(); ++a) {
+        const int t = adapters[a]->Find(l, proj);
+        if (t < 0) continue;
+        const AdapterWeights::Target& tg = adapters[a]->targets[t];
+        entries[a] = {tg.a, tg.b, tg.scale, 0.0f};
+        ranks[a] = static_cast<int32_t>(tg.a.dim(0));
+        any = true;
+      }
+      const int64_t i = l * kProjections + p;
+      TANDEM_ASSIGN_OR_RETURN(lora_weights_[i],
+                              ops::LoraWeights::Create(ctx_, in, out, std::move(entries)));
+      if (!any) continue;
+      auto [it, inserted] = by_ranks.emplace(ranks, static_cast<int>(lora_group_ranks_.size()));
+      if (inserted) lora_group_ranks_.push_back(std::move(ranks));
+      lora_group_[i] = it->second;
+    }
+  }
+  lora_adapters_ = adapters;
+  ++lora_table_builds_;
+  return Status::Ok();
+}
+
 Status InferModel::PrepareLora(const std::vector<SeqChunk>& seqs,
                                const std::vector<const AdapterWeights*>& adapters) {
   const int64_t L = config_.num_hidden_layers;
   lora_segs_.clear();
   lora_segs_index_.clear();
   if (adapters.empty()) return Status::Ok();
+  // The tables cover every adapter passed, used by this batch or not: they are rebuilt only when
+  // the list changes (the engine passes its resident adapters, so: when one is loaded or evicted).
   if (adapters != lora_adapters_ || lora_weights_.empty()) {
-    lora_weights_.assign(L * kProjections, ops::LoraWeights());
-    for (int64_t l = 0; l < L; ++l) {
-      for (int p = 0; p < kProjections; ++p) {
-        const auto proj = static_cast<model::Projection>(p);
-        const auto [in, out] = peft::ProjectionShape(config_, proj);
-        std::vector<ops::LoraWeights::Entry> entries(adapters.size());
-        for (size_t a = 0; a < adapters.size(); ++a) {
-          const int t = adapters[a]->Find(l, proj);
-          if (t < 0) continue;
-          const AdapterWeights::Target& tg = adapters[a]->targets[t];
-          entries[a] = {tg.a, tg.b, tg.scale, 0.0f};
-        }
-        TANDEM_ASSIGN_OR_RETURN(lora_weights_[l * kProjections + p],
-                                ops::LoraWeights::Create(ctx_, in, out, std::move(entries)));
-      }
-    }
-    lora_adapters_ = adapters;
+    TANDEM_RETURN_IF_ERROR(BuildLoraTables(adapters));
   }
   // Segments: runs of equal adapter over the batch's tokens.
   std::vector<int32_t> seg_start{0}, seg_adapter;
@@ -168,24 +220,21 @@ Status InferModel::PrepareLora(const std::vector<SeqChunk>& seqs,
       seg_start.push_back(seg_start.back() + len);
     }
   }
-  lora_segs_.clear();
+  // One LoraSegments per rank table that some segment of this batch uses.
+  std::vector<int> group_segs(lora_group_ranks_.size(), -1);
+  for (size_t g = 0; g < lora_group_ranks_.size(); ++g) {
+    bool used = false;
+    for (int32_t a : seg_adapter) used = used || (a >= 0 && lora_group_ranks_[g][a] > 0);
+    if (!used) continue;
+    TANDEM_ASSIGN_OR_RETURN(
+        ops::LoraSegments segs,
+        ops::LoraSegments::Create(ctx_, seg_start, seg_adapter, lora_group_ranks_[g]));
+    group_segs[g] = static_cast<int>(lora_segs_.size());
+    lora_segs_.push_back(std::move(segs));
+  }
   lora_segs_index_.assign(L * kProjections, -1);
-  std::map<std::vector<int32_t>, int> by_ranks;
   for (int64_t i = 0; i < L * kProjections; ++i) {
-    std::vector<int32_t> ranks(adapters.size());
-    bool any = false;
-    for (size_t a = 0; a < adapters.size(); ++a) {
-      ranks[a] = lora_weights_[i].rank(static_cast<int64_t>(a));
-      for (int32_t sa : seg_adapter) any = any || (sa == static_cast<int32_t>(a) && ranks[a] > 0);
-    }
-    if (!any) continue;
-    auto [it, inserted] = by_ranks.emplace(ranks, static_cast<int>(lora_segs_.size()));
-    if (inserted) {
-      TANDEM_ASSIGN_OR_RETURN(ops::LoraSegments segs,
-                              ops::LoraSegments::Create(ctx_, seg_start, seg_adapter, ranks));
-      lora_segs_.push_back(std::move(segs));
-    }
-    lora_segs_index_[i] = it->second;
+    if (lora_group_[i] >= 0) lora_segs_index_[i] = group_segs[lora_group_[i]];
   }
   return Status::Ok();
 }
@@ -240,10 +289,71 @@ Status InferModel::Layer(int64_t l, Buffers& b, Tensor& kv_pages) {
   return ops::Add(ctx_, b.x, b.x_mid, b.proj);
 }
 
-StatusOr<Tensor> InferModel::Forward(Tensor& kv_pages, const std::vector<SeqChunk>& seqs,
-                                     const std::vector<const AdapterWeights*>& adapters) {
+Status InferModel::EnsureHost(Tensor* buffer, int64_t num_bytes) {
+  if (buffer->defined() && buffer->numel() >= num_bytes) return Status::Ok();
+  const int64_t size = std::max<int64_t>(num_bytes, buffer->defined() ? 2 * buffer->numel() : 4096);
+  if (ctx_.is_cuda() && pinned_ == nullptr) {
+    TANDEM_ASSIGN_OR_RETURN(std::unique_ptr<CachingAllocator> pinned, CreatePinnedHostAllocator());
+    pinned_ = std::move(pinned);
+  }
+  Allocator& alloc = ctx_.is_cuda() ? *pinned_ : HostAllocator();
+  TANDEM_ASSIGN_OR_RETURN(*buffer, Tensor::Empty({size}, DType::kU8, alloc));
+  return Status::Ok();
+}
+
+Status InferModel::UploadMetadata(const std::vector<SeqChunk>& seqs, Buffers& b, Tensor* tokens,
+                                  Tensor* last) {
+  const int64_t L = config_.num_hidden_layers, R = b.r, N = b.n, B = b.max_blocks;
+  // One i32 buffer: tokens [N], positions [N], req [N], last [R], slots [L, N], tables [L, R, B].
+  const int64_t o_pos = N, o_req = 2 * N, o_last = 3 * N, o_slots = 3 * N + R;
+  const int64_t o_tables = o_slots + L * N, total = o_tables + L * R * B;
+  if (upload_pending_) TANDEM_RETURN_IF_ERROR(ctx_.Synchronize());  // staging_ is still read
+  TANDEM_RETURN_IF_ERROR(EnsureHost(&staging_, total * 4));
+  int32_t* h = static_cast<int32_t*>(staging_.raw_data());
+  std::fill(h + o_tables, h + total, 0);
+  int64_t n = 0;
+  for (int64_t r = 0; r < R; ++r) {
+    const SeqChunk& s = seqs[r];
+    for (int64_t l = 0; l < L; ++l) {
+      const std::vector<int32_t>& pages = (*s.blocks)[l];
+      TANDEM_CHECK(static_cast<int64_t>(pages.size()) * block_tokens_ >=
+                   s.start + static_cast<int64_t>(s.tokens.size()));
+      std::copy(pages.begin(), pages.end(), h + o_tables + (l * R + r) * B);
+    }
+    for (size_t t = 0; t < s.tokens.size(); ++t, ++n) {
+      const int64_t p = s.start + static_cast<int64_t>(t);
+      h[n] = s.tokens[t];
+      h[o_pos + n] = static_cast<int32_t>(p);
+      h[o_req + n] = static_cast<int32_t>(r);
+      for (int64_t l = 0; l < L; ++l) {
+        h[o_slots + l * N + n] = static_cast<int32_t>(
+            (*s.blocks)[l][p / block_tokens_] * block_tokens_ + p % block_tokens_);
+      }
+    }
+    h[o_last + r] = static_cast<int32_t>(n - 1);
+  }
+  // The CPU reads the staging buffer in place; CUDA gets it in one asynchronous copy.
+  Tensor meta = Tensor::Wrap(h, {total}, DType::kI32, staging_.device());
+  if (ctx_.is_cuda()) {
+    TANDEM_ASSIGN_OR_RETURN(Tensor dev, Tensor::Empty({total}, DType::kI32, ctx_.allocator()));
+    TANDEM_RETURN_IF_ERROR(CopyTensor(dev, meta, ctx_.stream()));
+    upload_pending_ = true;
+    meta = dev;
+  }
+  *tokens = meta.Slice(0, 0, N);
+  b.positions = meta.Slice(0, o_pos, o_pos + N);
+  b.req = meta.Slice(0, o_req, o_req + N);
+  *last = meta.Slice(0, o_last, o_last + R);
+  b.slots = meta.Slice(0, o_slots, o_tables).View({L, N});
+  b.tables = meta.Slice(0, o_tables, total).View({L, R, B});
+  return Status::Ok();
+}
+
+StatusOr<Tensor> InferModel::ForwardLogits(Tensor& kv_pages, const std::vector<SeqChunk>& seqs,
+                                           const std::vector<const AdapterWeights*>& adapters) {
   const int64_t L = config_.num_hidden_layers, R = static_cast<int64_t>(seqs.size());
   const int64_t C = config_.hidden_size, V = config_.vocab_size;
+  const DType A = compute_dtype();
   Buffers b;
   b.r = R;
   for (const SeqChunk& s : seqs) {
@@ -252,46 +362,14 @@ StatusOr<Tensor> InferModel::Forward(Tensor& kv_pages, const std::vector<SeqChun
     b.n += static_cast<int64_t>(s.tokens.size());
     b.max_blocks = std::max<int64_t>(b.max_blocks, (*s.blocks)[0].size());
   }
-  if (R == 0) return Tensor::Cpu({0, V}, DType::kF32);
-  // Host metadata: tokens, positions, owning sequence, KV slots [L, N], block tables [L, R, B].
+  if (R == 0) return Tensor::Empty({0, V}, A, ctx_.allocator());
   const int64_t N = b.n;
-  Tensor tokens = Tensor::Cpu({N}, DType::kI32), positions = Tensor::Cpu({N}, DType::kI32);
-  Tensor req = Tensor::Cpu({N}, DType::kI32), last = Tensor::Cpu({R}, DType::kI32);
-  Tensor slots = Tensor::Cpu({L, N}, DType::kI32);
-  Tensor tables = Tensor::CpuZeros({L, R, b.max_blocks}, DType::kI32);
-  int64_t n = 0;
-  for (int64_t r = 0; r < R; ++r) {
-    const SeqChunk& s = seqs[r];
-    for (int64_t l = 0; l < L; ++l) {
-      const std::vector<int32_t>& pages = (*s.blocks)[l];
-      TANDEM_CHECK(static_cast<int64_t>(pages.size()) * block_tokens_ >=
-                   s.start + static_cast<int64_t>(s.tokens.size()));
-      std::copy(pages.begin(), pages.end(), tables.data<int32_t>() + (l * R + r) * b.max_blocks);
-    }
-    for (size_t t = 0; t < s.tokens.size(); ++t, ++n) {
-      const int64_t p = s.start + static_cast<int64_t>(t);
-      tokens.data<int32_t>()[n] = s.tokens[t];
-      positions.data<int32_t>()[n] = static_cast<int32_t>(p);
-      req.data<int32_t>()[n] = static_cast<int32_t>(r);
-      for (int64_t l = 0; l < L; ++l) {
-        slots.data<int32_t>()[l * N + n] = static_cast<int32_t>(
-            (*s.blocks)[l][p / block_tokens_] * block_tokens_ + p % block_tokens_);
-      }
-    }
-    last.data<int32_t>()[r] = static_cast<int32_t>(n - 1);
-  }
-  auto up = [&](const Tensor& host) { return CopyToDeviceBlocking(host, ctx_.allocator()); };
-  TANDEM_ASSIGN_OR_RETURN(Tensor d_tokens, up(tokens));
-  TANDEM_ASSIGN_OR_RETURN(b.positions, up(positions));
-  TANDEM_ASSIGN_OR_RETURN(b.req, up(req));
-  TANDEM_ASSIGN_OR_RETURN(Tensor d_last, up(last));
-  TANDEM_ASSIGN_OR_RETURN(b.slots, up(slots));
-  TANDEM_ASSIGN_OR_RETURN(b.tables, up(tables));
+  Tensor d_tokens, d_last;
+  TANDEM_RETURN_IF_ERROR(UploadMetadata(seqs, b, &d_tokens, &d_last));
   TANDEM_RETURN_IF_ERROR(PrepareLora(seqs, adapters));
 
   const int64_t Hq = config_.num_attention_heads, Hkv = config_.num_key_value_heads;
   const int64_t D = config_.head_dim, F = config_.intermediate_size;
-  const DType A = compute_dtype();
   auto alloc = [&](Tensor* t, const Shape& shape) -> Status {
     TANDEM_ASSIGN_OR_RETURN(*t, Tensor::Empty(shape, A, ctx_.allocator()));
     return Status::Ok();
@@ -316,9 +394,56 @@ StatusOr<Tensor> InferModel::Forward(Tensor& kv_pages, const std::vector<SeqChun
   TANDEM_RETURN_IF_ERROR(ops::RmsNormForward(ctx_, hn, none, h, final_norm_,
                                              static_cast<float>(config_.rms_norm_eps)));
   TANDEM_RETURN_IF_ERROR(ops::Matmul(ctx_, logits, hn, lm_head_, false, true));  // [R, V]
-  TANDEM_ASSIGN_OR_RETURN(Tensor host, CopyToHostBlocking(logits));
+  return logits;
+}
+
+StatusOr<Tensor> InferModel::Forward(Tensor& kv_pages, const std::vector<SeqChunk>& seqs,
+                                     const std::vector<const AdapterWeights*>& adapters) {
+  TANDEM_ASSIGN_OR_RETURN(Tensor logits, ForwardLogits(kv_pages, seqs, adapters));
+  TANDEM_ASSIGN_OR_RETURN(Tensor host, CopyToHostBlocking(logits));  // waits for the forward
+  upload_pending_ = false;
   if (host.dtype() == DType::kF32) return host;
   return CastCpu(host, DType::kF32);
+}
+
+StatusOr<InferModel::SamplerInputs> InferModel::FetchForSampling(
+    const Tensor& logits, const std::vector<int64_t>& full_rows, int64_t valid) {
+  const int64_t R = logits.dim(0), V = logits.dim(1), K = static_cast<int64_t>(full_rows.size());
+  SamplerInputs out;
+  out.argmax.resize(R);
+  out.rows = Tensor::Cpu({K, V}, DType::kF32);
+  if (R == 0) return out;
+  TANDEM_ASSIGN_OR_RETURN(Tensor ids, Tensor::Empty({R}, DType::kI32, ctx_.allocator()));
+  TANDEM_RETURN_IF_ERROR(ops::ArgmaxRows(ctx_, ids, logits, valid));
+  if (!ctx_.is_cuda()) {  // host f32 already: no copies but the chosen rows
+    std::copy(ids.data<int32_t>(), ids.data<int32_t>() + R, out.argmax.begin());
+    for (int64_t k = 0; k < K; ++k) {
+      std::copy(logits.data<float>() + full_rows[k] * V,
+                logits.data<float>() + (full_rows[k] + 1) * V, out.rows.data<float>() + k * V);
+    }
+    return out;
+  }
+  // One pinned buffer: the ids, then the K rows in the compute dtype; one synchronization.
+  const int64_t row_bytes = V * static_cast<int64_t>(DTypeSize(logits.dtype()));
+  const int64_t ids_bytes = (R * 4 + 255) / 256 * 256;
+  TANDEM_RETURN_IF_ERROR(EnsureHost(&fetch_, ids_bytes + K * row_bytes));
+  uint8_t* base = static_cast<uint8_t*>(fetch_.raw_data());
+  Tensor host_ids = Tensor::Wrap(base, {R}, DType::kI32, fetch_.device());
+  TANDEM_RETURN_IF_ERROR(CopyTensor(host_ids, ids, ctx_.stream()));
+  Tensor host_rows = Tensor::Wrap(base + ids_bytes, {K, V}, logits.dtype(), fetch_.device());
+  for (int64_t k = 0; k < K; ++k) {
+    Tensor dst = host_rows.Slice(0, k, k + 1);
+    TANDEM_RETURN_IF_ERROR(
+        CopyTensor(dst, logits.Slice(0, full_rows[k], full_rows[k] + 1), ctx_.stream()));
+  }
+  TANDEM_RETURN_IF_ERROR(ctx_.Synchronize());
+  upload_pending_ = false;
+  std::copy(base, base + R * 4, reinterpret_cast<uint8_t*>(out.argmax.data()));
+  if (K > 0) {
+    Tensor rows = Tensor::Wrap(base + ids_bytes, {K, V}, logits.dtype(), Device::Cpu());
+    TANDEM_ASSIGN_OR_RETURN(out.rows, CastCpu(rows, DType::kF32));
+  }
+  return out;
 }
 
 }  // namespace tandem::serve

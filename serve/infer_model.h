@@ -11,7 +11,13 @@
 // InferModel equals greedy decoding through LlamaModel::Logits on the full sequence.
 //
 //   TANDEM_ASSIGN_OR_RETURN(auto infer, InferModel::Create(ctx, *model, /*block_tokens=*/16));
-//   TANDEM_ASSIGN_OR_RETURN(Tensor logits, infer->Forward(kv_pages, seqs, adapters));
+//   TANDEM_ASSIGN_OR_RETURN(Tensor logits, infer->ForwardLogits(kv_pages, seqs, adapters));
+//   TANDEM_ASSIGN_OR_RETURN(auto host, infer->FetchForSampling(logits, {/*rows*/}, vocab));
+//   // host.argmax[r]: greedy ids chosen on the device; host.rows: only the rows asked for
+//
+// Per call the host writes the batch metadata (tokens, positions, KV slots, block tables) into one
+// packed staging buffer (pinned on CUDA) that goes to the device in one asynchronous copy; the
+// forward never waits for the device. FetchForSampling is the iteration's one synchronization.
 //
 // Ownership: keeps references to the context and model (which must outlive it); adapters are
 // borrowed per call. Thread-safety: one thread at a time (like the Context).
@@ -21,6 +27,7 @@
 #include <memory>
 #include <vector>
 
+#include "core/allocator.h"
 #include "core/status.h"
 #include "core/tensor.h"
 #include "model/llama.h"
@@ -47,9 +54,13 @@ struct AdapterWeights {
   // Compute-dtype bytes of every A and B.
   int64_t num_bytes() const;
   // From an adapter on the host (f32): on a CPU context the tensors are shared, on CUDA they are
-  // rounded to `dtype` and copied to the device (blocking).
+  // rounded to `dtype` and copied to the device in one copy (views of one device buffer; waits
+  // for the context's stream once).
   static StatusOr<AdapterWeights> FromLora(ops::Context& ctx, const peft::LoraAdapter& lora,
                                            DType dtype);
+
+ private:
+  Tensor storage_;  // CUDA: the one device buffer every A and B views (moves with the object)
 };
 
 struct SeqChunk {
@@ -73,15 +84,33 @@ class InferModel {
   int64_t kv_block_bytes() const;
 
   // Runs the chunks. kv_pages: the pool as [P, page_elems] in the compute dtype. Sequences with
-  // the same adapter must be adjacent (the engine sorts them). Returns host f32 logits [R, V] of
-  // each sequence's last token.
+  // the same adapter must be adjacent (the engine sorts them). Returns the logits of each
+  // sequence's last token, [R, V] in the compute dtype on the compute device (enqueued, not
+  // waited for).
+  StatusOr<Tensor> ForwardLogits(Tensor& kv_pages, const std::vector<SeqChunk>& seqs,
+                                 const std::vector<const AdapterWeights*>& adapters);
+  // ForwardLogits copied to the host as f32 [R, V] (blocking; tests and tools).
   StatusOr<Tensor> Forward(Tensor& kv_pages, const std::vector<SeqChunk>& seqs,
                            const std::vector<const AdapterWeights*>& adapters);
+
+  struct SamplerInputs {
+    std::vector<int32_t> argmax;  // [R] ops::ArgmaxRows over the first `valid` columns
+    Tensor rows;                  // host f32 [full_rows.size(), V], in full_rows order
+  };
+  // What the host sampler needs from ForwardLogits' logits [R, V], with one synchronization: every
+  // row's greedy id, chosen on the device (ops::ArgmaxRows; kArgmaxInvalidRow for a row with a
+  // NaN or +inf, or only -inf), and the whole row only for `full_rows` (temperature sampling,
+  // logprobs). Copies R ids plus those rows instead of every row.
+  StatusOr<SamplerInputs> FetchForSampling(const Tensor& logits,
+                                           const std::vector<int64_t>& full_rows, int64_t valid);
   // Forgets cached adapter weight tables (call when an adapter passed before may be freed).
   void ForgetAdapters() {
     lora_adapters_.clear();
     lora_weights_.clear();
   }
+  // How many times the per-(layer, projection) LoRA weight tables were built: once per distinct
+  // adapter list passed to Forward (consecutive calls with the same list reuse them).
+  int64_t lora_table_builds() const { return lora_table_builds_; }
 
  private:
   struct LayerWeights {
@@ -94,9 +123,15 @@ class InferModel {
   Status BindWeights();
   Status PrepareLora(const std::vector<SeqChunk>& seqs,
                      const std::vector<const AdapterWeights*>& adapters);
+  Status BuildLoraTables(const std::vector<const AdapterWeights*>& adapters);
   // y += the adapters' deltas of projection p of layer l (no-op when no adapter targets it).
   Status LoraDelta(int64_t l, model::Projection p, const Tensor& x, Tensor y);
   Status Layer(int64_t l, Buffers& b, Tensor& kv_pages);
+  // Packs the batch metadata into the staging buffer and sends it to the device (one copy).
+  Status UploadMetadata(const std::vector<SeqChunk>& seqs, Buffers& b, Tensor* tokens,
+                        Tensor* last);
+  // A host buffer of at least num_bytes (pinned on CUDA), grown by doubling; *buffer keeps it.
+  Status EnsureHost(Tensor* buffer, int64_t num_bytes);
 
   ops::Context& ctx_;
   model::LlamaModel& model_;
@@ -104,13 +139,22 @@ class InferModel {
   int64_t block_tokens_;
   std::vector<LayerWeights> layers_;
   Tensor embed_, final_norm_, lm_head_, inv_freq_;
+  // CUDA: page-locked host memory for the metadata upload and the sampler's downloads.
+  std::unique_ptr<Allocator> pinned_;
+  Tensor staging_;  // u8, the packed metadata of the last call (its copy may be in flight)
+  Tensor fetch_;    // u8, FetchForSampling's download buffer
+  bool upload_pending_ = false;  // staging_ may still be read by a queued copy
 
-  // LoRA state of the current batch: weights per (layer, projection), cached while the batch's
-  // adapter list stays the same; segments per distinct rank table.
+  // LoRA tables: weights per (layer, projection) over every adapter of the list passed (cached
+  // while the list stays the same), grouped by rank table (the ranks of all adapters there);
+  // this batch's segments per group that some segment uses.
   std::vector<const AdapterWeights*> lora_adapters_;
   std::vector<ops::LoraWeights> lora_weights_;  // [L * 7]
-  std::vector<int> lora_segs_index_;            // [L * 7] -> lora_segs_, -1: none
+  std::vector<int> lora_group_;                 // [L * 7] -> lora_group_ranks_, -1: none
+  std::vector<std::vector<int32_t>> lora_group_ranks_;
+  std::vector<int> lora_segs_index_;  // [L * 7] -> lora_segs_, -1: none
   std::vector<ops::LoraSegments> lora_segs_;
+  int64_t lora_table_builds_ = 0;
 };
 
 }  // namespace tandem::serve

@@ -2,6 +2,7 @@
 #include "serve/kv_pool.h"
 
 #include <algorithm>
+#include <functional>
 
 namespace tandem::serve {
 
@@ -26,8 +27,8 @@ StatusOr<PagePool> PagePool::Create(Allocator& allocator, int64_t page_bytes, in
     }
     pool.buffer_ = *buffer;
   }
-  pool.free_.resize(num_pages);
-  for (int64_t i = 0; i < num_pages; ++i) pool.free_[i] = static_cast<int32_t>(num_pages - 1 - i);
+  pool.free_.resize(num_pages);  // ascending ids: already a min-heap
+  for (int64_t i = 0; i < num_pages; ++i) pool.free_[i] = static_cast<int32_t>(i);
   pool.owner_.assign(num_pages, -1);
   return pool;
 }
@@ -36,6 +37,7 @@ bool PagePool::Allocate(PageUse use, int64_t count, std::vector<int32_t>* pages)
   TANDEM_CHECK(count >= 0);
   if (count > free_pages()) return false;
   for (int64_t i = 0; i < count; ++i) {
+    std::pop_heap(free_.begin(), free_.end(), std::greater<int32_t>());  // lowest id to the back
     const int32_t p = free_.back();
     free_.pop_back();
     owner_[p] = static_cast<int8_t>(use);
@@ -51,10 +53,9 @@ void PagePool::Free(PageUse use, const std::vector<int32_t>& pages) {
                      "PagePool::Free: page ", p, " is not allocated for this use");
     owner_[p] = -1;
     free_.push_back(p);
+    std::push_heap(free_.begin(), free_.end(), std::greater<int32_t>());
   }
   used_[static_cast<int>(use)] -= static_cast<int64_t>(pages.size());
-  // Keep the lowest ids handed out first, so allocation order does not depend on free order.
-  std::sort(free_.begin(), free_.end(), std::greater<int32_t>());
 }
 
 Tensor PagePool::PagesAs(DType dtype) const {

@@ -1,12 +1,22 @@
 // CUDA paged KV cache ops (ops/paged_attention.h).
 //
 // PagedKvWrite: one block per token, threads over the Hkv * D elements of K and V.
-// PagedAttention: one warp per (query token, query head). Lane l owns head elements
-// d = l + 32 i (i < D / 32); for each visible position the warp forms q . k with a butterfly
-// shuffle reduction (every lane ends with the same sum, in a fixed order) and updates an online
-// softmax (running max m, denominator s, weighted V sum) in f32. A plain kernel: fine for decode,
-// where each query reads its request's pages once; prefill of long prompts re-reads K/V per query
-// token and is slower than the fused training kernel.
+//
+// PagedAttention, grouped kernel (GQA group size G in {1, 2, 4, 8}, 16-byte aligned K/V rows of
+// at most 32 16-byte vectors): one block of kWarps warps per (query token, kv head), so each K/V
+// row of the request is read once for the G query heads that share it. A position's row is
+// D / kVec 16-byte vectors (kVec = 8 bf16 or 4 f32); P = D / kVec lanes read one position, so a
+// warp takes 32 / P positions per step and the block kWarps * 32 / P. Each lane scores its
+// vector against the G queries (kept in shared memory, f32), the P lanes of a position sum the
+// partial dots with a butterfly shuffle, and every lane keeps G online softmaxes (running max,
+// denominator, its kVec elements of the weighted V sum) over the positions it saw. At the end the
+// kWarps * 32 / P partial states per head are merged in a fixed order through shared memory.
+// Deterministic: the position-to-lane map and every reduction order depend only on the shapes.
+//
+// Other shapes use the plain kernel: one warp per (query token, query head), lane l owns head
+// elements d = l + 32 i; the same online softmax over all positions.
+//
+// Both are decode kernels: a prefill chunk re-reads the request's K/V once per query token.
 #include "ops/cuda/common.cuh"
 #include "ops/internal/paged_attention_kernels.h"
 
@@ -71,6 +81,180 @@ __global__ void PagedAttentionKernel(PagedShape s, T* out, const T* q, const T* 
   }
 }
 
+// 16 bytes of T as floats.
+template <typename T>
+struct Vec;
+template <>
+struct Vec<float> {
+  static constexpr int kN = 4;
+  __device__ __forceinline__ static void Load(const float* p, float (&out)[4]) {
+    const float4 v = *reinterpret_cast<const float4*>(p);
+    out[0] = v.x;
+    out[1] = v.y;
+    out[2] = v.z;
+    out[3] = v.w;
+  }
+};
+template <>
+struct Vec<bf16> {
+  static constexpr int kN = 8;
+  __device__ __forceinline__ static void Load(const bf16* p, float (&out)[8]) {
+    const uint4 raw = *reinterpret_cast<const uint4*>(p);
+    const __nv_bfloat162* pairs = reinterpret_cast<const __nv_bfloat162*>(&raw);
+    for (int i = 0; i < 4; ++i) {
+      const float2 f = __bfloat1622float2(pairs[i]);
+      out[2 * i] = f.x;
+      out[2 * i + 1] = f.y;
+    }
+  }
+};
+
+// Shared memory of the grouped kernel: queries [G][D], then per partial state (kStates of them)
+// and head: max [kStates][G], denominator [kStates][G], V sum [kStates][G][D]; all f32.
+template <typename T, int G, int P>
+struct GroupedShape {
+  static constexpr int kVec = Vec<T>::kN;
+  static constexpr int kD = P * kVec;
+  static constexpr int kPerWarp = 32 / P;  // positions a warp reads per step
+  static constexpr int kStates = kWarps * kPerWarp;
+  static constexpr size_t kSmemBytes =
+      sizeof(float) * (G * kD + 2 * kStates * G + static_cast<size_t>(kStates) * G * kD);
+};
+
+template <typename T, int G, int P>
+__global__ void __launch_bounds__(32 * kWarps)
+    PagedAttentionGroupedKernel(PagedShape s, T* out, const T* q, const T* kv,
+                                const int32_t* block_table, const int32_t* req, const int32_t* pos,
+                                float scale) {
+  using Geo = GroupedShape<T, G, P>;
+  constexpr int kVec = Geo::kVec, kD = Geo::kD, kStates = Geo::kStates;
+  extern __shared__ float smem[];
+  float* q_s = smem;                 // [G][D], pre-scaled
+  float* m_s = q_s + G * kD;         // [kStates][G]
+  float* l_s = m_s + kStates * G;    // [kStates][G]
+  float* acc_s = l_s + kStates * G;  // [kStates][G][D]
+  const int64_t n = blockIdx.x / s.kv_heads, kvh = blockIdx.x % s.kv_heads;
+  const int64_t row = s.kv_heads * kD;
+  for (int i = threadIdx.x; i < G * kD; i += blockDim.x) {
+    const int g = i / kD, d = i % kD;
+    q_s[i] = scale * ToFloat(q[n * s.q_stride + (kvh * G + g) * kD + d]);
+  }
+  __syncthreads();
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int slot = lane / P, part = lane % P;  // position within the warp's step, vector index
+  const int state = warp * Geo::kPerWarp + slot;
+  const int32_t* table = block_table + static_cast<int64_t>(req[n]) * s.max_blocks;
+  const int64_t len = static_cast<int64_t>(pos[n]) + 1;
+  float m[G], l[G], acc[G][kVec];
+  for (int g = 0; g < G; ++g) {
+    m[g] = -INFINITY;
+    l[g] = 0.0f;
+    for (int e = 0; e < kVec; ++e) acc[g][e] = 0.0f;
+  }
+  for (int64_t j0 = 0; j0 < len; j0 += kStates) {
+    const int64_t j = j0 + state;
+    const bool valid = j < len;
+    float k[kVec], v[kVec];
+    if (valid) {
+      const T* kj = kv + table[j / s.block_tokens] * s.page_stride + (j % s.block_tokens) * row +
+                    kvh * kD + part * kVec;
+      Vec<T>::Load(kj, k);
+      Vec<T>::Load(kj + s.block_tokens * row, v);
+    } else {
+      for (int e = 0; e < kVec; ++e) k[e] = v[e] = 0.0f;
+    }
+    for (int g = 0; g < G; ++g) {
+      float dot = 0.0f;
+      for (int e = 0; e < kVec; ++e) dot += q_s[g * kD + part * kVec + e] * k[e];
+      for (int off = P / 2; off > 0; off /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, off);
+      if (!valid) continue;
+      const float m_new = fmaxf(m[g], dot);
+      const float correction = expf(m[g] - m_new);  // 0 on the lane's first position
+      const float p = expf(dot - m_new);
+      l[g] = l[g] * correction + p;
+      for (int e = 0; e < kVec; ++e) acc[g][e] = acc[g][e] * correction + p * v[e];
+      m[g] = m_new;
+    }
+  }
+  // Partial states to shared memory (the P lanes of a slot hold the same m and l).
+  for (int g = 0; g < G; ++g) {
+    if (part == 0) {
+      m_s[state * G + g] = m[g];
+      l_s[state * G + g] = l[g];
+    }
+    for (int e = 0; e < kVec; ++e) acc_s[(state * G + g) * kD + part * kVec + e] = acc[g][e];
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < G * kD; i += blockDim.x) {
+    const int g = i / kD, d = i % kD;
+    float m_all = -INFINITY;
+    for (int t = 0; t < kStates; ++t) m_all = fmaxf(m_all, m_s[t * G + g]);
+    float denom = 0.0f, sum = 0.0f;
+    for (int t = 0; t < kStates; ++t) {
+      const float w = m_s[t * G + g] == -INFINITY ? 0.0f : expf(m_s[t * G + g] - m_all);
+      denom += w * l_s[t * G + g];
+      sum += w * acc_s[(t * G + g) * kD + d];
+    }
+    out[n * s.o_stride + (kvh * G + g) * kD + d] = FromFloat<T>(sum / denom);
+  }
+}
+
+template <typename T, int G, int P>
+cudaError_t LaunchGrouped(cudaStream_t stream, const PagedShape& s, void* out, const void* q,
+                          const void* kv, const int32_t* block_table, const int32_t* req,
+                          const int32_t* pos, float scale) {
+  using Geo = GroupedShape<T, G, P>;
+  const int64_t blocks = s.tokens * s.kv_heads;
+  PagedAttentionGroupedKernel<T, G, P>
+      <<<static_cast<unsigned>(blocks), 32 * kWarps, Geo::kSmemBytes, stream>>>(
+          s, static_cast<T*>(out), static_cast<const T*>(q), static_cast<const T*>(kv), block_table,
+          req, pos, scale);
+  return cudaGetLastError();
+}
+
+// The grouped kernel for (G, P), or nullptr when the shape has none.
+using AttentionLauncher = cudaError_t (*)(cudaStream_t, const PagedShape&, void*, const void*,
+                                          const void*, const int32_t*, const int32_t*,
+                                          const int32_t*, float);
+template <typename T, int G>
+AttentionLauncher GroupedForP(int64_t p) {
+  switch (p) {
+    case 4:
+      return LaunchGrouped<T, G, 4>;
+    case 8:
+      return LaunchGrouped<T, G, 8>;
+    case 16:
+      return LaunchGrouped<T, G, 16>;
+    case 32:
+      return LaunchGrouped<T, G, 32>;
+    default:
+      return nullptr;
+  }
+}
+
+template <typename T>
+AttentionLauncher GroupedLauncher(const PagedShape& s, const void* kv) {
+  constexpr int kVec = Vec<T>::kN;
+  if (s.head_dim % kVec != 0 || s.tokens * s.kv_heads > INT32_MAX) return nullptr;
+  // 16-byte loads: the pool's base and page stride must keep every row aligned.
+  if (reinterpret_cast<uintptr_t>(kv) % 16 != 0 || (s.page_stride * sizeof(T)) % 16 != 0) {
+    return nullptr;
+  }
+  const int64_t p = s.head_dim / kVec;
+  switch (s.q_heads / s.kv_heads) {
+    case 1:
+      return GroupedForP<T, 1>(p);
+    case 2:
+      return GroupedForP<T, 2>(p);
+    case 4:
+      return GroupedForP<T, 4>(p);
+    case 8:
+      return GroupedForP<T, 8>(p);
+    default:
+      return nullptr;
+  }
+}
+
 template <typename T, int kPerLane>
 cudaError_t LaunchAttention(cudaStream_t stream, const PagedShape& s, void* out, const void* q,
                             const void* kv, const int32_t* block_table, const int32_t* req,
@@ -104,6 +288,9 @@ cudaError_t PagedAttention(cudaStream_t stream, DType dtype, const PagedShape& s
   return DispatchF32Bf16(dtype, [&](auto tag) -> cudaError_t {
     using T = typename decltype(tag)::type;
     if (s.tokens <= 0) return cudaSuccess;
+    if (AttentionLauncher grouped = GroupedLauncher<T>(s, kv)) {
+      return grouped(stream, s, out, q, kv, block_table, req, pos, scale);
+    }
     if (s.head_dim % 32 != 0 || s.head_dim > 32 * kMaxPerLane) return cudaErrorInvalidValue;
     switch (s.head_dim / 32) {
       case 1:

@@ -12,11 +12,16 @@
 //      it goes back to the front of the waiting queue, to be recomputed from its tokens).
 //   2. Waiting requests are admitted in FIFO order while the budget, max_running and the pool
 //      allow (admission never preempts); a request's adapter is made resident first (pool pages,
-//      evicting unused adapters least-recently-used first). The next few waiting requests' adapters
-//      are prefetched into the host tier.
-//   3. The batch (sorted by adapter so LoRA segments are contiguous) runs through InferModel;
-//      every request whose chunk reached the end of its tokens samples one token: EOS, stop
-//      strings, max_tokens and the context limit end it and free its pages.
+//      evicting unused adapters least-recently-used first). An adapter not in the host tier is
+//      read from disk by the loader thread (serve/internal/adapter_loader.h): its request is
+//      passed over until the read is in (it keeps its place; the ones behind it may go first).
+//      The next few waiting requests' adapters are prefetched into the host tier the same way.
+//   3. The batch (sorted by adapter so LoRA segments are contiguous) runs through InferModel
+//      with the list of resident adapters (so its LoRA tables change only with residency); the
+//      greedy ids come from the device, whole logits rows only for requests that sample with a
+//      temperature or want logprobs; every request whose chunk reached the end of its tokens
+//      emits one token: EOS, stop strings, max_tokens and the context limit end it and free its
+//      pages.
 //   4. Fine-tuning (serve/internal/engine_finetune.cc): when every waiting request was admitted
 //      and the next micro-batch of the active job fits in the budget left over minus one token
 //      (kept free for new requests), or nothing else ran, one micro-batch runs forward+backward
@@ -38,6 +43,7 @@
 #include "ops/context.h"
 #include "serve/engine.h"
 #include "serve/infer_model.h"
+#include "serve/internal/adapter_loader.h"
 #include "serve/internal/engine_state.h"
 #include "serve/internal/finetune_job.h"
 #include "serve/kv_pool.h"
@@ -76,7 +82,10 @@ class EngineImpl final : public Engine {
 
   StatusOr<std::shared_ptr<AdapterEntry>> FindAdapterLocked(const std::string& model);
   Status AlreadyExists(const std::string& name) const;
-  Status LoadHostCopy(AdapterEntry& entry) const;
+  // Reads entry's adapter from disk (any thread: reads only the name, path and the model config).
+  StatusOr<HostAdapter> ReadHostAdapter(const AdapterEntry& entry) const;
+  void InstallHostCopy(AdapterEntry& entry, HostAdapter host) const;
+  Status LoadHostCopy(AdapterEntry& entry) const;  // Read + Install, blocking
 
   // Engine thread.
   void Loop();
@@ -96,12 +105,23 @@ class EngineImpl final : public Engine {
   bool EvictUnusedAdapter(const AdapterEntry* keep);
   // Frees the pool pages of unloaded adapters no running request uses.
   void DropUnloadedAdapters();
+  // Asks the loader for the host copies of the next waiting requests' adapters.
   void Prefetch();
+  // Installs the loader's finished reads; a failed read finishes the waiting requests of that
+  // adapter with the error.
+  void CollectLoads();
+  // Step 2: admits waiting requests (FIFO; a request whose adapter is still being read is passed
+  // over, the others are not). Returns the budget left.
+  int64_t Admit(std::vector<Scheduled>& batch, int64_t budget);
   // Drops host copies of adapters beyond options_.host_adapter_cache (least recently used first,
   // never one that is resident or in use).
   void TrimHostCache();
-  // Samples and emits r's next token from its logits row; true when r finished.
-  StatusOr<bool> Emit(RequestState& r, const float* logits, int64_t vocab);
+  // Emits r's next token: `greedy` (chosen on the device) when `logits` is null, else sampled
+  // from the f32 row `logits` [vocab] (temperature, logprobs: see NeedsFullRow); true when r
+  // finished.
+  StatusOr<bool> Emit(RequestState& r, int32_t greedy, const float* logits, int64_t vocab);
+  // Whether r's next token needs its whole logits row on the host.
+  static bool NeedsFullRow(const RequestState& r);
   // Part 3 of Step: the batched forward, sampling and events.
   Status RunBatch(std::vector<Scheduled>& batch);
 
@@ -154,7 +174,11 @@ class EngineImpl final : public Engine {
 
   std::deque<std::unique_ptr<RequestState>> waiting_;   // engine thread
   std::vector<std::unique_ptr<RequestState>> running_;  // engine thread, admission order
+  bool waiting_on_loads_ = false;  // engine thread: the last step had only reads to wait for
+  bool load_finished_ = false;     // guarded by mu_: a read finished since the last wake-up
   std::thread thread_;
+  // Last: destroyed first (its thread uses the model and mu_/cv_).
+  std::unique_ptr<AdapterLoader> loader_;
 };
 
 }  // namespace tandem::serve::internal

@@ -1,9 +1,12 @@
 // One engine iteration: scheduling, the batched forward, sampling and events
 // (serve/internal/engine_impl.h describes the policy).
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <numeric>
+#include <unordered_map>
 
+#include "ops/sampling.h"
 #include "serve/internal/engine_impl.h"
 
 namespace tandem::serve::internal {
@@ -115,9 +118,11 @@ void EngineImpl::TrimHostCache() {
   std::sort(cached.begin(), cached.end(), [](const AdapterEntry* a, const AdapterEntry* b) {
     return a->last_used < b->last_used;
   });
+  std::set<const AdapterEntry*> next;  // the next waiting requests' (just read for them)
+  for (size_t w = 0; w < waiting_.size() && w < 4; ++w) next.insert(waiting_[w]->adapter.get());
   for (AdapterEntry* e : cached) {
     if (excess == 0) break;
-    if (e->resident() || e->refs > 0) continue;  // the compute copy on a CPU engine
+    if (e->resident() || e->refs > 0 || next.count(e)) continue;  // resident: the CPU compute copy
     e->host.reset();  // back to the disk tier; reloaded by Prefetch or MakeResident
     e->host_ctx.reset();
     --excess;
@@ -125,14 +130,34 @@ void EngineImpl::TrimHostCache() {
 }
 
 void EngineImpl::Prefetch() {
-  // The host tier for the next waiting requests' adapters (disk reads off the decode path's
-  // critical section would need a side thread; this keeps them off admission at least).
+  // The host tier for the next waiting requests' adapters, read on the loader's thread.
   int n = 0;
   for (auto& r : waiting_) {
     if (++n > 4) break;
-    if (r->adapter && !r->adapter->host) {
+    if (r->adapter && !r->adapter->host && !r->adapter->resident()) {
       r->adapter->last_used = iteration_;
-      LoadHostCopy(*r->adapter).IgnoreError();  // a failure shows again at admission
+      loader_->Request(r->adapter);
+    }
+  }
+}
+
+void EngineImpl::CollectLoads() {
+  for (AdapterLoader::Done& done : loader_->TakeDone()) {
+    AdapterEntry& a = *done.entry;
+    if (done.result.ok()) {
+      if (!a.host) InstallHostCopy(a, std::move(*done.result));
+      a.last_used = iteration_;
+      continue;
+    }
+    // A failed read fails the requests waiting for it (a later request asks again).
+    for (size_t w = 0; w < waiting_.size();) {
+      if (waiting_[w]->adapter.get() != &a) {
+        ++w;
+        continue;
+      }
+      std::unique_ptr<RequestState> dead = std::move(waiting_[w]);
+      waiting_.erase(waiting_.begin() + static_cast<std::ptrdiff_t>(w));
+      Finish(*dead, "error", done.result.status().ToString());
     }
   }
 }
@@ -188,13 +213,26 @@ void EngineImpl::FailAll(const Status& error) {
   running_.clear();
 }
 
-StatusOr<bool> EngineImpl::Emit(RequestState& r, const float* logits, int64_t vocab) {
+bool EngineImpl::NeedsFullRow(const RequestState& r) {
+  return r.gen.sampling.temperature != 0.0f || r.gen.sampling.logprobs >= 0;
+}
+
+StatusOr<bool> EngineImpl::Emit(RequestState& r, int32_t greedy, const float* logits,
+                                int64_t vocab) {
   const SamplingParams& s = r.gen.sampling;
   const int64_t usable = std::min<int64_t>(vocab, tokenizer_->vocab_size());
-  std::span<const float> row(logits, static_cast<size_t>(usable));
-  TANDEM_ASSIGN_OR_RETURN(
-      int32_t token,
-      SampleToken(row, {.temperature = s.temperature, .top_k = s.top_k, .top_p = s.top_p}, r.rng));
+  int32_t token = greedy;
+  std::span<const float> row;
+  if (logits != nullptr) {
+    row = std::span<const float>(logits, static_cast<size_t>(usable));
+    TANDEM_ASSIGN_OR_RETURN(
+        token, SampleToken(row, {.temperature = s.temperature, .top_k = s.top_k, .top_p = s.top_p},
+                           r.rng));
+  } else if (greedy == ops::kArgmaxInvalidRow) {
+    return InvalidArgumentError(StrCat("sampling: request ", r.id, ": expected finite logits, ",
+                                       "found a NaN or +inf (or only -inf) among the first ",
+                                       usable, " (argmax on the device)"));
+  }
   TokenEvent e;
   e.id = r.id;
   e.has_token = true;
@@ -247,8 +285,68 @@ StatusOr<bool> EngineImpl::Emit(RequestState& r, const float* logits, int64_t vo
 
 // ---- One iteration ----
 
+int64_t EngineImpl::Admit(std::vector<Scheduled>& batch, int64_t budget) {
+  waiting_on_loads_ = false;
+  bool passed_over = false;
+  for (size_t w = 0; w < waiting_.size() && budget > 0 &&
+                     static_cast<int64_t>(running_.size()) < options_.max_running;) {
+    RequestState* r = waiting_[w].get();
+    auto drop = [&](const std::string& error) {
+      std::unique_ptr<RequestState> dead = std::move(waiting_[w]);
+      waiting_.erase(waiting_.begin() + static_cast<std::ptrdiff_t>(w));
+      Finish(*dead, "error", error);
+    };
+    if (r->adapter && !r->adapter->resident() && !r->adapter->host) {
+      loader_->Request(r->adapter);  // its own adapter is read; later requests may go first
+      passed_over = true;
+      ++w;
+      continue;
+    }
+    if (r->adapter) {
+      StatusOr<bool> ok = MakeResident(r->adapter);
+      const bool idle = running_.empty() && batch.empty();
+      if (!ok.ok() || (!*ok && idle)) {  // a broken adapter, or one larger than the whole pool
+        drop(ok.ok() ? StrCat("adapter '", r->adapter->name, "' needs more pages than the ",
+                              "pool can free (", pool_.num_pages(), " pages)")
+                     : ok.status().ToString());
+        continue;
+      }
+      if (!*ok) break;
+    }
+    const int64_t chunk =
+        std::min<int64_t>(static_cast<int64_t>(r->tokens.size()) - r->computed, budget);
+    bool grown = GrowBlocks(*r, r->computed + chunk);
+    while (!grown && EvictUnusedAdapter(r->adapter.get())) {
+      grown = GrowBlocks(*r, r->computed + chunk);
+    }
+    if (!grown) {
+      if (running_.empty() && batch.empty()) {  // nothing runs and it still does not fit
+        drop(StrCat("the request needs more KV pages than the pool holds (", pool_.num_pages(),
+                    " pages)"));
+        continue;
+      }
+      break;
+    }
+    if (r->adapter) ++r->adapter->refs;
+    if (!r->admitted_once) {
+      std::lock_guard<std::mutex> lock(mu_);
+      stats_.prompt_tokens += r->num_prompt;
+    }
+    r->admitted_once = true;
+    running_.push_back(std::move(waiting_[w]));
+    waiting_.erase(waiting_.begin() + static_cast<std::ptrdiff_t>(w));
+    batch.push_back({r, chunk});
+    budget -= chunk;
+  }
+  // Nothing to run but reads to wait for: the loop sleeps until one finishes.
+  waiting_on_loads_ = passed_over && batch.empty() && running_.empty();
+  return budget;
+}
+
 Status EngineImpl::Step() {
+  const auto start = std::chrono::steady_clock::now();
   ++iteration_;
+  CollectLoads();
   DropUnloadedAdapters();
   int64_t budget = options_.max_batch_tokens;
   std::vector<Scheduled> batch;
@@ -272,65 +370,27 @@ Status EngineImpl::Step() {
         waiting_.pop_front();
         Finish(*dead, "error",
                StrCat("the request needs more KV pages than the pool holds (", pool_.num_pages(),
-                      " pages) at ", dead->computed + chunk, " positions"));
+                      " pages, its adapter's included) at ", dead->tokens.size(), " positions"));
       }
       break;  // r was the newest: nothing after it runs either
     }
     batch.push_back({r, chunk});
     budget -= chunk;
   }
-  // 2. Admission, FIFO.
-  while (!waiting_.empty() && budget > 0 &&
-         static_cast<int64_t>(running_.size()) < options_.max_running) {
-    RequestState* r = waiting_.front().get();
-    if (r->adapter) {
-      StatusOr<bool> ok = MakeResident(r->adapter);
-      const bool idle = running_.empty() && batch.empty();
-      if (!ok.ok() || (!*ok && idle)) {  // a broken adapter, or one larger than the whole pool
-        std::unique_ptr<RequestState> dead = std::move(waiting_.front());
-        waiting_.pop_front();
-        Finish(*dead, "error",
-               ok.ok() ? StrCat("adapter '", dead->adapter->name, "' needs more pages than the ",
-                                "pool can free (", pool_.num_pages(), " pages)")
-                       : ok.status().ToString());
-        continue;
-      }
-      if (!*ok) break;
-    }
-    const int64_t chunk =
-        std::min<int64_t>(static_cast<int64_t>(r->tokens.size()) - r->computed, budget);
-    bool grown = GrowBlocks(*r, r->computed + chunk);
-    while (!grown && EvictUnusedAdapter(r->adapter.get())) {
-      grown = GrowBlocks(*r, r->computed + chunk);
-    }
-    if (!grown) {
-      if (running_.empty() && batch.empty()) {
-        // Nothing runs and it still does not fit: it never will.
-        std::unique_ptr<RequestState> dead = std::move(waiting_.front());
-        waiting_.pop_front();
-        Finish(*dead, "error",
-               StrCat("the request needs more KV pages than the pool holds (", pool_.num_pages(),
-                      " pages)"));
-        continue;
-      }
-      break;
-    }
-    if (r->adapter) ++r->adapter->refs;
-    if (!r->admitted_once) {
-      std::lock_guard<std::mutex> lock(mu_);
-      stats_.prompt_tokens += r->num_prompt;
-    }
-    r->admitted_once = true;
-    running_.push_back(std::move(waiting_.front()));
-    waiting_.pop_front();
-    batch.push_back({r, chunk});
-    budget -= chunk;
-  }
+  // 2. Admission.
+  budget = Admit(batch, budget);
   Prefetch();
   TrimHostCache();
   const int64_t leftover = budget;
   const bool all_admitted = waiting_.empty();
-  if (!batch.empty()) TANDEM_RETURN_IF_ERROR(RunBatch(batch));
+  if (!batch.empty()) {
+    TANDEM_RETURN_IF_ERROR(RunBatch(batch));
+    const double seconds =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    std::lock_guard<std::mutex> lock(mu_);
+    ++stats_.iterations;
+    stats_.batch_seconds += seconds;
+  }
   // 4. Fine-tuning in the leftover budget.
   RunFineTune(leftover, all_admitted, batch.empty());
   return Status::Ok();
@@ -341,30 +401,53 @@ Status EngineImpl::RunBatch(std::vector<Scheduled>& batch) {
   std::stable_sort(batch.begin(), batch.end(), [](const Scheduled& a, const Scheduled& b) {
     return a.req->adapter.get() < b.req->adapter.get();
   });
+  // Every resident adapter, in residency order: the list (and InferModel's LoRA tables over it)
+  // changes only when an adapter is loaded or evicted, not with the batch's mix.
   std::vector<const AdapterWeights*> adapters;
+  std::unordered_map<const AdapterEntry*, int32_t> slot;
+  for (const auto& entry : resident_) {
+    slot[entry.get()] = static_cast<int32_t>(adapters.size());
+    adapters.push_back(entry->compute());
+  }
   std::vector<SeqChunk> seqs;
-  const AdapterEntry* last = nullptr;
   for (const Scheduled& s : batch) {
     SeqChunk c;
     c.start = s.req->computed;
     c.tokens.assign(s.req->tokens.begin() + c.start, s.req->tokens.begin() + c.start + s.chunk);
     c.blocks = &s.req->blocks;
-    if (s.req->adapter) {
-      if (s.req->adapter.get() != last) adapters.push_back(s.req->adapter->compute());
-      last = s.req->adapter.get();
-      c.adapter = static_cast<int32_t>(adapters.size()) - 1;
-    }
+    if (s.req->adapter) c.adapter = slot.at(s.req->adapter.get());
     seqs.push_back(std::move(c));
   }
-  TANDEM_ASSIGN_OR_RETURN(Tensor logits, infer_->Forward(kv_pages_, seqs, adapters));
+  TANDEM_ASSIGN_OR_RETURN(Tensor logits, infer_->ForwardLogits(kv_pages_, seqs, adapters));
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stats_.lora_table_builds = infer_->lora_table_builds();
+  }
   const int64_t V = logits.dim(1);
+  // Greedy ids come from the device; whole rows only for sampling with temperature or logprobs.
+  std::vector<int64_t> full_rows;
+  std::vector<int64_t> full_index(batch.size(), -1);
+  for (size_t i = 0; i < batch.size(); ++i) {
+    const RequestState& r = *batch[i].req;
+    const bool emits = r.computed + batch[i].chunk >= static_cast<int64_t>(r.tokens.size());
+    if (!emits || !NeedsFullRow(r)) continue;
+    full_index[i] = static_cast<int64_t>(full_rows.size());
+    full_rows.push_back(static_cast<int64_t>(i));
+  }
+  const int64_t usable = std::min<int64_t>(V, tokenizer_->vocab_size());
+  TANDEM_ASSIGN_OR_RETURN(InferModel::SamplerInputs host,
+                          infer_->FetchForSampling(logits, full_rows, usable));
   std::vector<RequestId> done;
   for (size_t i = 0; i < batch.size(); ++i) {
     RequestState& r = *batch[i].req;
     r.computed += batch[i].chunk;
     if (r.computed < static_cast<int64_t>(r.tokens.size())) continue;  // prefill continues
-    TANDEM_ASSIGN_OR_RETURN(bool finished, Emit(r, logits.data<float>() + i * V, V));
-    if (finished) done.push_back(r.id);
+    const float* row = full_index[i] < 0 ? nullptr : host.rows.data<float>() + full_index[i] * V;
+    StatusOr<bool> finished = Emit(r, host.argmax[i], row, V);
+    // A broken row (NaN logits) ends its own request only: failing the whole batch here would
+    // send a second final event to requests that already finished in this loop.
+    if (!finished.ok()) Finish(r, "error", finished.status().ToString());
+    if (!finished.ok() || *finished) done.push_back(r.id);
   }
   for (RequestId id : done) {
     auto it =

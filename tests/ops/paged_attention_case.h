@@ -26,9 +26,10 @@ struct PagedCase {
 };
 
 // Builds the case on the host (f32) and the reference with the CPU AttentionForward.
+// page_slack: elements of each page past the K and V of its block.
 inline PagedCase MakePagedCase(uint64_t seed, std::vector<int64_t> lens,
                                std::vector<int64_t> queries, int64_t hq, int64_t hkv, int64_t d,
-                               int64_t block_tokens) {
+                               int64_t block_tokens, int64_t page_slack = 5) {
   PagedCase c;
   c.hq = hq, c.hkv = hkv, c.d = d, c.block_tokens = block_tokens;
   c.lens = lens, c.queries = queries;
@@ -47,7 +48,9 @@ inline PagedCase MakePagedCase(uint64_t seed, std::vector<int64_t> lens,
   std::iota(page_ids.begin(), page_ids.end(), 0);
   std::shuffle(page_ids.begin(), page_ids.end(), std::mt19937(static_cast<uint32_t>(seed)));
   c.pages = page_ids.size();
-  c.page_elems = 2 * block_tokens * hkv * d + 5;  // slack: page stride != used bytes
+  // Slack: page stride != used bytes. 5 elements leave rows unaligned (the CUDA per-head kernel);
+  // a multiple of 8 keeps every row 16-byte aligned (the grouped kernel's vector loads).
+  c.page_elems = 2 * block_tokens * hkv * d + page_slack;
   c.block_table = Tensor::CpuZeros({R, c.max_blocks}, DType::kI32);
   for (int64_t i = 0; i < R * c.max_blocks; ++i) c.block_table.data<int32_t>()[i] = page_ids[i];
   c.slot = Tensor::Cpu({total}, DType::kI32);

@@ -16,10 +16,16 @@ Tensor ToDevice(Context& gpu, const Tensor& host, DType dtype, Tensor* rounded) 
   return CopyToDeviceBlocking(cast, gpu.allocator()).value();
 }
 
-void RunCase(DType dtype, int64_t d, testing::Tolerance tol) {
+// page_slack 5 leaves K/V rows unaligned (the per-head kernel); 16 keeps them 16-byte aligned, so
+// GQA groups of 1, 2, 4 and 8 take the grouped kernel.
+void RunCase(DType dtype, int64_t d, testing::Tolerance tol, int64_t hq = 8, int64_t hkv = 2,
+             int64_t page_slack = 5) {
+  SCOPED_TRACE(::testing::Message() << DTypeName(dtype) << " D=" << d << " Hq=" << hq
+                                    << " Hkv=" << hkv << " slack=" << page_slack);
   auto cpu = Context::Cpu();
   auto gpu = Context::Cuda(0).value();
-  const PagedCase c = MakePagedCase(11 + d, {1, 33, 70, 9}, {1, 1, 16, 9}, 8, 2, d, 16);
+  const PagedCase c =
+      MakePagedCase(11 + d + hq, {1, 33, 70, 9}, {1, 1, 16, 9}, hq, hkv, d, 16, page_slack);
   Tensor q_r, k_r, v_r, junk;
   Tensor q = ToDevice(*gpu, c.q, dtype, &q_r);
   Tensor k = ToDevice(*gpu, c.k_rows, dtype, &k_r);
@@ -54,6 +60,23 @@ TEST(PagedAttentionGpu, MatchesCpuBf16) {
 TEST(PagedAttentionGpu, MatchesCpuF32) {
   TANDEM_SKIP_WITHOUT_GPU();
   RunCase(DType::kF32, 64, {1e-5, 1e-4});
+}
+
+// The grouped kernel (aligned pages) for every GQA group size it takes (1, 2, 4, 8) and row
+// size (4 to 32 16-byte vectors), and the per-head kernel for the shapes it does not take (a
+// group of 3, 24 f32 vectors per row, 64 f32 vectors per row).
+TEST(PagedAttentionGpu, GroupedAndPlainKernelsMatchCpu) {
+  TANDEM_SKIP_WITHOUT_GPU();
+  const testing::Tolerance bf16{1e-2, 2e-2}, f32{1e-5, 1e-4};
+  for (int64_t g : {1, 2, 4, 8}) RunCase(DType::kBF16, 64, bf16, 2 * g, 2, 16);
+  RunCase(DType::kBF16, 128, bf16, 8, 2, 16);
+  RunCase(DType::kBF16, 32, bf16, 8, 1, 16);
+  RunCase(DType::kBF16, 256, bf16, 16, 2, 16);
+  RunCase(DType::kF32, 64, f32, 8, 2, 16);
+  RunCase(DType::kF32, 128, f32, 8, 1, 16);
+  RunCase(DType::kBF16, 64, bf16, 6, 2, 16);  // per-head: group of 3
+  RunCase(DType::kF32, 96, f32, 4, 2, 16);    // per-head: 24 vectors per row
+  RunCase(DType::kF32, 256, f32, 4, 4, 16);   // per-head: 64 vectors per row
 }
 
 }  // namespace

@@ -265,11 +265,28 @@ TEST_F(EngineTest, RequestsThatCanNeverFitFailInsteadOfWaitingForever) {
 }
 
 TEST_F(EngineTest, CancelFreesPages) {
-  auto engine = MakeEngine(options_);
+  // The callback holds the engine thread after the second token until Cancel was called, so the
+  // cancel lands mid-generation however fast the engine runs.
+  std::mutex mu;
+  std::condition_variable cv;
+  bool cancelled = false;
   Sink sink;
-  const RequestId id = *engine->Submit(Greedy("a", kCases[3].prompt, 40), sink.For());
+  auto engine = MakeEngine(options_);
+  EventCallback record = sink.For();
+  auto hold_after_two = [&](const TokenEvent& e) {
+    record(e);
+    if (!e.has_token || e.completion_tokens != 2) return;
+    std::unique_lock<std::mutex> lock(mu);
+    cv.wait(lock, [&] { return cancelled; });
+  };
+  const RequestId id = *engine->Submit(Greedy("a", kCases[3].prompt, 40), hold_after_two);
   while (sink.Tokens(id) < 2) std::this_thread::sleep_for(std::chrono::milliseconds(1));
   engine->Cancel(id);
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    cancelled = true;
+    cv.notify_all();
+  }
   const Sink::Result r = sink.Wait(id);
   EXPECT_EQ(r.reason, "cancelled");
   EXPECT_LT(r.ids.size(), 40u);
