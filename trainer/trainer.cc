@@ -272,6 +272,10 @@ Status OpenModel(const TrainConfig& c, Session& s) {
     }
     TANDEM_ASSIGN_OR_RETURN(s.offload, internal::OffloadedAdamW::Create(*s.ctx, s.model->parameters(), c.optimizer));
     s.model->SetHostMasters(s.offload.get());  // the initial weights below land in it
+    // [offload] The last backward names each parameter whose gradient is final (see TrainStep).
+    s.model->SetGradReadyCallback(
+        [o = s.offload.get()](const std::vector<size_t>& ready) { return o->GradientsFinal(ready); });
+    s.offload->LogMode(c.train.grad_clip == 0);
   }
   if (c.model.init == "pretrained") {
     TANDEM_RETURN_IF_ERROR(s.model->LoadSafetensors(c.model.path));
@@ -338,6 +342,20 @@ struct Update {
   double lr = 0;
 };
 
+// [offload] The AdamW parameters of update `step` before clipping (grad_scale 1); weight decay is
+// off for norms inside the optimizer (Parameter::weight_decay).
+ops::AdamWParams OffloadAdamWParams(const TrainSection& t, const ScheduleOptions& sched, int64_t step) {
+  ops::AdamWParams ap;
+  ap.lr = static_cast<float>(LearningRate(sched, step));
+  ap.beta1 = static_cast<float>(t.beta1);
+  ap.beta2 = static_cast<float>(t.beta2);
+  ap.eps = static_cast<float>(t.eps);
+  ap.weight_decay = static_cast<float>(t.weight_decay);
+  ap.step = step;
+  ap.grad_scale = 1.0f;
+  return ap;
+}
+
 // One optimizer update: grad_accum micro-batches (the loss is the mean over all their target
 // tokens), the global gradient norm, clipping, AdamW.
 StatusOr<Update> TrainStep(const TrainSection& t, const ScheduleOptions& sched, int64_t step, Session& s) {
@@ -352,7 +370,14 @@ StatusOr<Update> TrainStep(const TrainSection& t, const ScheduleOptions& sched, 
   }
   TANDEM_RETURN_IF_ERROR(s.model->ZeroGrads());
   const float grad_scale = targets > 0 ? 1.0f / static_cast<float>(targets) : 0.0f;
+  // [offload] Before the last backward: without clipping the update overlaps it (the AdamW
+  // parameters are known now); with clipping only the gradient copies start early.
+  ops::AdamWParams offload_ap;
+  if (s.offload) offload_ap = OffloadAdamWParams(t, sched, step);
   for (const TokenBatch& b : micro) {
+    if (s.offload && &b == &micro.back()) {
+      TANDEM_RETURN_IF_ERROR(s.offload->BeginLastBackward(s.params, t.grad_clip == 0 ? &offload_ap : nullptr));
+    }
     TANDEM_ASSIGN_OR_RETURN(model::LossSum l, s.model->ForwardBackward(ToModelBatch(b), grad_scale));
     u.loss.sum += l.sum;
     u.loss.count += l.count;
@@ -371,15 +396,8 @@ StatusOr<Update> TrainStep(const TrainSection& t, const ScheduleOptions& sched, 
   u.lr = LearningRate(sched, step);
   if (s.snap) TANDEM_RETURN_IF_ERROR(s.snap->Fence());  // the previous snapshot's copy is done
   if (s.offload) {  // [offload] updated on CPU threads; the weights come back to the device
-    ops::AdamWParams ap;
-    ap.lr = static_cast<float>(u.lr);
-    ap.beta1 = static_cast<float>(t.beta1);
-    ap.beta2 = static_cast<float>(t.beta2);
-    ap.eps = static_cast<float>(t.eps);
-    ap.weight_decay = static_cast<float>(t.weight_decay);  // not on norms (Parameter::weight_decay)
-    ap.step = step;
-    ap.grad_scale = static_cast<float>(clip);
-    TANDEM_RETURN_IF_ERROR(s.offload->Update(s.params, ap));
+    offload_ap.grad_scale = static_cast<float>(clip);  // 1 without clipping, as BeginLastBackward's
+    TANDEM_RETURN_IF_ERROR(s.offload->Update(s.params, offload_ap));
   }
   for (size_t i = 0; i < s.params.size() && !s.offload; ++i) {
     model::Parameter& p = s.params[i];

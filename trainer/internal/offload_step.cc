@@ -108,7 +108,10 @@ StatusOr<std::unique_ptr<OffloadedAdamW>> OffloadedAdamW::Create(
 OffloadedAdamW::~OffloadedAdamW() {
   // Every stream callback must have run before the slabs and the optimizer go.
   if (d2h_) (void)d2h_->Synchronize();
+  // [overlap] A step abandoned mid-backward (an error): the chunks it queued finish first.
+  if (step_begun_) (void)opt_->FinishStep();
   if (upload_) (void)upload_->Synchronize();
+  if (pool_) ReleaseAllSlabs();  // copies made early for a step that never updated
   opt_.reset();
   storage_.reset();
   if (!file_.empty()) {
@@ -127,6 +130,8 @@ Status OffloadedAdamW::InitCuda(int64_t chunk_elems, int threads) {
   TANDEM_ASSIGN_OR_RETURN(CudaStreamOwner upload, CudaStreamOwner::Create(device));
   TANDEM_ASSIGN_OR_RETURN(CudaEventOwner grads, CudaEventOwner::Create(device, false));
   TANDEM_ASSIGN_OR_RETURN(CudaEventOwner uploads, CudaEventOwner::Create(device, false));
+  TANDEM_ASSIGN_OR_RETURN(CudaEventOwner final_grads, CudaEventOwner::Create(device, false));
+  grads_final_.emplace(std::move(final_grads));
   d2h_.emplace(std::move(d2h));
   upload_.emplace(std::move(upload));
   grads_done_.emplace(std::move(grads));
@@ -166,28 +171,129 @@ Status OffloadedAdamW::GetMaster(size_t param, Tensor& host_f32) {
   return opt_->GetState(k, host_f32.data<float>(), nullptr, nullptr);
 }
 
-Status OffloadedAdamW::Update(const std::vector<model::Parameter>& params,
-                              const ops::AdamWParams& adamw) {
-  if (params.size() != index_.size()) {
-    return InternalError(StrCat("OffloadedAdamW::Update: ", params.size(),
-                                " parameters, created over ", index_.size()));
-  }
-  return ctx_.is_cuda() ? UpdateCuda(params, adamw) : UpdateCpu(params, adamw);
+namespace {
+
+bool SameAdamW(const ops::AdamWParams& a, const ops::AdamWParams& b) {
+  return a.lr == b.lr && a.beta1 == b.beta1 && a.beta2 == b.beta2 && a.eps == b.eps &&
+         a.weight_decay == b.weight_decay && a.step == b.step && a.grad_scale == b.grad_scale;
 }
 
-Status OffloadedAdamW::UpdateCpu(const std::vector<model::Parameter>& params,
-                                 const ops::AdamWParams& adamw) {
-  std::vector<float*> weights(param_of_.size());
-  for (size_t k = 0; k < param_of_.size(); ++k) {
-    weights[k] = params[param_of_[k]].weight.data<float>();
+}  // namespace
+
+void OffloadedAdamW::LogMode(bool on) {
+  if (mode_logged_) return;
+  mode_logged_ = true;
+  if (on) {
+    TANDEM_LOG(INFO, "train") << "optimizer update overlapped with backward (train.grad_clip = 0):"
+                              << " each chunk is updated as soon as its gradient is final";
+  } else {
+    TANDEM_LOG(INFO, "train") << "optimizer update after backward (global-norm clipping needs "
+                              << "every gradient)"
+                              << (pool_ ? StrCat("; up to ", pool_->num_slabs(),
+                                                 " gradient chunks are copied during backward")
+                                        : std::string());
   }
-  TANDEM_RETURN_IF_ERROR(opt_->BeginStep(
-      adamw, nullptr, [&](int k, int64_t, int64_t first, const float* master, int64_t n) {
-        std::memcpy(weights[k] + first, master, static_cast<size_t>(n) * sizeof(float));
-      }));
+}
+
+Status OffloadedAdamW::BeginLastBackward(const std::vector<model::Parameter>& params,
+                                         const ops::AdamWParams* adamw) {
+  if (params_ != nullptr) {
+    return InternalError("OffloadedAdamW::BeginLastBackward: a step is already in progress");
+  }
+  if (params.size() != index_.size()) {
+    return InternalError(StrCat("OffloadedAdamW: ", params.size(), " parameters, created over ",
+                                index_.size()));
+  }
+  params_ = &params;
+  final_.assign(param_of_.size(), 0);
+  order_.clear();
+  issued_ = handed_ = 0;
+  early_updates_ = 0;
+  if (ctx_.is_cuda()) TANDEM_RETURN_IF_ERROR(ArmCuda());
+  if (adamw == nullptr) return Status::Ok();
+  in_backward_ = true;
+  return BeginOptimizerStep(*adamw);
+}
+
+Status OffloadedAdamW::BeginOptimizerStep(const ops::AdamWParams& adamw) {
+  auto counted = [this] {
+    if (in_backward_.load()) early_updates_.fetch_add(1);
+  };
+  Status st;
+  if (ctx_.is_cuda()) {
+    st = opt_->BeginStep(adamw, [this, counted](int k, int64_t c, int64_t first, const Bf16* w,
+                                                int64_t n) {
+      UploadChunk(k, c, first, w, n);
+      counted();
+    });
+  } else {  // the model's f32 weights take each chunk's new master
+    std::vector<float*> weights(param_of_.size());
+    for (size_t k = 0; k < param_of_.size(); ++k) {
+      weights[k] = (*params_)[param_of_[k]].weight.data<float>();
+    }
+    st = opt_->BeginStep(adamw, nullptr,
+                         [weights, counted](int k, int64_t, int64_t first, const float* master,
+                                            int64_t n) {
+                           std::memcpy(weights[k] + first, master,
+                                       static_cast<size_t>(n) * sizeof(float));
+                           counted();
+                         });
+  }
+  TANDEM_RETURN_IF_ERROR(st);
+  step_begun_ = true;
+  begun_with_ = adamw;
+  return Status::Ok();
+}
+
+Status OffloadedAdamW::GradientsFinal(const std::vector<size_t>& ready) {
+  if (params_ == nullptr) return Status::Ok();  // not the last micro-batch
+  if (ctx_.is_cuda()) {  // the copies below follow the backward kernels enqueued so far
+    TANDEM_RETURN_IF_ERROR(grads_final_->Record(ctx_.stream()));
+    TANDEM_RETURN_IF_ERROR(grads_final_->Wait(d2h_->get()));
+  }
+  for (size_t i : ready) {
+    if (i < index_.size() && index_[i] >= 0) TANDEM_RETURN_IF_ERROR(MarkFinal(index_[i]));
+  }
+  return ctx_.is_cuda() ? IssueCopies(/*block=*/false) : Status::Ok();
+}
+
+Status OffloadedAdamW::MarkFinal(int k) {
+  if (final_[k]) return Status::Ok();
+  if (!ctx_.is_cuda()) {
+    if (!step_begun_) return Status::Ok();  // with clipping: read in place by Update
+    final_[k] = 1;
+    return opt_->GradientsReady(k, (*params_)[param_of_[k]].grad.data<float>());
+  }
+  final_[k] = 1;
+  for (int64_t c = 0; c < opt_->num_chunks(k); ++c) order_.emplace_back(k, c);
+  return Status::Ok();
+}
+
+Status OffloadedAdamW::Update(const std::vector<model::Parameter>& params,
+                              const ops::AdamWParams& adamw) {
+  if (params_ == nullptr) {
+    TANDEM_RETURN_IF_ERROR(BeginLastBackward(params, nullptr));  // no early copies this step
+  } else if (params_ != &params) {
+    return InternalError("OffloadedAdamW::Update: other parameters than BeginLastBackward's");
+  }
+  in_backward_ = false;
+  if (step_begun_ && !SameAdamW(*begun_with_, adamw)) {
+    return InternalError(StrCat("OffloadedAdamW::Update: step ", adamw.step, " lr ", adamw.lr,
+                                " scale ", adamw.grad_scale, ", but the update that overlapped ",
+                                "backward started with step ", begun_with_->step, " lr ",
+                                begun_with_->lr, " scale ", begun_with_->grad_scale));
+  }
+  Status st = step_begun_ ? Status::Ok() : BeginOptimizerStep(adamw);
+  if (st.ok()) st = ctx_.is_cuda() ? FinishCuda() : FinishCpu();
+  params_ = nullptr;
+  step_begun_ = false;
+  return st;
+}
+
+Status OffloadedAdamW::FinishCpu() {
   Status given = Status::Ok();
   for (size_t k = 0; k < param_of_.size() && given.ok(); ++k) {
-    given = opt_->GradientsReady(static_cast<int>(k), params[param_of_[k]].grad.data<float>());
+    given = MarkFinal(static_cast<int>(k));  // those the backward did not name
   }
   const Status finished = opt_->FinishStep();
   TANDEM_RETURN_IF_ERROR(given);
@@ -263,41 +369,65 @@ void OffloadedAdamW::UploadChunk(int k, int64_t chunk, int64_t first, const Bf16
   }
 }
 
-Status OffloadedAdamW::UpdateCuda(const std::vector<model::Parameter>& params,
-                                  const ops::AdamWParams& adamw) {
+Status OffloadedAdamW::ArmCuda() {
   TANDEM_CUDA_RETURN_IF_ERROR(cudaSetDevice(ctx_.device().index));
   // The previous update's uploads and their slab releases (long done: the forward waited for
   // them) must have run before the tickets are reused.
   TANDEM_RETURN_IF_ERROR(upload_->Synchronize());
   for (size_t k = 0; k < param_of_.size(); ++k) {
-    device_weights_[k] = static_cast<char*>(params[param_of_[k]].weight.raw_data());
+    device_weights_[k] = static_cast<char*>((*params_)[param_of_[k]].weight.raw_data());
   }
+  return Status::Ok();
+}
+
+// Copies order_[issued_..] device -> slab on the copy stream (which waited for the gradients);
+// `block`: waits for slabs, else stops at the first chunk with none free.
+Status OffloadedAdamW::IssueCopies(bool block) {
+  const int64_t chunk_elems = opt_->chunk_elems();
+  while (issued_ < order_.size()) {
+    const auto [k, c] = order_[issued_];
+    Ticket& t = tickets_[k][c];
+    if (block) {
+      TANDEM_ASSIGN_OR_RETURN(t.slab, AcquireSlab());  // waits while every slab is in flight
+    } else {
+      std::optional<offload::StagingPool::Slab> slab = pool_->TryAcquire();
+      if (!slab) return Status::Ok();
+      t.slab = *slab;
+    }
+    {
+      std::lock_guard<std::mutex> lock(slab_mu_);
+      t.lent = true;
+    }
+    const int64_t first = c * chunk_elems;
+    const int64_t n = std::min(chunk_elems, opt_->param(k).numel - first);
+    const char* grad = static_cast<const char*>((*params_)[param_of_[k]].grad.raw_data());
+    TANDEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(t.slab.data, grad + first * sizeof(float),
+                                                static_cast<size_t>(n) * sizeof(float),
+                                                cudaMemcpyDeviceToHost, d2h_->get()));
+    ++issued_;
+    if (step_begun_) TANDEM_RETURN_IF_ERROR(HandOverNext());
+  }
+  return Status::Ok();
+}
+
+// The optimizer gets order_[handed_] when its copy (issued earlier on d2h_) lands.
+Status OffloadedAdamW::HandOverNext() {
+  const auto [k, c] = order_[handed_];
+  TANDEM_CUDA_RETURN_IF_ERROR(cudaLaunchHostFunc(d2h_->get(), &GradLanded, &tickets_[k][c]));
+  ++handed_;
+  return Status::Ok();
+}
+
+Status OffloadedAdamW::FinishCuda() {
+  TANDEM_CUDA_RETURN_IF_ERROR(cudaSetDevice(ctx_.device().index));
   TANDEM_RETURN_IF_ERROR(grads_done_->Record(ctx_.stream()));  // backward's gradients
   TANDEM_RETURN_IF_ERROR(grads_done_->Wait(d2h_->get()));
-  TANDEM_RETURN_IF_ERROR(opt_->BeginStep(
-      adamw, [this](int k, int64_t c, int64_t first, const Bf16* w, int64_t n) {
-        UploadChunk(k, c, first, w, n);
-      }));
-  const int64_t chunk_elems = opt_->chunk_elems();
   auto issue = [&]() -> Status {
-    for (int k = 0; k < opt_->num_params(); ++k) {
-      const char* grad = static_cast<const char*>(params[param_of_[k]].grad.raw_data());
-      for (int64_t c = 0; c < opt_->num_chunks(k); ++c) {
-        const int64_t first = c * chunk_elems;
-        const int64_t n = std::min(chunk_elems, opt_->param(k).numel - first);
-        Ticket& t = tickets_[k][c];
-        TANDEM_ASSIGN_OR_RETURN(t.slab, AcquireSlab());  // waits while every slab is in flight
-        {
-          std::lock_guard<std::mutex> lock(slab_mu_);
-          t.lent = true;
-        }
-        TANDEM_CUDA_RETURN_IF_ERROR(cudaMemcpyAsync(t.slab.data, grad + first * sizeof(float),
-                                                    static_cast<size_t>(n) * sizeof(float),
-                                                    cudaMemcpyDeviceToHost, d2h_->get()));
-        TANDEM_CUDA_RETURN_IF_ERROR(cudaLaunchHostFunc(d2h_->get(), &GradLanded, &t));
-      }
+    for (size_t k = 0; k < param_of_.size(); ++k) {
+      TANDEM_RETURN_IF_ERROR(MarkFinal(static_cast<int>(k)));  // those the backward did not name
     }
-    return Status::Ok();
+    while (handed_ < issued_) TANDEM_RETURN_IF_ERROR(HandOverNext());  // copied during backward
+    return IssueCopies(/*block=*/true);
   };
   const Status issued = issue();
   if (!issued.ok()) TANDEM_RETURN_IF_ERROR(d2h_->Synchronize());  // no callback may come late
@@ -314,14 +444,17 @@ Status OffloadedAdamW::UpdateCuda(const std::vector<model::Parameter>& params,
   return uploads_done_->Wait(ctx_.stream());
 }
 
-#else  // CPU-only build: UpdateCuda is never reached.
+#else  // CPU-only build: the CUDA path is never reached.
 
 void OffloadedAdamW::GradLanded(void*) {}
 void OffloadedAdamW::UploadDone(void*) {}
 void OffloadedAdamW::UploadChunk(int, int64_t, int64_t, const Bf16*, int64_t) {}
-Status OffloadedAdamW::UpdateCuda(const std::vector<model::Parameter>&, const ops::AdamWParams&) {
+Status OffloadedAdamW::ArmCuda() {
   return UnimplementedError("OffloadedAdamW: a CUDA context in a CPU-only build");
 }
+Status OffloadedAdamW::IssueCopies(bool) { return ArmCuda(); }
+Status OffloadedAdamW::HandOverNext() { return ArmCuda(); }
+Status OffloadedAdamW::FinishCuda() { return ArmCuda(); }
 
 #endif
 

@@ -20,16 +20,29 @@
 // CUDA kernel may differ by f32 ulps), with per-parameter weight decay, lr, clipping scale and
 // step as the caller gives them.
 //
+// [overlap] Backward can feed the update: the trainer calls BeginLastBackward() before the last
+// micro-batch's ForwardBackward and forwards the model's GradReadyFn to GradientsFinal(). With
+// update parameters known up front (no global-norm clipping) the step starts there: each
+// parameter's chunks are updated as soon as its gradient is final (CPU: read in place; CUDA:
+// copied on the copy stream after an event recorded on the compute stream at that point) and the
+// bf16 weights go back while backward continues; Update() then only finishes the step. With
+// clipping (the scale needs every gradient) only the device -> host copies start early, into the
+// free staging slabs (bounded: at most num_slabs chunks wait there, never a buffer of every
+// gradient), and the update starts in Update(). Either way the result is bitwise the update
+// after backward: the same CpuAdamWRange over the same final gradients.
+//
 // Ownership: the context must outlive it; it owns the optimizer, the state file (removed at
 // destruction), the staging slabs and streams. Thread-safety: the run's thread; internally
 // worker threads and CUDA stream callbacks.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <mutex>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "checkpoint/universal.h"
@@ -63,7 +76,24 @@ class OffloadedAdamW : public model::HostMasters {
 
   // One AdamW update of every trainable parameter of `params` (the list given to Create) from its
   // f32 gradient: `adamw` as given, but weight_decay only where Parameter::weight_decay.
+  // After BeginLastBackward with `adamw`: finishes that step (InternalError if `adamw` differs).
   Status Update(const std::vector<model::Parameter>& params, const ops::AdamWParams& adamw);
+
+  // [overlap] Logs (once) whether the update overlaps backward (`on`: grad_clip == 0) or runs
+  // after it; the caller then passes BeginLastBackward an `adamw` exactly when `on`.
+  void LogMode(bool on);
+  // [overlap] Before the last micro-batch's ForwardBackward (gradients of earlier micro-batches
+  // are not final). `adamw` non-null: starts the update step now (see the file comment);
+  // nullptr: only gradient copies start early. `params` must stay valid until Update.
+  Status BeginLastBackward(const std::vector<model::Parameter>& params,
+                           const ops::AdamWParams* adamw);
+  // [overlap] The model's GradReadyFn: the gradients of `ready` (parameters() indices) are final.
+  // Does nothing outside BeginLastBackward .. Update (earlier micro-batches). Never waits for the
+  // CPU update: chunks with no free staging slab are copied at a later call or in Update.
+  Status GradientsFinal(const std::vector<size_t>& ready);
+  // [overlap] Chunks whose update finished between BeginLastBackward and the start of the
+  // following Update (0 without overlap), for tests and logs. Thread-safe.
+  int64_t chunks_updated_in_backward() const { return early_updates_.load(); }
 
   // [universal] The state as StatePieces of `params` (whole parameters): views of the host
   // tier's memory, or fresh host copies for "nvme" (valid until the next Update).
@@ -89,8 +119,13 @@ class OffloadedAdamW : public model::HostMasters {
   };
   OffloadedAdamW(ops::Context& ctx, std::vector<int> index);
   Status InitCuda(int64_t chunk_elems, int threads);
-  Status UpdateCpu(const std::vector<model::Parameter>& params, const ops::AdamWParams& adamw);
-  Status UpdateCuda(const std::vector<model::Parameter>& params, const ops::AdamWParams& adamw);
+  Status BeginOptimizerStep(const ops::AdamWParams& adamw);
+  Status MarkFinal(int k);  // optimizer index k's gradient is final
+  Status FinishCpu();
+  Status FinishCuda();
+  Status ArmCuda();                             // before the first gradient copy of a step
+  Status IssueCopies(bool block);               // order_[issued_..] through free slabs
+  Status HandOverNext();                        // order_[handed_]'s copy feeds the optimizer
   Status CopyWeightsToModel(int k, const model::Parameter& p);
   void UploadChunk(int k, int64_t chunk, int64_t first, const Bf16* w, int64_t n);
   void RecordError(const Status& st);
@@ -114,6 +149,18 @@ class OffloadedAdamW : public model::HostMasters {
   std::optional<CudaEventOwner> grads_done_, uploads_done_;
   std::vector<std::vector<Ticket>> tickets_;  // [optimizer index][chunk]
   std::vector<char*> device_weights_;         // per optimizer index, during Update
+  std::optional<CudaEventOwner> grads_final_;  // [overlap] recorded at each GradientsFinal
+  // [overlap] The step of the last micro-batch: BeginLastBackward .. the end of Update.
+  const std::vector<model::Parameter>* params_ = nullptr;  // non-null: armed
+  bool step_begun_ = false;                    // opt_->BeginStep done
+  std::optional<ops::AdamWParams> begun_with_;
+  std::vector<uint8_t> final_;                 // per optimizer index: gradient final
+  std::vector<std::pair<int, int64_t>> order_;  // CUDA: (k, chunk) in order of being final
+  size_t issued_ = 0;                          // CUDA: order_[0, issued_) copies issued
+  size_t handed_ = 0;                          // CUDA: order_[0, handed_) given to opt_
+  std::atomic<bool> in_backward_{false};
+  std::atomic<int64_t> early_updates_{0};
+  bool mode_logged_ = false;
   std::mutex slab_mu_;
   std::mutex error_mu_;
   Status error_;
