@@ -3,10 +3,29 @@
 
 #include <algorithm>
 #include <cstring>
+#include <thread>
+#include <vector>
 
 namespace tandem::offload {
 
 namespace {
+
+// fn(begin, end) over [0, n) split across the machine's cores (pieces of at least 1M elements):
+// first touches of fresh host memory (page faults) and conversions scale with the cores.
+template <typename Fn>
+void ParallelRanges(int64_t n, Fn fn) {
+  constexpr int64_t kMinPerThread = int64_t{1} << 20;
+  const int64_t threads = std::clamp<int64_t>(
+      std::min<int64_t>(n / kMinPerThread, std::thread::hardware_concurrency()), 1, 64);
+  if (threads == 1) return fn(int64_t{0}, n);
+  std::vector<std::thread> pool;
+  const int64_t per = (n + threads - 1) / threads;
+  for (int64_t t = 0; t < threads; ++t) {
+    pool.emplace_back(fn, std::min(n, t * per), std::min(n, (t + 1) * per));
+  }
+  for (std::thread& th : pool) th.join();
+}
+
 constexpr uint64_t kRecordAlign = 4096;
 uint64_t RoundUp(uint64_t x, uint64_t a) { return (x + a - 1) / a * a; }
 }  // namespace
@@ -110,18 +129,25 @@ Status OffloadedOptimizer::SetState(int param, const float* master, const float*
   }
   if (InStep()) return FailedPreconditionError("OffloadedOptimizer::SetState inside a step");
   const int64_t n = params_[param].numel;
-  for (int64_t i = 0; i < n; ++i) weights_[param][i] = FloatToBf16(master[i]);
   if (options_.tier == OptimizerTier::kHost) {
     const float* srcs[3] = {master, m, v};
-    for (int k = 0; k < 3; ++k) {
-      float* dst = HostState(param, k);
-      if (srcs[k] != nullptr)
-        std::memcpy(dst, srcs[k], n * sizeof(float));
-      else
-        std::fill(dst, dst + n, 0.0f);
-    }
+    float* dsts[3] = {HostState(param, 0), HostState(param, 1), HostState(param, 2)};
+    Bf16* w = weights_[param].data();
+    ParallelRanges(n, [&](int64_t a, int64_t b) {
+      for (int64_t i = a; i < b; ++i) w[i] = FloatToBf16(master[i]);
+      for (int k = 0; k < 3; ++k) {
+        if (srcs[k] != nullptr) {
+          std::memcpy(dsts[k] + a, srcs[k] + a, (b - a) * sizeof(float));
+        } else {
+          std::fill(dsts[k] + a, dsts[k] + b, 0.0f);
+        }
+      }
+    });
     return Status::Ok();
   }
+  ParallelRanges(n, [&](int64_t a, int64_t b) {
+    for (int64_t i = a; i < b; ++i) weights_[param][i] = FloatToBf16(master[i]);
+  });
   std::vector<float> record(3 * static_cast<size_t>(options_.chunk_elems));
   for (int64_t c = 0; c < num_chunks(param); ++c) {
     const int64_t first = c * options_.chunk_elems;

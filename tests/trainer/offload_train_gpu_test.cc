@@ -42,7 +42,7 @@ std::string WriteCorpus(const testing::TempDir& dir) {
 StatusOr<TrainResult> Train(const testing::TempDir& dir, const std::string& run,
                             const std::string& offload, const std::string& grad_clip = "") {
   std::vector<std::string> overrides = {
-      "model.hidden_size=64", "model.intermediate_size=96", "model.num_layers=2",
+      "model.hidden_size=256", "model.intermediate_size=96", "model.num_layers=2",  // head_dim 64
       "model.num_heads=4", "model.num_kv_heads=2", "model.max_position_embeddings=64",
       "data.dir=\"" + dir.Join("data") + "\"", "data.inputs=[\"" + WriteCorpus(dir) + "\"]",
       "data.seq_len=32", "train.device=\"cuda:0\"", "train.micro_batch_size=2", "train.steps=2",
