@@ -430,7 +430,10 @@ Status OffloadedAdamW::FinishCuda() {
     return IssueCopies(/*block=*/true);
   };
   const Status issued = issue();
-  if (!issued.ok()) TANDEM_RETURN_IF_ERROR(d2h_->Synchronize());  // no callback may come late
+  // Every GradLanded callback must have run before FinishStep: it waits only for the chunks
+  // already handed to the optimizer and then reports any chunk not given as missing (and no
+  // callback may come after the step). The wait costs nothing: FinishStep needs them all anyway.
+  TANDEM_RETURN_IF_ERROR(d2h_->Synchronize());
   const Status finished = opt_->FinishStep();
   Status failed = !issued.ok() ? issued : !finished.ok() ? finished : TakeError();
   if (!failed.ok()) {  // slabs of chunks that never uploaded go back once the streams are idle
