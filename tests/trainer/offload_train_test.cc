@@ -17,6 +17,7 @@
 
 #include "checkpoint/universal.h"
 #include "tests/common/testing.h"
+#include "tests/trainer/train_run_util.h"
 #include "trainer/config.h"
 #include "trainer/trainer.h"
 
@@ -24,6 +25,12 @@ namespace tandem::trainer {
 namespace {
 
 namespace fs = std::filesystem;
+using run_util::StepLosses;
+using run_util::Train;
+
+void ExpectSameState(const std::string& a, const std::string& b) {
+  run_util::ExpectSameUniversalState(a, b);
+}
 
 std::string WriteCorpus(const testing::TempDir& dir) {
   const char* words[] = {"the", "jury", "said", "city", "of", "a", "report", "was", "new"};
@@ -58,48 +65,13 @@ std::vector<std::string> Overrides(const testing::TempDir& dir, const std::strin
   return o;
 }
 
-StatusOr<TrainResult> Train(std::vector<std::string> overrides, const std::string& resume = "") {
-  if (!resume.empty()) overrides.push_back("train.resume=\"" + resume + "\"");
-  TANDEM_ASSIGN_OR_RETURN(TrainConfig config, LoadTrainConfig("", overrides));
-  return RunTraining(config, "test");
-}
 
-std::vector<std::pair<int64_t, double>> StepLosses(const std::string& run_dir) {
-  std::vector<std::pair<int64_t, double>> out;
-  std::ifstream in(run_dir + "/metrics.jsonl");
-  std::string line;
-  while (std::getline(in, line)) {
-    const auto j = nlohmann::json::parse(line);
-    out.emplace_back(j.at("step").get<int64_t>(), j.at("loss").get<double>());
-  }
-  return out;
-}
 
 std::string ReadBytes(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
 }
 
-// Every tensor of the checkpoint at `b` equals `a`'s bitwise (masters and both moments).
-void ExpectSameState(const std::string& a_path, const std::string& b_path) {
-  auto a = checkpoint::UniversalReader::Open(a_path);
-  auto b = checkpoint::UniversalReader::Open(b_path);
-  ASSERT_TRUE(a.ok()) << a.status().ToString();
-  ASSERT_TRUE(b.ok()) << b.status().ToString();
-  ASSERT_EQ(a->tensors().size(), b->tensors().size());
-  EXPECT_EQ(a->meta().data_position_json, b->meta().data_position_json);
-  for (const checkpoint::TensorInfo& info : a->tensors()) {
-    auto x = a->ReadAll(info.name, info.adapter);
-    auto y = b->ReadAll(info.name, info.adapter);
-    ASSERT_TRUE(x.ok() && y.ok()) << info.name;
-    for (auto [tx, ty] : {std::pair{&x->master, &y->master}, std::pair{&x->exp_avg, &y->exp_avg},
-                          std::pair{&x->exp_avg_sq, &y->exp_avg_sq}}) {
-      ASSERT_EQ(tx->numel(), ty->numel()) << info.name;
-      EXPECT_EQ(0, std::memcmp(tx->data<float>(), ty->data<float>(), tx->numel() * 4))
-          << info.name << " differs between " << a_path << " and " << b_path;
-    }
-  }
-}
 
 // The run in `dir`/`run` matches `dir`/"none" (the on-device optimizer) bit for bit.
 void ExpectSameAsNone(const testing::TempDir& dir, const std::string& run) {
