@@ -58,8 +58,8 @@ std::vector<std::string> Overrides(const testing::TempDir& dir, const std::strin
       "data.dir=\"" + dir.Join("data") + "\"", "data.inputs=[\"" + WriteCorpus(dir) + "\"]",
       "data.seq_len=32", "train.micro_batch_size=2", "train.grad_accum=2", "train.steps=6",
       "train.save_interval=3", "train.lr=3e-3", "train.warmup_steps=2",
-      "train.grad_clip=" + grad_clip, "train.weight_decay=0.1", "train.log_interval=100", "train.eval_interval=0",
-      "train.eval_batches=1", "train.out_dir=\"" + dir.Join(run) + "\"",
+      "train.grad_clip=" + grad_clip, "train.weight_decay=0.1", "train.log_interval=100",
+      "train.eval_interval=0", "train.eval_batches=1", "train.out_dir=\"" + dir.Join(run) + "\"",
       "optimizer.offload=\"" + offload + "\"", "optimizer.chunk_mib=0.001", "optimizer.threads=3"};
   if (offload == "nvme") o.push_back("optimizer.nvme_path=\"" + dir.Join(run + "-nvme") + "\"");
   return o;
