@@ -20,6 +20,7 @@
 #include "ops/context.h"
 #include "serve/internal/http_lib.h"
 #include "tests/common/testing.h"
+#include "tests/serve/serve_test_util.h"
 
 namespace tandem::serve {
 namespace {
@@ -27,20 +28,7 @@ namespace {
 using nlohmann::json;
 using tandem::testing::TempDir;
 
-model::LlamaConfig TinyConfig() {
-  model::LlamaConfig c;
-  c.vocab_size = 259;  // the byte tokenizer's
-  c.hidden_size = 32;
-  c.intermediate_size = 48;
-  c.num_hidden_layers = 2;
-  c.num_attention_heads = 4;
-  c.num_key_value_heads = 2;
-  c.head_dim = 8;
-  c.rope_theta = 100.0;
-  c.rms_norm_eps = 1e-5;
-  c.max_position_embeddings = 64;
-  return c;
-}
+model::LlamaConfig TinyConfig() { return test_util::TinyServeConfig(259, 64); }
 
 std::string TandemBinary() {
   std::error_code ec;

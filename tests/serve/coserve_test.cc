@@ -24,6 +24,7 @@
 #include "serve/http_server.h"
 #include "serve/internal/http_lib.h"
 #include "tests/common/testing.h"
+#include "tests/serve/serve_test_util.h"
 
 namespace tandem::serve {
 namespace {
@@ -32,31 +33,14 @@ using nlohmann::json;
 using testing::TempDir;
 using Clock = std::chrono::steady_clock;
 
-model::LlamaConfig TinyConfig() {
-  model::LlamaConfig c;
-  c.vocab_size = 270;
-  c.hidden_size = 32;
-  c.intermediate_size = 48;
-  c.num_hidden_layers = 2;
-  c.num_attention_heads = 4;
-  c.num_key_value_heads = 2;
-  c.head_dim = 8;
-  c.rope_theta = 100.0;
-  c.rms_norm_eps = 1e-5;
-  c.max_position_embeddings = 96;
-  return c;
-}
+model::LlamaConfig TinyConfig() { return test_util::TinyServeConfig(270, 96); }
 
 // The task: each word maps to a fixed other word.
 const std::vector<std::pair<std::string, std::string>> kPairs = {
     {"red", "sun"}, {"cat", "ink"}, {"map", "owl"}, {"jam", "fig"},
     {"bus", "ice"}, {"hat", "elm"}, {"pen", "yak"}, {"cup", "wax"}};
 
-std::vector<int32_t> Ids(const std::string& text) {
-  std::vector<int32_t> ids = {256};  // <bos>
-  for (unsigned char ch : text) ids.push_back(ch);
-  return ids;
-}
+std::vector<int32_t> Ids(const std::string& text) { return test_util::ByteIds(text); }
 
 // Waits for one request's events; returns its text and finish reason.
 struct Outcome {

@@ -20,6 +20,7 @@
 #include "peft/lora.h"
 #include "serve/engine.h"
 #include "tests/common/testing.h"
+#include "tests/serve/serve_test_util.h"
 
 namespace tandem::serve {
 namespace {
@@ -30,20 +31,7 @@ using testing::TempDir;
 constexpr int64_t kByteVocab = 259;
 constexpr int kAdapters = 16;
 
-model::LlamaConfig TinyConfig() {
-  model::LlamaConfig c;
-  c.vocab_size = 270;
-  c.hidden_size = 32;
-  c.intermediate_size = 48;
-  c.num_hidden_layers = 2;
-  c.num_attention_heads = 4;
-  c.num_key_value_heads = 2;
-  c.head_dim = 8;
-  c.rope_theta = 100.0;
-  c.rms_norm_eps = 1e-5;
-  c.max_position_embeddings = 128;
-  return c;
-}
+model::LlamaConfig TinyConfig() { return test_util::TinyServeConfig(270, 128); }
 
 // Counts final events per request (a second one is a failure) and keeps the tokens.
 class Sink {

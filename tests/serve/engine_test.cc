@@ -19,6 +19,7 @@
 #include "peft/adapter_set.h"
 #include "peft/lora.h"
 #include "tests/common/testing.h"
+#include "tests/serve/serve_test_util.h"
 
 namespace tandem::serve {
 namespace {
@@ -28,26 +29,9 @@ using testing::TempDir;
 
 constexpr int64_t kByteVocab = 259;
 
-model::LlamaConfig TinyConfig() {
-  model::LlamaConfig c;
-  c.vocab_size = 270;
-  c.hidden_size = 32;
-  c.intermediate_size = 48;
-  c.num_hidden_layers = 2;
-  c.num_attention_heads = 4;
-  c.num_key_value_heads = 2;
-  c.head_dim = 8;
-  c.rope_theta = 100.0;
-  c.rms_norm_eps = 1e-5;
-  c.max_position_embeddings = 96;
-  return c;
-}
+model::LlamaConfig TinyConfig() { return test_util::TinyServeConfig(270, 96); }
 
-std::vector<int32_t> Ids(const std::string& text) {
-  std::vector<int32_t> ids = {256};
-  for (unsigned char ch : text) ids.push_back(ch);
-  return ids;
-}
+std::vector<int32_t> Ids(const std::string& text) { return test_util::ByteIds(text); }
 
 // Collects events per request; Wait blocks until every submitted request finished.
 class Sink {
