@@ -4,9 +4,8 @@
 
 #include <algorithm>
 #include <cmath>
-#include <thread>
-#include <vector>
 
+#include "core/parallel.h"
 #include "core/rng.h"
 #include "model/internal/llama_state.h"
 #include "model/rope.h"
@@ -25,20 +24,10 @@ int64_t AlignUp(int64_t n) { return (n + kAlignElems - 1) / kAlignElems * kAlign
 // h[j] = std * the j-th Normal() of Rng(seed, stream) for j < n. Normal() draws two words, so
 // element j starts at position 2j: large tensors are split over threads with identical results.
 void FillNormal(float* h, int64_t n, uint64_t seed, uint64_t stream, float std) {
-  constexpr int64_t kPerThread = int64_t{1} << 18;  // ~5 ms of work: worth a thread
-  const int64_t threads = std::clamp<int64_t>(
-      std::min<int64_t>(n / kPerThread, std::thread::hardware_concurrency()), 1, 64);
-  auto fill = [&](int64_t begin, int64_t end) {
+  ParallelRanges(n, /*min_per_range=*/int64_t{1} << 18, [&](int64_t begin, int64_t end) {
     Rng rng(seed, stream, 2 * static_cast<uint64_t>(begin));
     for (int64_t j = begin; j < end; ++j) h[j] = std * rng.Normal();
-  };
-  if (threads == 1) return fill(0, n);
-  std::vector<std::thread> pool;
-  const int64_t per = (n + threads - 1) / threads;
-  for (int64_t t = 0; t < threads; ++t) {
-    pool.emplace_back(fill, std::min(n, t * per), std::min(n, (t + 1) * per));
-  }
-  for (std::thread& th : pool) th.join();
+  });
 }
 
 }  // namespace

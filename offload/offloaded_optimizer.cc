@@ -3,31 +3,18 @@
 
 #include <algorithm>
 #include <cstring>
-#include <thread>
 #include <vector>
+
+#include "core/parallel.h"
 
 namespace tandem::offload {
 
 namespace {
 
-// fn(begin, end) over [0, n) split across the machine's cores (pieces of at least 1M elements):
-// first touches of fresh host memory (page faults) and conversions scale with the cores.
-template <typename Fn>
-void ParallelRanges(int64_t n, Fn fn) {
-  constexpr int64_t kMinPerThread = int64_t{1} << 20;
-  const int64_t threads = std::clamp<int64_t>(
-      std::min<int64_t>(n / kMinPerThread, std::thread::hardware_concurrency()), 1, 64);
-  if (threads == 1) return fn(int64_t{0}, n);
-  std::vector<std::thread> pool;
-  const int64_t per = (n + threads - 1) / threads;
-  for (int64_t t = 0; t < threads; ++t) {
-    pool.emplace_back(fn, std::min(n, t * per), std::min(n, (t + 1) * per));
-  }
-  for (std::thread& th : pool) th.join();
-}
-
 constexpr uint64_t kRecordAlign = 4096;
 uint64_t RoundUp(uint64_t x, uint64_t a) { return (x + a - 1) / a * a; }
+// SetState's conversions and first touches of fresh host memory: a thread per 1M elements.
+constexpr int64_t kMinPerRange = int64_t{1} << 20;
 }  // namespace
 
 StatusOr<std::unique_ptr<OffloadedOptimizer>> OffloadedOptimizer::Create(
@@ -133,7 +120,7 @@ Status OffloadedOptimizer::SetState(int param, const float* master, const float*
     const float* srcs[3] = {master, m, v};
     float* dsts[3] = {HostState(param, 0), HostState(param, 1), HostState(param, 2)};
     Bf16* w = weights_[param].data();
-    ParallelRanges(n, [&](int64_t a, int64_t b) {
+    ParallelRanges(n, kMinPerRange, [&](int64_t a, int64_t b) {
       for (int64_t i = a; i < b; ++i) w[i] = FloatToBf16(master[i]);
       for (int k = 0; k < 3; ++k) {
         if (srcs[k] != nullptr) {
@@ -145,7 +132,7 @@ Status OffloadedOptimizer::SetState(int param, const float* master, const float*
     });
     return Status::Ok();
   }
-  ParallelRanges(n, [&](int64_t a, int64_t b) {
+  ParallelRanges(n, kMinPerRange, [&](int64_t a, int64_t b) {
     for (int64_t i = a; i < b; ++i) weights_[param][i] = FloatToBf16(master[i]);
   });
   std::vector<float> record(3 * static_cast<size_t>(options_.chunk_elems));
