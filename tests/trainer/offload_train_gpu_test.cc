@@ -13,30 +13,16 @@
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
-#include <random>
 
 #include "checkpoint/universal.h"
 #include "model/safetensors.h"
 #include "tests/common/testing.h"
+#include "tests/trainer/train_run_util.h"
 #include "trainer/config.h"
 #include "trainer/trainer.h"
 
 namespace tandem::trainer {
 namespace {
-
-std::string WriteCorpus(const testing::TempDir& dir) {
-  const char* words[] = {"the", "jury", "said", "city", "of", "a", "report", "was", "new"};
-  std::mt19937 gen(13);
-  const std::string path = dir.Join("corpus.jsonl");
-  if (std::filesystem::exists(path)) return path;
-  std::ofstream out(path);
-  for (int d = 0; d < 120; ++d) {
-    std::string text;
-    for (int w = 0; w < 30; ++w) text += std::string(w ? " " : "") + words[gen() % 9];
-    out << nlohmann::json({{"text", text + "."}}).dump() << "\n";
-  }
-  return path;
-}
 
 // `grad_clip` empty: the config's default.
 StatusOr<TrainResult> Train(const testing::TempDir& dir, const std::string& run,
@@ -44,7 +30,8 @@ StatusOr<TrainResult> Train(const testing::TempDir& dir, const std::string& run,
   std::vector<std::string> overrides = {
       "model.hidden_size=256", "model.intermediate_size=96", "model.num_layers=2",  // head_dim 64
       "model.num_heads=4", "model.num_kv_heads=2", "model.max_position_embeddings=64",
-      "data.dir=\"" + dir.Join("data") + "\"", "data.inputs=[\"" + WriteCorpus(dir) + "\"]",
+      "data.dir=\"" + dir.Join("data") + "\"",
+      "data.inputs=[\"" + run_util::WordCorpusIn(dir, 13) + "\"]",
       "data.seq_len=32", "train.device=\"cuda:0\"", "train.micro_batch_size=2", "train.steps=2",
       "train.save_interval=1", "train.lr=3e-3", "train.warmup_steps=0", "train.weight_decay=0.1",
       "train.log_interval=100", "train.eval_interval=0", "train.eval_batches=0",
@@ -140,24 +127,9 @@ TEST(OffloadTrainGpuTest, OverlappedUpdateIsBitwiseTheUpdateAfterBackward) {
   auto after = Train(dir, "after", "host", "1e9");
   ASSERT_TRUE(after.ok()) << after.status().ToString();
   EXPECT_EQ(Losses(dir.Join("after")), Losses(dir.Join("host")));
-  for (const char* step : {"step-1", "step-2"}) {
+  for (const char* step : {"step-1", "step-2"}) {  // overlapped and after-backward: bitwise
     const std::string h5 = StrCat("/checkpoints/universal/", step, ".h5");
-    auto x = checkpoint::UniversalReader::Open(dir.Join("after") + h5);
-    auto y = checkpoint::UniversalReader::Open(dir.Join("host") + h5);
-    ASSERT_TRUE(x.ok() && y.ok()) << h5;
-    ASSERT_EQ(x->tensors().size(), y->tensors().size());
-    for (const checkpoint::TensorInfo& info : x->tensors()) {
-      auto sx = x->ReadAll(info.name);
-      auto sy = y->ReadAll(info.name);
-      ASSERT_TRUE(sx.ok() && sy.ok()) << info.name;
-      for (auto [tx, ty] : {std::pair{&sx->master, &sy->master},
-                            std::pair{&sx->exp_avg, &sy->exp_avg},
-                            std::pair{&sx->exp_avg_sq, &sy->exp_avg_sq}}) {
-        ASSERT_EQ(tx->numel(), ty->numel()) << info.name;
-        EXPECT_EQ(0, std::memcmp(tx->data<float>(), ty->data<float>(), tx->numel() * 4))
-            << step << " " << info.name << ": overlapped and after-backward updates differ";
-      }
-    }
+    run_util::ExpectSameUniversalState(dir.Join("after") + h5, dir.Join("host") + h5);
   }
 }
 

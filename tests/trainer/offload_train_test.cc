@@ -13,7 +13,6 @@
 #include <fstream>
 #include <iterator>
 #include <nlohmann/json.hpp>
-#include <random>
 
 #include "checkpoint/universal.h"
 #include "tests/common/testing.h"
@@ -32,20 +31,6 @@ void ExpectSameState(const std::string& a, const std::string& b) {
   run_util::ExpectSameUniversalState(a, b);
 }
 
-std::string WriteCorpus(const testing::TempDir& dir) {
-  const char* words[] = {"the", "jury", "said", "city", "of", "a", "report", "was", "new"};
-  std::mt19937 gen(11);
-  const std::string path = dir.Join("corpus.jsonl");
-  if (fs::exists(path)) return path;
-  std::ofstream out(path);
-  for (int d = 0; d < 120; ++d) {
-    std::string text;
-    for (int w = 0; w < 30; ++w) text += std::string(w ? " " : "") + words[gen() % 9];
-    out << nlohmann::json({{"text", text + "."}}).dump() << "\n";
-  }
-  return path;
-}
-
 // 6 updates, checkpoints after 3 and 6. chunk_mib = 0.001: 262 elements per chunk, so the
 // embedding [256, 32] and every projection span several chunks (and a partial last one).
 // grad_clip = 0 (no clipping): the offloaded update overlaps the last backward.
@@ -55,7 +40,8 @@ std::vector<std::string> Overrides(const testing::TempDir& dir, const std::strin
   std::vector<std::string> o = {
       "model.hidden_size=32", "model.intermediate_size=48", "model.num_layers=2",
       "model.num_heads=4", "model.num_kv_heads=2", "model.max_position_embeddings=64",
-      "data.dir=\"" + dir.Join("data") + "\"", "data.inputs=[\"" + WriteCorpus(dir) + "\"]",
+      "data.dir=\"" + dir.Join("data") + "\"",
+      "data.inputs=[\"" + run_util::WordCorpusIn(dir, 11) + "\"]",
       "data.seq_len=32", "train.micro_batch_size=2", "train.grad_accum=2", "train.steps=6",
       "train.save_interval=3", "train.lr=3e-3", "train.warmup_steps=2",
       "train.grad_clip=" + grad_clip, "train.weight_decay=0.1", "train.log_interval=100",

@@ -1,4 +1,4 @@
-// Helpers of the single-process trainer tests that compare whole runs: train from --set
+// Helpers of the single-process trainer tests that compare whole runs: a corpus, train from --set
 // overrides, read a run's per-step losses, and compare two universal checkpoints bit for bit.
 #pragma once
 
@@ -14,10 +14,21 @@
 #include <nlohmann/json.hpp>
 
 #include "checkpoint/universal.h"
+#include "tests/common/testing.h"
+#include "tests/parallel/mpi_run_util.h"
 #include "trainer/config.h"
 #include "trainer/trainer.h"
 
 namespace tandem::trainer::run_util {
+
+// dir/corpus.jsonl, the random-word corpus of tests/parallel/mpi_run_util.h, written on the first
+// call; returns its path.
+inline std::string WordCorpusIn(const tandem::testing::TempDir& dir, uint32_t seed) {
+  const std::string path = dir.Join("corpus.jsonl");
+  std::ifstream exists(path);
+  if (!exists) tandem::testing::WriteWordCorpus(path, seed);
+  return path;
+}
 
 // A run of `overrides` (no config file), resumed from `resume` when given ("auto" or a path).
 inline StatusOr<TrainResult> Train(std::vector<std::string> overrides,
