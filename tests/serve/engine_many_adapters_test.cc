@@ -113,19 +113,7 @@ class ManyAdaptersTest : public ::testing::Test {
     TANDEM_CHECK_OK(
         set.Add(std::move(peft::LoadLoraAdapter(*ctx_, TinyConfig(), dir_.Join(adapter))).value()));
     model_->SetAdapter(&set);
-    const int64_t V = TinyConfig().vocab_size;
-    std::vector<int32_t> out;
-    for (int s = 0; s < steps; ++s) {
-      const int64_t T = static_cast<int64_t>(ids.size());
-      model::Batch b;
-      b.tokens = Tensor::Cpu({1, T}, DType::kI32);
-      std::copy(ids.begin(), ids.end(), b.tokens.data<int32_t>());
-      Tensor logits = std::move(model_->Logits(b)).value();
-      const float* last = logits.data<float>() + (T - 1) * V;
-      const int32_t id = static_cast<int32_t>(std::max_element(last, last + kByteVocab) - last);
-      out.push_back(id);
-      ids.push_back(id);
-    }
+    std::vector<int32_t> out = test_util::GreedyTokens(*model_, std::move(ids), steps, kByteVocab);
     model_->SetAdapter(nullptr);
     return out;
   }

@@ -1,11 +1,14 @@
-// Helpers shared by the serve tests: the small random Llama most of them serve, and the byte
-// tokenizer's ids of a prompt.
+// Helpers shared by the serve tests: the small random Llama most of them serve, the byte
+// tokenizer's ids of a prompt, and the greedy reference decoding.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <string>
 #include <vector>
 
+#include "core/status.h"
+#include "core/tensor.h"
 #include "model/llama.h"
 
 namespace tandem::serve::test_util {
@@ -32,6 +35,27 @@ inline std::vector<int32_t> ByteIds(const std::string& text) {
   std::vector<int32_t> ids = {256};
   for (unsigned char ch : text) ids.push_back(ch);
   return ids;
+}
+
+// `steps` greedy tokens after `ids` from LlamaModel::Logits of the whole sequence each step (with
+// whatever adapter is attached), the argmax over the first `vocab_limit` ids: what the engine's
+// greedy decoding must reproduce.
+inline std::vector<int32_t> GreedyTokens(model::LlamaModel& m, std::vector<int32_t> ids,
+                                         int steps, int64_t vocab_limit) {
+  const int64_t V = m.config().vocab_size;
+  std::vector<int32_t> out;
+  for (int s = 0; s < steps; ++s) {
+    const int64_t T = static_cast<int64_t>(ids.size());
+    model::Batch b;
+    b.tokens = Tensor::Cpu({1, T}, DType::kI32);
+    std::copy(ids.begin(), ids.end(), b.tokens.data<int32_t>());
+    Tensor logits = std::move(m.Logits(b)).value();
+    const float* last = logits.data<float>() + (T - 1) * V;
+    const int32_t id = static_cast<int32_t>(std::max_element(last, last + vocab_limit) - last);
+    out.push_back(id);
+    ids.push_back(id);
+  }
+  return out;
 }
 
 }  // namespace tandem::serve::test_util
