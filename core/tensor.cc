@@ -3,6 +3,9 @@
 #include <cstring>
 #include <sstream>
 
+#include "core/dtype.h"
+#include "core/parallel.h"
+
 #ifdef TANDEM_WITH_CUDA
 #include <cuda_runtime.h>
 #endif
@@ -173,6 +176,25 @@ void StoreFloat(void* p, DType t, int64_t i, float v) {
 }
 }  // namespace
 
+namespace {
+
+// n floating elements converted host to host, split over the cores for large tensors (a 7B
+// model's initial weights are 6.7G elements); f32 -> bf16, the common case, without the per
+// element dtype switch.
+void CastHostElements(void* dst, DType dst_dtype, const void* src, DType src_dtype, int64_t n) {
+  ParallelRanges(n, int64_t{1} << 20, [=](int64_t begin, int64_t end) {
+    if (src_dtype == DType::kF32 && dst_dtype == DType::kBF16) {
+      const float* s = static_cast<const float*>(src);
+      Bf16* d = static_cast<Bf16*>(dst);
+      for (int64_t i = begin; i < end; ++i) d[i] = FloatToBf16(s[i]);
+      return;
+    }
+    for (int64_t i = begin; i < end; ++i) StoreFloat(dst, dst_dtype, i, LoadAsFloat(src, src_dtype, i));
+  });
+}
+
+}  // namespace
+
 StatusOr<Tensor> CastCpu(const Tensor& src, DType dtype) {
   if (!src.device().is_cpu() || !src.is_contiguous()) {
     return InvalidArgumentError(StrCat("CastCpu needs a contiguous host tensor, got ", src.DebugString()));
@@ -186,8 +208,7 @@ StatusOr<Tensor> CastCpu(const Tensor& src, DType dtype) {
     return InvalidArgumentError(StrCat("cannot cast ", DTypeName(src.dtype()), " to ", DTypeName(dtype)));
   }
   Tensor out = Tensor::Cpu(src.shape(), dtype);
-  const int64_t n = src.numel();
-  for (int64_t i = 0; i < n; ++i) StoreFloat(out.raw_data(), dtype, i, LoadAsFloat(src.raw_data(), src.dtype(), i));
+  CastHostElements(out.raw_data(), dtype, src.raw_data(), src.dtype(), src.numel());
   return out;
 }
 
@@ -200,8 +221,7 @@ Status CopyTensor(Tensor& dst, const Tensor& src, CudaStream stream) {
   }
   if (dst.dtype() != src.dtype()) {
     if (dst.device().is_cpu() && src.device().is_cpu() && IsFloating(dst.dtype()) && IsFloating(src.dtype())) {
-      const int64_t n = src.numel();
-      for (int64_t i = 0; i < n; ++i) StoreFloat(dst.raw_data(), dst.dtype(), i, LoadAsFloat(src.raw_data(), src.dtype(), i));
+      CastHostElements(dst.raw_data(), dst.dtype(), src.raw_data(), src.dtype(), src.numel());
       return Status::Ok();
     }
     return InvalidArgumentError(StrCat("CopyTensor: dtype conversion ", DTypeName(src.dtype()), " -> ",

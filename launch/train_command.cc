@@ -6,6 +6,7 @@
 #include "collectives/mpi.h"
 #include "core/logging.h"
 #include "launch/commands.h"
+#include "launch/internal/stop_signals.h"
 #include "trainer/config.h"
 #include "trainer/trainer.h"
 
@@ -19,6 +20,12 @@ int LaunchedWorldSize() {
     if (const char* v = std::getenv(name)) return std::max(1, std::atoi(v));
   }
   return 1;
+}
+
+// A run stopped early by SIGTERM/SIGINT (after saving) exits 128 + the signal's number, as the
+// shell reports a process the signal ended: a scheduler sees "not finished", nothing is lost.
+int StoppedExitCode(const trainer::TrainResult& result) {
+  return result.stopped_by_signal > 0 ? 128 + static_cast<int>(result.stopped_by_signal) : 0;
 }
 
 // [parallel] One rank of an mpirun job: MPI, the host world, training, a timed finalize.
@@ -38,6 +45,7 @@ int TrainUnderMpi(const trainer::TrainConfig& config, const std::string& command
   trainer::TrainEnv env;
   env.world = world->get();
   env.local_rank = mpi->local_rank();
+  env.stop_signal = internal::InstallStopSignals();
   StatusOr<trainer::TrainResult> result = trainer::RunTraining(config, command_line, env);
   if (!result.ok()) {
     // A failed rank takes the job down at once rather than leaving peers to time out.
@@ -50,7 +58,7 @@ int TrainUnderMpi(const trainer::TrainConfig& config, const std::string& command
                  (!closed.ok() ? closed : finalized).message().c_str());
     return 1;
   }
-  return 0;
+  return StoppedExitCode(*result);
 }
 
 void PrintTrainHelp() {
@@ -114,12 +122,14 @@ int TrainCommand(const Args& args) {
     return 1;
   }
   if (LaunchedWorldSize() > 1) return TrainUnderMpi(*config, command_line);
-  StatusOr<trainer::TrainResult> result = trainer::RunTraining(*config, command_line);
+  trainer::TrainEnv env;
+  env.stop_signal = internal::InstallStopSignals();
+  StatusOr<trainer::TrainResult> result = trainer::RunTraining(*config, command_line, env);
   if (!result.ok()) {
     std::fprintf(stderr, "tandem train: %s\n", result.status().message().c_str());
     return 1;
   }
-  return 0;
+  return StoppedExitCode(*result);
 }
 
 }  // namespace tandem::launch

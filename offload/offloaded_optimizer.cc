@@ -41,6 +41,12 @@ StatusOr<std::unique_ptr<OffloadedOptimizer>> OffloadedOptimizer::Create(
   }
   auto opt = std::unique_ptr<OffloadedOptimizer>(
       new OffloadedOptimizer(std::move(params), options, storage));
+  for (const OffloadedParam& p : opt->params_) {  // zeroed by NumaBuffer::Allocate
+    auto buf = NumaBuffer::Allocate(sizeof(Bf16) * static_cast<size_t>(p.numel),
+                                    options.host_placement);
+    if (!buf.ok()) return buf.status().WithContext(StrCat("bf16 weights of '", p.name, "'"));
+    opt->weights_.push_back(std::move(buf).value());
+  }
   if (options.tier == OptimizerTier::kHost) {
     for (const OffloadedParam& p : opt->params_) {  // zeroed by NumaBuffer::Allocate
       auto buf = NumaBuffer::Allocate(3 * sizeof(float) * static_cast<size_t>(p.numel),
@@ -74,7 +80,6 @@ OffloadedOptimizer::OffloadedOptimizer(std::vector<OffloadedParam> params,
     record_base_.push_back(offset);
     const int64_t chunks = (p.numel + options_.chunk_elems - 1) / options_.chunk_elems;
     offset += stride * static_cast<uint64_t>(chunks);
-    weights_.emplace_back(static_cast<size_t>(p.numel));
     given_.emplace_back(static_cast<size_t>(chunks), 0);
   }
   storage_bytes_ = offset - options_.storage_offset;
@@ -119,7 +124,7 @@ Status OffloadedOptimizer::SetState(int param, const float* master, const float*
   if (options_.tier == OptimizerTier::kHost) {
     const float* srcs[3] = {master, m, v};
     float* dsts[3] = {HostState(param, 0), HostState(param, 1), HostState(param, 2)};
-    Bf16* w = weights_[param].data();
+    Bf16* w = Weights(param);
     ParallelRanges(n, kMinPerRange, [&](int64_t a, int64_t b) {
       for (int64_t i = a; i < b; ++i) w[i] = FloatToBf16(master[i]);
       for (int k = 0; k < 3; ++k) {
@@ -133,7 +138,8 @@ Status OffloadedOptimizer::SetState(int param, const float* master, const float*
     return Status::Ok();
   }
   ParallelRanges(n, kMinPerRange, [&](int64_t a, int64_t b) {
-    for (int64_t i = a; i < b; ++i) weights_[param][i] = FloatToBf16(master[i]);
+    Bf16* w = Weights(param);
+    for (int64_t i = a; i < b; ++i) w[i] = FloatToBf16(master[i]);
   });
   std::vector<float> record(3 * static_cast<size_t>(options_.chunk_elems));
   for (int64_t c = 0; c < num_chunks(param); ++c) {
@@ -285,7 +291,7 @@ void OffloadedOptimizer::WorkerLoop() {
 Status OffloadedOptimizer::Update(const Task& t, std::vector<float>& scratch) {
   const int64_t first = t.chunk * options_.chunk_elems;
   const int64_t len = ChunkLen(t.param, t.chunk);
-  Bf16* w = weights_[t.param].data() + first;
+  Bf16* w = Weights(t.param) + first;
   const AdamWScalars& scalars = params_[t.param].weight_decay ? scalars_ : scalars_no_decay_;
   const float* master = nullptr;
   if (options_.tier == OptimizerTier::kHost) {

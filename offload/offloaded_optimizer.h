@@ -103,7 +103,7 @@ class OffloadedOptimizer {
   // Copies the state out (any pointer may be nullptr). Outside a step.
   Status GetState(int param, float* master, float* m, float* v);
   // The host bf16 weights of `param` as of the last update or SetState ([numel]).
-  const Bf16* weights_bf16(int param) const { return weights_[param].data(); }
+  const Bf16* weights_bf16(int param) const { return Weights(param); }
   // Host tier: `param`'s state as f32 [3, numel] (master, m, v), owned by the optimizer; change it
   // only outside a step. nullptr for the storage tier.
   float* host_state(int param) {
@@ -153,7 +153,8 @@ class OffloadedOptimizer {
   float* HostState(int param, int which) {  // which: 0 master, 1 m, 2 v
     return static_cast<float*>(host_state_[param].data()) + which * params_[param].numel;
   }
-  std::vector<std::vector<Bf16>> weights_;
+  std::vector<NumaBuffer> weights_;          // per param: its bf16 weights (zeros until set)
+  Bf16* Weights(int param) const { return static_cast<Bf16*>(weights_[param].data()); }
 
   std::mutex mu_;
   std::condition_variable work_cv_;

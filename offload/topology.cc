@@ -12,6 +12,7 @@
 #include <sstream>
 
 #include "core/logging.h"
+#include "core/parallel.h"
 
 namespace tandem::offload {
 
@@ -215,7 +216,12 @@ StatusOr<NumaBuffer> NumaBuffer::Allocate(size_t num_bytes, const Placement& pla
     }
     buf.data_ = p;
   }
-  std::memset(buf.data_, 0, num_bytes);  // first touch: the pages land where the policy says
+  // First touch, spread over the cores (75 GiB for a 7B optimizer state would take a minute on
+  // one): the pages land where the policy says, zeroed.
+  char* bytes = static_cast<char*>(buf.data_);
+  ParallelRanges(static_cast<int64_t>(num_bytes), int64_t{64} << 20, [bytes](int64_t a, int64_t b) {
+    std::memset(bytes + a, 0, static_cast<size_t>(b - a));
+  });
   return buf;
 }
 

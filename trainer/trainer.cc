@@ -7,6 +7,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -466,13 +467,13 @@ Status InitParallelOptimizer(const TrainConfig& c, Session& s) {
   return Status::Ok();
 }
 
-// [parallel] Every rank takes rank 0's decision (wall clocks differ).
-StatusOr<bool> AgreeOnRank0(Session& s, bool mine) {
+// [parallel] Every rank takes rank 0's decision (wall clocks and signal arrival differ).
+StatusOr<int32_t> AgreeOnRank0(Session& s, int32_t mine) {
   if (!s.par) return mine;
   Tensor flag = Tensor::Cpu({1}, DType::kI32);
-  flag.data<int32_t>()[0] = mine ? 1 : 0;
+  flag.data<int32_t>()[0] = mine;
   TANDEM_RETURN_IF_ERROR(s.par->world->Broadcast(flag, 0));
-  return flag.data<int32_t>()[0] != 0;
+  return flag.data<int32_t>()[0];
 }
 
 // [universal] The parameters the optimizer updates (the model's, or the adapter's).
@@ -808,8 +809,14 @@ StatusOr<TrainResult> RunTraining(const TrainConfig& c, const std::string& comma
     m.mem_gib = MemoryGiB(*s.ctx);
     m.eta_s = m.elapsed_s / static_cast<double>(step - start_step) * static_cast<double>(t.steps - step);
     const bool last = step == t.steps;
-    TANDEM_ASSIGN_OR_RETURN(const bool out_of_time, AgreeOnRank0(s, t.max_minutes > 0 && m.elapsed_s > t.max_minutes * 60));
-    if (s.val_loader && ((t.eval_interval > 0 && step % t.eval_interval == 0) || last || out_of_time)) {
+    // Stop early (and save) past train.max_minutes (-1) or on SIGTERM/SIGINT (its number).
+    const int32_t signaled = env.stop_signal != nullptr ? env.stop_signal->load() : 0;
+    TANDEM_ASSIGN_OR_RETURN(const int32_t stop,
+                            AgreeOnRank0(s, signaled != 0                                            ? signaled
+                                            : t.max_minutes > 0 && m.elapsed_s > t.max_minutes * 60 ? -1
+                                                                                                     : 0));
+    const bool stopping = stop != 0 && !last;
+    if (s.val_loader && ((t.eval_interval > 0 && step % t.eval_interval == 0) || last || stopping)) {
       TANDEM_ASSIGN_OR_RETURN(double eval, s.par ? internal::ParallelEvaluate(*s.par, *s.ctx, *s.model, *s.val_loader,
                                                                               t.eval_batches)
                                                  : Evaluate(*s.model, *s.val_loader, t.eval_batches));
@@ -824,12 +831,12 @@ StatusOr<TrainResult> RunTraining(const TrainConfig& c, const std::string& comma
     if (step == start_step + 1) result.first_loss = m.loss;
     result.final_loss = m.loss;
     result.steps_done = step;
-    if (writer && (step == 1 || step % t.log_interval == 0 || last || out_of_time || m.eval_loss)) {
+    if (writer && (step == 1 || step % t.log_interval == 0 || last || stopping || m.eval_loss)) {
       std::fprintf(stderr, "%s\n", FormatProgressLine(m, tty).c_str());
       window_start = Clock::now();
       window_tokens = 0;
     }
-    if ((t.save_interval > 0 && step % t.save_interval == 0) || last || out_of_time) {
+    if ((t.save_interval > 0 && step % t.save_interval == 0) || last || stopping) {
       auto write = [&](const std::string& dir) -> Status {
         if (s.lora) return peft::SaveLoraAdapter(s.adapters->adapter(0), dir, DType::kF32);
         if (s.s2ft) return peft::SaveS2ftAdapter(*s.s2ft, dir, DType::kF32);
@@ -846,9 +853,17 @@ StatusOr<TrainResult> RunTraining(const TrainConfig& c, const std::string& comma
     }
     if (s.snap && step % c.snapshot.interval == 0) TANDEM_RETURN_IF_ERROR(s.snap->Start(step, SnapshotMetaJson(c, s)));
     if (writer && !t.heartbeat_file.empty()) TANDEM_RETURN_IF_ERROR(internal::WriteHeartbeat(t.heartbeat_file, step));
-    if (out_of_time) {
-      TANDEM_LOG(WARNING, "train") << "stopping after " << FormatDuration(m.elapsed_s) << " (train.max_minutes = "
-                                   << t.max_minutes << ")";
+    if (stopping) {
+      if (stop > 0) {
+        result.stopped_by_signal = stop;
+        if (writer) {
+          TANDEM_LOG(WARNING, "train") << "stopping after update " << step << " on signal " << stop << " ("
+                                       << strsignal(stop) << "); saved checkpoint " << result.last_checkpoint;
+        }
+      } else {
+        TANDEM_LOG(WARNING, "train") << "stopping after " << FormatDuration(m.elapsed_s) << " (train.max_minutes = "
+                                     << t.max_minutes << ")";
+      }
       break;
     }
   }

@@ -16,6 +16,8 @@
 // the parallel issue's tests.
 #pragma once
 
+#include <atomic>
+
 #include <string>
 #include <vector>
 
@@ -37,6 +39,7 @@ struct TrainResult {
   std::string last_checkpoint;
   // train.universal_checkpoints: the newest universal checkpoint this run published ("" none).
   std::string last_universal_checkpoint;
+  int64_t stopped_by_signal = 0;  // TrainEnv::stop_signal's number when it ended the run early
   int64_t resumed_from_step = 0;  // the checkpoint's step when the run resumed, else 0
 };
 
@@ -52,6 +55,9 @@ StatusOr<TrainResult> RunTraining(const TrainConfig& config, const std::string& 
 struct TrainEnv {
   collectives::Communicator* world = nullptr;  // MPI (host) world; null: one process
   int local_rank = 0;                          // rank on this node (the GPU index)
+  // Set (to the signal's number) by a SIGTERM/SIGINT handler: the run stops after the update in
+  // progress, saving as at the end (rank 0 decides for every rank). Null: never.
+  const std::atomic<int>* stop_signal = nullptr;
 };
 StatusOr<TrainResult> RunTraining(const TrainConfig& config, const std::string& command_line,
                                   const TrainEnv& env);

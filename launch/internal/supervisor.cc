@@ -206,7 +206,10 @@ AttemptResult Supervisor::Attempt(int attempt) {
     std::this_thread::sleep_for(std::chrono::duration<double>(kPollS));
   }
   std::vector<ExitInfo> infos;
-  const int killed = KillSessions(*pids, o_.kill_grace_s, &infos);  // leftovers, whatever ended
+  // Leftovers, whatever ended. Only a stop asked of the supervisor gives the ranks --kill-grace
+  // to stop after their update and save (tandem train's SIGTERM handling); after a failure the
+  // survivors wait in collectives that cannot finish, so they go at once (the snapshot has them).
+  const int killed = KillSessions(*pids, r.interrupted ? o_.kill_grace_s : 0.0, &infos);
   if (r.finished) {
     r.exit.exited = true;  // every process exited 0
   } else if (r.reason.rfind("hung", 0) == 0 || r.interrupted) {

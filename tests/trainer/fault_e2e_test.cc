@@ -5,7 +5,9 @@
 //   - trainer and agent killed (the node lost, no peers): the relaunch says the agents hold no
 //     snapshot and resumes from the newest universal checkpoint, again ending bitwise equal;
 //   - kill during the snapshot copy is covered by killing at random points of a run that
-//     snapshots every update.
+//     snapshots every update;
+//   - SIGTERM (preemption): the trainer stops after its update, saves, exits 143, and --resume
+//     continues to the uninterrupted run's final state.
 // f32 on the CPU; a tiny model so that each update takes milliseconds.
 #include <signal.h>
 #include <sys/wait.h>
@@ -87,6 +89,7 @@ class Child {
     }
     return -1;
   }
+  pid_t pid() const { return pid_; }
   bool Running() {
     int status = 0;
     return pid_ > 0 && waitpid(pid_, &status, WNOHANG) == 0;
@@ -245,6 +248,36 @@ TEST_F(FaultTest, LostNodeFallsBackToTheUniversalCheckpoint) {
   EXPECT_NE(log.find("no complete snapshot in the agents"), std::string::npos) << log;
   EXPECT_NE(log.find("resumed from " + dir_.Join("run/checkpoints/universal/step-25.h5")), std::string::npos)
       << log;
+  ExpectBitwiseEqual(want_, dir_.Join(StrCat("run/checkpoints/universal/step-", kSteps, ".h5")));
+}
+
+TEST_F(FaultTest, SigtermStopsAfterTheUpdateSavesAndResumes) {
+  const std::string heartbeat = dir_.Join("run.heartbeat");
+  Child trainer(TrainArgs(dir_, "run"), dir_.Join("run1.log"));
+  const auto end = Clock::now() + std::chrono::seconds(120);
+  while (Clock::now() < end && trainer.Running() && HeartbeatStep(heartbeat) < 30) {
+    std::this_thread::sleep_for(std::chrono::microseconds(500));
+  }
+  ASSERT_TRUE(trainer.Running()) << "the trainer ended before the signal:\n" << ReadFile(dir_.Join("run1.log"));
+  ASSERT_EQ(kill(trainer.pid(), SIGTERM), 0);
+  ASSERT_EQ(trainer.Wait(60), 128 + SIGTERM) << ReadFile(dir_.Join("run1.log"));
+  const std::string log = ReadFile(dir_.Join("run1.log"));
+  std::smatch m;
+  ASSERT_TRUE(std::regex_search(log, m, std::regex("stopping after update ([0-9]+) on signal 15"))) << log;
+  const int64_t stopped = std::stoll(m[1]);
+  EXPECT_GE(stopped, 30);
+  EXPECT_LT(stopped, kSteps) << "the signal came before the last update";
+  EXPECT_EQ(HeartbeatStep(heartbeat), stopped);
+  // What it saved is the state after that update: the resumed run ends bitwise where the
+  // uninterrupted one did.
+  const std::string saved = dir_.Join(StrCat("run/checkpoints/universal/step-", stopped, ".h5"));
+  ASSERT_TRUE(std::filesystem::exists(saved)) << log;
+  std::vector<std::string> args = TrainArgs(dir_, "run");
+  args.push_back("--resume");
+  Child again(args, dir_.Join("run2.log"));
+  ASSERT_EQ(again.Wait(120), 0) << ReadFile(dir_.Join("run2.log"));
+  EXPECT_NE(ReadFile(dir_.Join("run2.log")).find("resumed from " + saved), std::string::npos)
+      << ReadFile(dir_.Join("run2.log"));
   ExpectBitwiseEqual(want_, dir_.Join(StrCat("run/checkpoints/universal/step-", kSteps, ".h5")));
 }
 
