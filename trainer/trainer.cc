@@ -871,7 +871,8 @@ StatusOr<TrainResult> RunTraining(const TrainConfig& c, const std::string& comma
     TANDEM_RETURN_IF_ERROR(s.snap->Drain());
     if (writer) {
       TANDEM_LOG(INFO, "snapshot") << s.snap->taken() << " snapshot(s) taken, " << s.snap->skipped()
-                                   << " skipped while the agent was still committing the previous one";
+                                   << " skipped while the agent was still committing the previous one"
+                                   << (s.snap->taken() > 0 ? "; " + s.snap->TimingSummary() : "");
     }
   }
   if (s.ckpt_writer) {

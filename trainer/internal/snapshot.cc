@@ -1,5 +1,6 @@
 #include "trainer/internal/snapshot.h"
 
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <nlohmann/json.hpp>
@@ -108,8 +109,26 @@ StatusOr<uint8_t*> Snapshotter::Begin(uint64_t version) {
   return slot;
 }
 
+namespace {
+std::string Ms(double seconds) { return std::to_string(std::llround(1e3 * seconds)); }
+
+double SecondsSince(std::chrono::steady_clock::time_point t) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
+}
+}  // namespace
+
+Snapshotter::Timings Snapshotter::timings() const { return timings_; }
+
+std::string Snapshotter::TimingSummary() const {
+  if (taken_ == 0) return std::string();
+  const double n = static_cast<double>(taken_);
+  return StrCat("copy ", Ms(timings_.copy_s / n), " ms, commit ", Ms(timings_.commit_s / n),
+                " ms, updates waited ", Ms(timings_.waited_s / n), " ms per snapshot");
+}
+
 Status Snapshotter::Start(int64_t step, const std::string& meta_json) {
   TANDEM_RETURN_IF_ERROR(Fence());
+  const auto entered = std::chrono::steady_clock::now();  // the copy starts about now
   int64_t busy = skip_when_busy_ && committing_.load() ? 1 : 0;
   if (skip_when_busy_ && world_ != nullptr && world_->size() > 1) {  // the same decision everywhere
     Tensor t = Tensor::Cpu({1}, DType::kI64);
@@ -121,7 +140,9 @@ Status Snapshotter::Start(int64_t step, const std::string& meta_json) {
     ++skipped_;
     return Status::Ok();
   }
+  const auto draining = std::chrono::steady_clock::now();
   TANDEM_RETURN_IF_ERROR(Drain());
+  timings_.waited_s += SecondsSince(draining);
   // Every node must have published the previous version before any rank may overwrite the
   // slot of the one before it.
   if (last_started_ > 0 && world_ != nullptr && world_->size() > 1) {
@@ -171,14 +192,17 @@ Status Snapshotter::Start(int64_t step, const std::string& meta_json) {
   // The commit (checksums, the agent's parity work) starts as soon as the copy lands, so that it
   // overlaps this step's forward and backward rather than waiting for the next Fence.
   committing_ = true;
-  commit_ = std::thread([this, version, bytes = at] {
+  commit_ = std::thread([this, version, bytes = at, started = entered] {
     Status s = Status::Ok();
     if (stream_) {
       s = UseDeviceOnThisThread(ctx_->device().index);
       if (s.ok()) s = copied_->Synchronize();
     }
+    timings_.copy_s += SecondsSince(started);
+    const auto committing = std::chrono::steady_clock::now();
     if (s.ok()) {
       StatusOr<bool> done = client_->CommitVersion(rank_, version, bytes);
+      timings_.commit_s += SecondsSince(committing);
       s = done.status();
       if (s.ok()) s = client_->Heartbeat(rank_);
     }
@@ -191,7 +215,10 @@ Status Snapshotter::Start(int64_t step, const std::string& meta_json) {
 Status Snapshotter::Fence() {
   if (!copying_) return Status::Ok();
   copying_.reset();
-  return copied_->Synchronize();
+  const auto entered = std::chrono::steady_clock::now();
+  const Status s = copied_->Synchronize();
+  timings_.waited_s += SecondsSince(entered);
+  return s;
 }
 
 Status Snapshotter::Drain() {

@@ -23,6 +23,7 @@
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -82,6 +83,16 @@ class Snapshotter {
   const std::string& socket() const { return socket_; }
   int64_t taken() const { return taken_; }
   int64_t skipped() const { return skipped_; }
+  // Where the time of the snapshots taken went, in seconds summed over them: the copy (Start to
+  // the copy landing, on the side stream), the commit (checksum and the agent's COMMIT, which
+  // publishes the version: its own checksum and, across nodes, the parity), and how long the
+  // training thread waited in Fence and for a previous commit (the overhead an update sees).
+  struct Timings {
+    double copy_s = 0, commit_s = 0, waited_s = 0;
+  };
+  Timings timings() const;
+  // "copy X ms, commit Y ms, updates waited Z ms per snapshot" (empty before any snapshot).
+  std::string TimingSummary() const;
 
  private:
   Snapshotter() = default;
@@ -104,6 +115,9 @@ class Snapshotter {
   std::thread commit_;
   std::atomic<bool> committing_{false};
   int64_t taken_ = 0, skipped_ = 0;
+  // Timings: copy_s and commit_s are written by the commit thread (read after joining it).
+  Timings timings_;
+  std::chrono::steady_clock::time_point started_at_;
   bool skip_when_busy_ = false;
   Status commit_status_;
   // What Restore fetched, applied by ApplyRestore: the bytes and where the data begins.
