@@ -46,6 +46,8 @@ StatusOr<std::unique_ptr<Context>> Context::Cuda(int device_index) {
   ctx->allocator_ = ctx->owned_allocator_.get();
   ctx->cuda_ = std::make_unique<internal::CudaResources>();
   ctx->cuda_->device_index = device_index;
+  err = cudaDeviceGetAttribute(&ctx->cuda_->sm_count, cudaDevAttrMultiProcessorCount, device_index);
+  if (err != cudaSuccess) return InternalError(StrCat("cudaDeviceGetAttribute: ", cudaGetErrorString(err)));
   err = cudaStreamCreateWithFlags(&ctx->cuda_->stream, cudaStreamNonBlocking);
   if (err != cudaSuccess) return InternalError(StrCat("cudaStreamCreate: ", cudaGetErrorString(err)));
   std::string error;

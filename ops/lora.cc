@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cstring>
 
+#include "ops/internal/cuda_resources.h"
 #include "ops/internal/lora_kernels.h"
 #include "ops/internal/op_util.h"
 #include "ops/profiler.h"
@@ -82,6 +83,7 @@ lora::SegmentsView ViewOf(const LoraSegments& segs, bool device) {
   v.num_adapters = static_cast<int32_t>(segs.num_adapters());
   v.num_tiles = static_cast<int32_t>(tiles);
   v.max_rank = segs.max_rank();
+  v.h_numel = segs.h_numel();
   v.segments = reinterpret_cast<const lora::SegmentRecord*>(base + l.segments);
   v.tiles = reinterpret_cast<const lora::TileRecord*>(base + l.tiles);
   v.adapter_seg_begin = reinterpret_cast<const int32_t*>(base + l.adapter_seg_begin);
@@ -189,6 +191,25 @@ Status ValidateCall(Context& ctx, const char* op, const LoraWeights& w, const Lo
 }
 
 #ifdef TANDEM_WITH_CUDA
+// The split-K of a long-reduction token kernel (see cuda::LoraTokenSplits) and its f32
+// workspace, from the context's allocator (freed in stream order when it goes out of scope).
+struct SplitWorkspace {
+  int splits = 1;
+  Tensor buffer;
+  float* data() const { return buffer.defined() ? static_cast<float*>(buffer.raw_data()) : nullptr; }
+};
+
+StatusOr<SplitWorkspace> SplitFor(Context& ctx, const LoraSegments& segs, int64_t kdim) {
+  SplitWorkspace w;
+  w.splits = cuda::LoraTokenSplits(segs.num_tiles(), segs.max_rank(), kdim, ctx.cuda()->sm_count);
+  if (w.splits > 1) {
+    TANDEM_ASSIGN_OR_RETURN(w.buffer, internal::AllocateScratch(
+                                          ctx, static_cast<size_t>(w.splits) *
+                                                   static_cast<size_t>(segs.h_numel()) * 4));
+  }
+  return w;
+}
+
 Status LoraCudaResult(cudaError_t err, const char* op, Context& ctx, const LoraSegments& segs,
                       const LoraWeights& w) {
   return internal::CudaResult(err, op, ctx, [&] {
@@ -317,9 +338,11 @@ Status LoraShrink(Context& ctx, Tensor& h, const Tensor& x, const LoraWeights& w
   const int64_t ldx = internal::LeadingStride(x, 0);
 #ifdef TANDEM_WITH_CUDA
   if (ctx.is_cuda()) {
+    TANDEM_ASSIGN_OR_RETURN(const SplitWorkspace split, SplitFor(ctx, segs, w.in()));
     return LoraCudaResult(
         cuda::LoraShrink(internal::StreamOf(ctx), x.dtype(), h.raw_data(), x.raw_data(), ldx,
-                         ViewOf(segs, true), ViewOf(w, true), dropout_seed),
+                         ViewOf(segs, true), ViewOf(w, true), dropout_seed, split.splits,
+                         split.data()),
         "LoraShrink", ctx, segs, w);
   }
 #endif
@@ -358,10 +381,12 @@ Status LoraExpandBackward(Context& ctx, Tensor& dh, const LoraWeights* grads, co
 #ifdef TANDEM_WITH_CUDA
   if (ctx.is_cuda()) {
     const lora::WeightsView gv = grads != nullptr ? ViewOf(*grads, true) : lora::WeightsView{};
+    TANDEM_ASSIGN_OR_RETURN(const SplitWorkspace split, SplitFor(ctx, segs, w.out()));
     return LoraCudaResult(
         cuda::LoraExpandBackward(internal::StreamOf(ctx), dy.dtype(), dh.raw_data(),
                                  grads != nullptr ? &gv : nullptr, dy.raw_data(), lddy,
-                                 h.raw_data(), ViewOf(segs, true), ViewOf(w, true)),
+                                 h.raw_data(), ViewOf(segs, true), ViewOf(w, true), split.splits,
+                                 split.data()),
         "LoraExpandBackward", ctx, segs, w);
   }
 #endif

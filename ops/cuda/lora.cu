@@ -51,6 +51,10 @@ struct TokenArgs {
   SegmentsView segs;
   WeightsView w;
   uint64_t seed;
+  // [split-K] Packed-output modes: blockIdx.z sums k in [z * kslice, (z + 1) * kslice) into
+  // partial[z * h_numel + i] (f32) instead of writing `out`; null: one slice, straight to out.
+  float* partial = nullptr;
+  int64_t kslice = 0;
 };
 
 template <Mode M>
@@ -61,6 +65,8 @@ template <Mode M>
 __device__ __forceinline__ bool OutIsPacked() {
   return M == Mode::kShrink || M == Mode::kExpandGrad;
 }
+
+constexpr bool OutIsPackedHost(Mode m) { return m == Mode::kShrink || m == Mode::kExpandGrad; }
 
 template <typename T, Mode M>
 __global__ void __launch_bounds__(kThreads) LoraTokenKernel(TokenArgs args) {
@@ -82,13 +88,16 @@ __global__ void __launch_bounds__(kThreads) LoraTokenKernel(TokenArgs args) {
   const T* src = static_cast<const T*>(args.rows);
   const T* W = static_cast<const T*>(M == Mode::kShrink || M == Mode::kShrinkGrad ? ad.a : ad.b);
   const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
+  // [split-K] This block's slice of the reduction.
+  const int64_t kbegin = args.partial != nullptr ? static_cast<int64_t>(blockIdx.z) * args.kslice : 0;
+  const int64_t kend = args.partial != nullptr ? min(kdim, kbegin + args.kslice) : kdim;
   float acc[2][4] = {};
-  for (int64_t k0 = 0; k0 < kdim; k0 += kBK) {
+  for (int64_t k0 = kbegin; k0 < kend; k0 += kBK) {
     for (int e = tid; e < kBM * kBK; e += kThreads) {
       const int m = e / kBK, k = e % kBK;
       const int64_t kk = k0 + k;
       float v = 0.0f;
-      if (m < rows && kk < kdim) {
+      if (m < rows && kk < kend) {
         if (RowsArePacked<M>()) {
           v = ToFloat(src[packed0 + m * r + kk]);
         } else {
@@ -105,7 +114,7 @@ __global__ void __launch_bounds__(kThreads) LoraTokenKernel(TokenArgs args) {
       const int k = nt ? e % kBK : e / kBN;
       const int64_t jj = n0 + j, kk = k0 + k;
       float v = 0.0f;
-      if (jj < ncols && kk < kdim) v = ToFloat(nt ? W[jj * kdim + kk] : W[kk * ncols + jj]);
+      if (jj < ncols && kk < kend) v = ToFloat(nt ? W[jj * kdim + kk] : W[kk * ncols + jj]);
       ws[k][j] = v;
     }
     __syncthreads();
@@ -131,7 +140,10 @@ __global__ void __launch_bounds__(kThreads) LoraTokenKernel(TokenArgs args) {
       const int64_t col = n0 + tx + 16 * j;
       if (col >= ncols) continue;
       const float v = acc[i][j];
-      if (OutIsPacked<M>()) {
+      if (OutIsPacked<M>() && args.partial != nullptr) {
+        args.partial[blockIdx.z * args.segs.h_numel + packed0 + m * r + col] =
+            M == Mode::kExpandGrad ? ad.scale * v : v;
+      } else if (OutIsPacked<M>()) {
         dst[packed0 + m * r + col] = FromFloat<T>(M == Mode::kExpandGrad ? ad.scale * v : v);
       } else {
         T* p = dst + (token0 + m) * args.ld_out + col;
@@ -144,24 +156,48 @@ __global__ void __launch_bounds__(kThreads) LoraTokenKernel(TokenArgs args) {
   }
 }
 
+// [split-K] h[i] = sum over the slices in order (the packed-output modes' second pass).
+template <typename T>
+__global__ void LoraSplitSumKernel(T* h, const float* partial, int splits, int64_t n) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    float sum = 0.0f;
+    for (int s = 0; s < splits; ++s) sum += partial[s * n + i];
+    h[i] = FromFloat<T>(sum);
+  }
+}
+
 template <typename T, Mode M>
-cudaError_t LaunchToken(cudaStream_t stream, const TokenArgs& args) {
+cudaError_t LaunchToken(cudaStream_t stream, TokenArgs args, int splits = 1) {
   if (args.segs.num_tiles == 0) return cudaSuccess;
   const int64_t ncols = (M == Mode::kShrink || M == Mode::kExpandGrad) ? args.segs.max_rank
                         : M == Mode::kExpand                           ? args.w.out
                                                                        : args.w.in;
   if (ncols <= 0) return cudaSuccess;
+  const int64_t kdim = M == Mode::kShrink ? args.w.in : args.w.out;
+  if (!OutIsPackedHost(M) || args.partial == nullptr || splits <= 1) {
+    args.partial = nullptr;
+    splits = 1;
+  } else {  // slices of whole kBK steps; the last may be shorter, none empty
+    args.kslice = CeilDiv(CeilDiv(kdim, static_cast<int64_t>(splits)), int64_t{kBK}) * kBK;
+    splits = static_cast<int>(CeilDiv(kdim, args.kslice));
+  }
   const dim3 grid(static_cast<unsigned>(args.segs.num_tiles),
-                  static_cast<unsigned>(CeilDiv(ncols, kBN)));
+                  static_cast<unsigned>(CeilDiv(ncols, kBN)), static_cast<unsigned>(splits));
   LoraTokenKernel<T, M><<<grid, kThreads, 0, stream>>>(args);
+  if (args.partial == nullptr) return cudaGetLastError();
+  const int64_t n = args.segs.h_numel;
+  const int threads = 256;
+  LoraSplitSumKernel<T><<<GridFor(n, threads), threads, 0, stream>>>(static_cast<T*>(args.out),
+                                                                    args.partial, splits, n);
   return cudaGetLastError();
 }
 
 template <Mode M>
-cudaError_t DispatchToken(cudaStream_t stream, DType dtype, const TokenArgs& args) {
+cudaError_t DispatchToken(cudaStream_t stream, DType dtype, const TokenArgs& args, int splits = 1) {
   return DispatchF32Bf16(dtype, [&](auto tag) -> cudaError_t {
     using T = typename decltype(tag)::type;
-    return LaunchToken<T, M>(stream, args);
+    return LaunchToken<T, M>(stream, args, splits);
   });
 }
 
@@ -287,9 +323,20 @@ __global__ void LoraDropoutKernel(T* y, int64_t ldy, const T* x, int64_t ldx, in
 
 }  // namespace
 
+int LoraTokenSplits(int64_t tiles, int64_t max_rank, int64_t kdim, int sm_count) {
+  // About 8 blocks per SM, each walking at least 4 steps of kBK.
+  const int64_t blocks = std::max<int64_t>(1, tiles * CeilDiv(std::max<int64_t>(max_rank, 1), int64_t{kBN}));
+  const int64_t want = CeilDiv(int64_t{8} * std::max(sm_count, 1), blocks);
+  const int64_t most = kdim / (4 * kBK);
+  return static_cast<int>(std::clamp<int64_t>(std::min(want, most), 1, 32));
+}
+
 cudaError_t LoraShrink(cudaStream_t stream, DType dtype, void* h, const void* x, int64_t ldx,
-                       const SegmentsView& segs, const WeightsView& w, uint64_t seed) {
-  return DispatchToken<Mode::kShrink>(stream, dtype, TokenArgs{h, 0, x, ldx, segs, w, seed});
+                       const SegmentsView& segs, const WeightsView& w, uint64_t seed, int splits,
+                       float* workspace) {
+  TokenArgs args{h, 0, x, ldx, segs, w, seed};
+  args.partial = workspace;
+  return DispatchToken<Mode::kShrink>(stream, dtype, args, splits);
 }
 
 cudaError_t LoraExpand(cudaStream_t stream, DType dtype, void* y, int64_t ldy, const void* h,
@@ -299,9 +346,11 @@ cudaError_t LoraExpand(cudaStream_t stream, DType dtype, void* y, int64_t ldy, c
 
 cudaError_t LoraExpandBackward(cudaStream_t stream, DType dtype, void* dh, const WeightsView* grads,
                                const void* dy, int64_t lddy, const void* h,
-                               const SegmentsView& segs, const WeightsView& w) {
-  cudaError_t err =
-      DispatchToken<Mode::kExpandGrad>(stream, dtype, TokenArgs{dh, 0, dy, lddy, segs, w, 0});
+                               const SegmentsView& segs, const WeightsView& w, int splits,
+                               float* workspace) {
+  TokenArgs args{dh, 0, dy, lddy, segs, w, 0};
+  args.partial = workspace;
+  cudaError_t err = DispatchToken<Mode::kExpandGrad>(stream, dtype, args, splits);
   if (err != cudaSuccess || grads == nullptr) return err;
   return LaunchWeightGrad<Grad::kB>(stream, dtype, GradArgs{dy, lddy, h, 0, segs, w, *grads, 0});
 }

@@ -12,6 +12,7 @@ namespace tandem::ops::internal {
 
 struct CudaResources {
   int device_index = 0;
+  int sm_count = 1;  // streaming multiprocessors of the device (sizes grids of split kernels)
   cudaStream_t stream = nullptr;
   std::unique_ptr<cuda::GemmState, void (*)(cuda::GemmState*)> gemm{nullptr, nullptr};
   ~CudaResources();

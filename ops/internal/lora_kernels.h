@@ -61,6 +61,7 @@ struct SegmentsView {
   int32_t num_adapters = 0;
   int32_t num_tiles = 0;
   int32_t max_rank = 0;
+  int64_t h_numel = 0;                         // elements of the packed h
   const SegmentRecord* segments = nullptr;     // [S]
   const TileRecord* tiles = nullptr;           // [num_tiles]
   const int32_t* adapter_seg_begin = nullptr;  // [A + 1]
@@ -114,14 +115,24 @@ void LoraDropoutAt(float* y, int64_t ldy, const float* x, int64_t ldx, int64_t r
 // `stream` and returns cudaGetLastError().
 namespace tandem::ops::cuda {
 
+// Split-K of the token kernels with a long reduction (shrink: K = in; the expand gradient:
+// K = out) whose outputs are few (N x r): with few tiles (decode) one block per tile would walk
+// all of K alone. They run `splits` K slices in parallel into an f32 workspace of
+// splits x h_numel (the caller allocates it) and a second kernel sums the slices in a fixed
+// order into h: deterministic. LoraTokenSplits picks the count (1: no workspace needed).
+int LoraTokenSplits(int64_t tiles, int64_t max_rank, int64_t kdim, int sm_count);
+
+// workspace: f32 [splits, segs.h_numel] when splits > 1 (else unused, may be null).
 cudaError_t LoraShrink(cudaStream_t stream, DType dtype, void* h, const void* x, int64_t ldx,
-                       const lora::SegmentsView& segs, const lora::WeightsView& w, uint64_t seed);
+                       const lora::SegmentsView& segs, const lora::WeightsView& w, uint64_t seed,
+                       int splits = 1, float* workspace = nullptr);
 cudaError_t LoraExpand(cudaStream_t stream, DType dtype, void* y, int64_t ldy, const void* h,
                        const lora::SegmentsView& segs, const lora::WeightsView& w);
 cudaError_t LoraExpandBackward(cudaStream_t stream, DType dtype, void* dh,
                                const lora::WeightsView* grads, const void* dy, int64_t lddy,
                                const void* h, const lora::SegmentsView& segs,
-                               const lora::WeightsView& w);
+                               const lora::WeightsView& w, int splits = 1,
+                               float* workspace = nullptr);
 cudaError_t LoraShrinkBackward(cudaStream_t stream, DType dtype, void* dx, int64_t lddx,
                                const lora::WeightsView* grads, const void* dh, const void* x,
                                int64_t ldx, const lora::SegmentsView& segs,

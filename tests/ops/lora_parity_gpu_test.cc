@@ -85,6 +85,24 @@ const std::vector<Case>& Cases() {
        DType::kF32,
        0},
       {"long_k_bf16", 1000, 33, {{40, 0}, {1, 1}, {127, 0}}, {64, 8}, {0, 0.2f}, DType::kBF16, 0},
+      // Decode-like: a few tokens per adapter and long reductions both ways (in, out >= 256), so
+      // the shrink and the expand gradient run split-K with their fixed-order second pass.
+      {"decode_split_k_f32",
+       777,
+       300,
+       {{1, 0}, {2, 1}, {1, 2}, {3, 0}, {1, -1}},
+       {16, 5, 33},
+       {0.1f, 0, 0},
+       DType::kF32,
+       2},
+      {"decode_split_k_bf16",
+       2048,
+       2048,
+       {{4, 0}, {4, 1}, {4, 2}, {4, 3}},
+       {16, 16, 8, 16},
+       {0, 0, 0, 0},
+       DType::kBF16,
+       0},
   };
   return cases;
 }
