@@ -26,46 +26,28 @@
 #include <cstdlib>
 #include <ctime>
 #include <filesystem>
-#include <map>
 #include <mutex>
 #include <nlohmann/json.hpp>
 #include <random>
 #include <string>
 #include <thread>
 
+#include "bench/bench_workload.h"
 #include "core/version.h"
-#include "model/llama.h"
-#include "peft/adapter_io.h"
 #include "serve/engine.h"
 
 namespace {
 
 using namespace tandem;
+using bench::Args;
+using bench::Percentile;
 using Clock = std::chrono::steady_clock;
-
-struct Args {
-  std::map<std::string, std::string> kv;
-  std::string Get(const std::string& k, const std::string& d) const {
-    auto it = kv.find(k);
-    return it == kv.end() ? d : it->second;
-  }
-  int64_t Int(const std::string& k, int64_t d) const {
-    return std::stoll(Get(k, std::to_string(d)));
-  }
-  double Num(const std::string& k, double d) const { return std::stod(Get(k, std::to_string(d))); }
-};
 
 struct Timing {
   Clock::time_point submit, first, last;
   int64_t tokens = 0;
   bool done = false;
 };
-
-double Percentile(std::vector<double> v, double p) {
-  if (v.empty()) return 0.0;
-  std::sort(v.begin(), v.end());
-  return v[std::min(v.size() - 1, static_cast<size_t>(p * (v.size() - 1) + 0.5))];
-}
 
 void Fail(const Status& s) {
   std::fprintf(stderr, "serve_bench: %s\n", s.ToString().c_str());
@@ -75,59 +57,21 @@ void Fail(const Status& s) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  Args a;
-  for (int i = 1; i + 1 < argc; i += 2) a.kv[std::string(argv[i]).substr(2)] = argv[i + 1];
+  const Args a = bench::ParseArgs(argc, argv);
   const std::string tmp =
       (std::filesystem::temp_directory_path() / ("serve_bench_" + std::to_string(getpid())))
           .string();
-  std::string model_dir = a.Get("model-dir", "");
   model::LlamaConfig config;
-  auto ctx = ops::Context::Cpu();
-  if (model_dir.empty()) {
-    config.num_hidden_layers = a.Int("layers", 22);
-    config.hidden_size = a.Int("hidden", 2048);
-    config.intermediate_size = a.Int("inter", 5632);
-    config.vocab_size = a.Int("vocab", 32000);
-    config.num_attention_heads = a.Int("heads", 32);
-    config.num_key_value_heads = a.Int("kv-heads", 4);
-    config.max_position_embeddings = 2048;
-    model::ModelOptions mo;
-    mo.trainable = false;
-    auto m = model::LlamaModel::Create(*ctx, config, mo);
-    if (!m.ok()) Fail(m.status());
-    if (Status s = (*m)->InitRandom(1, 0.02f); !s.ok()) Fail(s);
-    model_dir = tmp + "/model";
-    if (Status s = (*m)->SaveSafetensors(model_dir, DType::kBF16); !s.ok()) Fail(s);
-  } else {
-    auto c = model::LoadLlamaConfig(model_dir + "/config.json");
-    if (!c.ok()) Fail(c.status());
-    config = *c;
-  }
+  StatusOr<std::string> model_dir = bench::PrepareModel(a, tmp, &config);
+  if (!model_dir.ok()) Fail(model_dir.status());
   const int64_t num_adapters = a.Int("adapters", 16);
   serve::EngineOptions eo;
-  eo.model_dir = model_dir;
+  eo.model_dir = *model_dir;
   eo.device = a.Get("device", "auto");
   eo.pool_bytes = static_cast<int64_t>(a.Num("pool-gb", 0) * (1 << 30));
   eo.max_batch_tokens = a.Int("max-batch-tokens", 2048);
   eo.max_waiting = 1 << 20;
-  if (num_adapters > 0) {
-    peft::LoraConfig lc;
-    lc.r = a.Int("rank", 16);
-    lc.alpha = 2.0 * lc.r;
-    lc.target_modules = {"q_proj", "k_proj", "v_proj", "o_proj"};
-    auto adapter = peft::LoraAdapter::Create(*ctx, config, lc);
-    if (!adapter.ok()) Fail(adapter.status());
-    for (size_t i = 1; i < (*adapter)->parameters().size(); i += 2) {  // nonzero B
-      Tensor b = Tensor::Cpu((*adapter)->parameters()[i].weight.shape(), DType::kF32);
-      for (int64_t j = 0; j < b.numel(); ++j) b.data<float>()[j] = 1e-3f * ((j % 7) - 3);
-      if (Status s = (*adapter)->SetFromHost(i, b); !s.ok()) Fail(s);
-    }
-    Status saved = peft::SaveLoraAdapter(**adapter, tmp + "/adapter", DType::kBF16);
-    if (!saved.ok()) Fail(saved);
-    for (int64_t i = 0; i < num_adapters; ++i) {
-      eo.adapters.push_back({"lora" + std::to_string(i), tmp + "/adapter"});
-    }
-  }
+  if (Status s = bench::AddRandomAdapters(a, config, tmp, &eo); !s.ok()) Fail(s);
   auto engine_or = serve::Engine::Create(eo);
   if (!engine_or.ok()) Fail(engine_or.status());
   std::unique_ptr<serve::Engine> engine = std::move(engine_or).value();
