@@ -128,7 +128,6 @@ std::string Snapshotter::TimingSummary() const {
 
 Status Snapshotter::Start(int64_t step, const std::string& meta_json) {
   TANDEM_RETURN_IF_ERROR(Fence());
-  const auto entered = std::chrono::steady_clock::now();  // the copy starts about now
   int64_t busy = skip_when_busy_ && committing_.load() ? 1 : 0;
   if (skip_when_busy_ && world_ != nullptr && world_->size() > 1) {  // the same decision everywhere
     Tensor t = Tensor::Cpu({1}, DType::kI64);
@@ -161,7 +160,8 @@ Status Snapshotter::Start(int64_t step, const std::string& meta_json) {
     return InternalError(StrCat("snapshot header of ", header.size(), " bytes exceeds its room"));
   }
   const uint64_t version = next_version_++;
-  TANDEM_ASSIGN_OR_RETURN(uint8_t* slot, Begin(version));
+  TANDEM_ASSIGN_OR_RETURN(uint8_t* slot, Begin(version));  // the first use of a slot page-locks it
+  const auto copy_start = std::chrono::steady_clock::now();
   const uint64_t length = header.size();
   std::memcpy(slot, &length, 8);
   std::memcpy(slot + 8, header.data(), header.size());
@@ -192,7 +192,7 @@ Status Snapshotter::Start(int64_t step, const std::string& meta_json) {
   // The commit (checksums, the agent's parity work) starts as soon as the copy lands, so that it
   // overlaps this step's forward and backward rather than waiting for the next Fence.
   committing_ = true;
-  commit_ = std::thread([this, version, bytes = at, started = entered] {
+  commit_ = std::thread([this, version, bytes = at, started = copy_start] {
     Status s = Status::Ok();
     if (stream_) {
       s = UseDeviceOnThisThread(ctx_->device().index);

@@ -83,8 +83,8 @@ class Snapshotter {
   const std::string& socket() const { return socket_; }
   int64_t taken() const { return taken_; }
   int64_t skipped() const { return skipped_; }
-  // Where the time of the snapshots taken went, in seconds summed over them: the copy (Start to
-  // the copy landing, on the side stream), the commit (checksum and the agent's COMMIT, which
+  // Where the time of the snapshots taken went, in seconds summed over them: the copy (from its
+  // enqueueing, after the slot was page-locked on first use, to its landing, on the side stream), the commit (checksum and the agent's COMMIT, which
   // publishes the version: its own checksum and, across nodes, the parity), and how long the
   // training thread waited in Fence and for a previous commit (the overhead an update sees).
   struct Timings {
