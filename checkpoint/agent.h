@@ -90,6 +90,9 @@ class AgentClient {
   StatusOr<uint8_t*> BeginVersion(int rank, uint64_t version);
   // Commits `num_bytes` written at BeginVersion's pointer; true when the version is complete.
   StatusOr<bool> CommitVersion(int rank, uint64_t version, uint64_t num_bytes);
+  // The same with the bytes' CRC-32 (Crc32) already computed by the caller, e.g. piece by piece
+  // while they landed; the agent still checks it against the slot.
+  StatusOr<bool> CommitVersion(int rank, uint64_t version, uint64_t num_bytes, uint32_t crc32);
   // BeginVersion + copy + CommitVersion.
   StatusOr<bool> WriteVersion(int rank, uint64_t version, std::span<const uint8_t> bytes);
 

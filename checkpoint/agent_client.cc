@@ -75,7 +75,12 @@ StatusOr<bool> AgentClient::CommitVersion(int rank, uint64_t version, uint64_t n
   // The CRC of the bytes where they landed: the agent recomputes it from the same memory.
   int slot = map->slot_header(0).version == version ? 0 : 1;
   uint32_t crc = Crc32(0, map->slot_data(slot), num_bytes, kCommitCrcThreads);
-  TANDEM_ASSIGN_OR_RETURN(auto w, Call(StrCat("COMMIT ", rank, " ", version, " ", num_bytes, " ", crc)));
+  return CommitVersion(rank, version, num_bytes, crc);
+}
+
+StatusOr<bool> AgentClient::CommitVersion(int rank, uint64_t version, uint64_t num_bytes,
+                                          uint32_t crc32) {
+  TANDEM_ASSIGN_OR_RETURN(auto w, Call(StrCat("COMMIT ", rank, " ", version, " ", num_bytes, " ", crc32)));
   return !w.empty() && w[0] == "complete";
 }
 

@@ -5,6 +5,7 @@
 #include <cstring>
 #include <nlohmann/json.hpp>
 
+#include "checkpoint/erasure.h"
 #include "core/logging.h"
 
 namespace tandem::trainer::internal {
@@ -110,6 +111,9 @@ StatusOr<uint8_t*> Snapshotter::Begin(uint64_t version) {
 }
 
 namespace {
+// [pipelined CRC] Bytes per checksummed group of the snapshot copy.
+constexpr uint64_t kCrcGroupBytes = uint64_t{512} << 20;
+
 std::string Ms(double seconds) { return std::to_string(std::llround(1e3 * seconds)); }
 
 double SecondsSince(std::chrono::steady_clock::time_point t) {
@@ -172,6 +176,20 @@ Status Snapshotter::Start(int64_t step, const std::string& meta_json) {
     TANDEM_RETURN_IF_ERROR(ready_->Record(ctx_->stream()));
     TANDEM_RETURN_IF_ERROR(stream_->Wait(*ready_));
   }
+  // [pipelined CRC] Asynchronous copies land in groups of about kCrcGroupBytes, each marked by an
+  // event, so that the commit thread checksums a group while the next one is still copying.
+  std::vector<uint64_t> group_end;
+  auto end_group = [&]() -> Status {
+    if (!async || (!group_end.empty() && group_end.back() == at)) return Status::Ok();
+    if (group_events_.size() <= group_end.size()) {
+      TANDEM_ASSIGN_OR_RETURN(CudaEventOwner e, CudaEventOwner::Create(ctx_->device().index, false));
+      group_events_.push_back(std::move(e));
+    }
+    TANDEM_RETURN_IF_ERROR(group_events_[group_end.size()].Record(stream_->get()));
+    group_end.push_back(at);
+    return Status::Ok();
+  };
+  uint64_t group_start = 0;
   for (const StatePiece& p : pieces_) {
     for (int which = 0; which < 3; ++which) {
       const Tensor& src = *Part(p, which);
@@ -183,8 +201,13 @@ Status Snapshotter::Start(int64_t step, const std::string& meta_json) {
         std::memcpy(dst.raw_data(), src.raw_data(), src.num_bytes());
       }
       at += src.num_bytes();
+      if (at - group_start >= kCrcGroupBytes) {
+        TANDEM_RETURN_IF_ERROR(end_group());
+        group_start = at;
+      }
     }
   }
+  TANDEM_RETURN_IF_ERROR(end_group());
   if (stream_) TANDEM_RETURN_IF_ERROR(copied_->Record(stream_->get()));
   last_started_ = version;
   ++taken_;
@@ -192,16 +215,25 @@ Status Snapshotter::Start(int64_t step, const std::string& meta_json) {
   // The commit (checksums, the agent's parity work) starts as soon as the copy lands, so that it
   // overlaps this step's forward and backward rather than waiting for the next Fence.
   committing_ = true;
-  commit_ = std::thread([this, version, bytes = at, started = copy_start] {
+  commit_ = std::thread([this, version, slot, bytes = at, started = copy_start,
+                         group_end = std::move(group_end)] {
     Status s = Status::Ok();
-    if (stream_) {
-      s = UseDeviceOnThisThread(ctx_->device().index);
-      if (s.ok()) s = copied_->Synchronize();
+    if (stream_) s = UseDeviceOnThisThread(ctx_->device().index);
+    // Checksum each group as it lands (the header and anything before the first event with it).
+    uint32_t crc = 0;
+    uint64_t done_bytes = 0;
+    for (size_t g = 0; g < group_end.size() && s.ok(); ++g) {
+      s = group_events_[g].Synchronize();
+      if (!s.ok()) break;
+      crc = checkpoint::Crc32(crc, slot + done_bytes, group_end[g] - done_bytes);
+      done_bytes = group_end[g];
     }
+    if (s.ok() && stream_) s = copied_->Synchronize();
     timings_.copy_s += SecondsSince(started);
     const auto committing = std::chrono::steady_clock::now();
     if (s.ok()) {
-      StatusOr<bool> done = client_->CommitVersion(rank_, version, bytes);
+      if (done_bytes < bytes) crc = checkpoint::Crc32(crc, slot + done_bytes, bytes - done_bytes);
+      StatusOr<bool> done = client_->CommitVersion(rank_, version, bytes, crc);
       timings_.commit_s += SecondsSince(committing);
       s = done.status();
       if (s.ok()) s = client_->Heartbeat(rank_);

@@ -84,9 +84,11 @@ class Snapshotter {
   int64_t taken() const { return taken_; }
   int64_t skipped() const { return skipped_; }
   // Where the time of the snapshots taken went, in seconds summed over them: the copy (from its
-  // enqueueing, after the slot was page-locked on first use, to its landing, on the side stream), the commit (checksum and the agent's COMMIT, which
-  // publishes the version: its own checksum and, across nodes, the parity), and how long the
-  // training thread waited in Fence and for a previous commit (the overhead an update sees).
+  // enqueueing, after the slot was page-locked on first use, to its landing; on CUDA each 512 MB
+  // group is checksummed as it lands, so this includes all but the last group's CRC), the commit
+  // (the rest of the checksum and the agent's COMMIT, which publishes the version: its own check
+  // of the CRC and, across nodes, the parity), and how long the training thread waited in Fence
+  // and for a previous commit (the overhead an update sees).
   struct Timings {
     double copy_s = 0, commit_s = 0, waited_s = 0;
   };
@@ -109,6 +111,9 @@ class Snapshotter {
   // CUDA: the side stream, its events and the page-locked slots.
   std::optional<CudaStreamOwner> stream_;
   std::optional<CudaEventOwner> ready_, copied_;
+  // [pipelined CRC] Recorded after each group of the copy; reused across versions (the commit
+  // thread that waits on them is joined before the next Start records them again).
+  std::vector<CudaEventOwner> group_events_;
   std::map<uint8_t*, HostRegistration> registered_;
   // The version being copied (fence pending) and the background commit.
   std::optional<uint64_t> copying_;
