@@ -237,11 +237,9 @@ void EngineImpl::InstallHostCopy(AdapterEntry& entry, HostAdapter host) const {
   entry.host_ctx = std::move(host.ctx);
   entry.host = std::move(host.lora);
   entry.config = entry.host->config();
-  entry.weight_bytes = 0;
-  for (const model::Parameter& p : entry.host->parameters()) {
-    entry.weight_bytes +=
-        p.weight.numel() * static_cast<int64_t>(DTypeSize(model_->compute_dtype()));
-  }
+  // What AdapterWeights puts on the device: the fused q/k/v and gate/up sites' block-diagonal B
+  // included (their zero blocks take memory too).
+  entry.weight_bytes = AdapterWeights::BytesFor(*entry.host, model_->compute_dtype());
 }
 
 Status EngineImpl::LoadHostCopy(AdapterEntry& entry) const {

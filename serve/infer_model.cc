@@ -15,8 +15,6 @@
 namespace tandem::serve {
 namespace {
 
-constexpr int kProjections = model::kNumProjections;
-
 // The rows of a fused group: parameters `first` .. `first + count - 1` must be adjacent in memory
 // (LlamaModel lays fused projections out that way); returns them as one [rows, cols] tensor.
 StatusOr<Tensor> Fused(const std::vector<model::Parameter>& params, size_t first, size_t count) {
@@ -36,66 +34,6 @@ StatusOr<Tensor> Fused(const std::vector<model::Parameter>& params, size_t first
 }
 
 }  // namespace
-
-int64_t AdapterWeights::num_bytes() const {
-  int64_t n = 0;
-  for (const Target& t : targets) n += static_cast<int64_t>(t.a.num_bytes() + t.b.num_bytes());
-  return n;
-}
-
-StatusOr<AdapterWeights> AdapterWeights::FromLora(ops::Context& ctx, const peft::LoraAdapter& lora,
-                                                  DType dtype) {
-  const int64_t L = lora.base_config().num_hidden_layers;
-  const size_t n = lora.targets().size();
-  AdapterWeights w;
-  w.index.assign(L * model::kNumProjections, -1);
-  // CUDA: every A and B rounded to `dtype` into one host buffer (each at a 256-byte offset), one
-  // device allocation, one copy; the targets are views of it. CPU: the host tensors are shared.
-  constexpr int64_t kAlign = 256;
-  std::vector<int64_t> offset(2 * n);
-  int64_t total = 0;
-  for (size_t t = 0; t < n; ++t) {
-    for (int k = 0; k < 2; ++k) {
-      const Tensor& src = k == 0 ? lora.a(t).weight : lora.b(t).weight;
-      if (!src.device().is_cpu()) {
-        return InvalidArgumentError("AdapterWeights::FromLora: expected an adapter on the host");
-      }
-      offset[2 * t + k] = total;
-      total +=
-          (src.numel() * static_cast<int64_t>(DTypeSize(dtype)) + kAlign - 1) / kAlign * kAlign;
-    }
-  }
-  Tensor host;
-  if (ctx.is_cuda()) {
-    host = Tensor::Cpu({std::max<int64_t>(total, 1)}, DType::kU8);
-    TANDEM_ASSIGN_OR_RETURN(w.storage_, Tensor::Empty(host.shape(), DType::kU8, ctx.allocator()));
-  }
-  for (size_t t = 0; t < n; ++t) {
-    const peft::LoraTarget& target = lora.targets()[t];
-    Target out;
-    for (int k = 0; k < 2; ++k) {
-      const Tensor& src = k == 0 ? lora.a(t).weight : lora.b(t).weight;  // A [r, in], B [out, r]
-      Tensor& dst = k == 0 ? out.a : out.b;
-      if (!ctx.is_cuda()) {
-        dst = src;
-        continue;
-      }
-      TANDEM_ASSIGN_OR_RETURN(Tensor cast, CastCpu(src, dtype));
-      std::memcpy(host.data<uint8_t>() + offset[2 * t + k], cast.raw_data(), cast.num_bytes());
-      dst = Tensor::Wrap(static_cast<uint8_t*>(w.storage_.raw_data()) + offset[2 * t + k],
-                         src.shape(), dtype, w.storage_.device());
-    }
-    out.scale = target.scale;
-    w.index[target.layer * model::kNumProjections + static_cast<int>(target.proj)] =
-        static_cast<int>(w.targets.size());
-    w.targets.push_back(std::move(out));
-  }
-  if (ctx.is_cuda()) {
-    TANDEM_RETURN_IF_ERROR(CopyTensor(w.storage_, host, ctx.stream()));
-    TANDEM_RETURN_IF_ERROR(ctx.Synchronize());  // `host` is freed on return
-  }
-  return w;
-}
 
 struct InferModel::Buffers {
   int64_t n = 0, r = 0;
@@ -165,26 +103,26 @@ Status InferModel::BindWeights() {
 
 Status InferModel::BuildLoraTables(const std::vector<const AdapterWeights*>& adapters) {
   const int64_t L = config_.num_hidden_layers;
-  lora_weights_.assign(L * kProjections, ops::LoraWeights());
-  lora_group_.assign(L * kProjections, -1);
+  lora_weights_.assign(L * kNumLoraSites, ops::LoraWeights());
+  lora_group_.assign(L * kNumLoraSites, -1);
   lora_group_ranks_.clear();
   std::map<std::vector<int32_t>, int> by_ranks;
   for (int64_t l = 0; l < L; ++l) {
-    for (int p = 0; p < kProjections; ++p) {
-      const auto proj = static_cast<model::Projection>(p);
-      const auto [in, out] = peft::ProjectionShape(config_, proj);
+    for (int s = 0; s < kNumLoraSites; ++s) {
+      const auto site = static_cast<LoraSite>(s);
+      const auto [in, out] = LoraSiteShape(config_, site);
       std::vector<ops::LoraWeights::Entry> entries(adapters.size());
       std::vector<int32_t> ranks(adapters.size(), 0);
       bool any = false;
       for (size_t a = 0; a < adapters.size(); ++a) {
-        const int t = adapters[a]->Find(l, proj);
+        const int t = adapters[a]->Find(l, site);
         if (t < 0) continue;
         const AdapterWeights::Target& tg = adapters[a]->targets[t];
         entries[a] = {tg.a, tg.b, tg.scale, 0.0f};
         ranks[a] = static_cast<int32_t>(tg.a.dim(0));
         any = true;
       }
-      const int64_t i = l * kProjections + p;
+      const int64_t i = l * kNumLoraSites + s;
       TANDEM_ASSIGN_OR_RETURN(lora_weights_[i],
                               ops::LoraWeights::Create(ctx_, in, out, std::move(entries)));
       if (!any) continue;
@@ -232,15 +170,15 @@ Status InferModel::PrepareLora(const std::vector<SeqChunk>& seqs,
     group_segs[g] = static_cast<int>(lora_segs_.size());
     lora_segs_.push_back(std::move(segs));
   }
-  lora_segs_index_.assign(L * kProjections, -1);
-  for (int64_t i = 0; i < L * kProjections; ++i) {
+  lora_segs_index_.assign(L * kNumLoraSites, -1);
+  for (int64_t i = 0; i < L * kNumLoraSites; ++i) {
     if (lora_group_[i] >= 0) lora_segs_index_[i] = group_segs[lora_group_[i]];
   }
   return Status::Ok();
 }
 
-Status InferModel::LoraDelta(int64_t l, model::Projection p, const Tensor& x, Tensor y) {
-  const int64_t i = l * kProjections + static_cast<int>(p);
+Status InferModel::LoraDelta(int64_t l, LoraSite site, const Tensor& x, Tensor y) {
+  const int64_t i = l * kNumLoraSites + static_cast<int>(site);
   if (lora_segs_index_.empty() || lora_segs_index_[i] < 0) return Status::Ok();
   const ops::LoraSegments& segs = lora_segs_[lora_segs_index_[i]];
   TANDEM_ASSIGN_OR_RETURN(Tensor h, Tensor::Empty({segs.h_numel()}, x.dtype(), ctx_.allocator()));
@@ -249,7 +187,6 @@ Status InferModel::LoraDelta(int64_t l, model::Projection p, const Tensor& x, Te
 }
 
 Status InferModel::Layer(int64_t l, Buffers& b, Tensor& kv_pages) {
-  using model::Projection;
   const LayerWeights& w = layers_[l];
   const int64_t N = b.n, Hq = config_.num_attention_heads, Hkv = config_.num_key_value_heads;
   const int64_t D = config_.head_dim, F = config_.intermediate_size, H3 = Hq + 2 * Hkv;
@@ -258,11 +195,8 @@ Status InferModel::Layer(int64_t l, Buffers& b, Tensor& kv_pages) {
   Tensor none;
   TANDEM_RETURN_IF_ERROR(ops::RmsNormForward(ctx_, b.ln, none, b.x, w.attn_norm, eps));
   TANDEM_RETURN_IF_ERROR(ops::Matmul(ctx_, b.qkv, b.ln, w.qkv, false, true));  // [N, H3 D]
-  TANDEM_RETURN_IF_ERROR(LoraDelta(l, Projection::kQ, b.ln, b.qkv.Slice(1, 0, Hq * D)));
-  TANDEM_RETURN_IF_ERROR(
-      LoraDelta(l, Projection::kK, b.ln, b.qkv.Slice(1, Hq * D, (Hq + Hkv) * D)));
-  TANDEM_RETURN_IF_ERROR(
-      LoraDelta(l, Projection::kV, b.ln, b.qkv.Slice(1, (Hq + Hkv) * D, H3 * D)));
+  // q | k | v columns of qkv: one fused delta (AdapterWeights' joined weights).
+  TANDEM_RETURN_IF_ERROR(LoraDelta(l, LoraSite::kQkv, b.ln, b.qkv));
   const Tensor heads = b.qkv.View({N, H3, D});
   Tensor q = heads.Slice(1, 0, Hq);         // [N, Hq, D]
   Tensor k = heads.Slice(1, Hq, Hq + Hkv);  // [N, Hkv, D]
@@ -276,16 +210,16 @@ Status InferModel::Layer(int64_t l, Buffers& b, Tensor& kv_pages) {
   TANDEM_RETURN_IF_ERROR(ops::PagedAttention(ctx_, attn, q, kv_pages, table, b.req, b.positions,
                                              Hkv, block_tokens_, scale));
   TANDEM_RETURN_IF_ERROR(ops::Matmul(ctx_, b.proj, b.attn, w.o, false, true));
-  TANDEM_RETURN_IF_ERROR(LoraDelta(l, Projection::kO, b.attn, b.proj));
+  TANDEM_RETURN_IF_ERROR(LoraDelta(l, LoraSite::kO, b.attn, b.proj));
   TANDEM_RETURN_IF_ERROR(ops::Add(ctx_, b.x_mid, b.x, b.proj));  // [N, C]
   TANDEM_RETURN_IF_ERROR(ops::RmsNormForward(ctx_, b.ln, none, b.x_mid, w.mlp_norm, eps));
   TANDEM_RETURN_IF_ERROR(ops::Matmul(ctx_, b.gate_up, b.ln, w.gate_up, false, true));
-  TANDEM_RETURN_IF_ERROR(LoraDelta(l, Projection::kGate, b.ln, b.gate_up.Slice(1, 0, F)));
-  TANDEM_RETURN_IF_ERROR(LoraDelta(l, Projection::kUp, b.ln, b.gate_up.Slice(1, F, 2 * F)));
+  // gate | up columns of gate_up [N, 2F]: one fused delta.
+  TANDEM_RETURN_IF_ERROR(LoraDelta(l, LoraSite::kGateUp, b.ln, b.gate_up));
   TANDEM_RETURN_IF_ERROR(
       ops::SwigluForward(ctx_, b.act, b.gate_up.Slice(1, 0, F), b.gate_up.Slice(1, F, 2 * F)));
   TANDEM_RETURN_IF_ERROR(ops::Matmul(ctx_, b.proj, b.act, w.down, false, true));
-  TANDEM_RETURN_IF_ERROR(LoraDelta(l, Projection::kDown, b.act, b.proj));
+  TANDEM_RETURN_IF_ERROR(LoraDelta(l, LoraSite::kDown, b.act, b.proj));
   return ops::Add(ctx_, b.x, b.x_mid, b.proj);
 }
 

@@ -4,8 +4,9 @@
 // positions (a prefill chunk or one decode token); their K/V go into the sequence's pages of the
 // unified pool (serve/kv_pool.h's layout) and attention reads all earlier positions through the
 // block tables (ops/paged_attention.h). LoRA deltas of several adapters, of any ranks, go through
-// the segmented multi-adapter ops (ops/lora.h) over the batch's tokens grouped by adapter. Only
-// the last token of each sequence reaches the final norm and lm head: logits [R, V].
+// the segmented multi-adapter ops (ops/lora.h) over the batch's tokens grouped by adapter: one
+// shrink and one expand per LoraSite (q|k|v and gate|up fused, see AdapterWeights). Only the last
+// token of each sequence reaches the final norm and lm head: logits [R, V].
 //
 // The math is LlamaModel's forward (same ops, same order per token): greedy decoding through
 // InferModel equals greedy decoding through LlamaModel::Logits on the full sequence.
@@ -25,6 +26,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <utility>
 #include <vector>
 
 #include "core/allocator.h"
@@ -37,25 +39,47 @@
 
 namespace tandem::serve {
 
-// One LoRA adapter's weights as the forward reads them: per adapted (layer, projection), A [r, in]
-// and B [out, r] in the compute dtype on the compute device, and the scale. Inference needs no
-// f32 masters or gradients, so this is all a resident adapter holds on the device.
+// Where the forward adds LoRA deltas in a layer. Projections that read the same input and write
+// adjacent columns of one fused output run as one site: q|k|v (input: the normed hidden states,
+// output: the fused qkv [N, (Hq + 2 Hkv) D]) and gate|up (output [N, 2F]); o and down are sites
+// of their own. One site costs one segmented shrink and one expand per layer.
+enum class LoraSite : uint8_t { kQkv = 0, kO, kGateUp, kDown };
+inline constexpr int kNumLoraSites = 4;
+
+// The projections of a site, in the order of their output columns.
+std::vector<model::Projection> LoraSiteProjections(LoraSite site);
+// [in, out] of a site: its projections' shared input and joined outputs.
+std::pair<int64_t, int64_t> LoraSiteShape(const model::LlamaConfig& config, LoraSite site);
+
+// One LoRA adapter's weights as the forward reads them: per adapted (layer, site), A [r, in] and
+// B [out, r] in the compute dtype on the compute device, and the scale. For a fused site (q|k|v,
+// gate|up) they are the adapter's targeted projections of the site joined: A stacks their A rows
+// ([r_q + r_k + r_v, in]; an untargeted projection adds none) and B [out_q + out_k + out_v, r] is
+// block-diagonal (B_p in the rows of p's output columns and the columns of p's A rows, zeros
+// elsewhere), each block multiplied by scale_p / scale (scale: the first nonzero scale of the
+// targeted projections; blocks of that scale are exact copies), so that scale * h B^T is the sum
+// of the projections' deltas. The zero blocks cost memory: with all seven projections targeted at
+// one rank, 1.46x the unfused bytes on TinyLlama-1.1B's shapes, 1.6x on Llama-2-7B's. Inference
+// needs no f32 masters or gradients, so this is all a resident adapter holds on the device.
 struct AdapterWeights {
   struct Target {
     Tensor a, b;
     float scale = 1.0f;
   };
-  std::vector<int> index;  // [L * 7]: target of (layer, projection), or -1
+  std::vector<int> index;  // [L * kNumLoraSites]: target of (layer, site), or -1
   std::vector<Target> targets;
 
-  int Find(int64_t layer, model::Projection p) const {
-    return index[layer * model::kNumProjections + static_cast<int>(p)];
+  int Find(int64_t layer, LoraSite s) const {
+    return index[layer * kNumLoraSites + static_cast<int>(s)];
   }
-  // Compute-dtype bytes of every A and B.
+  // Compute-dtype bytes of every A and B (fused B blocks' zeros included).
   int64_t num_bytes() const;
-  // From an adapter on the host (f32): on a CPU context the tensors are shared, on CUDA they are
-  // rounded to `dtype` and copied to the device in one copy (views of one device buffer; waits
-  // for the context's stream once).
+  // num_bytes() of FromLora(ctx, lora, dtype), without building it (for memory budgets).
+  static int64_t BytesFor(const peft::LoraAdapter& lora, DType dtype);
+  // From an adapter on the host (f32): on a CPU context the tensors of unfused sites are shared
+  // and fused sites are new host tensors; on CUDA everything is rounded to `dtype` and copied to
+  // the device in one copy (views of one device buffer; waits for the context's stream once).
+  // InvalidArgument when a target's shape is not its projection's (e.g. a tensor-parallel slice).
   static StatusOr<AdapterWeights> FromLora(ops::Context& ctx, const peft::LoraAdapter& lora,
                                            DType dtype);
 
@@ -108,7 +132,7 @@ class InferModel {
     lora_adapters_.clear();
     lora_weights_.clear();
   }
-  // How many times the per-(layer, projection) LoRA weight tables were built: once per distinct
+  // How many times the per-(layer, site) LoRA weight tables were built: once per distinct
   // adapter list passed to Forward (consecutive calls with the same list reuse them).
   int64_t lora_table_builds() const { return lora_table_builds_; }
 
@@ -124,8 +148,8 @@ class InferModel {
   Status PrepareLora(const std::vector<SeqChunk>& seqs,
                      const std::vector<const AdapterWeights*>& adapters);
   Status BuildLoraTables(const std::vector<const AdapterWeights*>& adapters);
-  // y += the adapters' deltas of projection p of layer l (no-op when no adapter targets it).
-  Status LoraDelta(int64_t l, model::Projection p, const Tensor& x, Tensor y);
+  // y += the adapters' deltas of site s of layer l (no-op when no adapter targets it).
+  Status LoraDelta(int64_t l, LoraSite s, const Tensor& x, Tensor y);
   Status Layer(int64_t l, Buffers& b, Tensor& kv_pages);
   // Packs the batch metadata into the staging buffer and sends it to the device (one copy).
   Status UploadMetadata(const std::vector<SeqChunk>& seqs, Buffers& b, Tensor* tokens,
@@ -145,14 +169,14 @@ class InferModel {
   Tensor fetch_;    // u8, FetchForSampling's download buffer
   bool upload_pending_ = false;  // staging_ may still be read by a queued copy
 
-  // LoRA tables: weights per (layer, projection) over every adapter of the list passed (cached
+  // LoRA tables: weights per (layer, site) over every adapter of the list passed (cached
   // while the list stays the same), grouped by rank table (the ranks of all adapters there);
   // this batch's segments per group that some segment uses.
   std::vector<const AdapterWeights*> lora_adapters_;
-  std::vector<ops::LoraWeights> lora_weights_;  // [L * 7]
-  std::vector<int> lora_group_;                 // [L * 7] -> lora_group_ranks_, -1: none
+  std::vector<ops::LoraWeights> lora_weights_;  // [L * kNumLoraSites]
+  std::vector<int> lora_group_;                 // [L * sites] -> lora_group_ranks_, -1: none
   std::vector<std::vector<int32_t>> lora_group_ranks_;
-  std::vector<int> lora_segs_index_;  // [L * 7] -> lora_segs_, -1: none
+  std::vector<int> lora_segs_index_;  // [L * sites] -> lora_segs_, -1: none
   std::vector<ops::LoraSegments> lora_segs_;
   int64_t lora_table_builds_ = 0;
 };

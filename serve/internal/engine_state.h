@@ -17,7 +17,9 @@ namespace tandem::serve::internal {
 
 // An adapter in its three tiers: `path` on disk; `host` (f32, its own CPU context) while in the
 // host LRU; `device` (compute-dtype A and B only) plus `pages` (charged in the unified pool) while
-// resident for decoding. On a CPU engine the device copy shares the host copy's tensors.
+// resident for decoding. On a CPU engine the device copy shares the host copy's tensors for o
+// and down (the fused q/k/v and gate/up sites are new tensors); `weight_bytes` counts the
+// device copy as AdapterWeights::BytesFor does, the fused sites' zero blocks included.
 struct AdapterEntry {
   std::string name, path;
   peft::LoraConfig config;

@@ -13,5 +13,12 @@ TEST(InferModelGpu, MatchesLlamaLogitsOnCuda) {
   RunInferParity(*ctx, 128, {5e-2, 5e-2});
 }
 
+// Fused q|k|v and gate|up sites with per-projection ranks and scales (folded into bf16 B blocks).
+TEST(InferModelGpu, FusedLoraSitesMatchLlamaLogitsOnCuda) {
+  TANDEM_SKIP_WITHOUT_GPU();
+  auto ctx = std::move(ops::Context::Cuda(0)).value();
+  RunInferParity(*ctx, 64, {5e-2, 5e-2}, FusedParitySpecs());
+}
+
 }  // namespace
 }  // namespace tandem::serve

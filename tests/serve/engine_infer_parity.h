@@ -1,10 +1,11 @@
 // Shared by engine_infer_test.cc (CPU) and engine_infer_gpu_test.cc (CUDA): InferModel's paged,
 // chunked, multi-adapter forward against LlamaModel::Logits on the same weights.
 //
-// Three sequences (base, adapter 0 of rank 4 on all projections, adapter 1 of rank 2 on some)
-// run as one ragged batch: prompt prefill in two chunks of different sizes, then one decode
-// token each; the logits of each sequence's last token must equal LlamaModel::Logits (with the
-// sequence's adapter attached through peft::AdapterSet) at that position.
+// One sequence on the base model and one per adapter (by default: adapter 0 of rank 4 on all
+// projections, adapter 1 of rank 2 on some) run as one ragged batch: prompt prefill in two chunks
+// of different sizes, then one decode token each; the logits of each sequence's last token must
+// equal LlamaModel::Logits (with the sequence's adapter attached through peft::AdapterSet) at that
+// position.
 #pragma once
 
 #include <gtest/gtest.h>
@@ -34,14 +35,49 @@ inline model::LlamaConfig ParityConfig(int64_t head_dim) {
   return c;
 }
 
+// An adapter of the parity tests: alpha 2r unless alpha_pattern says otherwise; every A and B
+// uniform in [-0.2, 0.2) from `seed`.
+struct ParitySpec {
+  int64_t r = 4;
+  std::vector<std::string> targets;
+  uint64_t seed = 0;
+  std::vector<std::pair<std::string, int64_t>> rank_pattern;
+  std::vector<std::pair<std::string, double>> alpha_pattern;
+};
+
+inline std::vector<ParitySpec> DefaultParitySpecs() {
+  return {{4, {"all-linear"}, 10, {}, {}}, {2, {"q_proj", "v_proj", "up_proj"}, 20, {}, {}}};
+}
+
+// Adapters that exercise the fused q|k|v and gate|up LoRA sites (serve/infer_model.h): q and v
+// without k; all of q, k, v, gate, up with a different rank and scale each (and another q rank in
+// layer 1); o and down only (rank 0 on both fused sites); k and up alone (blocks that do not start
+// at column 0).
+inline std::vector<ParitySpec> FusedParitySpecs() {
+  return {{3, {"q_proj", "v_proj"}, 30, {}, {}},
+          {4,
+           {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"},
+           40,
+           {{"^model.layers.1.self_attn.q_proj", 6},
+            {"k_proj", 2},
+            {"v_proj", 5},
+            {"gate_proj", 3},
+            {"up_proj", 1}},
+           {{"k_proj", 1.0}, {"up_proj", 3.0}, {"v_proj", 4.0}}},
+          {2, {"o_proj", "down_proj"}, 50, {}, {}},
+          {2, {"k_proj", "up_proj"}, 60, {}, {}}};
+}
+
 inline std::unique_ptr<peft::LoraAdapter> ParityAdapter(ops::Context& ctx,
-                                                        const model::LlamaConfig& c, int64_t r,
-                                                        std::vector<std::string> targets,
-                                                        uint64_t seed) {
+                                                        const model::LlamaConfig& c,
+                                                        const ParitySpec& spec) {
   peft::LoraConfig lc;
-  lc.r = r;
-  lc.alpha = 2.0 * r;
-  lc.target_modules = std::move(targets);
+  lc.r = spec.r;
+  lc.alpha = 2.0 * spec.r;
+  lc.target_modules = spec.targets;
+  lc.rank_pattern = spec.rank_pattern;
+  lc.alpha_pattern = spec.alpha_pattern;
+  const uint64_t seed = spec.seed;
   auto a = std::move(peft::LoraAdapter::Create(ctx, c, lc)).value();
   for (size_t i = 0; i < a->parameters().size(); ++i) {
     TANDEM_CHECK_OK(a->SetFromHost(
@@ -70,7 +106,8 @@ inline Tensor ReferenceLastLogits(model::LlamaModel& m, std::unique_ptr<peft::Lo
   return last;
 }
 
-inline void RunInferParity(ops::Context& ctx, int64_t head_dim, testing::Tolerance tol) {
+inline void RunInferParity(ops::Context& ctx, int64_t head_dim, testing::Tolerance tol,
+                           const std::vector<ParitySpec>& specs = DefaultParitySpecs()) {
   const model::LlamaConfig c = ParityConfig(head_dim);
   model::ModelOptions mo;
   mo.trainable = false;
@@ -84,50 +121,51 @@ inline void RunInferParity(ops::Context& ctx, int64_t head_dim, testing::Toleran
   // The engine's path: adapters loaded on the host, their compute copies on ctx's device.
   auto host_ctx = ops::Context::Cpu();
   std::vector<std::unique_ptr<peft::LoraAdapter>> adapters;
-  adapters.push_back(ParityAdapter(*host_ctx, c, 4, {"all-linear"}, 10));
-  adapters.push_back(ParityAdapter(*host_ctx, c, 2, {"q_proj", "v_proj", "up_proj"}, 20));
+  for (const ParitySpec& spec : specs) adapters.push_back(ParityAdapter(*host_ctx, c, spec));
   std::vector<AdapterWeights> weights;
   for (const auto& a : adapters) {
     weights.push_back(std::move(AdapterWeights::FromLora(ctx, *a, m->compute_dtype())).value());
   }
-  // Sequences: adapter -1, 0, 1; prompt lengths 13, 21, 5.
-  const std::vector<int32_t> which = {-1, 0, 1};
+  std::vector<const AdapterWeights*> ptrs;
+  for (const AdapterWeights& w : weights) ptrs.push_back(&w);
+  // Sequences: adapter -1, 0, 1, ...; prompt lengths 13, 21, 5, 13, 21, 5, ...
+  const int S = static_cast<int>(specs.size()) + 1;
+  const std::vector<int64_t> kLens = {13, 21, 5}, kSplit = {5, 9, 1};
   std::vector<std::vector<int32_t>> ids;
-  std::vector<std::vector<std::vector<int32_t>>> blocks(3, std::vector<std::vector<int32_t>>(L));
-  for (int s = 0; s < 3; ++s) {
-    Tensor t = testing::RandomInts({std::vector<int64_t>{13, 21, 5}[s] + 1}, 50 + s, 96);
+  std::vector<std::vector<std::vector<int32_t>>> blocks(S, std::vector<std::vector<int32_t>>(L));
+  for (int s = 0; s < S; ++s) {
+    Tensor t = testing::RandomInts({kLens[s % 3] + 1}, 50 + s, 96);
     ids.emplace_back(t.data<int32_t>(), t.data<int32_t>() + t.numel());
     for (int64_t l = 0; l < L; ++l) ASSERT_TRUE(pool.Allocate(PageUse::kKv, 4, &blocks[s][l]));
   }
-  std::vector<const AdapterWeights*> ptrs = {&weights[0], &weights[1]};
   // Three forwards: prompt[0:k), prompt[k:T-1), then the decode token at T-1.
-  auto run = [&](std::vector<std::pair<int64_t, int64_t>> ranges) {
+  auto run = [&](int step) {
     std::vector<SeqChunk> seqs;
-    for (int s = 0; s < 3; ++s) {
+    for (int s = 0; s < S; ++s) {
+      const int64_t T = static_cast<int64_t>(ids[s].size()), k = kSplit[s % 3];
+      const int64_t from = step == 0 ? 0 : step == 1 ? k : T - 1;
+      const int64_t to = step == 0 ? k : step == 1 ? T - 1 : T;
       SeqChunk ch;
-      ch.start = ranges[s].first;
-      ch.tokens.assign(ids[s].begin() + ranges[s].first, ids[s].begin() + ranges[s].second);
-      ch.adapter = which[s];
+      ch.start = from;
+      ch.tokens.assign(ids[s].begin() + from, ids[s].begin() + to);
+      ch.adapter = s - 1;
       ch.blocks = &blocks[s];
       seqs.push_back(std::move(ch));
     }
-    return std::move(infer->Forward(pages, seqs, ptrs)).value();  // [3, V]
+    return std::move(infer->Forward(pages, seqs, ptrs)).value();  // [S, V]
   };
-  run({{0, 5}, {0, 9}, {0, 1}});
-  const Tensor prefill = run({{5, 13}, {9, 21}, {1, 5}});
-  const Tensor decode = run({{13, 14}, {21, 22}, {5, 6}});
+  run(0);
+  const Tensor prefill = run(1);
+  const Tensor decode = run(2);
   const int64_t V = c.vocab_size;
-  for (int s = 0; s < 3; ++s) {
+  for (int s = 0; s < S; ++s) {
     for (int step = 0; step < 2; ++step) {
       const Tensor& got_all = step == 0 ? prefill : decode;
       const int64_t len = static_cast<int64_t>(ids[s].size()) - (step == 0 ? 1 : 0);
       std::vector<int32_t> prefix(ids[s].begin(), ids[s].begin() + len);
       std::unique_ptr<peft::LoraAdapter> a;
-      if (which[s] >= 0) {  // a fresh copy: AdapterSet takes ownership
-        a = which[s] == 0 ? ParityAdapter(ctx, c, 4, {"all-linear"}, 10)
-                          : ParityAdapter(ctx, c, 2, {"q_proj", "v_proj", "up_proj"}, 20);
-      }
-      Tensor want = ReferenceLastLogits(*m, which[s] >= 0 ? &a : nullptr, ctx, prefix);
+      if (s > 0) a = ParityAdapter(ctx, c, specs[s - 1]);  // a fresh copy: AdapterSet owns it
+      Tensor want = ReferenceLastLogits(*m, s > 0 ? &a : nullptr, ctx, prefix);
       Tensor got = Tensor::Cpu({V}, DType::kF32);
       std::copy_n(got_all.data<float>() + s * V, V, got.data<float>());
       EXPECT_TRUE(testing::AllClose(got, want, tol)) << "sequence " << s << " step " << step;

@@ -191,7 +191,7 @@ void RunUnderPool(ManyAdaptersTest& t, const EngineOptions& base, int pages) {
 }
 
 TEST_F(ManyAdaptersTest, EveryRequestFinishesWithItsAdaptersTokens) {
-  for (int pages : {24, 32, 48, 96}) RunUnderPool(*this, options_, pages);
+  for (int pages : {32, 40, 56, 112}) RunUnderPool(*this, options_, pages);
 }
 
 // With every adapter resident (a large pool), the LoRA weight tables are built when adapters are

@@ -205,9 +205,10 @@ TEST_F(EngineTest, PreemptionUnderATinyPoolGivesTheSameTokens) {
 TEST_F(EngineTest, AdaptersReloadFromDiskAndEvictUnderPagePressure) {
   EngineOptions o = options_;
   o.host_adapter_cache = 0;  // adapters not in use go back to the disk tier
-  // 20 pages of 1 KiB: adapter "a" takes 15, "b" 3, a 7-token request's KV 4 (2 layers x 2
-  // blocks of 8 positions), so "b" plus its KV evicts "a", and "a" plus its KV evicts "b".
-  o.pool_bytes = 20 * 1024;
+  // 28 pages of 1 KiB: adapter "a" takes 22, "b" 5 (the fused q/k/v and gate/up sites' B blocks
+  // included), a 7-token request's KV 4 (2 layers x 2 blocks of 8 positions), so "b" plus its KV
+  // evicts "a", and "a" plus its KV evicts "b".
+  o.pool_bytes = 28 * 1024;
   auto engine = MakeEngine(o);
   Sink sink;
   for (int round = 0; round < 2; ++round) {
@@ -221,7 +222,7 @@ TEST_F(EngineTest, AdaptersReloadFromDiskAndEvictUnderPagePressure) {
 
 TEST_F(EngineTest, RequestsThatCanNeverFitFailInsteadOfWaitingForever) {
   EngineOptions o = options_;
-  o.pool_bytes = 12 * 1024;  // adapter "a" alone needs 15 pages
+  o.pool_bytes = 12 * 1024;  // adapter "a" alone needs 22 pages
   auto engine = MakeEngine(o);
   Sink sink;
   const Sink::Result too_big = sink.Wait(*engine->Submit(Greedy("a", "x", 4), sink.For()));
