@@ -370,6 +370,29 @@ Status LoraExpand(Context& ctx, Tensor& y, const Tensor& h, const LoraWeights& w
   return Status::Ok();
 }
 
+Status LoraDelta(Context& ctx, Tensor& y, const Tensor& x, const LoraWeights& w,
+                 const LoraSegments& segs) {
+  ProfileScope profile(ctx, "lora");
+  if (!y.defined()) return InvalidArgumentError("LoraDelta: tensor 'y' is undefined");
+  TANDEM_RETURN_IF_ERROR(
+      ValidateCall(ctx, "LoraDelta", w, segs, nullptr, {{"x", &x}}, {{"y", &y}}, {}));
+  if (segs.h_numel() == 0) return Status::Ok();
+  TANDEM_ASSIGN_OR_RETURN(Tensor h, Tensor::Empty({segs.h_numel()}, x.dtype(), ctx.allocator()));
+#ifdef TANDEM_WITH_CUDA
+  if (ctx.is_cuda()) {
+    TANDEM_ASSIGN_OR_RETURN(const SplitWorkspace split, SplitFor(ctx, segs, w.in()));
+    return LoraCudaResult(
+        cuda::LoraShrinkExpand(internal::StreamOf(ctx), x.dtype(), y.raw_data(),
+                               internal::LeadingStride(y, 0), x.raw_data(),
+                               internal::LeadingStride(x, 0), ViewOf(segs, true), ViewOf(w, true),
+                               split.splits, split.data(), h.raw_data()),
+        "LoraDelta", ctx, segs, w);
+  }
+#endif
+  TANDEM_RETURN_IF_ERROR(LoraShrink(ctx, h, x, w, segs, 0));
+  return LoraExpand(ctx, y, h, w, segs);
+}
+
 Status LoraExpandBackward(Context& ctx, Tensor& dh, const LoraWeights* grads, const Tensor& dy,
                           const Tensor& h, const LoraWeights& w, const LoraSegments& segs) {
   ProfileScope profile(ctx, "lora");

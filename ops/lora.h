@@ -142,6 +142,14 @@ Status LoraShrink(Context& ctx, Tensor& h, const Tensor& x, const LoraWeights& w
 Status LoraExpand(Context& ctx, Tensor& y, const Tensor& h, const LoraWeights& w,
                   const LoraSegments& segs);
 
+// y += s * drop(x) A^T B^T per segment with dropout_seed 0: LoraShrink then LoraExpand without
+// handing h back (inference: the serving forward's one call per LoRA site). On CUDA, when the
+// shrink is split over K (few tokens), the expand sums the slices as it reads them instead of a
+// separate pass; results equal LoraShrink + LoraExpand bit for bit (h is rounded to the compute
+// dtype the same way).
+Status LoraDelta(Context& ctx, Tensor& y, const Tensor& x, const LoraWeights& w,
+                 const LoraSegments& segs);
+
 // dh = s * dy B (overwritten, [h_numel]); if grads is given, grads.b_a += s * dy^T h over the
 // adapter's tokens for every adapter whose grads entry is defined (f32 [out, r_a]).
 // dy [N, out] (row stride free), h from the forward.

@@ -181,9 +181,7 @@ Status InferModel::LoraDelta(int64_t l, LoraSite site, const Tensor& x, Tensor y
   const int64_t i = l * kNumLoraSites + static_cast<int>(site);
   if (lora_segs_index_.empty() || lora_segs_index_[i] < 0) return Status::Ok();
   const ops::LoraSegments& segs = lora_segs_[lora_segs_index_[i]];
-  TANDEM_ASSIGN_OR_RETURN(Tensor h, Tensor::Empty({segs.h_numel()}, x.dtype(), ctx_.allocator()));
-  TANDEM_RETURN_IF_ERROR(ops::LoraShrink(ctx_, h, x, lora_weights_[i], segs, 0));
-  return ops::LoraExpand(ctx_, y, h, lora_weights_[i], segs);
+  return ops::LoraDelta(ctx_, y, x, lora_weights_[i], segs);  // shrink + expand, no h pass
 }
 
 Status InferModel::Layer(int64_t l, Buffers& b, Tensor& kv_pages) {

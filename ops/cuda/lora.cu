@@ -55,6 +55,10 @@ struct TokenArgs {
   // partial[z * h_numel + i] (f32) instead of writing `out`; null: one slice, straight to out.
   float* partial = nullptr;
   int64_t kslice = 0;
+  // [fused delta] kExpand: h is read as the sum of in_splits f32 slices of partial_in (each
+  // [h_numel]) rounded to T, not from `rows`.
+  const float* partial_in = nullptr;
+  int in_splits = 0;
 };
 
 template <Mode M>
@@ -98,7 +102,12 @@ __global__ void __launch_bounds__(kThreads) LoraTokenKernel(TokenArgs args) {
       const int64_t kk = k0 + k;
       float v = 0.0f;
       if (m < rows && kk < kend) {
-        if (RowsArePacked<M>()) {
+        if (M == Mode::kExpand && args.partial_in != nullptr) {
+          const int64_t i = packed0 + m * r + kk;
+          float sum = 0.0f;  // the split-sum pass's order and rounding
+          for (int s = 0; s < args.in_splits; ++s) sum += args.partial_in[s * args.segs.h_numel + i];
+          v = ToFloat(FromFloat<T>(sum));
+        } else if (RowsArePacked<M>()) {
           v = ToFloat(src[packed0 + m * r + kk]);
         } else {
           v = ToFloat(src[(token0 + m) * args.ld_rows + kk]);
@@ -337,6 +346,32 @@ cudaError_t LoraShrink(cudaStream_t stream, DType dtype, void* h, const void* x,
   TokenArgs args{h, 0, x, ldx, segs, w, seed};
   args.partial = workspace;
   return DispatchToken<Mode::kShrink>(stream, dtype, args, splits);
+}
+
+cudaError_t LoraShrinkExpand(cudaStream_t stream, DType dtype, void* y, int64_t ldy, const void* x,
+                             int64_t ldx, const SegmentsView& segs, const WeightsView& w,
+                             int splits, float* workspace, void* h) {
+  if (splits <= 1 || workspace == nullptr) {
+    cudaError_t err = LoraShrink(stream, dtype, h, x, ldx, segs, w, 0);
+    if (err != cudaSuccess) return err;
+    return LoraExpand(stream, dtype, y, ldy, h, segs, w);
+  }
+  if (segs.num_tiles == 0 || segs.max_rank <= 0) return cudaSuccess;
+  return DispatchF32Bf16(dtype, [&](auto tag) -> cudaError_t {
+    using T = typename decltype(tag)::type;
+    // The shrink's slices, exactly as LaunchToken<kShrink> makes them, without its sum pass.
+    TokenArgs sa{nullptr, 0, x, ldx, segs, w, 0};
+    sa.partial = workspace;
+    sa.kslice = CeilDiv(CeilDiv(w.in, static_cast<int64_t>(splits)), int64_t{kBK}) * kBK;
+    const int used = static_cast<int>(CeilDiv(w.in, sa.kslice));
+    const dim3 sgrid(static_cast<unsigned>(segs.num_tiles),
+                     static_cast<unsigned>(CeilDiv(segs.max_rank, kBN)), static_cast<unsigned>(used));
+    LoraTokenKernel<T, Mode::kShrink><<<sgrid, kThreads, 0, stream>>>(sa);
+    TokenArgs ea{y, ldy, nullptr, 0, segs, w, 0};
+    ea.partial_in = workspace;
+    ea.in_splits = used;
+    return LaunchToken<T, Mode::kExpand>(stream, ea);
+  });
 }
 
 cudaError_t LoraExpand(cudaStream_t stream, DType dtype, void* y, int64_t ldy, const void* h,

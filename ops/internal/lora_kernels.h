@@ -128,6 +128,12 @@ cudaError_t LoraShrink(cudaStream_t stream, DType dtype, void* h, const void* x,
                        int splits = 1, float* workspace = nullptr);
 cudaError_t LoraExpand(cudaStream_t stream, DType dtype, void* y, int64_t ldy, const void* h,
                        const lora::SegmentsView& segs, const lora::WeightsView& w);
+// LoraShrink then LoraExpand (ops::LoraDelta). splits > 1: the shrink's slices go to `workspace`
+// (f32 [splits, h_numel]) and the expand sums them as it loads h (rounded to dtype); else h goes
+// through `h` ([h_numel] of dtype).
+cudaError_t LoraShrinkExpand(cudaStream_t stream, DType dtype, void* y, int64_t ldy, const void* x,
+                             int64_t ldx, const lora::SegmentsView& segs,
+                             const lora::WeightsView& w, int splits, float* workspace, void* h);
 cudaError_t LoraExpandBackward(cudaStream_t stream, DType dtype, void* dh,
                                const lora::WeightsView* grads, const void* dy, int64_t lddy,
                                const void* h, const lora::SegmentsView& segs,

@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -157,6 +158,7 @@ Inputs MakeInputs(const Case& c) {
 // Every output of one run, fetched to the host as f32.
 struct Outputs {
   Tensor h, y_wide, dh, dx, x_drop;
+  Tensor y_two_calls, y_delta;  // LoraShrink + LoraExpand (seed 0) and LoraDelta on the same y
   std::vector<Tensor> dA, dB;
 };
 
@@ -209,6 +211,16 @@ Outputs RunCase(Context& ctx, const Case& c, const Inputs& in) {
   TANDEM_CHECK_OK(LoraDropout(ctx, x_drop, x, kSeed, c.dropout[0], false));
   Outputs o{ToHost(ctx, h), ToHost(ctx, y_wide), ToHost(ctx, dh), ToHost(ctx, dx),
             ToHost(ctx, x_drop)};
+  {  // ops::LoraDelta against its two calls
+    Tensor y2_wide = ToDevice(ctx, in.y_wide, dt), y3_wide = ToDevice(ctx, in.y_wide, dt);
+    Tensor y2 = y2_wide.Slice(1, c.pad, c.pad + c.out), y3 = y3_wide.Slice(1, c.pad, c.pad + c.out);
+    Tensor h2 = *Tensor::Empty({segs.h_numel()}, dt, ctx.allocator());
+    TANDEM_CHECK_OK(LoraShrink(ctx, h2, x, w, segs, 0));
+    TANDEM_CHECK_OK(LoraExpand(ctx, y2, h2, w, segs));
+    TANDEM_CHECK_OK(LoraDelta(ctx, y3, x, w, segs));
+    o.y_two_calls = ToHost(ctx, y2_wide);
+    o.y_delta = ToHost(ctx, y3_wide);
+  }
   for (size_t a = 0; a < c.ranks.size(); ++a) {
     o.dA.push_back(c.ranks[a] ? ToHost(ctx, dA[a]) : Tensor());
     o.dB.push_back(c.ranks[a] ? ToHost(ctx, dB[a]) : Tensor());
@@ -234,6 +246,14 @@ TEST_P(LoraParityTest, CudaMatchesCpu) {
   EXPECT_TRUE(Close(got.dh, ref.dh, act)) << "dh";
   EXPECT_TRUE(Close(got.dx, ref.dx, act)) << "dx";
   EXPECT_TRUE(Close(got.x_drop, ref.x_drop, bf16 ? Tol{0, 1e-2} : Tol{0, 0})) << "LoraDropout";
+  // The fused delta (on CUDA: the expand summing the shrink's split-K slices) is bit for bit the
+  // two calls, on both devices.
+  for (const Outputs* o : {&ref, &got}) {
+    ASSERT_EQ(o->y_delta.numel(), o->y_two_calls.numel());
+    EXPECT_EQ(0, std::memcmp(o->y_delta.raw_data(), o->y_two_calls.raw_data(),
+                             o->y_delta.num_bytes()))
+        << (o == &ref ? "cpu" : "cuda") << ": LoraDelta differs from LoraShrink + LoraExpand";
+  }
   for (size_t a = 0; a < c.ranks.size(); ++a) {
     if (c.ranks[a] == 0) continue;
     EXPECT_TRUE(Close(got.dA[a], ref.dA[a], act)) << "dA of adapter " << a;
