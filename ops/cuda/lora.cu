@@ -351,8 +351,11 @@ cudaError_t LoraShrink(cudaStream_t stream, DType dtype, void* h, const void* x,
 cudaError_t LoraShrinkExpand(cudaStream_t stream, DType dtype, void* y, int64_t ldy, const void* x,
                              int64_t ldx, const SegmentsView& segs, const WeightsView& w,
                              int splits, float* workspace, void* h) {
-  if (splits <= 1 || workspace == nullptr) {
-    cudaError_t err = LoraShrink(stream, dtype, h, x, ldx, segs, w, 0);
+  // Summing the slices in the expand pays off for few tiles (decode); with many (prefill) every
+  // column block of the expand would re-sum them, so the separate sum pass is cheaper there.
+  constexpr int32_t kMaxTilesToFuse = 32;
+  if (splits <= 1 || workspace == nullptr || segs.num_tiles > kMaxTilesToFuse) {
+    cudaError_t err = LoraShrink(stream, dtype, h, x, ldx, segs, w, 0, splits, workspace);
     if (err != cudaSuccess) return err;
     return LoraExpand(stream, dtype, y, ldy, h, segs, w);
   }
