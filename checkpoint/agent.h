@@ -88,10 +88,9 @@ class AgentClient {
   Status Register(int rank, uint64_t capacity_bytes);
   // Starts version `version` of `rank`: returns where to write its bytes (capacity_bytes long).
   StatusOr<uint8_t*> BeginVersion(int rank, uint64_t version);
-  // Commits `num_bytes` written at BeginVersion's pointer; true when the version is complete.
-  StatusOr<bool> CommitVersion(int rank, uint64_t version, uint64_t num_bytes);
-  // The same with the bytes' CRC-32 (Crc32) already computed by the caller, e.g. piece by piece
-  // while they landed; the agent still checks it against the slot.
+  // Commits `num_bytes` written at BeginVersion's pointer, whose CRC-32 (Crc32) the caller
+  // computed where they landed (e.g. piece by piece as they landed); the agent checks it against
+  // the slot. True when the version is complete.
   StatusOr<bool> CommitVersion(int rank, uint64_t version, uint64_t num_bytes, uint32_t crc32);
   // BeginVersion + copy + CommitVersion.
   StatusOr<bool> WriteVersion(int rank, uint64_t version, std::span<const uint8_t> bytes);

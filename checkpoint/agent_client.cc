@@ -70,14 +70,6 @@ StatusOr<uint8_t*> AgentClient::BeginVersion(int rank, uint64_t version) {
   return map->slot_data(std::stoi(w[0]));
 }
 
-StatusOr<bool> AgentClient::CommitVersion(int rank, uint64_t version, uint64_t num_bytes) {
-  TANDEM_ASSIGN_OR_RETURN(ShardMapping* map, Mapping(rank));
-  // The CRC of the bytes where they landed: the agent recomputes it from the same memory.
-  int slot = map->slot_header(0).version == version ? 0 : 1;
-  uint32_t crc = Crc32(0, map->slot_data(slot), num_bytes, kCommitCrcThreads);
-  return CommitVersion(rank, version, num_bytes, crc);
-}
-
 StatusOr<bool> AgentClient::CommitVersion(int rank, uint64_t version, uint64_t num_bytes,
                                           uint32_t crc32) {
   TANDEM_ASSIGN_OR_RETURN(auto w, Call(StrCat("COMMIT ", rank, " ", version, " ", num_bytes, " ", crc32)));
@@ -93,7 +85,8 @@ StatusOr<bool> AgentClient::WriteVersion(int rank, uint64_t version,
   }
   TANDEM_ASSIGN_OR_RETURN(uint8_t* dst, BeginVersion(rank, version));
   std::memcpy(dst, bytes.data(), bytes.size());
-  return CommitVersion(rank, version, bytes.size());
+  // The CRC of the bytes where they landed (the agent recomputes it from the same memory).
+  return CommitVersion(rank, version, bytes.size(), Crc32(0, dst, bytes.size()));
 }
 
 StatusOr<std::optional<uint64_t>> AgentClient::LatestComplete(std::string* why) {

@@ -95,11 +95,10 @@ uint32_t Crc32Serial(uint32_t seed, const void* data, size_t num_bytes) {
 
 }  // namespace
 
-uint32_t Crc32(uint32_t seed, const void* data, size_t num_bytes, int max_threads) {
+uint32_t Crc32(uint32_t seed, const void* data, size_t num_bytes) {
   constexpr size_t kMinPiece = size_t{64} << 20;
   const size_t cores = std::max(1u, std::thread::hardware_concurrency());
-  const size_t cap = static_cast<size_t>(std::clamp(max_threads, 1, 16));
-  const size_t pieces = std::min({cores, cap, num_bytes / kMinPiece});
+  const size_t pieces = std::min({cores, size_t{16}, num_bytes / kMinPiece});
   if (pieces < 2) return Crc32Serial(seed, data, num_bytes);
   const auto* p = static_cast<const unsigned char*>(data);
   const size_t piece = (num_bytes + pieces - 1) / pieces;

@@ -74,14 +74,9 @@ inline constexpr uint32_t kFragmentMagic = 0x52464554;  // "TEFR" in memory orde
 inline constexpr uint16_t kFragmentFormatVersion = 1;
 
 // CRC-32 (zlib polynomial, ISA-L implementation): Crc32(0, ...) equals zlib's crc32(0, ...).
-// Buffers of 256 MiB and more are split over up to `max_threads` (at most 16) threads and the
-// pieces joined with zlib's crc32_combine (a 13 GB snapshot slot in about a tenth of the
-// single-core time with 16).
-uint32_t Crc32(uint32_t seed, const void* data, size_t num_bytes, int max_threads = 16);
-// Threads for the checksums of a snapshot commit (which run while training goes on). Capping them
-// at 4 to leave the trainer's threads more cores made full-FT snapshots slower on an H100 host
-// (commit 281 -> 885 ms, throughput 15.9K -> 7.5K tokens/s), so they take the full 16.
-inline constexpr int kCommitCrcThreads = 16;
+// Buffers of 256 MiB and more are split over up to 16 threads and the pieces joined with zlib's
+// crc32_combine (a 13 GB snapshot slot in about a tenth of the single-core time).
+uint32_t Crc32(uint32_t seed, const void* data, size_t num_bytes);
 
 // Splits `object` into coder.k() data fragments, computes coder.m() parity fragments, and frames
 // all k+m with headers naming `snapshot_version` and `owner_node`. Element i is fragment i.

@@ -236,7 +236,7 @@ Status SnapshotStore::CommitLocked(int rank, uint64_t version, uint64_t num_byte
                                          h->capacity_bytes));
     }
     const uint8_t* data = reinterpret_cast<const uint8_t*>(h) + h->data_offset[s];
-    uint32_t actual = Crc32(0, data, num_bytes, kCommitCrcThreads);
+    uint32_t actual = Crc32(0, data, num_bytes);
     if (actual != crc32) {
       return DataLossError(StrCat("snapshot store: rank ", rank, " version ", version,
                                   ": CRC-32 of the slot is ", actual, ", the trainer sent ",

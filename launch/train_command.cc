@@ -25,7 +25,7 @@ int LaunchedWorldSize() {
 // A run stopped early by SIGTERM/SIGINT (after saving) exits 128 + the signal's number, as the
 // shell reports a process the signal ended: a scheduler sees "not finished", nothing is lost.
 int StoppedExitCode(const trainer::TrainResult& result) {
-  return result.stopped_by_signal > 0 ? 128 + static_cast<int>(result.stopped_by_signal) : 0;
+  return result.stopped_by_signal > 0 ? 128 + result.stopped_by_signal : 0;
 }
 
 // [parallel] One rank of an mpirun job: MPI, the host world, training, a timed finalize.

@@ -39,7 +39,7 @@ struct TrainResult {
   std::string last_checkpoint;
   // train.universal_checkpoints: the newest universal checkpoint this run published ("" none).
   std::string last_universal_checkpoint;
-  int64_t stopped_by_signal = 0;  // TrainEnv::stop_signal's number when it ended the run early
+  int stopped_by_signal = 0;  // TrainEnv::stop_signal's number when it ended the run early
   int64_t resumed_from_step = 0;  // the checkpoint's step when the run resumed, else 0
 };
 

@@ -12,10 +12,7 @@
 namespace tandem::parallel::testing {
 namespace {
 
-struct Case {
-  int dp, cp, tp;
-  bool tied;
-};
+using Case = MeshCase;
 
 void RunCase(const Case& c, bool zero) {
   auto world = collectives::CreateMpiWorld({.timeout_s = 30});
@@ -43,11 +40,7 @@ INSTANTIATE_TEST_SUITE_P(Meshes, MeshParity,
                                            Case{2, 1, 2, false}, Case{2, 2, 1, false},
                                            Case{1, 2, 2, false}, Case{1, 1, 4, false},
                                            Case{1, 1, 4, true}),
-                         [](const ::testing::TestParamInfo<Case>& info) {
-                           const Case& c = info.param;
-                           return "dp" + std::to_string(c.dp) + "cp" + std::to_string(c.cp) + "tp" +
-                                  std::to_string(c.tp) + (c.tied ? "tied" : "");
-                         });
+                         MeshCaseName);
 
 }  // namespace
 }  // namespace tandem::parallel::testing

@@ -8,6 +8,7 @@
 
 #include <cmath>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "collectives/communicator.h"
@@ -240,6 +241,19 @@ inline void ExpectMatches(const RunResult& got, const RunResult& ref, bool check
     EXPECT_TRUE(tandem::testing::AllClose(got.weights[i], ref.weights[i], kWeightTol))
         << "weight of parameter " << i << " after " << kSteps << " steps";
   }
+}
+
+// One mesh of a parity test: dp x cp x tp, tied embeddings or not; MeshCaseName names it for
+// INSTANTIATE_TEST_SUITE_P ("dp2cp1tp2", "dp1cp1tp4tied").
+struct MeshCase {
+  int dp, cp, tp;
+  bool tied;
+};
+
+inline std::string MeshCaseName(const ::testing::TestParamInfo<MeshCase>& info) {
+  const MeshCase& c = info.param;
+  return "dp" + std::to_string(c.dp) + "cp" + std::to_string(c.cp) + "tp" + std::to_string(c.tp) +
+         (c.tied ? "tied" : "");
 }
 
 }  // namespace tandem::parallel::testing

@@ -25,6 +25,7 @@
 #include "peft/lora.h"
 #include "serve/internal/openai_protocol.h"
 #include "tests/common/testing.h"
+#include "tests/serve/serve_test_util.h"
 
 namespace tandem::serve {
 namespace {
@@ -45,24 +46,6 @@ model::LlamaConfig TinyConfig() {
   c.rms_norm_eps = 1e-5;
   c.max_position_embeddings = 64;
   return c;
-}
-
-// Greedy continuation of `ids` by full recomputation with LlamaModel::Logits.
-std::vector<int32_t> ReferenceGreedy(model::LlamaModel& m, std::vector<int32_t> ids, int steps) {
-  const int64_t V = m.config().vocab_size;
-  std::vector<int32_t> out;
-  for (int s = 0; s < steps; ++s) {
-    const int64_t T = static_cast<int64_t>(ids.size());
-    model::Batch b;
-    b.tokens = Tensor::Cpu({1, T}, DType::kI32);
-    std::copy(ids.begin(), ids.end(), b.tokens.data<int32_t>());
-    Tensor logits = std::move(m.Logits(b)).value();  // [1, T, V]
-    const float* last = logits.data<float>() + (T - 1) * V;
-    const int32_t id = static_cast<int32_t>(std::max_element(last, last + V) - last);
-    out.push_back(id);
-    ids.push_back(id);
-  }
-  return out;
 }
 
 // The `tandem` binary beside this test's build tree (bin/ next to tests/).
@@ -197,15 +180,16 @@ TEST(ServeEndToEnd, ServesBaseAndAdapterOverHttp) {
   for (char c : std::string("Hi there")) prompt.push_back(static_cast<unsigned char>(c));
   // The chat prompt is the fallback template's (the model directory has no chat template).
   const std::vector<int32_t> chat_prompt = tok->Encode("<bos>user: Hi there\nassistant: ");
-  const std::vector<int32_t> base_ids = ReferenceGreedy(*llama, prompt, 8);
-  const std::vector<int32_t> base_chat_ids = ReferenceGreedy(*llama, chat_prompt, 8);
+  const int64_t V = llama->config().vocab_size;  // greedy over every id
+  const std::vector<int32_t> base_ids = test_util::GreedyTokens(*llama, prompt, 8, V);
+  const std::vector<int32_t> base_chat_ids = test_util::GreedyTokens(*llama, chat_prompt, 8, V);
   std::vector<int32_t> adapter_ids, adapter_chat_ids;
   {
     peft::AdapterSet set(*ctx, TinyConfig());
     ASSERT_EQ(*set.Add(std::move(adapter)), 0);
     llama->SetAdapter(&set);
-    adapter_ids = ReferenceGreedy(*llama, prompt, 8);
-    adapter_chat_ids = ReferenceGreedy(*llama, chat_prompt, 8);
+    adapter_ids = test_util::GreedyTokens(*llama, prompt, 8, V);
+    adapter_chat_ids = test_util::GreedyTokens(*llama, chat_prompt, 8, V);
     llama->SetAdapter(nullptr);
   }
   ASSERT_NE(base_ids, adapter_ids) << "the adapter should change the greedy continuation";

@@ -227,10 +227,7 @@ void ExpectGpuMatches(const GpuResult& got, const GpuResult& one, const RunResul
   }
 }
 
-struct Case {
-  int dp, cp, tp;
-  bool tied;
-};
+using Case = MeshCase;
 
 void RunCase(const Case& c, bool zero) {
   const auto& mpi = collectives::testing::Mpi();
@@ -265,11 +262,7 @@ INSTANTIATE_TEST_SUITE_P(Meshes, NcclMeshParity,
                                            Case{2, 2, 1, false}, Case{1, 2, 2, false},
                                            Case{1, 1, 4, false}, Case{1, 4, 1, false},
                                            Case{1, 1, 4, true}),
-                         [](const ::testing::TestParamInfo<Case>& info) {
-                           const Case& c = info.param;
-                           return "dp" + std::to_string(c.dp) + "cp" + std::to_string(c.cp) + "tp" +
-                                  std::to_string(c.tp) + (c.tied ? "tied" : "");
-                         });
+                         MeshCaseName);
 
 }  // namespace
 }  // namespace tandem::parallel::testing

@@ -121,8 +121,6 @@ double SecondsSince(std::chrono::steady_clock::time_point t) {
 }
 }  // namespace
 
-Snapshotter::Timings Snapshotter::timings() const { return timings_; }
-
 std::string Snapshotter::TimingSummary() const {
   if (taken_ == 0) return std::string();
   const double n = static_cast<double>(taken_);

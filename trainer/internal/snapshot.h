@@ -83,17 +83,8 @@ class Snapshotter {
   const std::string& socket() const { return socket_; }
   int64_t taken() const { return taken_; }
   int64_t skipped() const { return skipped_; }
-  // Where the time of the snapshots taken went, in seconds summed over them: the copy (from its
-  // enqueueing, after the slot was page-locked on first use, to its landing; on CUDA each 512 MB
-  // group is checksummed as it lands, so this includes all but the last group's CRC), the commit
-  // (the rest of the checksum and the agent's COMMIT, which publishes the version: its own check
-  // of the CRC and, across nodes, the parity), and how long the training thread waited in Fence
-  // and for a previous commit (the overhead an update sees).
-  struct Timings {
-    double copy_s = 0, commit_s = 0, waited_s = 0;
-  };
-  Timings timings() const;
-  // "copy X ms, commit Y ms, updates waited Z ms per snapshot" (empty before any snapshot).
+  // Where the snapshots' time went: "copy X ms, commit Y ms, updates waited Z ms per snapshot"
+  // (empty before any snapshot; see Timings).
   std::string TimingSummary() const;
 
  private:
@@ -120,7 +111,16 @@ class Snapshotter {
   std::thread commit_;
   std::atomic<bool> committing_{false};
   int64_t taken_ = 0, skipped_ = 0;
-  // Timings: copy_s and commit_s are written by the commit thread (read after joining it).
+  // Where the time of the snapshots taken went, in seconds summed over them: the copy (from its
+  // enqueueing, after the slot was page-locked on first use, to its landing; on CUDA each 512 MB
+  // group is checksummed as it lands, so this includes all but the last group's CRC), the commit
+  // (the rest of the checksum and the agent's COMMIT, which publishes the version: its own check
+  // of the CRC and, across nodes, the parity), and how long the training thread waited in Fence
+  // and for a previous commit (the overhead an update sees).
+  struct Timings {
+    double copy_s = 0, commit_s = 0, waited_s = 0;
+  };
+  // copy_s and commit_s are written by the commit thread (read after joining it).
   Timings timings_;
   std::chrono::steady_clock::time_point started_at_;
   bool skip_when_busy_ = false;
