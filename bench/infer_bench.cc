@@ -3,12 +3,13 @@
 // adapter and with B sequences spread over --adapters rank --rank LoRA adapters on q/k/v/o.
 //
 //   tandem-infer_bench [--device cuda:0] [--batch 32] [--context 128] [--prefill 128]
-//                      [--adapters 8] [--rank 16] [--iters 20]
+//                      [--adapters 8] [--rank 16] [--iters 20] [--graphs 1]
 //                      [--layers 22 --hidden 2048 --inter 5632 --vocab 32000 --heads 32
 //                       --kv-heads 4]
 //
 // Prints one JSON line per case (decode / prefill, base / lora): ms per forward (mean of --iters
-// after 3 warm-up calls, each call waited for), and the ops profile of one call by category
+// after 3 warm-up calls, each call waited for; decode as CUDA graph replays unless --graphs 0,
+// and ms_eager launched op by op), and the ops profile of one eager call by category
 // (ops/profiler.h), so that a slow case shows where its time goes. The decode floor is the bytes
 // one step must read (the weights, plus every sequence's K/V) over the device's copy bandwidth,
 // which the bench measures with a device-to-device copy of the weights' size.
@@ -80,6 +81,7 @@ int main(int argc, char** argv) {
   const int64_t B = Flag(kv, "batch", 32), context = Flag(kv, "context", 128);
   const int64_t prefill = Flag(kv, "prefill", 128), A = Flag(kv, "adapters", 8);
   const int64_t rank = Flag(kv, "rank", 16), iters = std::max<int64_t>(1, Flag(kv, "iters", 20));
+  const bool graphs = Flag(kv, "graphs", 1) != 0;  // decode as CUDA graph replays
   model::LlamaConfig c;
   c.num_hidden_layers = Flag(kv, "layers", 22);
   c.hidden_size = Flag(kv, "hidden", 2048);
@@ -160,10 +162,17 @@ int main(int argc, char** argv) {
         Tensor logits = Take(infer->ForwardLogits(pages, seqs, adapters), "ForwardLogits");
         Check(ctx->Synchronize(), "sync");
       };
-      for (int i = 0; i < 3; ++i) once();
-      const auto t0 = Clock::now();
-      for (int64_t i = 0; i < iters; ++i) once();
-      const double ms = 1e3 * std::chrono::duration<double>(Clock::now() - t0).count() / iters;
+      auto time_ms = [&] {
+        for (int i = 0; i < 3; ++i) once();  // warm-up; with graphs: eager, capture, replay
+        const auto t0 = Clock::now();
+        for (int64_t i = 0; i < iters; ++i) once();
+        return 1e3 * std::chrono::duration<double>(Clock::now() - t0).count() / iters;
+      };
+      // Decode: launched op by op, then as CUDA graph replays (InferModel's default).
+      infer->set_cuda_graphs(false);
+      const double ms_eager = decode ? time_ms() : 0.0;
+      infer->set_cuda_graphs(graphs);
+      const double ms = time_ms();
       ops::Profiler prof;
       Check(prof.Begin(*ctx), "profiler");
       once();
@@ -179,7 +188,9 @@ int main(int argc, char** argv) {
                           {"context", decode ? context : 0},
                           {"adapters", lora ? A : 0},
                           {"rank", rank},
-                          {"ms", ms}};
+                          {"ms", ms},
+                          {"cuda_graphs", graphs && decode && device.is_cuda()}};
+      if (decode) j["ms_eager"] = ms_eager;
       if (decode && copy_gbps > 0) {
         const double bytes = static_cast<double>(weight_bytes) +
                              static_cast<double>(B) * static_cast<double>(context + 1) *

@@ -70,6 +70,7 @@ int main(int argc, char** argv) {
   eo.device = a.Get("device", "auto");
   eo.pool_bytes = static_cast<int64_t>(a.Num("pool-gb", 0) * (1 << 30));
   eo.max_batch_tokens = a.Int("max-batch-tokens", 2048);
+  eo.cuda_graphs = a.Int("cuda-graphs", 1) != 0;
   eo.max_waiting = 1 << 20;
   if (Status s = bench::AddRandomAdapters(a, config, tmp, &eo); !s.ok()) Fail(s);
   auto engine_or = serve::Engine::Create(eo);

@@ -46,6 +46,7 @@ void PrintServeHelp() {
       "  --max-batch-tokens N   tokens per engine iteration (default 2048)\n"
       "  --max-running N        requests in the running batch (default 256)\n"
       "  --max-waiting N        queued requests before 503 (default 1024)\n"
+      "  --cuda-graphs 0|1      replay decode batches as CUDA graphs (default 1)\n"
       "  --threads N            HTTP connections served at once (default 64)\n"
       "\nfine-tuning jobs (POST /v1/fine_tuning/jobs; trained in the token budget inference\n"
       "leaves over, published as NAME@VERSION):\n"
@@ -122,14 +123,17 @@ std::string ApplyFlag(const std::string& flag, const std::string& value, ServeOp
       {"--finetune-micro-batch-tokens", &o->engine.finetune.micro_batch_tokens},
       {"--finetune-snapshot-steps", &o->engine.finetune.snapshot_every_steps}};
   const bool is_port = flag == "--port", is_threads = flag == "--threads";
-  bool known = is_port || is_threads;
+  const bool is_graphs = flag == "--cuda-graphs";
+  bool known = is_port || is_threads || is_graphs;
   for (const auto& [name, field] : int_flags) known = known || flag == name;
   if (!known) return "unexpected argument '" + flag + "'";
-  if (!ParseInt(value, &n) || (is_port && n > 65535) || (is_threads && (n < 1 || n > 4096))) {
+  if (!ParseInt(value, &n) || (is_port && n > 65535) || (is_threads && (n < 1 || n > 4096)) ||
+      (is_graphs && n > 1)) {
     return flag + ": '" + value + "' is not a valid value";
   }
   if (is_port) o->http.port = static_cast<int>(n);
   if (is_threads) o->http.num_threads = static_cast<int>(n);
+  if (is_graphs) o->engine.cuda_graphs = n == 1;
   for (const auto& [name, field] : int_flags) {
     if (flag == name) *field = n;
   }

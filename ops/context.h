@@ -40,6 +40,14 @@ class Context {
   bool is_cuda() const { return device_.is_cuda(); }
   // Allocator for tensors on this context's device (HostAllocator() for CPU).
   Allocator& allocator() { return *allocator_; }
+  // Makes allocator() return `allocator` (not owned; it must outlive every use through this
+  // context) and returns the one it replaces. CudaGraph routes a capture's allocations into its
+  // arena this way and puts the previous allocator back.
+  Allocator* ExchangeAllocator(Allocator* allocator) {
+    Allocator* previous = allocator_;
+    allocator_ = allocator;
+    return previous;
+  }
   // The stream ops run on (nullptr for CPU).
   CudaStream stream() const;
   // Waits for all work enqueued on the stream. OK at once on CPU.

@@ -82,6 +82,7 @@ Status EngineImpl::Init(const EngineOptions& options) {
                                        "position of K and V (", per_pos, " bytes)"));
   }
   TANDEM_ASSIGN_OR_RETURN(infer_, InferModel::Create(*ctx_, *model_, block_tokens));
+  infer_->set_cuda_graphs(options.cuda_graphs);
   const int64_t pool_bytes = options.pool_bytes > 0 ? options.pool_bytes : DefaultPoolBytes(device);
   TANDEM_ASSIGN_OR_RETURN(pool_, PagePool::Create(ctx_->allocator(), options.page_bytes,
                                                   pool_bytes / options.page_bytes));

@@ -7,7 +7,9 @@
 #include <map>
 
 #include "core/cuda_allocator.h"
+#include "core/logging.h"
 #include "model/rope.h"
+#include "ops/cuda_graph.h"
 #include "ops/ops.h"
 #include "ops/paged_attention.h"
 #include "ops/sampling.h"
@@ -41,6 +43,21 @@ struct InferModel::Buffers {
   Tensor positions, req, slots, tables;                // device i32
   int64_t max_blocks = 0;
 };
+
+// One captured decode shape: the graph, its output in the graph's arena, the metadata buffer it
+// reads (rewritten before every replay) and the LoRA segment records it reads.
+struct InferModel::DecodeGraph {
+  ops::CudaGraph graph;  // first, so it goes last: `logits` lives in its arena
+  Tensor logits;         // [R, V]
+  Tensor meta;           // device i32, UploadMetadata's layout for this shape
+  std::vector<ops::LoraSegments> segs;
+  uint64_t last_used = 0;
+};
+
+InferModel::InferModel(ops::Context& ctx, model::LlamaModel& model, int64_t block_tokens)
+    : ctx_(ctx), model_(model), config_(model.config()), block_tokens_(block_tokens) {}
+
+InferModel::~InferModel() = default;
 
 StatusOr<std::unique_ptr<InferModel>> InferModel::Create(ops::Context& ctx,
                                                          model::LlamaModel& model,
@@ -103,6 +120,7 @@ Status InferModel::BindWeights() {
 
 Status InferModel::BuildLoraTables(const std::vector<const AdapterWeights*>& adapters) {
   const int64_t L = config_.num_hidden_layers;
+  DropGraphs();  // they read the tables replaced here
   lora_weights_.assign(L * kNumLoraSites, ops::LoraWeights());
   lora_group_.assign(L * kNumLoraSites, -1);
   lora_group_ranks_.clear();
@@ -234,7 +252,7 @@ Status InferModel::EnsureHost(Tensor* buffer, int64_t num_bytes) {
 }
 
 Status InferModel::UploadMetadata(const std::vector<SeqChunk>& seqs, Buffers& b, Tensor* tokens,
-                                  Tensor* last) {
+                                  Tensor* last, Tensor* device) {
   const int64_t L = config_.num_hidden_layers, R = b.r, N = b.n, B = b.max_blocks;
   // One i32 buffer: tokens [N], positions [N], req [N], last [R], slots [L, N], tables [L, R, B].
   const int64_t o_pos = N, o_req = 2 * N, o_last = 3 * N, o_slots = 3 * N + R;
@@ -267,7 +285,14 @@ Status InferModel::UploadMetadata(const std::vector<SeqChunk>& seqs, Buffers& b,
   // The CPU reads the staging buffer in place; CUDA gets it in one asynchronous copy.
   Tensor meta = Tensor::Wrap(h, {total}, DType::kI32, staging_.device());
   if (ctx_.is_cuda()) {
-    TANDEM_ASSIGN_OR_RETURN(Tensor dev, Tensor::Empty({total}, DType::kI32, ctx_.allocator()));
+    Tensor dev;
+    if (device != nullptr && device->defined()) {
+      dev = *device;
+      TANDEM_CHECK(dev.numel() == total);
+    } else {
+      TANDEM_ASSIGN_OR_RETURN(dev, Tensor::Empty({total}, DType::kI32, ctx_.allocator()));
+      if (device != nullptr) *device = dev;
+    }
     TANDEM_RETURN_IF_ERROR(CopyTensor(dev, meta, ctx_.stream()));
     upload_pending_ = true;
     meta = dev;
@@ -284,8 +309,6 @@ Status InferModel::UploadMetadata(const std::vector<SeqChunk>& seqs, Buffers& b,
 StatusOr<Tensor> InferModel::ForwardLogits(Tensor& kv_pages, const std::vector<SeqChunk>& seqs,
                                            const std::vector<const AdapterWeights*>& adapters) {
   const int64_t L = config_.num_hidden_layers, R = static_cast<int64_t>(seqs.size());
-  const int64_t C = config_.hidden_size, V = config_.vocab_size;
-  const DType A = compute_dtype();
   Buffers b;
   b.r = R;
   for (const SeqChunk& s : seqs) {
@@ -294,12 +317,22 @@ StatusOr<Tensor> InferModel::ForwardLogits(Tensor& kv_pages, const std::vector<S
     b.n += static_cast<int64_t>(s.tokens.size());
     b.max_blocks = std::max<int64_t>(b.max_blocks, (*s.blocks)[0].size());
   }
-  if (R == 0) return Tensor::Empty({0, V}, A, ctx_.allocator());
-  const int64_t N = b.n;
+  if (R == 0) return Tensor::Empty({0, config_.vocab_size}, compute_dtype(), ctx_.allocator());
+  Tensor logits;
+  TANDEM_ASSIGN_OR_RETURN(bool replayed, GraphForward(kv_pages, seqs, adapters, b, &logits));
+  if (replayed) return logits;
   Tensor d_tokens, d_last;
-  TANDEM_RETURN_IF_ERROR(UploadMetadata(seqs, b, &d_tokens, &d_last));
+  TANDEM_RETURN_IF_ERROR(UploadMetadata(seqs, b, &d_tokens, &d_last, nullptr));
   TANDEM_RETURN_IF_ERROR(PrepareLora(seqs, adapters));
+  TANDEM_RETURN_IF_ERROR(Compute(b, kv_pages, d_tokens, d_last, &logits));
+  return logits;
+}
 
+Status InferModel::Compute(Buffers& b, Tensor& kv_pages, const Tensor& d_tokens,
+                           const Tensor& d_last, Tensor* logits) {
+  const int64_t L = config_.num_hidden_layers, R = b.r, N = b.n;
+  const int64_t C = config_.hidden_size, V = config_.vocab_size;
+  const DType A = compute_dtype();
   const int64_t Hq = config_.num_attention_heads, Hkv = config_.num_key_value_heads;
   const int64_t D = config_.head_dim, F = config_.intermediate_size;
   auto alloc = [&](Tensor* t, const Shape& shape) -> Status {
@@ -318,15 +351,116 @@ StatusOr<Tensor> InferModel::ForwardLogits(Tensor& kv_pages, const std::vector<S
   for (int64_t l = 0; l < L; ++l) TANDEM_RETURN_IF_ERROR(Layer(l, b, kv_pages));
 
   // Last token of each sequence: gather rows (an embedding lookup into x), norm, lm head.
-  Tensor h, hn, logits, none;
+  Tensor h, hn, none;
   TANDEM_RETURN_IF_ERROR(alloc(&h, {R, C}));
   TANDEM_RETURN_IF_ERROR(alloc(&hn, {R, C}));
-  TANDEM_RETURN_IF_ERROR(alloc(&logits, {R, V}));
+  TANDEM_RETURN_IF_ERROR(alloc(logits, {R, V}));
   TANDEM_RETURN_IF_ERROR(ops::EmbeddingForward(ctx_, h, d_last, b.x));
   TANDEM_RETURN_IF_ERROR(ops::RmsNormForward(ctx_, hn, none, h, final_norm_,
                                              static_cast<float>(config_.rms_norm_eps)));
-  TANDEM_RETURN_IF_ERROR(ops::Matmul(ctx_, logits, hn, lm_head_, false, true));  // [R, V]
-  return logits;
+  return ops::Matmul(ctx_, *logits, hn, lm_head_, false, true);  // [R, V]
+}
+
+StatusOr<bool> InferModel::GraphForward(Tensor& kv_pages, const std::vector<SeqChunk>& seqs,
+                                        const std::vector<const AdapterWeights*>& adapters,
+                                        Buffers& b, Tensor* logits) {
+  if (!graphs_on_ || graphs_broken_ || !ctx_.is_cuda() || ctx_.profiler() != nullptr) {
+    return false;
+  }
+  for (const SeqChunk& s : seqs) {
+    if (s.tokens.size() != 1) return false;  // prefill chunks: shapes vary too much to keep
+  }
+  // The LoRA tables over this list first: a new list drops the graphs that read the old tables.
+  if (!adapters.empty() && (adapters != lora_adapters_ || lora_weights_.empty())) {
+    TANDEM_RETURN_IF_ERROR(BuildLoraTables(adapters));
+  }
+  // Block tables rounded up to a power of two wide, so a growing context changes the shape
+  // only when it doubles.
+  int64_t width = 1;
+  while (width < b.max_blocks) width *= 2;
+  b.max_blocks = width;
+  // The shape: the pool, R, the table width, and each sequence's adapter (with one token per
+  // sequence these fix the LoRA segments; the adapter list itself is fixed while graphs live).
+  std::vector<int64_t> key = {reinterpret_cast<int64_t>(kv_pages.raw_data()), kv_pages.dim(0),
+                              kv_pages.stride(0), b.r, width, adapters.empty() ? 0 : 1};
+  for (const SeqChunk& s : seqs) key.push_back(s.adapter);
+
+  Tensor d_tokens, d_last;
+  auto it = graphs_.find(key);
+  if (it == graphs_.end()) {
+    if (graph_sightings_.size() > 4096) graph_sightings_.clear();
+    if (++graph_sightings_[key] < 2) return false;  // once is not a pattern: run it eagerly
+    graph_sightings_.erase(key);
+    auto g = std::make_unique<DecodeGraph>();
+    TANDEM_RETURN_IF_ERROR(UploadMetadata(seqs, b, &d_tokens, &d_last, &g->meta));
+    TANDEM_RETURN_IF_ERROR(PrepareLora(seqs, adapters));
+    // Activations of N = R tokens, the head's rows and the LoRA temporaries, with room to spare
+    // (a capture that runs out is redone with twice the arena).
+    const int64_t C = config_.hidden_size, F = config_.intermediate_size;
+    const int64_t qkv = (config_.num_attention_heads + 2 * config_.num_key_value_heads) *
+                        config_.head_dim;
+    const int64_t guess = 2 * b.r * (6 * C + qkv + 3 * F + config_.vocab_size) *
+                              static_cast<int64_t>(DTypeSize(compute_dtype())) +
+                          (int64_t{4} << 20);
+    Tensor out;
+    StatusOr<ops::CudaGraph> graph = ops::CudaGraph::Capture(
+        ctx_, guess, [&] { return Compute(b, kv_pages, d_tokens, d_last, &out); });
+    if (!graph.ok()) {
+      graphs_broken_ = true;
+      TANDEM_LOG(WARNING, "serve") << "decode CUDA graph capture failed; decoding without graphs "
+                                      "from now on: "
+                                   << graph.status().ToString();
+      return false;
+    }
+    g->graph = std::move(*graph);
+    g->logits = std::move(out);
+    g->segs = std::move(lora_segs_);
+    lora_segs_.clear();
+    lora_segs_index_.clear();
+    ++graph_stats_.captures;
+    if (static_cast<int64_t>(graphs_.size()) >= kMaxGraphs) {
+      auto oldest = graphs_.begin();
+      for (auto i = graphs_.begin(); i != graphs_.end(); ++i) {
+        if (i->second->last_used < oldest->second->last_used) oldest = i;
+      }
+      graphs_.erase(oldest);  // a replay still in flight finishes first (CUDA frees it after)
+    }
+    it = graphs_.emplace(std::move(key), std::move(g)).first;
+  } else {
+    TANDEM_RETURN_IF_ERROR(UploadMetadata(seqs, b, &d_tokens, &d_last, &it->second->meta));
+  }
+  DecodeGraph& g = *it->second;
+  g.last_used = ++graph_clock_;
+  TANDEM_RETURN_IF_ERROR(g.graph.Launch(ctx_));
+  ++graph_stats_.replays;
+  // The caller gets logits of its own: the next replay rewrites the graph's.
+  TANDEM_ASSIGN_OR_RETURN(*logits,
+                          Tensor::Empty(g.logits.shape(), g.logits.dtype(), ctx_.allocator()));
+  TANDEM_RETURN_IF_ERROR(CopyTensor(*logits, g.logits, ctx_.stream()));
+  return true;
+}
+
+void InferModel::DropGraphs() {
+  graphs_.clear();
+  graph_sightings_.clear();
+}
+
+void InferModel::ForgetAdapters() {
+  lora_adapters_.clear();
+  lora_weights_.clear();
+  DropGraphs();
+}
+
+void InferModel::set_cuda_graphs(bool on) {
+  graphs_on_ = on;
+  if (!on) DropGraphs();
+}
+
+InferModel::GraphStats InferModel::graph_stats() const {
+  GraphStats s = graph_stats_;
+  s.kept = static_cast<int64_t>(graphs_.size());
+  for (const auto& [key, g] : graphs_) s.arena_bytes += g->graph.arena_bytes();
+  return s;
 }
 
 StatusOr<Tensor> InferModel::Forward(Tensor& kv_pages, const std::vector<SeqChunk>& seqs,

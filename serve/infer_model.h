@@ -20,11 +20,21 @@
 // packed staging buffer (pinned on CUDA) that goes to the device in one asynchronous copy; the
 // forward never waits for the device. FetchForSampling is the iteration's one synchronization.
 //
+// CUDA graphs (CUDA contexts, on by default): a decode batch (every chunk one token) whose shape
+// was seen before (the same number of sequences, the same adapter segments, the same resident
+// adapter list and pool, block tables of the same width rounded up to a power of two) replays a
+// CUDA graph of the whole forward (ops/cuda_graph.h) instead of launching its ~300 kernels one by
+// one: the second sighting of a shape captures it, later ones replay it after the metadata copy.
+// The logits come out the same bit for bit (the same kernels on the same inputs). Graphs are
+// dropped when the adapter list or its tables change (ForgetAdapters, a new list); at most
+// kMaxGraphs are kept (least recently used goes). Off while a profiler is attached.
+//
 // Ownership: keeps references to the context and model (which must outlive it); adapters are
 // borrowed per call. Thread-safety: one thread at a time (like the Context).
 #pragma once
 
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <utility>
 #include <vector>
@@ -99,6 +109,7 @@ class InferModel {
  public:
   static StatusOr<std::unique_ptr<InferModel>> Create(ops::Context& ctx, model::LlamaModel& model,
                                                       int64_t block_tokens);
+  ~InferModel();
 
   int64_t block_tokens() const { return block_tokens_; }
   int64_t num_layers() const { return config_.num_hidden_layers; }
@@ -127,23 +138,33 @@ class InferModel {
   // logprobs). Copies R ids plus those rows instead of every row.
   StatusOr<SamplerInputs> FetchForSampling(const Tensor& logits,
                                            const std::vector<int64_t>& full_rows, int64_t valid);
-  // Forgets cached adapter weight tables (call when an adapter passed before may be freed).
-  void ForgetAdapters() {
-    lora_adapters_.clear();
-    lora_weights_.clear();
-  }
+  // Forgets cached adapter weight tables and the CUDA graphs that read them (call when an adapter
+  // passed before may be freed).
+  void ForgetAdapters();
   // How many times the per-(layer, site) LoRA weight tables were built: once per distinct
   // adapter list passed to Forward (consecutive calls with the same list reuse them).
   int64_t lora_table_builds() const { return lora_table_builds_; }
+
+  // CUDA graphs for decode batches (see the top of this file); turning them off drops those kept.
+  void set_cuda_graphs(bool on);
+  bool cuda_graphs() const { return graphs_on_; }
+  static constexpr int kMaxGraphs = 32;
+  struct GraphStats {
+    int64_t captures = 0;  // graphs captured
+    int64_t replays = 0;   // forwards that ran as a graph replay (the capturing call included)
+    int64_t kept = 0;      // graphs held now
+    int64_t arena_bytes = 0;  // device bytes those graphs hold
+  };
+  GraphStats graph_stats() const;
 
  private:
   struct LayerWeights {
     Tensor qkv, o, gate_up, down, attn_norm, mlp_norm;  // qkv [H3 D, C], gate_up [2F, C]
   };
   struct Buffers;
+  struct DecodeGraph;
 
-  InferModel(ops::Context& ctx, model::LlamaModel& model, int64_t block_tokens)
-      : ctx_(ctx), model_(model), config_(model.config()), block_tokens_(block_tokens) {}
+  InferModel(ops::Context& ctx, model::LlamaModel& model, int64_t block_tokens);
   Status BindWeights();
   Status PrepareLora(const std::vector<SeqChunk>& seqs,
                      const std::vector<const AdapterWeights*>& adapters);
@@ -151,9 +172,20 @@ class InferModel {
   // y += the adapters' deltas of site s of layer l (no-op when no adapter targets it).
   Status LoraDelta(int64_t l, LoraSite s, const Tensor& x, Tensor y);
   Status Layer(int64_t l, Buffers& b, Tensor& kv_pages);
-  // Packs the batch metadata into the staging buffer and sends it to the device (one copy).
+  // The forward after the metadata is on the device: activations (allocated here), every layer,
+  // and the last tokens' logits [R, V].
+  Status Compute(Buffers& b, Tensor& kv_pages, const Tensor& tokens, const Tensor& last,
+                 Tensor* logits);
+  // Packs the batch metadata into the staging buffer and sends it to the device (one copy) into
+  // *device when it is defined (a graph's fixed buffer of the right size), else a new tensor.
   Status UploadMetadata(const std::vector<SeqChunk>& seqs, Buffers& b, Tensor* tokens,
-                        Tensor* last);
+                        Tensor* last, Tensor* device);
+  // The forward of a decode batch as a CUDA graph replay (capturing it first on the shape's
+  // second sighting). False when this call should run eagerly instead.
+  StatusOr<bool> GraphForward(Tensor& kv_pages, const std::vector<SeqChunk>& seqs,
+                              const std::vector<const AdapterWeights*>& adapters, Buffers& b,
+                              Tensor* logits);
+  void DropGraphs();
   // A host buffer of at least num_bytes (pinned on CUDA), grown by doubling; *buffer keeps it.
   Status EnsureHost(Tensor* buffer, int64_t num_bytes);
 
@@ -179,6 +211,15 @@ class InferModel {
   std::vector<int> lora_segs_index_;  // [L * sites] -> lora_segs_, -1: none
   std::vector<ops::LoraSegments> lora_segs_;
   int64_t lora_table_builds_ = 0;
+
+  // CUDA graphs of decode shapes (key: see GraphForward), and how often uncaptured shapes were
+  // seen (cleared when it grows past a bound).
+  bool graphs_on_ = true;
+  bool graphs_broken_ = false;  // a capture failed: eager from then on (reported once)
+  std::map<std::vector<int64_t>, std::unique_ptr<DecodeGraph>> graphs_;
+  std::map<std::vector<int64_t>, int> graph_sightings_;
+  uint64_t graph_clock_ = 0;
+  GraphStats graph_stats_;
 };
 
 }  // namespace tandem::serve
