@@ -83,6 +83,7 @@ lora::SegmentsView ViewOf(const LoraSegments& segs, bool device) {
   v.num_adapters = static_cast<int32_t>(segs.num_adapters());
   v.num_tiles = static_cast<int32_t>(tiles);
   v.max_rank = segs.max_rank();
+  v.max_tile_rows = segs.max_tile_rows();
   v.h_numel = segs.h_numel();
   v.segments = reinterpret_cast<const lora::SegmentRecord*>(base + l.segments);
   v.tiles = reinterpret_cast<const lora::TileRecord*>(base + l.tiles);
@@ -199,8 +200,11 @@ struct SplitWorkspace {
   float* data() const { return buffer.defined() ? static_cast<float*>(buffer.raw_data()) : nullptr; }
 };
 
-StatusOr<SplitWorkspace> SplitFor(Context& ctx, const LoraSegments& segs, int64_t kdim) {
+// forward: the shrink of LoraShrink / LoraDelta, which needs no slices on thin batches (gather).
+StatusOr<SplitWorkspace> SplitFor(Context& ctx, const LoraSegments& segs, int64_t kdim,
+                                  bool forward) {
   SplitWorkspace w;
+  if (forward && cuda::LoraUsesGather(ViewOf(segs, true))) return w;
   w.splits = cuda::LoraTokenSplits(segs.num_tiles(), segs.max_rank(), kdim, ctx.cuda()->sm_count);
   if (w.splits > 1) {
     TANDEM_ASSIGN_OR_RETURN(w.buffer, internal::AllocateScratch(
@@ -253,6 +257,8 @@ StatusOr<LoraSegments> LoraSegments::Create(Context& ctx, const std::vector<int3
     by_adapter[a].push_back(static_cast<int32_t>(s));
     for (int32_t row0 = 0; row0 < r.end - r.start; row0 += lora::kLoraTileRows) {
       tiles.push_back({static_cast<int32_t>(s), row0});
+      out.max_tile_rows_ =
+          std::max(out.max_tile_rows_, std::min(lora::kLoraTileRows, r.end - r.start - row0));
     }
   }
   out.h_numel_ = offset;
@@ -338,7 +344,7 @@ Status LoraShrink(Context& ctx, Tensor& h, const Tensor& x, const LoraWeights& w
   const int64_t ldx = internal::LeadingStride(x, 0);
 #ifdef TANDEM_WITH_CUDA
   if (ctx.is_cuda()) {
-    TANDEM_ASSIGN_OR_RETURN(const SplitWorkspace split, SplitFor(ctx, segs, w.in()));
+    TANDEM_ASSIGN_OR_RETURN(const SplitWorkspace split, SplitFor(ctx, segs, w.in(), true));
     return LoraCudaResult(
         cuda::LoraShrink(internal::StreamOf(ctx), x.dtype(), h.raw_data(), x.raw_data(), ldx,
                          ViewOf(segs, true), ViewOf(w, true), dropout_seed, split.splits,
@@ -380,7 +386,7 @@ Status LoraDelta(Context& ctx, Tensor& y, const Tensor& x, const LoraWeights& w,
   TANDEM_ASSIGN_OR_RETURN(Tensor h, Tensor::Empty({segs.h_numel()}, x.dtype(), ctx.allocator()));
 #ifdef TANDEM_WITH_CUDA
   if (ctx.is_cuda()) {
-    TANDEM_ASSIGN_OR_RETURN(const SplitWorkspace split, SplitFor(ctx, segs, w.in()));
+    TANDEM_ASSIGN_OR_RETURN(const SplitWorkspace split, SplitFor(ctx, segs, w.in(), true));
     return LoraCudaResult(
         cuda::LoraShrinkExpand(internal::StreamOf(ctx), x.dtype(), y.raw_data(),
                                internal::LeadingStride(y, 0), x.raw_data(),
@@ -404,7 +410,7 @@ Status LoraExpandBackward(Context& ctx, Tensor& dh, const LoraWeights* grads, co
 #ifdef TANDEM_WITH_CUDA
   if (ctx.is_cuda()) {
     const lora::WeightsView gv = grads != nullptr ? ViewOf(*grads, true) : lora::WeightsView{};
-    TANDEM_ASSIGN_OR_RETURN(const SplitWorkspace split, SplitFor(ctx, segs, w.out()));
+    TANDEM_ASSIGN_OR_RETURN(const SplitWorkspace split, SplitFor(ctx, segs, w.out(), false));
     return LoraCudaResult(
         cuda::LoraExpandBackward(internal::StreamOf(ctx), dy.dtype(), dh.raw_data(),
                                  grads != nullptr ? &gv : nullptr, dy.raw_data(), lddy,

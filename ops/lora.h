@@ -79,6 +79,7 @@ class LoraSegments {
   // For the op implementations: CUDA tiles and segments with an adapter, and the uploaded records
   // (layout in ops/internal/lora_kernels.h).
   int64_t num_tiles() const { return num_tiles_; }
+  int32_t max_tile_rows() const { return max_tile_rows_; }  // tokens in the fullest tile
   int64_t num_active_segments() const { return num_active_segments_; }
   const Tensor& device_records() const { return records_; }
   const Tensor& host_records() const { return host_records_; }
@@ -87,6 +88,7 @@ class LoraSegments {
   std::vector<int32_t> seg_start_, seg_adapter_, ranks_;
   std::vector<int64_t> h_offset_;
   int32_t max_rank_ = 0;
+  int32_t max_tile_rows_ = 0;
   int64_t h_numel_ = 0;
   int64_t num_tiles_ = 0, num_active_segments_ = 0;
   Device device_;

@@ -13,6 +13,16 @@
 //   kExpandGrad   dy [N, out]                 B[k, j]                     r      out
 //   kShrinkGrad   dh (packed)                 A[k, j]                     in     r
 //
+// Thin batches (decode: few tokens per adapter, at most kGatherMaxTokens in all) run the forward
+// (shrink, expand) through gather kernels instead, since a 32-row tile holding 4 tokens wastes
+// most of its block:
+//   shrink: one warp per (token, rank row j): a dot product of x's row and A's row j over `in`,
+//           lanes on 16-byte vectors, then a fixed-order butterfly sum; grid (tile, j / 8, row).
+//   expand: one thread per (tile, output column c): B's row c read once, every token of the tile
+//           accumulated in registers (j ascending, fmaf, as the tiled kernel); the tile's h rows
+//           in shared memory as f32.
+// Both are deterministic; LoraDelta runs the same two kernels as LoraShrink + LoraExpand.
+//
 // Weight-gradient kernels: one block per (adapter, kGP x kGQ tile of the gradient). The block
 // walks the adapter's segments in increasing order and their tokens in steps of kGT, staging
 // [kGT, kGP] and [kGT, kGQ] slices, and each thread keeps a 4 x 4 block of sums; at the end it
@@ -163,6 +173,120 @@ __global__ void __launch_bounds__(kThreads) LoraTokenKernel(TokenArgs args) {
       }
     }
   }
+}
+
+// ---- Thin batches: gather kernels (see the top of the file) ----
+
+constexpr int64_t kGatherMaxTokens = 256;
+constexpr int32_t kGatherMaxRank = 256;  // the expand's h rows: 32 x 256 f32 of shared memory
+constexpr int kGatherWarps = 8;
+constexpr int kGatherCols = 128;
+
+bool UseGather(const SegmentsView& segs) {
+  return segs.num_tokens <= kGatherMaxTokens && segs.max_rank <= kGatherMaxRank &&
+         segs.max_tile_rows > 0;
+}
+
+__device__ __forceinline__ bool Aligned16(const void* p) {
+  return (reinterpret_cast<uintptr_t>(p) & 15) == 0;
+}
+
+// h[row, j] = sum_k drop(x[row, k]) A[j, k] for row `blockIdx.z` of tile `blockIdx.x` and j =
+// 8 blockIdx.y + warp.
+template <typename T>
+__global__ void __launch_bounds__(32 * kGatherWarps)
+    LoraGatherShrinkKernel(T* h, const T* x, int64_t ldx, SegmentsView segs, WeightsView w,
+                           uint64_t seed) {
+  const TileRecord tile = segs.tiles[blockIdx.x];
+  const SegmentRecord seg = segs.segments[tile.segment];
+  const int m = static_cast<int>(blockIdx.z);
+  const int rows = min(kBM, seg.end - seg.start - tile.row0);
+  const int j = static_cast<int>(blockIdx.y) * kGatherWarps + static_cast<int>(threadIdx.x) / 32;
+  const int lane = static_cast<int>(threadIdx.x) % 32;
+  if (m >= rows || j >= seg.rank) return;  // whole warps leave together
+  const AdapterRecord ad = w.adapters[seg.adapter];
+  const int64_t in = w.in, token = seg.start + tile.row0 + m;
+  const T* xr = x + token * ldx;
+  const T* ar = static_cast<const T*>(ad.a) + j * in;
+  constexpr int V = 16 / static_cast<int>(sizeof(T));
+  float sum = 0.0f;
+  if (ad.dropout <= 0.0f && in % V == 0 && Aligned16(xr) && Aligned16(ar)) {
+    for (int64_t k = static_cast<int64_t>(lane) * V; k < in; k += 32 * V) {
+      const Pack<T, V> xp = LoadPack<T, V>(xr + k);
+      const Pack<T, V> ap = LoadPack<T, V>(ar + k);
+#pragma unroll
+      for (int i = 0; i < V; ++i) sum = fmaf(ToFloat(xp.v[i]), ToFloat(ap.v[i]), sum);
+    }
+  } else {
+    for (int64_t k = lane; k < in; k += 32) {
+      const float xv = ToFloat(xr[k]) * DropoutScale(seed, token, k, ad.dropout);
+      sum = fmaf(xv, ToFloat(ar[k]), sum);
+    }
+  }
+#pragma unroll
+  for (int off = 16; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+  if (lane == 0) h[seg.h_offset + static_cast<int64_t>(tile.row0 + m) * seg.rank + j] = FromFloat<T>(sum);
+}
+
+// y[row, c] += s_a * sum_j h[row, j] B[c, j] for every row of tile `blockIdx.x`, c = 128
+// blockIdx.y + thread.
+template <typename T>
+__global__ void __launch_bounds__(kGatherCols)
+    LoraGatherExpandKernel(T* y, int64_t ldy, const T* h, SegmentsView segs, WeightsView w) {
+  extern __shared__ float hs[];  // [rows, r]
+  const TileRecord tile = segs.tiles[blockIdx.x];
+  const SegmentRecord seg = segs.segments[tile.segment];
+  const int rows = min(kBM, seg.end - seg.start - tile.row0);
+  const int r = seg.rank;
+  const int64_t packed0 = seg.h_offset + static_cast<int64_t>(tile.row0) * r;
+  for (int i = threadIdx.x; i < rows * r; i += blockDim.x) hs[i] = ToFloat(h[packed0 + i]);
+  __syncthreads();
+  const int64_t c = static_cast<int64_t>(blockIdx.y) * kGatherCols + threadIdx.x;
+  if (c >= w.out) return;
+  const AdapterRecord ad = w.adapters[seg.adapter];
+  const T* br = static_cast<const T*>(ad.b) + c * r;
+  float acc[kBM];
+#pragma unroll
+  for (int m = 0; m < kBM; ++m) acc[m] = 0.0f;
+  for (int j = 0; j < r; ++j) {
+    const float b = ToFloat(br[j]);
+#pragma unroll
+    for (int m = 0; m < kBM; ++m) {
+      if (m < rows) acc[m] = fmaf(hs[m * r + j], b, acc[m]);
+    }
+  }
+  const int64_t token0 = seg.start + tile.row0;
+#pragma unroll
+  for (int m = 0; m < kBM; ++m) {
+    if (m >= rows) break;
+    T* p = y + (token0 + m) * ldy + c;
+    *p = FromFloat<T>(ToFloat(*p) + ad.scale * acc[m]);
+  }
+}
+
+template <typename T>
+cudaError_t LaunchGatherShrink(cudaStream_t stream, void* h, const void* x, int64_t ldx,
+                               const SegmentsView& segs, const WeightsView& w, uint64_t seed) {
+  if (segs.num_tiles == 0 || segs.max_rank <= 0) return cudaSuccess;
+  const dim3 grid(static_cast<unsigned>(segs.num_tiles),
+                  static_cast<unsigned>(CeilDiv(static_cast<int64_t>(segs.max_rank),
+                                                int64_t{kGatherWarps})),
+                  static_cast<unsigned>(segs.max_tile_rows));
+  LoraGatherShrinkKernel<T><<<grid, 32 * kGatherWarps, 0, stream>>>(
+      static_cast<T*>(h), static_cast<const T*>(x), ldx, segs, w, seed);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t LaunchGatherExpand(cudaStream_t stream, void* y, int64_t ldy, const void* h,
+                               const SegmentsView& segs, const WeightsView& w) {
+  if (segs.num_tiles == 0 || segs.max_rank <= 0 || w.out <= 0) return cudaSuccess;
+  const dim3 grid(static_cast<unsigned>(segs.num_tiles),
+                  static_cast<unsigned>(CeilDiv(w.out, int64_t{kGatherCols})));
+  const size_t smem = static_cast<size_t>(segs.max_tile_rows) * segs.max_rank * sizeof(float);
+  LoraGatherExpandKernel<T><<<grid, kGatherCols, smem, stream>>>(
+      static_cast<T*>(y), ldy, static_cast<const T*>(h), segs, w);
+  return cudaGetLastError();
 }
 
 // [split-K] h[i] = sum over the slices in order (the packed-output modes' second pass).
@@ -340,9 +464,16 @@ int LoraTokenSplits(int64_t tiles, int64_t max_rank, int64_t kdim, int sm_count)
   return static_cast<int>(std::clamp<int64_t>(std::min(want, most), 1, 32));
 }
 
+bool LoraUsesGather(const SegmentsView& segs) { return UseGather(segs); }
+
 cudaError_t LoraShrink(cudaStream_t stream, DType dtype, void* h, const void* x, int64_t ldx,
                        const SegmentsView& segs, const WeightsView& w, uint64_t seed, int splits,
                        float* workspace) {
+  if (UseGather(segs)) {
+    return DispatchF32Bf16(dtype, [&](auto tag) -> cudaError_t {
+      return LaunchGatherShrink<typename decltype(tag)::type>(stream, h, x, ldx, segs, w, seed);
+    });
+  }
   TokenArgs args{h, 0, x, ldx, segs, w, seed};
   args.partial = workspace;
   return DispatchToken<Mode::kShrink>(stream, dtype, args, splits);
@@ -354,7 +485,7 @@ cudaError_t LoraShrinkExpand(cudaStream_t stream, DType dtype, void* y, int64_t 
   // Summing the slices in the expand pays off for few tiles (decode); with many (prefill) every
   // column block of the expand would re-sum them, so the separate sum pass is cheaper there.
   constexpr int32_t kMaxTilesToFuse = 32;
-  if (splits <= 1 || workspace == nullptr || segs.num_tiles > kMaxTilesToFuse) {
+  if (UseGather(segs) || splits <= 1 || workspace == nullptr || segs.num_tiles > kMaxTilesToFuse) {
     cudaError_t err = LoraShrink(stream, dtype, h, x, ldx, segs, w, 0, splits, workspace);
     if (err != cudaSuccess) return err;
     return LoraExpand(stream, dtype, y, ldy, h, segs, w);
@@ -379,6 +510,11 @@ cudaError_t LoraShrinkExpand(cudaStream_t stream, DType dtype, void* y, int64_t 
 
 cudaError_t LoraExpand(cudaStream_t stream, DType dtype, void* y, int64_t ldy, const void* h,
                        const SegmentsView& segs, const WeightsView& w) {
+  if (UseGather(segs)) {
+    return DispatchF32Bf16(dtype, [&](auto tag) -> cudaError_t {
+      return LaunchGatherExpand<typename decltype(tag)::type>(stream, y, ldy, h, segs, w);
+    });
+  }
   return DispatchToken<Mode::kExpand>(stream, dtype, TokenArgs{y, ldy, h, 0, segs, w, 0});
 }
 

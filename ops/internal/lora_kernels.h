@@ -61,6 +61,7 @@ struct SegmentsView {
   int32_t num_adapters = 0;
   int32_t num_tiles = 0;
   int32_t max_rank = 0;
+  int32_t max_tile_rows = 0;                   // tokens in the fullest tile (<= kLoraTileRows)
   int64_t h_numel = 0;                         // elements of the packed h
   const SegmentRecord* segments = nullptr;     // [S]
   const TileRecord* tiles = nullptr;           // [num_tiles]
@@ -121,6 +122,9 @@ namespace tandem::ops::cuda {
 // splits x h_numel (the caller allocates it) and a second kernel sums the slices in a fixed
 // order into h: deterministic. LoraTokenSplits picks the count (1: no workspace needed).
 int LoraTokenSplits(int64_t tiles, int64_t max_rank, int64_t kdim, int sm_count);
+// Whether the forward (LoraShrink, LoraExpand, LoraShrinkExpand) of this batch runs the gather
+// kernels of thin batches (few tokens: decode), which need no split-K workspace.
+bool LoraUsesGather(const lora::SegmentsView& segs);
 
 // workspace: f32 [splits, segs.h_numel] when splits > 1 (else unused, may be null).
 cudaError_t LoraShrink(cudaStream_t stream, DType dtype, void* h, const void* x, int64_t ldx,

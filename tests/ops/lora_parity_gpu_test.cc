@@ -86,8 +86,9 @@ const std::vector<Case>& Cases() {
        DType::kF32,
        0},
       {"long_k_bf16", 1000, 33, {{40, 0}, {1, 1}, {127, 0}}, {64, 8}, {0, 0.2f}, DType::kBF16, 0},
-      // Decode-like: a few tokens per adapter and long reductions both ways (in, out >= 256), so
-      // the shrink and the expand gradient run split-K with their fixed-order second pass.
+      // Decode-like: a few tokens per adapter and long reductions both ways (in, out >= 256): the
+      // forward runs the gather kernels of thin batches (a scalar and a vector shrink), the
+      // expand gradient split-K with its fixed-order second pass.
       {"decode_split_k_f32",
        777,
        300,
@@ -102,6 +103,16 @@ const std::vector<Case>& Cases() {
        {{4, 0}, {4, 1}, {4, 2}, {4, 3}},
        {16, 16, 8, 16},
        {0, 0, 0, 0},
+       DType::kBF16,
+       0},
+      // More tokens than the gather kernels take, in few tiles with a long K: the tiled shrink
+      // runs split-K and LoraDelta's expand sums the slices as it loads h.
+      {"split_k_fused_bf16",
+       2048,
+       512,
+       {{100, 0}, {90, 1}, {80, 2}},
+       {16, 8, 16},
+       {0, 0, 0},
        DType::kBF16,
        0},
   };
