@@ -82,7 +82,14 @@ inline Status AddRandomAdapters(const Args& a, const model::LlamaConfig& config,
   peft::LoraConfig lc;
   lc.r = a.Int("rank", 16);
   lc.alpha = 2.0 * lc.r;
-  lc.target_modules = {"q_proj", "k_proj", "v_proj", "o_proj"};
+  // --targets: comma-separated projections, or all-linear (default q, k, v, o as in S-LoRA).
+  lc.target_modules.clear();
+  const std::string targets = a.Get("targets", "q_proj,k_proj,v_proj,o_proj");
+  for (size_t at = 0; at <= targets.size();) {
+    const size_t comma = std::min(targets.find(',', at), targets.size());
+    if (comma > at) lc.target_modules.push_back(targets.substr(at, comma - at));
+    at = comma + 1;
+  }
   TANDEM_ASSIGN_OR_RETURN(auto adapter, peft::LoraAdapter::Create(*ctx, config, lc));
   for (size_t i = 1; i < adapter->parameters().size(); i += 2) {  // nonzero B
     Tensor b = Tensor::Cpu(adapter->parameters()[i].weight.shape(), DType::kF32);

@@ -1,9 +1,10 @@
 // The serving forward alone (serve::InferModel), without the engine: one decode step of B
 // sequences (one token each, at position --context) and one prefill chunk per sequence, with no
-// adapter and with B sequences spread over --adapters rank --rank LoRA adapters on q/k/v/o.
+// adapter and with B sequences spread over --adapters rank --rank LoRA adapters on q/k/v/o (all
+// seven projections with --all-linear 1).
 //
 //   tandem-infer_bench [--device cuda:0] [--batch 32] [--context 128] [--prefill 128]
-//                      [--adapters 8] [--rank 16] [--iters 20] [--graphs 1]
+//                      [--adapters 8] [--rank 16] [--iters 20] [--graphs 1] [--all-linear 0]
 //                      [--layers 22 --hidden 2048 --inter 5632 --vocab 32000 --heads 32
 //                       --kv-heads 4]
 //
@@ -52,13 +53,15 @@ int64_t Flag(const std::map<std::string, std::string>& kv, const std::string& k,
   return it == kv.end() ? d : std::stoll(it->second);
 }
 
-// A random rank-r adapter on q/k/v/o (nonzero B, so its kernels do real work), on the host.
+// A random rank-r adapter on q/k/v/o, or every linear projection (nonzero B, so its kernels do
+// real work), on the host.
 std::unique_ptr<peft::LoraAdapter> RandomAdapter(ops::Context& host, const model::LlamaConfig& c,
-                                                 int64_t r, uint64_t seed) {
+                                                 int64_t r, uint64_t seed, bool all_linear) {
   peft::LoraConfig lc;
   lc.r = r;
   lc.alpha = 2.0 * r;
   lc.target_modules = {"q_proj", "k_proj", "v_proj", "o_proj"};
+  if (all_linear) lc.target_modules = {"all-linear"};
   auto a = Take(peft::LoraAdapter::Create(host, c, lc), "LoraAdapter::Create");
   for (size_t i = 0; i < a->parameters().size(); ++i) {
     Tensor t = Tensor::Cpu(a->parameters()[i].weight.shape(), DType::kF32);
@@ -82,6 +85,7 @@ int main(int argc, char** argv) {
   const int64_t prefill = Flag(kv, "prefill", 128), A = Flag(kv, "adapters", 8);
   const int64_t rank = Flag(kv, "rank", 16), iters = std::max<int64_t>(1, Flag(kv, "iters", 20));
   const bool graphs = Flag(kv, "graphs", 1) != 0;  // decode as CUDA graph replays
+  const bool all_linear = Flag(kv, "all-linear", 0) != 0;  // adapters on all seven projections
   model::LlamaConfig c;
   c.num_hidden_layers = Flag(kv, "layers", 22);
   c.hidden_size = Flag(kv, "hidden", 2048);
@@ -118,7 +122,7 @@ int main(int argc, char** argv) {
   auto host = ops::Context::Cpu();
   std::vector<serve::AdapterWeights> weights;
   for (int64_t a = 0; a < A; ++a) {
-    auto lora = RandomAdapter(*host, c, rank, 100 + a);
+    auto lora = RandomAdapter(*host, c, rank, 100 + a, all_linear);
     weights.push_back(Take(serve::AdapterWeights::FromLora(*ctx, *lora, m->compute_dtype()), "FromLora"));
   }
   std::vector<const serve::AdapterWeights*> ptrs;
@@ -188,6 +192,7 @@ int main(int argc, char** argv) {
                           {"context", decode ? context : 0},
                           {"adapters", lora ? A : 0},
                           {"rank", rank},
+                          {"all_linear", all_linear},
                           {"ms", ms},
                           {"cuda_graphs", graphs && decode && device.is_cuda()}};
       if (decode) j["ms_eager"] = ms_eager;

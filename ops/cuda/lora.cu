@@ -32,6 +32,8 @@
 // The parallelism of these kernels is (P / 64) * (Q / 64) blocks per adapter, each with a serial
 // loop over the adapter's tokens; a split over tokens with a fixed-order second pass is the next
 // step for speed.
+#include <type_traits>
+
 #include "ops/cuda/common.cuh"
 #include "ops/internal/lora_kernels.h"
 
@@ -211,6 +213,7 @@ __global__ void __launch_bounds__(32 * kGatherWarps)
   constexpr int V = 16 / static_cast<int>(sizeof(T));
   float sum = 0.0f;
   if (ad.dropout <= 0.0f && in % V == 0 && Aligned16(xr) && Aligned16(ar)) {
+#pragma unroll 4
     for (int64_t k = static_cast<int64_t>(lane) * V; k < in; k += 32 * V) {
       const Pack<T, V> xp = LoadPack<T, V>(xr + k);
       const Pack<T, V> ap = LoadPack<T, V>(ar + k);
@@ -229,35 +232,48 @@ __global__ void __launch_bounds__(32 * kGatherWarps)
 }
 
 // y[row, c] += s_a * sum_j h[row, j] B[c, j] for every row of tile `blockIdx.x`, c = 128
-// blockIdx.y + thread.
-template <typename T>
+// blockIdx.y + thread. kRows >= the rows of any tile (the batch's max_tile_rows rounded up to a
+// power of two), so the per-row sums stay in registers without dead work for absent rows.
+template <typename T, int kRows>
 __global__ void __launch_bounds__(kGatherCols)
     LoraGatherExpandKernel(T* y, int64_t ldy, const T* h, SegmentsView segs, WeightsView w) {
   extern __shared__ float hs[];  // [rows, r]
   const TileRecord tile = segs.tiles[blockIdx.x];
   const SegmentRecord seg = segs.segments[tile.segment];
-  const int rows = min(kBM, seg.end - seg.start - tile.row0);
+  const int rows = min(kRows, seg.end - seg.start - tile.row0);
   const int r = seg.rank;
   const int64_t packed0 = seg.h_offset + static_cast<int64_t>(tile.row0) * r;
   for (int i = threadIdx.x; i < rows * r; i += blockDim.x) hs[i] = ToFloat(h[packed0 + i]);
+  for (int i = rows * r + threadIdx.x; i < kRows * r; i += blockDim.x) hs[i] = 0.0f;
   __syncthreads();
   const int64_t c = static_cast<int64_t>(blockIdx.y) * kGatherCols + threadIdx.x;
   if (c >= w.out) return;
   const AdapterRecord ad = w.adapters[seg.adapter];
   const T* br = static_cast<const T*>(ad.b) + c * r;
-  float acc[kBM];
+  float acc[kRows];
 #pragma unroll
-  for (int m = 0; m < kBM; ++m) acc[m] = 0.0f;
-  for (int j = 0; j < r; ++j) {
-    const float b = ToFloat(br[j]);
+  for (int m = 0; m < kRows; ++m) acc[m] = 0.0f;
+  constexpr int V = 16 / static_cast<int>(sizeof(T));
+  if (r % V == 0 && Aligned16(br)) {
+    for (int j0 = 0; j0 < r; j0 += V) {
+      const Pack<T, V> bp = LoadPack<T, V>(br + j0);
 #pragma unroll
-    for (int m = 0; m < kBM; ++m) {
-      if (m < rows) acc[m] = fmaf(hs[m * r + j], b, acc[m]);
+      for (int e = 0; e < V; ++e) {
+        const float b = ToFloat(bp.v[e]);
+#pragma unroll
+        for (int m = 0; m < kRows; ++m) acc[m] = fmaf(hs[m * r + j0 + e], b, acc[m]);
+      }
+    }
+  } else {
+    for (int j = 0; j < r; ++j) {
+      const float b = ToFloat(br[j]);
+#pragma unroll
+      for (int m = 0; m < kRows; ++m) acc[m] = fmaf(hs[m * r + j], b, acc[m]);
     }
   }
   const int64_t token0 = seg.start + tile.row0;
 #pragma unroll
-  for (int m = 0; m < kBM; ++m) {
+  for (int m = 0; m < kRows; ++m) {
     if (m >= rows) break;
     T* p = y + (token0 + m) * ldy + c;
     *p = FromFloat<T>(ToFloat(*p) + ad.scale * acc[m]);
@@ -283,10 +299,20 @@ cudaError_t LaunchGatherExpand(cudaStream_t stream, void* y, int64_t ldy, const 
   if (segs.num_tiles == 0 || segs.max_rank <= 0 || w.out <= 0) return cudaSuccess;
   const dim3 grid(static_cast<unsigned>(segs.num_tiles),
                   static_cast<unsigned>(CeilDiv(w.out, int64_t{kGatherCols})));
-  const size_t smem = static_cast<size_t>(segs.max_tile_rows) * segs.max_rank * sizeof(float);
-  LoraGatherExpandKernel<T><<<grid, kGatherCols, smem, stream>>>(
-      static_cast<T*>(y), ldy, static_cast<const T*>(h), segs, w);
-  return cudaGetLastError();
+  auto launch = [&](auto rows_tag) {
+    constexpr int kRows = decltype(rows_tag)::value;
+    const size_t smem = static_cast<size_t>(kRows) * segs.max_rank * sizeof(float);
+    LoraGatherExpandKernel<T, kRows><<<grid, kGatherCols, smem, stream>>>(
+        static_cast<T*>(y), ldy, static_cast<const T*>(h), segs, w);
+    return cudaGetLastError();
+  };
+  const int rows = segs.max_tile_rows;
+  if (rows <= 1) return launch(std::integral_constant<int, 1>());
+  if (rows <= 2) return launch(std::integral_constant<int, 2>());
+  if (rows <= 4) return launch(std::integral_constant<int, 4>());
+  if (rows <= 8) return launch(std::integral_constant<int, 8>());
+  if (rows <= 16) return launch(std::integral_constant<int, 16>());
+  return launch(std::integral_constant<int, kBM>());
 }
 
 // [split-K] h[i] = sum over the slices in order (the packed-output modes' second pass).
