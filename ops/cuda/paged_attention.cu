@@ -3,14 +3,16 @@
 // PagedKvWrite: one block per token, threads over the Hkv * D elements of K and V.
 //
 // PagedAttention, grouped kernel (GQA group size G in {1, 2, 4, 8}, 16-byte aligned K/V rows of
-// at most 32 16-byte vectors): one block of kWarps warps per (query token, kv head), so each K/V
+// at most 32 16-byte vectors): one block of W warps per (query token, kv head), so each K/V
 // row of the request is read once for the G query heads that share it. A position's row is
 // D / kVec 16-byte vectors (kVec = 8 bf16 or 4 f32); P = D / kVec lanes read one position, so a
-// warp takes 32 / P positions per step and the block kWarps * 32 / P. Each lane scores its
+// warp takes 32 / P positions per step and the block W * 32 / P. Each lane scores its
 // vector against the G queries (kept in shared memory, f32), the P lanes of a position sum the
 // partial dots with a butterfly shuffle, and every lane keeps G online softmaxes (running max,
 // denominator, its kVec elements of the weighted V sum) over the positions it saw. At the end the
-// kWarps * 32 / P partial states per head are merged in a fixed order through shared memory.
+// W * 32 / P partial states per head are merged in a fixed order through shared memory.
+// W is 16 when the batch has few (token, kv head) pairs (decode: the grid alone would leave most
+// of the GPU idle and every block would walk its positions in many dependent steps), else 4.
 // Deterministic: the position-to-lane map and every reduction order depend only on the shapes.
 //
 // Other shapes use the plain kernel: one warp per (query token, query head), lane l owns head
@@ -111,22 +113,22 @@ struct Vec<bf16> {
 
 // Shared memory of the grouped kernel: queries [G][D], then per partial state (kStates of them)
 // and head: max [kStates][G], denominator [kStates][G], V sum [kStates][G][D]; all f32.
-template <typename T, int G, int P>
+template <typename T, int G, int P, int W>
 struct GroupedShape {
   static constexpr int kVec = Vec<T>::kN;
   static constexpr int kD = P * kVec;
   static constexpr int kPerWarp = 32 / P;  // positions a warp reads per step
-  static constexpr int kStates = kWarps * kPerWarp;
+  static constexpr int kStates = W * kPerWarp;
   static constexpr size_t kSmemBytes =
       sizeof(float) * (G * kD + 2 * kStates * G + static_cast<size_t>(kStates) * G * kD);
 };
 
-template <typename T, int G, int P>
-__global__ void __launch_bounds__(32 * kWarps)
+template <typename T, int G, int P, int W>
+__global__ void __launch_bounds__(32 * W)
     PagedAttentionGroupedKernel(PagedShape s, T* out, const T* q, const T* kv,
                                 const int32_t* block_table, const int32_t* req, const int32_t* pos,
                                 float scale) {
-  using Geo = GroupedShape<T, G, P>;
+  using Geo = GroupedShape<T, G, P, W>;
   constexpr int kVec = Geo::kVec, kD = Geo::kD, kStates = Geo::kStates;
   extern __shared__ float smem[];
   float* q_s = smem;                 // [G][D], pre-scaled
@@ -199,17 +201,37 @@ __global__ void __launch_bounds__(32 * kWarps)
   }
 }
 
+// (token, kv head) pairs below which a block gets 16 warps (decode batches).
+constexpr int64_t kWideBlockPairs = 1024;
+
+template <typename T, int G, int P, int W>
+cudaError_t LaunchGroupedW(cudaStream_t stream, const PagedShape& s, void* out, const void* q,
+                           const void* kv, const int32_t* block_table, const int32_t* req,
+                           const int32_t* pos, float scale) {
+  using Geo = GroupedShape<T, G, P, W>;
+  const int64_t blocks = s.tokens * s.kv_heads;
+  if (Geo::kSmemBytes > 48 * 1024) {
+    const cudaError_t err =
+        cudaFuncSetAttribute(PagedAttentionGroupedKernel<T, G, P, W>,
+                             cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             static_cast<int>(Geo::kSmemBytes));
+    if (err != cudaSuccess) return err;
+  }
+  PagedAttentionGroupedKernel<T, G, P, W>
+      <<<static_cast<unsigned>(blocks), 32 * W, Geo::kSmemBytes, stream>>>(
+          s, static_cast<T*>(out), static_cast<const T*>(q), static_cast<const T*>(kv), block_table,
+          req, pos, scale);
+  return cudaGetLastError();
+}
+
 template <typename T, int G, int P>
 cudaError_t LaunchGrouped(cudaStream_t stream, const PagedShape& s, void* out, const void* q,
                           const void* kv, const int32_t* block_table, const int32_t* req,
                           const int32_t* pos, float scale) {
-  using Geo = GroupedShape<T, G, P>;
-  const int64_t blocks = s.tokens * s.kv_heads;
-  PagedAttentionGroupedKernel<T, G, P>
-      <<<static_cast<unsigned>(blocks), 32 * kWarps, Geo::kSmemBytes, stream>>>(
-          s, static_cast<T*>(out), static_cast<const T*>(q), static_cast<const T*>(kv), block_table,
-          req, pos, scale);
-  return cudaGetLastError();
+  if (s.tokens * s.kv_heads < kWideBlockPairs) {
+    return LaunchGroupedW<T, G, P, 16>(stream, s, out, q, kv, block_table, req, pos, scale);
+  }
+  return LaunchGroupedW<T, G, P, kWarps>(stream, s, out, q, kv, block_table, req, pos, scale);
 }
 
 // The grouped kernel for (G, P), or nullptr when the shape has none.

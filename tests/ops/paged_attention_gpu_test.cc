@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <vector>
 
 #include "tests/ops/paged_attention_case.h"
 
@@ -18,14 +19,19 @@ Tensor ToDevice(Context& gpu, const Tensor& host, DType dtype, Tensor* rounded) 
 
 // page_slack 5 leaves K/V rows unaligned (the per-head kernel); 16 keeps them 16-byte aligned, so
 // GQA groups of 1, 2, 4 and 8 take the grouped kernel.
+// lens / queries: each request's length and how many of its last tokens query (the default: a
+// decode-sized batch of 27 queries; the grouped kernel takes 16-warp blocks below 1024
+// (token, kv head) pairs and 4-warp blocks above).
 void RunCase(DType dtype, int64_t d, testing::Tolerance tol, int64_t hq = 8, int64_t hkv = 2,
-             int64_t page_slack = 5) {
+             int64_t page_slack = 5, std::vector<int64_t> lens = {1, 33, 70, 9},
+             std::vector<int64_t> queries = {1, 1, 16, 9}) {
   SCOPED_TRACE(::testing::Message() << DTypeName(dtype) << " D=" << d << " Hq=" << hq
-                                    << " Hkv=" << hkv << " slack=" << page_slack);
+                                    << " Hkv=" << hkv << " slack=" << page_slack
+                                    << " requests=" << lens.size());
   auto cpu = Context::Cpu();
   auto gpu = Context::Cuda(0).value();
-  const PagedCase c =
-      MakePagedCase(11 + d + hq, {1, 33, 70, 9}, {1, 1, 16, 9}, hq, hkv, d, 16, page_slack);
+  const PagedCase c = MakePagedCase(11 + d + hq, std::move(lens), std::move(queries), hq, hkv, d,
+                                    16, page_slack);
   Tensor q_r, k_r, v_r, junk;
   Tensor q = ToDevice(*gpu, c.q, dtype, &q_r);
   Tensor k = ToDevice(*gpu, c.k_rows, dtype, &k_r);
@@ -77,6 +83,16 @@ TEST(PagedAttentionGpu, GroupedAndPlainKernelsMatchCpu) {
   RunCase(DType::kBF16, 64, bf16, 6, 2, 16);  // per-head: group of 3
   RunCase(DType::kF32, 96, f32, 4, 2, 16);    // per-head: 24 vectors per row
   RunCase(DType::kF32, 256, f32, 4, 4, 16);   // per-head: 64 vectors per row
+}
+
+// Prefill-sized batches (over 1024 (token, kv head) pairs): the grouped kernel's 4-warp blocks.
+TEST(PagedAttentionGpu, PrefillSizedBatchesMatchCpu) {
+  TANDEM_SKIP_WITHOUT_GPU();
+  const testing::Tolerance bf16{1e-2, 2e-2}, f32{1e-5, 1e-4};
+  const std::vector<int64_t> lens = {300, 257, 41, 600}, queries = {300, 200, 41, 97};
+  RunCase(DType::kBF16, 64, bf16, 8, 2, 16, lens, queries);
+  RunCase(DType::kBF16, 128, bf16, 16, 2, 16, lens, queries);
+  RunCase(DType::kF32, 64, f32, 8, 2, 16, lens, queries);
 }
 
 }  // namespace
