@@ -66,7 +66,7 @@ __global__ void __launch_bounds__(32 * kWarps)
     }
   }
   // acc[i]: c0, c1 = (feature n0 + g, tokens 8i + 2t, + 1); c2, c3 = feature n0 + g + 8.
-  const int64_t features = min<int64_t>(kFeatures, N - static_cast<int64_t>(blockIdx.x) * kFeatures);
+  const int64_t features = min(static_cast<int64_t>(kFeatures), N - static_cast<int64_t>(blockIdx.x) * kFeatures);
   const int64_t f0 = static_cast<int64_t>(blockIdx.x) * kFeatures;
   if (gridDim.y == 1) {
 #pragma unroll
