@@ -66,8 +66,8 @@ __global__ void __launch_bounds__(32 * kWarps)
     }
   }
   // acc[i]: c0, c1 = (feature n0 + g, tokens 8i + 2t, + 1); c2, c3 = feature n0 + g + 8.
-  const int64_t features = min(static_cast<int64_t>(kFeatures), N - static_cast<int64_t>(blockIdx.x) * kFeatures);
   const int64_t f0 = static_cast<int64_t>(blockIdx.x) * kFeatures;
+  const int64_t features = min(static_cast<int64_t>(kFeatures), N - f0);
   if (gridDim.y == 1) {
 #pragma unroll
     for (int i = 0; i < kTiles; ++i) {
@@ -81,7 +81,8 @@ __global__ void __launch_bounds__(32 * kWarps)
     return;
   }
   // Split-K: this slice's partial, [slice][M][kFeatures] per feature block.
-  float* mine = partial + (static_cast<int64_t>(blockIdx.x) * gridDim.y + blockIdx.y) * M * kFeatures;
+  float* mine =
+      partial + (static_cast<int64_t>(blockIdx.x) * gridDim.y + blockIdx.y) * M * kFeatures;
 #pragma unroll
   for (int i = 0; i < kTiles; ++i) {
 #pragma unroll

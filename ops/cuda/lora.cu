@@ -228,7 +228,9 @@ __global__ void __launch_bounds__(32 * kGatherWarps)
   }
 #pragma unroll
   for (int off = 16; off > 0; off /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, off);
-  if (lane == 0) h[seg.h_offset + static_cast<int64_t>(tile.row0 + m) * seg.rank + j] = FromFloat<T>(sum);
+  if (lane == 0) {
+    h[seg.h_offset + static_cast<int64_t>(tile.row0 + m) * seg.rank + j] = FromFloat<T>(sum);
+  }
 }
 
 // y[row, c] += s_a * sum_j h[row, j] B[c, j] for every row of tile `blockIdx.x`, c = 128
