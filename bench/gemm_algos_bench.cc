@@ -28,15 +28,15 @@ void Die(const char* what, int code) {
   std::fprintf(stderr, "gemm_algos_bench: %s failed (%d)\n", what, code);
   std::exit(1);
 }
-#define CK(x)                                   \
-  do {                                          \
-    cudaError_t e_ = (x);                       \
-    if (e_ != cudaSuccess) Die(#x, int(e_));    \
+#define CK(x)                                \
+  do {                                       \
+    cudaError_t e_ = (x);                    \
+    if (e_ != cudaSuccess) Die(#x, int(e_)); \
   } while (0)
-#define LT(x)                                           \
-  do {                                                  \
-    cublasStatus_t s_ = (x);                            \
-    if (s_ != CUBLAS_STATUS_SUCCESS) Die(#x, int(s_));  \
+#define LT(x)                                          \
+  do {                                                 \
+    cublasStatus_t s_ = (x);                           \
+    if (s_ != CUBLAS_STATUS_SUCCESS) Die(#x, int(s_)); \
   } while (0)
 
 template <typename V>
@@ -55,8 +55,11 @@ int main(int argc, char** argv) {
   auto flag = [&](const char* k, long d) { return kv.count(k) ? std::stol(kv[k]) : d; };
   const long M = flag("m", 32), want = flag("algos", 32), iters = flag("iters", 50);
   const std::vector<std::pair<const char*, std::pair<long, long>>> shapes = {
-      {"qkv", {2560, 2048}}, {"o", {2048, 2048}}, {"gate_up", {11264, 2048}},
-      {"down", {2048, 5632}}, {"lm_head", {32000, 2048}}};
+      {"qkv", {2560, 2048}},
+      {"o", {2048, 2048}},
+      {"gate_up", {11264, 2048}},
+      {"down", {2048, 5632}},
+      {"lm_head", {32000, 2048}}};
   cublasLtHandle_t lt;
   LT(cublasLtCreate(&lt));
   const size_t ws_bytes = size_t{32} << 20;
@@ -97,8 +100,8 @@ int main(int argc, char** argv) {
     for (int i = 0; i < found; ++i) {
       if (res[i].state != CUBLAS_STATUS_SUCCESS) continue;
       auto run = [&] {
-        return cublasLtMatmul(lt, desc, &alpha, w, la, x, lb, &beta, y, lc, y, lc, &res[i].algo,
-                              ws, res[i].workspaceSize, stream);
+        return cublasLtMatmul(lt, desc, &alpha, w, la, x, lb, &beta, y, lc, y, lc, &res[i].algo, ws,
+                              res[i].workspaceSize, stream);
       };
       if (run() != CUBLAS_STATUS_SUCCESS) continue;
       for (int r = 0; r < 5; ++r) run();

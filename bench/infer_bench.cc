@@ -84,7 +84,7 @@ int main(int argc, char** argv) {
   const int64_t B = Flag(kv, "batch", 32), context = Flag(kv, "context", 128);
   const int64_t prefill = Flag(kv, "prefill", 128), A = Flag(kv, "adapters", 8);
   const int64_t rank = Flag(kv, "rank", 16), iters = std::max<int64_t>(1, Flag(kv, "iters", 20));
-  const bool graphs = Flag(kv, "graphs", 1) != 0;  // decode as CUDA graph replays
+  const bool graphs = Flag(kv, "graphs", 1) != 0;          // decode as CUDA graph replays
   const bool all_linear = Flag(kv, "all-linear", 0) != 0;  // adapters on all seven projections
   model::LlamaConfig c;
   c.num_hidden_layers = Flag(kv, "layers", 22);

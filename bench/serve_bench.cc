@@ -99,7 +99,8 @@ int main(int argc, char** argv) {
   const int64_t warmup = a.Int("warmup-requests", 0);
   for (int64_t i = 0; i < warmup; ++i) {
     serve::GenerationRequest r;
-    r.model = num_adapters > 0 ? "lora" + std::to_string(i % num_adapters) : engine->base_model_name();
+    r.model =
+        num_adapters > 0 ? "lora" + std::to_string(i % num_adapters) : engine->base_model_name();
     r.prompt_tokens.resize(16);
     for (int32_t& id : r.prompt_tokens) id = tok(rng);
     r.sampling.temperature = 0.0f;
@@ -198,34 +199,34 @@ int main(int argc, char** argv) {
   char date[32];
   const std::time_t now = std::time(nullptr);
   std::strftime(date, sizeof(date), "%Y-%m-%dT%H:%M:%SZ", std::gmtime(&now));
-  nlohmann::json j = {{"bench", "serve"},
-                      {"device", eo.device},
-                      {"layers", config.num_hidden_layers},
-                      {"hidden", config.hidden_size},
-                      {"adapters", num_adapters},
-                      {"rank", a.Int("rank", 16)},
-                      {"targets", a.Get("targets", "q_proj,k_proj,v_proj,o_proj")},
-                      {"warmup_requests", warmup},
-                      {"requests", n},
-                      {"rate", rate},
-                      {"cv", cv},
-                      {"alpha", alpha},
-                      {"len", {lo, hi}},
-                      {"wall_s", wall},
-                      {"requests_per_s", n / wall},
-                      {"generated_tokens_per_s", generated / wall},
-                      {"ttft_p50_s", Percentile(ttft, 0.5)},
-                      {"ttft_p99_s", Percentile(ttft, 0.99)},
-                      {"tpot_p50_s", Percentile(tpot, 0.5)},
-                      {"tpot_p99_s", Percentile(tpot, 0.99)},
-                      {"preemptions", st.preemptions},
-                      {"iterations", st.iterations},
-                      {"ms_per_iteration",
-                       st.iterations > 0 ? 1e3 * st.batch_seconds / st.iterations : 0.0},
-                      {"adapter_loads", st.adapter_loads},
-                      {"lora_table_builds", st.lora_table_builds},
-                      {"commit", GitCommit()},
-                      {"date", date}};
+  nlohmann::json j = {
+      {"bench", "serve"},
+      {"device", eo.device},
+      {"layers", config.num_hidden_layers},
+      {"hidden", config.hidden_size},
+      {"adapters", num_adapters},
+      {"rank", a.Int("rank", 16)},
+      {"targets", a.Get("targets", "q_proj,k_proj,v_proj,o_proj")},
+      {"warmup_requests", warmup},
+      {"requests", n},
+      {"rate", rate},
+      {"cv", cv},
+      {"alpha", alpha},
+      {"len", {lo, hi}},
+      {"wall_s", wall},
+      {"requests_per_s", n / wall},
+      {"generated_tokens_per_s", generated / wall},
+      {"ttft_p50_s", Percentile(ttft, 0.5)},
+      {"ttft_p99_s", Percentile(ttft, 0.99)},
+      {"tpot_p50_s", Percentile(tpot, 0.5)},
+      {"tpot_p99_s", Percentile(tpot, 0.99)},
+      {"preemptions", st.preemptions},
+      {"iterations", st.iterations},
+      {"ms_per_iteration", st.iterations > 0 ? 1e3 * st.batch_seconds / st.iterations : 0.0},
+      {"adapter_loads", st.adapter_loads},
+      {"lora_table_builds", st.lora_table_builds},
+      {"commit", GitCommit()},
+      {"date", date}};
   std::printf("%s\n", j.dump().c_str());
   return 0;
 }

@@ -382,8 +382,12 @@ StatusOr<bool> InferModel::GraphForward(Tensor& kv_pages, const std::vector<SeqC
   b.max_blocks = width;
   // The shape: the pool, R, the table width, and each sequence's adapter (with one token per
   // sequence these fix the LoRA segments; the adapter list itself is fixed while graphs live).
-  std::vector<int64_t> key = {reinterpret_cast<int64_t>(kv_pages.raw_data()), kv_pages.dim(0),
-                              kv_pages.stride(0), b.r, width, adapters.empty() ? 0 : 1};
+  std::vector<int64_t> key = {reinterpret_cast<int64_t>(kv_pages.raw_data()),
+                              kv_pages.dim(0),
+                              kv_pages.stride(0),
+                              b.r,
+                              width,
+                              adapters.empty() ? 0 : 1};
   for (const SeqChunk& s : seqs) key.push_back(s.adapter);
 
   Tensor d_tokens, d_last;
@@ -398,8 +402,8 @@ StatusOr<bool> InferModel::GraphForward(Tensor& kv_pages, const std::vector<SeqC
     // Activations of N = R tokens, the head's rows and the LoRA temporaries, with room to spare
     // (a capture that runs out is redone with twice the arena).
     const int64_t C = config_.hidden_size, F = config_.intermediate_size;
-    const int64_t qkv = (config_.num_attention_heads + 2 * config_.num_key_value_heads) *
-                        config_.head_dim;
+    const int64_t qkv =
+        (config_.num_attention_heads + 2 * config_.num_key_value_heads) * config_.head_dim;
     const int64_t guess = 2 * b.r * (6 * C + qkv + 3 * F + config_.vocab_size) *
                               static_cast<int64_t>(DTypeSize(compute_dtype())) +
                           (int64_t{4} << 20);

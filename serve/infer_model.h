@@ -150,9 +150,9 @@ class InferModel {
   bool cuda_graphs() const { return graphs_on_; }
   static constexpr int kMaxGraphs = 32;
   struct GraphStats {
-    int64_t captures = 0;  // graphs captured
-    int64_t replays = 0;   // forwards that ran as a graph replay (the capturing call included)
-    int64_t kept = 0;      // graphs held now
+    int64_t captures = 0;     // graphs captured
+    int64_t replays = 0;      // forwards that ran as a graph replay (the capturing call included)
+    int64_t kept = 0;         // graphs held now
     int64_t arena_bytes = 0;  // device bytes those graphs hold
   };
   GraphStats graph_stats() const;
@@ -178,8 +178,8 @@ class InferModel {
                  Tensor* logits);
   // Packs the batch metadata into the staging buffer and sends it to the device (one copy) into
   // *device when it is defined (a graph's fixed buffer of the right size), else a new tensor.
-  Status UploadMetadata(const std::vector<SeqChunk>& seqs, Buffers& b, Tensor* tokens,
-                        Tensor* last, Tensor* device);
+  Status UploadMetadata(const std::vector<SeqChunk>& seqs, Buffers& b, Tensor* tokens, Tensor* last,
+                        Tensor* device);
   // The forward of a decode batch as a CUDA graph replay (capturing it first on the shape's
   // second sighting). False when this call should run eagerly instead.
   StatusOr<bool> GraphForward(Tensor& kv_pages, const std::vector<SeqChunk>& seqs,

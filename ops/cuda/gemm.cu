@@ -306,8 +306,8 @@ std::string Gemm(GemmState& state, cudaStream_t stream, DType ab_dtype, DType c_
   if (ab_dtype == DType::kF32 && c_dtype == DType::kBF16) {
     return GemmF32ToBf16(state, stream, key, c, a, b, alpha, beta);
   }
-  if (ab_dtype == DType::kBF16 && c_dtype == DType::kBF16 && !trans_a && trans_b &&
-      alpha == 1.0f && beta == 0.0f && SkinnyGemmApplies(m, n, k, a, lda, b, ldb)) {
+  if (ab_dtype == DType::kBF16 && c_dtype == DType::kBF16 && !trans_a && trans_b && alpha == 1.0f &&
+      beta == 0.0f && SkinnyGemmApplies(m, n, k, a, lda, b, ldb)) {
     std::string error;
     if (RunSkinny(state, stream, c, ldc, a, lda, b, ldb, m, n, k, &error)) return error;
   }

@@ -121,7 +121,8 @@ bool Aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 
 bool SkinnyGemmApplies(int64_t m, int64_t n, int64_t k, const void* x, int64_t ldx, const void* w,
                        int64_t ldw) {
   return m >= 1 && m <= kSkinnyGemmMaxRows && n >= kFeatures && k >= 64 && k % 8 == 0 &&
-         ldx % 8 == 0 && ldw % 8 == 0 && Aligned16(x) && Aligned16(w) && n * k >= (int64_t{1} << 20);
+         ldx % 8 == 0 && ldw % 8 == 0 && Aligned16(x) && Aligned16(w) &&
+         n * k >= (int64_t{1} << 20);
 }
 
 size_t SkinnyGemmWorkspaceBytes(int64_t m, int64_t n, int64_t k, int sm_count, int* splits) {

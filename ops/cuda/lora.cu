@@ -286,10 +286,10 @@ template <typename T>
 cudaError_t LaunchGatherShrink(cudaStream_t stream, void* h, const void* x, int64_t ldx,
                                const SegmentsView& segs, const WeightsView& w, uint64_t seed) {
   if (segs.num_tiles == 0 || segs.max_rank <= 0) return cudaSuccess;
-  const dim3 grid(static_cast<unsigned>(segs.num_tiles),
-                  static_cast<unsigned>(CeilDiv(static_cast<int64_t>(segs.max_rank),
-                                                int64_t{kGatherWarps})),
-                  static_cast<unsigned>(segs.max_tile_rows));
+  const dim3 grid(
+      static_cast<unsigned>(segs.num_tiles),
+      static_cast<unsigned>(CeilDiv(static_cast<int64_t>(segs.max_rank), int64_t{kGatherWarps})),
+      static_cast<unsigned>(segs.max_tile_rows));
   LoraGatherShrinkKernel<T><<<grid, 32 * kGatherWarps, 0, stream>>>(
       static_cast<T*>(h), static_cast<const T*>(x), ldx, segs, w, seed);
   return cudaGetLastError();

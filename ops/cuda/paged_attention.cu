@@ -211,10 +211,9 @@ cudaError_t LaunchGroupedW(cudaStream_t stream, const PagedShape& s, void* out, 
   using Geo = GroupedShape<T, G, P, W>;
   const int64_t blocks = s.tokens * s.kv_heads;
   if (Geo::kSmemBytes > 48 * 1024) {
-    const cudaError_t err =
-        cudaFuncSetAttribute(PagedAttentionGroupedKernel<T, G, P, W>,
-                             cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             static_cast<int>(Geo::kSmemBytes));
+    const cudaError_t err = cudaFuncSetAttribute(PagedAttentionGroupedKernel<T, G, P, W>,
+                                                 cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                 static_cast<int>(Geo::kSmemBytes));
     if (err != cudaSuccess) return err;
   }
   PagedAttentionGroupedKernel<T, G, P, W>

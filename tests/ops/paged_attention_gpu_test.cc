@@ -25,13 +25,13 @@ Tensor ToDevice(Context& gpu, const Tensor& host, DType dtype, Tensor* rounded) 
 void RunCase(DType dtype, int64_t d, testing::Tolerance tol, int64_t hq = 8, int64_t hkv = 2,
              int64_t page_slack = 5, std::vector<int64_t> lens = {1, 33, 70, 9},
              std::vector<int64_t> queries = {1, 1, 16, 9}) {
-  SCOPED_TRACE(::testing::Message() << DTypeName(dtype) << " D=" << d << " Hq=" << hq
-                                    << " Hkv=" << hkv << " slack=" << page_slack
-                                    << " requests=" << lens.size());
+  SCOPED_TRACE(::testing::Message()
+               << DTypeName(dtype) << " D=" << d << " Hq=" << hq << " Hkv=" << hkv
+               << " slack=" << page_slack << " requests=" << lens.size());
   auto cpu = Context::Cpu();
   auto gpu = Context::Cuda(0).value();
-  const PagedCase c = MakePagedCase(11 + d + hq, std::move(lens), std::move(queries), hq, hkv, d,
-                                    16, page_slack);
+  const PagedCase c =
+      MakePagedCase(11 + d + hq, std::move(lens), std::move(queries), hq, hkv, d, 16, page_slack);
   Tensor q_r, k_r, v_r, junk;
   Tensor q = ToDevice(*gpu, c.q, dtype, &q_r);
   Tensor k = ToDevice(*gpu, c.k_rows, dtype, &k_r);

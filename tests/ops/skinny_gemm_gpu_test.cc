@@ -53,9 +53,9 @@ TEST(SkinnyGemmGpu, MatchesCpuOverShapes) {
     int64_t m, n, k, ld_extra;
   };
   // (n, k) from the decode projections and odd ones; k = 5632 and small n take split-K.
-  const std::vector<Shape3> shapes = {{1, 2560, 2048, 0},  {3, 2048, 2048, 8}, {8, 999, 1024, 0},
-                                      {17, 11264, 2048, 0}, {32, 2048, 5632, 0}, {33, 300, 4096, 16},
-                                      {64, 4096, 512, 0},   {50, 64, 16384, 0}};
+  const std::vector<Shape3> shapes = {
+      {1, 2560, 2048, 0},  {3, 2048, 2048, 8},  {8, 999, 1024, 0},  {17, 11264, 2048, 0},
+      {32, 2048, 5632, 0}, {33, 300, 4096, 16}, {64, 4096, 512, 0}, {50, 64, 16384, 0}};
   for (const Shape3& s : shapes) {
     SCOPED_TRACE(::testing::Message() << "m=" << s.m << " n=" << s.n << " k=" << s.k);
     Operands o;

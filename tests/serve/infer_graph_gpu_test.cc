@@ -55,9 +55,10 @@ TEST(InferGraphGpu, DecodeReplaysEqualEagerBitwise) {
     std::vector<std::vector<std::vector<int32_t>>> blocks;
   };
   auto make_side = [&] {
-    Side side{std::move(PagePool::Create(ctx->allocator(), page_bytes, S * L * kBlocksPerSeq))
-                  .value(),
-              Tensor(), {}};
+    Side side{
+        std::move(PagePool::Create(ctx->allocator(), page_bytes, S * L * kBlocksPerSeq)).value(),
+        Tensor(),
+        {}};
     side.pages = side.pool.PagesAs(m->compute_dtype());
     side.blocks.assign(S, std::vector<std::vector<int32_t>>(L));
     return side;
@@ -97,8 +98,7 @@ TEST(InferGraphGpu, DecodeReplaysEqualEagerBitwise) {
     Tensor want = std::move(eager->Forward(se.pages, ce, adapters)).value();
     Tensor got = std::move(graphed->Forward(sg.pages, cg, adapters)).value();
     ASSERT_EQ(got.num_bytes(), want.num_bytes());
-    ASSERT_EQ(std::memcmp(got.raw_data(), want.raw_data(), static_cast<size_t>(got.num_bytes())),
-              0)
+    ASSERT_EQ(std::memcmp(got.raw_data(), want.raw_data(), static_cast<size_t>(got.num_bytes())), 0)
         << "step " << at;
     for (size_t i = 0; i < live.size(); ++i) {
       const int s = live[i];
@@ -130,7 +130,7 @@ TEST(InferGraphGpu, DecodeReplaysEqualEagerBitwise) {
   EXPECT_GE(second.kept, 2);
   // Another adapter list (the same adapters, reversed): graphs over the old tables go.
   step(fewer, reversed, list_reversed, 21);
-  EXPECT_EQ(graphed->graph_stats().kept, 0);                 // all dropped with the old tables
+  EXPECT_EQ(graphed->graph_stats().kept, 0);                  // all dropped with the old tables
   EXPECT_EQ(graphed->graph_stats().replays, second.replays);  // this shape: eager once
   for (int i = 22; i <= 26; ++i) step(fewer, reversed, list_reversed, i);
   const InferModel::GraphStats third = graphed->graph_stats();
