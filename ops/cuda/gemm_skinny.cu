@@ -49,20 +49,32 @@ __global__ void __launch_bounds__(32 * kWarps)
   float acc[kTiles][4];
 #pragma unroll
   for (int i = 0; i < kTiles; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
-#pragma unroll 4
-  for (int64_t k0 = kbegin; k0 < kend; k0 += kStep) {
-    const int64_t k = k0 + 8 * t;
-    const bool kin = k < kend;
-    const uint4 qa = Load16(wa + k, kin && ra < N);
-    const uint4 qb = Load16(wb + k, kin && rb < N);
+  // kUnroll steps of loads are issued before their mmas, so each warp keeps kUnroll * 32 bytes
+  // per lane of W (and x) in flight instead of waiting out a memory latency per step.
+  constexpr int kUnroll = kTiles <= 4 ? 4 : 2;
+  for (int64_t k0 = kbegin; k0 < kend; k0 += kStep * kUnroll) {
+    uint4 qa[kUnroll], qb[kUnroll], qx[kUnroll][kTiles];
 #pragma unroll
-    for (int i = 0; i < kTiles; ++i) {
-      const int m = i * 8 + g;
-      const uint4 qx = Load16(x + static_cast<int64_t>(min(m, M - 1)) * ldx + k, kin && m < M);
-      const uint32_t a0[4] = {qa.x, qb.x, qa.y, qb.y};
-      const uint32_t a1[4] = {qa.z, qb.z, qa.w, qb.w};
-      attn::Mma16816(acc[i], a0, qx.x, qx.y);
-      attn::Mma16816(acc[i], a1, qx.z, qx.w);
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t k = k0 + u * kStep + 8 * t;
+      const bool kin = k < kend;
+      qa[u] = Load16(wa + k, kin && ra < N);
+      qb[u] = Load16(wb + k, kin && rb < N);
+#pragma unroll
+      for (int i = 0; i < kTiles; ++i) {
+        const int m = i * 8 + g;
+        qx[u][i] = Load16(x + static_cast<int64_t>(min(m, M - 1)) * ldx + k, kin && m < M);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const uint32_t a0[4] = {qa[u].x, qb[u].x, qa[u].y, qb[u].y};
+      const uint32_t a1[4] = {qa[u].z, qb[u].z, qa[u].w, qb[u].w};
+#pragma unroll
+      for (int i = 0; i < kTiles; ++i) {
+        attn::Mma16816(acc[i], a0, qx[u][i].x, qx[u][i].y);
+        attn::Mma16816(acc[i], a1, qx[u][i].z, qx[u][i].w);
+      }
     }
   }
   // acc[i]: c0, c1 = (feature n0 + g, tokens 8i + 2t, + 1); c2, c3 = feature n0 + g + 8.
@@ -127,8 +139,9 @@ bool SkinnyGemmApplies(int64_t m, int64_t n, int64_t k, const void* x, int64_t l
 
 size_t SkinnyGemmWorkspaceBytes(int64_t m, int64_t n, int64_t k, int sm_count, int* splits) {
   const int64_t blocks = (n + kFeatures - 1) / kFeatures;
-  // About two blocks per SM, slices of at least 256 k, at most 16 slices.
-  int64_t s = std::clamp<int64_t>((2 * sm_count + blocks - 1) / blocks, 1, 16);
+  // About four blocks per SM (enough loads in flight to cover memory latency), slices of at
+  // least 256 k, at most 16 slices.
+  int64_t s = std::clamp<int64_t>((4 * sm_count + blocks - 1) / blocks, 1, 16);
   s = std::min<int64_t>(s, std::max<int64_t>(1, k / 256));
   if (blocks > kSkinnyGemmMaxBlocks) s = 1;  // no counter for it: straight writes only
   *splits = static_cast<int>(s);
