@@ -17,6 +17,7 @@
 #include <cublasLt.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <string>
 #include <vector>
 
@@ -114,6 +115,7 @@ struct GemmState {
   void* workspace = nullptr;  // kWorkspaceBytes on `device`
   int device = 0;
   int sm_count = 1;
+  bool skinny = true;  // TANDEM_SKINNY_GEMM=0 sends every GEMM to cuBLASLt (for comparisons)
   // The skinny GEMM's split-K partials and counters, allocated at its first split launch.
   float* skinny_partial = nullptr;
   size_t skinny_partial_bytes = 0;
@@ -306,8 +308,8 @@ std::string Gemm(GemmState& state, cudaStream_t stream, DType ab_dtype, DType c_
   if (ab_dtype == DType::kF32 && c_dtype == DType::kBF16) {
     return GemmF32ToBf16(state, stream, key, c, a, b, alpha, beta);
   }
-  if (ab_dtype == DType::kBF16 && c_dtype == DType::kBF16 && !trans_a && trans_b && alpha == 1.0f &&
-      beta == 0.0f && SkinnyGemmApplies(m, n, k, a, lda, b, ldb)) {
+  if (state.skinny && ab_dtype == DType::kBF16 && c_dtype == DType::kBF16 && !trans_a && trans_b &&
+      alpha == 1.0f && beta == 0.0f && SkinnyGemmApplies(m, n, k, a, lda, b, ldb)) {
     std::string error;
     if (RunSkinny(state, stream, c, ldc, a, lda, b, ldb, m, n, k, &error)) return error;
   }
@@ -340,6 +342,8 @@ GemmState* CreateGemmState(std::string* error) {
       cudaSuccess) {
     state->sm_count = 1;
   }
+  const char* skinny = std::getenv("TANDEM_SKINNY_GEMM");
+  state->skinny = skinny == nullptr || std::string(skinny) != "0";
   return state;
 }
 
