@@ -11,13 +11,10 @@
 // algorithm the heuristic chose, keyed by everything that affects the choice (dtypes, sizes,
 // transposes, leading dimensions, pointer alignments), so steady-state calls make no heuristic
 // query. cuBLASLt has no f32 x f32 -> bf16 kernel; that case runs through an f32 buffer (the
-// workspace) in row chunks and a rounding epilogue. x W^T with at most 64 rows of x in bf16 (a
-// decode step's projections) goes to the skinny kernel of gemm_skinny.cu instead, which reads W
-// at closer to the copy bandwidth. One GemmState per Context: not thread-safe.
+// workspace) in row chunks and a rounding epilogue. One GemmState per Context: not thread-safe.
 #include <cublasLt.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <string>
 #include <vector>
 
@@ -114,12 +111,6 @@ struct GemmState {
   cublasLtHandle_t handle = nullptr;
   void* workspace = nullptr;  // kWorkspaceBytes on `device`
   int device = 0;
-  int sm_count = 1;
-  bool skinny = true;  // TANDEM_SKINNY_GEMM=0 sends every GEMM to cuBLASLt (for comparisons)
-  // The skinny GEMM's split-K partials and counters, allocated at its first split launch.
-  float* skinny_partial = nullptr;
-  size_t skinny_partial_bytes = 0;
-  unsigned* skinny_counters = nullptr;
   std::vector<GemmPlan> plans;  // at most kMaxPlans; replaced round-robin when full
   size_t next_evict = 0;
 };
@@ -250,45 +241,6 @@ std::string GemmF32ToBf16(GemmState& state, cudaStream_t stream, GemmKey key, vo
   return "";
 }
 
-// The skinny kernel, with its split-K workspace grown (outside a stream capture only). False when
-// it cannot run here (the caller falls back to cuBLASLt); *error set when it failed to launch.
-bool RunSkinny(GemmState& state, cudaStream_t stream, void* c, int64_t ldc, const void* a,
-               int64_t lda, const void* b, int64_t ldb, int64_t m, int64_t n, int64_t k,
-               std::string* error) {
-  int splits = 1;
-  const size_t bytes = SkinnyGemmWorkspaceBytes(m, n, k, state.sm_count, &splits);
-  if (splits > 1 && (bytes > state.skinny_partial_bytes || state.skinny_counters == nullptr)) {
-    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
-    if (cudaStreamIsCapturing(stream, &capture) != cudaSuccess ||
-        capture != cudaStreamCaptureStatusNone) {
-      return false;  // no allocation inside a capture
-    }
-    if (state.skinny_counters == nullptr) {
-      const size_t cbytes = kSkinnyGemmMaxBlocks * sizeof(unsigned);
-      if (cudaMalloc(&state.skinny_counters, cbytes) != cudaSuccess ||
-          cudaMemsetAsync(state.skinny_counters, 0, cbytes, stream) != cudaSuccess) {
-        cudaGetLastError();
-        state.skinny_counters = nullptr;
-        return false;
-      }
-    }
-    if (bytes > state.skinny_partial_bytes) {
-      if (state.skinny_partial != nullptr) cudaFree(state.skinny_partial);  // synchronizes
-      state.skinny_partial = nullptr;
-      state.skinny_partial_bytes = 0;
-      if (cudaMalloc(&state.skinny_partial, bytes) != cudaSuccess) {
-        cudaGetLastError();
-        return false;
-      }
-      state.skinny_partial_bytes = bytes;
-    }
-  }
-  const cudaError_t err = SkinnyGemm(stream, c, ldc, a, lda, b, ldb, m, n, k, splits,
-                                     state.skinny_partial, state.skinny_counters);
-  if (err != cudaSuccess) *error = std::string("SkinnyGemm: ") + cudaGetErrorString(err);
-  return true;
-}
-
 }  // namespace
 
 std::string Gemm(GemmState& state, cudaStream_t stream, DType ab_dtype, DType c_dtype, void* c,
@@ -307,11 +259,6 @@ std::string Gemm(GemmState& state, cudaStream_t stream, DType ab_dtype, DType c_
   if (k == 0) return LaunchEpilogue(stream, c_dtype, c, ldc, nullptr, 0, m, n, beta);
   if (ab_dtype == DType::kF32 && c_dtype == DType::kBF16) {
     return GemmF32ToBf16(state, stream, key, c, a, b, alpha, beta);
-  }
-  if (state.skinny && ab_dtype == DType::kBF16 && c_dtype == DType::kBF16 && !trans_a && trans_b &&
-      alpha == 1.0f && beta == 0.0f && SkinnyGemmApplies(m, n, k, a, lda, b, ldb)) {
-    std::string error;
-    if (RunSkinny(state, stream, c, ldc, a, lda, b, ldb, m, n, k, &error)) return error;
   }
   return RunLt(state, stream, key, c, a, b, alpha, beta);
 }
@@ -338,12 +285,6 @@ GemmState* CreateGemmState(std::string* error) {
     return nullptr;
   }
   state->plans.reserve(kMaxPlans);
-  if (cudaDeviceGetAttribute(&state->sm_count, cudaDevAttrMultiProcessorCount, state->device) !=
-      cudaSuccess) {
-    state->sm_count = 1;
-  }
-  const char* skinny = std::getenv("TANDEM_SKINNY_GEMM");
-  state->skinny = skinny == nullptr || std::string(skinny) != "0";
   return state;
 }
 
@@ -356,8 +297,6 @@ void DestroyGemmState(GemmState* state) {
     const bool restore = cudaGetDevice(&previous) == cudaSuccess && previous != state->device;
     if (restore) cudaSetDevice(state->device);
     cudaFree(state->workspace);  // synchronizes with work still using it
-    if (state->skinny_partial != nullptr) cudaFree(state->skinny_partial);
-    if (state->skinny_counters != nullptr) cudaFree(state->skinny_counters);
     if (restore) cudaSetDevice(previous);
   }
   delete state;

@@ -23,20 +23,6 @@ std::string Gemm(GemmState& state, cudaStream_t stream, DType ab_dtype, DType c_
                  int64_t ldc, const void* a, int64_t lda, const void* b, int64_t ldb, int64_t m,
                  int64_t n, int64_t k, bool trans_a, bool trans_b, float alpha, float beta);
 
-// Skinny GEMM (ops/cuda/gemm_skinny.cu): y [m, n] = x [m, k] w^T with w [n, k], all bf16, for
-// m <= kSkinnyGemmMaxRows (decode). Gemm takes it by itself when SkinnyGemmApplies (alpha 1,
-// beta 0, bf16 in and out, not transposed a, transposed b).
-inline constexpr int64_t kSkinnyGemmMaxRows = 64;
-inline constexpr int64_t kSkinnyGemmMaxBlocks = 4096;  // counters for split-K feature blocks
-bool SkinnyGemmApplies(int64_t m, int64_t n, int64_t k, const void* x, int64_t ldx, const void* w,
-                       int64_t ldw);
-// The slices to split K into and the f32 workspace they need (0 with one slice).
-size_t SkinnyGemmWorkspaceBytes(int64_t m, int64_t n, int64_t k, int sm_count, int* splits);
-// counters: kSkinnyGemmMaxBlocks zeros (left zero after the kernel).
-cudaError_t SkinnyGemm(cudaStream_t stream, void* y, int64_t ldy, const void* x, int64_t ldx,
-                       const void* w, int64_t ldw, int64_t m, int64_t n, int64_t k, int splits,
-                       float* partial, unsigned* counters);
-
 cudaError_t EmbeddingForward(cudaStream_t stream, DType dtype, void* out, const int32_t* ids,
                              const void* table, int64_t num_tokens, int64_t vocab, int64_t dim);
 // dtable f32 += ; scratch must hold EmbeddingBackwardScratchBytes(num_tokens) bytes.
