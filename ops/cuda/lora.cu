@@ -86,8 +86,12 @@ constexpr bool OutIsPackedHost(Mode m) { return m == Mode::kShrink || m == Mode:
 
 template <typename T, Mode M>
 __global__ void __launch_bounds__(kThreads) LoraTokenKernel(TokenArgs args) {
-  __shared__ float xs[kBK][kBM + 1];  // token rows, transposed: xs[k][m]
-  __shared__ float ws[kBK][kBN + 1];  // weight slice: ws[k][j]
+  // Steps of kK along the reduction: kBK, or 16 when it runs over a rank (expand, shrink grad),
+  // so ranks of 8 or 16 (or 24, 40, ...) do not pay for a 32-wide step of zeros. Each output
+  // still sums its k in increasing order in one thread.
+  constexpr int kK = (M == Mode::kExpand || M == Mode::kShrinkGrad) ? 16 : kBK;
+  __shared__ float xs[kK][kBM + 1];  // token rows, transposed: xs[k][m]
+  __shared__ float ws[kK][kBN + 1];  // weight slice: ws[k][j]
   const TileRecord tile = args.segs.tiles[blockIdx.x];
   const SegmentRecord seg = args.segs.segments[tile.segment];
   const AdapterRecord ad = args.w.adapters[seg.adapter];
@@ -108,9 +112,9 @@ __global__ void __launch_bounds__(kThreads) LoraTokenKernel(TokenArgs args) {
   const int64_t kbegin = args.partial != nullptr ? static_cast<int64_t>(blockIdx.z) * args.kslice : 0;
   const int64_t kend = args.partial != nullptr ? min(kdim, kbegin + args.kslice) : kdim;
   float acc[2][4] = {};
-  for (int64_t k0 = kbegin; k0 < kend; k0 += kBK) {
-    for (int e = tid; e < kBM * kBK; e += kThreads) {
-      const int m = e / kBK, k = e % kBK;
+  for (int64_t k0 = kbegin; k0 < kend; k0 += kK) {
+    for (int e = tid; e < kBM * kK; e += kThreads) {
+      const int m = e / kK, k = e % kK;
       const int64_t kk = k0 + k;
       float v = 0.0f;
       if (m < rows && kk < kend) {
@@ -128,11 +132,11 @@ __global__ void __launch_bounds__(kThreads) LoraTokenKernel(TokenArgs args) {
       }
       xs[k][m] = v;
     }
-    for (int e = tid; e < kBK * kBN; e += kThreads) {
+    for (int e = tid; e < kK * kBN; e += kThreads) {
       // NT modes read W[j, k] (k contiguous); NN modes read W[k, j] (j contiguous).
       const bool nt = M == Mode::kShrink || M == Mode::kExpand;
-      const int j = nt ? e / kBK : e % kBN;
-      const int k = nt ? e % kBK : e / kBN;
+      const int j = nt ? e / kK : e % kBN;
+      const int k = nt ? e % kK : e / kBN;
       const int64_t jj = n0 + j, kk = k0 + k;
       float v = 0.0f;
       if (jj < ncols && kk < kend) v = ToFloat(nt ? W[jj * kdim + kk] : W[kk * ncols + jj]);
@@ -140,7 +144,7 @@ __global__ void __launch_bounds__(kThreads) LoraTokenKernel(TokenArgs args) {
     }
     __syncthreads();
 #pragma unroll 8
-    for (int k = 0; k < kBK; ++k) {
+    for (int k = 0; k < kK; ++k) {
       const float a0 = xs[k][ty], a1 = xs[k][ty + 16];
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
