@@ -152,6 +152,23 @@ json TokenStrings(const model::Tokenizer& tok, const std::vector<int32_t>& ids) 
   return out;
 }
 
+// A flag value out of range stops `tandem serve` before it loads anything, with exit status 2
+// and the flag named.
+TEST(ServeEndToEnd, RefusesABadCudaGraphsValue) {
+  const std::string tandem = TandemBinary();
+  ASSERT_TRUE(std::filesystem::exists(tandem)) << tandem << " is missing: build the tandem target";
+  const std::string cmd = tandem + " serve --model /nonexistent --cuda-graphs 2 2>&1";
+  std::FILE* f = popen(cmd.c_str(), "r");
+  ASSERT_NE(f, nullptr);
+  std::string out;
+  char buf[4096];
+  for (size_t n; (n = std::fread(buf, 1, sizeof(buf), f)) > 0;) out.append(buf, n);
+  const int status = pclose(f);
+  ASSERT_TRUE(WIFEXITED(status)) << out;
+  EXPECT_EQ(WEXITSTATUS(status), 2) << out;
+  EXPECT_NE(out.find("--cuda-graphs: '2' is not a valid value"), std::string::npos) << out;
+}
+
 TEST(ServeEndToEnd, ServesBaseAndAdapterOverHttp) {
   const std::string tandem = TandemBinary();
   ASSERT_TRUE(std::filesystem::exists(tandem)) << tandem << " is missing: build the tandem target";
@@ -199,7 +216,8 @@ TEST(ServeEndToEnd, ServesBaseAndAdapterOverHttp) {
   const int port =
       server.Start({tandem, "serve", "--model", dir.Join("tiny"), "--name", "tiny", "--adapter",
                     "ad=" + dir.Join("adapters/ad"), "--adapter-dir", dir.Join("adapters"),
-                    "--device", "cpu", "--port", "0", "--pool-bytes", "8388608", "--threads", "8"},
+                    "--device", "cpu", "--port", "0", "--pool-bytes", "8388608", "--threads", "8",
+                    "--cuda-graphs", "1"},
                    &log);
   ASSERT_GT(port, 0) << "tandem serve did not start:\n" << log;
 
