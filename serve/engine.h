@@ -87,6 +87,8 @@ struct EngineStats {
   int64_t pool_pages_adapter = 0;
   int64_t adapter_loads = 0;     // adapter loads into the pool since start
   int64_t lora_table_builds = 0;  // LoRA weight tables built over the resident adapters
+  int64_t decode_graph_captures = 0;  // decode shapes captured as CUDA graphs (infer_model.h)
+  int64_t decode_graph_replays = 0;   // decode steps run as a CUDA graph replay
   int64_t preemptions = 0;
   int64_t generated_tokens = 0;
   int64_t prompt_tokens = 0;

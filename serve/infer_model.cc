@@ -423,14 +423,21 @@ StatusOr<bool> InferModel::GraphForward(Tensor& kv_pages, const std::vector<SeqC
     lora_segs_.clear();
     lora_segs_index_.clear();
     ++graph_stats_.captures;
-    if (static_cast<int64_t>(graphs_.size()) >= kMaxGraphs) {
+    it = graphs_.emplace(std::move(key), std::move(g)).first;
+    it->second->last_used = ++graph_clock_;
+    // Least recently used first, down to kMaxGraphs graphs and kMaxGraphArenaBytes of arenas
+    // (the new one stays). A replay still in flight finishes first: CUDA frees it after.
+    int64_t bytes = 0;
+    for (const auto& [k, held] : graphs_) bytes += held->graph.arena_bytes();
+    while (graphs_.size() > 1 && (static_cast<int64_t>(graphs_.size()) > kMaxGraphs ||
+                                  bytes > kMaxGraphArenaBytes)) {
       auto oldest = graphs_.begin();
       for (auto i = graphs_.begin(); i != graphs_.end(); ++i) {
         if (i->second->last_used < oldest->second->last_used) oldest = i;
       }
-      graphs_.erase(oldest);  // a replay still in flight finishes first (CUDA frees it after)
+      bytes -= oldest->second->graph.arena_bytes();
+      graphs_.erase(oldest);
     }
-    it = graphs_.emplace(std::move(key), std::move(g)).first;
   } else {
     TANDEM_RETURN_IF_ERROR(UploadMetadata(seqs, b, &d_tokens, &d_last, &it->second->meta));
   }

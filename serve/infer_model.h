@@ -27,7 +27,8 @@
 // one: the second sighting of a shape captures it, later ones replay it after the metadata copy.
 // The logits come out the same bit for bit (the same kernels on the same inputs). Graphs are
 // dropped when the adapter list or its tables change (ForgetAdapters, a new list); at most
-// kMaxGraphs are kept (least recently used goes). Off while a profiler is attached.
+// kMaxGraphs, holding at most kMaxGraphArenaBytes, are kept (least recently used goes). Off while
+// a profiler is attached.
 //
 // Ownership: keeps references to the context and model (which must outlive it); adapters are
 // borrowed per call. Thread-safety: one thread at a time (like the Context).
@@ -149,6 +150,9 @@ class InferModel {
   void set_cuda_graphs(bool on);
   bool cuda_graphs() const { return graphs_on_; }
   static constexpr int kMaxGraphs = 32;
+  // Device bytes all kept graphs' arenas may hold (activations of their shapes; outside the
+  // engine's page pool, like the eager forward's temporaries).
+  static constexpr int64_t kMaxGraphArenaBytes = int64_t{1} << 30;
   struct GraphStats {
     int64_t captures = 0;     // graphs captured
     int64_t replays = 0;      // forwards that ran as a graph replay (the capturing call included)

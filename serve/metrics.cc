@@ -82,6 +82,10 @@ std::string ServerMetrics::Render(const EngineStats& s) const {
         s.adapter_loads, &out);
   Gauge("tandem_preemptions_total", "Requests preempted (recomputed) since start.", "counter",
         s.preemptions, &out);
+  Gauge("tandem_decode_graph_captures_total", "Decode step shapes captured as CUDA graphs.",
+        "counter", s.decode_graph_captures, &out);
+  Gauge("tandem_decode_graph_replays_total", "Decode steps run as a CUDA graph replay.", "counter",
+        s.decode_graph_replays, &out);
   Gauge("tandem_generated_tokens_total", "Tokens generated since start.", "counter",
         s.generated_tokens, &out);
   Gauge("tandem_prompt_tokens_total", "Prompt tokens processed since start.", "counter",

@@ -422,6 +422,9 @@ Status EngineImpl::RunBatch(std::vector<Scheduled>& batch) {
   {
     std::lock_guard<std::mutex> lock(mu_);
     stats_.lora_table_builds = infer_->lora_table_builds();
+    const InferModel::GraphStats graphs = infer_->graph_stats();
+    stats_.decode_graph_captures = graphs.captures;
+    stats_.decode_graph_replays = graphs.replays;
   }
   const int64_t V = logits.dim(1);
   // Greedy ids come from the device; whole rows only for sampling with temperature or logprobs.

@@ -86,6 +86,8 @@ class FakeEngine : public Engine {
     s.pool_pages_kv = 40;
     s.pool_pages_adapter = 7;
     s.adapter_loads = 5;
+    s.decode_graph_captures = 2;
+    s.decode_graph_replays = 9;
     return s;
   }
   const model::Tokenizer& tokenizer() const override { return *tokenizer_; }

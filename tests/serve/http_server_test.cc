@@ -116,7 +116,8 @@ TEST_F(HttpServerTest, HealthModelsAndMetrics) {
         "tandem_time_per_output_token_seconds_count 1\n", "tandem_requests_waiting 2\n",
         "tandem_requests_running 3\n", "tandem_pool_pages{use=\"kv\"} 40\n",
         "tandem_pool_pages{use=\"adapter\"} 7\n", "tandem_pool_pages{use=\"total\"} 100\n",
-        "tandem_adapter_loads_total 5\n", "tandem_http_requests_total{status=\"200\"} "}) {
+        "tandem_adapter_loads_total 5\n", "tandem_decode_graph_captures_total 2\n",
+        "tandem_decode_graph_replays_total 9\n", "tandem_http_requests_total{status=\"200\"} "}) {
     EXPECT_NE(t.find(line), std::string::npos) << "missing: " << line << "\nin:\n" << t;
   }
 }
