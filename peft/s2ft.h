@@ -195,6 +195,16 @@ class S2ftAdapter final : public model::AdapterHooks {
   Tensor master_flat_, weight_flat_, grad_flat_;
 };
 
+// The same update as a LoRA adapter on ctx: a columns block D ([out, k]) of W at columns idx is
+// B A with A [k, in] one-hot (A[j, idx[j]] = 1) and B = D; a rows block D ([k, in]) at rows idx is
+// B A with A = D and B [out, k] one-hot (B[idx[j], j] = 1); every target's scale is 1 (alpha =
+// rank = k). Each element of B A has at most one nonzero term, so the update is exact. The
+// serving engine loads S2FT adapters this way, so they run through the segmented multi-adapter
+// kernels beside LoRA adapters; the one-hot factors cost k x in (or out x k) elements each.
+// InvalidArgument for an adapter without blocks.
+class LoraAdapter;
+StatusOr<std::unique_ptr<LoraAdapter>> S2ftAsLora(ops::Context& ctx, const S2ftAdapter& s2ft);
+
 // Selects (SelectS2ft), creates a zero adapter and permutes `model` for it. The caller attaches
 // it (model.SetAdapter) and trains its parameters.
 StatusOr<std::unique_ptr<S2ftAdapter>> PrepareS2ft(ops::Context& ctx, model::LlamaModel& model,

@@ -5,6 +5,9 @@
 
 #include "model/config.h"
 #include "peft/adapter_io.h"
+#include "peft/lora.h"
+#include "peft/s2ft.h"
+#include "peft/s2ft_io.h"
 #include "serve/internal/engine_impl.h"
 
 #ifdef TANDEM_WITH_CUDA
@@ -216,11 +219,27 @@ Status EngineImpl::AlreadyExists(const std::string& name) const {
                 StrCat("adapter '", name, "' is already loaded (AlreadyExists)"));
 }
 
+namespace {
+
+// An S2FT adapter directory (peft/s2ft_io.h) in LoRA form (peft::S2ftAsLora): it is then served
+// like any LoRA adapter, through the same tiers and kernels.
+StatusOr<std::unique_ptr<peft::LoraAdapter>> ReadS2ftAsLora(ops::Context& ctx,
+                                                            const model::LlamaConfig& base,
+                                                            const std::string& dir) {
+  TANDEM_ASSIGN_OR_RETURN(std::unique_ptr<peft::S2ftAdapter> s2ft,
+                          peft::LoadS2ftAdapter(ctx, base, dir));
+  return peft::S2ftAsLora(ctx, *s2ft);
+}
+
+}  // namespace
+
 StatusOr<HostAdapter> EngineImpl::ReadHostAdapter(const AdapterEntry& entry) const {
   HostAdapter out;
   out.ctx = ops::Context::Cpu();
   StatusOr<std::unique_ptr<peft::LoraAdapter>> host =
-      peft::LoadLoraAdapter(*out.ctx, model_->config(), entry.path);
+      peft::IsS2ftAdapterDir(entry.path)
+          ? ReadS2ftAsLora(*out.ctx, model_->config(), entry.path)
+          : peft::LoadLoraAdapter(*out.ctx, model_->config(), entry.path);
   if (!host.ok()) {
     Status s = host.status();
     if (s.code() == StatusCode::kNotFound || s.code() == StatusCode::kInvalidArgument ||

@@ -113,7 +113,8 @@ struct EngineOptions {
   int64_t max_model_len = 0;     // prompt + completion tokens; 0: the model's max positions
   int64_t host_adapter_cache = 64;  // adapters kept in the host LRU (f32 copies)
   bool cuda_graphs = true;  // replay decode batches of a seen shape as CUDA graphs (infer_model.h)
-  // Adapters loaded at start: (name, PEFT LoRA directory). S2FT adapters are not served yet.
+  // Adapters loaded at start: (name, directory): a PEFT LoRA directory or an S2FT adapter
+  // (tandem-s2ft format, peft/s2ft_io.h; served in LoRA form, peft::S2ftAsLora).
   std::vector<std::pair<std::string, std::string>> adapters;
   // Fine-tuning jobs run in the leftover token budget (serve/finetune.h). Unfinished jobs under
   // finetune.state_dir are resumed by Create.

@@ -7,7 +7,9 @@
 
 #include <cmath>
 
+#include "peft/adapter_set.h"
 #include "peft/internal/s2ft_weights.h"
+#include "peft/lora.h"
 #include "tests/peft/peft_test_util.h"
 
 namespace tandem::peft {
@@ -316,6 +318,59 @@ TEST(S2ftModelTest, ShortTrainingLowersTheLoss) {
         << original->parameters()[i].name;
   }
   EXPECT_TRUE(AllClose(*original->Logits(batch), *base->Logits(batch), {1e-5, 1e-5}));
+}
+
+}  // namespace
+}  // namespace tandem::peft
+
+namespace tandem::peft {
+namespace {
+
+// S2ftAsLora: the LoRA form of an adapter with column blocks (o, down) and row blocks (coupled
+// q, k, v, gate, up) gives the merged model's logits, through peft::AdapterSet (the path the
+// serving engine's kernels follow); its one-hot factors hold exactly one 1 per row or column.
+TEST(S2ftLoraTest, LoraFormGivesTheMergedLogits) {
+  auto ctx = ops::Context::Cpu();
+  const model::LlamaConfig c = TinyConfig();
+  auto permuted = MakeBase(*ctx, c, 21);
+  auto merged = MakeBase(*ctx, c, 21);
+  auto base = MakeBase(*ctx, c, 21);
+  auto ad = *PrepareS2ft(*ctx, *permuted, Fractions(0.5, 0.5, true, 5));
+  RandomizeBlocks(*ad, 70, 0.3f);
+  ASSERT_TRUE(ad->Merge(*merged).ok());
+  const model::Batch batch = MakeBatch(2, 6, c.vocab_size, 11);
+  const Tensor want = *merged->Logits(batch);
+
+  StatusOr<std::unique_ptr<LoraAdapter>> lora = S2ftAsLora(*ctx, *ad);
+  ASSERT_TRUE(lora.ok()) << lora.status().ToString();
+  ASSERT_EQ((*lora)->targets().size(), ad->blocks().size());
+  for (size_t i = 0; i < ad->blocks().size(); ++i) {
+    const S2ftBlock& b = ad->blocks()[i];
+    const int t = (*lora)->Find(b.layer, b.proj);
+    ASSERT_GE(t, 0) << b.name;
+    EXPECT_EQ((*lora)->targets()[t].rank, static_cast<int64_t>(b.indices.size()));
+    EXPECT_FLOAT_EQ((*lora)->targets()[t].scale, 1.0f);
+    const Tensor onehot = *(*lora)->ToHost(b.axis == S2ftAxis::kColumns ? 2 * t : 2 * t + 1);
+    double sum = 0;
+    for (int64_t e = 0; e < onehot.numel(); ++e) sum += onehot.data<float>()[e];
+    EXPECT_EQ(sum, static_cast<double>(b.indices.size())) << b.name;
+  }
+  AdapterSet set(*ctx, c);
+  ASSERT_TRUE(set.Add(std::move(*lora)).ok());
+  base->SetAdapter(&set);
+  EXPECT_TRUE(AllClose(*base->Logits(batch), want, {1e-5, 1e-5}));
+  base->SetAdapter(nullptr);
+}
+
+TEST(S2ftLoraTest, AnAdapterWithoutBlocksIsRefused) {
+  auto ctx = ops::Context::Cpu();
+  const model::LlamaConfig c = TinyConfig();
+  auto base = MakeBase(*ctx, c, 21);
+  S2ftSelection none;
+  none.layers.resize(c.num_hidden_layers);
+  StatusOr<std::unique_ptr<S2ftAdapter>> ad = S2ftAdapter::Create(*ctx, c, S2ftConfig(), none);
+  ASSERT_TRUE(ad.ok()) << ad.status().ToString();
+  EXPECT_EQ(S2ftAsLora(*ctx, **ad).status().code(), StatusCode::kInvalidArgument);
 }
 
 }  // namespace

@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <chrono>
 #include <condition_variable>
+#include <filesystem>
 #include <map>
 #include <mutex>
 #include <thread>
@@ -18,6 +19,8 @@
 #include "peft/adapter_io.h"
 #include "peft/adapter_set.h"
 #include "peft/lora.h"
+#include "peft/s2ft.h"
+#include "peft/s2ft_io.h"
 #include "tests/common/testing.h"
 #include "tests/serve/serve_test_util.h"
 
@@ -169,6 +172,59 @@ TEST_F(EngineTest, GreedyMatchesLogitsWithMixedAdaptersInOneBatch) {
   EXPECT_EQ(s.pool_pages_kv, 0);
   EXPECT_GT(s.pool_pages_adapter, 0);
   EXPECT_EQ(s.generated_tokens, 10 * static_cast<int64_t>(kCases.size()));
+}
+
+// An S2FT adapter directory (tandem-s2ft) is served beside LoRA adapters, in LoRA form
+// (peft::S2ftAsLora): greedy tokens equal LlamaModel with the S2FT blocks merged into its weights
+// (checked on logits in tests/peft/s2ft_test.cc) run through the same LoRA form.
+TEST_F(EngineTest, ServesAnS2ftAdapterBesideLoraAdapters) {
+  {
+    auto base =
+        std::move(model::LlamaModel::Create(*ctx_, TinyConfig(), model::ModelOptions())).value();
+    TANDEM_CHECK_OK(base->InitRandom(77, 0.5f));
+    peft::S2ftConfig sc;
+    sc.heads_fraction = 0.5;
+    sc.ffn_fraction = 0.25;
+    sc.coupled = true;
+    auto ad = std::move(peft::PrepareS2ft(*ctx_, *base, sc)).value();
+    for (size_t i = 0; i < ad->parameters().size(); ++i) {
+      TANDEM_CHECK_OK(ad->SetFromHost(
+          i, RandomUniform(ad->parameters()[i].master.shape(), 300 + i, -0.5f, 0.5f)));
+    }
+    TANDEM_CHECK_OK(peft::SaveS2ftAdapter(*ad, dir_.Join("s")));
+  }
+  EngineOptions o = options_;
+  o.adapters.push_back({"s", dir_.Join("s")});
+  auto engine = MakeEngine(o);
+  auto s2ft = std::move(peft::LoadS2ftAdapter(*ctx_, TinyConfig(), dir_.Join("s"))).value();
+  peft::AdapterSet set(*ctx_, TinyConfig());
+  TANDEM_CHECK_OK(set.Add(std::move(peft::S2ftAsLora(*ctx_, *s2ft)).value()));
+  Sink sink;
+  const std::vector<std::pair<std::string, std::string>> cases = {
+      {"s", "Structured sparse"}, {"a", "Hello there, general"}, {"s", "x"}};
+  std::vector<RequestId> ids;
+  for (const auto& [model, prompt] : cases) {
+    ids.push_back(*engine->Submit(Greedy(model, prompt, 8), sink.For()));
+  }
+  for (size_t i = 0; i < cases.size(); ++i) {
+    const Sink::Result r = sink.Wait(ids[i]);
+    std::vector<int32_t> want;
+    if (cases[i].first == "s") {
+      model_->SetAdapter(&set);
+      want = test_util::GreedyTokens(*model_, Ids(cases[i].second), 8, kByteVocab);
+      model_->SetAdapter(nullptr);
+    } else {
+      want = Reference(cases[i].first, Ids(cases[i].second), 8);
+    }
+    EXPECT_EQ(r.ids, want) << "case " << i;
+  }
+  EXPECT_NE(sink.Wait(ids[0]).ids, Reference("", Ids(cases[0].second), 8))
+      << "the S2FT adapter should change the greedy continuation";
+  // A directory that is neither adapter kind is refused, naming it.
+  std::filesystem::create_directories(dir_.Join("empty"));
+  const Status bad = engine->LoadAdapter("bad", dir_.Join("empty"));
+  EXPECT_FALSE(bad.ok());
+  EXPECT_NE(bad.ToString().find("empty"), std::string::npos) << bad.ToString();
 }
 
 TEST_F(EngineTest, RequestsJoiningMidFlightGetTheSameTokens) {
