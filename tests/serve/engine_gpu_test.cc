@@ -1,7 +1,8 @@
 // The engine on CUDA (bf16 weights and KV pages, adapters copied to the device and charged in
 // the pool): mixed-adapter requests all finish with the requested number of tokens, their pages
 // come back, a seeded request run alone twice gives the same tokens, and greedy decoding with an
-// adapter differs from the base model. Numerical parity is engine_infer_gpu_test's job.
+// adapter (a LoRA one, and an S2FT one served in LoRA form) differs from the base model, and
+// decode steps replay CUDA graphs. Numerical parity is engine_infer_gpu_test's job.
 #include <gtest/gtest.h>
 
 #include <chrono>
@@ -12,6 +13,8 @@
 #include "model/llama.h"
 #include "peft/adapter_io.h"
 #include "peft/lora.h"
+#include "peft/s2ft.h"
+#include "peft/s2ft_io.h"
 #include "serve/engine.h"
 #include "tests/common/testing.h"
 
@@ -78,6 +81,19 @@ TEST(EngineGpu, ServesMixedAdapters) {
     }
     TANDEM_CHECK_OK(peft::SaveLoraAdapter(*ad, dir.Join("a" + std::to_string(a))));
   }
+  {  // an S2FT adapter (coupled: row and column blocks), served in LoRA form
+    auto base = std::move(model::LlamaModel::Create(*cpu, c, model::ModelOptions())).value();
+    peft::S2ftConfig sc;
+    sc.heads_fraction = 0.5;
+    sc.ffn_fraction = 0.25;
+    sc.coupled = true;
+    auto s2 = std::move(peft::PrepareS2ft(*cpu, *base, sc)).value();
+    for (size_t i = 0; i < s2->parameters().size(); ++i) {
+      TANDEM_CHECK_OK(s2->SetFromHost(
+          i, testing::RandomUniform(s2->parameters()[i].master.shape(), 50 + i, -0.5f, 0.5f)));
+    }
+    TANDEM_CHECK_OK(peft::SaveS2ftAdapter(*s2, dir.Join("s")));
+  }
   EngineOptions o;
   o.model_dir = dir.Join("model");
   o.model_name = "base";
@@ -85,7 +101,7 @@ TEST(EngineGpu, ServesMixedAdapters) {
   o.pool_bytes = 64 << 20;
   o.page_bytes = 16 << 10;
   o.max_batch_tokens = 64;
-  o.adapters = {{"a0", dir.Join("a0")}, {"a1", dir.Join("a1")}};
+  o.adapters = {{"a0", dir.Join("a0")}, {"a1", dir.Join("a1")}, {"s", dir.Join("s")}};
   auto engine = std::move(Engine::Create(o)).value();
   Collector col;
   auto request = [](const std::string& model, int n, int max_tokens) {
@@ -98,8 +114,8 @@ TEST(EngineGpu, ServesMixedAdapters) {
     return r;
   };
   std::vector<RequestId> ids;
-  const char* models[] = {"base", "a0", "a1", "a0", "base", "a1"};
-  for (int i = 0; i < 6; ++i)
+  const char* models[] = {"base", "a0", "a1", "a0", "base", "a1", "s"};
+  for (int i = 0; i < 7; ++i)
     ids.push_back(*engine->Submit(request(models[i], 20 + 30 * i, 12), col.For()));
   for (RequestId id : ids) {
     const Done d = col.Wait(id);
@@ -119,6 +135,11 @@ TEST(EngineGpu, ServesMixedAdapters) {
   const Done base = col.Wait(*engine->Submit(request("base", 40, 16), col.For()));
   const Done adapted = col.Wait(*engine->Submit(request("a0", 40, 16), col.For()));
   EXPECT_NE(base.ids, adapted.ids);
+  const Done s2ft = col.Wait(*engine->Submit(request("s", 40, 16), col.For()));
+  EXPECT_NE(base.ids, s2ft.ids);
+  // Decode steps of repeated shapes ran as CUDA graph replays.
+  EXPECT_GT(engine->Stats().decode_graph_captures, 0);
+  EXPECT_GT(engine->Stats().decode_graph_replays, 0);
 }
 
 }  // namespace
