@@ -46,6 +46,12 @@ Status EmbeddingBackward(Context& ctx, Tensor& dtable, const Tensor& dout, const
 // once. x, y [N, C] (row stride free); w [C] (x's dtype); rstd f32 [N], or undefined to not save.
 Status RmsNormForward(Context& ctx, Tensor& y, Tensor& rstd, const Tensor& x, const Tensor& w,
                       float eps);
+// sum = a + b (computed in f32 and rounded, as Add), then y = RmsNormForward(sum) (no rstd): a
+// block's residual add and the next norm in one pass over each row (the serving forward). a, b,
+// sum, y [N, C] (row stride free; sum may be a or b); w [C]. The values of Add followed by
+// RmsNormForward.
+Status AddRmsNormForward(Context& ctx, Tensor& sum, Tensor& y, const Tensor& a, const Tensor& b,
+                         const Tensor& w, float eps);
 // dx = (or += when accumulate_dx) the input gradient; dw += sum_n dy * x * rstd (f32 [C], or
 // undefined to skip). rstd from the forward.
 Status RmsNormBackward(Context& ctx, Tensor& dx, Tensor& dw, const Tensor& dy, const Tensor& x,

@@ -63,6 +63,46 @@ Status RmsNormForward(Context& ctx, Tensor& y, Tensor& rstd, const Tensor& x, co
   return Status::Ok();
 }
 
+Status AddRmsNormForward(Context& ctx, Tensor& sum, Tensor& y, const Tensor& a, const Tensor& b,
+                         const Tensor& w, float eps) {
+  ProfileScope profile(ctx, "norm");
+  {
+    internal::OpChecker chk("AddRmsNormForward", ctx);
+    if (!chk.Ranked(a, "a", 2)) return chk.status();
+    const Dim n{"N", a.dim(0)}, c{"C", a.dim(1)};
+    chk.Expect(a, "a", {n, c}, internal::FloatDTypes(ctx), Layout::RowStrideFree());
+    chk.Expect(b, "b", {n, c}, {a.dtype()}, Layout::RowStrideFree());
+    chk.Expect(sum, "sum", {n, c}, {a.dtype()}, Layout::RowStrideFree());
+    chk.Expect(w, "w", {c}, {a.dtype()}, Layout::Contiguous());
+    chk.Expect(y, "y", {n, c}, {a.dtype()}, Layout::RowStrideFree());
+    chk.Require(std::isfinite(eps) && eps >= 0.0f, "eps must be finite and >= 0, found ", eps);
+    if (!chk.ok()) return chk.status();
+  }
+  const int64_t rows = a.dim(0), cols = a.dim(1);
+  if (rows == 0) return Status::Ok();
+  const int64_t as = internal::LeadingStride(a, 0), bs = internal::LeadingStride(b, 0);
+  const int64_t ss = internal::LeadingStride(sum, 0), ys = internal::LeadingStride(y, 0);
+#ifdef TANDEM_WITH_CUDA
+  if (ctx.is_cuda()) {
+    const cudaError_t err = cuda::AddRmsNormForward(
+        internal::StreamOf(ctx), a.dtype(), sum.raw_data(), ss, y.raw_data(), ys, a.raw_data(), as,
+        b.raw_data(), bs, w.raw_data(), rows, cols, eps);
+    return internal::CudaResult(err, "AddRmsNormForward", ctx,
+                                [&] { return internal::Describe("a", a); });
+  }
+#endif
+  // The reference: the two ops' loops (f32 on the host).
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* ar = a.data<float>() + r * as;
+    const float* br = b.data<float>() + r * bs;
+    float* sr = sum.data<float>() + r * ss;
+    for (int64_t c = 0; c < cols; ++c) sr[c] = ar[c] + br[c];
+  }
+  cpu::RmsNormForward(y.data<float>(), ys, nullptr, sum.data<float>(), ss, w.data<float>(), rows,
+                      cols, eps);
+  return Status::Ok();
+}
+
 Status RmsNormBackward(Context& ctx, Tensor& dx, Tensor& dw, const Tensor& dy, const Tensor& x,
                        const Tensor& w, const Tensor& rstd, bool accumulate_dx) {
   ProfileScope profile(ctx, "norm");

@@ -208,8 +208,7 @@ Status InferModel::Layer(int64_t l, Buffers& b, Tensor& kv_pages) {
   const int64_t D = config_.head_dim, F = config_.intermediate_size, H3 = Hq + 2 * Hkv;
   const float eps = static_cast<float>(config_.rms_norm_eps);
   const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(D)));
-  Tensor none;
-  TANDEM_RETURN_IF_ERROR(ops::RmsNormForward(ctx_, b.ln, none, b.x, w.attn_norm, eps));
+  // b.ln holds this layer's normed input (Compute, or the previous layer's fused add + norm).
   TANDEM_RETURN_IF_ERROR(ops::Matmul(ctx_, b.qkv, b.ln, w.qkv, false, true));  // [N, H3 D]
   // q | k | v columns of qkv: one fused delta (AdapterWeights' joined weights).
   TANDEM_RETURN_IF_ERROR(LoraDelta(l, LoraSite::kQkv, b.ln, b.qkv));
@@ -228,8 +227,8 @@ Status InferModel::Layer(int64_t l, Buffers& b, Tensor& kv_pages) {
                                              Hkv, block_tokens_, scale));
   TANDEM_RETURN_IF_ERROR(ops::Matmul(ctx_, b.proj, b.attn, w.o, false, true));
   TANDEM_RETURN_IF_ERROR(LoraDelta(l, LoraSite::kO, b.attn, b.proj));
-  TANDEM_RETURN_IF_ERROR(ops::Add(ctx_, b.x_mid, b.x, b.proj));  // [N, C]
-  TANDEM_RETURN_IF_ERROR(ops::RmsNormForward(ctx_, b.ln, none, b.x_mid, w.mlp_norm, eps));
+  // x_mid = x + proj and ln = norm(x_mid), one pass.
+  TANDEM_RETURN_IF_ERROR(ops::AddRmsNormForward(ctx_, b.x_mid, b.ln, b.x, b.proj, w.mlp_norm, eps));
   TANDEM_RETURN_IF_ERROR(ops::Matmul(ctx_, b.gate_up, b.ln, w.gate_up, false, true));
   // gate | up columns of gate_up [N, 2F]: one fused delta.
   TANDEM_RETURN_IF_ERROR(LoraDelta(l, LoraSite::kGateUp, b.ln, b.gate_up));
@@ -237,7 +236,9 @@ Status InferModel::Layer(int64_t l, Buffers& b, Tensor& kv_pages) {
       ops::SwigluForward(ctx_, b.act, b.gate_up.Slice(1, 0, F), b.gate_up.Slice(1, F, 2 * F)));
   TANDEM_RETURN_IF_ERROR(ops::Matmul(ctx_, b.proj, b.act, w.down, false, true));
   TANDEM_RETURN_IF_ERROR(LoraDelta(l, LoraSite::kDown, b.act, b.proj));
-  return ops::Add(ctx_, b.x, b.x_mid, b.proj);
+  if (l + 1 == num_layers()) return ops::Add(ctx_, b.x, b.x_mid, b.proj);
+  // x = x_mid + proj and the next layer's input norm, one pass.
+  return ops::AddRmsNormForward(ctx_, b.x, b.ln, b.x_mid, b.proj, layers_[l + 1].attn_norm, eps);
 }
 
 Status InferModel::EnsureHost(Tensor* buffer, int64_t num_bytes) {
@@ -349,6 +350,11 @@ Status InferModel::Compute(Buffers& b, Tensor& kv_pages, const Tensor& d_tokens,
   TANDEM_RETURN_IF_ERROR(alloc(&b.gate_up, {N, 2 * F}));
   TANDEM_RETURN_IF_ERROR(alloc(&b.act, {N, F}));
   TANDEM_RETURN_IF_ERROR(ops::EmbeddingForward(ctx_, b.x, d_tokens, embed_));
+  Tensor no_rstd;
+  if (L > 0) {
+    TANDEM_RETURN_IF_ERROR(ops::RmsNormForward(ctx_, b.ln, no_rstd, b.x, layers_[0].attn_norm,
+                                               static_cast<float>(config_.rms_norm_eps)));
+  }
   for (int64_t l = 0; l < L; ++l) TANDEM_RETURN_IF_ERROR(Layer(l, b, kv_pages));
 
   // Last token of each sequence: gather rows (an embedding lookup into x), norm, lm head.

@@ -50,6 +50,45 @@ __global__ void RmsNormForwardKernel(T* y, int64_t y_stride, float* rstd, const 
   }
 }
 
+// sum = round(a + b), then y = sum * rstd * w: RmsNormForwardKernel's loops and reduction order
+// over the rounded sum, so the result is that of Add followed by RmsNormForward with the same
+// pack width. Each thread reads back only the elements it wrote (sum may alias a or b).
+template <typename T, int V>
+__global__ void AddRmsNormForwardKernel(T* sum, int64_t sum_stride, T* y, int64_t y_stride,
+                                        const T* a, int64_t a_stride, const T* b, int64_t b_stride,
+                                        const T* w, int64_t rows, int64_t cols, float eps) {
+  __shared__ float shared[32];
+  for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    const T* ar = a + r * a_stride;
+    const T* br = b + r * b_stride;
+    T* sr = sum + r * sum_stride;
+    T* yr = y + r * y_stride;
+    float ss = 0.0f;
+    for (int64_t c = static_cast<int64_t>(threadIdx.x) * V; c < cols; c += blockDim.x * V) {
+      const Pack<T, V> ap = LoadPack<T, V>(ar + c);
+      const Pack<T, V> bp = LoadPack<T, V>(br + c);
+      Pack<T, V> sp;
+#pragma unroll
+      for (int i = 0; i < V; ++i) {
+        sp.v[i] = FromFloat<T>(ToFloat(ap.v[i]) + ToFloat(bp.v[i]));
+        const float f = ToFloat(sp.v[i]);
+        ss += f * f;
+      }
+      StorePack<T, V>(sr + c, sp);
+    }
+    ss = BlockSum(ss, shared);
+    const float rs = 1.0f / sqrtf(ss / static_cast<float>(cols) + eps);
+    for (int64_t c = static_cast<int64_t>(threadIdx.x) * V; c < cols; c += blockDim.x * V) {
+      const Pack<T, V> sp = LoadPack<T, V>(sr + c);
+      const Pack<T, V> wp = LoadPack<T, V>(w + c);
+      Pack<T, V> yp;
+#pragma unroll
+      for (int i = 0; i < V; ++i) yp.v[i] = FromFloat<T>(ToFloat(sp.v[i]) * rs * ToFloat(wp.v[i]));
+      StorePack<T, V>(yr + c, yp);
+    }
+  }
+}
+
 template <typename T, int V>
 __global__ void RmsNormBackwardDxKernel(T* dx, int64_t dx_stride, const T* dy, int64_t dy_stride,
                                         const T* x, int64_t x_stride, const T* w,
@@ -131,6 +170,30 @@ cudaError_t RmsNormForward(cudaStream_t stream, DType dtype, void* y, int64_t y_
     } else {
       RmsNormForwardKernel<T, 1><<<RowGrid(rows), ThreadsFor(cols, 512), 0, stream>>>(
           yt, y_stride, rstd, xt, x_stride, wt, rows, cols, eps);
+    }
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t AddRmsNormForward(cudaStream_t stream, DType dtype, void* sum, int64_t sum_stride,
+                              void* y, int64_t y_stride, const void* a, int64_t a_stride,
+                              const void* b, int64_t b_stride, const void* w, int64_t rows,
+                              int64_t cols, float eps) {
+  return DispatchF32Bf16(dtype, [&](auto tag) -> cudaError_t {
+    using T = typename decltype(tag)::type;
+    constexpr int kV = kVec16<T>;
+    if (rows <= 0 || cols <= 0) return cudaSuccess;
+    T* st = static_cast<T*>(sum);
+    T* yt = static_cast<T*>(y);
+    const T* at = static_cast<const T*>(a);
+    const T* bt = static_cast<const T*>(b);
+    const T* wt = static_cast<const T*>(w);
+    if (RowsVectorizable<T>(cols, {sum, y, a, b, w}, {sum_stride, y_stride, a_stride, b_stride})) {
+      AddRmsNormForwardKernel<T, kV><<<RowGrid(rows), ThreadsFor(cols / kV, 512), 0, stream>>>(
+          st, sum_stride, yt, y_stride, at, a_stride, bt, b_stride, wt, rows, cols, eps);
+    } else {
+      AddRmsNormForwardKernel<T, 1><<<RowGrid(rows), ThreadsFor(cols, 512), 0, stream>>>(
+          st, sum_stride, yt, y_stride, at, a_stride, bt, b_stride, wt, rows, cols, eps);
     }
     return cudaGetLastError();
   });

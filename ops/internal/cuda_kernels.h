@@ -34,6 +34,10 @@ cudaError_t EmbeddingBackward(cudaStream_t stream, DType dtype, float* dtable, c
 cudaError_t RmsNormForward(cudaStream_t stream, DType dtype, void* y, int64_t y_stride,
                            float* rstd /*nullable*/, const void* x, int64_t x_stride, const void* w,
                            int64_t rows, int64_t cols, float eps);
+cudaError_t AddRmsNormForward(cudaStream_t stream, DType dtype, void* sum, int64_t sum_stride,
+                              void* y, int64_t y_stride, const void* a, int64_t a_stride,
+                              const void* b, int64_t b_stride, const void* w, int64_t rows,
+                              int64_t cols, float eps);
 // dw (nullable) f32 += ; scratch must hold RmsNormBackwardScratchBytes(rows, cols) bytes.
 size_t RmsNormBackwardScratchBytes(int64_t rows, int64_t cols);
 cudaError_t RmsNormBackward(cudaStream_t stream, DType dtype, void* dx, int64_t dx_stride,

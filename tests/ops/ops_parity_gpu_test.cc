@@ -208,6 +208,19 @@ void AddRmsNormCases(std::vector<ParityCase>& cases, DType dt) {
              r.Run(RmsNormForward(r.ctx(), y, rstd, x, w, 1e-5f), "RmsNormForward");
              return {{"y", r.Fetch(y), Reduce(dt)}, {"rstd", r.Fetch(rstd), kF32Accumulated}};
            }});
+      // The fused residual add + norm, once into a fresh sum and once in place over a.
+      for (bool in_place : {false, true}) {
+        cases.push_back(
+            {StrCat("AddRmsNormForward_N", n, "_C", c, in_place ? "_inplace_" : "_", DTypeName(dt)),
+             [=](Runner& r) -> Outputs {
+               Tensor a = r.Random({n, c + 8}, 21, dt).Slice(1, 0, c);  // row view
+               Tensor b = r.Random({n, c}, 22, dt);
+               Tensor w = r.Random({c}, 23, dt, 0.5f, 1.5f);
+               Tensor sum = in_place ? a : r.Nan({n, c}, dt), y = r.Nan({n, c}, dt);
+               r.Run(AddRmsNormForward(r.ctx(), sum, y, a, b, w, 1e-5f), "AddRmsNormForward");
+               return {{"sum", r.Fetch(sum), Reduce(dt)}, {"y", r.Fetch(y), Reduce(dt)}};
+             }});
+      }
       for (bool acc : {false, true}) {
         cases.push_back(
             {StrCat("RmsNormBackward_N", n, "_C", c, acc ? "_acc_" : "_", DTypeName(dt)),
