@@ -56,6 +56,30 @@ TEST(EmbeddingCpuTest, ForwardGathersAndBackwardSumsRepeatedIds) {
   EXPECT_TRUE(EmbeddingBackward(*ctx, frozen, dout, ids).ok());
 }
 
+// AddRmsNormForward: the values of Add then RmsNormForward, into a new sum or in place over a;
+// a shape mismatch is named.
+TEST(RmsNormCpuTest, FusedAddAndNormEqualsTheTwoOps) {
+  auto ctx = Context::Cpu();
+  const Tensor a = RandomUniform({7, 13}, 31), b = RandomUniform({7, 13}, 32);
+  const Tensor w = RandomUniform({13}, 33, 0.5f, 1.5f);
+  Tensor sum = Tensor::Cpu({7, 13}, DType::kF32), want_y = Tensor::Cpu({7, 13}, DType::kF32);
+  Tensor no_rstd;
+  ASSERT_TRUE(Add(*ctx, sum, a, b).ok());
+  ASSERT_TRUE(RmsNormForward(*ctx, want_y, no_rstd, sum, w, 1e-5f).ok());
+  Tensor got_sum = Tensor::Cpu({7, 13}, DType::kF32), got_y = Tensor::Cpu({7, 13}, DType::kF32);
+  ASSERT_TRUE(AddRmsNormForward(*ctx, got_sum, got_y, a, b, w, 1e-5f).ok());
+  EXPECT_TRUE(AllClose(got_sum, sum, {0, 0}));
+  EXPECT_TRUE(AllClose(got_y, want_y, {0, 0}));
+  Tensor in_place = Clone(a), y2 = Tensor::Cpu({7, 13}, DType::kF32);
+  ASSERT_TRUE(AddRmsNormForward(*ctx, in_place, y2, in_place, b, w, 1e-5f).ok());
+  EXPECT_TRUE(AllClose(in_place, sum, {0, 0}));
+  EXPECT_TRUE(AllClose(y2, want_y, {0, 0}));
+  Tensor short_b = RandomUniform({6, 13}, 34);
+  const Status bad = AddRmsNormForward(*ctx, got_sum, got_y, a, short_b, w, 1e-5f);
+  EXPECT_EQ(bad.code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(bad.ToString().find("'b'"), std::string::npos) << bad.ToString();
+}
+
 TEST(RmsNormCpuTest, KnownValuesAndAccumulateRules) {
   auto ctx = Context::Cpu();
   Tensor x = FromValues({2, 4}, {1, 2, 3, 4, -2, 0, 0, 0});
