@@ -19,6 +19,19 @@ constexpr int kDwThreads = 256;
 
 int64_t RowGroups(int64_t rows) { return std::min(rows, kMaxRowGroups); }
 
+// y = x * rs * w over this thread's packs of one row (the forward's second pass).
+template <typename T, int V>
+__device__ __forceinline__ void ScaleRow(T* yr, const T* xr, const T* w, float rs, int64_t cols) {
+  for (int64_t c = static_cast<int64_t>(threadIdx.x) * V; c < cols; c += blockDim.x * V) {
+    const Pack<T, V> xp = LoadPack<T, V>(xr + c);
+    const Pack<T, V> wp = LoadPack<T, V>(w + c);
+    Pack<T, V> yp;
+#pragma unroll
+    for (int i = 0; i < V; ++i) yp.v[i] = FromFloat<T>(ToFloat(xp.v[i]) * rs * ToFloat(wp.v[i]));
+    StorePack<T, V>(yr + c, yp);
+  }
+}
+
 template <typename T, int V>
 __global__ void RmsNormForwardKernel(T* y, int64_t y_stride, float* rstd, const T* x,
                                      int64_t x_stride, const T* w, int64_t rows, int64_t cols,
@@ -39,14 +52,7 @@ __global__ void RmsNormForwardKernel(T* y, int64_t y_stride, float* rstd, const 
     ss = BlockSum(ss, shared);
     const float rs = 1.0f / sqrtf(ss / static_cast<float>(cols) + eps);
     if (rstd != nullptr && threadIdx.x == 0) rstd[r] = rs;
-    for (int64_t c = static_cast<int64_t>(threadIdx.x) * V; c < cols; c += blockDim.x * V) {
-      const Pack<T, V> xp = LoadPack<T, V>(xr + c);
-      const Pack<T, V> wp = LoadPack<T, V>(w + c);
-      Pack<T, V> yp;
-#pragma unroll
-      for (int i = 0; i < V; ++i) yp.v[i] = FromFloat<T>(ToFloat(xp.v[i]) * rs * ToFloat(wp.v[i]));
-      StorePack<T, V>(yr + c, yp);
-    }
+    ScaleRow<T, V>(yr, xr, w, rs, cols);
   }
 }
 
@@ -77,15 +83,7 @@ __global__ void AddRmsNormForwardKernel(T* sum, int64_t sum_stride, T* y, int64_
       StorePack<T, V>(sr + c, sp);
     }
     ss = BlockSum(ss, shared);
-    const float rs = 1.0f / sqrtf(ss / static_cast<float>(cols) + eps);
-    for (int64_t c = static_cast<int64_t>(threadIdx.x) * V; c < cols; c += blockDim.x * V) {
-      const Pack<T, V> sp = LoadPack<T, V>(sr + c);
-      const Pack<T, V> wp = LoadPack<T, V>(w + c);
-      Pack<T, V> yp;
-#pragma unroll
-      for (int i = 0; i < V; ++i) yp.v[i] = FromFloat<T>(ToFloat(sp.v[i]) * rs * ToFloat(wp.v[i]));
-      StorePack<T, V>(yr + c, yp);
-    }
+    ScaleRow<T, V>(yr, sr, w, 1.0f / sqrtf(ss / static_cast<float>(cols) + eps), cols);
   }
 }
 
