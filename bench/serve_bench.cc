@@ -194,6 +194,8 @@ int main(int argc, char** argv) {
   serve::EngineStats st = engine->Stats();
   st.iterations -= before.iterations;
   st.batch_seconds -= before.batch_seconds;
+  st.decode_graph_captures -= before.decode_graph_captures;
+  st.decode_graph_replays -= before.decode_graph_replays;
   engine->Shutdown();
   std::filesystem::remove_all(tmp);
   char date[32];
@@ -225,6 +227,8 @@ int main(int argc, char** argv) {
       {"ms_per_iteration", st.iterations > 0 ? 1e3 * st.batch_seconds / st.iterations : 0.0},
       {"adapter_loads", st.adapter_loads},
       {"lora_table_builds", st.lora_table_builds},
+      {"decode_graph_captures", st.decode_graph_captures},
+      {"decode_graph_replays", st.decode_graph_replays},
       {"commit", GitCommit()},
       {"date", date}};
   std::printf("%s\n", j.dump().c_str());
