@@ -83,7 +83,7 @@ Status CaptureOnce(Context& ctx, ArenaAllocator* arena, const std::function<Stat
   const cudaError_t end = cudaStreamEndCapture(stream, &graph);
   if (!body.ok() || end != cudaSuccess) {
     if (graph != nullptr) cudaGraphDestroy(graph);
-    cudaGetLastError();  // a failed capture leaves a sticky-free error code behind; clear it
+    cudaGetLastError();  // a failed capture leaves a (not sticky) error code behind: clear it
     if (!body.ok()) return body;
     return CudaStatus(end, "cudaStreamEndCapture (an op did something a capture cannot record)");
   }

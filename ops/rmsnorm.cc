@@ -93,10 +93,8 @@ Status AddRmsNormForward(Context& ctx, Tensor& sum, Tensor& y, const Tensor& a, 
 #endif
   // The reference: the two ops' loops (f32 on the host).
   for (int64_t r = 0; r < rows; ++r) {
-    const float* ar = a.data<float>() + r * as;
-    const float* br = b.data<float>() + r * bs;
-    float* sr = sum.data<float>() + r * ss;
-    for (int64_t c = 0; c < cols; ++c) sr[c] = ar[c] + br[c];
+    cpu::Add(DType::kF32, sum.data<float>() + r * ss, a.data<float>() + r * as,
+             b.data<float>() + r * bs, cols);
   }
   cpu::RmsNormForward(y.data<float>(), ys, nullptr, sum.data<float>(), ss, w.data<float>(), rows,
                       cols, eps);

@@ -154,17 +154,20 @@ Status InferModel::BuildLoraTables(const std::vector<const AdapterWeights*>& ada
   return Status::Ok();
 }
 
+// The tables cover every adapter passed, used by a batch or not: they are rebuilt only when the
+// list changes (the engine passes its resident adapters, so: when one is loaded or evicted).
+Status InferModel::EnsureLoraTables(const std::vector<const AdapterWeights*>& adapters) {
+  if (adapters == lora_adapters_ && !lora_weights_.empty()) return Status::Ok();
+  return BuildLoraTables(adapters);
+}
+
 Status InferModel::PrepareLora(const std::vector<SeqChunk>& seqs,
                                const std::vector<const AdapterWeights*>& adapters) {
   const int64_t L = config_.num_hidden_layers;
   lora_segs_.clear();
   lora_segs_index_.clear();
   if (adapters.empty()) return Status::Ok();
-  // The tables cover every adapter passed, used by this batch or not: they are rebuilt only when
-  // the list changes (the engine passes its resident adapters, so: when one is loaded or evicted).
-  if (adapters != lora_adapters_ || lora_weights_.empty()) {
-    TANDEM_RETURN_IF_ERROR(BuildLoraTables(adapters));
-  }
+  TANDEM_RETURN_IF_ERROR(EnsureLoraTables(adapters));
   // Segments: runs of equal adapter over the batch's tokens.
   std::vector<int32_t> seg_start{0}, seg_adapter;
   for (const SeqChunk& s : seqs) {
@@ -378,9 +381,7 @@ StatusOr<bool> InferModel::GraphForward(Tensor& kv_pages, const std::vector<SeqC
     if (s.tokens.size() != 1) return false;  // prefill chunks: shapes vary too much to keep
   }
   // The LoRA tables over this list first: a new list drops the graphs that read the old tables.
-  if (!adapters.empty() && (adapters != lora_adapters_ || lora_weights_.empty())) {
-    TANDEM_RETURN_IF_ERROR(BuildLoraTables(adapters));
-  }
+  if (!adapters.empty()) TANDEM_RETURN_IF_ERROR(EnsureLoraTables(adapters));
   // Block tables rounded up to a power of two wide, so a growing context changes the shape
   // only when it doubles.
   int64_t width = 1;

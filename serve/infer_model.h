@@ -173,6 +173,8 @@ class InferModel {
   Status PrepareLora(const std::vector<SeqChunk>& seqs,
                      const std::vector<const AdapterWeights*>& adapters);
   Status BuildLoraTables(const std::vector<const AdapterWeights*>& adapters);
+  // BuildLoraTables unless the tables are already over this list.
+  Status EnsureLoraTables(const std::vector<const AdapterWeights*>& adapters);
   // y += the adapters' deltas of site s of layer l (no-op when no adapter targets it).
   Status LoraDelta(int64_t l, LoraSite s, const Tensor& x, Tensor y);
   Status Layer(int64_t l, Buffers& b, Tensor& kv_pages);

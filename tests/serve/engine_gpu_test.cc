@@ -13,10 +13,9 @@
 #include "model/llama.h"
 #include "peft/adapter_io.h"
 #include "peft/lora.h"
-#include "peft/s2ft.h"
-#include "peft/s2ft_io.h"
 #include "serve/engine.h"
 #include "tests/common/testing.h"
+#include "tests/serve/serve_test_util.h"
 
 namespace tandem::serve {
 namespace {
@@ -81,19 +80,8 @@ TEST(EngineGpu, ServesMixedAdapters) {
     }
     TANDEM_CHECK_OK(peft::SaveLoraAdapter(*ad, dir.Join("a" + std::to_string(a))));
   }
-  {  // an S2FT adapter (coupled: row and column blocks), served in LoRA form
-    auto base = std::move(model::LlamaModel::Create(*cpu, c, model::ModelOptions())).value();
-    peft::S2ftConfig sc;
-    sc.heads_fraction = 0.5;
-    sc.ffn_fraction = 0.25;
-    sc.coupled = true;
-    auto s2 = std::move(peft::PrepareS2ft(*cpu, *base, sc)).value();
-    for (size_t i = 0; i < s2->parameters().size(); ++i) {
-      TANDEM_CHECK_OK(s2->SetFromHost(
-          i, testing::RandomUniform(s2->parameters()[i].master.shape(), 50 + i, -0.5f, 0.5f)));
-    }
-    TANDEM_CHECK_OK(peft::SaveS2ftAdapter(*s2, dir.Join("s")));
-  }
+  // An S2FT adapter (coupled: row and column blocks), served in LoRA form.
+  test_util::SaveRandomS2ftAdapter(*cpu, c, dir.Join("s"), 50);
   EngineOptions o;
   o.model_dir = dir.Join("model");
   o.model_name = "base";

@@ -178,21 +178,7 @@ TEST_F(EngineTest, GreedyMatchesLogitsWithMixedAdaptersInOneBatch) {
 // (peft::S2ftAsLora): greedy tokens equal LlamaModel with the S2FT blocks merged into its weights
 // (checked on logits in tests/peft/s2ft_test.cc) run through the same LoRA form.
 TEST_F(EngineTest, ServesAnS2ftAdapterBesideLoraAdapters) {
-  {
-    auto base =
-        std::move(model::LlamaModel::Create(*ctx_, TinyConfig(), model::ModelOptions())).value();
-    TANDEM_CHECK_OK(base->InitRandom(77, 0.5f));
-    peft::S2ftConfig sc;
-    sc.heads_fraction = 0.5;
-    sc.ffn_fraction = 0.25;
-    sc.coupled = true;
-    auto ad = std::move(peft::PrepareS2ft(*ctx_, *base, sc)).value();
-    for (size_t i = 0; i < ad->parameters().size(); ++i) {
-      TANDEM_CHECK_OK(ad->SetFromHost(
-          i, RandomUniform(ad->parameters()[i].master.shape(), 300 + i, -0.5f, 0.5f)));
-    }
-    TANDEM_CHECK_OK(peft::SaveS2ftAdapter(*ad, dir_.Join("s")));
-  }
+  test_util::SaveRandomS2ftAdapter(*ctx_, TinyConfig(), dir_.Join("s"), 300);
   EngineOptions o = options_;
   o.adapters.push_back({"s", dir_.Join("s")});
   auto engine = MakeEngine(o);
@@ -225,6 +211,22 @@ TEST_F(EngineTest, ServesAnS2ftAdapterBesideLoraAdapters) {
   const Status bad = engine->LoadAdapter("bad", dir_.Join("empty"));
   EXPECT_FALSE(bad.ok());
   EXPECT_NE(bad.ToString().find("empty"), std::string::npos) << bad.ToString();
+  // A broken S2FT directory (its config not JSON) is refused, naming the adapter and the file;
+  // "s" still serves.
+  std::filesystem::create_directories(dir_.Join("broken"));
+  std::filesystem::copy_file(dir_.Join("s/s2ft_model.safetensors"),
+                             dir_.Join("broken/s2ft_model.safetensors"));
+  {
+    std::FILE* f = std::fopen(dir_.Join("broken/s2ft_config.json").c_str(), "w");
+    ASSERT_NE(f, nullptr);
+    std::fputs("{not json", f);
+    std::fclose(f);
+  }
+  const Status broken = engine->LoadAdapter("broken", dir_.Join("broken"));
+  EXPECT_EQ(broken.code(), StatusCode::kInvalidArgument) << broken.ToString();
+  EXPECT_NE(broken.ToString().find("adapter 'broken'"), std::string::npos) << broken.ToString();
+  EXPECT_NE(broken.ToString().find("s2ft_config.json"), std::string::npos) << broken.ToString();
+  EXPECT_EQ(sink.Wait(*engine->Submit(Greedy("s", "x", 8), sink.For())).ids, sink.Wait(ids[2]).ids);
 }
 
 TEST_F(EngineTest, RequestsJoiningMidFlightGetTheSameTokens) {

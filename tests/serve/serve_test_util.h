@@ -10,6 +10,10 @@
 #include "core/status.h"
 #include "core/tensor.h"
 #include "model/llama.h"
+#include "ops/context.h"
+#include "peft/s2ft.h"
+#include "peft/s2ft_io.h"
+#include "tests/common/testing.h"
 
 namespace tandem::serve::test_util {
 
@@ -56,6 +60,24 @@ inline std::vector<int32_t> GreedyTokens(model::LlamaModel& m, std::vector<int32
     ids.push_back(id);
   }
   return out;
+}
+
+// Writes an S2FT adapter for `config` to `dir`: half the heads and a quarter of the FFN channels
+// of every layer, coupled (row blocks on q/k/v/gate/up as well as column blocks on o/down), every
+// block uniform in [-0.5, 0.5) from `seed`.
+inline void SaveRandomS2ftAdapter(ops::Context& cpu, const model::LlamaConfig& config,
+                                  const std::string& dir, uint64_t seed) {
+  auto base = std::move(model::LlamaModel::Create(cpu, config, model::ModelOptions())).value();
+  peft::S2ftConfig sc;
+  sc.heads_fraction = 0.5;
+  sc.ffn_fraction = 0.25;
+  sc.coupled = true;
+  auto ad = std::move(peft::PrepareS2ft(cpu, *base, sc)).value();
+  for (size_t i = 0; i < ad->parameters().size(); ++i) {
+    TANDEM_CHECK_OK(ad->SetFromHost(
+        i, testing::RandomUniform(ad->parameters()[i].master.shape(), seed + i, -0.5f, 0.5f)));
+  }
+  TANDEM_CHECK_OK(peft::SaveS2ftAdapter(*ad, dir));
 }
 
 }  // namespace tandem::serve::test_util
