@@ -145,10 +145,22 @@ void AttentionBench(Bench& b) {
     // Causal: half of the 4*B*H*T*T*D matmul FLOPs of the forward; backward is 2.5x the forward.
     const double fwd_flops = 4.0 * c.batch * c.heads * c.seq * c.seq * c.dim / 2.0;
     nlohmann::json sizes = {{"batch", c.batch}, {"seq", c.seq}, {"heads", c.heads}, {"kv_heads", c.kv_heads}, {"head_dim", c.dim}};
-    double sec = b.Time([&] { TANDEM_CHECK_OK(ops::AttentionForward(b.ctx, out, lse, q, k, v, scale)); });
-    b.Report("attention_fwd", sizes, tandem::DTypeName(dt), sec, fwd_flops, 0);
-    sec = b.Time([&] { TANDEM_CHECK_OK(ops::AttentionBackward(b.ctx, dq, dk, dv, dout, q, k, v, out, lse, scale)); });
-    b.Report("attention_bwd", sizes, tandem::DTypeName(dt), sec, 2.5 * fwd_flops, 0);
+    // The default kernels (wgmma on an H100), then the mma.sync kernels as "_mma" where they
+    // differ.
+    for (const ops::AttentionKernel kernel :
+         {ops::AttentionKernel::kAuto, ops::AttentionKernel::kMmaSync}) {
+      if (kernel == ops::AttentionKernel::kMmaSync && !b.ctx.is_cuda()) break;
+      ops::SetAttentionKernel(kernel);
+      const std::string suffix = kernel == ops::AttentionKernel::kMmaSync ? "_mma" : "";
+      double sec =
+          b.Time([&] { TANDEM_CHECK_OK(ops::AttentionForward(b.ctx, out, lse, q, k, v, scale)); });
+      b.Report("attention_fwd" + suffix, sizes, tandem::DTypeName(dt), sec, fwd_flops, 0);
+      sec = b.Time([&] {
+        TANDEM_CHECK_OK(ops::AttentionBackward(b.ctx, dq, dk, dv, dout, q, k, v, out, lse, scale));
+      });
+      b.Report("attention_bwd" + suffix, sizes, tandem::DTypeName(dt), sec, 2.5 * fwd_flops, 0);
+    }
+    ops::SetAttentionKernel(ops::AttentionKernel::kAuto);
   }
 }
 

@@ -1,5 +1,6 @@
 // ops::AttentionForward / AttentionBackward and their block variants (AttentionBlockForward /
 // AttentionBlockBackward, a mask mode instead of segment ids): validation and dispatch.
+#include <atomic>
 #include <cmath>
 
 #include "ops/cpu/kernels.h"
@@ -9,6 +10,8 @@
 
 namespace tandem::ops {
 namespace {
+
+std::atomic<AttentionKernel> g_attention_kernel{AttentionKernel::kAuto};
 
 using internal::Dim;
 using internal::Layout;
@@ -69,6 +72,7 @@ cuda::AttentionShape ToCuda(const cpu::AttentionShape& s) {
   cuda::AttentionShape c{s.batch,    s.seq,      s.q_heads,  s.kv_heads, s.head_dim,
                          s.q_stride, s.k_stride, s.v_stride, s.o_stride};
   c.causal = s.causal;
+  c.allow_sm90 = GetAttentionKernel() == AttentionKernel::kAuto;
   return c;
 }
 std::string DescribeShape(const cpu::AttentionShape& s) {
@@ -159,6 +163,9 @@ Status BackwardImpl(const char* op, Context& ctx, Tensor& dq, Tensor& dk, Tensor
 }
 
 }  // namespace
+
+void SetAttentionKernel(AttentionKernel kernel) { g_attention_kernel.store(kernel); }
+AttentionKernel GetAttentionKernel() { return g_attention_kernel.load(); }
 
 Status AttentionForward(Context& ctx, Tensor& out, Tensor& lse, const Tensor& q, const Tensor& k,
                         const Tensor& v, float scale, const Tensor& segment_ids) {

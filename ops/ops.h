@@ -82,6 +82,13 @@ Status AttentionBackward(Context& ctx, Tensor& dq, Tensor& dk, Tensor& dv, const
                          const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
                          const Tensor& lse, float scale, const Tensor& segment_ids = Tensor());
 
+// Which CUDA attention kernels run (process-wide; every call reads it). kAuto: the Hopper
+// warpgroup (wgmma) kernels on devices of compute capability 9.0, the mma.sync kernels elsewhere;
+// kMmaSync: the mma.sync kernels everywhere (the benchmarks' and parity tests' comparison).
+enum class AttentionKernel { kAuto, kMmaSync };
+void SetAttentionKernel(AttentionKernel kernel);
+AttentionKernel GetAttentionKernel();
+
 // Attention over blocks of a longer sequence, for context-parallel ring attention
 // (parallel/ring_attention.h): a block of T queries against a block of T keys of the same length.
 enum class AttentionMask {

@@ -2,16 +2,20 @@
 // (kernel and scheme in attention_forward_kernel.cuh).
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 
 #include "ops/cuda/attention_common.cuh"
 #include "ops/cuda/attention_forward_kernel.cuh"
+#include "ops/cuda/attention_sm90a.h"
 #include "ops/internal/cuda_kernels.h"
 
 namespace tandem::ops::cuda {
 namespace attn {
 namespace {
+
+constexpr int kMaxDevices = 64;
 
 template <int kD, int kWarps, int kMT, int kBN>
 cudaError_t LaunchForward(cudaStream_t stream, const FwdParams& p, int64_t batch) {
@@ -28,6 +32,25 @@ cudaError_t LaunchForward(cudaStream_t stream, const FwdParams& p, int64_t batch
 }
 
 }  // namespace
+
+bool DeviceRunsSm90a() {
+  // One answer per device, asked once (cudaGetDevice is cheap; the attribute queries are not).
+  static std::atomic<int> cached[kMaxDevices];  // 0 unknown, 1 yes, 2 no
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return false;
+  if (device < 0 || device >= kMaxDevices) return false;
+  int v = cached[device].load(std::memory_order_relaxed);
+  if (v == 0) {
+    int major = 0, minor = 0;
+    const bool ok =
+        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess &&
+        cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device) == cudaSuccess;
+    v = ok && major == 9 && minor == 0 ? 1 : 2;
+    cached[device].store(v, std::memory_order_relaxed);
+  }
+  return v == 1;
+}
+
 }  // namespace attn
 
 cudaError_t AttentionForward(cudaStream_t stream, const AttentionShape& s, void* out, float* lse,
@@ -53,6 +76,9 @@ cudaError_t AttentionForward(cudaStream_t stream, const AttentionShape& s, void*
   p.group = static_cast<int>(s.q_heads / s.kv_heads);
   p.causal = s.causal;
   p.scale_log2 = scale * attn::kLog2e;
+  if (s.allow_sm90 && attn::DeviceRunsSm90a()) {
+    return attn::AttentionForwardSm90(stream, p, s.batch, static_cast<int>(s.head_dim));
+  }
   // 128 query rows x 64 keys per block. D = 64: 4 warps of 32 rows (each K/V fragment loaded
   // from shared memory feeds two row tiles). D = 128: 8 warps of 16 rows, which keeps the
   // accumulators (O 64 + S 32 f32 per lane) far from the register limit.

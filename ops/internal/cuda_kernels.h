@@ -55,6 +55,9 @@ struct AttentionShape {
   // Token strides (elements) of each [B, T, H, D] operand; batch stride = seq * token stride.
   int64_t q_stride, k_stride, v_stride, o_stride;
   bool causal = true;  // false: every key visible (ops::AttentionMask::kFull)
+  // Use the wgmma kernels on devices of compute capability 9.0 (ops::AttentionKernel::kAuto);
+  // false: the mma.sync kernels everywhere.
+  bool allow_sm90 = true;
 };
 // bf16 only. lse f32 [B, Hq, T]. segment_ids nullable [B, T].
 size_t AttentionBackwardScratchBytes(const AttentionShape& s);

@@ -302,13 +302,23 @@ Qkv MakeQkv(Runner& r, const AttnSizes& s, uint64_t seed, bool nan) {
           all.Slice(2, s.hq + s.hkv, s.hq + 2 * s.hkv), all};
 }
 
+// Selects the CUDA attention kernels for one case and restores the default after it.
+class AttentionKernelScope {
+ public:
+  explicit AttentionKernelScope(AttentionKernel kernel) { SetAttentionKernel(kernel); }
+  ~AttentionKernelScope() { SetAttentionKernel(AttentionKernel::kAuto); }
+  AttentionKernelScope(const AttentionKernelScope&) = delete;
+  AttentionKernelScope& operator=(const AttentionKernelScope&) = delete;
+};
+
 void AddAttentionCases(std::vector<ParityCase>& cases) {
   const AttnSizes sizes[] = {
-      {1, 1, 3, 1, 64, false, false},   {2, 17, 3, 1, 64, true, false},
-      {1, 127, 6, 2, 128, false, true}, {2, 300, 4, 4, 64, true, false},
-      {1, 300, 6, 2, 128, true, true},  {2, 127, 4, 4, 128, false, false},
-      {1, 17, 6, 2, 64, false, false},  {2, 1, 4, 4, 128, true, false},
-      {1, 300, 3, 1, 64, false, false}, {1, 127, 3, 1, 128, true, false},
+      {1, 1, 3, 1, 64, false, false},    {2, 17, 3, 1, 64, true, false},
+      {1, 127, 6, 2, 128, false, true},  {2, 300, 4, 4, 64, true, false},
+      {1, 300, 6, 2, 128, true, true},   {2, 127, 4, 4, 128, false, false},
+      {1, 17, 6, 2, 64, false, false},   {2, 1, 4, 4, 128, true, false},
+      {1, 300, 3, 1, 64, false, false},  {1, 127, 3, 1, 128, true, false},
+      {1, 700, 4, 2, 128, false, false}, {2, 520, 2, 1, 64, true, false},
   };
   for (const AttnSizes& s : sizes) {
     const std::string name =
@@ -322,13 +332,18 @@ void AddAttentionCases(std::vector<ParityCase>& cases) {
       lse = r.Nan({s.b, s.hq, s.t}, DType::kF32);
       r.Run(AttentionForward(r.ctx(), out, lse, in.q, in.k, in.v, scale, seg), "AttentionForward");
     };
-    cases.push_back(
-        {"AttentionForward" + name, [=](Runner& r) -> Outputs {
-           Qkv in;
-           Tensor out, lse, seg;
-           forward(r, in, out, lse, seg);
-           return {{"out", r.Fetch(out), kBf16Reduce}, {"lse", r.Fetch(lse), kF32Accumulated}};
-         }});
+    for (const AttentionKernel kernel : {AttentionKernel::kAuto, AttentionKernel::kMmaSync}) {
+      // kAuto runs the wgmma kernels on an H100; "_mma" keeps the mma.sync kernels tested there.
+      const std::string suffix = kernel == AttentionKernel::kMmaSync ? "_mma" : "";
+      cases.push_back(
+          {"AttentionForward" + name + suffix, [=](Runner& r) -> Outputs {
+             const AttentionKernelScope use(kernel);
+             Qkv in;
+             Tensor out, lse, seg;
+             forward(r, in, out, lse, seg);
+             return {{"out", r.Fetch(out), kBf16Reduce}, {"lse", r.Fetch(lse), kF32Accumulated}};
+           }});
+    }
     cases.push_back({"AttentionBackward" + name, [=](Runner& r) -> Outputs {
                        Qkv in;
                        Tensor out, lse, seg;

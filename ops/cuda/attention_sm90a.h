@@ -1,0 +1,21 @@
+// The Hopper (sm_90a, wgmma) attention kernels, compiled in their own object library for
+// sm_90a only (CMakeLists.txt: tandem_ops_sm90a), and the check that picks them. Private to
+// ops/cuda.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "ops/cuda/attention_forward_kernel.cuh"
+
+namespace tandem::ops::cuda::attn {
+
+// True when the current device has compute capability 9.0 (the sm_90a code runs there only).
+bool DeviceRunsSm90a();
+
+// The forward of attention_forward_sm90a.cu; head_dim 64 or 128 (cudaErrorInvalidValue else).
+cudaError_t AttentionForwardSm90(cudaStream_t stream, const FwdParams& p, int64_t batch,
+                                 int head_dim);
+
+}  // namespace tandem::ops::cuda::attn
