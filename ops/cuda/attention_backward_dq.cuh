@@ -36,11 +36,8 @@ __global__ void __launch_bounds__(kWarps * 32) AttentionBackwardDqKernel(const B
   int32_t* sseg = reinterpret_cast<int32_t*>(sv + 2 * Tr::kKVElems);  // [2][kBN]
 
   const int seq = p.seq;
-  const int bh = blockIdx.x;
-  const int b = bh / p.q_heads;
-  const int h = bh % p.q_heads;
-  const int kvh = h / p.group;
-  const int q0 = (gridDim.y - 1 - blockIdx.y) * Tr::kBM;
+  const QueryTile qt = QueryTileOfBlock(p.q_heads, p.group, Tr::kBM);
+  const int bh = qt.bh, b = qt.b, h = qt.h, kvh = qt.kvh, q0 = qt.q0;
   const int tid = threadIdx.x;
   const int warp = tid >> 5;
   const int lane = tid & 31;

@@ -25,6 +25,22 @@ inline constexpr int kSmemPad = 8;  // elements added to each shared-memory row
 
 __host__ __device__ constexpr int CeilDiv(int a, int b) { return (a + b - 1) / b; }
 
+// The query tile of a block of the kernels launched with grid x = b * Hq + h, y = query tiles
+// of `rows` rows taken in reverse (the tiles with the most keys start first).
+struct QueryTile {
+  int bh, b, h, kvh;  // bh = b * Hq + h; kvh = h / group
+  int q0;             // the tile's first query
+};
+__device__ __forceinline__ QueryTile QueryTileOfBlock(int q_heads, int group, int rows) {
+  QueryTile t;
+  t.bh = static_cast<int>(blockIdx.x);
+  t.b = t.bh / q_heads;
+  t.h = t.bh % q_heads;
+  t.kvh = t.h / group;
+  t.q0 = static_cast<int>(gridDim.y - 1 - blockIdx.y) * rows;
+  return t;
+}
+
 // A fragment (16 x 16) from the C fragments of the two 16x8 tiles covering its 16 columns (see the
 // fragment table in attention_ptx.cuh).
 __device__ __forceinline__ void PackA(uint32_t (&a)[4], const float (&c_lo)[4],

@@ -113,11 +113,8 @@ __global__ void __launch_bounds__(kGroups * 128, kMinBlocks)
   int32_t* sseg = reinterpret_cast<int32_t*>(smem + Tr::kSegOffset);  // [2][kBN]
 
   const int seq = p.seq;
-  const int bh = blockIdx.x;
-  const int b = bh / p.q_heads;
-  const int h = bh % p.q_heads;
-  const int kvh = h / p.group;
-  const int q0 = (gridDim.y - 1 - blockIdx.y) * Tr::kBM;
+  const QueryTile qt = QueryTileOfBlock(p.q_heads, p.group, Tr::kBM);
+  const int bh = qt.bh, b = qt.b, h = qt.h, kvh = qt.kvh, q0 = qt.q0;
   const int tid = threadIdx.x;
   const int group = tid >> 7;       // warpgroup: query rows 64 * group .. + 63 of the tile
   const int warp = (tid >> 5) & 3;  // warp inside the group: 16 of those rows
