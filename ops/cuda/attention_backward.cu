@@ -1,5 +1,6 @@
 // Fused causal grouped-query attention, backward (FlashAttention-2 scheme without atomics), bf16,
-// D in {64, 128}. Three kernels on the caller's stream:
+// D in {64, 128}. Three kernels on the caller's stream (on compute capability 9.0, 2 and 3 are
+// the wgmma kernels of attention_backward_sm90a.cu, same scheme):
 //   1. delta[b, h, i] = sum_d dout * out (f32, in the caller's scratch);
 //   2. dK, dV: one block per (batch, kv head, key tile), attention_backward_dkdv.cuh;
 //   3. dQ: one block per (batch, query head, query tile), attention_backward_dq.cuh.
@@ -13,6 +14,7 @@
 #include "ops/cuda/attention_backward_dkdv.cuh"
 #include "ops/cuda/attention_backward_dq.cuh"
 #include "ops/cuda/attention_common.cuh"
+#include "ops/cuda/attention_sm90a.h"
 #include "ops/internal/cuda_kernels.h"
 
 namespace tandem::ops::cuda {
@@ -21,8 +23,8 @@ namespace {
 
 // The three kernels for one head dim; the launch configurations are chosen in AttentionBackward.
 template <int kD, int kDkdvWarps, int kDkdvBM, int kDqWarps, int kDqBN>
-cudaError_t LaunchBackward(cudaStream_t stream, const BwdParams& p, const bf16* out,
-                           float* delta, int64_t batch) {
+cudaError_t LaunchBackward(cudaStream_t stream, const BwdParams& p, const bf16* out, float* delta,
+                           int64_t batch, bool sm90) {
   using DkdvTr = DkdvTraits<kD, kDkdvWarps, kDkdvBM>;
   using DqTr = DqTraits<kD, kDqWarps, kDqBN>;
   const int64_t rows = batch * p.seq * p.q_heads;
@@ -47,6 +49,7 @@ cudaError_t LaunchBackward(cudaStream_t stream, const BwdParams& p, const bf16* 
                              stream>>>(delta, out, p.dout, p.o_stride, p.seq, p.q_heads, rows);
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;
+  if (sm90) return AttentionBackwardSm90(stream, p, batch, kD);
   const dim3 dkdv_grid(static_cast<unsigned>(batch * p.kv_heads), static_cast<unsigned>(key_tiles));
   dkdv_kernel<<<dkdv_grid, DkdvTr::kThreads, DkdvTr::kSmemBytes, stream>>>(p);
   err = cudaGetLastError();
@@ -98,14 +101,15 @@ cudaError_t AttentionBackward(cudaStream_t stream, const AttentionShape& s, void
   p.scale = scale;
   p.scale_log2 = scale * attn::kLog2e;
   const auto* out_bf16 = static_cast<const attn::bf16*>(out);
+  const bool sm90 = s.allow_sm90 && attn::DeviceRunsSm90a();
   // dK/dV: 4 warps x 16 keys per block, stepping over 64 queries (D = 64) or 32 (D = 128): each
   // lane holds dK and dV (2 x D/2 f32) plus S^T and dP^T (2 x kBM/8 x 4 f32); 64 query steps
   // spill at D = 128. dQ: 4 warps x 16 rows per block, stepping over 64 keys.
   switch (s.head_dim) {
     case 64:
-      return attn::LaunchBackward<64, 4, 64, 4, 64>(stream, p, out_bf16, delta, s.batch);
+      return attn::LaunchBackward<64, 4, 64, 4, 64>(stream, p, out_bf16, delta, s.batch, sm90);
     case 128:
-      return attn::LaunchBackward<128, 4, 32, 4, 64>(stream, p, out_bf16, delta, s.batch);
+      return attn::LaunchBackward<128, 4, 32, 4, 64>(stream, p, out_bf16, delta, s.batch, sm90);
     default:
       return cudaErrorInvalidValue;
   }

@@ -1,6 +1,6 @@
-// The Hopper (sm_90a, wgmma) attention kernels, compiled in their own object library for
-// sm_90a only (CMakeLists.txt: tandem_ops_sm90a), and the check that picks them. Private to
-// ops/cuda.
+// The Hopper (sm_90a, wgmma) attention kernels (forward, and backward dK/dV and dQ), compiled in
+// their own object library for sm_90a only (CMakeLists.txt: tandem_ops_sm90a), and the check that
+// picks them. Private to ops/cuda.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -17,5 +17,9 @@ bool DeviceRunsSm90a();
 // The forward of attention_forward_sm90a.cu; head_dim 64 or 128 (cudaErrorInvalidValue else).
 cudaError_t AttentionForwardSm90(cudaStream_t stream, const FwdParams& p, int64_t batch,
                                  int head_dim);
+// The dK/dV and dQ kernels of attention_backward_sm90a.cu (p.delta must be computed already);
+// head_dim 64 or 128 (cudaErrorInvalidValue else).
+cudaError_t AttentionBackwardSm90(cudaStream_t stream, const BwdParams& p, int64_t batch,
+                                  int head_dim);
 
 }  // namespace tandem::ops::cuda::attn

@@ -344,20 +344,24 @@ void AddAttentionCases(std::vector<ParityCase>& cases) {
              return {{"out", r.Fetch(out), kBf16Reduce}, {"lse", r.Fetch(lse), kF32Accumulated}};
            }});
     }
-    cases.push_back({"AttentionBackward" + name, [=](Runner& r) -> Outputs {
-                       Qkv in;
-                       Tensor out, lse, seg;
-                       forward(r, in, out, lse, seg);
-                       Tensor dout = r.Random({s.b, s.t, s.hq, s.d}, 25, DType::kBF16);
-                       Qkv grad = MakeQkv(r, s, 0, true);
-                       r.Run(AttentionBackward(r.ctx(), grad.q, grad.k, grad.v, dout, in.q, in.k,
-                                               in.v, out, lse, scale, seg),
-                             "AttentionBackward");
-                       if (s.fused) return {{"dqkv", r.Fetch(grad.fused), kBf16Reduce}};
-                       return {{"dq", r.Fetch(grad.q), kBf16Reduce},
-                               {"dk", r.Fetch(grad.k), kBf16Reduce},
-                               {"dv", r.Fetch(grad.v), kBf16Reduce}};
-                     }});
+    for (const AttentionKernel kernel : {AttentionKernel::kAuto, AttentionKernel::kMmaSync}) {
+      const std::string suffix = kernel == AttentionKernel::kMmaSync ? "_mma" : "";
+      cases.push_back({"AttentionBackward" + name + suffix, [=](Runner& r) -> Outputs {
+                         const AttentionKernelScope use(kernel);
+                         Qkv in;
+                         Tensor out, lse, seg;
+                         forward(r, in, out, lse, seg);
+                         Tensor dout = r.Random({s.b, s.t, s.hq, s.d}, 25, DType::kBF16);
+                         Qkv grad = MakeQkv(r, s, 0, true);
+                         r.Run(AttentionBackward(r.ctx(), grad.q, grad.k, grad.v, dout, in.q, in.k,
+                                                 in.v, out, lse, scale, seg),
+                               "AttentionBackward");
+                         if (s.fused) return {{"dqkv", r.Fetch(grad.fused), kBf16Reduce}};
+                         return {{"dq", r.Fetch(grad.q), kBf16Reduce},
+                                 {"dk", r.Fetch(grad.k), kBf16Reduce},
+                                 {"dv", r.Fetch(grad.v), kBf16Reduce}};
+                       }});
+    }
   }
 }
 
