@@ -9,6 +9,8 @@
 // panelled tiles of wgmma.cuh, read K-major where the product reduces over D (S^T = K Q^T,
 // dP^T = V dO^T, S = Q K^T, dP = dO V^T) and transposed where it reduces over the rows of the
 // streamed tile (dV += P^T dO, dK += dS^T Q, dQ += dS K, with P and dS from registers).
+// The streamed tile (queries for dK/dV, keys for dQ) holds one or more sub-tiles of 64 rows,
+// done one after the other between two barriers.
 #include <cuda_runtime.h>
 
 #include <cmath>
@@ -227,53 +229,64 @@ __global__ void __launch_bounds__(kGroups * 128, kMinBlocks) DkdvKernel(const Bw
     const float* lse2 = slse2 + buf * kBM;
     const float* delta = sdelta + buf * kBM;
 
-    // S^T = K Q^T and dP^T = V dO^T, issued together.
-    float s[1][kBM / 8][4];
-    float dp[kBM / 8][4];
-    WgmmaFence();
-#pragma unroll
-    for (int kk = 0; kk < kD / 16; ++kk) {
-      WgmmaSS<kBM>(s[0], DescKMajor(k_rows, Tr::kBN, kk), DescKMajor(q_tile, kBM, kk), kk > 0);
-    }
-    WgmmaCommit();
-#pragma unroll
-    for (int kk = 0; kk < kD / 16; ++kk) {
-      WgmmaSS<kBM>(dp, DescKMajor(v_rows, Tr::kBN, kk), DescKMajor(do_tile, kBM, kk), kk > 0);
-    }
-    WgmmaCommit();
-    WgmmaWait<1>();  // S^T is done
-    PinAccumulator<kBM / 8>(s[0]);
-    // P^T (the dK/dV kernel's masking rule, attention_backward_dkdv.cuh).
-    const bool need_mask =
-        seg != nullptr || q0 + kBM > seq || (p.causal ? k0 + Tr::kBN - 1 > q0 : k0 + Tr::kBN > seq);
-    ProbsTransposedFused<kBM>(s[0], p.scale_log2, need_mask, p.causal, warp_k0, q0, seq, lse2,
-                              seg != nullptr ? sseg + buf * kBM : nullptr, kseg, lane);
-    uint32_t pa[kBM / 16][4];
-    PackAll<kBM>(pa, s[0]);
-    // dV += P^T dO goes to the tensor cores behind dP^T while dS^T is computed.
-    WgmmaFence();
-#pragma unroll
-    for (int kk = 0; kk < kBM / 16; ++kk) WgmmaRS<kD>(dv, pa[kk], DescMnMajor(do_tile, kBM, kk), 1);
-    WgmmaCommit();
-    WgmmaWait<1>();  // dP^T is done
-    PinAccumulator<kBM / 8>(dp);
-    const int t = lane & 3;
-#pragma unroll
-    for (int nt = 0; nt < kBM / 8; ++nt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        dp[nt][e] = s[0][nt][e] * (dp[nt][e] - delta[nt * 8 + 2 * t + (e & 1)]);  // dS^T
-      }
-    uint32_t da[kBM / 16][4];
-    PackAll<kBM>(da, dp);
+    // The streamed tile in sub-tiles of 64 queries (the accumulators' width), one barrier and
+    // one round of loads for all of them.
+#pragma unroll 1
+    for (int sub = 0; sub < kBM / 64; ++sub) {
+      const int qs0 = q0 + sub * 64;
+      if (p.causal && qs0 + 63 < k0) continue;  // these queries see no key of the tile
+      const uint32_t q_sub = q_tile + static_cast<uint32_t>(sub * 64 * 128);
+      const uint32_t do_sub = do_tile + static_cast<uint32_t>(sub * 64 * 128);
 
-    // dK += dS^T Q. (Left running into the next step, dK and dV serialize: ptxas does not follow
-    // accumulators in flight across the loop's back edge.)
-    WgmmaFence();
+      // S^T = K Q^T and dP^T = V dO^T, issued together.
+      float s[1][8][4];
+      float dp[8][4];
+      WgmmaFence();
 #pragma unroll
-    for (int kk = 0; kk < kBM / 16; ++kk) WgmmaRS<kD>(dk, da[kk], DescMnMajor(q_tile, kBM, kk), 1);
-    WgmmaCommit();
-    WgmmaWait<0>();
+      for (int kk = 0; kk < kD / 16; ++kk) {
+        WgmmaSS<64>(s[0], DescKMajor(k_rows, Tr::kBN, kk), DescKMajor(q_sub, kBM, kk), kk > 0);
+      }
+      WgmmaCommit();
+#pragma unroll
+      for (int kk = 0; kk < kD / 16; ++kk) {
+        WgmmaSS<64>(dp, DescKMajor(v_rows, Tr::kBN, kk), DescKMajor(do_sub, kBM, kk), kk > 0);
+      }
+      WgmmaCommit();
+      WgmmaWait<1>();  // S^T is done
+      PinAccumulator<8>(s[0]);
+      // P^T (the dK/dV kernel's masking rule, attention_backward_dkdv.cuh).
+      const bool need_mask = seg != nullptr || qs0 + 64 > seq ||
+                             (p.causal ? k0 + Tr::kBN - 1 > qs0 : k0 + Tr::kBN > seq);
+      ProbsTransposedFused<64>(s[0], p.scale_log2, need_mask, p.causal, warp_k0, qs0, seq,
+                               lse2 + sub * 64,
+                               seg != nullptr ? sseg + buf * kBM + sub * 64 : nullptr, kseg, lane);
+      uint32_t pa[4][4];
+      PackAll<64>(pa, s[0]);
+      // dV += P^T dO goes to the tensor cores behind dP^T while dS^T is computed.
+      WgmmaFence();
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk) WgmmaRS<kD>(dv, pa[kk], DescMnMajor(do_sub, kBM, kk), 1);
+      WgmmaCommit();
+      WgmmaWait<1>();  // dP^T is done
+      PinAccumulator<8>(dp);
+      const int t = lane & 3;
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          dp[nt][e] = s[0][nt][e] * (dp[nt][e] - delta[sub * 64 + nt * 8 + 2 * t + (e & 1)]);
+        }
+      uint32_t da[4][4];
+      PackAll<64>(da, dp);  // dS^T
+
+      // dK += dS^T Q. (Left running into the next step, dK and dV serialize: ptxas does not
+      // follow accumulators in flight across a loop's back edge.)
+      WgmmaFence();
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk) WgmmaRS<kD>(dk, da[kk], DescMnMajor(q_sub, kBM, kk), 1);
+      WgmmaCommit();
+      WgmmaWait<0>();
+    }
   }
   PinAccumulator<kD / 8>(dv);
   PinAccumulator<kD / 8>(dk);
@@ -385,41 +398,51 @@ __global__ void __launch_bounds__(kGroups * 128, kMinBlocks) DqKernel(const BwdP
     const uint32_t k_tile = sk + buf * Tr::kKVBytes;
     const uint32_t v_tile = sv + buf * Tr::kKVBytes;
 
-    // S = Q K^T and dP = dO V^T, issued together.
-    float s[1][kBN / 8][4];
-    float dp[kBN / 8][4];
-    WgmmaFence();
-#pragma unroll
-    for (int kk = 0; kk < kD / 16; ++kk) {
-      WgmmaSS<kBN>(s[0], DescKMajor(q_rows, Tr::kBM, kk), DescKMajor(k_tile, kBN, kk), kk > 0);
-    }
-    WgmmaCommit();
-#pragma unroll
-    for (int kk = 0; kk < kD / 16; ++kk) {
-      WgmmaSS<kBN>(dp, DescKMajor(do_rows, Tr::kBM, kk), DescKMajor(v_tile, kBN, kk), kk > 0);
-    }
-    WgmmaCommit();
-    WgmmaWait<1>();  // S is done
-    PinAccumulator<kBN / 8>(s[0]);
-    const int k0 = j * kBN;
-    const bool need_mask = seg != nullptr || (p.causal ? k0 + kBN - 1 > warp_q0 : k0 + kBN > seq);
-    ProbsFused<kBN>(s[0], p.scale_log2, need_mask, p.causal, warp_q0, k0, seq,
-                    seg != nullptr ? sseg + buf * kBN : nullptr, qseg[0], lse2, lane);  // P
-    WgmmaWait<0>();  // dP is done
-    PinAccumulator<kBN / 8>(dp);
-#pragma unroll
-    for (int nt = 0; nt < kBN / 8; ++nt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) dp[nt][e] = s[0][nt][e] * (dp[nt][e] - delta[e >> 1]);  // dS
-    uint32_t da[kBN / 16][4];
-    PackAll<kBN>(da, dp);
+    // The key tile in sub-tiles of 64 keys (the accumulators' width), one barrier and one round
+    // of loads for all of them.
+#pragma unroll 1
+    for (int sub = 0; sub < kBN / 64; ++sub) {
+      const int k0 = j * kBN + sub * 64;
+      if (p.causal && k0 > q0 + Tr::kBM - 1) continue;  // no query of the block sees these keys
+      const uint32_t k_sub = k_tile + static_cast<uint32_t>(sub * 64 * 128);
+      const uint32_t v_sub = v_tile + static_cast<uint32_t>(sub * 64 * 128);
 
-    // dQ += dS K
-    WgmmaFence();
+      // S = Q K^T and dP = dO V^T, issued together.
+      float s[1][8][4];
+      float dp[8][4];
+      WgmmaFence();
 #pragma unroll
-    for (int kk = 0; kk < kBN / 16; ++kk) WgmmaRS<kD>(dq, da[kk], DescMnMajor(k_tile, kBN, kk), 1);
-    WgmmaCommit();
-    WgmmaWait<0>();
+      for (int kk = 0; kk < kD / 16; ++kk) {
+        WgmmaSS<64>(s[0], DescKMajor(q_rows, Tr::kBM, kk), DescKMajor(k_sub, kBN, kk), kk > 0);
+      }
+      WgmmaCommit();
+#pragma unroll
+      for (int kk = 0; kk < kD / 16; ++kk) {
+        WgmmaSS<64>(dp, DescKMajor(do_rows, Tr::kBM, kk), DescKMajor(v_sub, kBN, kk), kk > 0);
+      }
+      WgmmaCommit();
+      WgmmaWait<1>();  // S is done
+      PinAccumulator<8>(s[0]);
+      const bool need_mask = seg != nullptr || (p.causal ? k0 + 63 > warp_q0 : k0 + 64 > seq);
+      ProbsFused<64>(s[0], p.scale_log2, need_mask, p.causal, warp_q0, k0, seq,
+                     seg != nullptr ? sseg + buf * kBN + sub * 64 : nullptr, qseg[0], lse2,
+                     lane);  // P
+      WgmmaWait<0>();        // dP is done
+      PinAccumulator<8>(dp);
+#pragma unroll
+      for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) dp[nt][e] = s[0][nt][e] * (dp[nt][e] - delta[e >> 1]);
+      uint32_t da[4][4];
+      PackAll<64>(da, dp);  // dS
+
+      // dQ += dS K
+      WgmmaFence();
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk) WgmmaRS<kD>(dq, da[kk], DescMnMajor(k_sub, kBN, kk), 1);
+      WgmmaCommit();
+      WgmmaWait<0>();
+    }
   }
   PinAccumulator<kD / 8>(dq);
 
@@ -465,14 +488,15 @@ cudaError_t Launch(cudaStream_t stream, const BwdParams& p, int64_t batch) {
 
 cudaError_t AttentionBackwardSm90(cudaStream_t stream, const BwdParams& p, int64_t batch,
                                   int head_dim) {
-  // dK/dV: two warpgroups (128 keys) stepping over 64 queries; dQ: two warpgroups (128 queries)
-  // stepping over 64 keys. Measured on an H100 (docs/benchmarks.md) against one-warpgroup blocks
-  // two to an SM and 128-key dQ steps: the same or slower.
+  // Measured on an H100 (docs/benchmarks.md). D = 64: one warpgroup per block, two blocks per SM
+  // (the products are short, so two independent blocks keep the tensor cores fed), dK/dV over 64
+  // keys stepping 128 queries, dQ over 64 queries stepping 128 keys. D = 128: two warpgroups,
+  // 128-row blocks stepping 128 rows. Steps of 128 halve the barriers and loads per product.
   switch (head_dim) {
     case 64:
-      return sm90::Launch<64, 2, 64, 2, 64>(stream, p, batch);
+      return sm90::Launch<64, 1, 128, 1, 128, 2, 2>(stream, p, batch);
     case 128:
-      return sm90::Launch<128, 2, 64, 2, 64>(stream, p, batch);
+      return sm90::Launch<128, 2, 128, 2, 128>(stream, p, batch);
     default:
       return cudaErrorInvalidValue;
   }
