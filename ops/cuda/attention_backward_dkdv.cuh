@@ -100,13 +100,8 @@ __global__ void __launch_bounds__(kWarps * 32) AttentionBackwardDkdvKernel(const
     LoadTileAsync<kBM, kD, Tr::kThreads>(sdo + buf * Tr::kQElems, dout, p.o_stride, qs, seq, tid);
     CpAsyncCommit();
     const int64_t stats = (b_tokens * p.q_heads) + static_cast<int64_t>(h) * seq;  // [b, h, 0]
-    for (int i = tid; i < kBM; i += Tr::kThreads) {
-      const int row = qs + i;
-      const bool valid = row < seq;
-      slse2[buf * kBM + i] = valid ? Lse2ForBackward(p.lse[stats + row]) : INFINITY;
-      sdelta[buf * kBM + i] = valid ? p.delta[stats + row] : 0.f;
-      if (seg != nullptr) sseg[buf * kBM + i] = valid ? seg[row] : -1;
-    }
+    StoreQueryStats(slse2 + buf * kBM, sdelta + buf * kBM, sseg + buf * kBM, p, stats, seg, qs, kBM,
+                    seq, tid, Tr::kThreads);
   };
   LoadTileAsync<Tr::kBN, kD, Tr::kThreads>(sk, k, p.k_stride, k0, seq, tid);
   LoadTileAsync<Tr::kBN, kD, Tr::kThreads>(sv, v, p.v_stride, k0, seq, tid);

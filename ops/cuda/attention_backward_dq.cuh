@@ -58,12 +58,8 @@ __global__ void __launch_bounds__(kWarps * 32) AttentionBackwardDqKernel(const B
     LoadTileAsync<kBN, kD, Tr::kThreads>(sv + buf * Tr::kKVElems, v, p.v_stride, j * kBN, seq,
                                          tid);
     CpAsyncCommit();
-    if (seg != nullptr) {
-      for (int i = tid; i < kBN; i += Tr::kThreads) {
-        const int key = j * kBN + i;
-        sseg[buf * kBN + i] = key < seq ? seg[key] : -1;  // keys >= seq are masked anyway
-      }
-    }
+    if (seg != nullptr)
+      StoreKeySegments(sseg + buf * kBN, seg, j * kBN, kBN, seq, tid, Tr::kThreads);
   };
   LoadTileAsync<Tr::kBM, kD, Tr::kThreads>(sq, q, p.q_stride, q0, seq, tid);
   LoadTileAsync<Tr::kBM, kD, Tr::kThreads>(sdo, dout, p.o_stride, q0, seq, tid);
@@ -72,18 +68,8 @@ __global__ void __launch_bounds__(kWarps * 32) AttentionBackwardDqKernel(const B
   // The lane's rows warp_q0 + g + 8 * hf: log2-domain lse, delta and segment id.
   float lse2[2];
   float delta[2];
-  int qseg[1][2] = {};
-#pragma unroll
-  for (int hf = 0; hf < 2; ++hf) {
-    const int row = warp_q0 + g + 8 * hf;
-    lse2[hf] = INFINITY;
-    delta[hf] = 0.f;
-    if (row < seq) {
-      lse2[hf] = Lse2ForBackward(p.lse[static_cast<int64_t>(bh) * seq + row]);
-      delta[hf] = p.delta[static_cast<int64_t>(bh) * seq + row];
-      if (seg != nullptr) qseg[0][hf] = seg[row];
-    }
-  }
+  int qseg[1][2];
+  LoadRowStats(lse2, delta, qseg[0], p, bh, seg, warp_q0 + g, seq);
 
   float dq[1][kD / 8][4];
 #pragma unroll

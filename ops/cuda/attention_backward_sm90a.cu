@@ -187,13 +187,8 @@ __global__ void __launch_bounds__(kGroups * 128, kMinBlocks) DkdvKernel(const Bw
                                             tid);
     CpAsyncCommit();
     const int64_t stats = (b_tokens * p.q_heads) + static_cast<int64_t>(h) * seq;  // [b, h, 0]
-    for (int i = tid; i < kBM; i += Tr::kThreads) {
-      const int row = qs + i;
-      const bool valid = row < seq;
-      slse2[buf * kBM + i] = valid ? Lse2ForBackward(p.lse[stats + row]) : INFINITY;
-      sdelta[buf * kBM + i] = valid ? p.delta[stats + row] : 0.f;
-      if (seg != nullptr) sseg[buf * kBM + i] = valid ? seg[row] : -1;
-    }
+    StoreQueryStats(slse2 + buf * kBM, sdelta + buf * kBM, sseg + buf * kBM, p, stats, seg, qs, kBM,
+                    seq, tid, Tr::kThreads);
   };
   LoadTileSwizzled<Tr::kBN, kD, Tr::kThreads>(sk, k, p.k_stride, k0, seq, tid);
   LoadTileSwizzled<Tr::kBN, kD, Tr::kThreads>(sv, v, p.v_stride, k0, seq, tid);
@@ -354,12 +349,8 @@ __global__ void __launch_bounds__(kGroups * 128, kMinBlocks) DqKernel(const BwdP
     LoadTileSwizzled<kBN, kD, Tr::kThreads>(sv + buf * Tr::kKVBytes, v, p.v_stride, j * kBN, seq,
                                             tid);
     CpAsyncCommit();
-    if (seg != nullptr) {
-      for (int i = tid; i < kBN; i += Tr::kThreads) {
-        const int key = j * kBN + i;
-        sseg[buf * kBN + i] = key < seq ? seg[key] : -1;  // keys >= seq are masked anyway
-      }
-    }
+    if (seg != nullptr)
+      StoreKeySegments(sseg + buf * kBN, seg, j * kBN, kBN, seq, tid, Tr::kThreads);
   };
   LoadTileSwizzled<Tr::kBM, kD, Tr::kThreads>(sq, q, p.q_stride, q0, seq, tid);
   LoadTileSwizzled<Tr::kBM, kD, Tr::kThreads>(sdo, dout, p.o_stride, q0, seq, tid);
@@ -367,18 +358,8 @@ __global__ void __launch_bounds__(kGroups * 128, kMinBlocks) DqKernel(const BwdP
 
   float lse2[2];
   float delta[2];
-  int qseg[1][2] = {};
-#pragma unroll
-  for (int hf = 0; hf < 2; ++hf) {
-    const int row = warp_q0 + g + 8 * hf;
-    lse2[hf] = INFINITY;
-    delta[hf] = 0.f;
-    if (row < seq) {
-      lse2[hf] = Lse2ForBackward(p.lse[static_cast<int64_t>(bh) * seq + row]);
-      delta[hf] = p.delta[static_cast<int64_t>(bh) * seq + row];
-      if (seg != nullptr) qseg[0][hf] = seg[row];
-    }
-  }
+  int qseg[1][2];
+  LoadRowStats(lse2, delta, qseg[0], p, bh, seg, warp_q0 + g, seq);
 
   float dq[kD / 8][4];
 #pragma unroll

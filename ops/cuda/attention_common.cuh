@@ -276,4 +276,50 @@ __device__ __forceinline__ float Lse2ForBackward(float lse) {
   return lse == -INFINITY ? INFINITY : lse * kLog2e;
 }
 
+// Segment ids of keys k0 .. k0 + count - 1 into shared memory (-1 past the sequence: such keys
+// are masked anyway), by plain stores that the next __syncthreads() publishes. All threads call it.
+__device__ __forceinline__ void StoreKeySegments(int32_t* dst, const int32_t* seg, int k0,
+                                                 int count, int seq, int tid, int threads) {
+  for (int i = tid; i < count; i += threads) {
+    const int key = k0 + i;
+    dst[i] = key < seq ? seg[key] : -1;
+  }
+}
+
+// The per-query statistics of queries qs .. qs + count - 1 of one (batch, head) (stats: the
+// offset of its [b, h, 0] entry in lse and delta) into shared memory: lse in the log2 domain,
+// delta and the segment id (seg nullptr: none); queries past the sequence get +inf, 0 and -1,
+// which zero their P. Plain stores, published by the next __syncthreads(). All threads call it.
+__device__ __forceinline__ void StoreQueryStats(float* lse2, float* delta, int32_t* qseg,
+                                                const BwdParams& p, int64_t stats,
+                                                const int32_t* seg, int qs, int count, int seq,
+                                                int tid, int threads) {
+  for (int i = tid; i < count; i += threads) {
+    const int row = qs + i;
+    const bool valid = row < seq;
+    lse2[i] = valid ? Lse2ForBackward(p.lse[stats + row]) : INFINITY;
+    delta[i] = valid ? p.delta[stats + row] : 0.f;
+    if (seg != nullptr) qseg[i] = valid ? seg[row] : -1;
+  }
+}
+
+// The statistics of a lane's two query rows, row0 and row0 + 8, of (batch, head) bh, in
+// registers: rows past the sequence get lse2 = +inf (P = 0), delta 0 and segment 0.
+__device__ __forceinline__ void LoadRowStats(float (&lse2)[2], float (&delta)[2], int (&qseg)[2],
+                                             const BwdParams& p, int bh, const int32_t* seg,
+                                             int row0, int seq) {
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    const int row = row0 + 8 * hf;
+    lse2[hf] = INFINITY;
+    delta[hf] = 0.f;
+    qseg[hf] = 0;
+    if (row < seq) {
+      lse2[hf] = Lse2ForBackward(p.lse[static_cast<int64_t>(bh) * seq + row]);
+      delta[hf] = p.delta[static_cast<int64_t>(bh) * seq + row];
+      if (seg != nullptr) qseg[hf] = seg[row];
+    }
+  }
+}
+
 }  // namespace tandem::ops::cuda::attn

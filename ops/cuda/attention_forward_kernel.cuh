@@ -118,12 +118,8 @@ __global__ void __launch_bounds__(kWarps * 32) AttentionForwardKernel(const FwdP
     LoadTileAsync<kBN, kD, Tr::kThreads>(sv + buf * Tr::kKVElems, v, p.v_stride, j * kBN, seq,
                                          tid);
     CpAsyncCommit();
-    if (seg != nullptr) {
-      for (int i = tid; i < kBN; i += Tr::kThreads) {
-        const int key = j * kBN + i;
-        sseg[buf * kBN + i] = key < seq ? seg[key] : -1;  // keys >= seq are masked anyway
-      }
-    }
+    if (seg != nullptr)
+      StoreKeySegments(sseg + buf * kBN, seg, j * kBN, kBN, seq, tid, Tr::kThreads);
   };
 
   LoadTileAsync<Tr::kBM, kD, Tr::kThreads>(sq, q, p.q_stride, q0, seq, tid);

@@ -129,13 +129,9 @@ __global__ void __launch_bounds__(kGroups * 128, kMinBlocks)
   const bf16* v = p.v + static_cast<int64_t>(b) * seq * p.v_stride + static_cast<int64_t>(kvh) * kD;
   const int32_t* seg = p.seg == nullptr ? nullptr : p.seg + static_cast<int64_t>(b) * seq;
 
-  // Key segment ids of tile j into buffer j & 1, by plain stores published by the barrier that
-  // precedes the tile's use.
+  // Key segment ids of tile j into buffer j & 1.
   auto load_seg = [&](int j) {
-    for (int i = tid; i < kBN; i += Tr::kThreads) {
-      const int key = j * kBN + i;
-      sseg[(j & 1) * kBN + i] = key < seq ? seg[key] : -1;  // keys >= seq are masked anyway
-    }
+    StoreKeySegments(sseg + (j & 1) * kBN, seg, j * kBN, kBN, seq, tid, Tr::kThreads);
   };
 
   LoadTileSwizzled<Tr::kBM, kD, Tr::kThreads>(sq, q, p.q_stride, q0, seq, tid);
