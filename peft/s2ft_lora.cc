@@ -14,6 +14,7 @@ StatusOr<std::unique_ptr<LoraAdapter>> S2ftAsLora(ops::Context& ctx, const S2ftA
   LoraConfig lc;
   lc.r = 1;
   lc.alpha = 1.0;
+  lc.target_modules.clear();  // only the blocks' modules (not PEFT's default q_proj, v_proj)
   for (const S2ftBlock& b : blocks) {
     const std::string module = ProjectionModuleName(b.layer, b.proj);
     const int64_t k = static_cast<int64_t>(b.indices.size());
