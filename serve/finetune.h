@@ -41,14 +41,21 @@ struct FineTuneHyperparameters {
   int64_t lora_r = 8;
   double lora_alpha = 16;
   std::vector<std::string> target_modules = {"q_proj", "v_proj"};  // or {"all-linear"}
-  int64_t publish_every_steps = 0;  // 0: only at the end of each epoch
-  uint64_t seed = 0;                // LoRA init and data order
+  // method "s2ft" (peft/s2ft.h: o_proj columns of whole kv groups, down_proj columns of FFN
+  // channels, the same counts in every layer); lora_r, lora_alpha and target_modules unused.
+  double heads_fraction = 0.1;       // of the kv groups per layer, in [0, 1]
+  double ffn_fraction = 0.1;         // of the FFN channels per layer, in [0, 1]
+  std::string selection = "random";  // or "weight" (largest column norms of the base)
+  int64_t publish_every_steps = 0;   // 0: only at the end of each epoch
+  uint64_t seed = 0;                 // adapter init (LoRA) or selection (S2FT), and data order
 };
 
 struct FineTuneJobSpec {
   std::string training_file;    // where the examples came from (reported, not re-read)
   std::string adapter;          // name the versions are published under
-  std::string method = "lora";  // "lora" ("s2ft" is refused: not supported yet)
+  // "lora", or "s2ft": trained in LoRA form (peft::S2ftAsLora: B = the column block, A one-hot and
+  // frozen) through the same multi-adapter kernels, published as S2FT adapter directories.
+  std::string method = "lora";
   FineTuneHyperparameters hyper;
   std::vector<FineTuneExample> examples;
 };

@@ -57,13 +57,9 @@ std::string EngineImpl::JobDir(const std::string& id) const {
 }
 
 Status EngineImpl::ValidateFineTuneSpec(const FineTuneJobSpec& spec) const {
-  if (spec.method == "s2ft") {
+  if (spec.method != "lora" && spec.method != "s2ft") {
     return InvalidArgumentError(
-        "method 's2ft': S2FT fine-tuning jobs are not supported yet; "
-        "use method 'lora'");
-  }
-  if (spec.method != "lora") {
-    return InvalidArgumentError(StrCat("method: expected 'lora', found '", spec.method, "'"));
+        StrCat("method: expected 'lora' or 's2ft', found '", spec.method, "'"));
   }
   if (!ValidAdapterName(spec.adapter) || spec.adapter == base_name_) {
     return InvalidArgumentError(StrCat("adapter name '", spec.adapter, "': expected 1 to 64 ",
@@ -80,11 +76,23 @@ Status EngineImpl::ValidateFineTuneSpec(const FineTuneJobSpec& spec) const {
     return InvalidArgumentError(StrCat("learning_rate and lora_alpha must be positive, found ",
                                        h.learning_rate, " and ", h.lora_alpha));
   }
-  peft::LoraConfig lc;
-  lc.r = h.lora_r;
-  lc.alpha = h.lora_alpha;
-  lc.target_modules = h.target_modules;
-  TANDEM_RETURN_IF_ERROR(peft::ResolveLoraTargets(lc, model_->config()).status());
+  if (spec.method == "lora") {
+    peft::LoraConfig lc;
+    lc.r = h.lora_r;
+    lc.alpha = h.lora_alpha;
+    lc.target_modules = h.target_modules;
+    TANDEM_RETURN_IF_ERROR(peft::ResolveLoraTargets(lc, model_->config()).status());
+  } else {
+    TANDEM_RETURN_IF_ERROR(peft::ValidateS2ftConfig(S2ftConfigOf(h, "")));
+    const model::LlamaConfig& c = model_->config();
+    if (std::llround(h.heads_fraction * static_cast<double>(c.num_key_value_heads)) == 0 &&
+        std::llround(h.ffn_fraction * static_cast<double>(c.intermediate_size)) == 0) {
+      return InvalidArgumentError(StrCat("s2ft: heads_fraction ", h.heads_fraction, " of ",
+                                         c.num_key_value_heads, " kv heads and ", "ffn_fraction ",
+                                         h.ffn_fraction, " of ", c.intermediate_size,
+                                         " FFN channels select nothing to train"));
+    }
+  }
   if (spec.examples.empty()) return InvalidArgumentError("training data: no examples");
   for (size_t i = 0; i < spec.examples.size(); ++i) {
     const FineTuneExample& e = spec.examples[i];
@@ -212,7 +220,7 @@ Status EngineImpl::StartNextJob() {
   }
   ft_active_ = job;
   TANDEM_ASSIGN_OR_RETURN(job->trainer,
-                          FineTuneTrainer::Create(*ctx_, model_->config(), job->spec, base_name_));
+                          FineTuneTrainer::Create(*ctx_, *model_, job->spec, base_name_));
   const std::string state = JobDir(job->info.id) + "/state";
   if (!options_.finetune.state_dir.empty() && fs::exists(state)) {
     TANDEM_RETURN_IF_ERROR(job->trainer->ReadState(state).status());
@@ -283,7 +291,7 @@ Status EngineImpl::PublishVersion(FineTuneJobEntry& job) {
   ++version;
   const std::string dir =
       (fs::path(options_.finetune.publish_dir) / StrCat(name, "-v", version)).string();
-  TANDEM_RETURN_IF_ERROR(peft::SaveLoraAdapter(job.trainer->adapter(), dir));
+  TANDEM_RETURN_IF_ERROR(job.trainer->Save(dir));
   const std::string model = StrCat(name, "@", version);
   TANDEM_RETURN_IF_ERROR(LoadAdapter(model, dir));  // a new entry: old versions keep serving
   job.trainer->progress().published.push_back(model);

@@ -46,6 +46,9 @@ json HyperparametersToJson(const FineTuneHyperparameters& h) {
           {"lora_r", h.lora_r},
           {"lora_alpha", h.lora_alpha},
           {"target_modules", h.target_modules},
+          {"heads_fraction", h.heads_fraction},
+          {"ffn_fraction", h.ffn_fraction},
+          {"selection", h.selection},
           {"publish_every_steps", h.publish_every_steps},
           {"seed", h.seed}};
 }
@@ -59,6 +62,10 @@ StatusOr<FineTuneHyperparameters> HyperparametersFromJson(const json& j) {
     h.lora_r = j.at("lora_r").get<int64_t>();
     h.lora_alpha = j.at("lora_alpha").get<double>();
     h.target_modules = j.at("target_modules").get<std::vector<std::string>>();
+    // Absent from job files written before S2FT jobs: the defaults.
+    h.heads_fraction = j.value("heads_fraction", h.heads_fraction);
+    h.ffn_fraction = j.value("ffn_fraction", h.ffn_fraction);
+    h.selection = j.value("selection", h.selection);
     h.publish_every_steps = j.at("publish_every_steps").get<int64_t>();
     h.seed = j.at("seed").get<uint64_t>();
   } catch (const std::exception& e) {

@@ -11,7 +11,9 @@
 
 #include "core/rng.h"
 #include "ops/ops.h"
+#include "peft/adapter_io.h"
 #include "peft/lora.h"
+#include "peft/s2ft_io.h"
 
 namespace tandem::serve::internal {
 
@@ -24,22 +26,51 @@ constexpr char kStateMagic[] = "tandem-finetune-state 1";
 
 FineTuneTrainer::~FineTuneTrainer() = default;
 
+peft::S2ftConfig S2ftConfigOf(const FineTuneHyperparameters& h, const std::string& base_name) {
+  peft::S2ftConfig c;
+  c.heads_fraction = h.heads_fraction;
+  c.ffn_fraction = h.ffn_fraction;
+  c.selection = h.selection;
+  c.seed = DeriveSeed(h.seed, 0, "ft-s2ft-select");
+  c.base_model_name_or_path = base_name;
+  return c;
+}
+
 StatusOr<std::unique_ptr<FineTuneTrainer>> FineTuneTrainer::Create(ops::Context& ctx,
-                                                                   const model::LlamaConfig& config,
+                                                                   model::LlamaModel& model,
                                                                    const FineTuneJobSpec& spec,
                                                                    const std::string& base_name) {
   if (spec.examples.empty()) {
     return InvalidArgumentError(StrCat("fine-tuning job: no examples in ", spec.training_file));
   }
-  peft::LoraConfig lc;
-  lc.r = spec.hyper.lora_r;
-  lc.alpha = spec.hyper.lora_alpha;
-  lc.target_modules = spec.hyper.target_modules;
-  lc.init_seed = DeriveSeed(spec.hyper.seed, 0, "ft-lora-init");
-  lc.base_model_name_or_path = base_name;
-  TANDEM_ASSIGN_OR_RETURN(std::unique_ptr<peft::LoraAdapter> lora,
-                          peft::LoraAdapter::Create(ctx, config, lc));
+  const model::LlamaConfig& config = model.config();
   std::unique_ptr<FineTuneTrainer> t(new FineTuneTrainer(ctx, spec));
+  std::unique_ptr<peft::LoraAdapter> lora;
+  if (spec.method == "s2ft") {
+    const peft::S2ftConfig sc = S2ftConfigOf(spec.hyper, base_name);
+    TANDEM_ASSIGN_OR_RETURN(peft::S2ftSelection selection, peft::SelectS2ft(ctx, sc, model));
+    TANDEM_ASSIGN_OR_RETURN(t->s2ft_,
+                            peft::S2ftAdapter::Create(ctx, config, sc, std::move(selection)));
+    TANDEM_ASSIGN_OR_RETURN(lora, peft::S2ftAsLora(ctx, *t->s2ft_));
+    // Per block: the trained factor is the block (B for columns, A for rows), the other one-hot.
+    t->frozen_.assign(lora->parameters().size(), false);
+    for (const peft::S2ftBlock& b : t->s2ft_->blocks()) {
+      const int target = lora->Find(b.layer, b.proj);
+      if (target < 0) return InternalError(StrCat("S2FT job: no LoRA target for ", b.name));
+      const bool columns = b.axis == peft::S2ftAxis::kColumns;
+      t->s2ft_param_.push_back(2 * target + (columns ? 1 : 0));
+      t->frozen_[2 * target + (columns ? 0 : 1)] = true;
+    }
+  } else {
+    peft::LoraConfig lc;
+    lc.r = spec.hyper.lora_r;
+    lc.alpha = spec.hyper.lora_alpha;
+    lc.target_modules = spec.hyper.target_modules;
+    lc.init_seed = DeriveSeed(spec.hyper.seed, 0, "ft-lora-init");
+    lc.base_model_name_or_path = base_name;
+    TANDEM_ASSIGN_OR_RETURN(lora, peft::LoraAdapter::Create(ctx, config, lc));
+    t->frozen_.assign(lora->parameters().size(), false);
+  }
   t->set_ = std::make_unique<peft::AdapterSet>(ctx, config);
   TANDEM_ASSIGN_OR_RETURN(int index, t->set_->Add(std::move(lora)));
   t->set_->set_default_adapter(index);
@@ -159,6 +190,7 @@ Status FineTuneTrainer::OptimizerStep(MicroBatchResult* result) {
   }
   std::vector<model::Parameter>& params = set_->adapter(0).parameters();
   for (size_t i = 0; i < params.size(); ++i) {
+    if (frozen_[i]) continue;
     model::Parameter& p = params[i];
     ops::AdamWParams ap;
     ap.lr = static_cast<float>(spec_.hyper.learning_rate);
@@ -182,6 +214,15 @@ Status FineTuneTrainer::OptimizerStep(MicroBatchResult* result) {
 }
 
 // ---- State file ----
+
+Status FineTuneTrainer::Save(const std::string& dir) const {
+  if (s2ft_ == nullptr) return peft::SaveLoraAdapter(adapter(), dir);
+  for (size_t i = 0; i < s2ft_param_.size(); ++i) {
+    TANDEM_ASSIGN_OR_RETURN(Tensor block, adapter().ToHost(static_cast<size_t>(s2ft_param_[i])));
+    TANDEM_RETURN_IF_ERROR(s2ft_->SetFromHost(i, block));
+  }
+  return peft::SaveS2ftAdapter(*s2ft_, dir);
+}
 
 Status FineTuneTrainer::WriteState(const std::string& path, const std::string& status,
                                    const std::string& error) const {

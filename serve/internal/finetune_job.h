@@ -1,7 +1,10 @@
 // FineTuneTrainer: the training side of one co-serving fine-tuning job (private to serve/): a
 // LoRA adapter in a peft::AdapterSet over the engine's frozen base model, its AdamW moments, the
-// data order and the progress. The engine calls RunMicroBatch with the tokens an iteration leaves
-// over; the adapter is attached to the LlamaModel only for the duration of that call.
+// data order and the progress. An S2FT job trains its blocks in LoRA form (peft::S2ftAsLora) in
+// the same set: the one-hot factor of each block is frozen (no AdamW step), the other is the
+// block; the base is never permuted, since inference shares it. The engine calls RunMicroBatch with
+// the tokens an iteration leaves over; the adapter is attached to the LlamaModel only for the
+// duration of that call.
 //
 // Data order: epoch e visits the examples in a permutation drawn from DeriveSeed(seed, e,
 // "ft-order"); one optimizer step takes the next batch_size examples of the epoch (fewer at its
@@ -32,6 +35,7 @@
 #include "model/llama.h"
 #include "ops/context.h"
 #include "peft/adapter_set.h"
+#include "peft/s2ft.h"
 #include "serve/finetune.h"
 
 namespace tandem::serve::internal {
@@ -55,8 +59,9 @@ struct MicroBatchResult {
 class FineTuneTrainer {
  public:
   ~FineTuneTrainer();
+  // model: the engine's base (its config; S2FT's "weight" selection reads its weights).
   static StatusOr<std::unique_ptr<FineTuneTrainer>> Create(ops::Context& ctx,
-                                                           const model::LlamaConfig& config,
+                                                           model::LlamaModel& model,
                                                            const FineTuneJobSpec& spec,
                                                            const std::string& base_name);
 
@@ -69,6 +74,9 @@ class FineTuneTrainer {
 
   FineTuneProgress& progress() { return progress_; }
   const peft::LoraAdapter& adapter() const { return set_->adapter(0); }
+  // Writes the adapter as it stands: PEFT LoRA files, or for an S2FT job an S2FT adapter
+  // directory (peft/s2ft_io.h) with the blocks taken from their LoRA form.
+  Status Save(const std::string& dir) const;
 
   Status WriteState(const std::string& path, const std::string& status,
                     const std::string& error) const;
@@ -88,7 +96,10 @@ class FineTuneTrainer {
   ops::Context& ctx_;
   const FineTuneJobSpec& spec_;  // owned by the engine's job entry, outlives the trainer
   std::unique_ptr<peft::AdapterSet> set_;
-  std::vector<Tensor> m_, v_;  // f32, per adapter parameter
+  std::unique_ptr<peft::S2ftAdapter> s2ft_;  // S2FT jobs: the selection and export buffers
+  std::vector<int> s2ft_param_;              // S2FT jobs: per block, the LoRA parameter it is
+  std::vector<bool> frozen_;                 // per adapter parameter: no optimizer step
+  std::vector<Tensor> m_, v_;                // f32, per adapter parameter
   FineTuneProgress progress_;
   // The optimizer step in flight.
   bool in_step_ = false;
@@ -106,6 +117,9 @@ struct FineTuneStateMeta {
   FineTuneProgress progress;
 };
 StatusOr<FineTuneStateMeta> ReadFineTuneStateMeta(const std::string& path);
+
+// The S2FT configuration of a job's hyperparameters (coupled off; seed derived from h.seed).
+peft::S2ftConfig S2ftConfigOf(const FineTuneHyperparameters& h, const std::string& base_name);
 FineTuneProgress ProgressFromJson(const nlohmann::json& meta);
 
 // `<state dir>/<job>/job.json`: {"id", "created_at", "training_file", "adapter", "method",

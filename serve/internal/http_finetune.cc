@@ -17,9 +17,17 @@ namespace {
 
 using nlohmann::json;
 
-const std::set<std::string> kHyperKeys = {
-    "n_epochs",   "batch_size",     "learning_rate",       "lora_r",
-    "lora_alpha", "target_modules", "publish_every_steps", "seed"};
+const std::set<std::string> kHyperKeys = {"n_epochs",
+                                          "batch_size",
+                                          "learning_rate",
+                                          "lora_r",
+                                          "lora_alpha",
+                                          "target_modules",
+                                          "heads_fraction",
+                                          "ffn_fraction",
+                                          "selection",
+                                          "publish_every_steps",
+                                          "seed"};
 // OpenAI keys accepted and ignored.
 const std::set<std::string> kIgnoredKeys = {"metadata", "integrations", "validation_file"};
 
@@ -58,6 +66,21 @@ std::optional<ApiError> ApplyHyper(const std::string& key, const json& v,
     return std::nullopt;
   }
   if (key == "learning_rate") return PositiveNumber(v, key, true, &h->learning_rate);
+  if (key == "heads_fraction" || key == "ffn_fraction") {
+    if (!v.is_number() || !(v.get<double>() >= 0 && v.get<double>() <= 1)) {
+      return BadRequest(StrCat("'", key, "' must be a number in [0, 1], found ", v.dump()), key);
+    }
+    (key == "heads_fraction" ? h->heads_fraction : h->ffn_fraction) = v.get<double>();
+    return std::nullopt;
+  }
+  if (key == "selection") {
+    if (!v.is_string() || (v.get<std::string>() != "random" && v.get<std::string>() != "weight")) {
+      return BadRequest(StrCat("'selection' must be \"random\" or \"weight\", found ", v.dump()),
+                        key);
+    }
+    h->selection = v.get<std::string>();
+    return std::nullopt;
+  }
   if (key == "lora_alpha") return PositiveNumber(v, key, false, &h->lora_alpha);
   // target_modules: a name or a list of names.
   std::vector<std::string> modules;
@@ -96,11 +119,7 @@ std::optional<ApiError> ParseMethod(const json& m, FineTuneJobSpec* spec) {
                       "method");
   }
   spec->method = m["type"].get<std::string>();
-  if (spec->method == "s2ft") {
-    return BadRequest("method 's2ft' is not supported yet for fine-tuning jobs; use \"lora\"",
-                      "method");
-  }
-  if (spec->method != "lora") {
+  if (spec->method != "lora" && spec->method != "s2ft") {
     return BadRequest(
         StrCat("method.type must be \"lora\" or \"s2ft\", found '", spec->method, "'"), "method");
   }
@@ -205,10 +224,16 @@ json FineTuneJobJson(const FineTuneJobInfo& job, const std::string& base_model) 
   json hyper = {{"n_epochs", h.n_epochs},
                 {"batch_size", h.batch_size},
                 {"learning_rate", h.learning_rate},
-                {"lora_r", h.lora_r},
-                {"lora_alpha", h.lora_alpha},
-                {"target_modules", h.target_modules},
                 {"publish_every_steps", h.publish_every_steps}};
+  if (job.spec.method == "s2ft") {
+    hyper["heads_fraction"] = h.heads_fraction;
+    hyper["ffn_fraction"] = h.ffn_fraction;
+    hyper["selection"] = h.selection;
+  } else {
+    hyper["lora_r"] = h.lora_r;
+    hyper["lora_alpha"] = h.lora_alpha;
+    hyper["target_modules"] = h.target_modules;
+  }
   json error = nullptr;
   if (job.status == "failed") {
     error = {{"code", "job_failed"}, {"message", job.error}, {"param", nullptr}};

@@ -8,6 +8,7 @@
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -18,10 +19,12 @@
 #include "model/llama.h"
 #include "model/tokenizer.h"
 #include "ops/context.h"
+#include "peft/s2ft_io.h"
 #include "serve/chat_template.h"
 #include "serve/engine.h"
 #include "serve/finetune.h"
 #include "serve/http_server.h"
+#include "serve/internal/finetune_job.h"
 #include "serve/internal/http_lib.h"
 #include "tests/common/testing.h"
 #include "tests/serve/serve_test_util.h"
@@ -238,6 +241,85 @@ TEST_F(CoserveTest, TrainsWhileEightClientsStreamAndPublishesVersions) {
   EXPECT_EQ(s.finetune_jobs_running, 0);
 }
 
+// An S2FT job trains its blocks in LoRA form beside inference, with the one-hot factors frozen,
+// and publishes S2FT adapter directories that the server loads back: the served newest version
+// answers the task (so the export carries what was trained) and the base model never changes.
+TEST_F(CoserveTest, TrainsAnS2ftJobAndPublishesS2ftVersions) {
+  auto engine = MakeEngine();
+  const double base_accuracy = Accuracy(*engine, "base");
+  const std::string base_greedy =
+      Generate(*engine, "base", kPairs[0].first + "=", 6, /*greedy=*/true).text;
+  FineTuneJobSpec spec = Spec(*engine, "sparse", 8, /*batch_size=*/4);
+  spec.method = "s2ft";
+  spec.hyper.heads_fraction = 0.5;
+  spec.hyper.ffn_fraction = 0.5;
+  spec.hyper.learning_rate = 2e-2;
+  StatusOr<FineTuneJobInfo> job = engine->CreateFineTuneJob(spec);
+  ASSERT_TRUE(job.ok()) << job.status().ToString();
+  const FineTuneJobInfo done = WaitFinished(*engine, job->id, 120);
+  EXPECT_EQ(done.status, "succeeded") << done.error;
+  ASSERT_EQ(done.step_losses.size(), 64u);
+  EXPECT_LT(done.step_losses.back(), 0.5 * done.step_losses.front())
+      << "losses " << json(done.step_losses).dump();
+  ASSERT_EQ(done.published.size(), 8u);  // one version per epoch
+  EXPECT_EQ(done.published.back(), "sparse@8");
+  // Published as S2FT directories (indices + dense blocks), not as LoRA files.
+  EXPECT_TRUE(std::filesystem::exists(dir_.Join("adapters/sparse-v8/s2ft_config.json")));
+  EXPECT_FALSE(std::filesystem::exists(dir_.Join("adapters/sparse-v8/adapter_config.json")));
+  const double tuned_accuracy = Accuracy(*engine, "sparse");
+  EXPECT_GT(tuned_accuracy, base_accuracy);
+  EXPECT_GE(tuned_accuracy, 0.75) << "base model " << base_accuracy;
+  EXPECT_EQ(Generate(*engine, "base", kPairs[0].first + "=", 6, /*greedy=*/true).text, base_greedy);
+}
+
+bool SameBytes(const Tensor& a, const Tensor& b) {
+  return a.shape() == b.shape() && a.dtype() == b.dtype() &&
+         std::memcmp(a.raw_data(), b.raw_data(), a.num_bytes()) == 0;
+}
+
+// The S2FT trainer underneath: an optimizer step moves only the blocks (the B factors of the
+// column blocks); the one-hot A factors stay bit for bit; Save writes the blocks as they are.
+TEST_F(CoserveTest, S2ftTrainerStepsOnlyTheBlocksAndSavesThem) {
+  auto engine = MakeEngine();
+  FineTuneJobSpec spec = Spec(*engine, "sparse", 1, /*batch_size=*/4);
+  spec.method = "s2ft";
+  spec.hyper.heads_fraction = 0.5;
+  spec.hyper.ffn_fraction = 0.25;
+  model::ModelOptions o;
+  o.trainable = false;
+  auto base = std::move(model::LlamaModel::Create(*ctx_, TinyConfig(), o)).value();
+  TANDEM_CHECK_OK(base->InitRandom(5, 0.5f));
+  auto trainer = std::move(internal::FineTuneTrainer::Create(*ctx_, *base, spec, "base")).value();
+  const size_t n = trainer->adapter().parameters().size();
+  ASSERT_GT(n, 0u);
+  std::vector<Tensor> before;
+  for (size_t i = 0; i < n; ++i) before.push_back(*trainer->adapter().ToHost(i));
+  bool stepped = false;
+  for (int i = 0; i < 8 && !stepped; ++i) {
+    stepped = trainer->RunMicroBatch(*base, 48)->step_done;
+  }
+  ASSERT_TRUE(stepped);
+  for (size_t i = 0; i < n; ++i) {
+    const Tensor after = *trainer->adapter().ToHost(i);
+    const std::string& name = trainer->adapter().parameters()[i].name;
+    if (i % 2 == 0) {
+      EXPECT_TRUE(SameBytes(before[i], after)) << name << " (one-hot) moved";
+    } else {
+      EXPECT_FALSE(SameBytes(before[i], after)) << name << " (block) did not move";
+    }
+  }
+  TANDEM_CHECK_OK(trainer->Save(dir_.Join("saved")));
+  auto loaded = std::move(peft::LoadS2ftAdapter(*ctx_, TinyConfig(), dir_.Join("saved"))).value();
+  // One LoRA target per block (o_proj and down_proj columns here), nothing else.
+  ASSERT_EQ(loaded->blocks().size() * 2, n);
+  for (size_t b = 0; b < loaded->blocks().size(); ++b) {
+    const peft::S2ftBlock& block = loaded->blocks()[b];
+    const int t = trainer->adapter().Find(block.layer, block.proj);
+    ASSERT_GE(t, 0) << block.name;
+    EXPECT_TRUE(SameBytes(*loaded->ToHost(b), *trainer->adapter().ToHost(2 * t + 1))) << block.name;
+  }
+}
+
 TEST_F(CoserveTest, CancelEndsRunningAndQueuedJobs) {
   auto engine = MakeEngine();
   FineTuneJobInfo a = *engine->CreateFineTuneJob(Spec(*engine, "long", 1000));
@@ -246,7 +328,14 @@ TEST_F(CoserveTest, CancelEndsRunningAndQueuedJobs) {
   EXPECT_EQ(engine->CreateFineTuneJob(Spec(*engine, "long", 1)).status().code(),
             StatusCode::kFailedPrecondition);
   FineTuneJobSpec bad = Spec(*engine, "x", 1);
+  bad.method = "dpo";
+  EXPECT_EQ(engine->CreateFineTuneJob(bad).status().code(), StatusCode::kInvalidArgument);
   bad.method = "s2ft";
+  bad.hyper.heads_fraction = 0;
+  bad.hyper.ffn_fraction = 0;
+  const Status nothing = engine->CreateFineTuneJob(bad).status();
+  EXPECT_NE(nothing.ToString().find("select nothing"), std::string::npos) << nothing.ToString();
+  bad.hyper.selection = "best";
   EXPECT_EQ(engine->CreateFineTuneJob(bad).status().code(), StatusCode::kInvalidArgument);
   bad.method = "lora";
   bad.hyper.target_modules = {"nope_proj"};
@@ -484,10 +573,14 @@ TEST_F(CoserveHttpTest, JobsOverHttpAndTheirErrors) {
   const json bad_line = Create({{"training_file", dir_.Join("data/bad.jsonl")}, {"suffix", "p"}},
                                400, "training_file");
   EXPECT_NE(bad_line["error"]["message"].get<std::string>().find("bad.jsonl:2"), std::string::npos);
-  const json s2ft = Create(
-      {{"training_file", file}, {"suffix", "p"}, {"method", {{"type", "s2ft"}}}}, 400, "method");
-  EXPECT_NE(s2ft["error"]["message"].get<std::string>().find("not supported yet"),
-            std::string::npos);
+  Create({{"training_file", file},
+          {"suffix", "p"},
+          {"method", {{"type", "s2ft"}, {"s2ft", {{"hyperparameters", {{"heads_fraction", 2}}}}}}}},
+         400, "heads_fraction");
+  Create({{"training_file", file},
+          {"suffix", "p"},
+          {"method", {{"type", "s2ft"}, {"s2ft", {{"hyperparameters", {{"selection", "x"}}}}}}}},
+         400, "selection");
   Create({{"training_file", file}, {"suffix", "p"}, {"method", {{"type", "dpo"}}}}, 400, "method");
   Create({{"training_file", file}, {"suffix", "p"}, {"n_epochs", 0}}, 400, "n_epochs");
   Create({{"training_file", file}, {"suffix", "p"}, {"learning_rate", -1}}, 400, "learning_rate");
@@ -506,6 +599,23 @@ TEST_F(CoserveHttpTest, JobsOverHttpAndTheirErrors) {
   const json cancelled = json::parse(
       Post("/v1/fine_tuning/jobs/" + chat["id"].get<std::string>() + "/cancel", "")->body);
   EXPECT_EQ(cancelled["status"], "cancelled");
+  // An S2FT job is accepted with its own hyperparameters; cancel it too.
+  const json sparse =
+      Create({{"training_file", file},
+              {"suffix", "sparse"},
+              {"method",
+               {{"type", "s2ft"},
+                {"s2ft",
+                 {{"hyperparameters",
+                   {{"heads_fraction", 0.5}, {"selection", "weight"}, {"n_epochs", 1000}}}}}}}},
+             200);
+  EXPECT_EQ(sparse["method"]["type"], "s2ft");
+  EXPECT_EQ(sparse["hyperparameters"]["heads_fraction"], 0.5);
+  EXPECT_EQ(sparse["hyperparameters"]["selection"], "weight");
+  EXPECT_EQ(
+      json::parse(Post("/v1/fine_tuning/jobs/" + sparse["id"].get<std::string>() + "/cancel", "")
+                      ->body)["status"],
+      "cancelled");
 
   const json job = Create({{"training_file", file},
                            {"suffix", "pairs"},
@@ -534,10 +644,13 @@ TEST_F(CoserveHttpTest, JobsOverHttpAndTheirErrors) {
   EXPECT_EQ(now["fine_tuned_model"], "pairs@1");
   const json chat_now =
       json::parse(Get("/v1/fine_tuning/jobs/" + chat["id"].get<std::string>())->body);
-  EXPECT_EQ(now["trained_tokens"].get<int64_t>() + chat_now["trained_tokens"].get<int64_t>(),
+  const json sparse_now =
+      json::parse(Get("/v1/fine_tuning/jobs/" + sparse["id"].get<std::string>())->body);
+  EXPECT_EQ(now["trained_tokens"].get<int64_t>() + chat_now["trained_tokens"].get<int64_t>() +
+                sparse_now["trained_tokens"].get<int64_t>(),
             engine_->Stats().finetune_tokens);
   const json list = json::parse(Get("/v1/fine_tuning/jobs")->body);
-  ASSERT_EQ(list["data"].size(), 2u);
+  ASSERT_EQ(list["data"].size(), 3u);
   EXPECT_EQ(list["data"][0]["id"], id);  // newest first
   EXPECT_NE(Get("/v1/models")->body.find("\"pairs@1\""), std::string::npos);
   httplib::Result c = Post(
