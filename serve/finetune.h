@@ -46,6 +46,7 @@ struct FineTuneHyperparameters {
   double heads_fraction = 0.1;       // of the kv groups per layer, in [0, 1]
   double ffn_fraction = 0.1;         // of the FFN channels per layer, in [0, 1]
   std::string selection = "random";  // or "weight" (largest column norms of the base)
+  bool coupled = false;  // also the q/k/v rows of the heads and gate/up rows of the channels
   int64_t publish_every_steps = 0;   // 0: only at the end of each epoch
   uint64_t seed = 0;                 // adapter init (LoRA) or selection (S2FT), and data order
 };

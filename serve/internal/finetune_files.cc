@@ -49,6 +49,7 @@ json HyperparametersToJson(const FineTuneHyperparameters& h) {
           {"heads_fraction", h.heads_fraction},
           {"ffn_fraction", h.ffn_fraction},
           {"selection", h.selection},
+          {"coupled", h.coupled},
           {"publish_every_steps", h.publish_every_steps},
           {"seed", h.seed}};
 }
@@ -66,6 +67,7 @@ StatusOr<FineTuneHyperparameters> HyperparametersFromJson(const json& j) {
     h.heads_fraction = j.value("heads_fraction", h.heads_fraction);
     h.ffn_fraction = j.value("ffn_fraction", h.ffn_fraction);
     h.selection = j.value("selection", h.selection);
+    h.coupled = j.value("coupled", h.coupled);
     h.publish_every_steps = j.at("publish_every_steps").get<int64_t>();
     h.seed = j.at("seed").get<uint64_t>();
   } catch (const std::exception& e) {

@@ -31,6 +31,7 @@ peft::S2ftConfig S2ftConfigOf(const FineTuneHyperparameters& h, const std::strin
   c.heads_fraction = h.heads_fraction;
   c.ffn_fraction = h.ffn_fraction;
   c.selection = h.selection;
+  c.coupled = h.coupled;
   c.seed = DeriveSeed(h.seed, 0, "ft-s2ft-select");
   c.base_model_name_or_path = base_name;
   return c;

@@ -118,7 +118,7 @@ struct FineTuneStateMeta {
 };
 StatusOr<FineTuneStateMeta> ReadFineTuneStateMeta(const std::string& path);
 
-// The S2FT configuration of a job's hyperparameters (coupled off; seed derived from h.seed).
+// The S2FT configuration of a job's hyperparameters (the seed derived from h.seed).
 peft::S2ftConfig S2ftConfigOf(const FineTuneHyperparameters& h, const std::string& base_name);
 FineTuneProgress ProgressFromJson(const nlohmann::json& meta);
 

@@ -17,17 +17,10 @@ namespace {
 
 using nlohmann::json;
 
-const std::set<std::string> kHyperKeys = {"n_epochs",
-                                          "batch_size",
-                                          "learning_rate",
-                                          "lora_r",
-                                          "lora_alpha",
-                                          "target_modules",
-                                          "heads_fraction",
-                                          "ffn_fraction",
-                                          "selection",
-                                          "publish_every_steps",
-                                          "seed"};
+const std::set<std::string> kHyperKeys = {"n_epochs",       "batch_size",          "learning_rate",
+                                          "lora_r",         "lora_alpha",          "target_modules",
+                                          "heads_fraction", "ffn_fraction",        "selection",
+                                          "coupled",        "publish_every_steps", "seed"};
 // OpenAI keys accepted and ignored.
 const std::set<std::string> kIgnoredKeys = {"metadata", "integrations", "validation_file"};
 
@@ -71,6 +64,13 @@ std::optional<ApiError> ApplyHyper(const std::string& key, const json& v,
       return BadRequest(StrCat("'", key, "' must be a number in [0, 1], found ", v.dump()), key);
     }
     (key == "heads_fraction" ? h->heads_fraction : h->ffn_fraction) = v.get<double>();
+    return std::nullopt;
+  }
+  if (key == "coupled") {
+    if (!v.is_boolean()) {
+      return BadRequest(StrCat("'coupled' must be true or false, found ", v.dump()), key);
+    }
+    h->coupled = v.get<bool>();
     return std::nullopt;
   }
   if (key == "selection") {
@@ -229,6 +229,7 @@ json FineTuneJobJson(const FineTuneJobInfo& job, const std::string& base_model) 
     hyper["heads_fraction"] = h.heads_fraction;
     hyper["ffn_fraction"] = h.ffn_fraction;
     hyper["selection"] = h.selection;
+    hyper["coupled"] = h.coupled;
   } else {
     hyper["lora_r"] = h.lora_r;
     hyper["lora_alpha"] = h.lora_alpha;

@@ -277,46 +277,50 @@ bool SameBytes(const Tensor& a, const Tensor& b) {
          std::memcmp(a.raw_data(), b.raw_data(), a.num_bytes()) == 0;
 }
 
-// The S2FT trainer underneath: an optimizer step moves only the blocks (the B factors of the
-// column blocks); the one-hot A factors stay bit for bit; Save writes the blocks as they are.
+// The S2FT trainer underneath, with and without the coupled row blocks: an optimizer step moves
+// only the blocks (B of a column block, A of a row block); the one-hot factors stay bit for bit;
+// Save writes the blocks as trained, one LoRA target per block and nothing else.
 TEST_F(CoserveTest, S2ftTrainerStepsOnlyTheBlocksAndSavesThem) {
   auto engine = MakeEngine();
-  FineTuneJobSpec spec = Spec(*engine, "sparse", 1, /*batch_size=*/4);
-  spec.method = "s2ft";
-  spec.hyper.heads_fraction = 0.5;
-  spec.hyper.ffn_fraction = 0.25;
   model::ModelOptions o;
   o.trainable = false;
   auto base = std::move(model::LlamaModel::Create(*ctx_, TinyConfig(), o)).value();
   TANDEM_CHECK_OK(base->InitRandom(5, 0.5f));
-  auto trainer = std::move(internal::FineTuneTrainer::Create(*ctx_, *base, spec, "base")).value();
-  const size_t n = trainer->adapter().parameters().size();
-  ASSERT_GT(n, 0u);
-  std::vector<Tensor> before;
-  for (size_t i = 0; i < n; ++i) before.push_back(*trainer->adapter().ToHost(i));
-  bool stepped = false;
-  for (int i = 0; i < 8 && !stepped; ++i) {
-    stepped = trainer->RunMicroBatch(*base, 48)->step_done;
-  }
-  ASSERT_TRUE(stepped);
-  for (size_t i = 0; i < n; ++i) {
-    const Tensor after = *trainer->adapter().ToHost(i);
-    const std::string& name = trainer->adapter().parameters()[i].name;
-    if (i % 2 == 0) {
-      EXPECT_TRUE(SameBytes(before[i], after)) << name << " (one-hot) moved";
-    } else {
-      EXPECT_FALSE(SameBytes(before[i], after)) << name << " (block) did not move";
+  for (const bool coupled : {false, true}) {
+    SCOPED_TRACE(coupled ? "coupled" : "output projections only");
+    FineTuneJobSpec spec = Spec(*engine, "sparse", 1, /*batch_size=*/4);
+    spec.method = "s2ft";
+    spec.hyper.heads_fraction = 0.5;
+    spec.hyper.ffn_fraction = 0.25;
+    spec.hyper.coupled = coupled;
+    auto trainer = std::move(internal::FineTuneTrainer::Create(*ctx_, *base, spec, "base")).value();
+    const size_t n = trainer->adapter().parameters().size();
+    std::vector<Tensor> before;
+    for (size_t i = 0; i < n; ++i) before.push_back(*trainer->adapter().ToHost(i));
+    bool stepped = false;
+    for (int i = 0; i < 8 && !stepped; ++i) stepped = trainer->RunMicroBatch(*base, 48)->step_done;
+    ASSERT_TRUE(stepped);
+    const std::string dir = dir_.Join(coupled ? "saved-coupled" : "saved");
+    TANDEM_CHECK_OK(trainer->Save(dir));
+    auto loaded = std::move(peft::LoadS2ftAdapter(*ctx_, TinyConfig(), dir)).value();
+    ASSERT_EQ(loaded->blocks().size() * 2, n);
+    EXPECT_EQ(loaded->config().coupled, coupled);
+    int rows = 0;
+    for (size_t b = 0; b < loaded->blocks().size(); ++b) {
+      const peft::S2ftBlock& block = loaded->blocks()[b];
+      const int t = trainer->adapter().Find(block.layer, block.proj);
+      ASSERT_GE(t, 0) << block.name;
+      const bool columns = block.axis == peft::S2ftAxis::kColumns;
+      rows += !columns;
+      const size_t trained = 2 * static_cast<size_t>(t) + (columns ? 1 : 0);
+      const size_t one_hot = 2 * static_cast<size_t>(t) + (columns ? 0 : 1);
+      EXPECT_TRUE(SameBytes(before[one_hot], *trainer->adapter().ToHost(one_hot)))
+          << block.name << ": the one-hot factor moved";
+      EXPECT_FALSE(SameBytes(before[trained], *trainer->adapter().ToHost(trained)))
+          << block.name << ": the block did not move";
+      EXPECT_TRUE(SameBytes(*loaded->ToHost(b), *trainer->adapter().ToHost(trained))) << block.name;
     }
-  }
-  TANDEM_CHECK_OK(trainer->Save(dir_.Join("saved")));
-  auto loaded = std::move(peft::LoadS2ftAdapter(*ctx_, TinyConfig(), dir_.Join("saved"))).value();
-  // One LoRA target per block (o_proj and down_proj columns here), nothing else.
-  ASSERT_EQ(loaded->blocks().size() * 2, n);
-  for (size_t b = 0; b < loaded->blocks().size(); ++b) {
-    const peft::S2ftBlock& block = loaded->blocks()[b];
-    const int t = trainer->adapter().Find(block.layer, block.proj);
-    ASSERT_GE(t, 0) << block.name;
-    EXPECT_TRUE(SameBytes(*loaded->ToHost(b), *trainer->adapter().ToHost(2 * t + 1))) << block.name;
+    EXPECT_EQ(rows > 0, coupled);
   }
 }
 
@@ -581,6 +585,7 @@ TEST_F(CoserveHttpTest, JobsOverHttpAndTheirErrors) {
           {"suffix", "p"},
           {"method", {{"type", "s2ft"}, {"s2ft", {{"hyperparameters", {{"selection", "x"}}}}}}}},
          400, "selection");
+  Create({{"training_file", file}, {"suffix", "p"}, {"coupled", "yes"}}, 400, "coupled");
   Create({{"training_file", file}, {"suffix", "p"}, {"method", {{"type", "dpo"}}}}, 400, "method");
   Create({{"training_file", file}, {"suffix", "p"}, {"n_epochs", 0}}, 400, "n_epochs");
   Create({{"training_file", file}, {"suffix", "p"}, {"learning_rate", -1}}, 400, "learning_rate");
@@ -600,18 +605,21 @@ TEST_F(CoserveHttpTest, JobsOverHttpAndTheirErrors) {
       Post("/v1/fine_tuning/jobs/" + chat["id"].get<std::string>() + "/cancel", "")->body);
   EXPECT_EQ(cancelled["status"], "cancelled");
   // An S2FT job is accepted with its own hyperparameters; cancel it too.
-  const json sparse =
-      Create({{"training_file", file},
-              {"suffix", "sparse"},
-              {"method",
-               {{"type", "s2ft"},
-                {"s2ft",
-                 {{"hyperparameters",
-                   {{"heads_fraction", 0.5}, {"selection", "weight"}, {"n_epochs", 1000}}}}}}}},
-             200);
+  const json sparse = Create({{"training_file", file},
+                              {"suffix", "sparse"},
+                              {"method",
+                               {{"type", "s2ft"},
+                                {"s2ft",
+                                 {{"hyperparameters",
+                                   {{"heads_fraction", 0.5},
+                                    {"selection", "weight"},
+                                    {"coupled", true},
+                                    {"n_epochs", 1000}}}}}}}},
+                             200);
   EXPECT_EQ(sparse["method"]["type"], "s2ft");
   EXPECT_EQ(sparse["hyperparameters"]["heads_fraction"], 0.5);
   EXPECT_EQ(sparse["hyperparameters"]["selection"], "weight");
+  EXPECT_EQ(sparse["hyperparameters"]["coupled"], true);
   EXPECT_EQ(
       json::parse(Post("/v1/fine_tuning/jobs/" + sparse["id"].get<std::string>() + "/cancel", "")
                       ->body)["status"],
