@@ -24,45 +24,6 @@ namespace tandem::ops::cuda::attn {
 namespace sm90 {
 namespace {
 
-// Writes a warpgroup's 64 x kD f32 accumulator times `mul` as bf16 into rows row0 .. row0 + 63
-// of a panelled tile (byte address `tile`, `rows` rows), each warp its own 16 rows.
-template <int kD>
-__device__ __forceinline__ void StoreAccSwizzled(unsigned char* tile, int rows, int row0,
-                                                 const float (&acc)[kD / 8][4], float mul, int warp,
-                                                 int lane) {
-  const int g = lane >> 2;
-  const int t = lane & 3;
-#pragma unroll
-  for (int dt = 0; dt < kD / 8; ++dt)
-#pragma unroll
-    for (int hf = 0; hf < 2; ++hf) {
-      const int r = row0 + warp * 16 + g + 8 * hf;
-      *reinterpret_cast<uint32_t*>(tile + SwizzledChunk(rows, r, dt) + 4u * t) =
-          PackBf16x2(acc[dt][2 * hf] * mul, acc[dt][2 * hf + 1] * mul);
-    }
-}
-
-// Copies rows [0, kRows) of a panelled tile to global rows row0 + r < num_rows (16-byte
-// stores); all kThreads threads call it.
-template <int kRows, int kD, int kThreads>
-__device__ __forceinline__ void StoreTileSwizzled(bf16* gmem, int64_t row_stride, int row0,
-                                                  int num_rows, const unsigned char* tile,
-                                                  int tid) {
-  constexpr int kChunksPerRow = kD / 8;
-  constexpr int kChunks = kRows * kChunksPerRow;
-#pragma unroll
-  for (int i = 0; i < (kChunks + kThreads - 1) / kThreads; ++i) {
-    const int c = tid + i * kThreads;
-    if (kChunks % kThreads != 0 && c >= kChunks) break;
-    const int r = c / kChunksPerRow;
-    const int chunk = c % kChunksPerRow;
-    if (row0 + r < num_rows) {
-      *reinterpret_cast<uint4*>(gmem + static_cast<int64_t>(row0 + r) * row_stride + chunk * 8) =
-          *reinterpret_cast<const uint4*>(tile + SwizzledChunk(kRows, r, chunk));
-    }
-  }
-}
-
 // Rounds a 64 x kN accumulator (P^T, dS^T, dS) to the bf16 A fragments of kN / 16 k-steps.
 template <int kN>
 __device__ __forceinline__ void PackAll(uint32_t (&a)[kN / 16][4], const float (&c)[kN / 8][4]) {
@@ -287,8 +248,8 @@ __global__ void __launch_bounds__(kGroups * 128, kMinBlocks) DkdvKernel(const Bw
   PinAccumulator<kD / 8>(dk);
 
   // The group's K and V rows were read only by its own (completed) wgmmas: stage the results.
-  StoreAccSwizzled<kD>(smem, Tr::kBN, group * 64, dk, p.scale, warp, lane);
-  StoreAccSwizzled<kD>(smem + Tr::kKVBytes, Tr::kBN, group * 64, dv, 1.f, warp, lane);
+  StoreAccSwizzled<kD>(smem, Tr::kBN, group * 64, dk, p.scale, p.scale, warp, lane);
+  StoreAccSwizzled<kD>(smem + Tr::kKVBytes, Tr::kBN, group * 64, dv, 1.f, 1.f, warp, lane);
   __syncthreads();
   StoreTileSwizzled<Tr::kBN, kD, Tr::kThreads>(
       p.dk + b_tokens * p.k_stride + static_cast<int64_t>(kvh) * kD, p.k_stride, k0, seq, smem,
@@ -428,7 +389,7 @@ __global__ void __launch_bounds__(kGroups * 128, kMinBlocks) DqKernel(const BwdP
   PinAccumulator<kD / 8>(dq);
 
   // The group's Q rows were read only by its own (completed) wgmmas: stage dQ there.
-  StoreAccSwizzled<kD>(smem, Tr::kBM, group * 64, dq, p.scale, warp, lane);
+  StoreAccSwizzled<kD>(smem, Tr::kBM, group * 64, dq, p.scale, p.scale, warp, lane);
   __syncthreads();
   StoreTileSwizzled<Tr::kBM, kD, Tr::kThreads>(
       p.dq + b_tokens * p.q_stride + static_cast<int64_t>(h) * kD, p.q_stride, q0, seq, smem, tid);

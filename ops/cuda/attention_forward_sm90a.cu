@@ -257,29 +257,11 @@ __global__ void __launch_bounds__(kGroups * 128, kMinBlocks)
     }
   }
   // The group's wgmmas (the only readers of its Q rows) have completed (WgmmaWait<0>).
-#pragma unroll
-  for (int dt = 0; dt < kD / 8; ++dt) {
-#pragma unroll
-    for (int hf = 0; hf < 2; ++hf) {
-      const int r = warp_row + g + 8 * hf;
-      const uint32_t off = SwizzledChunk(Tr::kBM, r, dt) + 4u * t;
-      *reinterpret_cast<uint32_t*>(smem + off) =
-          PackBf16x2(o[0][dt][2 * hf] * inv[hf], o[0][dt][2 * hf + 1] * inv[hf]);
-    }
-  }
+  StoreAccSwizzled<kD>(smem, Tr::kBM, group * 64, o[0], inv[0], inv[1], warp, lane);
   __syncthreads();
-  bf16* out = p.out + static_cast<int64_t>(b) * seq * p.o_stride + static_cast<int64_t>(h) * kD;
-  constexpr int kChunksPerRow = kD / 8;
-#pragma unroll
-  for (int i = 0; i < Tr::kBM * kChunksPerRow / Tr::kThreads; ++i) {
-    const int c = tid + i * Tr::kThreads;
-    const int r = c / kChunksPerRow;
-    const int chunk = c % kChunksPerRow;
-    if (q0 + r < seq) {
-      *reinterpret_cast<uint4*>(out + static_cast<int64_t>(q0 + r) * p.o_stride + chunk * 8) =
-          *reinterpret_cast<const uint4*>(smem + SwizzledChunk(Tr::kBM, r, chunk));
-    }
-  }
+  StoreTileSwizzled<Tr::kBM, kD, Tr::kThreads>(
+      p.out + static_cast<int64_t>(b) * seq * p.o_stride + static_cast<int64_t>(h) * kD, p.o_stride,
+      q0, seq, smem, tid);
 }
 
 template <int kD, int kGroups, int kBN, int kMinBlocks = 1>

@@ -102,6 +102,47 @@ __device__ __forceinline__ void LoadTileSwizzled(uint32_t tile, const bf16* gmem
   }
 }
 
+// Writes a warpgroup's 64 x kD f32 accumulator as bf16 into rows row0 .. row0 + 63 of a panelled
+// tile (`tile`, `rows` rows), each warp its own 16 rows; a lane's rows g and g + 8 are scaled by
+// mul_lo and mul_hi.
+template <int kD>
+__device__ __forceinline__ void StoreAccSwizzled(unsigned char* tile, int rows, int row0,
+                                                 const float (&acc)[kD / 8][4], float mul_lo,
+                                                 float mul_hi, int warp, int lane) {
+  const int g = lane >> 2;
+  const int t = lane & 3;
+#pragma unroll
+  for (int dt = 0; dt < kD / 8; ++dt)
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      const int r = row0 + warp * 16 + g + 8 * hf;
+      const float mul = hf == 0 ? mul_lo : mul_hi;
+      *reinterpret_cast<uint32_t*>(tile + SwizzledChunk(rows, r, dt) + 4u * t) =
+          PackBf16x2(acc[dt][2 * hf] * mul, acc[dt][2 * hf + 1] * mul);
+    }
+}
+
+// Copies rows [0, kRows) of a panelled tile to global rows row0 + r < num_rows (16-byte stores);
+// all kThreads threads call it (LoadTileSwizzled's way back).
+template <int kRows, int kD, int kThreads>
+__device__ __forceinline__ void StoreTileSwizzled(bf16* gmem, int64_t row_stride, int row0,
+                                                  int num_rows, const unsigned char* tile,
+                                                  int tid) {
+  constexpr int kChunksPerRow = kD / 8;
+  constexpr int kChunks = kRows * kChunksPerRow;
+#pragma unroll
+  for (int i = 0; i < (kChunks + kThreads - 1) / kThreads; ++i) {
+    const int c = tid + i * kThreads;
+    if (kChunks % kThreads != 0 && c >= kChunks) break;
+    const int r = c / kChunksPerRow;
+    const int chunk = c % kChunksPerRow;
+    if (row0 + r < num_rows) {
+      *reinterpret_cast<uint4*>(gmem + static_cast<int64_t>(row0 + r) * row_stride + chunk * 8) =
+          *reinterpret_cast<const uint4*>(tile + SwizzledChunk(kRows, r, chunk));
+    }
+  }
+}
+
 // d (= or +=) A . B for one k-step, A and B from shared memory (descriptors), B K-major.
 template <int kN>
 __device__ void WgmmaSS(float (&d)[kN / 8][4], uint64_t desc_a, uint64_t desc_b, int accumulate);
