@@ -127,14 +127,17 @@ Status WriteFinalFile(const std::string& dir, const FineTuneJobInfo& info) {
 }
 
 Status ReadJobFiles(const std::string& dir, FineTuneJobSpec* spec, FineTuneJobInfo* info) {
-  TANDEM_ASSIGN_OR_RETURN(json j, ReadJson(dir + "/job.json"));
+  std::string file = dir + "/job.json";  // the file being read, for errors
+  TANDEM_ASSIGN_OR_RETURN(json j, ReadJson(file));
   try {
     info->id = j.at("id").get<std::string>();
     info->created_at = j.at("created_at").get<int64_t>();
     spec->training_file = j.at("training_file").get<std::string>();
     spec->adapter = j.at("adapter").get<std::string>();
     spec->method = j.at("method").get<std::string>();
-    TANDEM_ASSIGN_OR_RETURN(spec->hyper, HyperparametersFromJson(j.at("hyperparameters")));
+    StatusOr<FineTuneHyperparameters> hyper = HyperparametersFromJson(j.at("hyperparameters"));
+    if (!hyper.ok()) return InvalidArgumentError(StrCat(file, ": ", hyper.status().message()));
+    spec->hyper = std::move(hyper).value();
     spec->examples.clear();
     for (const json& e : j.at("examples")) {
       spec->examples.push_back(
@@ -142,13 +145,14 @@ Status ReadJobFiles(const std::string& dir, FineTuneJobSpec* spec, FineTuneJobIn
     }
     info->status = "queued";
     if (fs::exists(dir + "/final.json")) {
-      TANDEM_ASSIGN_OR_RETURN(json final, ReadJson(dir + "/final.json"));
+      file = dir + "/final.json";
+      TANDEM_ASSIGN_OR_RETURN(json final, ReadJson(file));
       info->status = final.at("status").get<std::string>();
       info->error = final.at("error").get<std::string>();
       info->finished_at = final.at("finished_at").get<int64_t>();
     }
   } catch (const std::exception& e) {
-    return InvalidArgumentError(StrCat(dir, ": ", e.what()));
+    return InvalidArgumentError(StrCat(file, ": ", e.what()));
   }
   return Status::Ok();
 }

@@ -324,6 +324,63 @@ TEST_F(CoserveTest, S2ftTrainerStepsOnlyTheBlocksAndSavesThem) {
   }
 }
 
+// A job file written before S2FT jobs (no heads_fraction, ffn_fraction, selection, coupled)
+// reads back with their defaults; a broken one is refused naming the file.
+TEST(FineTuneJobFileTest, OlderJobFilesReadWithTheS2ftDefaults) {
+  TempDir dir;
+  {
+    std::ofstream f(dir.Join("job.json"));
+    f << json{{"id", "ftjob-1"},
+              {"created_at", 7},
+              {"training_file", "t.jsonl"},
+              {"adapter", "old"},
+              {"method", "lora"},
+              {"hyperparameters",
+               {{"n_epochs", 2},
+                {"batch_size", 4},
+                {"learning_rate", 0.01},
+                {"lora_r", 4},
+                {"lora_alpha", 8.0},
+                {"target_modules", {"q_proj"}},
+                {"publish_every_steps", 0},
+                {"seed", 1}}},
+              {"examples", {{{"tokens", {1, 2, 3}}, {"loss_from", 1}}}}}
+             .dump();
+  }
+  FineTuneJobSpec spec;
+  FineTuneJobInfo info;
+  ASSERT_TRUE(internal::ReadJobFiles(dir.path(), &spec, &info).ok());
+  const FineTuneHyperparameters defaults;
+  EXPECT_EQ(spec.hyper.lora_r, 4);
+  EXPECT_EQ(spec.hyper.heads_fraction, defaults.heads_fraction);
+  EXPECT_EQ(spec.hyper.ffn_fraction, defaults.ffn_fraction);
+  EXPECT_EQ(spec.hyper.selection, defaults.selection);
+  EXPECT_EQ(spec.hyper.coupled, defaults.coupled);
+  EXPECT_EQ(info.status, "queued");
+  {
+    std::ofstream f(dir.Join("job.json"));
+    f << json{{"id", "ftjob-1"}, {"hyperparameters", {{"n_epochs", "two"}}}}.dump();
+  }
+  const Status bad = internal::ReadJobFiles(dir.path(), &spec, &info);
+  EXPECT_FALSE(bad.ok());
+  EXPECT_NE(bad.ToString().find("job.json"), std::string::npos) << bad.ToString();
+  {
+    std::ofstream f(dir.Join("job.json"));
+    f << json{{"id", "ftjob-1"},
+              {"created_at", 7},
+              {"training_file", "t.jsonl"},
+              {"adapter", "old"},
+              {"method", "s2ft"},
+              {"hyperparameters", {{"n_epochs", "two"}}},
+              {"examples", json::array()}}
+             .dump();
+  }
+  const Status bad_hyper = internal::ReadJobFiles(dir.path(), &spec, &info);
+  EXPECT_FALSE(bad_hyper.ok());
+  EXPECT_NE(bad_hyper.ToString().find("job.json"), std::string::npos) << bad_hyper.ToString();
+  EXPECT_NE(bad_hyper.ToString().find("n_epochs"), std::string::npos) << bad_hyper.ToString();
+}
+
 TEST_F(CoserveTest, CancelEndsRunningAndQueuedJobs) {
   auto engine = MakeEngine();
   FineTuneJobInfo a = *engine->CreateFineTuneJob(Spec(*engine, "long", 1000));
