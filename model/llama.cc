@@ -4,9 +4,12 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <functional>
 
 #include "core/parallel.h"
 #include "core/rng.h"
+#include "model/internal/layer_stream.h"
 #include "model/internal/llama_state.h"
 #include "model/rope.h"
 #include "ops/ops.h"
@@ -188,11 +191,22 @@ Status LlamaModel::AllocateParameters() {
   const int64_t mult = options_.flat_numel_multiple;
   total = (total + mult - 1) / mult * mult;
 
-  TANDEM_ASSIGN_OR_RETURN(weights_flat_, Tensor::Empty({total}, compute_dtype_, ctx_.allocator()));
-  // Padding and sink rows stay zero (ZeRO all-gathers the whole buffer).
-  TANDEM_RETURN_IF_ERROR(ops::Fill(ctx_, weights_flat_, 0.0f));
+  // Where group g's weights live: the flat buffer, or (stream_layers) the host layer buffer and
+  // the device buffer of the other groups.
+  std::function<Tensor(const Group&)> home;
+  if (options_.stream_layers) {
+    TANDEM_ASSIGN_OR_RETURN(home, AllocateStreamedLayers(total));
+  } else {
+    TANDEM_ASSIGN_OR_RETURN(weights_flat_,
+                            Tensor::Empty({total}, compute_dtype_, ctx_.allocator()));
+    // Padding and sink rows stay zero (ZeRO all-gathers the whole buffer).
+    TANDEM_RETURN_IF_ERROR(ops::Fill(ctx_, weights_flat_, 0.0f));
+    home = [this](const Group& g) {
+      return weights_flat_.Slice(0, g.offset, g.offset + g.rows * g.cols);
+    };
+  }
   for (Group& g : groups_) {
-    g.weight = weights_flat_.Slice(0, g.offset, g.offset + g.rows * g.cols).View({g.rows, g.cols});
+    g.weight = home(g).View({g.rows, g.cols});
     for (size_t m = 0; m < g.members.size(); ++m) {
       Parameter& p = params_[g.members[m]];
       const Tensor w = g.weight.Slice(0, g.row_start[m], g.row_start[m + 1]);  // [rows_m, cols]
@@ -203,10 +217,71 @@ Status LlamaModel::AllocateParameters() {
   return Status::Ok();
 }
 
+// [offload] Layers [0, L) are the groups between the embedding's and the final norm's, E
+// elements apart; they go to a host buffer, the other groups to `resident_` on the device.
+StatusOr<std::function<Tensor(const LlamaModel::Group&)>> LlamaModel::AllocateStreamedLayers(
+    int64_t total) {
+  const int64_t L = config_.num_hidden_layers;
+  layer_begin_ = groups_[layers_[0].qkv_group].offset;
+  const int64_t layer_end = groups_[group_of_[final_norm_]].offset;
+  layer_elems_ = (layer_end - layer_begin_) / L;
+  TANDEM_CHECK(layer_elems_ * L == layer_end - layer_begin_);
+  TANDEM_CHECK(L == 1 || groups_[layers_[1].qkv_group].offset == layer_begin_ + layer_elems_);
+  TANDEM_ASSIGN_OR_RETURN(Tensor host,
+                          Tensor::Empty({L * layer_elems_}, compute_dtype_, HostAllocator()));
+  char* bytes = static_cast<char*>(host.raw_data());
+  ParallelRanges(static_cast<int64_t>(host.num_bytes()), int64_t{1} << 24,
+                 [bytes](int64_t begin, int64_t end) {  // first touch on every core
+                   std::memset(bytes + begin, 0, static_cast<size_t>(end - begin));
+                 });
+  TANDEM_ASSIGN_OR_RETURN(resident_, Tensor::Empty({total - (layer_end - layer_begin_)},
+                                                   compute_dtype_, ctx_.allocator()));
+  TANDEM_RETURN_IF_ERROR(ops::Fill(ctx_, resident_, 0.0f));
+  TANDEM_ASSIGN_OR_RETURN(stream_, internal::LayerStream::Create(ctx_, host, L, layer_elems_));
+  return std::function<Tensor(const Group&)>([this, host, layer_end](const Group& g) {
+    const int64_t n = g.rows * g.cols;
+    if (g.offset < layer_begin_) return resident_.Slice(0, g.offset, g.offset + n);
+    if (g.offset >= layer_end) {
+      const int64_t at = g.offset - (layer_end - layer_begin_);
+      return resident_.Slice(0, at, at + n);
+    }
+    return host.Slice(0, g.offset - layer_begin_, g.offset - layer_begin_ + n);
+  });
+}
+
+int64_t LlamaModel::streamed_bytes() const { return stream_ ? stream_->bytes_copied() : 0; }
+
+StatusOr<LlamaModel::LayerWeights> LlamaModel::WeightsOf(int64_t l, int64_t next) {
+  const Layer& layer = layers_[l];
+  const int qkv = layer.qkv_group, o = group_of_[layer.o], gate_up = layer.gate_up_group;
+  const int down = group_of_[layer.down], n1 = group_of_[layer.attn_norm];
+  const int n2 = group_of_[layer.mlp_norm];
+  if (!stream_) {
+    return LayerWeights{
+        params_[layer.attn_norm].weight, groups_[qkv].weight,     groups_[o].weight,
+        params_[layer.mlp_norm].weight,  groups_[gate_up].weight, groups_[down].weight};
+  }
+  TANDEM_ASSIGN_OR_RETURN(const Tensor slot, stream_->Get(l, next));  // [E]
+  const int64_t base = layer_begin_ + l * layer_elems_;
+  auto view = [&](int g) {
+    const Group& gr = groups_[g];
+    const int64_t at = gr.offset - base;
+    const Tensor t = slot.Slice(0, at, at + gr.rows * gr.cols);
+    return gr.one_dim ? t : t.View({gr.rows, gr.cols});
+  };
+  return LayerWeights{view(n1), view(qkv), view(o), view(n2), view(gate_up), view(down)};
+}
+
 Status LlamaModel::EnsureTrainingState(bool relayout_grads) {
   // f32 masters for trainable parameters (CUDA), made from the current compute-dtype weights.
   for (Parameter& p : params_) {
     if (!p.trainable || p.master.defined() || !options_.device_master) continue;
+    if (stream_ && p.weight.device().is_cpu() && compute_dtype_ != DType::kF32) {
+      return FailedPreconditionError(
+          StrCat("parameter '", p.name, "' is trainable and its layer's weights are streamed from ",
+                 "host memory (ModelOptions::stream_layers): its optimizer must keep the f32 ",
+                 "master off the device (ModelOptions::device_master = false)"));
+    }
     TANDEM_ASSIGN_OR_RETURN(p.master,
                             Tensor::Empty(p.weight.shape(), DType::kF32, ctx_.allocator()));
     TANDEM_RETURN_IF_ERROR(ops::Cast(ctx_, p.master, p.weight));
@@ -263,7 +338,8 @@ Status LlamaModel::SetFromHost(size_t param, const Tensor& host_f32) {
   if (p.master.defined() && compute_dtype_ != DType::kF32) {
     TANDEM_RETURN_IF_ERROR(CopyTensor(p.master, host_f32, ctx_.stream()));
     TANDEM_RETURN_IF_ERROR(ops::Cast(ctx_, p.weight, p.master));
-  } else if (compute_dtype_ == DType::kF32) {
+  } else if (compute_dtype_ == DType::kF32 || p.weight.device().is_cpu()) {
+    // (A streamed layer's weights are host memory: CopyTensor casts host to host.)
     TANDEM_RETURN_IF_ERROR(CopyTensor(p.weight, host_f32, ctx_.stream()));
   } else {
     TANDEM_ASSIGN_OR_RETURN(Tensor h, CastCpu(host_f32, compute_dtype_));

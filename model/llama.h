@@ -43,6 +43,10 @@
 
 namespace tandem::model {
 
+namespace internal {
+class LayerStream;
+}
+
 // Tensor and context parallelism reach the model through this interface, which parallel/
 // implements over collectives (model/ must not depend on collectives/, as with AdapterHooks).
 // Tensors passed in may live on the host or on the model's device; contiguous, f32 or the
@@ -107,6 +111,14 @@ struct ModelOptions {
   // false: no f32 master copy on a CUDA device (Parameter::master stays undefined); the optimizer
   // keeps the masters elsewhere (see HostMasters). On CPU master and weight are one f32 tensor.
   bool device_master = true;
+  // [offload] The decoder layers' weights (compute dtype) live in host memory, page-locked on
+  // CUDA; the device holds two layers at a time and copies the next layer in while the current
+  // one computes (forward and backward, recompute included). Embedding, final norm and lm_head
+  // stay on the device. Parameter::weight of a layer parameter is then a host tensor: updates
+  // written there between passes are read by the next pass. weights_flat() is undefined (ZeRO-1
+  // cannot shard it), and on CUDA a trainable layer parameter needs device_master == false (its
+  // optimizer lives off the device) since no f32 master of it may live on the device.
+  bool stream_layers = false;
 };
 
 struct Parameter {
@@ -200,13 +212,16 @@ class LlamaModel {
   // is one), or its gradient. Under tp > 1 a collective over the tp group (every tp rank calls).
   StatusOr<Tensor> GatherParameter(size_t i, bool grad) const;
   // Every weight, and every gradient (f32), in one flat buffer each, parameters at the offsets
-  // of their groups (ZeRO-1 shards these). Gradients are undefined until ZeroGrads().
+  // of their groups (ZeRO-1 shards these). Gradients are undefined until ZeroGrads(); weights
+  // with ModelOptions::stream_layers.
   Tensor& weights_flat() { return weights_flat_; }
   Tensor& grads_flat() { return grads_flat_; }
   // Offset of parameter i's weight in weights_flat() (equal to its grad offset in grads_flat()
   // when every parameter trains).
   int64_t flat_offset(size_t i) const;
   const ModelParallel& parallel() const { return options_.parallel; }
+  // [offload] Bytes of layer weights copied host -> device so far (stream_layers; else 0).
+  int64_t streamed_bytes() const;
   // f32 host [B, T, V] (targets may be undefined), for tests and small generation. Under tp a
   // collective over the tp group (the vocabulary slices are gathered).
   StatusOr<Tensor> Logits(const Batch& batch);
@@ -215,10 +230,13 @@ class LlamaModel {
   struct Layer;        // indices of one decoder block's parameters
   struct Group;        // parameters sharing one contiguous weight/grad range (fused projections)
   struct Activations;  // per-batch-shape buffers (model/internal/llama_state.h)
+  struct LayerWeights;  // one layer's weights as the ops read them (ibid.)
 
   LlamaModel(ops::Context& ctx, const LlamaConfig& config, const ModelOptions& options);
 
   Status AllocateParameters();
+  // [offload] stream_layers: the layer buffers; returns where each group's weights live.
+  StatusOr<std::function<Tensor(const Group&)>> AllocateStreamedLayers(int64_t total);
   Status EnsureTrainingState(bool relayout_grads);
   Status SetFromHost(size_t param, const Tensor& host_f32);
   StatusOr<Tensor> ToHostF32(const Tensor& t) const;
@@ -226,8 +244,11 @@ class LlamaModel {
   Status EnsureActivations(int64_t batch, int64_t seq, bool backward);
   Status PrepareBatch(const Batch& batch, bool need_targets, bool backward);
   Status Forward();
-  Status BlockForward(int64_t layer, bool write_output);
-  Status BlockBackward(int64_t layer);
+  // Layer `layer`'s weights for work enqueued from now on; with stream_layers, layer `next`
+  // (-1: none) is copied in meanwhile.
+  StatusOr<LayerWeights> WeightsOf(int64_t layer, int64_t next);
+  Status BlockForward(int64_t layer, bool write_output, const LayerWeights& w);
+  Status BlockBackward(int64_t layer, const LayerWeights& w);
   // [adapter] The hooks for the members of a fused projection group (y's column blocks).
   Status AdapterForward(int64_t layer, const Group& group, const Projection* projs, const Tensor& x,
                         const Tensor& y);
@@ -276,6 +297,12 @@ class LlamaModel {
   int64_t kv_share_ = 1;
   Tensor kv_grad_scratch_;  // f32 [2 D, C] when kv_share_ > 1
   Tensor kv_grad_gather_;   // f32 [tp * 2 D * C] when kv_share_ > 1: every rank's kv gradient
+  // [offload] stream_layers: layer l's groups are elements [l E, (l + 1) E) of the host buffer
+  // (E = layer_elems_), at flat offsets from layer_begin_; the other groups live in resident_.
+  int64_t layer_begin_ = 0, layer_elems_ = 0;
+  Tensor resident_;
+  // Declared after params_ so it goes first: the host buffer is unpinned before it is freed.
+  std::unique_ptr<internal::LayerStream> stream_;
 };
 
 }  // namespace tandem::model

@@ -72,7 +72,7 @@ Status LlamaModel::AdapterBackward(int64_t l, const Group& group, const Projecti
 
 // On entry a.dres = dL/d x[l + 1]; on exit a.dres = dL/d x[l]. Reads the block's saved (or
 // recomputed) activations; weight gradients accumulate into the parameters' grads.
-Status LlamaModel::BlockBackward(int64_t l) {
+Status LlamaModel::BlockBackward(int64_t l, const LayerWeights& w) {
   Activations& a = *acts_;
   Activations::Block& b = a.blocks[options_.recompute ? 0 : l];
   const Layer& layer = layers_[l];
@@ -84,8 +84,7 @@ Status LlamaModel::BlockBackward(int64_t l) {
   auto norm_grad = [&](size_t i) { return params_[i].trainable ? params_[i].grad : Tensor(); };
 
   // MLP. x[l + 1] = x_mid + act Wdown^T, so d x_mid = dres + d(norm2 path).
-  TANDEM_RETURN_IF_ERROR(
-      ops::Matmul(ctx_, a.dact, a.dres, params_[layer.down].weight, false, false));  // [N, F]
+  TANDEM_RETURN_IF_ERROR(ops::Matmul(ctx_, a.dact, a.dres, w.down, false, false));   // [N, F]
   TANDEM_RETURN_IF_ERROR(WeightGrad(layer.down, a.dres, b.act));                     // [C, F]
   // [adapter]
   if (adapter_ != nullptr) {
@@ -97,8 +96,7 @@ Status LlamaModel::BlockBackward(int64_t l) {
   TANDEM_RETURN_IF_ERROR(ops::SwigluBackward(ctx_, dgate, dup, a.dact, b.gate_up.Slice(1, 0, F),
                                              b.gate_up.Slice(1, F, 2 * F)));
   const Group& gate_up = groups_[layer.gate_up_group];
-  TANDEM_RETURN_IF_ERROR(
-      ops::Matmul(ctx_, a.dln, a.dgate_up, gate_up.weight, false, false));  // [N, C]
+  TANDEM_RETURN_IF_ERROR(ops::Matmul(ctx_, a.dln, a.dgate_up, w.gate_up, false, false));  // [N, C]
   // [adapter]
   if (adapter_ != nullptr) {
     constexpr Projection kGateUp[] = {Projection::kGate, Projection::kUp};
@@ -107,13 +105,12 @@ Status LlamaModel::BlockBackward(int64_t l) {
   if (tp()) TANDEM_RETURN_IF_ERROR(hooks->TpAllReduceSum(a.dln));  // column parallel input
   if (gate_up.grad.defined()) TANDEM_RETURN_IF_ERROR(ProjectionGrad(gate_up, a.dgate_up, b.ln2));
   Tensor dw2 = norm_grad(layer.mlp_norm);
-  TANDEM_RETURN_IF_ERROR(ops::RmsNormBackward(ctx_, a.dres, dw2, a.dln, b.x_mid,
-                                              params_[layer.mlp_norm].weight, b.rstd2,
+  TANDEM_RETURN_IF_ERROR(ops::RmsNormBackward(ctx_, a.dres, dw2, a.dln, b.x_mid, w.mlp_norm,
+                                              b.rstd2,
                                               /*accumulate_dx=*/true));
 
   // Attention. x_mid = x[l] + attn Wo^T.
-  TANDEM_RETURN_IF_ERROR(
-      ops::Matmul(ctx_, a.dattn, a.dres, params_[layer.o].weight, false, false));  // [N, Hq D]
+  TANDEM_RETURN_IF_ERROR(ops::Matmul(ctx_, a.dattn, a.dres, w.o, false, false));   // [N, Hq D]
   TANDEM_RETURN_IF_ERROR(WeightGrad(layer.o, a.dres, b.attn));                     // [C, Hq D]
   // [adapter]
   if (adapter_ != nullptr) {
@@ -143,7 +140,7 @@ Status LlamaModel::BlockBackward(int64_t l) {
   TANDEM_RETURN_IF_ERROR(ops::Rope(ctx_, dq_rot, dq_rot, a.positions, inv_freq_, true));
   TANDEM_RETURN_IF_ERROR(ops::Rope(ctx_, dk_rot, dk_rot, a.positions, inv_freq_, true));
   const Group& qkv = groups_[layer.qkv_group];
-  TANDEM_RETURN_IF_ERROR(ops::Matmul(ctx_, a.dln, a.dqkv, qkv.weight, false, false));  // [N, C]
+  TANDEM_RETURN_IF_ERROR(ops::Matmul(ctx_, a.dln, a.dqkv, w.qkv, false, false));  // [N, C]
   // [adapter] dq, dk are already rotated back
   if (adapter_ != nullptr) {
     constexpr Projection kQkv[] = {Projection::kQ, Projection::kK, Projection::kV};
@@ -155,8 +152,8 @@ Status LlamaModel::BlockBackward(int64_t l) {
                                          : ProjectionGrad(qkv, a.dqkv, b.ln1));
   }
   Tensor dw1 = norm_grad(layer.attn_norm);
-  return ops::RmsNormBackward(ctx_, a.dres, dw1, a.dln, a.x[l], params_[layer.attn_norm].weight,
-                              b.rstd1, /*accumulate_dx=*/true);
+  return ops::RmsNormBackward(ctx_, a.dres, dw1, a.dln, a.x[l], w.attn_norm, b.rstd1,
+                              /*accumulate_dx=*/true);
 }
 
 }  // namespace tandem::model

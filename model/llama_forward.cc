@@ -2,6 +2,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "model/internal/layer_stream.h"
 #include "model/internal/llama_state.h"
 #include "model/llama.h"
 #include "ops/ops.h"
@@ -190,8 +191,11 @@ Status LlamaModel::Forward() {
   } else {
     TANDEM_RETURN_IF_ERROR(ops::EmbeddingForward(ctx_, a.x[0], a.tokens, params_[embed_].weight));
   }
-  for (int64_t l = 0; l < config_.num_hidden_layers; ++l) {
-    TANDEM_RETURN_IF_ERROR(BlockForward(l, /*write_output=*/true));
+  const int64_t L = config_.num_hidden_layers;
+  if (stream_) stream_->Invalidate();  // [offload] host weights may have changed since
+  for (int64_t l = 0; l < L; ++l) {
+    TANDEM_ASSIGN_OR_RETURN(const LayerWeights w, WeightsOf(l, l + 1 < L ? l + 1 : -1));
+    TANDEM_RETURN_IF_ERROR(BlockForward(l, /*write_output=*/true, w));
   }
   return Status::Ok();
 }
@@ -208,7 +212,7 @@ Status LlamaModel::AdapterForward(int64_t l, const Group& group, const Projectio
 
 // x[l] -> x[l + 1]. Without write_output (recompute) it stops after SwiGLU: backward needs
 // everything but the block's output.
-Status LlamaModel::BlockForward(int64_t l, bool write_output) {
+Status LlamaModel::BlockForward(int64_t l, bool write_output, const LayerWeights& w) {
   Activations& a = *acts_;
   Activations::Block& b = a.blocks[options_.recompute ? 0 : l];
   const Layer& layer = layers_[l];
@@ -221,10 +225,8 @@ Status LlamaModel::BlockForward(int64_t l, bool write_output) {
   const Tensor& x_in = a.x[l];  // [N, C]
 
   // Attention: ln1 = norm(x); q|k|v = ln1 Wqkv^T; rope(q, k); attn = softmax(q k^T) v.
-  TANDEM_RETURN_IF_ERROR(
-      ops::RmsNormForward(ctx_, b.ln1, b.rstd1, x_in, params_[layer.attn_norm].weight, eps));
-  TANDEM_RETURN_IF_ERROR(
-      ops::Matmul(ctx_, b.qkv, b.ln1, groups_[layer.qkv_group].weight, false, true));  // [N, H3 D]
+  TANDEM_RETURN_IF_ERROR(ops::RmsNormForward(ctx_, b.ln1, b.rstd1, x_in, w.attn_norm, eps));
+  TANDEM_RETURN_IF_ERROR(ops::Matmul(ctx_, b.qkv, b.ln1, w.qkv, false, true));  // [N, H3 D]
   // [adapter] deltas on q|k|v before RoPE reads them
   if (adapter_ != nullptr) {
     constexpr Projection kQkv[] = {Projection::kQ, Projection::kK, Projection::kV};
@@ -246,7 +248,7 @@ Status LlamaModel::BlockForward(int64_t l, bool write_output) {
   } else {
     TANDEM_RETURN_IF_ERROR(ops::AttentionForward(ctx_, attn4, b.lse, q, k, v, scale, seg));
   }
-  TANDEM_RETURN_IF_ERROR(ops::Matmul(ctx_, a.proj, b.attn, params_[layer.o].weight, false, true));
+  TANDEM_RETURN_IF_ERROR(ops::Matmul(ctx_, a.proj, b.attn, w.o, false, true));
   // [adapter]
   if (adapter_ != nullptr) {
     TANDEM_RETURN_IF_ERROR(adapter_->ProjectionForward(l, Projection::kO, b.attn, a.proj));
@@ -255,10 +257,8 @@ Status LlamaModel::BlockForward(int64_t l, bool write_output) {
   TANDEM_RETURN_IF_ERROR(ops::Add(ctx_, b.x_mid, x_in, a.proj));    // [N, C]
 
   // MLP: ln2 = norm(x_mid); gate|up = ln2 Wgu^T; act = silu(gate) * up; out = act Wdown^T.
-  TANDEM_RETURN_IF_ERROR(
-      ops::RmsNormForward(ctx_, b.ln2, b.rstd2, b.x_mid, params_[layer.mlp_norm].weight, eps));
-  TANDEM_RETURN_IF_ERROR(
-      ops::Matmul(ctx_, b.gate_up, b.ln2, groups_[layer.gate_up_group].weight, false, true));
+  TANDEM_RETURN_IF_ERROR(ops::RmsNormForward(ctx_, b.ln2, b.rstd2, b.x_mid, w.mlp_norm, eps));
+  TANDEM_RETURN_IF_ERROR(ops::Matmul(ctx_, b.gate_up, b.ln2, w.gate_up, false, true));
   // [adapter]
   if (adapter_ != nullptr) {
     constexpr Projection kGateUp[] = {Projection::kGate, Projection::kUp};
@@ -269,7 +269,7 @@ Status LlamaModel::BlockForward(int64_t l, bool write_output) {
   const Tensor up = b.gate_up.Slice(1, F, 2 * F);
   TANDEM_RETURN_IF_ERROR(ops::SwigluForward(ctx_, b.act, gate, up));
   if (!write_output) return Status::Ok();
-  TANDEM_RETURN_IF_ERROR(ops::Matmul(ctx_, a.proj, b.act, params_[layer.down].weight, false, true));
+  TANDEM_RETURN_IF_ERROR(ops::Matmul(ctx_, a.proj, b.act, w.down, false, true));
   // [adapter]
   if (adapter_ != nullptr) {
     TANDEM_RETURN_IF_ERROR(adapter_->ProjectionForward(l, Projection::kDown, b.act, a.proj));
@@ -373,11 +373,12 @@ StatusOr<LossSum> LlamaModel::ForwardBackward(const Batch& batch, float grad_sca
   TANDEM_RETURN_IF_ERROR(LossHead(grad_scale, /*backward=*/true));
   const int64_t L = config_.num_hidden_layers;
   for (int64_t l = L - 1; l >= 0; --l) {
+    TANDEM_ASSIGN_OR_RETURN(const LayerWeights w, WeightsOf(l, l - 1));
     // With recompute the shared block buffers still hold the last layer from the forward pass.
     if (options_.recompute && l != L - 1) {
-      TANDEM_RETURN_IF_ERROR(BlockForward(l, /*write_output=*/false));
+      TANDEM_RETURN_IF_ERROR(BlockForward(l, /*write_output=*/false, w));
     }
-    TANDEM_RETURN_IF_ERROR(BlockBackward(l));
+    TANDEM_RETURN_IF_ERROR(BlockBackward(l, w));
     const Layer& y = layers_[l];
     TANDEM_RETURN_IF_ERROR(
         NotifyGradsReady({y.q, y.k, y.v, y.o, y.gate, y.up, y.down, y.attn_norm, y.mlp_norm}));

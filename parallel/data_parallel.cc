@@ -244,6 +244,12 @@ StatusOr<std::unique_ptr<ZeroOptimizer>> ZeroOptimizer::Create(ops::Context& ctx
                                                                model::LlamaModel& model) {
   Tensor& w = model.weights_flat();
   Tensor& g = model.grads_flat();
+  if (!w.defined()) {
+    return FailedPreconditionError(
+        "parallel.zero = 1 shards the model's flat device buffer of weights, and this model "
+        "streams "
+        "its layers from host memory (model.offload = host) so it has none");
+  }
   if (!g.defined() || g.numel() != w.numel()) {
     return FailedPreconditionError(
         "parallel.zero = 1 needs every model parameter trainable (full fine-tuning); the flat "

@@ -19,6 +19,12 @@ void ModelSection::Describe(ConfigSchema<ModelSection>& s) {
   s.Field("max_position_embeddings", &ModelSection::max_position_embeddings, "longest sequence").Min(1);
   s.Field("init_std", &ModelSection::init_std, "std of the normal init of linears and embeddings").Min(0.0);
   s.Field("recompute", &ModelSection::recompute, "recompute each block in backward (saves memory)");
+  s.Field(
+       "offload", &ModelSection::offload,
+       "where the decoder layers' weights live: none (the device) or host (CPU memory, streamed to "
+       "the device a layer ahead); host needs optimizer.offload = host/nvme or a frozen base "
+       "(peft.method lora/s2ft)")
+      .OneOf({"none", "host"});
 }
 
 void PeftSection::Describe(ConfigSchema<PeftSection>& s) {
@@ -133,8 +139,28 @@ void OptimizerSection::Describe(ConfigSchema<OptimizerSection>& s) {
 
 namespace {
 
+// [model] Streamed layer weights live in host memory: no optimizer may keep device copies of them
+// (a frozen base, or the optimizer offloaded), and ZeRO-1 shards a device buffer of every weight.
+Status CheckModelOffload(const TrainConfig& c) {
+  if (c.model.offload == "none") return Status::Ok();
+  if (c.optimizer.offload == "none" && c.peft.method == "none") {
+    return InvalidArgumentError(
+        "model.offload = \"host\" streams the layer weights from host memory, so their optimizer "
+        "must live there too: set optimizer.offload = \"host\" or \"nvme\" (full fine-tuning), "
+        "or train an adapter over the frozen base (peft.method = \"lora\" or \"s2ft\")");
+  }
+  if (c.parallel.zero != 0) {
+    return UnimplementedError(
+        StrCat("model.offload = \"host\" with parallel.zero = ", c.parallel.zero,
+               ": ZeRO-1 shards a device buffer of every weight, which streamed "
+               "layers do not have (set parallel.zero = 0)"));
+  }
+  return Status::Ok();
+}
+
 // [optimizer] Offload is one rank, full fine-tuning, no in-memory snapshots for now.
 Status CheckOffload(const TrainConfig& c) {
+  TANDEM_RETURN_IF_ERROR(CheckModelOffload(c));
   const OptimizerSection& o = c.optimizer;
   if (o.offload == "none") return Status::Ok();
   const std::string what = StrCat("optimizer.offload = \"", o.offload, "\"");

@@ -28,6 +28,9 @@ struct ModelSection {
   int64_t max_position_embeddings = 4096;
   double init_std = 0.02;
   bool recompute = false;
+  // "host": the decoder layers' weights live in CPU memory and are streamed to the device a layer
+  // ahead (model::ModelOptions::stream_layers).
+  std::string offload = "none";
 
   static void Describe(ConfigSchema<ModelSection>& s);
 };

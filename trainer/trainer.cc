@@ -261,11 +261,16 @@ Status OpenModel(const TrainConfig& c, Session& s) {
   mopt.trainable = !s.lora && c.peft.method != "s2ft";
   const bool offload = c.optimizer.offload != "none";
   mopt.device_master = !offload;  // [offload] the f32 masters live in the offloaded optimizer
+  mopt.stream_layers = c.model.offload == "host";  // [offload] layer weights from host memory
   if (s.par) {  // [parallel]
     mopt.parallel = s.par->model_parallel();
     mopt.flat_numel_multiple = s.par->shape.dp * s.par->shape.cp;
   }
   TANDEM_ASSIGN_OR_RETURN(s.model, model::LlamaModel::Create(*s.ctx, s.mcfg, mopt));
+  if (mopt.stream_layers) {
+    TANDEM_LOG(INFO, "train") << "model.offload = host: the weights of " << s.mcfg.num_hidden_layers
+                              << " layers live in host memory; two are on the device at a time";
+  }
   if (offload) {  // [offload] one rank, full fine-tuning (trainer/config.cc checks the config)
     if (s.par || !mopt.trainable) {
       return UnimplementedError(StrCat("optimizer.offload = \"", c.optimizer.offload,

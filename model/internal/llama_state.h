@@ -29,6 +29,17 @@ struct LlamaModel::Layer {
   int qkv_group = 0, gate_up_group = 0;
 };
 
+// One decoder layer's weights as the ops read them: views of the groups' weights, or of the device
+// slot a streamed layer was copied into (ModelOptions::stream_layers).
+struct LlamaModel::LayerWeights {
+  Tensor attn_norm;  // [C]
+  Tensor qkv;        // [H3 D, C]
+  Tensor o;          // [C, Hq D]
+  Tensor mlp_norm;   // [C]
+  Tensor gate_up;    // [2F, C]
+  Tensor down;       // [C, F]
+};
+
 // Buffers of one batch shape. N = B * T tokens, H3 = Hq + 2 Hkv. Compute dtype unless noted.
 struct LlamaModel::Activations {
   int64_t batch = 0, seq = 0;

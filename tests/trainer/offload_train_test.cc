@@ -5,7 +5,8 @@
 // weight decay off for norms. Universal checkpoints saved under offload resume with and without
 // offload (and the reverse) exactly like the run that never stopped. Bad [optimizer] settings
 // fail before training with errors naming the key. With grad_clip = 0 the update overlapping the
-// last backward is bitwise the same, host and nvme.
+// last backward is bitwise the same, host and nvme. model.offload = "host" (layer weights streamed
+// from host memory) changes no bit either, with the optimizer offloaded or under LoRA and S2FT.
 #include <gtest/gtest.h>
 
 #include <cstring>
@@ -96,6 +97,43 @@ TEST_F(OffloadTrainTest, HostTierIsBitwiseTheDeviceOptimizer) {
   ExpectSameAsNone(dir_, "host");
 }
 
+// model.offload = "host": the layer weights stream from host memory (two layers resident).
+TEST_F(OffloadTrainTest, StreamedLayersAreBitwiseTheDeviceRun) {
+  std::vector<std::string> o = Overrides(dir_, "streamed", "host");
+  o.push_back("model.offload=\"host\"");
+  auto streamed = Train(o);
+  ASSERT_TRUE(streamed.ok()) << streamed.status().ToString();
+  ExpectSameAsNone(dir_, "streamed");
+}
+
+// A frozen base streamed from host memory under LoRA and S2FT: the same losses and adapters.
+TEST(StreamedBaseTest, AdaptersTrainBitwiseAsOnAResidentBase) {
+  testing::TempDir dir;
+  for (const char* method : {"lora", "s2ft"}) {
+    SCOPED_TRACE(method);
+    for (const char* where : {"none", "host"}) {
+      const std::string run = StrCat(method, "-", where);
+      std::vector<std::string> o = Overrides(dir, run, "none");
+      o.insert(o.end(), {StrCat("peft.method=\"", method, "\""), "peft.r=4",
+                         "peft.s2ft_heads_fraction=0.5", "peft.s2ft_ffn_fraction=0.25",
+                         "train.lr=1e-2", StrCat("model.offload=\"", where, "\"")});
+      auto r = Train(o);
+      ASSERT_TRUE(r.ok()) << r.status().ToString();
+    }
+    const std::string a = dir.Join(StrCat(method, "-none")), b = dir.Join(StrCat(method, "-host"));
+    EXPECT_EQ(StepLosses(a), StepLosses(b));
+    EXPECT_EQ(StepLosses(a).size(), 6u);
+    int files = 0;
+    for (const auto& e : fs::recursive_directory_iterator(a + "/checkpoints/step-6")) {
+      if (!e.is_regular_file() || e.path().extension() != ".safetensors") continue;
+      const std::string rel = fs::relative(e.path(), a).string();
+      EXPECT_TRUE(ReadBytes(a + "/" + rel) == ReadBytes(b + "/" + rel)) << rel << " differs";
+      ++files;
+    }
+    EXPECT_GT(files, 0);
+  }
+}
+
 TEST_F(OffloadTrainTest, NvmeTierIsBitwiseTheDeviceOptimizerAndRemovesItsFile) {
   auto nvme = Train(Overrides(dir_, "nvme", "nvme"));
   ASSERT_TRUE(nvme.ok()) << nvme.status().ToString();
@@ -150,6 +188,13 @@ TEST_F(OffloadOverlapTrainTest, HostAndNvmeTiersAreBitwiseTheDeviceOptimizer) {
     ASSERT_TRUE(run.ok()) << run.status().ToString();
     ExpectSameAsNone(dir_, tier);
   }
+  // The layers streamed from host memory: the update writes each chunk into the host weights
+  // during the last backward while the next layers are copied in.
+  std::vector<std::string> o = Overrides(dir_, "streamed", "host", "0");
+  o.push_back("model.offload=\"host\"");
+  auto streamed = Train(o);
+  ASSERT_TRUE(streamed.ok()) << streamed.status().ToString();
+  ExpectSameAsNone(dir_, "streamed");
   // Clipping does change this run (so the comparison above is not vacuous).
   auto clipped = Train(Overrides(dir_, "clipped", "host", "0.5"));
   ASSERT_TRUE(clipped.ok()) << clipped.status().ToString();
@@ -182,6 +227,14 @@ TEST(OffloadConfigTest, BadSettingsNameTheKey) {
   ExpectConfigError({"optimizer.offload=\"host\"", "optimizer.threads=0"}, {"optimizer.threads"});
   ExpectConfigError({"optimizer.offload=\"host\"", "optimizer.chunk_mib=0"},
                     {"optimizer.chunk_mib"});
+  ExpectConfigError({"model.offload=\"host\""},
+                    {"model.offload", "optimizer.offload", "peft.method"});
+  ExpectConfigError({"model.offload=\"nvme\""}, {"model.offload", "nvme"});
+  ExpectConfigError({"model.offload=\"host\"", "peft.method=\"lora\"", "parallel.zero=1"},
+                    {"model.offload", "parallel.zero = 1"});
+  EXPECT_TRUE(LoadTrainConfig("", {"data.dir=\"/x\"", "model.offload=\"host\"",
+                                   "peft.method=\"lora\"", "parallel.dp=2"})
+                  .ok());
   auto ok = LoadTrainConfig("", {"data.dir=\"/x\"", "optimizer.offload=\"nvme\"",
                                  "optimizer.nvme_path=\"/x\""});
   EXPECT_TRUE(ok.ok()) << ok.status().ToString();

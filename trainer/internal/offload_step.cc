@@ -149,6 +149,7 @@ Status OffloadedAdamW::InitCuda(int64_t chunk_elems, int threads) {
     for (int64_t c = 0; c < opt_->num_chunks(k); ++c) tickets_[k][c] = Ticket{this, k, c, {}};
   }
   device_weights_.resize(static_cast<size_t>(opt_->num_params()), nullptr);
+  host_weights_.resize(static_cast<size_t>(opt_->num_params()), 0);
   return Status::Ok();
 }
 
@@ -354,6 +355,11 @@ void OffloadedAdamW::UploadDone(void* arg) {
 void OffloadedAdamW::UploadChunk(int k, int64_t chunk, int64_t first, const Bf16* w, int64_t n) {
   Ticket& t = tickets_[k][chunk];
   const size_t bytes = static_cast<size_t>(n) * sizeof(Bf16);
+  if (host_weights_[k]) {  // [model.offload] a streamed layer: its weights live in host memory
+    std::memcpy(device_weights_[k] + first * sizeof(Bf16), w, bytes);
+    ReleaseSlab(t);
+    return;
+  }
   std::memcpy(t.slab.data, w, bytes);
   auto upload = [&]() -> Status {
     TANDEM_CUDA_RETURN_IF_ERROR(cudaSetDevice(ctx_.device().index));
@@ -375,7 +381,9 @@ Status OffloadedAdamW::ArmCuda() {
   // them) must have run before the tickets are reused.
   TANDEM_RETURN_IF_ERROR(upload_->Synchronize());
   for (size_t k = 0; k < param_of_.size(); ++k) {
-    device_weights_[k] = static_cast<char*>((*params_)[param_of_[k]].weight.raw_data());
+    const Tensor& w = (*params_)[param_of_[k]].weight;
+    device_weights_[k] = static_cast<char*>(w.raw_data());
+    host_weights_[k] = w.device().is_cpu();
   }
   return Status::Ok();
 }

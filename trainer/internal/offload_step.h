@@ -149,6 +149,7 @@ class OffloadedAdamW : public model::HostMasters {
   std::optional<CudaEventOwner> grads_done_, uploads_done_;
   std::vector<std::vector<Ticket>> tickets_;  // [optimizer index][chunk]
   std::vector<char*> device_weights_;         // per optimizer index, during Update
+  std::vector<uint8_t> host_weights_;         // per optimizer index: weights in host memory
   std::optional<CudaEventOwner> grads_final_;  // [overlap] recorded at each GradientsFinal
   // [overlap] The step of the last micro-batch: BeginLastBackward .. the end of Update.
   const std::vector<model::Parameter>* params_ = nullptr;  // non-null: armed

@@ -1,0 +1,166 @@
+// ModelOptions::stream_layers on the CPU: layer weights in a host buffer copied a layer ahead into
+// two slots give bitwise the results of the plain model (logits, losses, gradients, with and
+// without recompute, tied or not), read weights changed between passes, save and load the same
+// files, and copy exactly the layers the schedule says.
+#include <gtest/gtest.h>
+
+#include <cstring>
+#include <fstream>
+#include <iterator>
+
+#include "model/llama.h"
+#include "ops/ops.h"
+#include "tests/common/testing.h"
+
+namespace tandem::model {
+namespace {
+
+LlamaConfig Config(bool tied, int64_t layers) {
+  LlamaConfig c;
+  c.vocab_size = 41;
+  c.hidden_size = 24;
+  c.intermediate_size = 40;
+  c.num_hidden_layers = layers;
+  c.num_attention_heads = 6;
+  c.num_key_value_heads = 2;
+  c.head_dim = 4;
+  c.rope_theta = 100.0;
+  c.tie_word_embeddings = tied;
+  return c;
+}
+
+std::unique_ptr<LlamaModel> Make(ops::Context& ctx, const LlamaConfig& c, ModelOptions o) {
+  StatusOr<std::unique_ptr<LlamaModel>> m = LlamaModel::Create(ctx, c, o);
+  TANDEM_CHECK_OK(m);
+  TANDEM_CHECK_OK((*m)->InitRandom(7, 0.2f));
+  return std::move(m).value();
+}
+
+Batch MakeBatch(int64_t B, int64_t T, int64_t V, uint64_t seed) {
+  Batch b;
+  b.tokens = testing::RandomInts({B, T}, seed, static_cast<int32_t>(V));
+  b.targets = testing::RandomInts({B, T}, seed + 1, static_cast<int32_t>(V));
+  b.targets.data<int32_t>()[1] = ops::kIgnoreIndex;
+  return b;
+}
+
+std::string ReadBytes(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  return std::string(std::istreambuf_iterator<char>(in), {});
+}
+
+bool SameBits(const Tensor& a, const Tensor& b) {
+  return a.shape() == b.shape() && a.dtype() == b.dtype() &&
+         std::memcmp(a.raw_data(), b.raw_data(), a.num_bytes()) == 0;
+}
+
+void ExpectSameGrads(LlamaModel& a, LlamaModel& b) {
+  for (size_t i = 0; i < a.parameters().size(); ++i) {
+    EXPECT_TRUE(SameBits(a.parameters()[i].grad, b.parameters()[i].grad)) << a.parameters()[i].name;
+  }
+}
+
+// Bytes of one layer's weights (f32 on the CPU), padding between groups included.
+int64_t LayerBytes(const LlamaModel& m) {
+  int64_t numel = 0;
+  for (const Parameter& q : m.parameters()) {
+    if (q.name.rfind("model.layers.0.", 0) == 0) numel += q.weight.numel();
+  }
+  return numel * 4;
+}
+
+TEST(LlamaStreamTest, GivesBitwiseThePlainModelsResults) {
+  for (bool tied : {false, true}) {
+    for (bool recompute : {false, true}) {
+      for (int64_t layers : {1, 2, 5}) {
+        SCOPED_TRACE(StrCat("tied ", tied, " recompute ", recompute, " layers ", layers));
+        const LlamaConfig c = Config(tied, layers);
+        auto ctx = ops::Context::Cpu();
+        auto plain = Make(*ctx, c, {.recompute = recompute});
+        auto streamed = Make(*ctx, c, {.recompute = recompute, .stream_layers = true});
+        EXPECT_FALSE(streamed->weights_flat().defined());
+        EXPECT_TRUE(plain->weights_flat().defined());
+        const Batch batch = MakeBatch(2, 9, c.vocab_size, 3 + layers);
+        for (LlamaModel* m : {plain.get(), streamed.get()}) {
+          ASSERT_TRUE(m->ZeroGrads().ok());
+          ASSERT_TRUE(m->ForwardBackward(batch, 0.1f).ok());
+          ASSERT_TRUE(m->ForwardBackward(MakeBatch(1, 4, c.vocab_size, 8), 0.2f).ok());
+        }
+        ExpectSameGrads(*plain, *streamed);
+        const LossSum a = *plain->Loss(batch), b = *streamed->Loss(batch);
+        EXPECT_EQ(a.sum, b.sum);
+        EXPECT_EQ(a.count, b.count);
+        StatusOr<Tensor> la = plain->Logits(batch), lb = streamed->Logits(batch);
+        ASSERT_TRUE(la.ok() && lb.ok());
+        EXPECT_TRUE(SameBits(*la, *lb));
+        EXPECT_EQ(plain->streamed_bytes(), 0);
+        EXPECT_GT(streamed->streamed_bytes(), 0);
+      }
+    }
+  }
+}
+
+// Forward copies every layer; backward starts on the two layers forward left in the slots.
+TEST(LlamaStreamTest, CopiesEachLayerOnceAPassButTheTwoLeftResident) {
+  const LlamaConfig c = Config(false, 5);
+  auto ctx = ops::Context::Cpu();
+  auto m = Make(*ctx, c, {.stream_layers = true});
+  const int64_t E = LayerBytes(*m);
+  ASSERT_TRUE(m->ZeroGrads().ok());
+  const Batch batch = MakeBatch(2, 6, c.vocab_size, 1);
+  int64_t before = m->streamed_bytes();
+  ASSERT_TRUE(m->Loss(batch).ok());
+  const int64_t forward = m->streamed_bytes() - before;
+  EXPECT_GE(forward, 5 * E);
+  EXPECT_LT(forward, 5 * E + 5 * 64 * 6 * 4);  // at most the alignment padding of 6 groups
+  before = m->streamed_bytes();
+  ASSERT_TRUE(m->ForwardBackward(batch, 1.0f).ok());
+  EXPECT_EQ(m->streamed_bytes() - before, forward / 5 * (5 + 3));
+}
+
+// Weights written into Parameter::weight (the host buffer) between passes are read by the next
+// pass, as an offloaded optimizer's updates must be.
+TEST(LlamaStreamTest, ReadsWeightsChangedBetweenPasses) {
+  const LlamaConfig c = Config(false, 3);
+  auto ctx = ops::Context::Cpu();
+  auto plain = Make(*ctx, c, {});
+  auto streamed = Make(*ctx, c, {.stream_layers = true});
+  const Batch batch = MakeBatch(2, 7, c.vocab_size, 5);
+  for (int step = 0; step < 3; ++step) {
+    SCOPED_TRACE(StrCat("step ", step));
+    for (LlamaModel* m : {plain.get(), streamed.get()}) {
+      ASSERT_TRUE(m->ZeroGrads().ok());
+      ASSERT_TRUE(m->ForwardBackward(batch, 0.05f).ok());
+      for (Parameter& p : m->parameters()) {  // plain SGD, in place
+        EXPECT_TRUE(p.weight.device().is_cpu());
+        float* w = p.weight.data<float>();
+        const float* g = p.grad.data<float>();
+        for (int64_t i = 0; i < p.weight.numel(); ++i) w[i] -= 0.5f * g[i];
+      }
+    }
+    ExpectSameGrads(*plain, *streamed);
+  }
+  EXPECT_EQ(plain->Loss(batch)->sum, streamed->Loss(batch)->sum);
+}
+
+TEST(LlamaStreamTest, SavesAndLoadsTheSameFiles) {
+  const LlamaConfig c = Config(false, 2);
+  auto ctx = ops::Context::Cpu();
+  auto plain = Make(*ctx, c, {});
+  auto streamed = Make(*ctx, c, {.stream_layers = true});
+  testing::TempDir tmp;
+  const std::string dir = tmp.path();
+  ASSERT_TRUE(streamed->SaveSafetensors(dir + "/s", DType::kF32).ok());
+  ASSERT_TRUE(plain->SaveSafetensors(dir + "/p", DType::kF32).ok());
+  EXPECT_EQ(ReadBytes(dir + "/s/model.safetensors"), ReadBytes(dir + "/p/model.safetensors"));
+  auto loaded = Make(*ctx, c, {.stream_layers = true});
+  ASSERT_TRUE(loaded->InitRandom(99, 0.3f).ok());  // different weights first
+  ASSERT_TRUE(loaded->LoadSafetensors(dir + "/p").ok());
+  const Batch batch = MakeBatch(1, 8, c.vocab_size, 2);
+  StatusOr<Tensor> a = plain->Logits(batch), b = loaded->Logits(batch);
+  ASSERT_TRUE(a.ok() && b.ok());
+  EXPECT_TRUE(SameBits(*a, *b));
+}
+
+}  // namespace
+}  // namespace tandem::model
