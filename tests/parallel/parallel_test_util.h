@@ -219,12 +219,12 @@ inline StatusOr<RunResult> MeshRun(collectives::Communicator& world, const MeshS
 // f32 tolerances: a mesh changes the order of sums (tp all-reduces, split GEMMs, the loss head in
 // f64), so results agree to rounding, not bit for bit. Gradients: max |a - e| / max |e| <= 2e-5
 // per tensor (scale-free: gradients are small); weights after 5 steps: every element
-// |a - e| <= 1e-4 + 1e-4 |e|, i.e. 1% of one lr step (Adam turns rounding differences of small
-// gradients, e.g. of rare tokens' embedding rows, into update differences of that order; a wrong
-// gradient or a sign flip moves a weight by ~lr = 1e-2); loss 1e-5 relative, gradient norm 1e-4
-// relative.
+// |a - e| <= 3e-4 + 1e-4 |e|, i.e. 3% of one lr step (Adam turns rounding differences of small
+// gradients, e.g. of rare tokens' embedding rows, into update differences of that order: 1.1% was
+// seen on a CPU whose BLAS sums in another order; a wrong gradient or a sign flip moves a weight
+// by ~lr = 1e-2); loss 1e-5 relative, gradient norm 1e-4 relative.
 inline constexpr double kGradRelTol = 2e-5;
-inline constexpr tandem::testing::Tolerance kWeightTol{1e-4, 1e-4};
+inline constexpr tandem::testing::Tolerance kWeightTol{3e-4, 1e-4};
 
 inline void ExpectMatches(const RunResult& got, const RunResult& ref, bool check_grads) {
   EXPECT_NEAR(got.loss1, ref.loss1, 1e-5 * std::abs(ref.loss1));

@@ -178,6 +178,9 @@ TEST_F(CoserveTest, TrainsWhileEightClientsStreamAndPublishesVersions) {
   const std::string base_greedy =
       Generate(*engine, "base", kPairs[0].first + "=", 6, /*greedy=*/true).text;
   FineTuneJobSpec spec = Spec(*engine, "pairs", 6, /*batch_size=*/4);
+  // 2e-2 sits at the edge of stability for 48 steps of batch 4: on some CPUs (GEMM summation
+  // orders differ) it ended at 5/8 pairs; 1e-2 learns all 8 with margin.
+  spec.hyper.learning_rate = 1e-2;
   ASSERT_EQ(spec.examples.size(), 32u);
   StatusOr<FineTuneJobInfo> job = engine->CreateFineTuneJob(spec);
   ASSERT_TRUE(job.ok()) << job.status().ToString();
@@ -227,7 +230,7 @@ TEST_F(CoserveTest, TrainsWhileEightClientsStreamAndPublishesVersions) {
 
   const double tuned_accuracy = Accuracy(*engine, "pairs");  // the newest version
   EXPECT_GT(tuned_accuracy, base_accuracy);
-  EXPECT_GE(tuned_accuracy, 0.75) << "base model " << base_accuracy;  // 0.875 and 0 when written
+  EXPECT_GE(tuned_accuracy, 0.75) << "base model " << base_accuracy;  // 1 and 0 when written
   // A specific version, and the listing.
   const Outcome v1 = Generate(*engine, "pairs@1", "red=", 4, true);
   EXPECT_EQ(v1.reason == "stop" || v1.reason == "length", true) << v1.error;
