@@ -135,6 +135,14 @@ void OptimizerSection::Describe(ConfigSchema<OptimizerSection>& s) {
       .Min(1e-6)
       .Max(1024.0);
   s.Field("threads", &OptimizerSection::threads, "CPU threads updating offloaded chunks").Min(1).Max(256);
+  s.Field(
+      "delayed_update", &OptimizerSection::delayed_update,
+      "offload only: run step t's CPU update during step t + 1 (its gradients then come from the "
+      "weights one update older: ZeRO-Offload's delayed parameter update; changes the math)");
+  s.Field("delayed_update_after", &OptimizerSection::delayed_update_after,
+          "with delayed_update: the first N updates run undelayed (early steps move the weights "
+          "most, where a stale gradient overshoots)")
+      .Min(0);
 }
 
 namespace {
@@ -162,6 +170,11 @@ Status CheckModelOffload(const TrainConfig& c) {
 Status CheckOffload(const TrainConfig& c) {
   TANDEM_RETURN_IF_ERROR(CheckModelOffload(c));
   const OptimizerSection& o = c.optimizer;
+  if (o.offload == "none" && o.delayed_update) {
+    return InvalidArgumentError(
+        "optimizer.delayed_update = true delays the CPU update of an offloaded optimizer: set "
+        "optimizer.offload = \"host\" or \"nvme\" too");
+  }
   if (o.offload == "none") return Status::Ok();
   const std::string what = StrCat("optimizer.offload = \"", o.offload, "\"");
   if (o.offload == "nvme" && o.nvme_path.empty()) {

@@ -144,6 +144,9 @@ struct OptimizerSection {
   std::string nvme_path;  // directory of the state file for offload = "nvme"
   double chunk_mib = 4.0;  // MiB of f32 gradients per chunk (the unit of copy, update and I/O)
   int64_t threads = 4;     // CPU update threads
+  // The update of step t runs during step t + 1 (one step stale gradients; see offload_step.h).
+  bool delayed_update = false;
+  int64_t delayed_update_after = 0;  // updates run undelayed before the delay starts
 
   static void Describe(ConfigSchema<OptimizerSection>& s);
 };

@@ -379,7 +379,10 @@ StatusOr<Update> TrainStep(const TrainSection& t, const ScheduleOptions& sched, 
   // [offload] Before the last backward: without clipping the update overlaps it (the AdamW
   // parameters are known now); with clipping only the gradient copies start early.
   ops::AdamWParams offload_ap;
-  if (s.offload) offload_ap = OffloadAdamWParams(t, sched, step);
+  if (s.offload) {
+    offload_ap = OffloadAdamWParams(t, sched, step);
+    s.offload->StartStep(step);  // [delayed] whether this update waits for the next step
+  }
   for (const TokenBatch& b : micro) {
     if (s.offload && &b == &micro.back()) {
       TANDEM_RETURN_IF_ERROR(s.offload->BeginLastBackward(s.params, t.grad_clip == 0 ? &offload_ap : nullptr));
@@ -822,6 +825,7 @@ StatusOr<TrainResult> RunTraining(const TrainConfig& c, const std::string& comma
                                                                                                      : 0));
     const bool stopping = stop != 0 && !last;
     if (s.val_loader && ((t.eval_interval > 0 && step % t.eval_interval == 0) || last || stopping)) {
+      if (s.offload) TANDEM_RETURN_IF_ERROR(s.offload->Flush());  // [delayed] the newest weights
       TANDEM_ASSIGN_OR_RETURN(double eval, s.par ? internal::ParallelEvaluate(*s.par, *s.ctx, *s.model, *s.val_loader,
                                                                               t.eval_batches)
                                                  : Evaluate(*s.model, *s.val_loader, t.eval_batches));

@@ -4,7 +4,8 @@
 // three updates of two micro-batches each the model weights, f32 masters and both moments equal,
 // every element bitwise, those of the update run after backward, for the host and the nvme tier.
 // The clipping path (BeginLastBackward without parameters) updates nothing early and matches too;
-// an Update whose parameters differ from the overlapped step's is refused.
+// an Update whose parameters differ from the overlapped step's is refused. The delayed update is
+// ops::AdamW applied one step late.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -65,7 +66,8 @@ struct OffRun {
 // A model (same init for every run) over an OffloadedAdamW of `tier` (state file under
 // `nvme_dir`, one per run); 131 elements per chunk, so every parameter but the norms spans several
 // chunks.
-std::unique_ptr<OffRun> MakeRun(const std::string& tier, const std::string& nvme_dir) {
+std::unique_ptr<OffRun> MakeRun(const std::string& tier, const std::string& nvme_dir,
+                                bool delayed = false) {
   auto run = std::make_unique<OffRun>();
   model::ModelOptions mo;
   mo.device_master = false;
@@ -77,6 +79,7 @@ std::unique_ptr<OffRun> MakeRun(const std::string& tier, const std::string& nvme
   os.nvme_path = nvme_dir;
   os.chunk_mib = 0.0005;
   os.threads = 3;
+  os.delayed_update = delayed;
   auto opt = OffloadedAdamW::Create(*run->ctx, run->model->parameters(), os);
   TANDEM_CHECK_OK(opt);
   run->opt = std::move(opt).value();
@@ -185,6 +188,78 @@ TEST(OffloadOverlapTest, UpdateWithOtherParametersThanTheOverlappedStepIsRefused
   EXPECT_EQ(st.code(), StatusCode::kInternal) << st.ToString();
   EXPECT_NE(st.message().find("scale 0.5"), std::string::npos) << st.ToString();
   run->model->SetGradReadyCallback(nullptr);
+}
+
+// [delayed] optimizer.delayed_update against a plain reference: ops::AdamW applied one step late
+// (update t, from the gradients of step t, reaches the weights at the end of step t + 1), on a
+// model without offload. Four steps of two micro-batches, then Flush: every weight, master and
+// moment bitwise equal; the losses of each micro-batch too.
+TEST(OffloadOverlapTest, DelayedUpdateIsAdamWAppliedOneStepLate) {
+  testing::TempDir dir;
+  for (const std::string tier : {"host", "nvme"}) {
+    SCOPED_TRACE(tier);
+    std::unique_ptr<OffRun> run = MakeRun(tier, dir.Join(tier), /*delayed=*/true);
+    // The reference: a plain CPU model (master == weight) with the same initial weights.
+    auto ctx = ops::Context::Cpu();
+    auto ref_or = model::LlamaModel::Create(*ctx, TinyConfig(), {});
+    ASSERT_TRUE(ref_or.ok());
+    model::LlamaModel& ref = **ref_or;
+    ASSERT_TRUE(ref.InitRandom(5, 0.05f).ok());
+    std::vector<model::Parameter>& rp = ref.parameters();
+    std::vector<Tensor> master, m, v, pending;
+    for (const model::Parameter& p : rp) {
+      master.push_back(Tensor::Cpu(p.weight.shape(), DType::kF32));
+      std::memcpy(master.back().raw_data(), p.weight.raw_data(), p.weight.num_bytes());
+      m.push_back(Tensor::CpuZeros(p.weight.shape(), DType::kF32));
+      v.push_back(Tensor::CpuZeros(p.weight.shape(), DType::kF32));
+    }
+    auto apply = [&](int64_t step) {  // update `step` from `pending`; weights := masters
+      for (size_t i = 0; i < rp.size(); ++i) {
+        ops::AdamWParams ap = Params(step);
+        if (!rp[i].weight_decay) ap.weight_decay = 0;
+        Tensor none;
+        ASSERT_TRUE(ops::AdamW(*ctx, master[i], m[i], v[i], none, pending[i], ap).ok());
+        std::memcpy(rp[i].weight.raw_data(), master[i].raw_data(), master[i].num_bytes());
+      }
+    };
+    OffloadedAdamW* opt = run->opt.get();
+    run->model->SetGradReadyCallback(
+        [&](const std::vector<size_t>& ready) { return opt->GradientsFinal(ready); });
+    std::vector<model::Parameter>& params = run->model->parameters();
+    for (int64_t step = 1; step <= 4; ++step) {
+      ASSERT_TRUE(run->model->ZeroGrads().ok());
+      ASSERT_TRUE(ref.ZeroGrads().ok());
+      for (int micro = 0; micro < 2; ++micro) {
+        if (micro == 1) ASSERT_TRUE(opt->BeginLastBackward(params, nullptr).ok());
+        const model::Batch b = MakeBatch(100 * step + micro);
+        StatusOr<model::LossSum> got = run->model->ForwardBackward(b, 1.0f / 32);
+        StatusOr<model::LossSum> want = ref.ForwardBackward(b, 1.0f / 32);
+        ASSERT_TRUE(got.ok() && want.ok());
+        EXPECT_EQ(got->sum, want->sum) << "step " << step << " micro-batch " << micro;
+      }
+      ASSERT_TRUE(opt->Update(params, Params(step)).ok());
+      if (step > 1) apply(step - 1);
+      pending.clear();
+      for (const model::Parameter& p : rp) {
+        pending.push_back(Tensor::Cpu(p.grad.shape(), DType::kF32));
+        std::memcpy(pending.back().raw_data(), p.grad.raw_data(), p.grad.num_bytes());
+      }
+    }
+    ASSERT_TRUE(opt->Flush().ok());
+    apply(4);
+    run->model->SetGradReadyCallback(nullptr);
+    auto pieces = opt->StatePieces(params);
+    ASSERT_TRUE(pieces.ok());
+    for (size_t i = 0; i < pieces->size(); ++i) {
+      const StatePiece& x = (*pieces)[i];
+      const size_t bytes = static_cast<size_t>(x.param->weight.numel()) * sizeof(float);
+      EXPECT_EQ(0, std::memcmp(x.param->weight.raw_data(), rp[i].weight.raw_data(), bytes))
+          << "weight of " << x.param->name;
+      EXPECT_EQ(0, std::memcmp(x.master.raw_data(), master[i].raw_data(), bytes)) << x.param->name;
+      EXPECT_EQ(0, std::memcmp(x.exp_avg.raw_data(), m[i].raw_data(), bytes)) << x.param->name;
+      EXPECT_EQ(0, std::memcmp(x.exp_avg_sq.raw_data(), v[i].raw_data(), bytes)) << x.param->name;
+    }
+  }
 }
 
 }  // namespace

@@ -12,7 +12,9 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <iterator>
 #include <nlohmann/json.hpp>
+#include <tuple>
 
 #include "checkpoint/universal.h"
 #include "model/safetensors.h"
@@ -26,7 +28,8 @@ namespace {
 
 // `grad_clip` empty: the config's default.
 StatusOr<TrainResult> Train(const testing::TempDir& dir, const std::string& run,
-                            const std::string& offload, const std::string& grad_clip = "") {
+                            const std::string& offload, const std::string& grad_clip = "",
+                            const std::vector<std::string>& extra = {}) {
   std::vector<std::string> overrides = {
       "model.hidden_size=256", "model.intermediate_size=96", "model.num_layers=2",  // head_dim 64
       "model.num_heads=4", "model.num_kv_heads=2", "model.max_position_embeddings=64",
@@ -38,6 +41,7 @@ StatusOr<TrainResult> Train(const testing::TempDir& dir, const std::string& run,
       "train.out_dir=\"" + dir.Join(run) + "\"", "optimizer.offload=\"" + offload + "\"",
       "optimizer.chunk_mib=0.001", "optimizer.threads=3"};
   if (!grad_clip.empty()) overrides.push_back("train.grad_clip=" + grad_clip);
+  overrides.insert(overrides.end(), extra.begin(), extra.end());
   if (offload == "nvme") {
     overrides.push_back("optimizer.nvme_path=\"" + dir.Join("nvme-state") + "\"");
   }
@@ -130,6 +134,45 @@ TEST(OffloadTrainGpuTest, OverlappedUpdateIsBitwiseTheUpdateAfterBackward) {
   for (const char* step : {"step-1", "step-2"}) {  // overlapped and after-backward: bitwise
     const std::string h5 = StrCat("/checkpoints/universal/", step, ".h5");
     run_util::ExpectSameUniversalState(dir.Join("after") + h5, dir.Join("host") + h5);
+  }
+}
+
+// [delayed] optimizer.delayed_update on a GPU: gradients copied to the host buffer during the
+// last backward, bf16 weights uploaded after the step (or copied into streamed host layers): the
+// same losses and final weights for host and nvme state and with streamed layers, and a
+// trajectory other than the undelayed one from step 2 (which still sees the initial weights).
+TEST(OffloadTrainGpuTest, DelayedUpdateIsTheSameOnEveryTierAndWithStreamedLayers) {
+  TANDEM_SKIP_WITHOUT_GPU();
+  testing::TempDir dir;
+  const std::vector<std::string> four = {"train.steps=4", "train.save_interval=0"};
+  auto plain = Train(dir, "plain", "host", "", four);
+  ASSERT_TRUE(plain.ok()) << plain.status().ToString();
+  std::vector<std::string> delayed = four;
+  delayed.push_back("optimizer.delayed_update=true");
+  std::vector<std::string> streamed = delayed;
+  streamed.push_back("model.offload=\"host\"");
+  for (const auto& [run, tier, extra] :
+       {std::tuple<std::string, std::string, std::vector<std::string>>{"dpu-host", "host", delayed},
+        {"dpu-nvme", "nvme", delayed},
+        {"dpu-streamed", "host", streamed}}) {
+    SCOPED_TRACE(run);
+    auto r = Train(dir, run, tier, "", extra);
+    ASSERT_TRUE(r.ok()) << r.status().ToString();
+  }
+  const std::vector<double> losses = Losses(dir.Join("dpu-host"));
+  ASSERT_EQ(losses.size(), 4u);
+  const std::vector<double> undelayed = Losses(dir.Join("plain"));
+  EXPECT_EQ(losses[0], undelayed[0]);
+  EXPECT_NE(losses[1], undelayed[1]);
+  EXPECT_LT(losses[3], losses[0]);
+  const std::string st = "/checkpoints/step-4/model.safetensors";
+  std::ifstream a(dir.Join("dpu-host") + st, std::ios::binary);
+  const std::string want((std::istreambuf_iterator<char>(a)), {});
+  ASSERT_FALSE(want.empty());
+  for (const char* run : {"dpu-nvme", "dpu-streamed"}) {
+    EXPECT_EQ(Losses(dir.Join(run)), losses) << run;
+    std::ifstream b(dir.Join(run) + st, std::ios::binary);
+    EXPECT_TRUE(std::string((std::istreambuf_iterator<char>(b)), {}) == want) << run;
   }
 }
 

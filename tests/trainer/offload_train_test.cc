@@ -14,6 +14,7 @@
 #include <fstream>
 #include <iterator>
 #include <nlohmann/json.hpp>
+#include <tuple>
 
 #include "checkpoint/universal.h"
 #include "tests/common/testing.h"
@@ -170,6 +171,54 @@ TEST_F(OffloadTrainTest, CheckpointsResumeAcrossOffloadModes) {
   }
 }
 
+// [delayed] optimizer.delayed_update: a different (one step stale) trajectory that still learns,
+// is the same for host and nvme, streamed layers or not, and resumes bitwise from a checkpoint
+// (a save applies the pending update, in the uninterrupted run too).
+TEST_F(OffloadTrainTest, DelayedUpdateLearnsAndResumesBitwise) {
+  auto with = [&](const std::string& run, const std::string& tier,
+                  std::vector<std::string> extra = {}) {
+    std::vector<std::string> o = Overrides(dir_, run, tier);
+    o.push_back("optimizer.delayed_update=true");
+    o.insert(o.end(), extra.begin(), extra.end());
+    return o;
+  };
+  auto delayed = Train(with("delayed", "host"));
+  ASSERT_TRUE(delayed.ok()) << delayed.status().ToString();
+  const auto losses = StepLosses(dir_.Join("delayed"));
+  const auto none = StepLosses(dir_.Join("none"));
+  ASSERT_EQ(losses.size(), 6u);
+  EXPECT_EQ(losses[0], none[0]);  // the same first step
+  EXPECT_NE(losses[1], none[1]);  // step 2 still sees the initial weights
+  EXPECT_LT(losses.back().second, losses.front().second);
+  for (const auto& [run, tier, extra] :
+       {std::tuple<std::string, std::string, std::string>{"delayed-nvme", "nvme", ""},
+        {"delayed-streamed", "host", "model.offload=\"host\""}}) {
+    SCOPED_TRACE(run);
+    auto r = Train(with(
+        run, tier, extra.empty() ? std::vector<std::string>{} : std::vector<std::string>{extra}));
+    ASSERT_TRUE(r.ok()) << r.status().ToString();
+    EXPECT_EQ(StepLosses(dir_.Join(run)), losses);
+    const std::string st = "/checkpoints/step-6/model.safetensors";
+    EXPECT_TRUE(ReadBytes(dir_.Join(run) + st) == ReadBytes(dir_.Join("delayed") + st));
+  }
+  // delayed_update_after = 2: updates 1 and 2 are not delayed, so steps 1-3 are the plain run's;
+  // update 3 is, but the save after step 3 applies it: step 5 is the first to see stale weights.
+  auto after2 = Train(with("delayed-after2", "host", {"optimizer.delayed_update_after=2"}));
+  ASSERT_TRUE(after2.ok()) << after2.status().ToString();
+  const auto late = StepLosses(dir_.Join("delayed-after2"));
+  ASSERT_EQ(late.size(), 6u);
+  for (int i = 0; i < 4; ++i) EXPECT_EQ(late[i], none[i]) << "step " << i + 1;
+  EXPECT_NE(late[4], none[4]);
+  CutAfterStep3("delayed", "delayed-resumed");
+  auto resumed = Train(with("delayed-resumed", "host"), "auto");
+  ASSERT_TRUE(resumed.ok()) << resumed.status().ToString();
+  EXPECT_EQ(resumed->resumed_from_step, 3);
+  const std::vector<std::pair<int64_t, double>> after3(losses.begin() + 3, losses.end());
+  EXPECT_EQ(StepLosses(dir_.Join("delayed-resumed")), after3);
+  ExpectSameState(dir_.Join("delayed/checkpoints/universal/step-6.h5"),
+                  dir_.Join("delayed-resumed/checkpoints/universal/step-6.h5"));
+}
+
 // [overlap] grad_clip = 0: the update of each chunk starts during the last backward, as its
 // gradient becomes final; still bitwise the on-device optimizer (no clipping there either).
 class OffloadOverlapTrainTest : public ::testing::Test {
@@ -230,6 +279,8 @@ TEST(OffloadConfigTest, BadSettingsNameTheKey) {
   ExpectConfigError({"model.offload=\"host\""},
                     {"model.offload", "optimizer.offload", "peft.method"});
   ExpectConfigError({"model.offload=\"nvme\""}, {"model.offload", "nvme"});
+  ExpectConfigError({"optimizer.delayed_update=true"},
+                    {"optimizer.delayed_update", "optimizer.offload"});
   ExpectConfigError({"model.offload=\"host\"", "peft.method=\"lora\"", "parallel.zero=1"},
                     {"model.offload", "parallel.zero = 1"});
   EXPECT_TRUE(LoadTrainConfig("", {"data.dir=\"/x\"", "model.offload=\"host\"",

@@ -11,6 +11,7 @@
 #include <thread>
 
 #include "core/logging.h"
+#include "core/parallel.h"
 
 #if defined(TANDEM_WITH_CUDA)
 #include <cuda_runtime.h>
@@ -93,6 +94,10 @@ StatusOr<std::unique_ptr<OffloadedAdamW>> OffloadedAdamW::Create(
   TANDEM_ASSIGN_OR_RETURN(self->opt_, offload::OffloadedOptimizer::Create(
                                           std::move(oparams), oo, self->storage_.get()));
   if (ctx.is_cuda()) TANDEM_RETURN_IF_ERROR(self->InitCuda(oo.chunk_elems, oo.num_threads));
+  self->delayed_ = options.delayed_update;
+  self->delay_after_ = options.delayed_update_after;
+  self->delaying_ = self->delayed_ && self->delay_after_ == 0;
+  if (self->delayed_) TANDEM_RETURN_IF_ERROR(self->InitDelayed());
   const std::string slabs =
       self->pool_ ? StrCat(", ", self->pool_->num_slabs(), " pinned slabs of ",
                            self->pool_->slab_bytes() >> 10, " KiB")
@@ -108,8 +113,9 @@ StatusOr<std::unique_ptr<OffloadedAdamW>> OffloadedAdamW::Create(
 OffloadedAdamW::~OffloadedAdamW() {
   // Every stream callback must have run before the slabs and the optimizer go.
   if (d2h_) (void)d2h_->Synchronize();
-  // [overlap] A step abandoned mid-backward (an error): the chunks it queued finish first.
-  if (step_begun_) (void)opt_->FinishStep();
+  // [overlap] A step abandoned mid-backward (an error): the chunks it queued finish first;
+  // [delayed] so does an update still in flight.
+  if (step_begun_ || pending_ != nullptr) (void)opt_->FinishStep();
   if (upload_) (void)upload_->Synchronize();
   if (pool_) ReleaseAllSlabs();  // copies made early for a step that never updated
   opt_.reset();
@@ -169,6 +175,7 @@ Status OffloadedAdamW::GetMaster(size_t param, Tensor& host_f32) {
   const int k = index_[param];
   TANDEM_RETURN_IF_ERROR(CheckHostF32(host_f32, opt_->param(k).numel,
                                       StrCat("master of '", opt_->param(k).name, "'")));
+  TANDEM_RETURN_IF_ERROR(FinishPending());  // [delayed]
   return opt_->GetState(k, host_f32.data<float>(), nullptr, nullptr);
 }
 
@@ -184,6 +191,14 @@ bool SameAdamW(const ops::AdamWParams& a, const ops::AdamWParams& b) {
 void OffloadedAdamW::LogMode(bool on) {
   if (mode_logged_) return;
   mode_logged_ = true;
+  if (delayed_) {
+    TANDEM_LOG(INFO, "train") << "optimizer update delayed by one step (optimizer.delayed_update)"
+                              << (delay_after_ > 0 ? StrCat(" after step ", delay_after_) : "")
+                              << ":"
+                              << " step t's update runs on the CPU during step t + 1, whose "
+                              << "gradients come from the weights of update t - 1";
+    return;
+  }
   if (on) {
     TANDEM_LOG(INFO, "train") << "optimizer update overlapped with backward (train.grad_clip = 0):"
                               << " each chunk is updated as soon as its gradient is final";
@@ -210,6 +225,10 @@ Status OffloadedAdamW::BeginLastBackward(const std::vector<model::Parameter>& pa
   order_.clear();
   issued_ = handed_ = 0;
   early_updates_ = 0;
+  if (delaying_) {  // [delayed] GradientsFinal copies gradients; the update starts in Update()
+    grad_copied_.assign(param_of_.size(), 0);
+    return Status::Ok();
+  }
   if (ctx_.is_cuda()) TANDEM_RETURN_IF_ERROR(ArmCuda());
   if (adamw == nullptr) return Status::Ok();
   in_backward_ = true;
@@ -252,6 +271,13 @@ Status OffloadedAdamW::GradientsFinal(const std::vector<size_t>& ready) {
     TANDEM_RETURN_IF_ERROR(grads_final_->Record(ctx_.stream()));
     TANDEM_RETURN_IF_ERROR(grads_final_->Wait(d2h_->get()));
   }
+  if (delaying_) {  // [delayed] into the host gradient buffer (CUDA; on CPU Update copies)
+    for (size_t i : ready) {
+      if (i >= index_.size() || index_[i] < 0 || !ctx_.is_cuda()) continue;
+      TANDEM_RETURN_IF_ERROR(CopyGradToHost(index_[i], (*params_)[i]));
+    }
+    return Status::Ok();
+  }
   for (size_t i : ready) {
     if (i < index_.size() && index_[i] >= 0) TANDEM_RETURN_IF_ERROR(MarkFinal(index_[i]));
   }
@@ -276,6 +302,11 @@ Status OffloadedAdamW::Update(const std::vector<model::Parameter>& params,
     TANDEM_RETURN_IF_ERROR(BeginLastBackward(params, nullptr));  // no early copies this step
   } else if (params_ != &params) {
     return InternalError("OffloadedAdamW::Update: other parameters than BeginLastBackward's");
+  }
+  if (delaying_) {
+    const Status st = UpdateDelayed(params, adamw);
+    params_ = nullptr;
+    return st;
   }
   in_backward_ = false;
   if (step_begun_ && !SameAdamW(*begun_with_, adamw)) {
@@ -471,6 +502,7 @@ Status OffloadedAdamW::FinishCuda() { return ArmCuda(); }
 
 StatusOr<std::vector<StatePiece>> OffloadedAdamW::StatePieces(
     const std::vector<model::Parameter>& params) {
+  TANDEM_RETURN_IF_ERROR(FinishPending());  // [delayed]
   std::vector<StatePiece> pieces;
   for (size_t k = 0; k < param_of_.size(); ++k) {
     const int ki = static_cast<int>(k);
@@ -535,6 +567,137 @@ Status OffloadedAdamW::Restore(const checkpoint::UniversalReader& reader,
     TANDEM_RETURN_IF_ERROR(opt_->SetState(ki, s.master.data<float>(), s.exp_avg.data<float>(),
                                           s.exp_avg_sq.data<float>()));
     TANDEM_RETURN_IF_ERROR(CopyWeightsToModel(ki, p));
+  }
+  return Status::Ok();
+}
+
+// [delayed] ------------------------------------------------------------------------------------
+
+Status OffloadedAdamW::InitDelayed() {
+  grad_offset_.resize(param_of_.size());
+  chunks_done_ = std::make_unique<std::atomic<int64_t>[]>(param_of_.size());
+  int64_t at = 0;
+  for (size_t k = 0; k < param_of_.size(); ++k) {
+    grad_offset_[k] = at;
+    at += opt_->param(static_cast<int>(k)).numel;
+  }
+  TANDEM_ASSIGN_OR_RETURN(host_grads_, Tensor::Empty({at}, DType::kF32, HostAllocator()));
+  float* g = host_grads_.data<float>();
+  ParallelRanges(at, int64_t{1} << 22, [g](int64_t begin, int64_t end) {  // first touch
+    std::memset(g + begin, 0, static_cast<size_t>(end - begin) * sizeof(float));
+  });
+  if (!ctx_.is_cuda()) return Status::Ok();
+  // Page-locked, so the gradient copies and the weight uploads run asynchronously.
+  TANDEM_ASSIGN_OR_RETURN(
+      HostRegistration grads,
+      HostRegistration::Create(host_grads_.raw_data(), host_grads_.num_bytes()));
+  pinned_.push_back(std::move(grads));
+  for (int k = 0; k < opt_->num_params(); ++k) {
+    void* w = const_cast<Bf16*>(opt_->weights_bf16(k));
+    TANDEM_ASSIGN_OR_RETURN(
+        HostRegistration reg,
+        HostRegistration::Create(w, static_cast<size_t>(opt_->param(k).numel) * sizeof(Bf16)));
+    pinned_.push_back(std::move(reg));
+  }
+  return Status::Ok();
+}
+
+Status OffloadedAdamW::WaitGradsRead(int k) {
+  if (pending_ == nullptr) return Status::Ok();
+  while (chunks_done_[k].load() < opt_->num_chunks(k)) {
+    TANDEM_RETURN_IF_ERROR(opt_->step_error());
+    std::this_thread::sleep_for(std::chrono::microseconds(20));
+  }
+  return Status::Ok();
+}
+
+Status OffloadedAdamW::CopyGradToHost(int k, const model::Parameter& p) {
+  if (grad_copied_[k]) return Status::Ok();
+  TANDEM_RETURN_IF_ERROR(WaitGradsRead(k));  // the buffer still holds the pending update's input
+  grad_copied_[k] = 1;
+  Tensor dst = host_grads_.Slice(0, grad_offset_[k], grad_offset_[k] + opt_->param(k).numel)
+                   .View(p.grad.shape());
+  return CopyTensor(dst, p.grad, ctx_.is_cuda() ? d2h_->get() : nullptr);
+}
+
+Status OffloadedAdamW::FinishPending() {
+  if (pending_ == nullptr) return Status::Ok();
+  const std::vector<model::Parameter>& params = *pending_;
+  pending_ = nullptr;
+  TANDEM_RETURN_IF_ERROR(opt_->FinishStep());
+  if (ctx_.is_cuda()) {
+    // Uploads overwrite weights the queued compute may still read: they wait for it.
+    TANDEM_RETURN_IF_ERROR(grads_done_->Record(ctx_.stream()));
+    TANDEM_RETURN_IF_ERROR(grads_done_->Wait(upload_->get()));
+  }
+  bool host_weights = false;
+  for (size_t k = 0; k < param_of_.size(); ++k) {
+    const int ki = static_cast<int>(k);
+    Tensor weight = params[param_of_[k]].weight;
+    if (!ctx_.is_cuda()) {  // f32 model weights: the masters
+      TANDEM_RETURN_IF_ERROR(opt_->GetState(ki, weight.data<float>(), nullptr, nullptr));
+      continue;
+    }
+    if (weight.device().is_cpu()) {  // a streamed layer: after the compute (below)
+      host_weights = true;
+      continue;
+    }
+    const Tensor src = Tensor::Wrap(const_cast<Bf16*>(opt_->weights_bf16(ki)), weight.shape(),
+                                    DType::kBF16, Device::Cpu());
+    TANDEM_RETURN_IF_ERROR(CopyTensor(weight, src, upload_->get()));
+  }
+  if (!ctx_.is_cuda()) return Status::Ok();
+  if (host_weights) {  // no queued pass may still copy a streamed layer in
+    TANDEM_RETURN_IF_ERROR(ctx_.Synchronize());
+    for (size_t k = 0; k < param_of_.size(); ++k) {
+      Tensor weight = params[param_of_[k]].weight;
+      if (!weight.device().is_cpu()) continue;
+      const char* src = reinterpret_cast<const char*>(opt_->weights_bf16(static_cast<int>(k)));
+      char* dst = static_cast<char*>(weight.raw_data());
+      ParallelRanges(static_cast<int64_t>(weight.num_bytes()), int64_t{1} << 22,
+                     [src, dst](int64_t begin, int64_t end) {
+                       std::memcpy(dst + begin, src + begin, static_cast<size_t>(end - begin));
+                     });
+    }
+  }
+  // The next update rewrites the bf16 buffers the uploads read; the next forward needs them.
+  TANDEM_RETURN_IF_ERROR(upload_->Synchronize());
+  return Status::Ok();
+}
+
+Status OffloadedAdamW::Flush() { return FinishPending(); }
+
+void OffloadedAdamW::StartStep(int64_t step) {
+  delaying_ = delayed_ && step > delay_after_;  // a pending update stays pending until Update
+}
+
+Status OffloadedAdamW::UpdateDelayed(const std::vector<model::Parameter>& params,
+                                     const ops::AdamWParams& adamw) {
+  // Gradients the last backward did not name (CUDA), or all of them (CPU), go to the buffer.
+  if (ctx_.is_cuda()) {
+    TANDEM_RETURN_IF_ERROR(grads_final_->Record(ctx_.stream()));
+    TANDEM_RETURN_IF_ERROR(grads_final_->Wait(d2h_->get()));
+  }
+  for (size_t k = 0; k < param_of_.size(); ++k) {
+    if (grad_copied_.size() != param_of_.size()) grad_copied_.assign(param_of_.size(), 0);
+    TANDEM_RETURN_IF_ERROR(CopyGradToHost(static_cast<int>(k), params[param_of_[k]]));
+  }
+  // The previous update (it ran during this step's micro-batches) reaches the model.
+  TANDEM_RETURN_IF_ERROR(FinishPending());
+  if (ctx_.is_cuda()) TANDEM_RETURN_IF_ERROR(d2h_->Synchronize());
+  grad_copied_.assign(param_of_.size(), 0);
+  for (size_t k = 0; k < param_of_.size(); ++k) chunks_done_[k] = 0;
+  TANDEM_RETURN_IF_ERROR(opt_->BeginStep(adamw, [this](int k, int64_t, int64_t, const Bf16*,
+                                                       int64_t) { chunks_done_[k].fetch_add(1); }));
+  pending_ = &params;
+  for (size_t i = param_of_.size(); i-- > 0;) {  // backward's order: the next one frees them so
+    const int k = static_cast<int>(i);
+    const Status st = opt_->GradientsReady(k, host_grads_.data<float>() + grad_offset_[k]);
+    if (!st.ok()) {
+      pending_ = nullptr;
+      (void)opt_->FinishStep();
+      return st;
+    }
   }
   return Status::Ok();
 }

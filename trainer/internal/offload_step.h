@@ -31,6 +31,20 @@
 // gradient), and the update starts in Update(). Either way the result is bitwise the update
 // after backward: the same CpuAdamWRange over the same final gradients.
 //
+// [delayed] optimizer.delayed_update (ZeRO-Offload's delayed parameter update): the update of
+// step t runs on the CPU while step t + 1's micro-batches compute, and its weights reach the
+// model at the end of step t + 1; so step t + 1's gradients are taken at the weights of update
+// t - 1 (one step stale; the math changes, on purpose). During the last backward each parameter's
+// f32 gradient is copied (CUDA: on the copy stream, right after the event of its GradientsFinal)
+// into one host buffer of every gradient (4 bytes per parameter, page-locked); Update() then
+// finishes the previous update, hands its bf16 weights to the model (device weights on the
+// upload stream after the step's compute; host weights of streamed layers by memcpy) and starts
+// this one from the buffer without waiting for it, parameters in backward's order (the last
+// first). A gradient copy into the buffer first waits until the update in flight is done with
+// that parameter's gradients (normally long before: the next backward reaches it later). Anything
+// that reads the state or the weights (GetMaster, StatePieces, Flush) first finishes the pending
+// update.
+//
 // Ownership: the context must outlive it; it owns the optimizer, the state file (removed at
 // destruction), the staging slabs and streams. Thread-safety: the run's thread; internally
 // worker threads and CUDA stream callbacks.
@@ -103,6 +117,14 @@ class OffloadedAdamW : public model::HostMasters {
   Status Restore(const checkpoint::UniversalReader& reader,
                  const std::vector<model::Parameter>& params);
 
+  // [delayed] Finishes a pending delayed update and gives its weights to the model (before an
+  // evaluation; saves and state reads do it themselves). Nothing without one.
+  Status Flush();
+  bool delayed() const { return delayed_; }
+  // [delayed] Before each update: with optimizer.delayed_update_after = N the first N updates
+  // run undelayed (the delay starts once training has settled).
+  void StartStep(int64_t step);
+
   // "host memory" or the state file's path; bytes of f32 state (master + 2 moments).
   std::string where() const;
   int64_t state_bytes() const { return 12 * numel_; }
@@ -129,6 +151,12 @@ class OffloadedAdamW : public model::HostMasters {
   Status CopyWeightsToModel(int k, const model::Parameter& p);
   void UploadChunk(int k, int64_t chunk, int64_t first, const Bf16* w, int64_t n);
   void RecordError(const Status& st);
+  // [delayed]
+  Status InitDelayed();
+  Status UpdateDelayed(const std::vector<model::Parameter>& params, const ops::AdamWParams& adamw);
+  Status FinishPending();
+  Status CopyGradToHost(int k, const model::Parameter& p);  // CUDA: on d2h_, after grads_final_
+  Status WaitGradsRead(int k);  // the pending update is done with parameter k's gradients
   StatusOr<offload::StagingPool::Slab> AcquireSlab();
   void ReleaseSlab(Ticket& t);
   void ReleaseAllSlabs();  // after a failed step, once the streams are idle
@@ -162,6 +190,16 @@ class OffloadedAdamW : public model::HostMasters {
   std::atomic<bool> in_backward_{false};
   std::atomic<int64_t> early_updates_{0};
   bool mode_logged_ = false;
+  // [delayed]
+  bool delayed_ = false;
+  int64_t delay_after_ = 0;
+  bool delaying_ = false;                 // this step's update is delayed
+  Tensor host_grads_;                     // f32 [numel_], every gradient, parameter after parameter
+  std::vector<int64_t> grad_offset_;      // per optimizer index: its first element there
+  std::vector<uint8_t> grad_copied_;      // per optimizer index: copy issued this step
+  std::vector<HostRegistration> pinned_;  // host_grads_ and the optimizer's bf16 weights
+  const std::vector<model::Parameter>* pending_ = nullptr;  // non-null: an update in flight
+  std::unique_ptr<std::atomic<int64_t>[]> chunks_done_;     // per optimizer index, pending update
   std::mutex slab_mu_;
   std::mutex error_mu_;
   Status error_;
