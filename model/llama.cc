@@ -227,8 +227,14 @@ StatusOr<std::function<Tensor(const LlamaModel::Group&)>> LlamaModel::AllocateSt
   layer_elems_ = (layer_end - layer_begin_) / L;
   TANDEM_CHECK(layer_elems_ * L == layer_end - layer_begin_);
   TANDEM_CHECK(L == 1 || groups_[layers_[1].qkv_group].offset == layer_begin_ + layer_elems_);
-  TANDEM_ASSIGN_OR_RETURN(Tensor host,
-                          Tensor::Empty({L * layer_elems_}, compute_dtype_, HostAllocator()));
+  Allocator& memory =
+      options_.stream_host_allocator != nullptr ? *options_.stream_host_allocator : HostAllocator();
+  if (!memory.device().is_cpu()) {
+    return InvalidArgumentError(
+        StrCat("ModelOptions::stream_host_allocator must give host memory, ", "it gives ",
+               memory.device().ToString()));
+  }
+  TANDEM_ASSIGN_OR_RETURN(Tensor host, Tensor::Empty({L * layer_elems_}, compute_dtype_, memory));
   char* bytes = static_cast<char*>(host.raw_data());
   ParallelRanges(static_cast<int64_t>(host.num_bytes()), int64_t{1} << 24,
                  [bytes](int64_t begin, int64_t end) {  // first touch on every core

@@ -119,6 +119,9 @@ struct ModelOptions {
   // cannot shard it), and on CUDA a trainable layer parameter needs device_master == false (its
   // optimizer lives off the device) since no f32 master of it may live on the device.
   bool stream_layers = false;
+  // [offload] Where stream_layers' host buffer comes from (host memory; e.g. placed on a NUMA or
+  // CXL node); nullptr: HostAllocator(). Not owned: it must outlive the model.
+  Allocator* stream_host_allocator = nullptr;
 };
 
 struct Parameter {

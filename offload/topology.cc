@@ -257,4 +257,48 @@ NumaBuffer& NumaBuffer::operator=(NumaBuffer&& o) noexcept {
   return *this;
 }
 
+Placement PlaceOnThisMachine(StateKind kind) {
+  StatusOr<Topology> topo = Topology::ReadFromSysfs();
+  if (!topo.ok()) {
+    Placement plain;
+    plain.reason =
+        StrCat(StateKindName(kind),
+               ": plain memory (the NUMA topology is unreadable: ", topo.status().message(), ")");
+    return plain;
+  }
+  return PlacementPolicy(*std::move(topo), {}).Place(kind);
+}
+
+PlacedHostAllocator::~PlacedHostAllocator() {
+  TANDEM_CHECK_MSG(live_.empty(), "PlacedHostAllocator destroyed with allocations outstanding");
+}
+
+StatusOr<void*> PlacedHostAllocator::Allocate(size_t num_bytes) {
+  TANDEM_ASSIGN_OR_RETURN(NumaBuffer buf,
+                          NumaBuffer::Allocate(std::max<size_t>(num_bytes, 1), placement_));
+  void* p = buf.data();
+  std::lock_guard<std::mutex> lock(mu_);
+  live_.emplace(p, std::move(buf));
+  stats_.bytes_in_use += num_bytes;
+  stats_.peak_bytes_in_use = std::max(stats_.peak_bytes_in_use, stats_.bytes_in_use);
+  stats_.bytes_reserved = stats_.bytes_in_use;
+  ++stats_.num_allocs;
+  ++stats_.num_driver_allocs;
+  return p;
+}
+
+void PlacedHostAllocator::Deallocate(void* ptr, size_t num_bytes) {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = live_.find(ptr);
+  TANDEM_CHECK_MSG(it != live_.end(), "PlacedHostAllocator::Deallocate of a pointer it never gave");
+  live_.erase(it);
+  stats_.bytes_in_use -= num_bytes;
+  stats_.bytes_reserved = stats_.bytes_in_use;
+}
+
+AllocatorStats PlacedHostAllocator::stats() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return stats_;
+}
+
 }  // namespace tandem::offload

@@ -23,10 +23,12 @@
 #include <cstddef>
 #include <cstdint>
 #include <map>
+#include <mutex>
 #include <string>
 #include <string_view>
 #include <vector>
 
+#include "core/allocator.h"
 #include "core/status.h"
 
 namespace tandem::offload {
@@ -83,6 +85,10 @@ class PlacementPolicy {
   PlacementOptions options_;
 };
 
+// The default rule on this machine's topology (ReadFromSysfs); where the topology cannot be read
+// (no /sys/devices/system/node, e.g. in some containers) plain memory, reason saying why.
+Placement PlaceOnThisMachine(StateKind kind);
+
 // Host memory placed per a Placement: bound to the DRAM node, interleaved over the CXL nodes
 // (libnuma; mbind semantics), plain page-aligned memory for gpu/nvme placements or where NUMA is
 // unavailable. Pages are touched at allocation so they land where the policy says.
@@ -105,6 +111,27 @@ class NumaBuffer {
   void* data_ = nullptr;
   size_t num_bytes_ = 0;
   bool numa_placed_ = false;
+};
+
+// An Allocator of host memory placed per one Placement (each allocation a NumaBuffer: bound,
+// interleaved or plain as above, zeroed on first touch), for buffers other modules allocate
+// through the Allocator interface (the model's streamed layer weights). Thread-safe; every
+// allocation must be returned before the allocator goes.
+class PlacedHostAllocator : public Allocator {
+ public:
+  explicit PlacedHostAllocator(Placement placement) : placement_(std::move(placement)) {}
+  ~PlacedHostAllocator() override;
+  StatusOr<void*> Allocate(size_t num_bytes) override;
+  void Deallocate(void* ptr, size_t num_bytes) override;
+  Device device() const override { return Device::Cpu(); }
+  AllocatorStats stats() const override;
+  const Placement& placement() const { return placement_; }
+
+ private:
+  Placement placement_;
+  mutable std::mutex mu_;
+  std::map<void*, NumaBuffer> live_;
+  AllocatorStats stats_;
 };
 
 }  // namespace tandem::offload

@@ -3,7 +3,6 @@
 #include <unistd.h>
 
 #include <algorithm>
-
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -19,6 +18,7 @@
 #include "model/config.h"
 #include "model/llama.h"
 #include "model/tokenizer.h"
+#include "offload/topology.h"
 #include "ops/ops.h"
 #include "peft/adapter_io.h"
 #include "peft/adapter_set.h"
@@ -207,6 +207,9 @@ struct Session {
   std::unique_ptr<model::Tokenizer> tokenizer;
   model::LlamaConfig mcfg;
   bool lora = false;
+  // [offload] model.offload = host: the streamed layers' host memory, placed by the tier policy
+  // (outlives the model).
+  std::unique_ptr<offload::PlacedHostAllocator> layer_memory;
   std::unique_ptr<model::LlamaModel> model;
   // [offload] optimizer.offload = host/nvme: the masters and moments (the model's HostMasters).
   std::unique_ptr<internal::OffloadedAdamW> offload;
@@ -262,6 +265,12 @@ Status OpenModel(const TrainConfig& c, Session& s) {
   const bool offload = c.optimizer.offload != "none";
   mopt.device_master = !offload;  // [offload] the f32 masters live in the offloaded optimizer
   mopt.stream_layers = c.model.offload == "host";  // [offload] layer weights from host memory
+  if (mopt.stream_layers) {  // bf16 weights: local DRAM, or interleaved over CXL nodes if any
+    const offload::Placement where = offload::PlaceOnThisMachine(offload::StateKind::kWeightsBf16);
+    TANDEM_LOG(INFO, "train") << "streamed layer weights in host memory: " << where.reason;
+    s.layer_memory = std::make_unique<offload::PlacedHostAllocator>(where);
+    mopt.stream_host_allocator = s.layer_memory.get();
+  }
   if (s.par) {  // [parallel]
     mopt.parallel = s.par->model_parallel();
     mopt.flat_numel_multiple = s.par->shape.dp * s.par->shape.cp;

@@ -9,6 +9,7 @@
 #include <iterator>
 
 #include "model/llama.h"
+#include "offload/topology.h"
 #include "ops/ops.h"
 #include "tests/common/testing.h"
 
@@ -160,6 +161,35 @@ TEST(LlamaStreamTest, SavesAndLoadsTheSameFiles) {
   StatusOr<Tensor> a = plain->Logits(batch), b = loaded->Logits(batch);
   ASSERT_TRUE(a.ok() && b.ok());
   EXPECT_TRUE(SameBits(*a, *b));
+}
+
+// The host buffer comes from ModelOptions::stream_host_allocator when one is given (the trainer
+// passes memory placed by the offload tier policy); a device allocator there is refused.
+TEST(LlamaStreamTest, TakesTheLayerBufferFromTheGivenAllocator) {
+  const LlamaConfig c = Config(false, 3);
+  auto ctx = ops::Context::Cpu();
+  offload::PlacedHostAllocator placed(
+      offload::PlaceOnThisMachine(offload::StateKind::kWeightsBf16));
+  {
+    auto plain = Make(*ctx, c, {});
+    auto m = Make(*ctx, c, {.stream_layers = true, .stream_host_allocator = &placed});
+    EXPECT_GE(placed.stats().bytes_in_use, static_cast<size_t>(3 * LayerBytes(*m)));
+    const Batch batch = MakeBatch(2, 5, c.vocab_size, 4);
+    EXPECT_EQ(plain->Loss(batch)->sum, m->Loss(batch)->sum);
+  }
+  EXPECT_EQ(placed.stats().bytes_in_use, 0u);  // given back with the model
+
+  class DeviceAllocator : public Allocator {
+   public:
+    StatusOr<void*> Allocate(size_t n) override { return HostAllocator().Allocate(n); }
+    void Deallocate(void* p, size_t n) override { HostAllocator().Deallocate(p, n); }
+    Device device() const override { return Device::Cuda(0); }
+  } device;
+  StatusOr<std::unique_ptr<LlamaModel>> bad =
+      LlamaModel::Create(*ctx, c, {.stream_layers = true, .stream_host_allocator = &device});
+  ASSERT_FALSE(bad.ok());
+  EXPECT_NE(bad.status().message().find("stream_host_allocator"), std::string::npos)
+      << bad.status().ToString();
 }
 
 }  // namespace

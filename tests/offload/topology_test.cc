@@ -9,6 +9,7 @@
 #include <filesystem>
 #include <fstream>
 
+#include "core/tensor.h"
 #include "tests/common/testing.h"
 
 namespace tandem::offload {
@@ -153,6 +154,26 @@ TEST(TopologyTest, RealSysfsAndNumaBuffer) {
   auto plain = NumaBuffer::Allocate(4096, nvme);
   ASSERT_TRUE(plain.ok());
   EXPECT_FALSE(plain->numa_placed());
+}
+
+// PlaceOnThisMachine gives the rule's placement on the real topology; PlacedHostAllocator hands
+// out zeroed memory placed by it through the Allocator interface, and counts it.
+TEST(TopologyTest, PlacedHostAllocatorServesTensors) {
+  const Placement p = PlaceOnThisMachine(StateKind::kWeightsBf16);
+  EXPECT_NE(p.reason.find("weights_bf16"), std::string::npos) << p.reason;
+  PlacedHostAllocator alloc(p);
+  {
+    StatusOr<Tensor> t = Tensor::Empty({3, 1000}, DType::kF32, alloc);
+    ASSERT_TRUE(t.ok()) << t.status().ToString();
+    EXPECT_TRUE(t->device().is_cpu());
+    EXPECT_EQ(reinterpret_cast<uintptr_t>(t->raw_data()) % 256, 0u);
+    for (int64_t i = 0; i < t->numel(); ++i) ASSERT_EQ(t->data<float>()[i], 0.0f);
+    t->data<float>()[2999] = 5.0f;
+    EXPECT_EQ(alloc.stats().bytes_in_use, 12000u);
+    EXPECT_EQ(alloc.stats().num_allocs, 1);
+  }
+  EXPECT_EQ(alloc.stats().bytes_in_use, 0u);
+  EXPECT_EQ(alloc.stats().peak_bytes_in_use, 12000u);
 }
 
 }  // namespace

@@ -12,6 +12,7 @@
 
 #include "core/logging.h"
 #include "core/parallel.h"
+#include "offload/topology.h"
 
 #if defined(TANDEM_WITH_CUDA)
 #include <cuda_runtime.h>
@@ -73,6 +74,8 @@ StatusOr<std::unique_ptr<OffloadedAdamW>> OffloadedAdamW::Create(
   oo.chunk_elems = std::max<int64_t>(1, std::llround(options.chunk_mib * (1 << 20) / 4.0));
   oo.num_threads = static_cast<int>(options.threads);
   oo.zero_storage = false;  // the model's initialisation (or a checkpoint) sets every parameter
+  // Host tier: masters and moments in local DRAM (the tier rule), bound there.
+  oo.host_placement = offload::PlaceOnThisMachine(offload::StateKind::kOptimizerState);
   if (options.offload == "nvme") {
     oo.tier = offload::OptimizerTier::kStorage;
     std::error_code ec;
@@ -104,6 +107,7 @@ StatusOr<std::unique_ptr<OffloadedAdamW>> OffloadedAdamW::Create(
                   : std::string();
   TANDEM_LOG(INFO, "train") << "optimizer state (f32 master weights + Adam moments, "
                             << GiB(double(self->state_bytes())) << " GiB) in " << self->where()
+                            << (self->file_.empty() ? " (" + oo.host_placement.reason + ")" : "")
                             << ", plus " << GiB(2.0 * double(numel)) << " GiB of bf16 weight "
                             << "copies in host memory; " << oo.num_threads << " CPU threads, "
                             << oo.chunk_elems << " elements per chunk" << slabs;
