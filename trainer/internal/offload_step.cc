@@ -122,6 +122,7 @@ OffloadedAdamW::~OffloadedAdamW() {
   if (step_begun_ || pending_ != nullptr) (void)opt_->FinishStep();
   if (upload_) (void)upload_->Synchronize();
   if (pool_) ReleaseAllSlabs();  // copies made early for a step that never updated
+  pinned_.clear();  // [delayed] unregistered before the optimizer frees its bf16 buffers
   opt_.reset();
   storage_.reset();
   if (!file_.empty()) {
