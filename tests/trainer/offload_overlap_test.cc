@@ -230,7 +230,9 @@ TEST(OffloadOverlapTest, DelayedUpdateIsAdamWAppliedOneStepLate) {
       ASSERT_TRUE(run->model->ZeroGrads().ok());
       ASSERT_TRUE(ref.ZeroGrads().ok());
       for (int micro = 0; micro < 2; ++micro) {
-        if (micro == 1) ASSERT_TRUE(opt->BeginLastBackward(params, nullptr).ok());
+        if (micro == 1) {
+          ASSERT_TRUE(opt->BeginLastBackward(params, nullptr).ok());
+        }
         const model::Batch b = MakeBatch(100 * step + micro);
         StatusOr<model::LossSum> got = run->model->ForwardBackward(b, 1.0f / 32);
         StatusOr<model::LossSum> want = ref.ForwardBackward(b, 1.0f / 32);
