@@ -18,10 +18,12 @@
 // the final PEFT adapter within 1e-4 + 1e-4 |w| (Adam over 6 steps, as tests/parallel/
 // train_mpi_test.cc); and the universal checkpoint it saved at step 3 resumes on one rank, whose
 // steps 4-6 match the mesh run's (losses 1e-5 relative, adapter 1e-4 + 1e-4 |w|). And an adapter
-// that does not declare tp support (as S2FT) is refused by the model under tp.
+// that does not declare tp support (as S2FT) is refused by the model under tp. The same mesh run
+// with model.offload = "host" (the base's layers streamed) gives bitwise its losses and adapter.
 #include <gtest/gtest.h>
 
 #include <fstream>
+#include <iterator>
 #include <nlohmann/json.hpp>
 #include <random>
 #include <sstream>
@@ -419,6 +421,27 @@ TEST(LoraTpTrainer, MatchesOneProcessAndResumesOnOneRank) {
     env.world = &world;
     auto r = trainer::RunTraining(*cfg, "test", env);
     ASSERT_TRUE(r.ok()) << mesh.ToString() << ": " << r.status().ToString();
+  }
+  {  // the same mesh with the frozen base's layers streamed from host memory
+    std::vector<std::string> o = TrainOverrides(dir, "mesh-streamed", mesh);
+    o.push_back("model.offload=\"host\"");
+    auto cfg = trainer::LoadTrainConfig("", o);
+    ASSERT_TRUE(cfg.ok()) << cfg.status().ToString();
+    trainer::TrainEnv env;
+    env.world = &world;
+    auto r = trainer::RunTraining(*cfg, "test", env);
+    ASSERT_TRUE(r.ok()) << mesh.ToString() << " streamed: " << r.status().ToString();
+  }
+  ASSERT_TRUE(world.Barrier().ok());
+  if (world.rank() == 0) {  // bitwise: the same mesh and math, only where the base weights live
+    EXPECT_EQ(Losses(dir + "/mesh-streamed"), Losses(dir + "/mesh"));
+    const std::string file = std::string("/checkpoints/step-6/") + peft::kAdapterWeightsFile;
+    std::ifstream a(dir + "/mesh" + file, std::ios::binary), b(dir + "/mesh-streamed" + file,
+                                                                std::ios::binary);
+    const std::string wa((std::istreambuf_iterator<char>(a)), {});
+    const std::string wb((std::istreambuf_iterator<char>(b)), {});
+    EXPECT_FALSE(wa.empty());
+    EXPECT_TRUE(wa == wb) << "the streamed mesh run's adapter differs";
   }
   ASSERT_TRUE(world.Barrier().ok());
   if (world.rank() == 0) {
