@@ -208,6 +208,12 @@ class LlamaModel {
   // while the backward goes on. Empty function: none.
   using GradReadyFn = std::function<Status(const std::vector<size_t>& params)>;
   void SetGradReadyCallback(GradReadyFn fn) { grad_ready_ = std::move(fn); }
+  // Called in every forward pass, before the work that reads them is enqueued, with the parameter
+  // indices about to be read: the embedding, then each block's, then the final norm and lm_head,
+  // so weights still being written (an optimizer's upload on another stream) can be waited for
+  // one layer at a time. Empty function: none.
+  using WeightsNeededFn = std::function<Status(const std::vector<size_t>& params)>;
+  void SetWeightsNeededCallback(WeightsNeededFn fn) { weights_needed_ = std::move(fn); }
   // [offload] Not owned; must outlive its use (nullptr detaches). See HostMasters.
   void SetHostMasters(HostMasters* masters) { host_masters_ = masters; }
 
@@ -293,6 +299,7 @@ class LlamaModel {
   std::unique_ptr<Activations> acts_;
   AdapterHooks* adapter_ = nullptr;  // [adapter] not owned
   GradReadyFn grad_ready_;
+  WeightsNeededFn weights_needed_;
   HostMasters* host_masters_ = nullptr;  // [offload] not owned
   // This rank's sizes (the config's divided by tp): q and kv heads, ffn width, vocabulary rows
   // (padded), the first vocabulary row and kv head held here, ranks sharing a kv head.

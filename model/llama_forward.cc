@@ -184,6 +184,10 @@ Status LlamaModel::PrepareBatch(const Batch& batch, bool need_targets, bool back
 
 Status LlamaModel::Forward() {
   Activations& a = *acts_;
+  auto need = [this](const std::vector<size_t>& params) {
+    return weights_needed_ ? weights_needed_(params) : Status::Ok();
+  };
+  TANDEM_RETURN_IF_ERROR(need({embed_}));
   if (tp()) {  // vocabulary-parallel lookup: other ranks' tokens read the zero sink row
     TANDEM_RETURN_IF_ERROR(
         ops::EmbeddingForward(ctx_, a.x[0], a.embed_ids, groups_[group_of_[embed_]].weight));
@@ -194,10 +198,13 @@ Status LlamaModel::Forward() {
   const int64_t L = config_.num_hidden_layers;
   if (stream_) stream_->Invalidate();  // [offload] host weights may have changed since
   for (int64_t l = 0; l < L; ++l) {
+    const Layer& y = layers_[l];
+    TANDEM_RETURN_IF_ERROR(
+        need({y.q, y.k, y.v, y.o, y.gate, y.up, y.down, y.attn_norm, y.mlp_norm}));
     TANDEM_ASSIGN_OR_RETURN(const LayerWeights w, WeightsOf(l, l + 1 < L ? l + 1 : -1));
     TANDEM_RETURN_IF_ERROR(BlockForward(l, /*write_output=*/true, w));
   }
-  return Status::Ok();
+  return need({final_norm_, lm_head_});
 }
 
 // [adapter] y's column blocks are the group's members (q|k|v or gate|up), in `projs` order.

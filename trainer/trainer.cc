@@ -290,6 +290,10 @@ Status OpenModel(const TrainConfig& c, Session& s) {
     // [offload] The last backward names each parameter whose gradient is final (see TrainStep).
     s.model->SetGradReadyCallback(
         [o = s.offload.get()](const std::vector<size_t>& ready) { return o->GradientsFinal(ready); });
+    s.model->SetWeightsNeededCallback(  // [delayed] weight uploads overlap the next forward
+        [o = s.offload.get()](const std::vector<size_t>& params) {
+          return o->WeightsNeeded(params);
+        });
     s.offload->LogMode(c.train.grad_clip == 0);
   }
   if (c.model.init == "pretrained") {

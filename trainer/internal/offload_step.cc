@@ -117,6 +117,7 @@ StatusOr<std::unique_ptr<OffloadedAdamW>> OffloadedAdamW::Create(
 OffloadedAdamW::~OffloadedAdamW() {
   // Every stream callback must have run before the slabs and the optimizer go.
   if (d2h_) (void)d2h_->Synchronize();
+  if (upload_) (void)upload_->Synchronize();  // [delayed] the hand-over callback too
   // [overlap] A step abandoned mid-backward (an error): the chunks it queued finish first;
   // [delayed] so does an update still in flight.
   if (step_begun_ || pending_ != nullptr) (void)opt_->FinishStep();
@@ -592,6 +593,11 @@ Status OffloadedAdamW::InitDelayed() {
     std::memset(g + begin, 0, static_cast<size_t>(end - begin) * sizeof(float));
   });
   if (!ctx_.is_cuda()) return Status::Ok();
+  upload_pending_.assign(param_of_.size(), 0);
+  for (size_t k = 0; k < param_of_.size(); ++k) {
+    TANDEM_ASSIGN_OR_RETURN(CudaEventOwner ev, CudaEventOwner::Create(ctx_.device().index, false));
+    uploaded_.push_back(std::move(ev));
+  }
   // Page-locked, so the gradient copies and the weight uploads run asynchronously.
   TANDEM_ASSIGN_OR_RETURN(
       HostRegistration grads,
@@ -625,48 +631,100 @@ Status OffloadedAdamW::CopyGradToHost(int k, const model::Parameter& p) {
   return CopyTensor(dst, p.grad, ctx_.is_cuda() ? d2h_->get() : nullptr);
 }
 
-Status OffloadedAdamW::FinishPending() {
-  if (pending_ == nullptr) return Status::Ok();
-  const std::vector<model::Parameter>& params = *pending_;
+// Finishes the update in flight and gives its weights to the model. With `next`, the next update
+// begins here too and takes its gradients from the buffer once the uploads that read the bf16
+// buffers it rewrites are done (CUDA: a host callback at the end of the upload stream); the
+// uploads go in forward order with an event per parameter, and the next forward waits for each
+// parameter's own upload (WeightsNeeded), so they overlap its first layers.
+Status OffloadedAdamW::FinishPending(const ops::AdamWParams* next,
+                                     const std::vector<model::Parameter>* next_params) {
+  if (pending_ == nullptr && next == nullptr) return Status::Ok();
+  const std::vector<model::Parameter>* prev = pending_;
   pending_ = nullptr;
-  TANDEM_RETURN_IF_ERROR(opt_->FinishStep());
-  if (ctx_.is_cuda()) {
-    // Uploads overwrite weights the queued compute may still read: they wait for it.
-    TANDEM_RETURN_IF_ERROR(grads_done_->Record(ctx_.stream()));
-    TANDEM_RETURN_IF_ERROR(grads_done_->Wait(upload_->get()));
+  if (prev != nullptr) {
+    // Its gradients were handed over by the callback at the end of the previous uploads.
+    if (ctx_.is_cuda()) TANDEM_RETURN_IF_ERROR(upload_->Synchronize());
+    TANDEM_RETURN_IF_ERROR(opt_->FinishStep());
+    TANDEM_RETURN_IF_ERROR(TakeError());
+    if (!ctx_.is_cuda()) {  // f32 model weights: the masters (outside a step)
+      for (size_t k = 0; k < param_of_.size(); ++k) {
+        Tensor weight = (*prev)[param_of_[k]].weight;
+        TANDEM_RETURN_IF_ERROR(
+            opt_->GetState(static_cast<int>(k), weight.data<float>(), nullptr, nullptr));
+      }
+    }
   }
+  if (next != nullptr) {
+    for (size_t k = 0; k < param_of_.size(); ++k) chunks_done_[k] = 0;
+    TANDEM_RETURN_IF_ERROR(opt_->BeginStep(
+        *next,
+        [this](int k, int64_t, int64_t, const Bf16*, int64_t) { chunks_done_[k].fetch_add(1); }));
+    pending_ = next_params;
+  }
+  if (!ctx_.is_cuda()) return next != nullptr ? HandOverGradients() : Status::Ok();
+  if (prev == nullptr) return HandOverGradients();  // nothing to upload
+  // Uploads overwrite weights the queued compute may still read: they wait for it.
+  TANDEM_RETURN_IF_ERROR(grads_done_->Record(ctx_.stream()));
+  TANDEM_RETURN_IF_ERROR(grads_done_->Wait(upload_->get()));
   bool host_weights = false;
   for (size_t k = 0; k < param_of_.size(); ++k) {
-    const int ki = static_cast<int>(k);
-    Tensor weight = params[param_of_[k]].weight;
-    if (!ctx_.is_cuda()) {  // f32 model weights: the masters
-      TANDEM_RETURN_IF_ERROR(opt_->GetState(ki, weight.data<float>(), nullptr, nullptr));
-      continue;
-    }
-    if (weight.device().is_cpu()) {  // a streamed layer: after the compute (below)
-      host_weights = true;
-      continue;
-    }
-    const Tensor src = Tensor::Wrap(const_cast<Bf16*>(opt_->weights_bf16(ki)), weight.shape(),
-                                    DType::kBF16, Device::Cpu());
-    TANDEM_RETURN_IF_ERROR(CopyTensor(weight, src, upload_->get()));
+    host_weights = host_weights || (*prev)[param_of_[k]].weight.device().is_cpu();
   }
-  if (!ctx_.is_cuda()) return Status::Ok();
-  if (host_weights) {  // no queued pass may still copy a streamed layer in
-    TANDEM_RETURN_IF_ERROR(ctx_.Synchronize());
-    for (size_t k = 0; k < param_of_.size(); ++k) {
-      Tensor weight = params[param_of_[k]].weight;
-      if (!weight.device().is_cpu()) continue;
-      const char* src = reinterpret_cast<const char*>(opt_->weights_bf16(static_cast<int>(k)));
+  if (host_weights) TANDEM_RETURN_IF_ERROR(ctx_.Synchronize());  // no pass still copies a layer in
+  for (size_t k = 0; k < param_of_.size(); ++k) {  // forward order: the next forward's first needs
+    const int ki = static_cast<int>(k);
+    Tensor weight = (*prev)[param_of_[k]].weight;
+    const Bf16* bf16 = opt_->weights_bf16(ki);
+    if (weight.device().is_cpu()) {  // a streamed layer: its host weights, now
+      const char* src = reinterpret_cast<const char*>(bf16);
       char* dst = static_cast<char*>(weight.raw_data());
       ParallelRanges(static_cast<int64_t>(weight.num_bytes()), int64_t{1} << 22,
                      [src, dst](int64_t begin, int64_t end) {
                        std::memcpy(dst + begin, src + begin, static_cast<size_t>(end - begin));
                      });
+      continue;
     }
+    const Tensor src =
+        Tensor::Wrap(const_cast<Bf16*>(bf16), weight.shape(), DType::kBF16, Device::Cpu());
+    TANDEM_RETURN_IF_ERROR(CopyTensor(weight, src, upload_->get()));
+    TANDEM_RETURN_IF_ERROR(uploaded_[k].Record(upload_->get()));
+    upload_pending_[k] = 1;
   }
-  // The next update rewrites the bf16 buffers the uploads read; the next forward needs them.
-  TANDEM_RETURN_IF_ERROR(upload_->Synchronize());
+  if (next == nullptr) {  // Flush, a save: everything in place before returning
+    TANDEM_RETURN_IF_ERROR(upload_->Synchronize());
+    std::fill(upload_pending_.begin(), upload_pending_.end(), 0);
+    return Status::Ok();
+  }
+#if defined(TANDEM_WITH_CUDA)
+  TANDEM_CUDA_RETURN_IF_ERROR(cudaLaunchHostFunc(upload_->get(), &UploadsDone, this));
+  return Status::Ok();
+#else
+  return UnimplementedError("OffloadedAdamW: a CUDA context in a CPU-only build");
+#endif
+}
+
+// The gradients of every parameter to the update in flight, in backward's order (the next
+// backward copies over the last layers' first).
+Status OffloadedAdamW::HandOverGradients() {
+  for (size_t i = param_of_.size(); i-- > 0;) {
+    const int k = static_cast<int>(i);
+    TANDEM_RETURN_IF_ERROR(opt_->GradientsReady(k, host_grads_.data<float>() + grad_offset_[k]));
+  }
+  return Status::Ok();
+}
+
+void OffloadedAdamW::UploadsDone(void* arg) {  // CUDA host callback
+  auto* self = static_cast<OffloadedAdamW*>(arg);
+  self->RecordError(self->HandOverGradients());
+}
+
+Status OffloadedAdamW::WeightsNeeded(const std::vector<size_t>& params) {
+  if (!delayed_ || !ctx_.is_cuda()) return Status::Ok();
+  for (size_t i : params) {
+    if (i >= index_.size() || index_[i] < 0 || !upload_pending_[index_[i]]) continue;
+    TANDEM_RETURN_IF_ERROR(uploaded_[index_[i]].Wait(ctx_.stream()));
+    upload_pending_[index_[i]] = 0;
+  }
   return Status::Ok();
 }
 
@@ -683,28 +741,21 @@ Status OffloadedAdamW::UpdateDelayed(const std::vector<model::Parameter>& params
     TANDEM_RETURN_IF_ERROR(grads_final_->Record(ctx_.stream()));
     TANDEM_RETURN_IF_ERROR(grads_final_->Wait(d2h_->get()));
   }
+  if (grad_copied_.size() != param_of_.size()) grad_copied_.assign(param_of_.size(), 0);
   for (size_t k = 0; k < param_of_.size(); ++k) {
-    if (grad_copied_.size() != param_of_.size()) grad_copied_.assign(param_of_.size(), 0);
     TANDEM_RETURN_IF_ERROR(CopyGradToHost(static_cast<int>(k), params[param_of_[k]]));
   }
-  // The previous update (it ran during this step's micro-batches) reaches the model.
-  TANDEM_RETURN_IF_ERROR(FinishPending());
   if (ctx_.is_cuda()) TANDEM_RETURN_IF_ERROR(d2h_->Synchronize());
   grad_copied_.assign(param_of_.size(), 0);
-  for (size_t k = 0; k < param_of_.size(); ++k) chunks_done_[k] = 0;
-  TANDEM_RETURN_IF_ERROR(opt_->BeginStep(adamw, [this](int k, int64_t, int64_t, const Bf16*,
-                                                       int64_t) { chunks_done_[k].fetch_add(1); }));
-  pending_ = &params;
-  for (size_t i = param_of_.size(); i-- > 0;) {  // backward's order: the next one frees them so
-    const int k = static_cast<int>(i);
-    const Status st = opt_->GradientsReady(k, host_grads_.data<float>() + grad_offset_[k]);
-    if (!st.ok()) {
-      pending_ = nullptr;
-      (void)opt_->FinishStep();
-      return st;
-    }
+  // The previous update (it ran during this step's micro-batches) reaches the model; this one
+  // starts.
+  const Status st = FinishPending(&adamw, &params);
+  if (!st.ok() && pending_ != nullptr) {
+    if (ctx_.is_cuda()) (void)upload_->Synchronize();  // its callback hands the chunks over
+    pending_ = nullptr;
+    (void)opt_->FinishStep();
   }
-  return Status::Ok();
+  return st;
 }
 
 }  // namespace tandem::trainer::internal

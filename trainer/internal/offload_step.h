@@ -120,6 +120,9 @@ class OffloadedAdamW : public model::HostMasters {
   // [delayed] Finishes a pending delayed update and gives its weights to the model (before an
   // evaluation; saves and state reads do it themselves). Nothing without one.
   Status Flush();
+  // [delayed] The model's WeightsNeededFn: the compute stream waits for these parameters' weight
+  // uploads of the last update (each forward's first use), not for all of them at once.
+  Status WeightsNeeded(const std::vector<size_t>& params);
   bool delayed() const { return delayed_; }
   // [delayed] Before each update: with optimizer.delayed_update_after = N the first N updates
   // run undelayed (the delay starts once training has settled).
@@ -154,7 +157,10 @@ class OffloadedAdamW : public model::HostMasters {
   // [delayed]
   Status InitDelayed();
   Status UpdateDelayed(const std::vector<model::Parameter>& params, const ops::AdamWParams& adamw);
-  Status FinishPending();
+  Status FinishPending(const ops::AdamWParams* next = nullptr,
+                       const std::vector<model::Parameter>* next_params = nullptr);
+  Status HandOverGradients();
+  static void UploadsDone(void* self);                      // CUDA host callback: HandOverGradients
   Status CopyGradToHost(int k, const model::Parameter& p);  // CUDA: on d2h_, after grads_final_
   Status WaitGradsRead(int k);  // the pending update is done with parameter k's gradients
   StatusOr<offload::StagingPool::Slab> AcquireSlab();
@@ -200,6 +206,8 @@ class OffloadedAdamW : public model::HostMasters {
   std::vector<HostRegistration> pinned_;  // host_grads_ and the optimizer's bf16 weights
   const std::vector<model::Parameter>* pending_ = nullptr;  // non-null: an update in flight
   std::unique_ptr<std::atomic<int64_t>[]> chunks_done_;     // per optimizer index, pending update
+  std::vector<CudaEventOwner> uploaded_;  // CUDA, per optimizer index: its last upload is done
+  std::vector<uint8_t> upload_pending_;   // ... and the compute stream has not waited for it
   std::mutex slab_mu_;
   std::mutex error_mu_;
   Status error_;
