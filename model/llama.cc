@@ -231,15 +231,18 @@ StatusOr<std::function<Tensor(const LlamaModel::Group&)>> LlamaModel::AllocateSt
       options_.stream_host_allocator != nullptr ? *options_.stream_host_allocator : HostAllocator();
   if (!memory.device().is_cpu()) {
     return InvalidArgumentError(
-        StrCat("ModelOptions::stream_host_allocator must give host memory, ", "it gives ",
+        StrCat("ModelOptions::stream_host_allocator must give host memory, it gives ",
                memory.device().ToString()));
   }
   TANDEM_ASSIGN_OR_RETURN(Tensor host, Tensor::Empty({L * layer_elems_}, compute_dtype_, memory));
-  char* bytes = static_cast<char*>(host.raw_data());
-  ParallelRanges(static_cast<int64_t>(host.num_bytes()), int64_t{1} << 24,
-                 [bytes](int64_t begin, int64_t end) {  // first touch on every core
-                   std::memset(bytes + begin, 0, static_cast<size_t>(end - begin));
-                 });
+  // First touch on every core; a given allocator places and touches its own pages.
+  if (options_.stream_host_allocator == nullptr) {
+    char* bytes = static_cast<char*>(host.raw_data());
+    ParallelRanges(static_cast<int64_t>(host.num_bytes()), int64_t{1} << 24,
+                   [bytes](int64_t begin, int64_t end) {
+                     std::memset(bytes + begin, 0, static_cast<size_t>(end - begin));
+                   });
+  }
   TANDEM_ASSIGN_OR_RETURN(resident_, Tensor::Empty({total - (layer_end - layer_begin_)},
                                                    compute_dtype_, ctx_.allocator()));
   TANDEM_RETURN_IF_ERROR(ops::Fill(ctx_, resident_, 0.0f));

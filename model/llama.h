@@ -120,7 +120,9 @@ struct ModelOptions {
   // optimizer lives off the device) since no f32 master of it may live on the device.
   bool stream_layers = false;
   // [offload] Where stream_layers' host buffer comes from (host memory; e.g. placed on a NUMA or
-  // CXL node); nullptr: HostAllocator(). Not owned: it must outlive the model.
+  // CXL node, its pages touched there); nullptr: HostAllocator(), touched by the model across the
+  // cores. Weights are set (init or load) before any pass reads them either way. Not owned: it must
+  // outlive the model.
   Allocator* stream_host_allocator = nullptr;
 };
 

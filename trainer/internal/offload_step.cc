@@ -741,7 +741,6 @@ Status OffloadedAdamW::UpdateDelayed(const std::vector<model::Parameter>& params
     TANDEM_RETURN_IF_ERROR(grads_final_->Record(ctx_.stream()));
     TANDEM_RETURN_IF_ERROR(grads_final_->Wait(d2h_->get()));
   }
-  if (grad_copied_.size() != param_of_.size()) grad_copied_.assign(param_of_.size(), 0);
   for (size_t k = 0; k < param_of_.size(); ++k) {
     TANDEM_RETURN_IF_ERROR(CopyGradToHost(static_cast<int>(k), params[param_of_[k]]));
   }

@@ -123,7 +123,6 @@ class OffloadedAdamW : public model::HostMasters {
   // [delayed] The model's WeightsNeededFn: the compute stream waits for these parameters' weight
   // uploads of the last update (each forward's first use), not for all of them at once.
   Status WeightsNeeded(const std::vector<size_t>& params);
-  bool delayed() const { return delayed_; }
   // [delayed] Before each update: with optimizer.delayed_update_after = N the first N updates
   // run undelayed (the delay starts once training has settled).
   void StartStep(int64_t step);
