@@ -58,6 +58,11 @@ StatusOr<std::unique_ptr<LlamaModel>> LlamaModel::Create(ops::Context& ctx,
     return InvalidArgumentError(StrCat("ModelOptions::flat_numel_multiple must be positive, found ",
                                        options.flat_numel_multiple));
   }
+  if (options.stream_reader != nullptr && !options.stream_layers) {
+    return InvalidArgumentError(
+        "ModelOptions::stream_reader is set but stream_layers is false: the reader only serves "
+        "streamed layers");
+  }
   std::unique_ptr<LlamaModel> m(new LlamaModel(ctx, c, options));
   TANDEM_RETURN_IF_ERROR(m->CheckParallel());
   TANDEM_RETURN_IF_ERROR(m->AllocateParameters());
@@ -246,7 +251,8 @@ StatusOr<std::function<Tensor(const LlamaModel::Group&)>> LlamaModel::AllocateSt
   TANDEM_ASSIGN_OR_RETURN(resident_, Tensor::Empty({total - (layer_end - layer_begin_)},
                                                    compute_dtype_, ctx_.allocator()));
   TANDEM_RETURN_IF_ERROR(ops::Fill(ctx_, resident_, 0.0f));
-  TANDEM_ASSIGN_OR_RETURN(stream_, internal::LayerStream::Create(ctx_, host, L, layer_elems_));
+  TANDEM_ASSIGN_OR_RETURN(
+      stream_, internal::LayerStream::Create(ctx_, host, L, layer_elems_, options_.stream_reader));
   return std::function<Tensor(const Group&)>([this, host, layer_end](const Group& g) {
     const int64_t n = g.rows * g.cols;
     if (g.offset < layer_begin_) return resident_.Slice(0, g.offset, g.offset + n);

@@ -95,6 +95,18 @@ class HostMasters {
   virtual Status GetMaster(size_t param, Tensor& host_f32) = 0;
 };
 
+// [offload] Where streamed layers are read from when their host buffer is not the copy source:
+// a file the buffer maps (ModelOptions::stream_reader), read with direct I/O so a layer's bytes go
+// disk -> pinned staging -> device without passing through the page cache. Read(offset, dst, n)
+// fills dst with bytes [offset, offset + n) of the host buffer as last written (layer l starts at
+// byte l * E * element size). Called from the layer stream's worker threads, one call at a time;
+// dst is host memory of the stream's own. Implemented by the trainer over an offload::Storage.
+class LayerReader {
+ public:
+  virtual ~LayerReader() = default;
+  virtual Status Read(uint64_t offset, void* dst, size_t num_bytes) = 0;
+};
+
 struct ModelOptions {
   // Keep only each block's input; recompute the block in backward.
   bool recompute = false;
@@ -124,6 +136,11 @@ struct ModelOptions {
   // cores. Weights are set (init or load) before any pass reads them either way. Not owned: it must
   // outlive the model.
   Allocator* stream_host_allocator = nullptr;
+  // [offload] With stream_layers: layers are read through this reader (e.g. from the NVMe file
+  // that stream_host_allocator maps) instead of copied out of the host buffer, which is then not
+  // page-locked (its pages may be evicted: models larger than host memory). The buffer stays the
+  // weights' home for init, load, save and optimizer writes. Not owned: it must outlive the model.
+  LayerReader* stream_reader = nullptr;
 };
 
 struct Parameter {
@@ -231,7 +248,8 @@ class LlamaModel {
   // when every parameter trains).
   int64_t flat_offset(size_t i) const;
   const ModelParallel& parallel() const { return options_.parallel; }
-  // [offload] Bytes of layer weights copied host -> device so far (stream_layers; else 0).
+  // [offload] Bytes of layer weights copied host -> device so far (stream_layers; else 0); with
+  // stream_reader the bytes read through it.
   int64_t streamed_bytes() const;
   // f32 host [B, T, V] (targets may be undefined), for tests and small generation. Under tp a
   // collective over the tp group (the vocabulary slices are gathered).

@@ -183,6 +183,10 @@ Status IoUringStorage::Impl::Pump(bool block) {
     const int res = cqe->res;
     io_uring_cqe_seen(&ring, cqe);
     Complete(id, res);
+    // Refill the queue before the next completion is copied out and checked: the device keeps
+    // queue_depth operations while this thread does the CPU work of a burst of completions.
+    while (!queued.empty() && TryIssue(queued.front())) queued.pop_front();
+    if (unsubmitted > 0) TANDEM_RETURN_IF_ERROR(SubmitPrepared());
     cqe = nullptr;
     if (io_uring_peek_cqe(&ring, &cqe) != 0) break;
   }

@@ -21,10 +21,15 @@ void ModelSection::Describe(ConfigSchema<ModelSection>& s) {
   s.Field("recompute", &ModelSection::recompute, "recompute each block in backward (saves memory)");
   s.Field(
        "offload", &ModelSection::offload,
-       "where the decoder layers' weights live: none (the device) or host (CPU memory, streamed to "
-       "the device a layer ahead); host needs optimizer.offload = host/nvme or a frozen base "
+       "where the decoder layers' weights live: none (the device), host (CPU memory, streamed to "
+       "the device a layer ahead) or nvme (a file under model.nvme_path, read a layer ahead with "
+       "O_DIRECT); host and nvme need optimizer.offload = host/nvme or a frozen base "
        "(peft.method lora/s2ft)")
-      .OneOf({"none", "host"});
+      .OneOf({"none", "host", "nvme"});
+  s.Field(
+      "nvme_path", &ModelSection::nvme_path,
+      "with offload = nvme: an existing directory on the NVMe drive for the layer file (removed "
+      "at exit)");
 }
 
 void PeftSection::Describe(ConfigSchema<PeftSection>& s) {
@@ -151,15 +156,21 @@ namespace {
 // (a frozen base, or the optimizer offloaded), and ZeRO-1 shards a device buffer of every weight.
 Status CheckModelOffload(const TrainConfig& c) {
   if (c.model.offload == "none") return Status::Ok();
-  if (c.optimizer.offload == "none" && c.peft.method == "none") {
+  const std::string what = StrCat("model.offload = \"", c.model.offload, "\"");
+  if (c.model.offload == "nvme" && c.model.nvme_path.empty()) {
     return InvalidArgumentError(
-        "model.offload = \"host\" streams the layer weights from host memory, so their optimizer "
-        "must live there too: set optimizer.offload = \"host\" or \"nvme\" (full fine-tuning), "
-        "or train an adapter over the frozen base (peft.method = \"lora\" or \"s2ft\")");
+        StrCat(what, " needs model.nvme_path: an existing directory for the layer file"));
+  }
+  if (c.optimizer.offload == "none" && c.peft.method == "none") {
+    return InvalidArgumentError(StrCat(
+        what,
+        " streams the layer weights from off the device, so their optimizer must live off "
+        "it too: set optimizer.offload = \"host\" or \"nvme\" (full fine-tuning), or train an "
+        "adapter over the frozen base (peft.method = \"lora\" or \"s2ft\")"));
   }
   if (c.parallel.zero != 0) {
     return UnimplementedError(
-        StrCat("model.offload = \"host\" with parallel.zero = ", c.parallel.zero,
+        StrCat(what, " with parallel.zero = ", c.parallel.zero,
                ": ZeRO-1 shards a device buffer of every weight, which streamed "
                "layers do not have (set parallel.zero = 0)"));
   }

@@ -29,8 +29,10 @@ struct ModelSection {
   double init_std = 0.02;
   bool recompute = false;
   // "host": the decoder layers' weights live in CPU memory and are streamed to the device a layer
-  // ahead (model::ModelOptions::stream_layers).
+  // ahead (model::ModelOptions::stream_layers); "nvme": in a file under nvme_path, read a layer
+  // ahead with O_DIRECT (trainer/internal/layer_file.h).
   std::string offload = "none";
+  std::string nvme_path;  // directory of the layer file for offload = "nvme"
 
   static void Describe(ConfigSchema<ModelSection>& s);
 };

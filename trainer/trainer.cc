@@ -26,6 +26,7 @@
 #include "peft/s2ft.h"
 #include "peft/s2ft_io.h"
 #include "trainer/data.h"
+#include "trainer/internal/layer_file.h"
 #include "trainer/internal/offload_step.h"
 #include "trainer/internal/parallel_run.h"
 #include "trainer/internal/run_dir.h"
@@ -199,6 +200,16 @@ double MemoryGiB(ops::Context& ctx) {
   return static_cast<double>(internal::PeakResidentBytes()) / (1ull << 30);
 }
 
+// [offload] The index of layer 0's first weight (the start of the streamed layers' buffer).
+size_t FirstLayerParam(model::LlamaModel& m) {
+  const std::vector<model::Parameter>& params = m.parameters();
+  for (size_t i = 0; i < params.size(); ++i) {
+    if (params[i].name == "model.layers.0.self_attn.q_proj.weight") return i;
+  }
+  TANDEM_CHECK_MSG(false, "the model has no model.layers.0.self_attn.q_proj.weight");
+  return 0;
+}
+
 // Everything one run holds. Members are destroyed in reverse order, so the context (whose
 // allocator owns every tensor's bytes) goes last.
 struct Session {
@@ -210,6 +221,9 @@ struct Session {
   // [offload] model.offload = host: the streamed layers' host memory, placed by the tier policy
   // (outlives the model).
   std::unique_ptr<offload::PlacedHostAllocator> layer_memory;
+  // [offload] model.offload = nvme: the layer file, mapped and read with O_DIRECT (outlives the
+  // model).
+  std::unique_ptr<internal::LayerFile> layer_file;
   std::unique_ptr<model::LlamaModel> model;
   // [offload] optimizer.offload = host/nvme: the masters and moments (the model's HostMasters).
   std::unique_ptr<internal::OffloadedAdamW> offload;
@@ -264,8 +278,12 @@ Status OpenModel(const TrainConfig& c, Session& s) {
   mopt.trainable = !s.lora && c.peft.method != "s2ft";
   const bool offload = c.optimizer.offload != "none";
   mopt.device_master = !offload;  // [offload] the f32 masters live in the offloaded optimizer
-  mopt.stream_layers = c.model.offload == "host";  // [offload] layer weights from host memory
-  if (mopt.stream_layers) {  // bf16 weights: local DRAM, or interleaved over CXL nodes if any
+  mopt.stream_layers = c.model.offload != "none";  // [offload] layer weights off the device
+  if (c.model.offload == "nvme") {                 // a file, mapped; layers read with O_DIRECT
+    s.layer_file = std::make_unique<internal::LayerFile>(c.model.nvme_path);
+    mopt.stream_host_allocator = &s.layer_file->memory();
+    mopt.stream_reader = s.layer_file.get();
+  } else if (mopt.stream_layers) {  // bf16 weights: local DRAM, or CXL nodes interleaved
     const offload::Placement where = offload::PlaceOnThisMachine(offload::StateKind::kWeightsBf16);
     TANDEM_LOG(INFO, "train") << "streamed layer weights in host memory: " << where.reason;
     s.layer_memory = std::make_unique<offload::PlacedHostAllocator>(where);
@@ -276,7 +294,15 @@ Status OpenModel(const TrainConfig& c, Session& s) {
     mopt.flat_numel_multiple = s.par->shape.dp * s.par->shape.cp;
   }
   TANDEM_ASSIGN_OR_RETURN(s.model, model::LlamaModel::Create(*s.ctx, s.mcfg, mopt));
-  if (mopt.stream_layers) {
+  if (s.layer_file) {
+    TANDEM_RETURN_IF_ERROR(
+        s.layer_file->Open(s.model->parameters()[FirstLayerParam(*s.model)].weight.raw_data()));
+    TANDEM_LOG(INFO, "train") << "model.offload = nvme: the weights of " << s.mcfg.num_hidden_layers
+                              << " layers live in " << s.layer_file->path()
+                              << (s.layer_file->direct_io() ? " (read with O_DIRECT)"
+                                                            : " (buffered: no O_DIRECT here)")
+                              << "; two are on the device at a time";
+  } else if (mopt.stream_layers) {
     TANDEM_LOG(INFO, "train") << "model.offload = host: the weights of " << s.mcfg.num_hidden_layers
                               << " layers live in host memory; two are on the device at a time";
   }

@@ -1,12 +1,17 @@
 // ModelOptions::stream_layers on CUDA: bf16 layer weights in page-locked host memory, two layers
 // on the device, the next copied on a side stream while the current one computes. The same
 // kernels read the same bits, so logits, losses and gradients are bitwise those of the resident
-// model; device memory drops by all but two layers. Skipped without a GPU.
+// model; device memory drops by all but two layers. The same with the layers read from a mapped
+// file through the io_uring engine (the NVMe tier), weights changed between passes included.
+// Skipped without a GPU.
 #include <gtest/gtest.h>
 
+#include <atomic>
 #include <cstring>
 
 #include "model/llama.h"
+#include "offload/mapped_file.h"
+#include "offload/storage.h"
 #include "tests/common/testing.h"
 
 namespace tandem::model {
@@ -137,6 +142,70 @@ TEST(LlamaStreamGpuTest, RefusesADeviceMasterForStreamedLayers) {
   EXPECT_NE(m.status().message().find("model.layers.0.self_attn.q_proj.weight"), std::string::npos)
       << m.status().ToString();
   EXPECT_NE(m.status().message().find("device_master = false"), std::string::npos);
+}
+
+class FileReader : public LayerReader {
+ public:
+  Status Open(const std::string& path) {
+    TANDEM_ASSIGN_OR_RETURN(
+        file_, offload::IoUringStorage::Open(path, {.create = false, .verify_checksums = false}));
+    return Status::Ok();
+  }
+  Status Read(uint64_t offset, void* dst, size_t n) override {
+    ++reads;
+    return file_->Read(offset, dst, n);
+  }
+  std::atomic<int> reads{0};
+
+ private:
+  std::unique_ptr<offload::IoUringStorage> file_;
+};
+
+TEST(LlamaStreamGpuTest, LayersReadFromAMappedFileGiveBitwiseTheResidentResults) {
+  TANDEM_SKIP_WITHOUT_GPU();
+  auto ctx = Gpu();
+  testing::TempDir tmp;
+  offload::MappedFileAllocator files(tmp.path());
+  FileReader reader;
+  for (bool recompute : {false, true}) {
+    SCOPED_TRACE(StrCat("recompute ", recompute));
+    auto plain = Make(*ctx, {.recompute = recompute, .device_master = false});
+    auto streamed = Make(*ctx, {.recompute = recompute,
+                                .device_master = false,
+                                .stream_layers = true,
+                                .stream_host_allocator = &files,
+                                .stream_reader = &reader});
+    ASSERT_TRUE(reader.Open(*files.PathOf(streamed->parameters()[1].weight.raw_data())).ok());
+    for (int pass = 0; pass < 2; ++pass) {
+      for (LlamaModel* m : {plain.get(), streamed.get()}) {
+        ASSERT_TRUE(m->ZeroGrads().ok());
+        ASSERT_TRUE(m->ForwardBackward(MakeBatch(2, 200, 1 + pass), 0.01f).ok());
+      }
+      for (size_t i = 0; i < plain->parameters().size(); ++i) {
+        EXPECT_TRUE(
+            SameBits(Host(plain->parameters()[i].grad), Host(streamed->parameters()[i].grad)))
+            << plain->parameters()[i].name;
+      }
+      // New weights for layer 3's down_proj, written through the mapping and into the plain model.
+      const size_t down3 = 1 + 3 * 9 + 6;
+      Parameter& p = streamed->parameters()[down3];
+      ASSERT_EQ(p.name, "model.layers.3.mlp.down_proj.weight");
+      Tensor fresh = testing::RandomInts(p.weight.shape(), 70 + pass, 100);
+      Tensor bf = Tensor::Cpu(p.weight.shape(), DType::kBF16);
+      for (int64_t j = 0; j < bf.numel(); ++j) {
+        bf.data<Bf16>()[j] =
+            FloatToBf16(0.001f * static_cast<float>(fresh.data<int32_t>()[j] - 50));
+      }
+      ASSERT_TRUE(CopyTensor(p.weight, bf).ok());
+      ASSERT_TRUE(CopyTensor(plain->parameters()[down3].weight, bf, ctx->stream()).ok());
+      ASSERT_TRUE(ctx->Synchronize().ok());
+    }
+    const Batch batch = MakeBatch(3, 130, 9);
+    StatusOr<Tensor> a = plain->Logits(batch), b = streamed->Logits(batch);
+    ASSERT_TRUE(a.ok() && b.ok());
+    EXPECT_TRUE(SameBits(*a, *b));
+    EXPECT_GT(reader.reads.load(), 0);
+  }
 }
 
 }  // namespace

@@ -1,14 +1,19 @@
 // ModelOptions::stream_layers on the CPU: layer weights in a host buffer copied a layer ahead into
 // two slots give bitwise the results of the plain model (logits, losses, gradients, with and
 // without recompute, tied or not), read weights changed between passes, save and load the same
-// files, and copy exactly the layers the schedule says.
+// files, and copy exactly the layers the schedule says. With a LayerReader (the NVMe tier: the
+// buffer maps a file that the reader reads with io_uring) the same holds, and reader errors fail
+// the pass naming the layer.
 #include <gtest/gtest.h>
 
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <iterator>
 
 #include "model/llama.h"
+#include "offload/mapped_file.h"
+#include "offload/storage.h"
 #include "offload/topology.h"
 #include "ops/ops.h"
 #include "tests/common/testing.h"
@@ -190,6 +195,101 @@ TEST(LlamaStreamTest, TakesTheLayerBufferFromTheGivenAllocator) {
   ASSERT_FALSE(bad.ok());
   EXPECT_NE(bad.status().message().find("stream_host_allocator"), std::string::npos)
       << bad.status().ToString();
+}
+
+// The NVMe tier as the trainer builds it: the layer buffer maps a file; layers are read from that
+// file through the io_uring engine (buffered where the filesystem refuses O_DIRECT).
+class FileReader : public LayerReader {
+ public:
+  Status Open(const std::string& path, const offload::FaultOptions* faults = nullptr) {
+    TANDEM_ASSIGN_OR_RETURN(
+        file_, offload::IoUringStorage::Open(path, {.create = false, .verify_checksums = false}));
+    if (faults != nullptr)
+      faulty_ = std::make_unique<offload::FaultInjectingStorage>(file_.get(), *faults);
+    return Status::Ok();
+  }
+  Status Read(uint64_t offset, void* dst, size_t n) override {
+    ++reads;
+    return faulty_ ? faulty_->Read(offset, dst, n) : file_->Read(offset, dst, n);
+  }
+  int reads = 0;
+
+ private:
+  std::unique_ptr<offload::IoUringStorage> file_;
+  std::unique_ptr<offload::FaultInjectingStorage> faulty_;
+};
+
+TEST(LlamaStreamTest, ReadsLayersThroughAReaderOfTheMappedFile) {
+  testing::TempDir tmp;
+  for (bool recompute : {false, true}) {
+    SCOPED_TRACE(StrCat("recompute ", recompute));
+    const LlamaConfig c = Config(false, 4);
+    auto ctx = ops::Context::Cpu();
+    auto plain = Make(*ctx, c, {.recompute = recompute});
+    offload::MappedFileAllocator files(tmp.path());
+    FileReader reader;
+    {
+      auto m = Make(*ctx, c,
+                    {.recompute = recompute,
+                     .stream_layers = true,
+                     .stream_host_allocator = &files,
+                     .stream_reader = &reader});
+      const Parameter& first = m->parameters()[1];  // model.layers.0's q_proj: the buffer's start
+      ASSERT_EQ(first.name, "model.layers.0.self_attn.q_proj.weight");
+      StatusOr<std::string> path = files.PathOf(first.weight.raw_data());
+      ASSERT_TRUE(path.ok()) << path.status().ToString();
+      EXPECT_TRUE(std::filesystem::exists(*path));
+      ASSERT_TRUE(reader.Open(*path).ok());
+      const Batch batch = MakeBatch(2, 7, c.vocab_size, 5);
+      for (int step = 0; step < 3; ++step) {  // SGD in place, through the mapping
+        for (LlamaModel* x : {plain.get(), m.get()}) {
+          ASSERT_TRUE(x->ZeroGrads().ok());
+          StatusOr<LossSum> l = x->ForwardBackward(batch, 0.05f);
+          ASSERT_TRUE(l.ok()) << l.status().ToString();
+          for (Parameter& p : x->parameters()) {
+            float* w = p.weight.data<float>();
+            const float* g = p.grad.data<float>();
+            for (int64_t i = 0; i < p.weight.numel(); ++i) w[i] -= 0.5f * g[i];
+          }
+        }
+        ExpectSameGrads(*plain, *m);
+      }
+      EXPECT_EQ(plain->Loss(batch)->sum, m->Loss(batch)->sum);
+      EXPECT_GT(reader.reads, 0);
+      // One read per layer load, each of one layer's bytes (alignment padding included).
+      EXPECT_EQ(m->streamed_bytes() % reader.reads, 0);
+      EXPECT_GE(m->streamed_bytes() / reader.reads, LayerBytes(*m));
+      EXPECT_LT(m->streamed_bytes() / reader.reads, LayerBytes(*m) + 6 * 64 * 4);
+    }
+    EXPECT_EQ(files.stats().bytes_in_use, 0u);  // the file went with the model
+    int left = 0;
+    for (const auto& e : std::filesystem::directory_iterator(tmp.path()))
+      left += e.is_regular_file();
+    EXPECT_EQ(left, 0);
+  }
+}
+
+TEST(LlamaStreamTest, ReaderErrorsFailThePassNamingTheLayer) {
+  testing::TempDir tmp;
+  const LlamaConfig c = Config(false, 3);
+  auto ctx = ops::Context::Cpu();
+  offload::MappedFileAllocator files(tmp.path());
+  FileReader reader;
+  auto m = Make(*ctx, c,
+                {.stream_layers = true, .stream_host_allocator = &files, .stream_reader = &reader});
+  const offload::FaultOptions eio{.eio_probability = 1.0};
+  ASSERT_TRUE(reader.Open(*files.PathOf(m->parameters()[1].weight.raw_data()), &eio).ok());
+  StatusOr<LossSum> l = m->Loss(MakeBatch(1, 5, c.vocab_size, 1));
+  ASSERT_FALSE(l.ok());
+  EXPECT_EQ(l.status().code(), StatusCode::kDataLoss) << l.status().ToString();
+  EXPECT_NE(l.status().message().find("streamed layer 0"), std::string::npos)
+      << l.status().ToString();
+
+  // A reader without streamed layers is a configuration error.
+  StatusOr<std::unique_ptr<LlamaModel>> bad =
+      LlamaModel::Create(*ctx, c, {.stream_reader = &reader});
+  ASSERT_FALSE(bad.ok());
+  EXPECT_NE(bad.status().message().find("stream_layers"), std::string::npos);
 }
 
 }  // namespace

@@ -139,7 +139,8 @@ TEST(OffloadTrainGpuTest, OverlappedUpdateIsBitwiseTheUpdateAfterBackward) {
 
 // [delayed] optimizer.delayed_update on a GPU: gradients copied to the host buffer during the
 // last backward, bf16 weights uploaded after the step (or copied into streamed host layers): the
-// same losses and final weights for host and nvme state and with streamed layers, and a
+// same losses and final weights for host and nvme state and with layers streamed from host
+// memory or from a file, and a
 // trajectory other than the undelayed one from step 2 (which still sees the initial weights).
 TEST(OffloadTrainGpuTest, DelayedUpdateIsTheSameOnEveryTierAndWithStreamedLayers) {
   TANDEM_SKIP_WITHOUT_GPU();
@@ -151,10 +152,16 @@ TEST(OffloadTrainGpuTest, DelayedUpdateIsTheSameOnEveryTierAndWithStreamedLayers
   delayed.push_back("optimizer.delayed_update=true");
   std::vector<std::string> streamed = delayed;
   streamed.push_back("model.offload=\"host\"");
+  // The layers in a mapped file, read with io_uring (model.offload = "nvme").
+  std::vector<std::string> from_file = delayed;
+  std::filesystem::create_directories(dir.Join("layers"));
+  from_file.push_back("model.offload=\"nvme\"");
+  from_file.push_back(StrCat("model.nvme_path=\"", dir.Join("layers"), "\""));
   for (const auto& [run, tier, extra] :
        {std::tuple<std::string, std::string, std::vector<std::string>>{"dpu-host", "host", delayed},
         {"dpu-nvme", "nvme", delayed},
-        {"dpu-streamed", "host", streamed}}) {
+        {"dpu-streamed", "host", streamed},
+        {"dpu-streamed-nvme", "host", from_file}}) {
     SCOPED_TRACE(run);
     auto r = Train(dir, run, tier, "", extra);
     ASSERT_TRUE(r.ok()) << r.status().ToString();
@@ -169,7 +176,7 @@ TEST(OffloadTrainGpuTest, DelayedUpdateIsTheSameOnEveryTierAndWithStreamedLayers
   std::ifstream a(dir.Join("dpu-host") + st, std::ios::binary);
   const std::string want((std::istreambuf_iterator<char>(a)), {});
   ASSERT_FALSE(want.empty());
-  for (const char* run : {"dpu-nvme", "dpu-streamed"}) {
+  for (const char* run : {"dpu-nvme", "dpu-streamed", "dpu-streamed-nvme"}) {
     EXPECT_EQ(Losses(dir.Join(run)), losses) << run;
     std::ifstream b(dir.Join(run) + st, std::ios::binary);
     EXPECT_TRUE(std::string((std::istreambuf_iterator<char>(b)), {}) == want) << run;

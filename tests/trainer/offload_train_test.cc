@@ -6,7 +6,8 @@
 // offload (and the reverse) exactly like the run that never stopped. Bad [optimizer] settings
 // fail before training with errors naming the key. With grad_clip = 0 the update overlapping the
 // last backward is bitwise the same, host and nvme. model.offload = "host" (layer weights streamed
-// from host memory) changes no bit either, with the optimizer offloaded or under LoRA and S2FT.
+// from host memory) and "nvme" (from a mapped file read with io_uring) change no bit either, with
+// the optimizer offloaded or under LoRA and S2FT, and the layer file is gone after the run.
 #include <gtest/gtest.h>
 
 #include <cstring>
@@ -98,13 +99,36 @@ TEST_F(OffloadTrainTest, HostTierIsBitwiseTheDeviceOptimizer) {
   ExpectSameAsNone(dir_, "host");
 }
 
-// model.offload = "host": the layer weights stream from host memory (two layers resident).
+// The overrides that stream the layers from `where` ("host" or "nvme"; nvme: a file under
+// `dir`/layers-`run`, which must exist and is empty again after the run).
+std::vector<std::string> StreamLayers(const testing::TempDir& dir, const std::string& run,
+                                      const std::string& where) {
+  std::vector<std::string> o = {StrCat("model.offload=\"", where, "\"")};
+  if (where == "nvme") {
+    fs::create_directories(dir.Join("layers-" + run));
+    o.push_back(StrCat("model.nvme_path=\"", dir.Join("layers-" + run), "\""));
+  }
+  return o;
+}
+void ExpectLayerFileGone(const testing::TempDir& dir, const std::string& run,
+                         const std::string& where) {
+  if (where != "nvme") return;
+  EXPECT_TRUE(fs::is_empty(dir.Join("layers-" + run))) << "the layer file was left behind";
+}
+
+// model.offload = "host" / "nvme": the layer weights stream from host memory or from a file
+// (two layers resident).
 TEST_F(OffloadTrainTest, StreamedLayersAreBitwiseTheDeviceRun) {
-  std::vector<std::string> o = Overrides(dir_, "streamed", "host");
-  o.push_back("model.offload=\"host\"");
-  auto streamed = Train(o);
-  ASSERT_TRUE(streamed.ok()) << streamed.status().ToString();
-  ExpectSameAsNone(dir_, "streamed");
+  for (const std::string where : {"host", "nvme"}) {
+    SCOPED_TRACE(where);
+    const std::string run = "streamed-" + where;
+    std::vector<std::string> o = Overrides(dir_, run, "host");
+    for (const std::string& x : StreamLayers(dir_, run, where)) o.push_back(x);
+    auto streamed = Train(o);
+    ASSERT_TRUE(streamed.ok()) << streamed.status().ToString();
+    ExpectSameAsNone(dir_, run);
+    ExpectLayerFileGone(dir_, run, where);
+  }
 }
 
 // A frozen base streamed from host memory under LoRA and S2FT: the same losses and adapters.
@@ -112,26 +136,32 @@ TEST(StreamedBaseTest, AdaptersTrainBitwiseAsOnAResidentBase) {
   testing::TempDir dir;
   for (const char* method : {"lora", "s2ft"}) {
     SCOPED_TRACE(method);
-    for (const char* where : {"none", "host"}) {
+    for (const char* where : {"none", "host", "nvme"}) {
       const std::string run = StrCat(method, "-", where);
       std::vector<std::string> o = Overrides(dir, run, "none");
-      o.insert(o.end(), {StrCat("peft.method=\"", method, "\""), "peft.r=4",
-                         "peft.s2ft_heads_fraction=0.5", "peft.s2ft_ffn_fraction=0.25",
-                         "train.lr=1e-2", StrCat("model.offload=\"", where, "\"")});
+      o.insert(o.end(),
+               {StrCat("peft.method=\"", method, "\""), "peft.r=4", "peft.s2ft_heads_fraction=0.5",
+                "peft.s2ft_ffn_fraction=0.25", "train.lr=1e-2"});
+      for (const std::string& x : StreamLayers(dir, run, where)) o.push_back(x);
       auto r = Train(o);
       ASSERT_TRUE(r.ok()) << r.status().ToString();
+      ExpectLayerFileGone(dir, run, where);
     }
-    const std::string a = dir.Join(StrCat(method, "-none")), b = dir.Join(StrCat(method, "-host"));
-    EXPECT_EQ(StepLosses(a), StepLosses(b));
-    EXPECT_EQ(StepLosses(a).size(), 6u);
-    int files = 0;
-    for (const auto& e : fs::recursive_directory_iterator(a + "/checkpoints/step-6")) {
-      if (!e.is_regular_file() || e.path().extension() != ".safetensors") continue;
-      const std::string rel = fs::relative(e.path(), a).string();
-      EXPECT_TRUE(ReadBytes(a + "/" + rel) == ReadBytes(b + "/" + rel)) << rel << " differs";
-      ++files;
+    for (const char* where : {"host", "nvme"}) {
+      SCOPED_TRACE(where);
+      const std::string a = dir.Join(StrCat(method, "-none")),
+                        b = dir.Join(StrCat(method, "-", where));
+      EXPECT_EQ(StepLosses(a), StepLosses(b));
+      EXPECT_EQ(StepLosses(a).size(), 6u);
+      int files = 0;
+      for (const auto& e : fs::recursive_directory_iterator(a + "/checkpoints/step-6")) {
+        if (!e.is_regular_file() || e.path().extension() != ".safetensors") continue;
+        const std::string rel = fs::relative(e.path(), a).string();
+        EXPECT_TRUE(ReadBytes(a + "/" + rel) == ReadBytes(b + "/" + rel)) << rel << " differs";
+        ++files;
+      }
+      EXPECT_GT(files, 0);
     }
-    EXPECT_GT(files, 0);
   }
 }
 
@@ -239,11 +269,14 @@ TEST_F(OffloadOverlapTrainTest, HostAndNvmeTiersAreBitwiseTheDeviceOptimizer) {
   }
   // The layers streamed from host memory: the update writes each chunk into the host weights
   // during the last backward while the next layers are copied in.
-  std::vector<std::string> o = Overrides(dir_, "streamed", "host", "0");
-  o.push_back("model.offload=\"host\"");
-  auto streamed = Train(o);
-  ASSERT_TRUE(streamed.ok()) << streamed.status().ToString();
-  ExpectSameAsNone(dir_, "streamed");
+  for (const std::string where : {"host", "nvme"}) {
+    const std::string run = "streamed-" + where;
+    std::vector<std::string> o = Overrides(dir_, run, "host", "0");
+    for (const std::string& x : StreamLayers(dir_, run, where)) o.push_back(x);
+    auto streamed = Train(o);
+    ASSERT_TRUE(streamed.ok()) << streamed.status().ToString();
+    ExpectSameAsNone(dir_, run);
+  }
   // Clipping does change this run (so the comparison above is not vacuous).
   auto clipped = Train(Overrides(dir_, "clipped", "host", "0.5"));
   ASSERT_TRUE(clipped.ok()) << clipped.status().ToString();
@@ -279,6 +312,7 @@ TEST(OffloadConfigTest, BadSettingsNameTheKey) {
   ExpectConfigError({"model.offload=\"host\""},
                     {"model.offload", "optimizer.offload", "peft.method"});
   ExpectConfigError({"model.offload=\"nvme\""}, {"model.offload", "nvme"});
+  ExpectConfigError({"model.offload=\"nvme\"", "peft.method=\"lora\""}, {"model.nvme_path"});
   ExpectConfigError({"optimizer.delayed_update=true"},
                     {"optimizer.delayed_update", "optimizer.offload"});
   ExpectConfigError({"model.offload=\"host\"", "peft.method=\"lora\"", "parallel.zero=1"},
