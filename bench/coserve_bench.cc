@@ -8,7 +8,8 @@
 //                        [--max-batch-tokens 2048]
 //                        [--ft-rank 8] [--ft-alpha 16] [--ft-targets q_proj,v_proj]
 //                        [--ft-lr 1e-4] [--ft-batch 8] [--ft-seq-len 256] [--ft-examples 4096]
-//                        [--ft-micro-tokens 256] [--ft-seconds 15] [--ft-steps 0]
+//                        [--ft-micro-tokens 256] [--ft-busy-units 1] [--ft-seconds 15] [--ft-steps
+//                        0]
 //                        [--progress-s 10] [--timeout-s 600]
 //
 // Model and inference adapters as tandem-serve_bench (bench/bench_workload.h). The fine-tuning
@@ -108,6 +109,7 @@ std::unique_ptr<serve::Engine> MakeEngine(Bench& b) {
   serve::EngineOptions eo = b.options;
   eo.finetune.publish_dir = b.tmp + "/published" + std::to_string(b.engines++);
   eo.finetune.micro_batch_tokens = b.args.Int("ft-micro-tokens", 256);
+  eo.finetune.busy_units = b.args.Int("ft-busy-units", 1);
   auto engine = serve::Engine::Create(eo);
   if (!engine.ok()) Fail(b, engine.status());
   return std::move(engine).value();
@@ -383,7 +385,8 @@ json SetupJson(const Bench& b) {
             {"batch", a.Int("ft-batch", 8)},
             {"seq_len", a.Int("ft-seq-len", 256)},
             {"mean_example_tokens", mean_tokens},
-            {"micro_tokens", a.Int("ft-micro-tokens", 256)}}},
+            {"micro_tokens", a.Int("ft-micro-tokens", 256)},
+            {"busy_units", a.Int("ft-busy-units", 1)}}},
           {"commit", GitCommit()},
           {"date", date}};
 }

@@ -56,7 +56,10 @@ void PrintServeHelp() {
       "                         --adapter-dir)\n"
       "  --finetune-state-dir DIR   job snapshots; unfinished jobs there resume at start\n"
       "  --finetune-micro-batch-tokens N  padded tokens per forward+backward (default 256)\n"
-      "  --finetune-snapshot-steps N      snapshot every N optimizer steps (default 10)\n");
+      "  --finetune-snapshot-steps N      snapshot every N optimizer steps (default 10)\n"
+      "  --finetune-busy-units N   while serving, at most N forward/backward units (a block's\n"
+      "                            pass) of fine-tuning per iteration; 0 = whole micro-batches\n"
+      "                            (default 1)\n");
 }
 
 int UsageError(const std::string& message) {
@@ -121,6 +124,7 @@ std::string ApplyFlag(const std::string& flag, const std::string& value, ServeOp
       {"--max-running", &o->engine.max_running},
       {"--max-waiting", &o->engine.max_waiting},
       {"--finetune-micro-batch-tokens", &o->engine.finetune.micro_batch_tokens},
+      {"--finetune-busy-units", &o->engine.finetune.busy_units},
       {"--finetune-snapshot-steps", &o->engine.finetune.snapshot_every_steps}};
   const bool is_port = flag == "--port", is_threads = flag == "--threads";
   const bool is_graphs = flag == "--cuda-graphs";

@@ -219,6 +219,19 @@ class LlamaModel {
   // Forward + backward; grads += d(grad_scale * sum of token losses)/d(param). Returns the loss
   // sum (synchronizes with the device).
   StatusOr<LossSum> ForwardBackward(const Batch& batch, float grad_scale);
+  // [co-serving] The same pass in pieces, so that other work on the context (a serving step
+  // over these weights) can run between them: BeginForwardBackward validates and uploads the
+  // batch; each ContinueForwardBackward enqueues at most `max_units` of the pass's 2L + 1 units
+  // (block l's forward, l = 0..L-1, the first with the embedding; the loss head; block l's
+  // backward, l = L-1..0, with its recompute, the last with the embedding's backward) and returns
+  // true once all are enqueued; FinishForwardBackward then returns the loss sum (synchronizes).
+  // ForwardBackward is these three calls. Between pieces the model's weights, adapter and
+  // callbacks must stay as they are and no other pass of this model may run; Begin abandons a
+  // pass in progress. Continue or Finish without a pass in progress is FailedPrecondition.
+  Status BeginForwardBackward(const Batch& batch, float grad_scale);
+  StatusOr<bool> ContinueForwardBackward(int64_t max_units);
+  StatusOr<LossSum> FinishForwardBackward();
+  bool forward_backward_in_progress() const { return fb_.active; }
   // Forward only.
   StatusOr<LossSum> Loss(const Batch& batch);
 
@@ -273,6 +286,10 @@ class LlamaModel {
   Status EnsureActivations(int64_t batch, int64_t seq, bool backward);
   Status PrepareBatch(const Batch& batch, bool need_targets, bool backward);
   Status Forward();
+  Status ForwardStart();                // embedding lookup; the streamed slots forgotten
+  Status ForwardLayer(int64_t layer);   // block `layer`'s forward (its weights waited for)
+  Status BackwardLayer(int64_t layer);  // block `layer`'s recompute and backward; grads notified
+  Status EmbeddingBackward();
   // Layer `layer`'s weights for work enqueued from now on; with stream_layers, layer `next`
   // (-1: none) is copied in meanwhile.
   StatusOr<LayerWeights> WeightsOf(int64_t layer, int64_t next);
@@ -317,6 +334,11 @@ class LlamaModel {
   std::vector<bool> grad_layout_;                    // per group: has a gradient in grads_flat_
   Tensor inv_freq_;                                  // f32 [D/2] on the device
   std::unique_ptr<Activations> acts_;
+  struct PiecewisePass {  // [co-serving] a ForwardBackward in pieces
+    bool active = false;
+    int64_t next_unit = 0;  // of 2L + 1
+    float grad_scale = 1.0f;
+  } fb_;
   AdapterHooks* adapter_ = nullptr;  // [adapter] not owned
   GradReadyFn grad_ready_;
   WeightsNeededFn weights_needed_;

@@ -183,11 +183,14 @@ Status LlamaModel::PrepareBatch(const Batch& batch, bool need_targets, bool back
 }
 
 Status LlamaModel::Forward() {
+  TANDEM_RETURN_IF_ERROR(ForwardStart());
+  for (int64_t l = 0; l < config_.num_hidden_layers; ++l) TANDEM_RETURN_IF_ERROR(ForwardLayer(l));
+  return weights_needed_ ? weights_needed_({final_norm_, lm_head_}) : Status::Ok();
+}
+
+Status LlamaModel::ForwardStart() {
   Activations& a = *acts_;
-  auto need = [this](const std::vector<size_t>& params) {
-    return weights_needed_ ? weights_needed_(params) : Status::Ok();
-  };
-  TANDEM_RETURN_IF_ERROR(need({embed_}));
+  if (weights_needed_) TANDEM_RETURN_IF_ERROR(weights_needed_({embed_}));
   if (tp()) {  // vocabulary-parallel lookup: other ranks' tokens read the zero sink row
     TANDEM_RETURN_IF_ERROR(
         ops::EmbeddingForward(ctx_, a.x[0], a.embed_ids, groups_[group_of_[embed_]].weight));
@@ -195,16 +198,19 @@ Status LlamaModel::Forward() {
   } else {
     TANDEM_RETURN_IF_ERROR(ops::EmbeddingForward(ctx_, a.x[0], a.tokens, params_[embed_].weight));
   }
-  const int64_t L = config_.num_hidden_layers;
   if (stream_) stream_->Invalidate();  // [offload] host weights may have changed since
-  for (int64_t l = 0; l < L; ++l) {
-    const Layer& y = layers_[l];
+  return Status::Ok();
+}
+
+Status LlamaModel::ForwardLayer(int64_t l) {
+  const int64_t L = config_.num_hidden_layers;
+  const Layer& y = layers_[l];
+  if (weights_needed_) {
     TANDEM_RETURN_IF_ERROR(
-        need({y.q, y.k, y.v, y.o, y.gate, y.up, y.down, y.attn_norm, y.mlp_norm}));
-    TANDEM_ASSIGN_OR_RETURN(const LayerWeights w, WeightsOf(l, l + 1 < L ? l + 1 : -1));
-    TANDEM_RETURN_IF_ERROR(BlockForward(l, /*write_output=*/true, w));
+        weights_needed_({y.q, y.k, y.v, y.o, y.gate, y.up, y.down, y.attn_norm, y.mlp_norm}));
   }
-  return need({final_norm_, lm_head_});
+  TANDEM_ASSIGN_OR_RETURN(const LayerWeights w, WeightsOf(l, l + 1 < L ? l + 1 : -1));
+  return BlockForward(l, /*write_output=*/true, w);
 }
 
 // [adapter] y's column blocks are the group's members (q|k|v or gate|up), in `projs` order.
@@ -374,22 +380,74 @@ StatusOr<LossSum> LlamaModel::SumLosses() {
 }
 
 StatusOr<LossSum> LlamaModel::ForwardBackward(const Batch& batch, float grad_scale) {
+  TANDEM_RETURN_IF_ERROR(BeginForwardBackward(batch, grad_scale));
+  TANDEM_ASSIGN_OR_RETURN(const bool done, ContinueForwardBackward(INT64_MAX));
+  TANDEM_CHECK(done);
+  return FinishForwardBackward();
+}
+
+Status LlamaModel::BeginForwardBackward(const Batch& batch, float grad_scale) {
+  fb_ = PiecewisePass{};
   TANDEM_RETURN_IF_ERROR(EnsureTrainingState(/*relayout_grads=*/false));
   TANDEM_RETURN_IF_ERROR(PrepareBatch(batch, /*need_targets=*/true, /*backward=*/true));
-  TANDEM_RETURN_IF_ERROR(Forward());
-  TANDEM_RETURN_IF_ERROR(LossHead(grad_scale, /*backward=*/true));
-  const int64_t L = config_.num_hidden_layers;
-  for (int64_t l = L - 1; l >= 0; --l) {
-    TANDEM_ASSIGN_OR_RETURN(const LayerWeights w, WeightsOf(l, l - 1));
-    // With recompute the shared block buffers still hold the last layer from the forward pass.
-    if (options_.recompute && l != L - 1) {
-      TANDEM_RETURN_IF_ERROR(BlockForward(l, /*write_output=*/false, w));
-    }
-    TANDEM_RETURN_IF_ERROR(BlockBackward(l, w));
-    const Layer& y = layers_[l];
-    TANDEM_RETURN_IF_ERROR(
-        NotifyGradsReady({y.q, y.k, y.v, y.o, y.gate, y.up, y.down, y.attn_norm, y.mlp_norm}));
+  fb_.active = true;
+  fb_.grad_scale = grad_scale;
+  return Status::Ok();
+}
+
+StatusOr<bool> LlamaModel::ContinueForwardBackward(int64_t max_units) {
+  if (!fb_.active) {
+    return FailedPreconditionError(
+        "LlamaModel::ContinueForwardBackward: no pass in progress (BeginForwardBackward)");
   }
+  const int64_t L = config_.num_hidden_layers;
+  // Any error abandons the pass: its buffers are in an unknown state.
+  auto unit = [&](int64_t u) -> Status {
+    if (u < L) {  // forward of block u
+      if (u == 0) TANDEM_RETURN_IF_ERROR(ForwardStart());
+      return ForwardLayer(u);
+    }
+    if (u == L) {  // the loss head
+      if (weights_needed_) TANDEM_RETURN_IF_ERROR(weights_needed_({final_norm_, lm_head_}));
+      return LossHead(fb_.grad_scale, /*backward=*/true);
+    }
+    const int64_t l = 2 * L - u;  // backward of block l
+    TANDEM_RETURN_IF_ERROR(BackwardLayer(l));
+    return l == 0 ? EmbeddingBackward() : Status::Ok();
+  };
+  for (int64_t done = 0; done < max_units && fb_.next_unit < 2 * L + 1; ++done) {
+    const Status s = unit(fb_.next_unit);
+    if (!s.ok()) {
+      fb_.active = false;
+      return s;
+    }
+    ++fb_.next_unit;
+  }
+  return fb_.next_unit == 2 * L + 1;
+}
+
+StatusOr<LossSum> LlamaModel::FinishForwardBackward() {
+  if (!fb_.active || fb_.next_unit != 2 * config_.num_hidden_layers + 1) {
+    return FailedPreconditionError(
+        "LlamaModel::FinishForwardBackward: the pass is not complete (ContinueForwardBackward)");
+  }
+  fb_.active = false;
+  return SumLosses();
+}
+
+Status LlamaModel::BackwardLayer(int64_t l) {
+  const int64_t L = config_.num_hidden_layers;
+  TANDEM_ASSIGN_OR_RETURN(const LayerWeights w, WeightsOf(l, l - 1));
+  // With recompute the shared block buffers still hold the last layer from the forward pass.
+  if (options_.recompute && l != L - 1) {
+    TANDEM_RETURN_IF_ERROR(BlockForward(l, /*write_output=*/false, w));
+  }
+  TANDEM_RETURN_IF_ERROR(BlockBackward(l, w));
+  const Layer& y = layers_[l];
+  return NotifyGradsReady({y.q, y.k, y.v, y.o, y.gate, y.up, y.down, y.attn_norm, y.mlp_norm});
+}
+
+Status LlamaModel::EmbeddingBackward() {
   if (params_[embed_].trainable) {
     if (tp()) {  // the sink row's gradient is never read
       Tensor dtable = groups_[group_of_[embed_]].grad;
@@ -399,11 +457,11 @@ StatusOr<LossSum> LlamaModel::ForwardBackward(const Batch& batch, float grad_sca
           ops::EmbeddingBackward(ctx_, params_[embed_].grad, acts_->dres, acts_->tokens));
     }
   }
-  TANDEM_RETURN_IF_ERROR(NotifyGradsReady({embed_}));
-  return SumLosses();
+  return NotifyGradsReady({embed_});
 }
 
 StatusOr<LossSum> LlamaModel::Loss(const Batch& batch) {
+  fb_ = PiecewisePass{};  // [co-serving] this pass reuses the buffers of one in pieces
   TANDEM_RETURN_IF_ERROR(PrepareBatch(batch, /*need_targets=*/true, /*backward=*/false));
   TANDEM_RETURN_IF_ERROR(Forward());
   TANDEM_RETURN_IF_ERROR(LossHead(1.0f, /*backward=*/false));
@@ -411,6 +469,7 @@ StatusOr<LossSum> LlamaModel::Loss(const Batch& batch) {
 }
 
 StatusOr<Tensor> LlamaModel::Logits(const Batch& batch) {
+  fb_ = PiecewisePass{};
   TANDEM_RETURN_IF_ERROR(PrepareBatch(batch, /*need_targets=*/false, /*backward=*/false));
   TANDEM_RETURN_IF_ERROR(Forward());
   Activations& a = *acts_;

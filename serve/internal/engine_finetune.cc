@@ -252,6 +252,7 @@ void EngineImpl::SnapshotJob(FineTuneJobEntry& job, const std::string& status,
 void EngineImpl::EndJob(const std::string& end_status, const std::string& error) {
   std::shared_ptr<FineTuneJobEntry> job = std::move(ft_active_);
   ft_active_.reset();
+  if (job->trainer) job->trainer->Abandon();  // a micro-batch in progress detaches the adapter
   std::string status = end_status;
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -312,11 +313,19 @@ void EngineImpl::RunFineTune(int64_t leftover, bool all_admitted, bool idle) {
     cancelled = job.cancel_requested;
   }
   if (cancelled) return EndJob("cancelled", "");
-  if (!all_admitted) return;  // new requests first
   const int64_t micro = std::max<int64_t>(options_.finetune.micro_batch_tokens, 1);
-  if (!idle && job.trainer->NextMicroTokens(micro) > leftover - 1) return;  // waits
-  StatusOr<MicroBatchResult> r = job.trainer->RunMicroBatch(*model_, micro);
-  if (!r.ok()) return EndJob("failed", r.status().ToString());
+  if (!job.trainer->in_micro_batch()) {  // a new micro-batch: only in what inference leaves
+    if (!all_admitted) return;           // new requests first
+    if (!idle && job.trainer->NextMicroTokens(micro) > leftover - 1) return;  // waits
+  }
+  // With requests running, a slice of the micro-batch; idle, the rest of it.
+  const int64_t units =
+      idle || options_.finetune.busy_units <= 0 ? INT64_MAX : options_.finetune.busy_units;
+  StatusOr<std::optional<MicroBatchResult>> step =
+      job.trainer->StepMicroBatch(*model_, micro, units);
+  if (!step.ok()) return EndJob("failed", step.status().ToString());
+  if (!step->has_value()) return;  // continues in the next iteration
+  const std::optional<MicroBatchResult>& r = *step;
   {
     std::lock_guard<std::mutex> lock(mu_);
     stats_.finetune_tokens += r->tokens;

@@ -151,9 +151,55 @@ Status FineTuneTrainer::BeginStep() {
 
 StatusOr<MicroBatchResult> FineTuneTrainer::RunMicroBatch(model::LlamaModel& model,
                                                           int64_t micro_batch_tokens) {
+  TANDEM_ASSIGN_OR_RETURN(std::optional<MicroBatchResult> r,
+                          StepMicroBatch(model, micro_batch_tokens, INT64_MAX));
+  TANDEM_CHECK(r.has_value());
+  return *r;
+}
+
+void FineTuneTrainer::Abandon() {
+  if (micro_model_ == nullptr) return;
+  micro_model_->SetAdapter(nullptr);
+  micro_model_ = nullptr;
+  in_step_ = false;  // the step's gradients so far are incomplete: it starts over
+}
+
+StatusOr<std::optional<MicroBatchResult>> FineTuneTrainer::StepMicroBatch(
+    model::LlamaModel& model, int64_t micro_batch_tokens, int64_t max_units) {
+  if (micro_model_ == nullptr) {
+    if (done()) return std::optional<MicroBatchResult>(MicroBatchResult{});
+    const Status started = StartMicroBatch(model, micro_batch_tokens);
+    if (!started.ok()) {
+      Abandon();
+      return started;
+    }
+  }
+  StatusOr<bool> finished = model.ContinueForwardBackward(max_units);
+  if (!finished.ok()) {
+    Abandon();
+    return finished.status();
+  }
+  if (!*finished) return std::optional<MicroBatchResult>();
+  StatusOr<model::LossSum> loss = model.FinishForwardBackward();
+  model.SetAdapter(nullptr);
+  micro_model_ = nullptr;
+  if (!loss.ok()) {
+    in_step_ = false;
+    return loss.status();
+  }
   MicroBatchResult result;
-  if (done()) return result;
+  result.tokens = micro_tokens_;
+  step_loss_sum_ += loss->sum;
+  step_loss_count_ += loss->count;
+  progress_.trained_tokens += result.tokens;
+  cursor_ += micro_rows_;
+  if (cursor_ >= StepSize()) TANDEM_RETURN_IF_ERROR(OptimizerStep(&result));
+  return std::optional<MicroBatchResult>(result);
+}
+
+Status FineTuneTrainer::StartMicroBatch(model::LlamaModel& model, int64_t micro_batch_tokens) {
   if (!in_step_) TANDEM_RETURN_IF_ERROR(BeginStep());
+  int64_t real_tokens = 0;
   int64_t T = 0;
   const int64_t B = NextRows(micro_batch_tokens, &T);
   model::Batch batch;
@@ -169,19 +215,14 @@ StatusOr<MicroBatchResult> FineTuneTrainer::RunMicroBatch(model::LlamaModel& mod
     for (int64_t t = std::max<int64_t>(e.loss_from, 1); t < len; ++t) {
       tgt[b * T + t - 1] = e.tokens[t];  // position t - 1 predicts token t
     }
-    result.tokens += len;
+    real_tokens += len;
   }
   const float scale = step_targets_ > 0 ? 1.0f / static_cast<float>(step_targets_) : 0.0f;
   model.SetAdapter(set_.get());  // attached only while this micro-batch runs
-  StatusOr<model::LossSum> loss = model.ForwardBackward(batch, scale);
-  model.SetAdapter(nullptr);
-  TANDEM_RETURN_IF_ERROR(loss.status());
-  step_loss_sum_ += loss->sum;
-  step_loss_count_ += loss->count;
-  progress_.trained_tokens += result.tokens;
-  cursor_ += B;
-  if (cursor_ >= StepSize()) TANDEM_RETURN_IF_ERROR(OptimizerStep(&result));
-  return result;
+  micro_model_ = &model;
+  micro_tokens_ = real_tokens;
+  micro_rows_ = B;
+  return model.BeginForwardBackward(batch, scale);
 }
 
 Status FineTuneTrainer::OptimizerStep(MicroBatchResult* result) {

@@ -27,6 +27,7 @@
 #include <cstdint>
 #include <memory>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -71,6 +72,17 @@ class FineTuneTrainer {
   // Padded tokens (rows x longest row) the next RunMicroBatch will take.
   int64_t NextMicroTokens(int64_t micro_batch_tokens) const;
   StatusOr<MicroBatchResult> RunMicroBatch(model::LlamaModel& model, int64_t micro_batch_tokens);
+  // The same micro-batch in pieces of at most `max_units` of the model's forward/backward units
+  // (LlamaModel::ContinueForwardBackward), so that serving steps run between them: starts the
+  // next micro-batch when none is in progress, and returns its result once it completes (nullopt
+  // before). The adapter stays attached to `model` while a micro-batch is in progress.
+  StatusOr<std::optional<MicroBatchResult>> StepMicroBatch(model::LlamaModel& model,
+                                                           int64_t micro_batch_tokens,
+                                                           int64_t max_units);
+  bool in_micro_batch() const { return micro_model_ != nullptr; }
+  // Drops a micro-batch in progress (its gradients are discarded with the step it belongs to)
+  // and detaches the adapter; the step restarts from its first micro-batch.
+  void Abandon();
 
   FineTuneProgress& progress() { return progress_; }
   const peft::LoraAdapter& adapter() const { return set_->adapter(0); }
@@ -91,6 +103,8 @@ class FineTuneTrainer {
   int64_t NextRows(int64_t micro_batch_tokens, int64_t* max_len) const;
   int64_t StepSize() const;
   Status BeginStep();
+  // Builds the next micro-batch, attaches the adapter and begins the model's pass.
+  Status StartMicroBatch(model::LlamaModel& model, int64_t micro_batch_tokens);
   Status OptimizerStep(MicroBatchResult* result);
 
   ops::Context& ctx_;
@@ -101,6 +115,9 @@ class FineTuneTrainer {
   std::vector<bool> frozen_;                 // per adapter parameter: no optimizer step
   std::vector<Tensor> m_, v_;                // f32, per adapter parameter
   FineTuneProgress progress_;
+  // The micro-batch in progress (StepMicroBatch): the model it runs on, its real tokens and rows.
+  model::LlamaModel* micro_model_ = nullptr;
+  int64_t micro_tokens_ = 0, micro_rows_ = 0;
   // The optimizer step in flight.
   bool in_step_ = false;
   int64_t cursor_ = 0;        // examples of this step already through forward+backward

@@ -244,6 +244,54 @@ TEST_F(CoserveTest, TrainsWhileEightClientsStreamAndPublishesVersions) {
   EXPECT_EQ(s.finetune_jobs_running, 0);
 }
 
+// With requests running, a micro-batch runs in slices of FineTuneOptions::busy_units blocks
+// between inference steps; the math is the same, so the job's losses and published adapters
+// equal those of whole micro-batches (busy_units = 0) bit for bit, while clients stream.
+TEST_F(CoserveTest, SlicedMicroBatchesTrainBitwiseTheWholeOnes) {
+  auto slurp = [](const std::string& path) {
+    std::ifstream in(path, std::ios::binary);
+    return std::string(std::istreambuf_iterator<char>(in), {});
+  };
+  std::vector<std::vector<double>> losses;
+  std::vector<std::string> adapters;
+  for (int64_t units : {1, 0, 3}) {
+    SCOPED_TRACE(StrCat("busy_units ", units));
+    options_.finetune.busy_units = units;
+    options_.finetune.publish_dir = dir_.Join(StrCat("adapters-", units));
+    options_.finetune.state_dir = dir_.Join(StrCat("state-", units));
+    auto engine = MakeEngine();
+    FineTuneJobSpec spec = Spec(*engine, "pairs", 2, /*batch_size=*/4);
+    spec.hyper.learning_rate = 1e-2;
+    StatusOr<FineTuneJobInfo> job = engine->CreateFineTuneJob(spec);
+    ASSERT_TRUE(job.ok()) << job.status().ToString();
+    std::atomic<bool> stop{false};
+    std::atomic<int> failed{0};
+    std::vector<std::thread> clients;
+    for (int c = 0; c < 4; ++c) {
+      clients.emplace_back([&, c] {
+        while (!stop.load()) {
+          const Outcome o = Generate(*engine, "base", kPairs[c].first + "=", 6, c % 2 == 0);
+          if (o.reason != "stop" && o.reason != "length") ++failed;
+        }
+      });
+    }
+    const FineTuneJobInfo done = WaitFinished(*engine, job->id);
+    stop = true;
+    for (std::thread& t : clients) t.join();
+    EXPECT_EQ(done.status, "succeeded") << done.error;
+    EXPECT_EQ(failed.load(), 0);
+    ASSERT_EQ(done.step_losses.size(), 16u);
+    losses.push_back(done.step_losses);
+    adapters.push_back(
+        slurp(dir_.Join(StrCat("adapters-", units, "/pairs-v2/adapter_model.safetensors"))));
+    EXPECT_FALSE(adapters.back().empty());
+  }
+  EXPECT_EQ(losses[0], losses[1]);
+  EXPECT_EQ(losses[2], losses[1]);
+  EXPECT_TRUE(adapters[0] == adapters[1]);
+  EXPECT_TRUE(adapters[2] == adapters[1]);
+}
+
 // An S2FT job trains its blocks in LoRA form beside inference, with the one-hot factors frozen,
 // and publishes S2FT adapter directories that the server loads back: the served newest version
 // answers the task (so the export carries what was trained) and the base model never changes.
