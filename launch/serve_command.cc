@@ -58,7 +58,8 @@ void PrintServeHelp() {
       "  --finetune-micro-batch-tokens N  padded tokens per forward+backward (default 256)\n"
       "  --finetune-snapshot-steps N      snapshot every N optimizer steps (default 10)\n"
       "  --finetune-busy-units N   while serving, at most N forward/backward units (a block's\n"
-      "                            pass) of fine-tuning per iteration; 0 = whole micro-batches\n"
+      "                            forward or half its backward) of fine-tuning per iteration; 0 = "
+      "whole micro-batches\n"
       "                            (default 1)\n");
 }
 

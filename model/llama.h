@@ -221,13 +221,14 @@ class LlamaModel {
   StatusOr<LossSum> ForwardBackward(const Batch& batch, float grad_scale);
   // [co-serving] The same pass in pieces, so that other work on the context (a serving step
   // over these weights) can run between them: BeginForwardBackward validates and uploads the
-  // batch; each ContinueForwardBackward enqueues at most `max_units` of the pass's 2L + 1 units
-  // (block l's forward, l = 0..L-1, the first with the embedding; the loss head; block l's
-  // backward, l = L-1..0, with its recompute, the last with the embedding's backward) and returns
-  // true once all are enqueued; FinishForwardBackward then returns the loss sum (synchronizes).
-  // ForwardBackward is these three calls. Between pieces the model's weights, adapter and
-  // callbacks must stay as they are and no other pass of this model may run; Begin abandons a
-  // pass in progress. Continue or Finish without a pass in progress is FailedPrecondition.
+  // batch; each ContinueForwardBackward enqueues at most `max_units` of the pass's 3L + 1 units
+  // (block l's forward, l = 0..L-1, the first with the embedding; the loss head; then for
+  // l = L-1..0 block l's MLP backward, with its recompute, and its attention backward, the last
+  // with the embedding's backward) and returns true once all are enqueued; FinishForwardBackward
+  // then returns the loss sum (synchronizes). ForwardBackward is these three calls. Between pieces
+  // the model's weights, adapter and callbacks must stay as they are and no other pass of this
+  // model may run; Begin abandons a pass in progress. Continue or Finish without a pass in progress
+  // is FailedPrecondition.
   Status BeginForwardBackward(const Batch& batch, float grad_scale);
   StatusOr<bool> ContinueForwardBackward(int64_t max_units);
   StatusOr<LossSum> FinishForwardBackward();
@@ -273,6 +274,9 @@ class LlamaModel {
   struct Group;        // parameters sharing one contiguous weight/grad range (fused projections)
   struct Activations;  // per-batch-shape buffers (model/internal/llama_state.h)
   struct LayerWeights;  // one layer's weights as the ops read them (ibid.)
+  // Of a block's backward: its MLP half (dres -> d x_mid), its attention half (d x_mid ->
+  // d x[layer]), or both in that order.
+  enum class BackwardPart : uint8_t { kMlp, kAttention, kBoth };
 
   LlamaModel(ops::Context& ctx, const LlamaConfig& config, const ModelOptions& options);
 
@@ -288,13 +292,16 @@ class LlamaModel {
   Status Forward();
   Status ForwardStart();                // embedding lookup; the streamed slots forgotten
   Status ForwardLayer(int64_t layer);   // block `layer`'s forward (its weights waited for)
-  Status BackwardLayer(int64_t layer);  // block `layer`'s recompute and backward; grads notified
+  // Block `layer`'s recompute (before the MLP half) and backward; grads notified after the
+  // attention half.
+  Status BackwardLayer(int64_t layer, BackwardPart part = BackwardPart::kBoth);
   Status EmbeddingBackward();
   // Layer `layer`'s weights for work enqueued from now on; with stream_layers, layer `next`
   // (-1: none) is copied in meanwhile.
   StatusOr<LayerWeights> WeightsOf(int64_t layer, int64_t next);
   Status BlockForward(int64_t layer, bool write_output, const LayerWeights& w);
-  Status BlockBackward(int64_t layer, const LayerWeights& w);
+  Status BlockBackward(int64_t layer, const LayerWeights& w,
+                       BackwardPart part = BackwardPart::kBoth);
   // [adapter] The hooks for the members of a fused projection group (y's column blocks).
   Status AdapterForward(int64_t layer, const Group& group, const Projection* projs, const Tensor& x,
                         const Tensor& y);
@@ -336,7 +343,7 @@ class LlamaModel {
   std::unique_ptr<Activations> acts_;
   struct PiecewisePass {  // [co-serving] a ForwardBackward in pieces
     bool active = false;
-    int64_t next_unit = 0;  // of 2L + 1
+    int64_t next_unit = 0;  // of 3L + 1
     float grad_scale = 1.0f;
   } fb_;
   AdapterHooks* adapter_ = nullptr;  // [adapter] not owned

@@ -72,7 +72,7 @@ Status LlamaModel::AdapterBackward(int64_t l, const Group& group, const Projecti
 
 // On entry a.dres = dL/d x[l + 1]; on exit a.dres = dL/d x[l]. Reads the block's saved (or
 // recomputed) activations; weight gradients accumulate into the parameters' grads.
-Status LlamaModel::BlockBackward(int64_t l, const LayerWeights& w) {
+Status LlamaModel::BlockBackward(int64_t l, const LayerWeights& w, BackwardPart part) {
   Activations& a = *acts_;
   Activations::Block& b = a.blocks[options_.recompute ? 0 : l];
   const Layer& layer = layers_[l];
@@ -84,30 +84,34 @@ Status LlamaModel::BlockBackward(int64_t l, const LayerWeights& w) {
   auto norm_grad = [&](size_t i) { return params_[i].trainable ? params_[i].grad : Tensor(); };
 
   // MLP. x[l + 1] = x_mid + act Wdown^T, so d x_mid = dres + d(norm2 path).
-  TANDEM_RETURN_IF_ERROR(ops::Matmul(ctx_, a.dact, a.dres, w.down, false, false));   // [N, F]
-  TANDEM_RETURN_IF_ERROR(WeightGrad(layer.down, a.dres, b.act));                     // [C, F]
-  // [adapter]
-  if (adapter_ != nullptr) {
+  if (part != BackwardPart::kAttention) {
+    TANDEM_RETURN_IF_ERROR(ops::Matmul(ctx_, a.dact, a.dres, w.down, false, false));  // [N, F]
+    TANDEM_RETURN_IF_ERROR(WeightGrad(layer.down, a.dres, b.act));                    // [C, F]
+    // [adapter]
+    if (adapter_ != nullptr) {
+      TANDEM_RETURN_IF_ERROR(
+          adapter_->ProjectionBackward(l, Projection::kDown, b.act, a.dres, a.dact));
+    }
+    Tensor dgate = a.dgate_up.Slice(1, 0, F);  // [N, F], row stride 2F
+    Tensor dup = a.dgate_up.Slice(1, F, 2 * F);
+    TANDEM_RETURN_IF_ERROR(ops::SwigluBackward(ctx_, dgate, dup, a.dact, b.gate_up.Slice(1, 0, F),
+                                               b.gate_up.Slice(1, F, 2 * F)));
+    const Group& gate_up = groups_[layer.gate_up_group];
     TANDEM_RETURN_IF_ERROR(
-        adapter_->ProjectionBackward(l, Projection::kDown, b.act, a.dres, a.dact));
+        ops::Matmul(ctx_, a.dln, a.dgate_up, w.gate_up, false, false));  // [N, C]
+    // [adapter]
+    if (adapter_ != nullptr) {
+      constexpr Projection kGateUp[] = {Projection::kGate, Projection::kUp};
+      TANDEM_RETURN_IF_ERROR(AdapterBackward(l, gate_up, kGateUp, b.ln2, a.dgate_up, a.dln));
+    }
+    if (tp()) TANDEM_RETURN_IF_ERROR(hooks->TpAllReduceSum(a.dln));  // column parallel input
+    if (gate_up.grad.defined()) TANDEM_RETURN_IF_ERROR(ProjectionGrad(gate_up, a.dgate_up, b.ln2));
+    Tensor dw2 = norm_grad(layer.mlp_norm);
+    TANDEM_RETURN_IF_ERROR(ops::RmsNormBackward(ctx_, a.dres, dw2, a.dln, b.x_mid, w.mlp_norm,
+                                                b.rstd2,
+                                                /*accumulate_dx=*/true));
   }
-  Tensor dgate = a.dgate_up.Slice(1, 0, F);  // [N, F], row stride 2F
-  Tensor dup = a.dgate_up.Slice(1, F, 2 * F);
-  TANDEM_RETURN_IF_ERROR(ops::SwigluBackward(ctx_, dgate, dup, a.dact, b.gate_up.Slice(1, 0, F),
-                                             b.gate_up.Slice(1, F, 2 * F)));
-  const Group& gate_up = groups_[layer.gate_up_group];
-  TANDEM_RETURN_IF_ERROR(ops::Matmul(ctx_, a.dln, a.dgate_up, w.gate_up, false, false));  // [N, C]
-  // [adapter]
-  if (adapter_ != nullptr) {
-    constexpr Projection kGateUp[] = {Projection::kGate, Projection::kUp};
-    TANDEM_RETURN_IF_ERROR(AdapterBackward(l, gate_up, kGateUp, b.ln2, a.dgate_up, a.dln));
-  }
-  if (tp()) TANDEM_RETURN_IF_ERROR(hooks->TpAllReduceSum(a.dln));  // column parallel input
-  if (gate_up.grad.defined()) TANDEM_RETURN_IF_ERROR(ProjectionGrad(gate_up, a.dgate_up, b.ln2));
-  Tensor dw2 = norm_grad(layer.mlp_norm);
-  TANDEM_RETURN_IF_ERROR(ops::RmsNormBackward(ctx_, a.dres, dw2, a.dln, b.x_mid, w.mlp_norm,
-                                              b.rstd2,
-                                              /*accumulate_dx=*/true));
+  if (part == BackwardPart::kMlp) return Status::Ok();
 
   // Attention. x_mid = x[l] + attn Wo^T.
   TANDEM_RETURN_IF_ERROR(ops::Matmul(ctx_, a.dattn, a.dres, w.o, false, false));   // [N, Hq D]

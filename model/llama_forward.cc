@@ -411,11 +411,12 @@ StatusOr<bool> LlamaModel::ContinueForwardBackward(int64_t max_units) {
       if (weights_needed_) TANDEM_RETURN_IF_ERROR(weights_needed_({final_norm_, lm_head_}));
       return LossHead(fb_.grad_scale, /*backward=*/true);
     }
-    const int64_t l = 2 * L - u;  // backward of block l
-    TANDEM_RETURN_IF_ERROR(BackwardLayer(l));
+    const int64_t l = L - 1 - (u - L - 1) / 2;  // backward of block l: its MLP, then attention
+    if ((u - L - 1) % 2 == 0) return BackwardLayer(l, BackwardPart::kMlp);
+    TANDEM_RETURN_IF_ERROR(BackwardLayer(l, BackwardPart::kAttention));
     return l == 0 ? EmbeddingBackward() : Status::Ok();
   };
-  for (int64_t done = 0; done < max_units && fb_.next_unit < 2 * L + 1; ++done) {
+  for (int64_t done = 0; done < max_units && fb_.next_unit < 3 * L + 1; ++done) {
     const Status s = unit(fb_.next_unit);
     if (!s.ok()) {
       fb_.active = false;
@@ -423,11 +424,11 @@ StatusOr<bool> LlamaModel::ContinueForwardBackward(int64_t max_units) {
     }
     ++fb_.next_unit;
   }
-  return fb_.next_unit == 2 * L + 1;
+  return fb_.next_unit == 3 * L + 1;
 }
 
 StatusOr<LossSum> LlamaModel::FinishForwardBackward() {
-  if (!fb_.active || fb_.next_unit != 2 * config_.num_hidden_layers + 1) {
+  if (!fb_.active || fb_.next_unit != 3 * config_.num_hidden_layers + 1) {
     return FailedPreconditionError(
         "LlamaModel::FinishForwardBackward: the pass is not complete (ContinueForwardBackward)");
   }
@@ -435,14 +436,15 @@ StatusOr<LossSum> LlamaModel::FinishForwardBackward() {
   return SumLosses();
 }
 
-Status LlamaModel::BackwardLayer(int64_t l) {
+Status LlamaModel::BackwardLayer(int64_t l, BackwardPart part) {
   const int64_t L = config_.num_hidden_layers;
   TANDEM_ASSIGN_OR_RETURN(const LayerWeights w, WeightsOf(l, l - 1));
   // With recompute the shared block buffers still hold the last layer from the forward pass.
-  if (options_.recompute && l != L - 1) {
+  if (options_.recompute && l != L - 1 && part != BackwardPart::kAttention) {
     TANDEM_RETURN_IF_ERROR(BlockForward(l, /*write_output=*/false, w));
   }
-  TANDEM_RETURN_IF_ERROR(BlockBackward(l, w));
+  TANDEM_RETURN_IF_ERROR(BlockBackward(l, w, part));
+  if (part == BackwardPart::kMlp) return Status::Ok();
   const Layer& y = layers_[l];
   return NotifyGradsReady({y.q, y.k, y.v, y.o, y.gate, y.up, y.down, y.attn_norm, y.mlp_norm});
 }

@@ -89,9 +89,10 @@ struct FineTuneOptions {
   // alone.
   int64_t micro_batch_tokens = 256;
   // While requests are being served, an engine iteration runs at most this many of a
-  // micro-batch's forward/backward units (one block's forward or backward, or the loss head; a
-  // micro-batch has 2 * layers + 1) after its inference batch, so a decode step waits for at most
-  // that much fine-tuning; an idle engine runs whole micro-batches. 0: whole micro-batches always.
+  // micro-batch's forward/backward units (a block's forward, the MLP or attention half of its
+  // backward, or the loss head; a micro-batch has 3 * layers + 1) after its inference batch, so
+  // a decode step waits for at most that much fine-tuning; an idle engine runs whole
+  // micro-batches. 0: whole micro-batches always.
   int64_t busy_units = 1;
   int64_t snapshot_every_steps = 10;  // and at every publication and when a job ends
 };

@@ -76,7 +76,7 @@ TEST(LlamaPiecewiseTest, AnySlicingIsBitwiseForwardBackward) {
             ASSERT_TRUE(other->Loss(MakeBatch(1, 5, c.vocab_size, seed + calls)).ok());
             if (*done) break;
           }
-          EXPECT_EQ(calls, (2 * 3 + 1 + units - 1) / units);
+          EXPECT_EQ(calls, (3 * 3 + 1 + units - 1) / units);
           StatusOr<LossSum> got = pieces->FinishForwardBackward();
           ASSERT_TRUE(got.ok()) << got.status().ToString();
           EXPECT_EQ(got->sum, want->sum);
