@@ -1,7 +1,7 @@
 // LlamaModel's ForwardBackward in pieces (BeginForwardBackward / ContinueForwardBackward /
 // FinishForwardBackward, for co-serving): any slicing, with another model's passes on the same
 // context between the pieces, gives bitwise ForwardBackward's losses and gradients (with and
-// without recompute, with an adapter-free and a tied model), the unit count is 2L + 1, and
+// without recompute, with an adapter-free and a tied model), the unit count is 3L + 1, and
 // misuse is a clear error.
 #include <gtest/gtest.h>
 
