@@ -274,9 +274,9 @@ class LlamaModel {
   struct Group;        // parameters sharing one contiguous weight/grad range (fused projections)
   struct Activations;  // per-batch-shape buffers (model/internal/llama_state.h)
   struct LayerWeights;  // one layer's weights as the ops read them (ibid.)
-  // Of a block's backward: its MLP half (dres -> d x_mid), its attention half (d x_mid ->
-  // d x[layer]), or both in that order.
-  enum class BackwardPart : uint8_t { kMlp, kAttention, kBoth };
+  // The two halves of a block's backward, run in this order: the MLP (dres -> d x_mid), then
+  // the attention (d x_mid -> d x[layer]).
+  enum class BackwardPart : uint8_t { kMlp, kAttention };
 
   LlamaModel(ops::Context& ctx, const LlamaConfig& config, const ModelOptions& options);
 
@@ -294,14 +294,13 @@ class LlamaModel {
   Status ForwardLayer(int64_t layer);   // block `layer`'s forward (its weights waited for)
   // Block `layer`'s recompute (before the MLP half) and backward; grads notified after the
   // attention half.
-  Status BackwardLayer(int64_t layer, BackwardPart part = BackwardPart::kBoth);
+  Status BackwardLayer(int64_t layer, BackwardPart part);
   Status EmbeddingBackward();
   // Layer `layer`'s weights for work enqueued from now on; with stream_layers, layer `next`
   // (-1: none) is copied in meanwhile.
   StatusOr<LayerWeights> WeightsOf(int64_t layer, int64_t next);
   Status BlockForward(int64_t layer, bool write_output, const LayerWeights& w);
-  Status BlockBackward(int64_t layer, const LayerWeights& w,
-                       BackwardPart part = BackwardPart::kBoth);
+  Status BlockBackward(int64_t layer, const LayerWeights& w, BackwardPart part);
   // [adapter] The hooks for the members of a fused projection group (y's column blocks).
   Status AdapterForward(int64_t layer, const Group& group, const Projection* projs, const Tensor& x,
                         const Tensor& y);

@@ -73,15 +73,18 @@ Status LayerStream::Join(int slot) {
   return done;
 }
 
+Status LayerStream::ReadLayer(int64_t layer, void* dst) {
+  const uint64_t bytes = static_cast<uint64_t>(elems_) * DTypeSize(home_.dtype());
+  return reader_->Read(static_cast<uint64_t>(layer) * bytes, dst, bytes)
+      .WithContext(StrCat("reading streamed layer ", layer));
+}
+
 Status LayerStream::ReadAndUpload(int slot, int64_t layer) {
   TANDEM_RETURN_IF_ERROR(UseDeviceOnThisThread(ctx_.device().index));
   // The slot's previous upload read staging_[slot]: it must be done before the buffer is reused.
   TANDEM_RETURN_IF_ERROR(ready_[slot].Synchronize());
   const Tensor& staging = staging_[slot];
-  TANDEM_RETURN_IF_ERROR(reader_
-                             ->Read(static_cast<uint64_t>(layer) * staging.num_bytes(),
-                                    staging.raw_data(), staging.num_bytes())
-                             .WithContext(StrCat("reading streamed layer ", layer)));
+  TANDEM_RETURN_IF_ERROR(ReadLayer(layer, staging.raw_data()));
   // Everything that may read the slot was enqueued before readers_done_[slot] was recorded.
   TANDEM_RETURN_IF_ERROR(copy_->Wait(readers_done_[slot]));
   TANDEM_RETURN_IF_ERROR(CopyTensor(slots_[slot], staging, copy_->get()));
@@ -108,10 +111,7 @@ Status LayerStream::Load(int slot, int64_t layer) {
     TANDEM_RETURN_IF_ERROR(CopyTensor(slots_[slot], src, copy_->get()));
     TANDEM_RETURN_IF_ERROR(ready_[slot].Record(copy_->get()));
   } else if (reader_ != nullptr) {
-    TANDEM_RETURN_IF_ERROR(reader_
-                               ->Read(static_cast<uint64_t>(layer) * src.num_bytes(),
-                                      slots_[slot].raw_data(), src.num_bytes())
-                               .WithContext(StrCat("reading streamed layer ", layer)));
+    TANDEM_RETURN_IF_ERROR(ReadLayer(layer, slots_[slot].raw_data()));
   } else {
     TANDEM_RETURN_IF_ERROR(CopyTensor(slots_[slot], src));
   }

@@ -66,6 +66,8 @@ class LayerStream {
   int SlotOf(int64_t layer) const;
   int Victim(int64_t keep) const;  // a slot not holding `keep`, an empty one first
   Status Load(int slot, int64_t layer);
+  // Layer `layer`'s bytes through the reader into `dst` (host, elems_ elements).
+  Status ReadLayer(int64_t layer, void* dst);
   // The worker's part of a load through the reader (CUDA): read into staging_[slot], upload.
   Status ReadAndUpload(int slot, int64_t layer);
   Status Join(int slot);  // waits for the slot's worker, if any; its error

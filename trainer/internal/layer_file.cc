@@ -18,9 +18,7 @@ Status LayerFile::Read(uint64_t offset, void* dst, size_t num_bytes) {
   if (file_ == nullptr) {
     return FailedPreconditionError("model.offload = \"nvme\": the layer file is not open yet");
   }
-  TANDEM_RETURN_IF_ERROR(file_->Read(offset, dst, num_bytes));
-  bytes_read_ += static_cast<int64_t>(num_bytes);
-  return Status::Ok();
+  return file_->Read(offset, dst, num_bytes);
 }
 
 bool LayerFile::direct_io() const { return file_ != nullptr && file_->direct_io(); }

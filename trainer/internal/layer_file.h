@@ -17,7 +17,6 @@
 // from the layer stream's worker threads (the engine serializes).
 #pragma once
 
-#include <atomic>
 #include <memory>
 #include <string>
 
@@ -36,7 +35,6 @@ class LayerFile : public model::LayerReader {
   Status Open(const void* inside);
   Status Read(uint64_t offset, void* dst, size_t num_bytes) override;
 
-  int64_t bytes_read() const { return bytes_read_.load(); }
   bool direct_io() const;
   const std::string& path() const { return path_; }
 
@@ -44,7 +42,6 @@ class LayerFile : public model::LayerReader {
   offload::MappedFileAllocator memory_;
   std::string path_;
   std::unique_ptr<offload::IoUringStorage> file_;
-  std::atomic<int64_t> bytes_read_{0};
 };
 
 }  // namespace tandem::trainer::internal
