@@ -269,4 +269,17 @@ StatusOr<Tensor> CopyToDeviceBlocking(const Tensor& src, Allocator& allocator) {
 
 StatusOr<Tensor> CopyToHostBlocking(const Tensor& src) { return CopyToDeviceBlocking(src, HostAllocator()); }
 
+StatusOr<Tensor> CopyToHostOn(const Tensor& src, CudaStream stream) {
+  Tensor dst = Tensor::Cpu(src.shape(), src.dtype());
+  TANDEM_RETURN_IF_ERROR(CopyTensor(dst, src, stream));
+#ifdef TANDEM_WITH_CUDA
+  if (src.device().is_cuda()) {
+    cudaError_t err = cudaStreamSynchronize(reinterpret_cast<cudaStream_t>(stream));
+    if (err != cudaSuccess)
+      return InternalError(StrCat("cudaStreamSynchronize: ", cudaGetErrorString(err)));
+  }
+#endif
+  return dst;
+}
+
 }  // namespace tandem

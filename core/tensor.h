@@ -121,6 +121,11 @@ StatusOr<Tensor> CastCpu(const Tensor& src, DType dtype);
 StatusOr<Tensor> CopyToDeviceBlocking(const Tensor& src, Allocator& allocator);
 // Returns a contiguous host copy of `src`, waiting for the copy to finish.
 StatusOr<Tensor> CopyToHostBlocking(const Tensor& src);
+// A host copy of contiguous `src` made on `stream`: ordered after the work queued there and
+// waiting for that stream only, never the whole device. For threads beside one that may be
+// capturing a CUDA graph (a device-wide wait would break its capture) and for copies that must
+// not wait for other streams' work.
+StatusOr<Tensor> CopyToHostOn(const Tensor& src, CudaStream stream);
 
 // Checks used by op and model validation: "tensor 'name': expected [..] bf16 on cuda:0, found ...".
 Status ExpectShape(const Tensor& t, const Shape& shape, const char* name);

@@ -14,6 +14,7 @@ internal::CudaResources::~CudaResources() {
     cudaStreamSynchronize(stream);
   }
   gemm.reset();
+  for (cudaEvent_t e : marks) cudaEventDestroy(e);
   if (stream != nullptr) cudaStreamDestroy(stream);
 }
 #endif
@@ -31,7 +32,7 @@ std::unique_ptr<Context> Context::Cpu() {
   return ctx;
 }
 
-StatusOr<std::unique_ptr<Context>> Context::Cuda(int device_index) {
+StatusOr<std::unique_ptr<Context>> Context::Cuda(int device_index, StreamPriority priority) {
 #ifdef TANDEM_WITH_CUDA
   const int count = CudaDeviceCount();
   if (device_index < 0 || device_index >= count) {
@@ -48,7 +49,12 @@ StatusOr<std::unique_ptr<Context>> Context::Cuda(int device_index) {
   ctx->cuda_->device_index = device_index;
   err = cudaDeviceGetAttribute(&ctx->cuda_->sm_count, cudaDevAttrMultiProcessorCount, device_index);
   if (err != cudaSuccess) return InternalError(StrCat("cudaDeviceGetAttribute: ", cudaGetErrorString(err)));
-  err = cudaStreamCreateWithFlags(&ctx->cuda_->stream, cudaStreamNonBlocking);
+  int least = 0, greatest = 0;  // numerically: greatest <= least, and 0 is the default
+  err = cudaDeviceGetStreamPriorityRange(&least, &greatest);
+  if (err != cudaSuccess)
+    return InternalError(StrCat("cudaDeviceGetStreamPriorityRange: ", cudaGetErrorString(err)));
+  err = cudaStreamCreateWithPriority(&ctx->cuda_->stream, cudaStreamNonBlocking,
+                                     priority == StreamPriority::kHigh ? greatest : least);
   if (err != cudaSuccess) return InternalError(StrCat("cudaStreamCreate: ", cudaGetErrorString(err)));
   std::string error;
   cuda::GemmState* gemm = cuda::CreateGemmState(&error);
@@ -56,13 +62,14 @@ StatusOr<std::unique_ptr<Context>> Context::Cuda(int device_index) {
   ctx->cuda_->gemm = {gemm, &cuda::DestroyGemmState};
   return ctx;
 #else
+  (void)priority;
   return UnimplementedError(StrCat("ops::Context::Cuda(", device_index, "): this build has no CUDA support"));
 #endif
 }
 
-StatusOr<std::unique_ptr<Context>> Context::ForDevice(Device device) {
+StatusOr<std::unique_ptr<Context>> Context::ForDevice(Device device, StreamPriority priority) {
   if (device.is_cpu()) return Cpu();
-  return Cuda(device.index);
+  return Cuda(device.index, priority);
 }
 
 CudaStream Context::stream() const {
@@ -83,6 +90,54 @@ Status Context::Synchronize() {
   }
 #endif
   return Status::Ok();
+}
+
+Status Context::Pace(int depth) {
+  if (depth < 1) return InvalidArgumentError(StrCat("Context::Pace: depth ", depth, " < 1"));
+#ifdef TANDEM_WITH_CUDA
+  if (cuda_) {
+    internal::CudaResources& c = *cuda_;
+    if (c.marks.size() != static_cast<size_t>(depth)) {  // a new depth: the old marks are waited
+      TANDEM_RETURN_IF_ERROR(Synchronize());
+      for (cudaEvent_t e : c.marks) cudaEventDestroy(e);
+      c.marks.assign(static_cast<size_t>(depth), nullptr);
+      c.marks_made = 0;
+      for (cudaEvent_t& e : c.marks) {
+        cudaError_t err = cudaEventCreateWithFlags(&e, cudaEventDisableTiming);
+        if (err != cudaSuccess)
+          return InternalError(StrCat("cudaEventCreate: ", cudaGetErrorString(err)));
+      }
+    }
+    // The slot's previous mark is `depth` marks old: once it is done, at most depth - 1 older
+    // marks are pending, and this one makes depth.
+    cudaEvent_t e = c.marks[c.marks_made % c.marks.size()];
+    if (c.marks_made >= c.marks.size()) {
+      cudaError_t err = cudaEventSynchronize(e);
+      if (err != cudaSuccess)
+        return InternalError(
+            StrCat("cudaEventSynchronize on ", device_.ToString(), ": ", cudaGetErrorString(err)));
+    }
+    cudaError_t err = cudaEventRecord(e, c.stream);
+    if (err != cudaSuccess)
+      return InternalError(StrCat("cudaEventRecord: ", cudaGetErrorString(err)));
+    ++c.marks_made;
+  }
+#endif
+  return Status::Ok();
+}
+
+StatusOr<bool> Context::Idle() const {
+#ifdef TANDEM_WITH_CUDA
+  if (cuda_) {
+    const cudaError_t err = cudaStreamQuery(cuda_->stream);
+    if (err == cudaErrorNotReady) return false;
+    if (err != cudaSuccess) {
+      return InternalError(
+          StrCat("cudaStreamQuery on ", device_.ToString(), ": ", cudaGetErrorString(err)));
+    }
+  }
+#endif
+  return true;
 }
 
 }  // namespace tandem::ops

@@ -19,6 +19,11 @@
 
 namespace tandem::ops {
 
+// Priority of a CUDA context's stream. When two contexts share a device, the GPU schedules the
+// waiting thread blocks of a kHigh stream before those of a kNormal one (blocks already running
+// are not preempted). The serving engine runs inference at kHigh and fine-tuning at kNormal.
+enum class StreamPriority : uint8_t { kNormal, kHigh };
+
 namespace internal {
 struct CudaResources;  // stream, cuBLASLt handle, workspace; see ops/internal/cuda_resources.h
 }
@@ -32,9 +37,11 @@ class Context {
 
   static std::unique_ptr<Context> Cpu();
   // Unimplemented in CPU-only builds; Unavailable when the device does not exist.
-  static StatusOr<std::unique_ptr<Context>> Cuda(int device_index);
-  // Cpu() or Cuda(device.index).
-  static StatusOr<std::unique_ptr<Context>> ForDevice(Device device);
+  static StatusOr<std::unique_ptr<Context>> Cuda(int device_index,
+                                                 StreamPriority priority = StreamPriority::kNormal);
+  // Cpu() or Cuda(device.index, priority).
+  static StatusOr<std::unique_ptr<Context>> ForDevice(
+      Device device, StreamPriority priority = StreamPriority::kNormal);
 
   Device device() const { return device_; }
   bool is_cuda() const { return device_.is_cuda(); }
@@ -52,6 +59,13 @@ class Context {
   CudaStream stream() const;
   // Waits for all work enqueued on the stream. OK at once on CPU.
   Status Synchronize();
+  // Whether all work enqueued on the stream has finished, without waiting (true on CPU); an
+  // error that a kernel left on the stream is returned.
+  StatusOr<bool> Idle() const;
+  // Marks the work enqueued so far and waits until at most `depth` (>= 1) of the marks made by
+  // these calls are unfinished: a thread that enqueues work in pieces calls it after each piece
+  // to keep the device busy with at most `depth` pieces queued ahead. OK at once on CPU.
+  Status Pace(int depth);
 
   internal::CudaResources* cuda() { return cuda_.get(); }
 

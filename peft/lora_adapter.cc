@@ -208,8 +208,7 @@ Status LoraAdapter::SetFromLogicalHost(size_t param, const Tensor& host_f32) {
 
 StatusOr<Tensor> LoraAdapter::ToHost(size_t param) const {
   TANDEM_CHECK(param < params_.size());
-  TANDEM_RETURN_IF_ERROR(ctx_.Synchronize());
-  return CopyToHostBlocking(params_[param].master);
+  return CopyToHostOn(params_[param].master, ctx_.stream());
 }
 
 // Every tp rank's slice, all-gathered on the host, placed at that rank's offset (ranks sharing a
@@ -217,8 +216,7 @@ StatusOr<Tensor> LoraAdapter::ToHost(size_t param) const {
 StatusOr<Tensor> LoraAdapter::GatherToHost(size_t param, bool grad) const {
   TANDEM_CHECK(param < params_.size());
   const model::Parameter& p = params_[param];
-  TANDEM_RETURN_IF_ERROR(ctx_.Synchronize());
-  TANDEM_ASSIGN_OR_RETURN(Tensor mine, CopyToHostBlocking(grad ? p.grad : p.master));
+  TANDEM_ASSIGN_OR_RETURN(Tensor mine, CopyToHostOn(grad ? p.grad : p.master, ctx_.stream()));
   if (p.tp_dim < 0) return mine;
   const int tp = parallel_.tp_size;
   const int64_t n = mine.numel();

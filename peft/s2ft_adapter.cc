@@ -102,8 +102,7 @@ Status S2ftAdapter::SetFromHost(size_t block, const Tensor& host_f32) {
 
 StatusOr<Tensor> S2ftAdapter::ToHost(size_t block) const {
   TANDEM_CHECK(block < params_.size());
-  TANDEM_RETURN_IF_ERROR(ctx_.Synchronize());
-  return CopyToHostBlocking(params_[block].master);
+  return CopyToHostOn(params_[block].master, ctx_.stream());
 }
 
 Status S2ftAdapter::ZeroGrads() { return ops::Fill(ctx_, grad_flat_, 0.0f); }

@@ -52,12 +52,13 @@ Status EngineImpl::Init(const EngineOptions& options) {
   } else {
     TANDEM_ASSIGN_OR_RETURN(device, ParseDevice(options.device));
   }
-  TANDEM_ASSIGN_OR_RETURN(ctx_, ops::Context::ForDevice(device));
+  TANDEM_ASSIGN_OR_RETURN(ctx_, ops::Context::ForDevice(device, ops::StreamPriority::kHigh));
+  TANDEM_ASSIGN_OR_RETURN(train_ctx_, ops::Context::ForDevice(device));
   TANDEM_ASSIGN_OR_RETURN(model::LlamaConfig config,
                           model::LoadLlamaConfig(options.model_dir + "/config.json"));
   model::ModelOptions mo;
   mo.trainable = false;
-  TANDEM_ASSIGN_OR_RETURN(model_, model::LlamaModel::Create(*ctx_, config, mo));
+  TANDEM_ASSIGN_OR_RETURN(model_, model::LlamaModel::Create(*train_ctx_, config, mo));
   TANDEM_RETURN_IF_ERROR(model_->LoadSafetensors(options.model_dir));
   const std::string tok_path = options.model_dir + "/tokenizer.json";
   if (fs::exists(tok_path)) {
@@ -101,6 +102,7 @@ Status EngineImpl::Init(const EngineOptions& options) {
         cv_.notify_all();
       });
   thread_ = std::thread([this] { Loop(); });
+  ft_thread_ = std::thread([this] { FineTuneLoop(); });
   return Status::Ok();
 }
 
@@ -151,6 +153,7 @@ StatusOr<RequestId> EngineImpl::Submit(GenerationRequest request, EventCallback 
     req->on_event = std::move(on_event);
     const RequestId id = req->id;
     incoming_.push_back(std::move(req));
+    ft_grant_ = FineTuneGrant{ft_grant_.seq + 1, 0, 0, false, false};  // until Step sees it
     cv_.notify_all();
     return id;
   }
@@ -299,8 +302,10 @@ void EngineImpl::Shutdown() {
     if (stopping_ && !thread_.joinable()) return;
     stopping_ = true;
     cv_.notify_all();
+    ft_cv_.notify_all();
   }
   if (thread_.joinable()) thread_.join();
+  if (ft_thread_.joinable()) ft_thread_.join();
 }
 
 void EngineImpl::Loop() {
@@ -315,8 +320,7 @@ void EngineImpl::Loop() {
       // Waiting requests that only wait for adapter reads sleep until a read finishes.
       cv_.wait(lock, [&] {
         return stopping_ || !incoming_.empty() || !cancels_.empty() || !running_.empty() ||
-               (!waiting_.empty() && (!waiting_on_loads_ || load_finished_)) ||
-               !ft_queue_.empty() || ft_running_;
+               (!waiting_.empty() && (!waiting_on_loads_ || load_finished_));
       });
       load_finished_ = false;
       if (stopping_) break;

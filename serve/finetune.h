@@ -88,11 +88,11 @@ struct FineTuneOptions {
   // Padded tokens (rows x longest row) of one forward+backward at most; a longer example runs
   // alone.
   int64_t micro_batch_tokens = 256;
-  // While requests are being served, an engine iteration runs at most this many of a
-  // micro-batch's forward/backward units (a block's forward, the MLP or attention half of its
-  // backward, or the loss head; a micro-batch has 3 * layers + 1) after its inference batch, so
-  // a decode step waits for at most that much fine-tuning; an idle engine runs whole
-  // micro-batches. 0: whole micro-batches always.
+  // While requests are being served, each engine iteration lets the fine-tuning thread enqueue
+  // at most this many of a micro-batch's forward/backward units (a block's forward, the MLP or
+  // attention half of its backward, or the loss head; a micro-batch has 3 * layers + 1), which
+  // run on the GPU beside the next decode steps at a lower stream priority; an idle engine puts
+  // no limit. 0: no limit while serving either.
   int64_t busy_units = 1;
   int64_t snapshot_every_steps = 10;  // and at every publication and when a job ends
 };

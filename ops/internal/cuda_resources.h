@@ -4,7 +4,9 @@
 #ifdef TANDEM_WITH_CUDA
 #include <cuda_runtime.h>
 
+#include <cstdint>
 #include <memory>
+#include <vector>
 
 #include "ops/internal/cuda_kernels.h"
 
@@ -15,6 +17,8 @@ struct CudaResources {
   int sm_count = 1;  // streaming multiprocessors of the device (sizes grids of split kernels)
   cudaStream_t stream = nullptr;
   std::unique_ptr<cuda::GemmState, void (*)(cuda::GemmState*)> gemm{nullptr, nullptr};
+  std::vector<cudaEvent_t> marks;  // Context::Pace's ring, one event per allowed mark
+  uint64_t marks_made = 0;
   ~CudaResources();
 };
 

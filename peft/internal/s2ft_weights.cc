@@ -36,9 +36,8 @@ bool HasOwnMaster(const model::Parameter& p) {
 }  // namespace
 
 StatusOr<Tensor> ReadWeightF32(ops::Context& ctx, const model::Parameter& p) {
-  TANDEM_RETURN_IF_ERROR(ctx.Synchronize());
   const Tensor& src = HasOwnMaster(p) ? p.master : p.weight;
-  TANDEM_ASSIGN_OR_RETURN(Tensor host, CopyToHostBlocking(src));
+  TANDEM_ASSIGN_OR_RETURN(Tensor host, CopyToHostOn(src, ctx.stream()));
   if (host.dtype() != DType::kF32) {
     TANDEM_ASSIGN_OR_RETURN(host, CastCpu(host, DType::kF32));
   }

@@ -9,6 +9,10 @@
 #include "peft/adapter_io.h"
 #include "serve/internal/engine_impl.h"
 
+#ifdef TANDEM_WITH_CUDA
+#include <cuda_runtime.h>
+#endif
+
 namespace tandem::serve::internal {
 
 namespace fs = std::filesystem;
@@ -38,6 +42,11 @@ int64_t VersionOf(const std::string& model, const std::string& name) {
   }
   return std::stoll(v);
 }
+
+// The fine-tuning thread's pace: forward/backward units per StepMicroBatch call under an
+// unbounded grant (one under a bounded one), and calls' work queued on the device at most.
+constexpr int64_t kFineTuneUnitsPerCall = 4;
+constexpr int kFineTuneQueuedCalls = 2;
 
 int64_t TotalSteps(const FineTuneJobSpec& spec) {
   const int64_t n = static_cast<int64_t>(spec.examples.size());
@@ -149,7 +158,7 @@ StatusOr<FineTuneJobInfo> EngineImpl::CreateFineTuneJob(FineTuneJobSpec spec) {
   }
   jobs_[job->info.id] = job;
   ft_queue_.push_back(job);
-  cv_.notify_all();
+  ft_cv_.notify_all();
   return PublicCopy(*job);
 }
 
@@ -203,7 +212,7 @@ StatusOr<FineTuneJobInfo> EngineImpl::CancelFineTuneJob(const std::string& id) {
     Status s = WriteFinalFile(JobDir(id), job.info);
     if (!s.ok()) TANDEM_LOG(WARNING, "serve") << "fine-tuning job file: " << s.ToString();
   }
-  cv_.notify_all();
+  ft_cv_.notify_all();
   return PublicCopy(job);
 }
 
@@ -220,7 +229,7 @@ Status EngineImpl::StartNextJob() {
   }
   ft_active_ = job;
   TANDEM_ASSIGN_OR_RETURN(job->trainer,
-                          FineTuneTrainer::Create(*ctx_, *model_, job->spec, base_name_));
+                          FineTuneTrainer::Create(*train_ctx_, *model_, job->spec, base_name_));
   const std::string state = JobDir(job->info.id) + "/state";
   if (!options_.finetune.state_dir.empty() && fs::exists(state)) {
     TANDEM_RETURN_IF_ERROR(job->trainer->ReadState(state).status());
@@ -299,7 +308,49 @@ Status EngineImpl::PublishVersion(FineTuneJobEntry& job) {
   return Status::Ok();
 }
 
-void EngineImpl::RunFineTune(int64_t leftover, bool all_admitted, bool idle) {
+void EngineImpl::GrantFineTune(int64_t leftover, bool all_admitted, bool idle) {
+  std::lock_guard<std::mutex> lock(mu_);
+  FineTuneGrant g;
+  g.seq = ft_grant_.seq + 1;
+  if (!incoming_.empty()) {  // requests the next iteration will schedule first
+    g.units = 0;
+    g.leftover = 0;
+    g.all_admitted = false;
+    g.idle = false;
+  } else if (!idle) {
+    const int64_t busy = options_.finetune.busy_units;
+    g.units = busy <= 0 ? INT64_MAX : busy;
+    g.leftover = leftover;
+    g.all_admitted = all_admitted;
+    g.idle = false;
+  }
+  ft_grant_ = g;
+  if (ft_running_ || !ft_queue_.empty()) ft_cv_.notify_all();
+}
+
+void EngineImpl::FineTuneLoop() {
+#ifdef TANDEM_WITH_CUDA
+  if (train_ctx_->is_cuda())
+    (void)cudaSetDevice(train_ctx_->device().index);  // the current device is per thread
+#endif
+  while (true) {
+    {
+      std::unique_lock<std::mutex> lock(mu_);
+      ft_cv_.wait(lock, [&] {
+        if (stopping_) return true;
+        if (ft_active_) return ft_grant_.units > 0 || ft_active_->cancel_requested;
+        return !ft_queue_.empty() && ft_grant_.units > 0;
+      });
+      if (stopping_) break;
+    }
+    RunFineTune();
+  }
+  // Shutdown: a job in progress stays "running" on disk and resumes from its last snapshot.
+  if (ft_active_ && ft_active_->trainer) ft_active_->trainer->Abandon();
+  (void)train_ctx_->Synchronize();
+}
+
+void EngineImpl::RunFineTune() {
   if (!ft_active_) {
     Status s = StartNextJob();
     if (!s.ok() && ft_active_) return EndJob("failed", s.ToString());
@@ -307,24 +358,36 @@ void EngineImpl::RunFineTune(int64_t leftover, bool all_admitted, bool idle) {
   }
   FineTuneJobEntry& job = *ft_active_;
   bool cancelled = false;
+  FineTuneGrant grant;
   {
     std::lock_guard<std::mutex> lock(mu_);
     stats_.finetune_jobs_running = 1;
     cancelled = job.cancel_requested;
+    grant = ft_grant_;
   }
   if (cancelled) return EndJob("cancelled", "");
   const int64_t micro = std::max<int64_t>(options_.finetune.micro_batch_tokens, 1);
-  if (!job.trainer->in_micro_batch()) {  // a new micro-batch: only in what inference leaves
-    if (!all_admitted) return;           // new requests first
-    if (!idle && job.trainer->NextMicroTokens(micro) > leftover - 1) return;  // waits
+  // A new micro-batch only in what inference leaves: new requests first, then the budget.
+  const bool waits =
+      !job.trainer->in_micro_batch() && !grant.idle &&
+      (!grant.all_admitted || job.trainer->NextMicroTokens(micro) > grant.leftover - 1);
+  if (waits) {  // until the next grant
+    std::lock_guard<std::mutex> lock(mu_);
+    if (ft_grant_.seq == grant.seq) ft_grant_.units = 0;
+    return;
   }
-  // With requests running, a slice of the micro-batch; idle, the rest of it.
-  const int64_t units =
-      idle || options_.finetune.busy_units <= 0 ? INT64_MAX : options_.finetune.busy_units;
+  // A few units per call, one while serving, so that every unit sees the newest grant.
+  const int64_t units = grant.units == INT64_MAX ? kFineTuneUnitsPerCall : 1;
   StatusOr<std::optional<MicroBatchResult>> step =
       job.trainer->StepMicroBatch(*model_, micro, units);
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (ft_grant_.seq == grant.seq && ft_grant_.units != INT64_MAX) --ft_grant_.units;
+  }
   if (!step.ok()) return EndJob("failed", step.status().ToString());
-  if (!step->has_value()) return;  // continues in the next iteration
+  const Status paced = train_ctx_->Pace(kFineTuneQueuedCalls);
+  if (!paced.ok()) return EndJob("failed", paced.ToString());
+  if (!step->has_value()) return;  // continues with the next units
   const std::optional<MicroBatchResult>& r = *step;
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -343,7 +406,7 @@ void EngineImpl::RunFineTune(int64_t leftover, bool all_admitted, bool idle) {
     const int64_t snap = options_.finetune.snapshot_every_steps;
     if (publish || (snap > 0 && step % snap == 0)) SnapshotJob(job, "running", "");
   }
-  SyncJobInfo(job);
+  SyncJobInfo(job);  // after each micro-batch
 }
 
 // ---- Start ----

@@ -1,9 +1,11 @@
 // EngineImpl: the Engine behind serve/engine.h (private to serve/).
 //
 // Threads: API calls (Submit, Cancel, LoadAdapter, ...) take `mu_` and touch only the intake
-// queues, the adapter name map and the stats copy; the engine thread owns everything else (the
-// waiting and running queues, the pool, the model) and runs Loop(): take new requests and
-// cancels, run one Step, publish stats.
+// queues, the adapter name map, the job map and the stats copy; the engine thread owns the
+// waiting and running queues, the pool and InferModel, and runs Loop(): take new requests and
+// cancels, run one Step, publish stats; the fine-tuning thread owns the active job, its trainer
+// and the model's training state, and runs FineTuneLoop() (engine_finetune.cc) within the grant
+// the engine thread posts each iteration (`ft_grant_`).
 //
 // One Step (serve/internal/engine_step.cc):
 //   1. Running requests, oldest first, each get their next chunk (the rest of a prompt being
@@ -22,11 +24,23 @@
 //      temperature or want logprobs; every request whose chunk reached the end of its tokens
 //      emits one token: EOS, stop strings, max_tokens and the context limit end it and free its
 //      pages.
-//   4. Fine-tuning (serve/internal/engine_finetune.cc): when every waiting request was admitted
-//      and the next micro-batch of the active job fits in the budget left over minus one token
-//      (kept free for new requests), or nothing else ran, one micro-batch runs forward+backward
-//      with the job's adapter attached to the model; the last micro-batch of a step runs AdamW.
-//      So a decode step waits at most one micro-batch for fine-tuning.
+//   4. The fine-tuning grant (engine_finetune.cc): an iteration that ran inference lets the
+//      fine-tuning thread enqueue FineTuneOptions::busy_units of a micro-batch's forward/backward
+//      units (LlamaModel::ContinueForwardBackward; all of them with busy_units = 0) until the
+//      next iteration, and start a new micro-batch only when every waiting request was admitted
+//      and the micro-batch fits in the budget left over minus one token (kept free for new
+//      requests). When nothing runs or waits, the grant is unbounded. A Submit revokes the grant
+//      until the next iteration has seen the request. The last micro-batch of a step runs AdamW.
+//
+// Streams: on a GPU, inference runs on `ctx_`, a high-priority stream, and the base model and
+// fine-tuning on `train_ctx_`, a second context (stream, cuBLASLt workspace and allocator of its
+// own) at normal priority. Inference reads the frozen base weights the model owns; nothing else
+// is shared, so the two streams need no events between them, and neither allocator reuses memory
+// the other stream may still use. The fine-tuning thread keeps at most two units queued
+// (Context::Pace), so what it enqueues runs beside the decode steps, in the SMs and memory
+// bandwidth those leave, and neither thread waits for the other's kernels; it never waits for
+// the whole device either (the engine thread may be capturing a CUDA graph): its host copies go
+// through its own stream (CopyToHostOn). On a CPU the two contexts are plain CPU ones.
 #pragma once
 
 #include <condition_variable>
@@ -132,8 +146,13 @@ class EngineImpl final : public Engine {
   // Init: reads the jobs under finetune.state_dir, queues unfinished ones, reloads published
   // versions.
   Status ResumeFineTuneJobs();
-  // Step 4 above. Failures end the job, never the inference requests.
-  void RunFineTune(int64_t leftover, bool all_admitted, bool idle);
+  // Engine thread: step 4 above.
+  void GrantFineTune(int64_t leftover, bool all_admitted, bool idle);
+  // Fine-tuning thread: runs the active job (or starts the next queued one) within the grant.
+  void FineTuneLoop();
+  // One piece of the active job: a unit, a micro-batch's end, or a wait for the next grant.
+  // Failures end the job, never the inference requests.
+  void RunFineTune();
   Status StartNextJob();
   Status PublishVersion(FineTuneJobEntry& job);
   void SnapshotJob(FineTuneJobEntry& job, const std::string& status, const std::string& error);
@@ -145,8 +164,9 @@ class EngineImpl final : public Engine {
   void Finish(RequestState& r, const std::string& reason, const std::string& error);
 
   EngineOptions options_;
-  std::unique_ptr<ops::Context> ctx_;
-  std::unique_ptr<model::LlamaModel> model_;
+  std::unique_ptr<ops::Context> ctx_;         // inference (high priority on a GPU)
+  std::unique_ptr<ops::Context> train_ctx_;   // the model and fine-tuning
+  std::unique_ptr<model::LlamaModel> model_;  // on train_ctx_
   std::unique_ptr<model::Tokenizer> tokenizer_;
   std::unique_ptr<InferModel> infer_;
   std::string base_name_;
@@ -170,13 +190,24 @@ class EngineImpl final : public Engine {
   std::deque<std::shared_ptr<FineTuneJobEntry>> ft_queue_;         // guarded by mu_
   bool ft_running_ = false;                                        // guarded by mu_
   int64_t next_job_ = 1;                                           // guarded by mu_
-  std::shared_ptr<FineTuneJobEntry> ft_active_;  // engine thread: the job being trained
+  // What the fine-tuning thread may do until the engine thread's next iteration.
+  struct FineTuneGrant {
+    uint64_t seq = 0;              // bumped by every new grant
+    int64_t units = INT64_MAX;     // forward/backward units it may still enqueue
+    int64_t leftover = INT64_MAX;  // tokens the iteration left over
+    bool all_admitted = true;
+    bool idle = true;  // nothing runs or waits: any micro-batch may start
+  };
+  FineTuneGrant ft_grant_;                       // guarded by mu_
+  std::condition_variable ft_cv_;                // with mu_: grants, jobs, cancels, stop
+  std::shared_ptr<FineTuneJobEntry> ft_active_;  // fine-tuning thread: the job being trained
 
   std::deque<std::unique_ptr<RequestState>> waiting_;   // engine thread
   std::vector<std::unique_ptr<RequestState>> running_;  // engine thread, admission order
   bool waiting_on_loads_ = false;  // engine thread: the last step had only reads to wait for
   bool load_finished_ = false;     // guarded by mu_: a read finished since the last wake-up
   std::thread thread_;
+  std::thread ft_thread_;
   // Last: destroyed first (its thread uses the model and mu_/cv_).
   std::unique_ptr<AdapterLoader> loader_;
 };

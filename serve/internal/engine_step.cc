@@ -392,7 +392,7 @@ Status EngineImpl::Step() {
     stats_.batch_seconds += seconds;
   }
   // 4. Fine-tuning in the leftover budget.
-  RunFineTune(leftover, all_admitted, batch.empty());
+  GrantFineTune(leftover, all_admitted, batch.empty() || (running_.empty() && waiting_.empty()));
   return Status::Ok();
 }
 

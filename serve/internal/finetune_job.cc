@@ -289,7 +289,7 @@ Status FineTuneTrainer::WriteState(const std::string& path, const std::string& s
     out << kStateMagic << "\n" << meta.dump() << "\n";
     for (size_t i = 0; i < params.size(); ++i) {
       for (const Tensor* t : {&params[i].master, &m_[i], &v_[i]}) {
-        TANDEM_ASSIGN_OR_RETURN(Tensor host, CopyToHostBlocking(*t));
+        TANDEM_ASSIGN_OR_RETURN(Tensor host, CopyToHostOn(*t, ctx_.stream()));
         out.write(reinterpret_cast<const char*>(host.data<float>()),
                   static_cast<std::streamsize>(host.numel() * sizeof(float)));
       }

@@ -2,9 +2,9 @@
 // LoRA adapter in a peft::AdapterSet over the engine's frozen base model, its AdamW moments, the
 // data order and the progress. An S2FT job trains its blocks in LoRA form (peft::S2ftAsLora) in
 // the same set: the one-hot factor of each block is frozen (no AdamW step), the other is the
-// block; the base is never permuted, since inference shares it. The engine calls RunMicroBatch with
-// the tokens an iteration leaves over; the adapter is attached to the LlamaModel only for the
-// duration of that call.
+// block; the base is never permuted, since inference shares it. The engine's fine-tuning thread
+// calls StepMicroBatch within what inference leaves over; the adapter is attached to the
+// LlamaModel only while a micro-batch is in progress.
 //
 // Data order: epoch e visits the examples in a permutation drawn from DeriveSeed(seed, e,
 // "ft-order"); one optimizer step takes the next batch_size examples of the epoch (fewer at its
@@ -20,8 +20,9 @@
 // Snapshots are taken only between optimizer steps (the gradient of a step in progress is not
 // saved); a resumed job redoes the steps after its last snapshot, with the same data.
 //
-// Ownership: owns its adapter set and moments on the engine's context (which must outlive it).
-// Thread-safety: the engine thread only.
+// Ownership: owns its adapter set and moments on the engine's training context (which must
+// outlive it). Thread-safety: one thread (the engine's fine-tuning thread). Host copies go through
+// the context's stream (CopyToHostOn), never a device-wide wait.
 #pragma once
 
 #include <cstdint>
