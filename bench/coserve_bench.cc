@@ -8,7 +8,7 @@
 //                        [--max-batch-tokens 2048]
 //                        [--ft-rank 8] [--ft-alpha 16] [--ft-targets q_proj,v_proj]
 //                        [--ft-lr 1e-4] [--ft-batch 8] [--ft-seq-len 256] [--ft-examples 4096]
-//                        [--ft-micro-tokens 256] [--ft-busy-units 1] [--ft-seconds 15] [--ft-steps
+//                        [--ft-micro-tokens 1024] [--ft-busy-units 1] [--ft-seconds 15] [--ft-steps
 //                        0]
 //                        [--progress-s 10] [--timeout-s 600]
 //
@@ -108,7 +108,8 @@ struct Bench {
 std::unique_ptr<serve::Engine> MakeEngine(Bench& b) {
   serve::EngineOptions eo = b.options;
   eo.finetune.publish_dir = b.tmp + "/published" + std::to_string(b.engines++);
-  eo.finetune.micro_batch_tokens = b.args.Int("ft-micro-tokens", 256);
+  eo.finetune.micro_batch_tokens =
+      b.args.Int("ft-micro-tokens", serve::FineTuneOptions{}.micro_batch_tokens);
   eo.finetune.busy_units = b.args.Int("ft-busy-units", 1);
   auto engine = serve::Engine::Create(eo);
   if (!engine.ok()) Fail(b, engine.status());
@@ -385,7 +386,7 @@ json SetupJson(const Bench& b) {
             {"batch", a.Int("ft-batch", 8)},
             {"seq_len", a.Int("ft-seq-len", 256)},
             {"mean_example_tokens", mean_tokens},
-            {"micro_tokens", a.Int("ft-micro-tokens", 256)},
+            {"micro_tokens", a.Int("ft-micro-tokens", serve::FineTuneOptions{}.micro_batch_tokens)},
             {"busy_units", a.Int("ft-busy-units", 1)}}},
           {"commit", GitCommit()},
           {"date", date}};

@@ -55,12 +55,13 @@ void PrintServeHelp() {
       "  --finetune-output-dir DIR  where versions are written as NAME-vN (default: the first\n"
       "                         --adapter-dir)\n"
       "  --finetune-state-dir DIR   job snapshots; unfinished jobs there resume at start\n"
-      "  --finetune-micro-batch-tokens N  padded tokens per forward+backward (default 256)\n"
+      "  --finetune-micro-batch-tokens N  padded tokens per forward+backward (default 1024)\n"
       "  --finetune-snapshot-steps N      snapshot every N optimizer steps (default 10)\n"
       "  --finetune-busy-units N   while serving, at most N forward/backward units (a block's\n"
-      "                            forward or half its backward) of fine-tuning per iteration; 0 = "
-      "whole micro-batches\n"
-      "                            (default 1)\n");
+      "                            forward or half its backward) of fine-tuning per iteration, "
+      "run\n"
+      "                            beside inference at a lower priority; 0 = no limit (default "
+      "1)\n");
 }
 
 int UsageError(const std::string& message) {

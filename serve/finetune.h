@@ -87,7 +87,7 @@ struct FineTuneOptions {
   std::string state_dir;
   // Padded tokens (rows x longest row) of one forward+backward at most; a longer example runs
   // alone.
-  int64_t micro_batch_tokens = 256;
+  int64_t micro_batch_tokens = 1024;
   // While requests are being served, each engine iteration lets the fine-tuning thread enqueue
   // at most this many of a micro-batch's forward/backward units (a block's forward, the MLP or
   // attention half of its backward, or the loss head; a micro-batch has 3 * layers + 1), which

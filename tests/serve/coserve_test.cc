@@ -244,9 +244,9 @@ TEST_F(CoserveTest, TrainsWhileEightClientsStreamAndPublishesVersions) {
   EXPECT_EQ(s.finetune_jobs_running, 0);
 }
 
-// With requests running, a micro-batch runs in slices of FineTuneOptions::busy_units blocks
-// between inference steps; the math is the same, so the job's losses and published adapters
-// equal those of whole micro-batches (busy_units = 0) bit for bit, while clients stream.
+// With requests running, the fine-tuning thread enqueues FineTuneOptions::busy_units units per
+// engine iteration (no limit with busy_units = 0); the math is the same, so the job's losses and
+// published adapters are equal bit for bit, while clients stream.
 TEST_F(CoserveTest, SlicedMicroBatchesTrainBitwiseTheWholeOnes) {
   auto slurp = [](const std::string& path) {
     std::ifstream in(path, std::ios::binary);
