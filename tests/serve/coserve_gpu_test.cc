@@ -63,20 +63,6 @@ std::string Generate(Engine& engine, const std::string& prompt, int max_tokens) 
   return reason;
 }
 
-FineTuneJobInfo WaitFinished(Engine& engine, const std::string& id) {
-  const auto deadline = Clock::now() + std::chrono::seconds(120);
-  while (true) {
-    StatusOr<FineTuneJobInfo> job = engine.GetFineTuneJob(id);
-    EXPECT_TRUE(job.ok()) << job.status().ToString();
-    if (!job.ok()) return {};
-    const std::string& s = job->status;
-    if (s == "succeeded" || s == "failed" || s == "cancelled" || Clock::now() > deadline) {
-      return *job;
-    }
-    std::this_thread::sleep_for(std::chrono::milliseconds(5));
-  }
-}
-
 std::string Slurp(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   return std::string(std::istreambuf_iterator<char>(in), {});
@@ -86,15 +72,7 @@ TEST(CoserveGpu, FineTuningOnItsOwnStreamTrainsBitwiseBesideInference) {
   TANDEM_SKIP_WITHOUT_GPU();
   testing::TempDir dir;
   auto cpu = ops::Context::Cpu();
-  model::LlamaConfig c;
-  c.vocab_size = 300;
-  c.hidden_size = 128;
-  c.intermediate_size = 256;
-  c.num_hidden_layers = 2;
-  c.num_attention_heads = 4;
-  c.num_key_value_heads = 2;
-  c.head_dim = 64;
-  c.max_position_embeddings = 256;
+  const model::LlamaConfig c = test_util::SmallGpuServeConfig();
   model::ModelOptions mo;
   mo.trainable = false;
   auto m = std::move(model::LlamaModel::Create(*cpu, c, mo)).value();
@@ -171,14 +149,16 @@ TEST(CoserveGpu, FineTuningOnItsOwnStreamTrainsBitwiseBesideInference) {
     StatusOr<FineTuneJobInfo> job = engine->CreateFineTuneJob(spec);
     ASSERT_TRUE(job.ok()) << job.status().ToString();
     const int completed_before = completed.load();
-    const FineTuneJobInfo done = WaitFinished(*engine, job->id);
+    const FineTuneJobInfo done = test_util::WaitJobFinished(*engine, job->id, 120);
     const int completed_during = completed.load() - completed_before;
     stop = true;
     for (std::thread& t : clients) t.join();
 
     EXPECT_EQ(done.status, "succeeded") << done.error;
     EXPECT_EQ(failed.load(), 0) << first_failure;
-    if (run.clients > 0) EXPECT_GT(completed_during, 0) << "inference should run during the job";
+    if (run.clients > 0) {
+      EXPECT_GT(completed_during, 0) << "inference should run during the job";
+    }
     ASSERT_EQ(done.step_losses.size(), 16u);
     EXPECT_LT(done.step_losses.back(), done.step_losses.front())
         << "losses " << json(done.step_losses).dump();

@@ -91,17 +91,7 @@ double Accuracy(Engine& engine, const std::string& model) {
 }
 
 FineTuneJobInfo WaitFinished(Engine& engine, const std::string& id, double seconds = 50) {
-  const auto deadline = Clock::now() + std::chrono::milliseconds(static_cast<int>(seconds * 1000));
-  while (true) {
-    StatusOr<FineTuneJobInfo> job = engine.GetFineTuneJob(id);
-    EXPECT_TRUE(job.ok()) << job.status().ToString();
-    if (!job.ok()) return {};
-    const std::string& s = job->status;
-    if (s == "succeeded" || s == "failed" || s == "cancelled" || Clock::now() > deadline) {
-      return *job;
-    }
-    std::this_thread::sleep_for(std::chrono::milliseconds(10));
-  }
+  return test_util::WaitJobFinished(engine, id, seconds);
 }
 
 FineTuneJobInfo WaitStep(Engine& engine, const std::string& id, int64_t step) {

@@ -54,15 +54,7 @@ TEST(EngineGpu, ServesMixedAdapters) {
   TANDEM_SKIP_WITHOUT_GPU();
   testing::TempDir dir;
   auto cpu = ops::Context::Cpu();
-  model::LlamaConfig c;
-  c.vocab_size = 300;
-  c.hidden_size = 128;
-  c.intermediate_size = 256;
-  c.num_hidden_layers = 2;
-  c.num_attention_heads = 4;
-  c.num_key_value_heads = 2;
-  c.head_dim = 64;
-  c.max_position_embeddings = 256;
+  const model::LlamaConfig c = test_util::SmallGpuServeConfig();
   model::ModelOptions mo;
   mo.trainable = false;
   auto m = std::move(model::LlamaModel::Create(*cpu, c, mo)).value();

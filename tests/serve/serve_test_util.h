@@ -1,10 +1,13 @@
-// Helpers shared by the serve tests: the small random Llama most of them serve, the byte
-// tokenizer's ids of a prompt, and the greedy reference decoding.
+// Helpers shared by the serve tests: the small random Llamas they serve (one for the CPU, one with
+// GPU-sized heads), the byte tokenizer's ids of a prompt, the greedy reference decoding, and
+// waiting for a fine-tuning job to end.
 #pragma once
 
 #include <algorithm>
+#include <chrono>
 #include <cstdint>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "core/status.h"
@@ -13,6 +16,7 @@
 #include "ops/context.h"
 #include "peft/s2ft.h"
 #include "peft/s2ft_io.h"
+#include "serve/engine.h"
 #include "tests/common/testing.h"
 
 namespace tandem::serve::test_util {
@@ -32,6 +36,39 @@ inline model::LlamaConfig TinyServeConfig(int64_t vocab_size, int64_t max_positi
   c.rms_norm_eps = 1e-5;
   c.max_position_embeddings = max_positions;
   return c;
+}
+
+// hidden 128, ffn 256, 2 layers, 4 heads of dim 64 over 2 kv heads, vocab 300, 256 positions:
+// the smallest shape the CUDA kernels take.
+inline model::LlamaConfig SmallGpuServeConfig() {
+  model::LlamaConfig c;
+  c.vocab_size = 300;
+  c.hidden_size = 128;
+  c.intermediate_size = 256;
+  c.num_hidden_layers = 2;
+  c.num_attention_heads = 4;
+  c.num_key_value_heads = 2;
+  c.head_dim = 64;
+  c.max_position_embeddings = 256;
+  return c;
+}
+
+// Polls job `id` until it succeeded, failed or was cancelled, or `seconds` passed; returns the
+// last state seen.
+inline FineTuneJobInfo WaitJobFinished(Engine& engine, const std::string& id, double seconds) {
+  const auto deadline =
+      std::chrono::steady_clock::now() + std::chrono::milliseconds(static_cast<int>(seconds * 1e3));
+  while (true) {
+    StatusOr<FineTuneJobInfo> job = engine.GetFineTuneJob(id);
+    EXPECT_TRUE(job.ok()) << job.status().ToString();
+    if (!job.ok()) return {};
+    const std::string& s = job->status;
+    if (s == "succeeded" || s == "failed" || s == "cancelled" ||
+        std::chrono::steady_clock::now() > deadline) {
+      return *job;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
 }
 
 // <bos> (256) then the bytes of `text`, as the byte tokenizer encodes a prompt.
