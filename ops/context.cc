@@ -126,18 +126,4 @@ Status Context::Pace(int depth) {
   return Status::Ok();
 }
 
-StatusOr<bool> Context::Idle() const {
-#ifdef TANDEM_WITH_CUDA
-  if (cuda_) {
-    const cudaError_t err = cudaStreamQuery(cuda_->stream);
-    if (err == cudaErrorNotReady) return false;
-    if (err != cudaSuccess) {
-      return InternalError(
-          StrCat("cudaStreamQuery on ", device_.ToString(), ": ", cudaGetErrorString(err)));
-    }
-  }
-#endif
-  return true;
-}
-
 }  // namespace tandem::ops

@@ -59,9 +59,6 @@ class Context {
   CudaStream stream() const;
   // Waits for all work enqueued on the stream. OK at once on CPU.
   Status Synchronize();
-  // Whether all work enqueued on the stream has finished, without waiting (true on CPU); an
-  // error that a kernel left on the stream is returned.
-  StatusOr<bool> Idle() const;
   // Marks the work enqueued so far and waits until at most `depth` (>= 1) of the marks made by
   // these calls are unfinished: a thread that enqueues work in pieces calls it after each piece
   // to keep the device busy with at most `depth` pieces queued ahead. OK at once on CPU.

@@ -153,7 +153,7 @@ StatusOr<RequestId> EngineImpl::Submit(GenerationRequest request, EventCallback 
     req->on_event = std::move(on_event);
     const RequestId id = req->id;
     incoming_.push_back(std::move(req));
-    ft_grant_ = FineTuneGrant{ft_grant_.seq + 1, 0, 0, false, false};  // until Step sees it
+    RevokeFineTuneGrantLocked();  // until Step has seen the request
     cv_.notify_all();
     return id;
   }

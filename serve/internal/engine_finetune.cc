@@ -308,16 +308,16 @@ Status EngineImpl::PublishVersion(FineTuneJobEntry& job) {
   return Status::Ok();
 }
 
+void EngineImpl::RevokeFineTuneGrantLocked() {
+  ft_grant_ = FineTuneGrant{ft_grant_.seq + 1, 0, 0, false, false};
+}
+
 void EngineImpl::GrantFineTune(int64_t leftover, bool all_admitted, bool idle) {
   std::lock_guard<std::mutex> lock(mu_);
+  if (!incoming_.empty()) return RevokeFineTuneGrantLocked();  // the next iteration's requests
   FineTuneGrant g;
   g.seq = ft_grant_.seq + 1;
-  if (!incoming_.empty()) {  // requests the next iteration will schedule first
-    g.units = 0;
-    g.leftover = 0;
-    g.all_admitted = false;
-    g.idle = false;
-  } else if (!idle) {
+  if (!idle) {
     const int64_t busy = options_.finetune.busy_units;
     g.units = busy <= 0 ? INT64_MAX : busy;
     g.leftover = leftover;

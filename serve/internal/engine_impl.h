@@ -36,7 +36,7 @@
 // fine-tuning on `train_ctx_`, a second context (stream, cuBLASLt workspace and allocator of its
 // own) at normal priority. Inference reads the frozen base weights the model owns; nothing else
 // is shared, so the two streams need no events between them, and neither allocator reuses memory
-// the other stream may still use. The fine-tuning thread keeps at most two units queued
+// the other stream may still use. The fine-tuning thread keeps at most two calls' units queued
 // (Context::Pace), so what it enqueues runs beside the decode steps, in the SMs and memory
 // bandwidth those leave, and neither thread waits for the other's kernels; it never waits for
 // the whole device either (the engine thread may be capturing a CUDA graph): its host copies go
@@ -148,6 +148,8 @@ class EngineImpl final : public Engine {
   Status ResumeFineTuneJobs();
   // Engine thread: step 4 above.
   void GrantFineTune(int64_t leftover, bool all_admitted, bool idle);
+  // With mu_ held: fine-tuning enqueues nothing more until the next grant (requests first).
+  void RevokeFineTuneGrantLocked();
   // Fine-tuning thread: runs the active job (or starts the next queued one) within the grant.
   void FineTuneLoop();
   // One piece of the active job: a unit, a micro-batch's end, or a wait for the next grant.

@@ -1,7 +1,7 @@
-// ops::Context streams: Idle() is true on a CPU context and on a drained stream, false while
-// enqueued work runs; Pace(d) leaves at most d marked pieces queued (so two Pace(1) calls in a
-// row drain the stream); contexts of both priorities compute the same results side by side (the
-// serving engine runs inference on a kHigh one and fine-tuning on a kNormal one).
+// ops::Context streams: Pace(d) leaves at most d marked pieces queued (so two Pace(1) calls in a
+// row drain the stream, while work enqueued without one stays queued) and refuses d < 1; contexts
+// of both priorities compute the same results side by side (the serving engine runs inference on
+// a kHigh one and fine-tuning on a kNormal one).
 #include <gtest/gtest.h>
 
 #include <cstring>
@@ -10,19 +10,32 @@
 #include "ops/ops.h"
 #include "tests/common/testing.h"
 
+#ifdef TANDEM_WITH_CUDA
+#include <cuda_runtime.h>
+#endif
+
 namespace tandem::ops {
 namespace {
 
-TEST(ContextTest, CpuContextIsAlwaysIdle) {
+TEST(ContextTest, CpuContextPacesAtOnce) {
   auto ctx = Context::Cpu();
-  StatusOr<bool> idle = ctx->Idle();
-  ASSERT_TRUE(idle.ok());
-  EXPECT_TRUE(*idle);
   EXPECT_TRUE(ctx->Pace(2).ok());
   EXPECT_EQ(ctx->Pace(0).code(), StatusCode::kInvalidArgument);
 }
 
-TEST(ContextGpuTest, IdleFollowsTheStreamAndPrioritiesComputeTheSame) {
+// Whether everything enqueued on ctx's stream has finished, without waiting.
+bool StreamIdle(const Context& ctx) {
+#ifdef TANDEM_WITH_CUDA
+  const cudaError_t err = cudaStreamQuery(reinterpret_cast<cudaStream_t>(ctx.stream()));
+  EXPECT_TRUE(err == cudaSuccess || err == cudaErrorNotReady) << cudaGetErrorString(err);
+  return err == cudaSuccess;
+#else
+  (void)ctx;
+  return true;  // never reached: the GPU test skips first
+#endif
+}
+
+TEST(ContextGpuTest, PaceBoundsTheQueueAndPrioritiesComputeTheSame) {
   TANDEM_SKIP_WITHOUT_GPU();
   auto high = std::move(Context::Cuda(0, StreamPriority::kHigh)).value();
   auto normal = std::move(Context::Cuda(0, StreamPriority::kNormal)).value();
@@ -40,22 +53,16 @@ TEST(ContextGpuTest, IdleFollowsTheStreamAndPrioritiesComputeTheSame) {
     for (int rep = 0; rep < 20; ++rep) {
       ASSERT_TRUE(Matmul(ctx, out[k], a, b, false, false).ok());
     }
-    StatusOr<bool> busy = ctx.Idle();
-    ASSERT_TRUE(busy.ok()) << busy.status().ToString();
-    EXPECT_FALSE(*busy) << "the stream reported idle with 20 GEMMs just enqueued";
+    EXPECT_FALSE(StreamIdle(ctx)) << "the stream reported idle with 20 GEMMs just enqueued";
     ASSERT_TRUE(ctx.Synchronize().ok());
-    StatusOr<bool> idle = ctx.Idle();
-    ASSERT_TRUE(idle.ok());
-    EXPECT_TRUE(*idle);
+    EXPECT_TRUE(StreamIdle(ctx));
     // Paced pieces: after each, at most one queued; a second mark with nothing new drains it.
     for (int rep = 0; rep < 6; ++rep) {
       for (int g = 0; g < 3; ++g) ASSERT_TRUE(Matmul(ctx, out[k], a, b, false, false).ok());
       ASSERT_TRUE(ctx.Pace(1).ok());
     }
     ASSERT_TRUE(ctx.Pace(1).ok());
-    idle = ctx.Idle();
-    ASSERT_TRUE(idle.ok());
-    EXPECT_TRUE(*idle) << "Pace(1) twice in a row left work queued";
+    EXPECT_TRUE(StreamIdle(ctx)) << "Pace(1) twice in a row left work queued";
   }
   const Tensor h0 = std::move(CopyToHostBlocking(out[0])).value();
   const Tensor h1 = std::move(CopyToHostBlocking(out[1])).value();

@@ -71,13 +71,8 @@ std::string Slurp(const std::string& path) {
 TEST(CoserveGpu, FineTuningOnItsOwnStreamTrainsBitwiseBesideInference) {
   TANDEM_SKIP_WITHOUT_GPU();
   testing::TempDir dir;
-  auto cpu = ops::Context::Cpu();
   const model::LlamaConfig c = test_util::SmallGpuServeConfig();
-  model::ModelOptions mo;
-  mo.trainable = false;
-  auto m = std::move(model::LlamaModel::Create(*cpu, c, mo)).value();
-  TANDEM_CHECK_OK(m->InitRandom(5, 0.2f));
-  TANDEM_CHECK_OK(m->SaveSafetensors(dir.Join("model"), DType::kBF16));
+  test_util::SaveRandomModel(c, dir.Join("model"), 5, 0.2f, DType::kBF16);
   std::filesystem::create_directories(dir.Join("data"));
   {
     std::ofstream f(dir.Join("data/pairs.jsonl"));

@@ -55,11 +55,7 @@ TEST(EngineGpu, ServesMixedAdapters) {
   testing::TempDir dir;
   auto cpu = ops::Context::Cpu();
   const model::LlamaConfig c = test_util::SmallGpuServeConfig();
-  model::ModelOptions mo;
-  mo.trainable = false;
-  auto m = std::move(model::LlamaModel::Create(*cpu, c, mo)).value();
-  TANDEM_CHECK_OK(m->InitRandom(5, 0.2f));
-  TANDEM_CHECK_OK(m->SaveSafetensors(dir.Join("model"), DType::kBF16));
+  test_util::SaveRandomModel(c, dir.Join("model"), 5, 0.2f, DType::kBF16);
   for (int a = 0; a < 2; ++a) {
     peft::LoraConfig lc;
     lc.r = a == 0 ? 8 : 4;

@@ -53,6 +53,18 @@ inline model::LlamaConfig SmallGpuServeConfig() {
   return c;
 }
 
+// Writes a frozen base of `config` with weights from InitRandom(seed, scale) to `dir` as a model
+// directory (safetensors in `dtype`).
+inline void SaveRandomModel(const model::LlamaConfig& config, const std::string& dir, uint64_t seed,
+                            float scale, DType dtype) {
+  auto cpu = ops::Context::Cpu();
+  model::ModelOptions mo;
+  mo.trainable = false;
+  auto m = std::move(model::LlamaModel::Create(*cpu, config, mo)).value();
+  TANDEM_CHECK_OK(m->InitRandom(seed, scale));
+  TANDEM_CHECK_OK(m->SaveSafetensors(dir, dtype));
+}
+
 // Polls job `id` until it succeeded, failed or was cancelled, or `seconds` passed; returns the
 // last state seen.
 inline FineTuneJobInfo WaitJobFinished(Engine& engine, const std::string& id, double seconds) {
