@@ -1,8 +1,12 @@
 // ops::AdamW: validation and dispatch.
 #include <cmath>
+#include <map>
+#include <span>
+#include <vector>
 
 #include "ops/cpu/kernels.h"
 #include "ops/internal/op_util.h"
+#include "ops/multi_tensor.h"
 #include "ops/ops.h"
 #include "ops/profiler.h"
 
@@ -61,6 +65,57 @@ Status AdamW(Context& ctx, Tensor& master, Tensor& m, Tensor& v, Tensor& model_w
   cpu::AdamW(master.data<float>(), m.data<float>(), v.data<float>(), weights, weights_dtype,
              grad.data<float>(), n, p.lr, p.beta1, p.beta2, p.eps, p.weight_decay, p.step,
              p.grad_scale);
+  return Status::Ok();
+}
+
+Status AdamWMulti(Context& ctx, std::span<const AdamWTensors> entries, const AdamWParams& params) {
+  ProfileScope profile(ctx, "optimizer");
+  std::vector<Tensor> no_weights(entries.size());
+  for (size_t i = 0; i < entries.size(); ++i) {
+    const AdamWTensors& e = entries[i];
+    if (e.master == nullptr || e.m == nullptr || e.v == nullptr || e.grad == nullptr) {
+      return InvalidArgumentError(
+          StrCat("AdamWMulti: entry ", i, ": master, m, v and grad must all be given"));
+    }
+    AdamWParams p = params;
+    p.weight_decay = e.weight_decay;
+    const Tensor& weights = e.model_weights != nullptr ? *e.model_weights : no_weights[i];
+    if (Status s = Validate(ctx, *e.master, *e.m, *e.v, weights, *e.grad, p); !s.ok()) {
+      return s.WithContext(StrCat("AdamWMulti entry ", i));
+    }
+  }
+#ifdef TANDEM_WITH_CUDA
+  if (ctx.is_cuda()) {
+    // One launch group per model-weights dtype (entries without model weights join the f32
+    // group); elementwise, so the grouping changes no value.
+    std::map<DType, std::vector<cuda::AdamWMultiArgs>> groups;
+    for (const AdamWTensors& e : entries) {
+      const bool has = e.model_weights != nullptr && e.model_weights->defined();
+      groups[has ? e.model_weights->dtype() : DType::kF32].push_back(
+          {e.master->data<float>(), e.m->data<float>(), e.v->data<float>(),
+           has ? e.model_weights->raw_data() : nullptr, e.grad->data<float>(), e.master->numel(),
+           e.weight_decay});
+    }
+    for (const auto& [dtype, args] : groups) {
+      const cudaError_t err = cuda::AdamWMulti(
+          internal::StreamOf(ctx), args.data(), static_cast<int>(args.size()), dtype, params.lr,
+          params.beta1, params.beta2, params.eps, params.step, params.grad_scale);
+      if (err != cudaSuccess) {
+        return internal::CudaResult(err, "AdamWMulti", ctx, [&] {
+          return StrCat(args.size(), " entries with ", DTypeName(dtype), " model weights");
+        });
+      }
+    }
+    return Status::Ok();
+  }
+#endif
+  for (size_t i = 0; i < entries.size(); ++i) {  // the reference: one AdamW per entry
+    const AdamWTensors& e = entries[i];
+    AdamWParams p = params;
+    p.weight_decay = e.weight_decay;
+    Tensor& weights = e.model_weights != nullptr ? *e.model_weights : no_weights[i];
+    TANDEM_RETURN_IF_ERROR(AdamW(ctx, *e.master, *e.m, *e.v, weights, *e.grad, p));
+  }
   return Status::Ok();
 }
 

@@ -1,8 +1,13 @@
 // ops::SumSquares, Add, Cast, Fill, Scale: validation and dispatch. Unlike the other ops these take
 // every floating dtype (f32, bf16, f16) on both CPU and CUDA (Fill: every dtype): they are the
 // glue for gradients, norms and dtype conversion, not compute.
+#include <span>
+#include <string>
+#include <vector>
+
 #include "ops/cpu/kernels.h"
 #include "ops/internal/op_util.h"
+#include "ops/multi_tensor.h"
 #include "ops/ops.h"
 #include "ops/profiler.h"
 
@@ -49,6 +54,48 @@ Status SumSquares(Context& ctx, Tensor& out, const Tensor& x) {
   }
 #endif
   cpu::SumSquares(out.data<float>(), x.dtype(), x.raw_data(), x.numel());
+  return Status::Ok();
+}
+
+Status SumSquaresMulti(Context& ctx, Tensor& out, std::span<const Tensor> xs) {
+  ProfileScope profile(ctx, "optimizer");
+  {
+    internal::OpChecker chk("SumSquaresMulti", ctx);
+    chk.Expect(out, "out", {{"1", 1}}, {DType::kF32}, Layout::Contiguous());
+    for (size_t i = 0; i < xs.size() && chk.ok(); ++i) {
+      const std::string name = StrCat("xs[", i, "]");
+      chk.ExpectContiguous(xs[i], name.c_str(), kAllFloats);
+    }
+    if (!chk.ok()) return chk.status();
+  }
+#ifdef TANDEM_WITH_CUDA
+  if (ctx.is_cuda()) {
+    // Runs of consecutive tensors of one dtype, in order (the totals add up in list order).
+    std::vector<const void*> ptrs;
+    std::vector<int64_t> ns;
+    for (const Tensor& x : xs) {
+      ptrs.push_back(x.raw_data());
+      ns.push_back(x.numel());
+    }
+    const size_t bytes = cuda::SumSquaresMultiScratchBytes(ns.data(), static_cast<int>(ns.size()));
+    if (bytes == 0) return Status::Ok();
+    StatusOr<Tensor> scratch = internal::AllocateScratch(ctx, bytes);
+    if (!scratch.ok()) return scratch.status().WithContext("SumSquaresMulti scratch");
+    for (size_t first = 0; first < xs.size();) {
+      size_t end = first + 1;
+      while (end < xs.size() && xs[end].dtype() == xs[first].dtype()) ++end;
+      const cudaError_t err = cuda::SumSquaresMulti(
+          internal::StreamOf(ctx), xs[first].dtype(), out.data<float>(), ptrs.data() + first,
+          ns.data() + first, static_cast<int>(end - first), scratch->raw_data(), bytes);
+      if (err != cudaSuccess) return Launched(err, "SumSquaresMulti", ctx, "xs[0]", xs[first]);
+      first = end;
+    }
+    return Status::Ok();
+  }
+#endif
+  for (const Tensor& x : xs) {
+    if (x.numel() > 0) cpu::SumSquares(out.data<float>(), x.dtype(), x.raw_data(), x.numel());
+  }
   return Status::Ok();
 }
 

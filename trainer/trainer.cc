@@ -19,6 +19,7 @@
 #include "model/llama.h"
 #include "model/tokenizer.h"
 #include "offload/topology.h"
+#include "ops/multi_tensor.h"
 #include "ops/ops.h"
 #include "peft/adapter_io.h"
 #include "peft/adapter_set.h"
@@ -431,9 +432,11 @@ StatusOr<Update> TrainStep(const TrainSection& t, const ScheduleOptions& sched, 
     u.loss.count += l.count;
   }
   TANDEM_RETURN_IF_ERROR(ops::Fill(*s.ctx, s.norm_acc, 0.0f));
+  std::vector<Tensor> grads;  // one multi-tensor launch, the bits of per-tensor SumSquares
   for (const model::Parameter& p : s.params) {
-    if (p.trainable) TANDEM_RETURN_IF_ERROR(ops::SumSquares(*s.ctx, s.norm_acc, p.grad));
+    if (p.trainable) grads.push_back(p.grad);
   }
+  TANDEM_RETURN_IF_ERROR(ops::SumSquaresMulti(*s.ctx, s.norm_acc, grads));
   TANDEM_ASSIGN_OR_RETURN(Tensor norm_host, CopyToHostBlocking(s.norm_acc));
   u.grad_norm = std::sqrt(static_cast<double>(norm_host.data<float>()[0]));
   if (!std::isfinite(u.grad_norm)) {
@@ -447,19 +450,24 @@ StatusOr<Update> TrainStep(const TrainSection& t, const ScheduleOptions& sched, 
     offload_ap.grad_scale = static_cast<float>(clip);  // 1 without clipping, as BeginLastBackward's
     TANDEM_RETURN_IF_ERROR(s.offload->Update(s.params, offload_ap));
   }
-  for (size_t i = 0; i < s.params.size() && !s.offload; ++i) {
-    model::Parameter& p = s.params[i];
-    if (!p.trainable) continue;
+  if (!s.offload) {  // every trainable tensor's AdamW in a few launches (ops/multi_tensor.h)
     ops::AdamWParams ap;
     ap.lr = static_cast<float>(u.lr);
     ap.beta1 = static_cast<float>(t.beta1);
     ap.beta2 = static_cast<float>(t.beta2);
     ap.eps = static_cast<float>(t.eps);
-    ap.weight_decay = p.weight_decay ? static_cast<float>(t.weight_decay) : 0.0f;
     ap.step = step;
     ap.grad_scale = static_cast<float>(clip);
-    Tensor model_weights = p.weight.storage() == p.master.storage() ? Tensor() : p.weight;
-    TANDEM_RETURN_IF_ERROR(ops::AdamW(*s.ctx, p.master, s.slots[i].m, s.slots[i].v, model_weights, p.grad, ap));
+    std::vector<Tensor> weights(s.params.size());
+    std::vector<ops::AdamWTensors> entries;
+    for (size_t i = 0; i < s.params.size(); ++i) {
+      model::Parameter& p = s.params[i];
+      if (!p.trainable) continue;
+      if (p.weight.storage() != p.master.storage()) weights[i] = p.weight;
+      entries.push_back({&p.master, &s.slots[i].m, &s.slots[i].v, &weights[i], &p.grad,
+                         p.weight_decay ? static_cast<float>(t.weight_decay) : 0.0f});
+    }
+    TANDEM_RETURN_IF_ERROR(ops::AdamWMulti(*s.ctx, entries, ap));
   }
   TANDEM_RETURN_IF_ERROR(s.ctx->Synchronize());
   return u;

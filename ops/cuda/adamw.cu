@@ -80,13 +80,85 @@ cudaError_t LaunchAdamW(cudaStream_t stream, float* master, float* m, float* v, 
   return cudaGetLastError();
 }
 
-}  // namespace
+constexpr int kMultiMax = 40;  // entries per launch: the table stays well inside 4 KB of parameters
 
-cudaError_t AdamW(cudaStream_t stream, float* master, float* m, float* v, void* model_weights,
-                  DType model_dtype, const float* grad, int64_t n, float lr, float beta1,
-                  float beta2, float eps, float weight_decay, int64_t step, float grad_scale) {
-  if (step < 1) return cudaErrorInvalidValue;
-  if (n <= 0) return cudaSuccess;
+struct MultiEntry {
+  float* master;
+  float* m;
+  float* v;
+  void* weights;
+  const float* grad;
+  int64_t n;
+  float decay;
+  int vec;  // every pointer aligned for float4 packs
+};
+
+struct MultiTable {
+  MultiEntry e[kMultiMax];
+  int block_start[kMultiMax + 1];  // entry i owns blocks [block_start[i], block_start[i + 1])
+  int count;
+};
+
+// The entry whose blocks include this block.
+__device__ __forceinline__ int EntryOfBlock(const int* block_start, int count) {
+  int lo = 0, hi = count - 1;
+  const int b = static_cast<int>(blockIdx.x);
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (block_start[mid] <= b) {
+      lo = mid;
+    } else {
+      hi = mid - 1;
+    }
+  }
+  return lo;
+}
+
+// Each entry's elements through AdamWElement, as AdamWKernel does them (elementwise: the grid
+// does not change any value).
+template <typename TW>
+__global__ void AdamWMultiKernel(const __grid_constant__ MultiTable t, AdamWScalars s) {
+  const int i = EntryOfBlock(t.block_start, t.count);
+  const MultiEntry& e = t.e[i];
+  s.decay = e.decay;
+  const int64_t first =
+      static_cast<int64_t>(blockIdx.x - t.block_start[i]) * blockDim.x + threadIdx.x;
+  const int64_t stride = static_cast<int64_t>(t.block_start[i + 1] - t.block_start[i]) * blockDim.x;
+  float* master = e.master;
+  float* m = e.m;
+  float* v = e.v;
+  TW* weights = static_cast<TW*>(e.weights);
+  const float* grad = e.grad;
+  int64_t done = 0;
+  if (e.vec) {
+    constexpr int V = 4;
+    const int64_t num_packs = e.n / V;
+    for (int64_t k = first; k < num_packs; k += stride) {
+      const int64_t base = k * V;
+      Pack<float, V> pp = LoadPack<float, V>(master + base);
+      Pack<float, V> mp = LoadPack<float, V>(m + base);
+      Pack<float, V> vp = LoadPack<float, V>(v + base);
+      const Pack<float, V> gp = LoadPack<float, V>(grad + base);
+      Pack<TW, V> wp;
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        wp.v[j] = FromFloat<TW>(AdamWElement(pp.v[j], mp.v[j], vp.v[j], gp.v[j], s));
+      }
+      StorePack<float, V>(master + base, pp);
+      StorePack<float, V>(m + base, mp);
+      StorePack<float, V>(v + base, vp);
+      if (weights != nullptr) StorePack<TW, V>(weights + base, wp);
+    }
+    done = num_packs * V;
+  }
+  for (int64_t k = done + first; k < e.n; k += stride) {
+    const float p = AdamWElement(master[k], m[k], v[k], grad[k], s);
+    if (weights != nullptr) weights[k] = FromFloat<TW>(p);
+  }
+}
+
+AdamWScalars MakeScalars(float lr, float beta1, float beta2, float eps, float weight_decay,
+                         int64_t step, float grad_scale) {
   const double bias1 = 1.0 - std::pow(static_cast<double>(beta1), static_cast<double>(step));
   const double bias2 = 1.0 - std::pow(static_cast<double>(beta2), static_cast<double>(step));
   AdamWScalars s;
@@ -98,6 +170,17 @@ cudaError_t AdamW(cudaStream_t stream, float* master, float* m, float* v, void* 
   s.step_size = static_cast<float>(static_cast<double>(lr) / bias1);
   s.eps = eps;
   s.grad_scale = grad_scale;
+  return s;
+}
+
+}  // namespace
+
+cudaError_t AdamW(cudaStream_t stream, float* master, float* m, float* v, void* model_weights,
+                  DType model_dtype, const float* grad, int64_t n, float lr, float beta1,
+                  float beta2, float eps, float weight_decay, int64_t step, float grad_scale) {
+  if (step < 1) return cudaErrorInvalidValue;
+  if (n <= 0) return cudaSuccess;
+  const AdamWScalars s = MakeScalars(lr, beta1, beta2, eps, weight_decay, step, grad_scale);
   if (model_weights == nullptr) {
     return LaunchAdamW<float>(stream, master, m, v, nullptr, grad, n, s);
   }
@@ -105,6 +188,47 @@ cudaError_t AdamW(cudaStream_t stream, float* master, float* m, float* v, void* 
     using TW = typename decltype(tag)::type;
     return LaunchAdamW<TW>(stream, master, m, v, static_cast<TW*>(model_weights), grad, n, s);
   });
+}
+
+cudaError_t AdamWMulti(cudaStream_t stream, const AdamWMultiArgs* entries, int count,
+                       DType model_dtype, float lr, float beta1, float beta2, float eps,
+                       int64_t step, float grad_scale) {
+  if (step < 1 || count < 0) return cudaErrorInvalidValue;
+  const AdamWScalars s = MakeScalars(lr, beta1, beta2, eps, 0.0f, step, grad_scale);
+  constexpr int kThreads = 256;
+  for (int first = 0; first < count;) {
+    MultiTable t{};
+    int blocks = 0;
+    int i = first;
+    for (; i < count && t.count < kMultiMax; ++i) {
+      const AdamWMultiArgs& a = entries[i];
+      if (a.n <= 0) continue;
+      MultiEntry& e = t.e[t.count];
+      e.master = a.master;
+      e.m = a.m;
+      e.v = a.v;
+      e.weights = a.model_weights;
+      e.grad = a.grad;
+      e.n = a.n;
+      e.decay = static_cast<float>(1.0 - static_cast<double>(lr) * a.weight_decay);
+      const size_t weights_align = DTypeSize(model_dtype) * 4;
+      e.vec = IsAligned(a.master, 16) && IsAligned(a.m, 16) && IsAligned(a.v, 16) &&
+              IsAligned(a.grad, 16) && IsAligned(a.model_weights, weights_align);
+      t.block_start[t.count] = blocks;
+      blocks += static_cast<int>(std::clamp<int64_t>(CeilDiv(a.n, kThreads * 8), 1, 1024));
+      ++t.count;
+    }
+    first = i;
+    if (t.count == 0) continue;
+    t.block_start[t.count] = blocks;
+    const cudaError_t err = DispatchFloating(model_dtype, [&](auto tag) -> cudaError_t {
+      using TW = typename decltype(tag)::type;
+      AdamWMultiKernel<TW><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(t, s);
+      return cudaGetLastError();
+    });
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
 }
 
 }  // namespace tandem::ops::cuda

@@ -102,10 +102,31 @@ cudaError_t AdamW(cudaStream_t stream, float* master, float* m, float* v, void* 
                   DType model_dtype, const float* grad, int64_t n, float lr, float beta1,
                   float beta2, float eps, float weight_decay, int64_t step, float grad_scale);
 
+// One tensor of AdamWMulti (ops/multi_tensor.h); model_weights null or of AdamWMulti's
+// model_dtype.
+struct AdamWMultiArgs {
+  float* master;
+  float* m;
+  float* v;
+  void* model_weights;
+  const float* grad;
+  int64_t n;
+  float weight_decay;
+};
+cudaError_t AdamWMulti(cudaStream_t stream, const AdamWMultiArgs* entries, int count,
+                       DType model_dtype, float lr, float beta1, float beta2, float eps,
+                       int64_t step, float grad_scale);
+
 // out[0] += sum x^2; scratch must hold SumSquaresScratchBytes(n) bytes.
 size_t SumSquaresScratchBytes(int64_t n);
 cudaError_t SumSquares(cudaStream_t stream, DType dtype, float* out, const void* x, int64_t n,
                        void* scratch, size_t scratch_bytes);
+
+// out[0] += sum over xs[i] (count tensors, in order, all of `dtype`) of SumSquares(xs[i]), the
+// same bits; scratch must hold SumSquaresMultiScratchBytes(ns, count) bytes.
+size_t SumSquaresMultiScratchBytes(const int64_t* ns, int count);
+cudaError_t SumSquaresMulti(cudaStream_t stream, DType dtype, float* out, const void* const* xs,
+                            const int64_t* ns, int count, void* scratch, size_t scratch_bytes);
 
 cudaError_t Add(cudaStream_t stream, DType dtype, void* out, const void* a, const void* b, int64_t n);
 cudaError_t Cast(cudaStream_t stream, DType out_dtype, void* out, DType in_dtype, const void* in,
