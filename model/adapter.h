@@ -8,12 +8,12 @@
 //
 // Call order for one batch: BeginBatch; then per layer, after each projection's base GEMM and
 // before anything reads its output, ProjectionForward (q, k, v before RoPE; then o; gate, up;
-// down). ForwardBackward then runs the blocks backward; per layer, right after the base GEMM that
-// wrote a projection's input gradient dx (and before anything reads dx), ProjectionBackward (down;
-// gate, up; o; q, k, v after the inverse RoPE). With ModelOptions::recompute a block's
-// ProjectionForward calls repeat (same inputs, same order) just before its backward: an adapter
-// that keeps state from the forward must accept being called again. ZeroGrads is called by
-// LlamaModel::ZeroGrads().
+// down), unless ProjectionsForwardFirst took the group before its base GEMM (below).
+// ForwardBackward then runs the blocks backward; per layer, right after the base GEMM that wrote a
+// projection's input gradient dx (and before anything reads dx), ProjectionBackward (down; gate,
+// up; o; q, k, v after the inverse RoPE). With ModelOptions::recompute a block's ProjectionForward
+// calls repeat (same inputs, same order) just before its backward: an adapter that keeps state from
+// the forward must accept being called again. ZeroGrads is called by LlamaModel::ZeroGrads().
 //
 // Tensors: x [N, in] and y, dy [N, out] are the model's buffers or column views of its fused
 // q|k|v and gate|up outputs (row stride free); N = B * T tokens in row-major batch order. They are
@@ -24,6 +24,7 @@
 #pragma once
 
 #include <cstdint>
+#include <span>
 
 #include "core/status.h"
 #include "core/tensor.h"
@@ -63,6 +64,29 @@ class AdapterHooks {
   // weight gradients accumulate. x is the forward input.
   virtual Status ProjectionBackward(int64_t layer, Projection proj, const Tensor& x,
                                     const Tensor& dy, Tensor& dx) = 0;
+
+  // Optional fast path, offered before the base GEMM of projections that read the same input x
+  // and write adjacent column blocks of one output y (q|k|v, gate|up, or a single projection):
+  // projs[m] owns y's columns [col_start[m], col_start[m + 1]). Returning true means the adapter
+  // wrote y = its deltas (every element) and the model's base GEMM then adds x W^T onto y, which
+  // saves a read and a write of y per projection; false means it wrote nothing, and the model runs
+  // the base GEMM and then ProjectionForward per member. The default returns false.
+  virtual StatusOr<bool> ProjectionsForwardFirst(int64_t layer, std::span<const Projection> projs,
+                                                 std::span<const int64_t> col_start,
+                                                 const Tensor& x, Tensor& y) {
+    (void)layer, (void)projs, (void)col_start, (void)x, (void)y;
+    return false;
+  }
+  // The backward of the same group, before the base input-gradient GEMM: true means the adapter
+  // wrote dx = its contribution to dL/dx (the base GEMM then adds dy W onto dx) and accumulated
+  // its weight gradients; false means it did nothing, and ProjectionBackward per member follows
+  // the base GEMM. An adapter that took the fast path forward must take it backward too.
+  virtual StatusOr<bool> ProjectionsBackwardFirst(int64_t layer, std::span<const Projection> projs,
+                                                  std::span<const int64_t> col_start,
+                                                  const Tensor& x, const Tensor& dy, Tensor& dx) {
+    (void)layer, (void)projs, (void)col_start, (void)x, (void)dy, (void)dx;
+    return false;
+  }
 
   // Sets the adapter's gradients to zero.
   virtual Status ZeroGrads() = 0;

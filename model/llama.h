@@ -32,6 +32,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -301,11 +302,17 @@ class LlamaModel {
   StatusOr<LayerWeights> WeightsOf(int64_t layer, int64_t next);
   Status BlockForward(int64_t layer, bool write_output, const LayerWeights& w);
   Status BlockBackward(int64_t layer, const LayerWeights& w, BackwardPart part);
-  // [adapter] The hooks for the members of a fused projection group (y's column blocks).
-  Status AdapterForward(int64_t layer, const Group& group, const Projection* projs, const Tensor& x,
-                        const Tensor& y);
-  Status AdapterBackward(int64_t layer, const Group& group, const Projection* projs,
-                         const Tensor& x, const Tensor& dy, Tensor& dx);
+  // y = x W^T plus the adapter's deltas of `projs` (y's column blocks at col_start; without an
+  // adapter just the GEMM): the adapter writes first where it can
+  // (AdapterHooks::ProjectionsForwardFirst) and the GEMM accumulates, else the GEMM writes and the
+  // adapter adds.
+  Status Project(int64_t layer, std::span<const Projection> projs,
+                 std::span<const int64_t> col_start, const Tensor& x, const Tensor& w, Tensor& y);
+  // dx = dy W plus the adapter's contribution to the input gradient (and its weight gradients),
+  // in the same order as Project.
+  Status ProjectBackward(int64_t layer, std::span<const Projection> projs,
+                         std::span<const int64_t> col_start, const Tensor& x, const Tensor& dy,
+                         const Tensor& w, Tensor& dx);
   Status ProjectionGrad(const Group& group, const Tensor& dy, const Tensor& x);
   Status WeightGrad(size_t param, const Tensor& dy, const Tensor& x);
   Status LossHead(float grad_scale, bool backward);

@@ -60,11 +60,18 @@ Status LlamaModel::KvProjectionGrad(const Group& group, const Tensor& dy, const 
   return ops::Add(ctx_, kv_grad, kv_grad, kv_grad_scratch_);
 }
 
-// [adapter] dy's column blocks are the group's members, in `projs` order; dx accumulates.
-Status LlamaModel::AdapterBackward(int64_t l, const Group& group, const Projection* projs,
-                                   const Tensor& x, const Tensor& dy, Tensor& dx) {
-  for (size_t m = 0; m < group.members.size(); ++m) {
-    const Tensor dy_m = dy.Slice(1, group.row_start[m], group.row_start[m + 1]);  // [N, rows_m]
+Status LlamaModel::ProjectBackward(int64_t l, std::span<const Projection> projs,
+                                   std::span<const int64_t> col_start, const Tensor& x,
+                                   const Tensor& dy, const Tensor& w, Tensor& dx) {
+  bool first = false;  // [adapter]
+  if (adapter_ != nullptr) {
+    TANDEM_ASSIGN_OR_RETURN(first,
+                            adapter_->ProjectionsBackwardFirst(l, projs, col_start, x, dy, dx));
+  }
+  TANDEM_RETURN_IF_ERROR(ops::Matmul(ctx_, dx, dy, w, false, false, 1.0f, first ? 1.0f : 0.0f));
+  if (adapter_ == nullptr || first) return Status::Ok();
+  for (size_t m = 0; m < projs.size(); ++m) {
+    const Tensor dy_m = dy.Slice(1, col_start[m], col_start[m + 1]);  // [N, rows_m]
     TANDEM_RETURN_IF_ERROR(adapter_->ProjectionBackward(l, projs[m], x, dy_m, dx));
   }
   return Status::Ok();
@@ -85,25 +92,18 @@ Status LlamaModel::BlockBackward(int64_t l, const LayerWeights& w, BackwardPart 
 
   // MLP. x[l + 1] = x_mid + act Wdown^T, so d x_mid = dres + d(norm2 path).
   if (part != BackwardPart::kAttention) {
-    TANDEM_RETURN_IF_ERROR(ops::Matmul(ctx_, a.dact, a.dres, w.down, false, false));  // [N, F]
-    TANDEM_RETURN_IF_ERROR(WeightGrad(layer.down, a.dres, b.act));                    // [C, F]
-    // [adapter]
-    if (adapter_ != nullptr) {
-      TANDEM_RETURN_IF_ERROR(
-          adapter_->ProjectionBackward(l, Projection::kDown, b.act, a.dres, a.dact));
-    }
+    constexpr Projection kDown[] = {Projection::kDown};
+    const int64_t c_cols[] = {0, a.dres.dim(1)};
+    TANDEM_RETURN_IF_ERROR(ProjectBackward(l, kDown, c_cols, b.act, a.dres, w.down, a.dact));
+    TANDEM_RETURN_IF_ERROR(WeightGrad(layer.down, a.dres, b.act));  // [C, F]
     Tensor dgate = a.dgate_up.Slice(1, 0, F);  // [N, F], row stride 2F
     Tensor dup = a.dgate_up.Slice(1, F, 2 * F);
     TANDEM_RETURN_IF_ERROR(ops::SwigluBackward(ctx_, dgate, dup, a.dact, b.gate_up.Slice(1, 0, F),
                                                b.gate_up.Slice(1, F, 2 * F)));
     const Group& gate_up = groups_[layer.gate_up_group];
-    TANDEM_RETURN_IF_ERROR(
-        ops::Matmul(ctx_, a.dln, a.dgate_up, w.gate_up, false, false));  // [N, C]
-    // [adapter]
-    if (adapter_ != nullptr) {
-      constexpr Projection kGateUp[] = {Projection::kGate, Projection::kUp};
-      TANDEM_RETURN_IF_ERROR(AdapterBackward(l, gate_up, kGateUp, b.ln2, a.dgate_up, a.dln));
-    }
+    constexpr Projection kGateUp[] = {Projection::kGate, Projection::kUp};
+    TANDEM_RETURN_IF_ERROR(  // [N, C]
+        ProjectBackward(l, kGateUp, gate_up.row_start, b.ln2, a.dgate_up, w.gate_up, a.dln));
     if (tp()) TANDEM_RETURN_IF_ERROR(hooks->TpAllReduceSum(a.dln));  // column parallel input
     if (gate_up.grad.defined()) TANDEM_RETURN_IF_ERROR(ProjectionGrad(gate_up, a.dgate_up, b.ln2));
     Tensor dw2 = norm_grad(layer.mlp_norm);
@@ -114,13 +114,11 @@ Status LlamaModel::BlockBackward(int64_t l, const LayerWeights& w, BackwardPart 
   if (part == BackwardPart::kMlp) return Status::Ok();
 
   // Attention. x_mid = x[l] + attn Wo^T.
-  TANDEM_RETURN_IF_ERROR(ops::Matmul(ctx_, a.dattn, a.dres, w.o, false, false));   // [N, Hq D]
-  TANDEM_RETURN_IF_ERROR(WeightGrad(layer.o, a.dres, b.attn));                     // [C, Hq D]
-  // [adapter]
-  if (adapter_ != nullptr) {
-    TANDEM_RETURN_IF_ERROR(
-        adapter_->ProjectionBackward(l, Projection::kO, b.attn, a.dres, a.dattn));
-  }
+  constexpr Projection kO[] = {Projection::kO};
+  const int64_t c_cols[] = {0, a.dres.dim(1)};
+  TANDEM_RETURN_IF_ERROR(
+      ProjectBackward(l, kO, c_cols, b.attn, a.dres, w.o, a.dattn));  // [N, Hq D]
+  TANDEM_RETURN_IF_ERROR(WeightGrad(layer.o, a.dres, b.attn));        // [C, Hq D]
   const Tensor qkv4 = b.qkv.View({B, T, H3, D});
   const Tensor dqkv4 = a.dqkv.View({B, T, H3, D});
   Tensor dq = dqkv4.Slice(2, 0, Hq);  // [B, T, Hq, D], token stride H3 D
@@ -144,12 +142,9 @@ Status LlamaModel::BlockBackward(int64_t l, const LayerWeights& w, BackwardPart 
   TANDEM_RETURN_IF_ERROR(ops::Rope(ctx_, dq_rot, dq_rot, a.positions, inv_freq_, true));
   TANDEM_RETURN_IF_ERROR(ops::Rope(ctx_, dk_rot, dk_rot, a.positions, inv_freq_, true));
   const Group& qkv = groups_[layer.qkv_group];
-  TANDEM_RETURN_IF_ERROR(ops::Matmul(ctx_, a.dln, a.dqkv, w.qkv, false, false));  // [N, C]
-  // [adapter] dq, dk are already rotated back
-  if (adapter_ != nullptr) {
-    constexpr Projection kQkv[] = {Projection::kQ, Projection::kK, Projection::kV};
-    TANDEM_RETURN_IF_ERROR(AdapterBackward(l, qkv, kQkv, b.ln1, a.dqkv, a.dln));
-  }
+  constexpr Projection kQkv[] = {Projection::kQ, Projection::kK, Projection::kV};
+  TANDEM_RETURN_IF_ERROR(  // [N, C]; dq, dk are already rotated back
+      ProjectBackward(l, kQkv, qkv.row_start, b.ln1, a.dqkv, w.qkv, a.dln));
   if (tp()) TANDEM_RETURN_IF_ERROR(hooks->TpAllReduceSum(a.dln));  // column parallel input
   if (qkv.grad.defined()) {
     TANDEM_RETURN_IF_ERROR(kv_share_ > 1 ? KvProjectionGrad(qkv, a.dqkv, b.ln1)

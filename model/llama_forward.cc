@@ -213,11 +213,17 @@ Status LlamaModel::ForwardLayer(int64_t l) {
   return BlockForward(l, /*write_output=*/true, w);
 }
 
-// [adapter] y's column blocks are the group's members (q|k|v or gate|up), in `projs` order.
-Status LlamaModel::AdapterForward(int64_t l, const Group& group, const Projection* projs,
-                                  const Tensor& x, const Tensor& y) {
-  for (size_t m = 0; m < group.members.size(); ++m) {
-    Tensor y_m = y.Slice(1, group.row_start[m], group.row_start[m + 1]);  // [N, rows_m]
+Status LlamaModel::Project(int64_t l, std::span<const Projection> projs,
+                           std::span<const int64_t> col_start, const Tensor& x, const Tensor& w,
+                           Tensor& y) {
+  bool first = false;  // [adapter]
+  if (adapter_ != nullptr) {
+    TANDEM_ASSIGN_OR_RETURN(first, adapter_->ProjectionsForwardFirst(l, projs, col_start, x, y));
+  }
+  TANDEM_RETURN_IF_ERROR(ops::Matmul(ctx_, y, x, w, false, true, 1.0f, first ? 1.0f : 0.0f));
+  if (adapter_ == nullptr || first) return Status::Ok();
+  for (size_t m = 0; m < projs.size(); ++m) {
+    Tensor y_m = y.Slice(1, col_start[m], col_start[m + 1]);  // [N, rows_m]
     TANDEM_RETURN_IF_ERROR(adapter_->ProjectionForward(l, projs[m], x, y_m));
   }
   return Status::Ok();
@@ -239,12 +245,9 @@ Status LlamaModel::BlockForward(int64_t l, bool write_output, const LayerWeights
 
   // Attention: ln1 = norm(x); q|k|v = ln1 Wqkv^T; rope(q, k); attn = softmax(q k^T) v.
   TANDEM_RETURN_IF_ERROR(ops::RmsNormForward(ctx_, b.ln1, b.rstd1, x_in, w.attn_norm, eps));
-  TANDEM_RETURN_IF_ERROR(ops::Matmul(ctx_, b.qkv, b.ln1, w.qkv, false, true));  // [N, H3 D]
-  // [adapter] deltas on q|k|v before RoPE reads them
-  if (adapter_ != nullptr) {
-    constexpr Projection kQkv[] = {Projection::kQ, Projection::kK, Projection::kV};
-    TANDEM_RETURN_IF_ERROR(AdapterForward(l, groups_[layer.qkv_group], kQkv, b.ln1, b.qkv));
-  }
+  constexpr Projection kQkv[] = {Projection::kQ, Projection::kK, Projection::kV};
+  TANDEM_RETURN_IF_ERROR(  // [N, H3 D], adapter deltas included before RoPE reads them
+      Project(l, kQkv, groups_[layer.qkv_group].row_start, b.ln1, w.qkv, b.qkv));
   const Tensor heads = b.qkv.View({N, H3, D});
   Tensor q_rot = heads.Slice(1, 0, Hq);         // [N, Hq, D], token stride H3 D
   Tensor k_rot = heads.Slice(1, Hq, Hq + Hkv);  // [N, Hkv, D]
@@ -261,32 +264,23 @@ Status LlamaModel::BlockForward(int64_t l, bool write_output, const LayerWeights
   } else {
     TANDEM_RETURN_IF_ERROR(ops::AttentionForward(ctx_, attn4, b.lse, q, k, v, scale, seg));
   }
-  TANDEM_RETURN_IF_ERROR(ops::Matmul(ctx_, a.proj, b.attn, w.o, false, true));
-  // [adapter]
-  if (adapter_ != nullptr) {
-    TANDEM_RETURN_IF_ERROR(adapter_->ProjectionForward(l, Projection::kO, b.attn, a.proj));
-  }
+  const int64_t c_cols[] = {0, a.proj.dim(1)};  // the o and down projections' one block
+  constexpr Projection kO[] = {Projection::kO};
+  TANDEM_RETURN_IF_ERROR(Project(l, kO, c_cols, b.attn, w.o, a.proj));
   if (tp()) TANDEM_RETURN_IF_ERROR(hooks->TpAllReduceSum(a.proj));  // row parallel
   TANDEM_RETURN_IF_ERROR(ops::Add(ctx_, b.x_mid, x_in, a.proj));    // [N, C]
 
   // MLP: ln2 = norm(x_mid); gate|up = ln2 Wgu^T; act = silu(gate) * up; out = act Wdown^T.
   TANDEM_RETURN_IF_ERROR(ops::RmsNormForward(ctx_, b.ln2, b.rstd2, b.x_mid, w.mlp_norm, eps));
-  TANDEM_RETURN_IF_ERROR(ops::Matmul(ctx_, b.gate_up, b.ln2, w.gate_up, false, true));
-  // [adapter]
-  if (adapter_ != nullptr) {
-    constexpr Projection kGateUp[] = {Projection::kGate, Projection::kUp};
-    TANDEM_RETURN_IF_ERROR(
-        AdapterForward(l, groups_[layer.gate_up_group], kGateUp, b.ln2, b.gate_up));
-  }
+  constexpr Projection kGateUp[] = {Projection::kGate, Projection::kUp};
+  TANDEM_RETURN_IF_ERROR(
+      Project(l, kGateUp, groups_[layer.gate_up_group].row_start, b.ln2, w.gate_up, b.gate_up));
   const Tensor gate = b.gate_up.Slice(1, 0, F);  // [N, F], row stride 2F
   const Tensor up = b.gate_up.Slice(1, F, 2 * F);
   TANDEM_RETURN_IF_ERROR(ops::SwigluForward(ctx_, b.act, gate, up));
   if (!write_output) return Status::Ok();
-  TANDEM_RETURN_IF_ERROR(ops::Matmul(ctx_, a.proj, b.act, w.down, false, true));
-  // [adapter]
-  if (adapter_ != nullptr) {
-    TANDEM_RETURN_IF_ERROR(adapter_->ProjectionForward(l, Projection::kDown, b.act, a.proj));
-  }
+  constexpr Projection kDown[] = {Projection::kDown};
+  TANDEM_RETURN_IF_ERROR(Project(l, kDown, c_cols, b.act, w.down, a.proj));
   if (tp()) TANDEM_RETURN_IF_ERROR(hooks->TpAllReduceSum(a.proj));  // row parallel
   return ops::Add(ctx_, a.x[l + 1], b.x_mid, a.proj);
 }

@@ -6,6 +6,7 @@
 
 #include "core/rng.h"
 #include "ops/ops.h"
+#include "ops/profiler.h"
 
 namespace tandem::peft {
 
@@ -17,6 +18,14 @@ struct AdapterSet::Call {
   int target = -1;                          // its target index
   const ops::LoraSegments* segs = nullptr;  // the segmented path
   uint64_t seed = 0;
+};
+
+struct AdapterSet::Group {
+  std::vector<Call> calls;          // per member
+  int adapter = -1;                 // serves every token
+  std::vector<int64_t> rank_start;  // member m's columns of h: [rank_start[m], rank_start[m + 1])
+  float scale = 1.0f;
+  int64_t in = 0;
 };
 
 namespace {
@@ -57,6 +66,8 @@ AdapterSet::AdapterSet(ops::Context& ctx, const model::LlamaConfig& base,
   }
   tables_.resize(base_.num_hidden_layers * model::kNumProjections);
   h_.resize(tables_.size());
+  group_a_.resize(tables_.size());
+  group_fused_.assign(tables_.size(), false);
 }
 
 AdapterSet::~AdapterSet() = default;
@@ -128,6 +139,7 @@ Status AdapterSet::BeginBatch(const model::Batch& batch, bool training) {
   seg_start_.push_back(static_cast<int32_t>(B * T));
   num_tokens_ = B * T;
   segments_.clear();
+  std::fill(group_fused_.begin(), group_fused_.end(), false);
   training_ = training;
   if (training) {
     batch_seed_ = SplitMix64(dropout_seed_ ^ SplitMix64(batch_counter_));
@@ -331,7 +343,11 @@ Status AdapterSet::SingleForward(const Call& c, const Tensor& x, Tensor& y) {
     TANDEM_ASSIGN_OR_RETURN(x_in, Tensor::Empty({N, sl.in}, x.dtype(), ctx_.allocator()));
     TANDEM_RETURN_IF_ERROR(Dropout(c, x_in, x, p, sl.in_offset, false));
   }
-  TANDEM_RETURN_IF_ERROR(ops::Matmul(ctx_, h2, x_in, ad.a(c.target).weight, false, true));
+  {
+    ops::ProfileScope scope(ctx_, "lora_shrink");
+    TANDEM_RETURN_IF_ERROR(ops::Matmul(ctx_, h2, x_in, ad.a(c.target).weight, false, true));
+  }
+  ops::ProfileScope scope(ctx_, "lora_expand");
   return ops::Matmul(ctx_, y, h2, ad.b(c.target).weight, false, true, t.scale, 1.0f);
 }
 
@@ -353,7 +369,10 @@ Status AdapterSet::SingleBackward(const Call& c, const Tensor& x, const Tensor& 
   const Tensor& A = ad.a(c.target).weight;  // [r, in]
   const Tensor& B = ad.b(c.target).weight;  // [out, r]
   TANDEM_ASSIGN_OR_RETURN(Tensor dh, Tensor::Empty({N, r}, x.dtype(), ctx_.allocator()));
-  TANDEM_RETURN_IF_ERROR(ops::Matmul(ctx_, dh, dy, B, false, false, t.scale, 0.0f));
+  {
+    ops::ProfileScope scope(ctx_, "lora_dh");
+    TANDEM_RETURN_IF_ERROR(ops::Matmul(ctx_, dh, dy, B, false, false, t.scale, 0.0f));
+  }
   TANDEM_ASSIGN_OR_RETURN(const bool trainable, TargetTrainable(ad, c.target));
   Tensor x_in = x;
   if (p > 0.0f && (trainable || dx.defined())) {
@@ -375,6 +394,7 @@ Status AdapterSet::SingleBackward(const Call& c, const Tensor& x, const Tensor& 
       TANDEM_RETURN_IF_ERROR(ops::Matmul(ctx_, part, dy, h2, true, false, t.scale, 0.0f));
       TANDEM_RETURN_IF_ERROR(AddTpSum(dB, sl.out, r, b_share));
     } else {
+      ops::ProfileScope scope(ctx_, "lora_dB");
       TANDEM_RETURN_IF_ERROR(ops::Matmul(ctx_, dB, dy, h2, true, false, t.scale, 1.0f));
     }
     if (a_share > 1) {
@@ -382,14 +402,159 @@ Status AdapterSet::SingleBackward(const Call& c, const Tensor& x, const Tensor& 
       TANDEM_RETURN_IF_ERROR(ops::Matmul(ctx_, part, dh, x_in, true, false, 1.0f, 0.0f));
       TANDEM_RETURN_IF_ERROR(AddTpSum(dA, r, sl.in, a_share));
     } else {
+      ops::ProfileScope scope(ctx_, "lora_dA");
       TANDEM_RETURN_IF_ERROR(ops::Matmul(ctx_, dA, dh, x_in, true, false, 1.0f, 1.0f));
     }
   }
   if (!dx.defined()) return Status::Ok();
+  ops::ProfileScope scope(ctx_, "lora_dx");
   if (p == 0.0f) return ops::Matmul(ctx_, dx, dh, A, false, false, 1.0f, 1.0f);
   Tensor& tmp = x_in;  // reuse: drop(x) is no longer needed
   TANDEM_RETURN_IF_ERROR(ops::Matmul(ctx_, tmp, dh, A, false, false));
   return Dropout(c, dx, tmp, p, sl.in_offset, /*accumulate=*/true);
+}
+
+StatusOr<std::optional<AdapterSet::Group>> AdapterSet::PrepareGroup(
+    int64_t layer, std::span<const model::Projection> projs) {
+  if (!group_fast_path_ || parallel_.tp_size != 1 || projs.empty()) return std::nullopt;
+  Group g;
+  g.rank_start.push_back(0);
+  for (model::Projection proj : projs) {
+    TANDEM_ASSIGN_OR_RETURN(const Call c, PrepareCall(layer, proj));
+    if (!c.active || c.single < 0 || c.target < 0) return std::nullopt;
+    if (g.adapter >= 0 && c.single != g.adapter) return std::nullopt;
+    g.adapter = c.single;
+    const LoraAdapter& ad = *adapters_[g.adapter];
+    const LoraTarget& t = ad.targets()[c.target];
+    if (training_ && ad.config().dropout > 0.0) return std::nullopt;
+    if (g.calls.empty()) {
+      g.scale = t.scale;
+      g.in = t.in;
+    } else if (t.scale != g.scale || t.in != g.in) {
+      return std::nullopt;
+    }
+    g.rank_start.push_back(g.rank_start.back() + t.rank);
+    g.calls.push_back(c);
+  }
+  return g;
+}
+
+StatusOr<bool> AdapterSet::ProjectionsForwardFirst(int64_t layer,
+                                                   std::span<const model::Projection> projs,
+                                                   std::span<const int64_t> col_start,
+                                                   const Tensor& x, Tensor& y) {
+  TANDEM_ASSIGN_OR_RETURN(std::optional<Group> g, PrepareGroup(layer, projs));
+  if (!g) return false;
+  const LoraAdapter& ad = *adapters_[g->adapter];
+  const int64_t N = num_tokens_, R = g->rank_start.back(), first = g->calls[0].index;
+  Tensor& h = h_[first];
+  TANDEM_RETURN_IF_ERROR(EnsureBuffer(ctx_, h, N * R, x.dtype()));
+  const Tensor h2 = h.View({N, R});
+  Tensor a = ad.a(g->calls[0].target).weight;  // one member: its A as it is
+  if (projs.size() > 1) {  // stacked, so x is read once (the weights may have changed: copy)
+    TANDEM_RETURN_IF_ERROR(EnsureBuffer(ctx_, group_a_[first], R * g->in, a.dtype()));
+    for (size_t m = 0; m < projs.size(); ++m) {
+      Tensor rows =
+          group_a_[first].Slice(0, g->rank_start[m] * g->in, g->rank_start[m + 1] * g->in);
+      TANDEM_RETURN_IF_ERROR(
+          CopyTensor(rows, ad.a(g->calls[m].target).weight.View({rows.numel()}), ctx_.stream()));
+    }
+    a = group_a_[first].View({R, g->in});
+  }
+  {
+    ops::ProfileScope scope(ctx_, "lora_shrink");
+    Tensor out = h2;
+    TANDEM_RETURN_IF_ERROR(ops::Matmul(ctx_, out, x, a, false, true));
+  }
+  ops::ProfileScope scope(ctx_, "lora_expand");
+  for (size_t m = 0; m < projs.size(); ++m) {  // written, not added: the base GEMM adds to it
+    Tensor y_m = y.Slice(1, col_start[m], col_start[m + 1]);
+    const Tensor h_m = h2.Slice(1, g->rank_start[m], g->rank_start[m + 1]);
+    TANDEM_RETURN_IF_ERROR(
+        ops::Matmul(ctx_, y_m, h_m, ad.b(g->calls[m].target).weight, false, true, g->scale, 0.0f));
+  }
+  group_fused_[first] = true;
+  return true;
+}
+
+StatusOr<bool> AdapterSet::ProjectionsBackwardFirst(int64_t layer,
+                                                    std::span<const model::Projection> projs,
+                                                    std::span<const int64_t> col_start,
+                                                    const Tensor& x, const Tensor& dy, Tensor& dx) {
+  TANDEM_ASSIGN_OR_RETURN(std::optional<Group> g, PrepareGroup(layer, projs));
+  const int64_t first =
+      g ? g->calls[0].index : layer * model::kNumProjections + static_cast<int>(projs[0]);
+  if (!g || !group_fused_[first]) {
+    if (g || group_fused_[first]) {
+      return FailedPreconditionError(
+          StrCat("AdapterSet: layer ", layer, " ", model::ProjectionName(projs[0]),
+                 ": the backward's fast path differs from the forward's"));
+    }
+    return false;
+  }
+  LoraAdapter& ad = *adapters_[g->adapter];
+  const int64_t N = num_tokens_, R = g->rank_start.back();
+  const Tensor& h = h_[first];
+  if (!h.defined() || h.numel() != N * R) {
+    return FailedPreconditionError("AdapterSet: ProjectionsBackwardFirst without its forward");
+  }
+  const Tensor h2 = h.View({N, R});
+  TANDEM_ASSIGN_OR_RETURN(Tensor dh, Tensor::Empty({N, R}, x.dtype(), ctx_.allocator()));
+  {
+    ops::ProfileScope scope(ctx_, "lora_dh");
+    for (size_t m = 0; m < projs.size(); ++m) {  // dh_m = s dy_m B_m
+      Tensor dh_m = dh.Slice(1, g->rank_start[m], g->rank_start[m + 1]);
+      const Tensor dy_m = dy.Slice(1, col_start[m], col_start[m + 1]);
+      TANDEM_RETURN_IF_ERROR(ops::Matmul(ctx_, dh_m, dy_m, ad.b(g->calls[m].target).weight, false,
+                                         false, g->scale, 0.0f));
+    }
+  }
+  std::vector<bool> trainable(projs.size());
+  bool any = false;
+  for (size_t m = 0; m < projs.size(); ++m) {
+    TANDEM_ASSIGN_OR_RETURN(const bool t, TargetTrainable(ad, g->calls[m].target));
+    trainable[m] = t;
+    any = any || t;
+  }
+  if (any) {
+    {
+      ops::ProfileScope scope(ctx_, "lora_dB");
+      for (size_t m = 0; m < projs.size(); ++m) {  // dB_m += s dy_m^T h_m
+        if (!trainable[m]) continue;
+        Tensor dB = ad.b(g->calls[m].target).grad;
+        const Tensor dy_m = dy.Slice(1, col_start[m], col_start[m + 1]);
+        const Tensor h_m = h2.Slice(1, g->rank_start[m], g->rank_start[m + 1]);
+        TANDEM_RETURN_IF_ERROR(ops::Matmul(ctx_, dB, dy_m, h_m, true, false, g->scale, 1.0f));
+      }
+    }
+    ops::ProfileScope scope(ctx_, "lora_dA");
+    if (projs.size() == 1) {  // dA += dh^T x
+      Tensor dA = ad.a(g->calls[0].target).grad;
+      TANDEM_RETURN_IF_ERROR(ops::Matmul(ctx_, dA, dh, x, true, false, 1.0f, 1.0f));
+    } else {  // the stacked dA in one GEMM over x, then each member's rows added to its grad
+      TANDEM_RETURN_IF_ERROR(EnsureBuffer(
+          ctx_, group_grad_scratch_,
+          std::max<int64_t>(group_grad_scratch_.defined() ? group_grad_scratch_.numel() : 0,
+                            R * g->in),
+          DType::kF32));
+      Tensor stacked = group_grad_scratch_.Slice(0, 0, R * g->in).View({R, g->in});
+      TANDEM_RETURN_IF_ERROR(ops::Matmul(ctx_, stacked, dh, x, true, false, 1.0f, 0.0f));
+      for (size_t m = 0; m < projs.size(); ++m) {
+        if (!trainable[m]) continue;
+        const Tensor& grad = ad.a(g->calls[m].target).grad;
+        Tensor dA = grad.View({grad.numel()});
+        const Tensor rows =
+            group_grad_scratch_.Slice(0, g->rank_start[m] * g->in, g->rank_start[m + 1] * g->in);
+        TANDEM_RETURN_IF_ERROR(ops::Add(ctx_, dA, dA, rows));
+      }
+    }
+  }
+  if (!dx.defined()) return true;
+  ops::ProfileScope scope(ctx_, "lora_dx");  // dx = dh A, written: the base GEMM adds to it
+  const Tensor a =
+      projs.size() > 1 ? group_a_[first].View({R, g->in}) : ad.a(g->calls[0].target).weight;
+  TANDEM_RETURN_IF_ERROR(ops::Matmul(ctx_, dx, dh, a, false, false, 1.0f, 0.0f));
+  return true;
 }
 
 }  // namespace tandem::peft

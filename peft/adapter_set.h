@@ -19,7 +19,17 @@
 //
 // Memory: per (layer, projection) the set keeps the low-rank activations h = drop(x) A^T of the
 // last forward ([N, r], or segment-packed, compute dtype), which the backward needs; the
-// projection inputs x are the model's own saved activations. Nothing else is kept.
+// projection inputs x are the model's own saved activations. Nothing else is kept but, for the
+// fast path below, the stacked A of each projection group.
+//
+// Fast path (model::AdapterHooks::ProjectionsForwardFirst): when one adapter serves every token
+// and targets every member of a group (q|k|v, gate|up, o, down) with one scale, without dropout
+// in the call and on one tp rank, the group runs before the base GEMM: one shrink over x with
+// the members' A stacked (x read once for q, k and v), each member's expand written into its
+// columns of y (the base GEMM then accumulates onto it, so y is not read back); backward the
+// same: one dA GEMM over x, one dx GEMM written before the base's input-gradient GEMM. The
+// values equal the per-projection path's up to rounding (bf16 y: the delta is rounded before the
+// base product is added, not after).
 //
 // Dropout runs only in training calls (ForwardBackward). Its masks come from a counter-based
 // generator: the seed of one projection call is a function of (dropout_seed, the batch counter,
@@ -47,6 +57,8 @@
 #include <cstdint>
 #include <map>
 #include <memory>
+#include <optional>
+#include <span>
 #include <vector>
 
 #include "core/status.h"
@@ -82,6 +94,10 @@ class AdapterSet final : public model::AdapterHooks {
   // an optimizer stepping them updates the adapters (their `trainable` flags are copies).
   std::vector<model::Parameter> parameters() const;
 
+  // The projection-group fast path (below; on by default). Off: every projection through
+  // ProjectionForward/ProjectionBackward after the base GEMM (tests compare the two).
+  void set_group_fast_path(bool on) { group_fast_path_ = on; }
+
   void set_dropout_seed(uint64_t seed) { dropout_seed_ = seed; }
   uint64_t batch_counter() const { return batch_counter_; }
   void set_batch_counter(uint64_t counter) { batch_counter_ = counter; }
@@ -92,6 +108,12 @@ class AdapterSet final : public model::AdapterHooks {
                            Tensor& y) override;
   Status ProjectionBackward(int64_t layer, model::Projection proj, const Tensor& x,
                             const Tensor& dy, Tensor& dx) override;
+  StatusOr<bool> ProjectionsForwardFirst(int64_t layer, std::span<const model::Projection> projs,
+                                         std::span<const int64_t> col_start, const Tensor& x,
+                                         Tensor& y) override;
+  StatusOr<bool> ProjectionsBackwardFirst(int64_t layer, std::span<const model::Projection> projs,
+                                          std::span<const int64_t> col_start, const Tensor& x,
+                                          const Tensor& dy, Tensor& dx) override;
   Status ZeroGrads() override;
   bool SupportsTensorParallel() const override { return true; }
 
@@ -106,7 +128,14 @@ class AdapterSet final : public model::AdapterHooks {
     ops::LoraWeights grads;        // f32; undefined entries for frozen adapters
   };
 
+  // The fast path of a projection group (ProjectionsForwardFirst): one adapter serves every
+  // token and targets every member with one scale, no dropout, tp 1.
+  struct Group;
+
   StatusOr<Call> PrepareCall(int64_t layer, model::Projection proj);
+  // The group's calls, or nullopt when the fast path does not apply.
+  StatusOr<std::optional<Group>> PrepareGroup(int64_t layer,
+                                              std::span<const model::Projection> projs);
   Status BuildTables(int64_t layer, model::Projection proj, Tables& t);
   StatusOr<const ops::LoraSegments*> SegmentsFor(const std::vector<int32_t>& ranks);
   uint64_t CallSeed(int64_t layer, model::Projection proj) const;
@@ -139,6 +168,12 @@ class AdapterSet final : public model::AdapterHooks {
   std::map<std::vector<int32_t>, ops::LoraSegments> segments_;  // by rank table, this batch
   std::vector<Tables> tables_;                                  // [L * 7]
   std::vector<Tensor> h_;                                       // [L * 7]: h of the last forward
+  // Per group, by its first member's index [L * 7]: the members' A stacked ([sum r, in]), and
+  // whether this batch's forward took the fast path (h_ then holds the group's [N, sum r]).
+  std::vector<Tensor> group_a_;
+  std::vector<bool> group_fused_;
+  bool group_fast_path_ = true;
+  Tensor group_grad_scratch_;  // f32 [sum r, in]: the group's dA before it is split
   Tensor row_ids_;      // i64 [N] on the device: global batch rows (undefined: the local rows)
   Tensor sum_scratch_;  // f32: a weight-gradient partial sum (tp)
   Tensor sum_gather_;   // f32 [tp * n]: every tp rank's partial sum

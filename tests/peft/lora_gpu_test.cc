@@ -73,14 +73,15 @@ std::vector<LoraConfig> AdapterConfigs() {
   return {a, b, c};
 }
 
-Run RunOn(ops::Context& ctx, const model::Batch& batch, int num_adapters) {
+Run RunOn(ops::Context& ctx, const model::Batch& batch, int num_adapters,
+          const std::vector<LoraConfig>& configs = AdapterConfigs(), bool fast_path = true) {
   const model::LlamaConfig c = GpuConfig();
   auto base = testing::MakeBase(ctx, c, 3);
   TANDEM_CHECK_OK(base->InitRandom(3, kBaseStd));
   const bool cpu = !ctx.is_cuda();  // the CPU model gets the GPU's bf16 weights
   if (cpu) RoundToBf16InPlace(base->parameters());
   AdapterSet set(ctx, c);
-  const std::vector<LoraConfig> configs = AdapterConfigs();
+  set.set_group_fast_path(fast_path);
   for (int a = 0; a < num_adapters; ++a) {
     auto adapter = std::move(LoraAdapter::Create(ctx, c, configs[a])).value();
     testing::Randomize(*adapter, 100 * (a + 1), 0.1f);
@@ -115,6 +116,20 @@ TEST(LoraGpuTest, OneAdapterWithDropoutMatchesCpu) {
   auto gpu = *ops::Context::Cuda(0);
   const model::Batch batch = MakeBatch(2, 33, GpuConfig().vocab_size, 5);
   Compare(RunOn(*gpu, batch, 1), RunOn(*cpu, batch, 1));
+}
+
+// One all-linear adapter without dropout: the projection-group fast path (peft/adapter_set.h),
+// against the CPU and against the per-projection path on the GPU.
+TEST(LoraGpuTest, GroupFastPathMatchesCpuAndPerProjection) {
+  TANDEM_SKIP_WITHOUT_GPU();
+  auto cpu = ops::Context::Cpu();
+  auto gpu = *ops::Context::Cuda(0);
+  LoraConfig config = AdapterConfigs()[0];
+  config.dropout = 0.0;
+  const model::Batch batch = MakeBatch(2, 33, GpuConfig().vocab_size, 7);
+  const auto fast = RunOn(*gpu, batch, 1, {config}, true);
+  Compare(fast, RunOn(*cpu, batch, 1, {config}));
+  Compare(fast, RunOn(*gpu, batch, 1, {config}, false));
 }
 
 TEST(LoraGpuTest, MixedBatchMatchesCpu) {

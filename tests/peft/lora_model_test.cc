@@ -228,6 +228,45 @@ TEST(LoraModelTest, RecomputeGivesIdenticalGradients) {
   }
 }
 
+// The projection-group fast path (one adapter, no dropout: the adapter writes its deltas before
+// the base GEMMs, q|k|v and gate|up share one shrink) against every projection after its base
+// GEMM; groups whose members differ in scale (the rank-patterned up_proj) or are not all
+// targeted fall back per group, recompute included.
+TEST(LoraModelTest, GroupFastPathEqualsPerProjection) {
+  auto ctx = ops::Context::Cpu();
+  const model::LlamaConfig c = TinyConfig();
+  LoraConfig lc = AllLinear(3, 6);
+  lc.rank_pattern = {{"layers.1.mlp.up_proj", 5}};
+  LoraConfig partial = AllLinear(2, 4);
+  partial.target_modules = {"q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"};
+  for (const LoraConfig& config : {lc, partial}) {
+    for (bool recompute : {false, true}) {
+      std::vector<std::vector<Tensor>> grads;
+      std::vector<Tensor> logits;
+      std::vector<double> losses;
+      for (bool fast : {true, false}) {
+        auto base = MakeBase(*ctx, c, 13, false, recompute);
+        AdapterSet set(*ctx, c);
+        set.set_group_fast_path(fast);
+        ASSERT_TRUE(set.Add(MakeAdapter(*ctx, c, config, 90)).ok());
+        base->SetAdapter(&set);
+        const model::Batch batch = MakeBatch(2, 6, c.vocab_size, 14);
+        ASSERT_TRUE(base->ZeroGrads().ok());
+        losses.push_back(base->ForwardBackward(batch, 0.5f)->sum);
+        grads.push_back(testing::Grads(set.adapter(0)));
+        logits.push_back(*base->Logits(batch));
+        base->SetAdapter(nullptr);
+      }
+      EXPECT_NEAR(losses[0], losses[1], 1e-5 * std::fabs(losses[1]));
+      EXPECT_TRUE(testing::AllClose(logits[0], logits[1], {1e-5, 1e-5}));
+      for (size_t k = 0; k < grads[0].size(); ++k) {
+        EXPECT_TRUE(testing::AllClose(grads[0][k], grads[1][k], {1e-5, 1e-4}))
+            << "parameter " << k << " recompute " << recompute;
+      }
+    }
+  }
+}
+
 TEST(LoraModelTest, BadAdapterIds) {
   auto ctx = ops::Context::Cpu();
   const model::LlamaConfig c = TinyConfig();
