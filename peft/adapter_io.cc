@@ -293,6 +293,75 @@ Status SaveLoraAdapter(const LoraAdapter& adapter, const std::string& dir, DType
                                    [&](size_t i) -> StatusOr<Tensor> { return whole[i]; });
 }
 
+namespace {
+
+// <dir>/adapter_model.safetensors, or NotFound / Unimplemented (a pickled adapter_model.bin).
+StatusOr<std::string> AdapterWeightsPath(const std::string& dir) {
+  const std::string path = StrCat(dir, "/", kAdapterWeightsFile);
+  if (std::filesystem::exists(path)) return path;
+  if (std::filesystem::exists(StrCat(dir, "/adapter_model.bin"))) {
+    return UnimplementedError(StrCat(dir,
+                                     "/adapter_model.bin: pickled adapters are not read; "
+                                     "save the adapter with safe_serialization=True"));
+  }
+  return NotFoundError(StrCat(path, ": no such file"));
+}
+
+// The file holds exactly the targets' A and B tensors, with their shapes, in a floating dtype.
+Status CheckAdapterTensors(const model::SafetensorsCheckpoint& file, const std::string& path,
+                           const std::string& config_path, const std::vector<LoraTarget>& targets,
+                           const model::LlamaConfig& base) {
+  std::set<std::string> expected;
+  for (const LoraTarget& t : targets) {
+    for (bool b : {false, true}) expected.insert(LoraParameterName(t, b));
+  }
+  for (const std::string& name : file.names()) {
+    if (expected.count(name) != 0) continue;
+    return InvalidArgumentError(StrCat(path, ": unexpected tensor '", name,
+                                       "': ", UnexpectedTensorHint(name, base.num_hidden_layers)));
+  }
+  for (const LoraTarget& t : targets) {
+    for (bool b : {false, true}) {
+      const std::string name = LoraParameterName(t, b);
+      const Shape shape = b ? Shape{t.out, t.rank} : Shape{t.rank, t.in};
+      const model::SafetensorsTensorInfo* info = file.Find(name);
+      if (info == nullptr) {
+        return NotFoundError(StrCat(path, ": missing tensor '", name, "' (", t.module,
+                                    " is a target of ", config_path, ")"));
+      }
+      if (info->shape != shape) {
+        return InvalidArgumentError(StrCat(path, ": tensor '", name, "' has shape ",
+                                           ShapeToString(info->shape), ", expected ",
+                                           ShapeToString(shape), " (rank ", t.rank, " from ",
+                                           config_path, ", in=", t.in, ", out=", t.out,
+                                           " from the base model): the adapter was made for a "
+                                           "different base model or rank"));
+      }
+      if (info->dtype != DType::kF32 && info->dtype != DType::kBF16 && info->dtype != DType::kF16) {
+        return InvalidArgumentError(StrCat(path, ": tensor '", name, "' is ",
+                                           model::SafetensorsDTypeName(info->dtype),
+                                           ", expected F32, BF16 or F16"));
+      }
+    }
+  }
+  return Status::Ok();
+}
+
+}  // namespace
+
+StatusOr<LoraConfig> CheckLoraAdapterDir(const model::LlamaConfig& base, const std::string& dir) {
+  TANDEM_ASSIGN_OR_RETURN(LoraConfig config, LoadLoraConfig(dir));
+  const std::string config_path = StrCat(dir, "/", kAdapterConfigFile);
+  TANDEM_RETURN_IF_ERROR(model::ValidateLlamaConfig(base, "CheckLoraAdapterDir base config"));
+  StatusOr<std::vector<LoraTarget>> targets = ResolveLoraTargets(config, base);
+  if (!targets.ok()) return targets.status().WithContext(config_path);
+  TANDEM_ASSIGN_OR_RETURN(const std::string path, AdapterWeightsPath(dir));
+  TANDEM_ASSIGN_OR_RETURN(model::SafetensorsCheckpoint file,
+                          model::SafetensorsCheckpoint::Open(path));
+  TANDEM_RETURN_IF_ERROR(CheckAdapterTensors(file, path, config_path, *targets, base));
+  return config;
+}
+
 StatusOr<std::unique_ptr<LoraAdapter>> LoadLoraAdapter(ops::Context& ctx,
                                                        const model::LlamaConfig& base,
                                                        const std::string& dir,
@@ -302,41 +371,10 @@ StatusOr<std::unique_ptr<LoraAdapter>> LoadLoraAdapter(ops::Context& ctx,
   StatusOr<std::unique_ptr<LoraAdapter>> made = LoraAdapter::Create(ctx, base, config, parallel);
   if (!made.ok()) return made.status().WithContext(config_path);
   std::unique_ptr<LoraAdapter> adapter = std::move(made).value();
-  const std::string path = StrCat(dir, "/", kAdapterWeightsFile);
-  if (!std::filesystem::exists(path)) {
-    if (std::filesystem::exists(StrCat(dir, "/adapter_model.bin"))) {
-      return UnimplementedError(StrCat(dir,
-                                       "/adapter_model.bin: pickled adapters are not read; "
-                                       "save the adapter with safe_serialization=True"));
-    }
-    return NotFoundError(StrCat(path, ": no such file"));
-  }
+  TANDEM_ASSIGN_OR_RETURN(const std::string path, AdapterWeightsPath(dir));
   TANDEM_ASSIGN_OR_RETURN(model::SafetensorsCheckpoint file,
                           model::SafetensorsCheckpoint::Open(path));
-  std::set<std::string> expected;
-  for (const model::Parameter& p : adapter->parameters()) expected.insert(p.name);
-  for (const std::string& name : file.names()) {
-    if (expected.count(name) != 0) continue;
-    return InvalidArgumentError(StrCat(path, ": unexpected tensor '", name,
-                                       "': ", UnexpectedTensorHint(name, base.num_hidden_layers)));
-  }
-  for (size_t i = 0; i < adapter->parameters().size(); ++i) {
-    const model::Parameter& p = adapter->parameters()[i];
-    const LoraTarget& t = adapter->targets()[i / 2];
-    const model::SafetensorsTensorInfo* info = file.Find(p.name);
-    if (info == nullptr) {
-      return NotFoundError(StrCat(path, ": missing tensor '", p.name, "' (", t.module,
-                                  " is a target of ", config_path, ")"));
-    }
-    if (info->shape != p.logical_shape) {
-      return InvalidArgumentError(StrCat(path, ": tensor '", p.name, "' has shape ",
-                                         ShapeToString(info->shape), ", expected ",
-                                         ShapeToString(p.logical_shape), " (rank ", t.rank,
-                                         " from ", config_path, ", in=", t.in, ", out=", t.out,
-                                         " from the base model): the adapter was made for a "
-                                         "different base model or rank"));
-    }
-  }
+  TANDEM_RETURN_IF_ERROR(CheckAdapterTensors(file, path, config_path, adapter->targets(), base));
   for (size_t i = 0; i < adapter->parameters().size(); ++i) {
     const model::Parameter& p = adapter->parameters()[i];
     TANDEM_ASSIGN_OR_RETURN(Tensor host, file.GetFloat(p.name, p.logical_shape));

@@ -62,4 +62,10 @@ StatusOr<std::unique_ptr<LoraAdapter>> LoadLoraAdapter(ops::Context& ctx,
                                                        const std::string& dir,
                                                        const LoraParallel& parallel = {});
 
+// Checks an adapter directory for a model of architecture `base` as LoadLoraAdapter does (the
+// config, and every tensor's presence, name, shape and dtype from the safetensors header) without
+// reading the weights or allocating the adapter; returns its config. For registering many
+// adapters whose weights are read later (tandem serve's disk tier).
+StatusOr<LoraConfig> CheckLoraAdapterDir(const model::LlamaConfig& base, const std::string& dir);
+
 }  // namespace tandem::peft

@@ -114,6 +114,9 @@ struct LoraTarget {
   int64_t in = 0, out = 0;
 };
 
+// PEFT's tensor name of a target's factor: "base_model.model.<module>.lora_A.weight" (or lora_B).
+std::string LoraParameterName(const LoraTarget& target, bool b);
+
 // "model.layers.<layer>.self_attn.q_proj" (HF module name of a projection).
 std::string ProjectionModuleName(int64_t layer, model::Projection proj);
 // [in, out] of a projection of `base`.

@@ -107,6 +107,10 @@ StatusOr<std::unique_ptr<LoraAdapter>> LoraAdapter::Create(ops::Context& ctx,
   return a;
 }
 
+std::string LoraParameterName(const LoraTarget& target, bool b) {
+  return StrCat("base_model.model.", target.module, b ? ".lora_B" : ".lora_A", ".weight");
+}
+
 int LoraAdapter::Find(int64_t layer, model::Projection proj) const {
   if (layer < 0 || layer >= base_.num_hidden_layers) return -1;
   return index_[layer * model::kNumProjections + static_cast<int>(proj)];
@@ -136,13 +140,12 @@ Status LoraAdapter::Allocate() {
   for (size_t i = 0; i < targets_.size(); ++i) {
     const LoraTarget& t = targets_[i];
     const LoraSlice& sl = slices_[i];
-    const char* names[2] = {"lora_A", "lora_B"};
     const Shape shapes[2] = {{t.rank, sl.in}, {sl.out, t.rank}};
     const Shape logical[2] = {{t.rank, t.in}, {t.out, t.rank}};
     for (int k = 0; k < 2; ++k) {
       const int64_t off = offsets[2 * i + k];
       model::Parameter p;
-      p.name = StrCat("base_model.model.", t.module, ".", names[k], ".weight");
+      p.name = LoraParameterName(t, k == 1);
       p.master = view(master_flat_, off, shapes[k]);
       p.weight = view(weight_flat_, off, shapes[k]);
       p.grad = view(grad_flat_, off, shapes[k]);

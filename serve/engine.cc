@@ -206,7 +206,18 @@ Status EngineImpl::LoadAdapter(const std::string& name, const std::string& path)
   auto entry = std::make_shared<AdapterEntry>();
   entry->name = name;
   entry->path = path;
-  TANDEM_RETURN_IF_ERROR(LoadHostCopy(*entry));  // validates against the base model
+  bool host_full = false;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    host_full = static_cast<int64_t>(adapters_.size()) >= options_.host_adapter_cache;
+  }
+  if (host_full && !peft::IsS2ftAdapterDir(path)) {
+    // The host tier is full: check the directory against the base model (config and tensor
+    // headers) and leave the weights on disk until a request uses the adapter.
+    TANDEM_RETURN_IF_ERROR(CheckOnDisk(*entry));
+  } else {
+    TANDEM_RETURN_IF_ERROR(LoadHostCopy(*entry));  // validates against the base model
+  }
   std::lock_guard<std::mutex> lock(mu_);
   if (adapters_.count(name)) return AlreadyExists(name);
   if (static_cast<int64_t>(adapters_.size()) >= options_.host_adapter_cache) {
@@ -236,6 +247,15 @@ StatusOr<std::unique_ptr<peft::LoraAdapter>> ReadS2ftAsLora(ops::Context& ctx,
 
 }  // namespace
 
+Status EngineImpl::AdapterError(const AdapterEntry& entry, const Status& s) const {
+  if (s.code() == StatusCode::kNotFound || s.code() == StatusCode::kInvalidArgument ||
+      s.code() == StatusCode::kUnimplemented) {
+    return s.WithContext(StrCat("adapter '", entry.name, "' from ", entry.path));
+  }
+  return InvalidArgumentError(
+      StrCat("adapter '", entry.name, "' from ", entry.path, ": ", s.ToString()));
+}
+
 StatusOr<HostAdapter> EngineImpl::ReadHostAdapter(const AdapterEntry& entry) const {
   HostAdapter out;
   out.ctx = ops::Context::Cpu();
@@ -243,15 +263,7 @@ StatusOr<HostAdapter> EngineImpl::ReadHostAdapter(const AdapterEntry& entry) con
       peft::IsS2ftAdapterDir(entry.path)
           ? ReadS2ftAsLora(*out.ctx, model_->config(), entry.path)
           : peft::LoadLoraAdapter(*out.ctx, model_->config(), entry.path);
-  if (!host.ok()) {
-    Status s = host.status();
-    if (s.code() == StatusCode::kNotFound || s.code() == StatusCode::kInvalidArgument ||
-        s.code() == StatusCode::kUnimplemented) {
-      return s.WithContext(StrCat("adapter '", entry.name, "' from ", entry.path));
-    }
-    return InvalidArgumentError(
-        StrCat("adapter '", entry.name, "' from ", entry.path, ": ", s.ToString()));
-  }
+  if (!host.ok()) return AdapterError(entry, host.status());
   out.lora = std::move(*host);
   return out;
 }
@@ -263,6 +275,18 @@ void EngineImpl::InstallHostCopy(AdapterEntry& entry, HostAdapter host) const {
   // What AdapterWeights puts on the device: the fused q/k/v and gate/up sites' block-diagonal B
   // included (their zero blocks take memory too).
   entry.weight_bytes = AdapterWeights::BytesFor(*entry.host, model_->compute_dtype());
+}
+
+Status EngineImpl::CheckOnDisk(AdapterEntry& entry) const {
+  StatusOr<peft::LoraConfig> config = peft::CheckLoraAdapterDir(model_->config(), entry.path);
+  if (!config.ok()) return AdapterError(entry, config.status());
+  StatusOr<std::vector<peft::LoraTarget>> targets =
+      peft::ResolveLoraTargets(*config, model_->config());
+  if (!targets.ok()) return AdapterError(entry, targets.status());
+  entry.config = *config;
+  entry.weight_bytes =
+      AdapterWeights::BytesFor(model_->config(), *targets, model_->compute_dtype());
+  return Status::Ok();
 }
 
 Status EngineImpl::LoadHostCopy(AdapterEntry& entry) const {

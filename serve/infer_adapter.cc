@@ -155,18 +155,25 @@ int64_t AdapterWeights::num_bytes() const {
 }
 
 int64_t AdapterWeights::BytesFor(const peft::LoraAdapter& lora, DType dtype) {
-  const model::LlamaConfig& c = lora.base_config();
+  return BytesFor(lora.base_config(), lora.targets(), dtype);
+}
+
+int64_t AdapterWeights::BytesFor(const model::LlamaConfig& c,
+                                 const std::vector<peft::LoraTarget>& targets, DType dtype) {
+  std::vector<int64_t> rank(c.num_hidden_layers * model::kNumProjections, 0);
+  for (const peft::LoraTarget& t : targets) {
+    rank[t.layer * model::kNumProjections + static_cast<int>(t.proj)] = t.rank;
+  }
   int64_t elems = 0;
   for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
     for (int s = 0; s < kNumLoraSites; ++s) {
       const auto site = static_cast<LoraSite>(s);
-      int64_t rank = 0;
+      int64_t site_rank = 0;
       for (model::Projection p : LoraSiteProjections(site)) {
-        const int t = lora.Find(l, p);
-        if (t >= 0) rank += lora.a(t).weight.dim(0);
+        site_rank += rank[l * model::kNumProjections + static_cast<int>(p)];
       }
       const auto [in, out] = LoraSiteShape(c, site);
-      elems += rank * (in + out);
+      elems += site_rank * (in + out);
     }
   }
   return elems * static_cast<int64_t>(DTypeSize(dtype));

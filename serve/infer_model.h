@@ -87,6 +87,9 @@ struct AdapterWeights {
   int64_t num_bytes() const;
   // num_bytes() of FromLora(ctx, lora, dtype), without building it (for memory budgets).
   static int64_t BytesFor(const peft::LoraAdapter& lora, DType dtype);
+  // The same from the targets alone (an adapter registered but not read yet).
+  static int64_t BytesFor(const model::LlamaConfig& base,
+                          const std::vector<peft::LoraTarget>& targets, DType dtype);
   // From an adapter on the host (f32): on a CPU context the tensors of unfused sites are shared
   // and fused sites are new host tensors; on CUDA everything is rounded to `dtype` and copied to
   // the device in one copy (views of one device buffer; waits for the context's stream once).

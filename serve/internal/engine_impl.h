@@ -100,6 +100,11 @@ class EngineImpl final : public Engine {
   StatusOr<HostAdapter> ReadHostAdapter(const AdapterEntry& entry) const;
   void InstallHostCopy(AdapterEntry& entry, HostAdapter host) const;
   Status LoadHostCopy(AdapterEntry& entry) const;  // Read + Install, blocking
+  // Checks entry.path against the base model without reading the weights; sets entry.config and
+  // entry.weight_bytes (the host copy is read on first use).
+  Status CheckOnDisk(AdapterEntry& entry) const;
+  // A load or check failure of `entry`'s directory, naming the adapter and path.
+  Status AdapterError(const AdapterEntry& entry, const Status& s) const;
 
   // Engine thread.
   void Loop();

@@ -75,12 +75,18 @@ class AdapterIoTest : public ::testing::Test {
   StatusOr<std::unique_ptr<LoraAdapter>> Load(const model::LlamaConfig& base = TinyConfig()) {
     return LoadLoraAdapter(*ctx_, base, dir_.path());
   }
-  // The load fails with `code` and a message holding every one of `parts`.
+  // The load fails with `code` and a message holding every one of `parts`, and so does the
+  // header-only check (CheckLoraAdapterDir) with the same status.
   void ExpectError(StatusCode code, std::initializer_list<const char*> parts,
                    const model::LlamaConfig& base = TinyConfig()) {
     const Status s = Load(base).status();
     EXPECT_EQ(s.code(), code) << s.ToString();
     for (const char* p : parts) EXPECT_NE(s.message().find(p), std::string::npos) << s.ToString();
+    const Status checked = CheckLoraAdapterDir(base, dir_.path()).status();
+    EXPECT_EQ(checked.code(), code) << checked.ToString();
+    for (const char* p : parts) {
+      EXPECT_NE(checked.message().find(p), std::string::npos) << checked.ToString();
+    }
   }
 
   std::unique_ptr<ops::Context> ctx_ = ops::Context::Cpu();
@@ -208,6 +214,18 @@ TEST_F(AdapterIoTest, BadTensors) {
   ExpectError(StatusCode::kInvalidArgument, {"unexpected tensor", "k_proj", "target_modules"});
   EditTensors(dir_.path(), [&](auto& ts) { Erase(ts, "k_proj"); });
   EXPECT_TRUE(Load().ok());
+  EXPECT_TRUE(CheckLoraAdapterDir(TinyConfig(), dir_.path()).ok());
+  EditTensors(dir_.path(), [&](auto& ts) {  // an integer tensor: the check reads the header
+    for (auto& t : ts) {
+      if (t.first == q_a) t.second = Tensor::CpuZeros({4, 16}, DType::kI32);
+    }
+  });
+  ExpectError(StatusCode::kInvalidArgument, {q_a.c_str(), "I32"});
+  EditTensors(dir_.path(), [&](auto& ts) {
+    for (auto& t : ts) {
+      if (t.first == q_a) t.second = Tensor::CpuZeros({4, 16}, DType::kF32);
+    }
+  });
   std::filesystem::remove(dir_.Join("adapter_model.safetensors"));
   ExpectError(StatusCode::kNotFound, {"adapter_model.safetensors"});
   WriteText(dir_.Join("adapter_model.bin"), "pickle");

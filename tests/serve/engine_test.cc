@@ -276,6 +276,21 @@ TEST_F(EngineTest, AdaptersReloadFromDiskAndEvictUnderPagePressure) {
     }
   }
   EXPECT_EQ(engine->Stats().adapter_loads, 4);  // each use had to load: the pool holds one
+  // Beyond the host tier an adapter is registered from its config and tensor headers (weights
+  // read on first use), so a truncated weights file is still refused, naming the adapter.
+  std::filesystem::create_directories(dir_.Join("trunc"));
+  for (const char* f : {"adapter_config.json", "adapter_model.safetensors"}) {
+    std::filesystem::copy_file(dir_.Join(std::string("a/") + f),
+                               dir_.Join(std::string("trunc/") + f));
+  }
+  const std::string weights = dir_.Join("trunc/adapter_model.safetensors");
+  std::filesystem::resize_file(weights, std::filesystem::file_size(weights) / 2);
+  const Status trunc = engine->LoadAdapter("trunc", dir_.Join("trunc"));
+  EXPECT_EQ(trunc.code(), StatusCode::kInvalidArgument) << trunc.ToString();
+  EXPECT_NE(trunc.ToString().find("adapter 'trunc'"), std::string::npos) << trunc.ToString();
+  ASSERT_TRUE(engine->LoadAdapter("a2", dir_.Join("a")).ok());
+  const Sink::Result r = sink.Wait(*engine->Submit(Greedy("a2", "reload", 8), sink.For()));
+  EXPECT_EQ(r.ids, Reference("a", Ids("reload"), 8));
 }
 
 TEST_F(EngineTest, RequestsThatCanNeverFitFailInsteadOfWaitingForever) {
