@@ -26,14 +26,17 @@ struct AdamWScalars {
   float eps, grad_scale;
 };
 
+// Every operation rounded on its own (the _rn intrinsics are never contracted into FMAs), so
+// each kernel that calls this computes the same bits whatever the compiler does around it (and
+// the bits of ops/cpu/adamw.cc's plain float expressions).
 __device__ __forceinline__ float AdamWElement(float& p, float& m, float& v, float grad,
                                               const AdamWScalars& s) {
-  const float g = grad * s.grad_scale;
-  p = p * s.decay;
-  m = m + s.one_minus_beta1 * (g - m);
-  v = v * s.beta2 + s.one_minus_beta2 * g * g;
-  const float denom = sqrtf(v) / s.bias2_sqrt + s.eps;
-  p = p - s.step_size * (m / denom);
+  const float g = __fmul_rn(grad, s.grad_scale);
+  p = __fmul_rn(p, s.decay);
+  m = __fadd_rn(m, __fmul_rn(s.one_minus_beta1, __fsub_rn(g, m)));
+  v = __fadd_rn(__fmul_rn(v, s.beta2), __fmul_rn(__fmul_rn(s.one_minus_beta2, g), g));
+  const float denom = __fadd_rn(__fdiv_rn(__fsqrt_rn(v), s.bias2_sqrt), s.eps);
+  p = __fsub_rn(p, __fmul_rn(s.step_size, __fdiv_rn(m, denom)));
   return p;
 }
 

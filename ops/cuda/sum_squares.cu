@@ -30,12 +30,12 @@ __device__ __forceinline__ float ThreadSumSquares(const T* x, int64_t n, int64_t
 #pragma unroll
     for (int j = 0; j < V; ++j) {
       const float f = ToFloat(p.v[j]);
-      sum += f * f;
+      sum = __fmaf_rn(f, f, sum);  // one explicit FMA: the same bits in every caller
     }
   }
   for (int64_t i = num_packs * V + index; i < n; i += count) {
     const float f = ToFloat(x[i]);
-    sum += f * f;
+    sum = __fmaf_rn(f, f, sum);
   }
   return sum;
 }
@@ -46,6 +46,13 @@ __global__ void SumSquaresPartialKernel(float* partial, const T* x, int64_t n) {
   float sum = ThreadSumSquares<T, V>(x, n, GlobalThreadIndex(), GlobalThreadCount());
   sum = BlockSum(sum, shared);
   if (threadIdx.x == 0) partial[blockIdx.x] = sum;
+}
+
+__global__ void SumSquaresFinalKernel(float* out, const float* partial, int64_t num_partials) {
+  __shared__ float shared[32];
+  const float v = threadIdx.x < num_partials ? partial[threadIdx.x] : 0.0f;
+  const float total = BlockSum(v, shared);
+  if (threadIdx.x == 0) out[0] += total;
 }
 
 // SumSquaresMulti: a table of tensors, each given NumBlocks(n) consecutive blocks of one grid
@@ -83,25 +90,24 @@ __global__ void SumSquaresMultiPartialKernel(float* partial, const __grid_consta
   if (threadIdx.x == 0) partial[blockIdx.x] = sum;
 }
 
-// Each tensor's partials summed as SumSquaresFinalKernel sums them, added to out in table order.
-__global__ void SumSquaresMultiFinalKernel(float* out, const float* partial,
-                                           const __grid_constant__ MultiTable t) {
+// Tensor blockIdx.x's partials summed as SumSquaresFinalKernel sums them (one block of
+// kFinalThreads per tensor, side by side), into totals.
+__global__ void SumSquaresMultiTotalsKernel(float* totals, const float* partial,
+                                            const __grid_constant__ MultiTable t) {
   __shared__ float shared[32];
-  for (int i = 0; i < t.count; ++i) {
-    const int num_partials = t.block_start[i + 1] - t.block_start[i];
-    const float v = static_cast<int>(threadIdx.x) < num_partials
-                        ? partial[t.block_start[i] + threadIdx.x]
-                        : 0.0f;
-    const float total = BlockSum(v, shared);
-    if (threadIdx.x == 0) out[0] += total;
-  }
+  const int i = static_cast<int>(blockIdx.x);
+  const int num_partials = t.block_start[i + 1] - t.block_start[i];
+  const float v =
+      static_cast<int>(threadIdx.x) < num_partials ? partial[t.block_start[i] + threadIdx.x] : 0.0f;
+  const float total = BlockSum(v, shared);
+  if (threadIdx.x == 0) totals[i] = total;
 }
 
-__global__ void SumSquaresFinalKernel(float* out, const float* partial, int64_t num_partials) {
-  __shared__ float shared[32];
-  const float v = threadIdx.x < num_partials ? partial[threadIdx.x] : 0.0f;
-  const float total = BlockSum(v, shared);
-  if (threadIdx.x == 0) out[0] += total;
+// out[0] += each total in table order: the additions of one SumSquares call per tensor.
+__global__ void SumSquaresMultiAddKernel(float* out, const float* totals, int count) {
+  float acc = out[0];
+  for (int i = 0; i < count; ++i) acc += totals[i];
+  out[0] = acc;
 }
 
 }  // namespace
@@ -135,7 +141,7 @@ cudaError_t SumSquares(cudaStream_t stream, DType dtype, float* out, const void*
 size_t SumSquaresMultiScratchBytes(const int64_t* ns, int count) {
   size_t bytes = 0;
   for (int i = 0; i < count; ++i) bytes += SumSquaresScratchBytes(ns[i]);
-  return bytes;
+  return bytes + static_cast<size_t>(kMultiMax) * sizeof(float);  // a table's totals
 }
 
 cudaError_t SumSquaresMulti(cudaStream_t stream, DType dtype, float* out, const void* const* xs,
@@ -163,7 +169,10 @@ cudaError_t SumSquaresMulti(cudaStream_t stream, DType dtype, float* out, const 
       t.block_start[t.count] = blocks;
       SumSquaresMultiPartialKernel<T>
           <<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(partial, t);
-      SumSquaresMultiFinalKernel<<<1, kFinalThreads, 0, stream>>>(out, partial, t);
+      float* totals = static_cast<float*>(scratch) + (scratch_bytes / sizeof(float) - kMultiMax);
+      SumSquaresMultiTotalsKernel<<<static_cast<unsigned>(t.count), kFinalThreads, 0, stream>>>(
+          totals, partial, t);
+      SumSquaresMultiAddKernel<<<1, 1, 0, stream>>>(out, totals, t.count);
       const cudaError_t err = cudaGetLastError();
       if (err != cudaSuccess) return err;
     }
