@@ -88,6 +88,11 @@ class AdapterHooks {
     return false;
   }
 
+  // The backward pass reached its last adapter call (after block 0's backward, before the
+  // embedding gradient): an adapter that queued work elsewhere makes the model's stream wait for
+  // it here, so everything after the pass (gradient norms, the optimizer) sees its gradients.
+  virtual Status EndBackward() { return Status::Ok(); }
+
   // Sets the adapter's gradients to zero.
   virtual Status ZeroGrads() = 0;
 

@@ -408,7 +408,9 @@ StatusOr<bool> LlamaModel::ContinueForwardBackward(int64_t max_units) {
     const int64_t l = L - 1 - (u - L - 1) / 2;  // backward of block l: its MLP, then attention
     if ((u - L - 1) % 2 == 0) return BackwardLayer(l, BackwardPart::kMlp);
     TANDEM_RETURN_IF_ERROR(BackwardLayer(l, BackwardPart::kAttention));
-    return l == 0 ? EmbeddingBackward() : Status::Ok();
+    if (l != 0) return Status::Ok();
+    if (adapter_ != nullptr) TANDEM_RETURN_IF_ERROR(adapter_->EndBackward());  // [adapter]
+    return EmbeddingBackward();
   };
   for (int64_t done = 0; done < max_units && fb_.next_unit < 3 * L + 1; ++done) {
     const Status s = unit(fb_.next_unit);

@@ -7,6 +7,7 @@
 #include "core/rng.h"
 #include "ops/ops.h"
 #include "ops/profiler.h"
+#include "ops/stream_sync.h"
 
 namespace tandem::peft {
 
@@ -70,7 +71,19 @@ AdapterSet::AdapterSet(ops::Context& ctx, const model::LlamaConfig& base,
   group_fused_.assign(tables_.size(), false);
 }
 
-AdapterSet::~AdapterSet() = default;
+AdapterSet::~AdapterSet() {
+  if (side_ctx_ != nullptr) (void)side_ctx_->Synchronize();  // side_keep_ is read until then
+}
+
+Status AdapterSet::JoinSide() {
+  if (!side_pending_) return Status::Ok();
+  TANDEM_RETURN_IF_ERROR(ops::WaitForStream(ctx_, *side_ctx_));
+  side_pending_ = false;
+  side_keep_.clear();  // later allocations on the model's stream come after the side's reads
+  return Status::Ok();
+}
+
+Status AdapterSet::EndBackward() { return JoinSide(); }
 
 StatusOr<int> AdapterSet::Add(std::unique_ptr<LoraAdapter> adapter) {
   if (adapter == nullptr) return InvalidArgumentError("AdapterSet::Add: null adapter");
@@ -110,11 +123,13 @@ std::vector<model::Parameter> AdapterSet::parameters() const {
 }
 
 Status AdapterSet::ZeroGrads() {
+  TANDEM_RETURN_IF_ERROR(JoinSide());
   for (auto& a : adapters_) TANDEM_RETURN_IF_ERROR(a->ZeroGrads());
   return Status::Ok();
 }
 
 Status AdapterSet::BeginBatch(const model::Batch& batch, bool training) {
+  TANDEM_RETURN_IF_ERROR(JoinSide());  // an abandoned pass may have left side work queued
   const int64_t B = batch.tokens.dim(0), T = batch.tokens.dim(1);
   std::vector<int32_t> ids(B, default_adapter_);
   if (batch.adapter_ids.defined()) {
@@ -481,6 +496,7 @@ StatusOr<bool> AdapterSet::ProjectionsBackwardFirst(int64_t layer,
                                                     std::span<const model::Projection> projs,
                                                     std::span<const int64_t> col_start,
                                                     const Tensor& x, const Tensor& dy, Tensor& dx) {
+  TANDEM_RETURN_IF_ERROR(JoinSide());  // the last group's side work read buffers reused from here
   TANDEM_ASSIGN_OR_RETURN(std::optional<Group> g, PrepareGroup(layer, projs));
   const int64_t first =
       g ? g->calls[0].index : layer * model::kNumProjections + static_cast<int>(projs[0]);
@@ -516,21 +532,32 @@ StatusOr<bool> AdapterSet::ProjectionsBackwardFirst(int64_t layer,
     trainable[m] = t;
     any = any || t;
   }
+  // The weight gradients: on the side stream when overlapping (after it waits for dh).
+  ops::Context* wctx = &ctx_;
+  if (any && overlap_weight_grads_ && ctx_.is_cuda()) {
+    if (side_ctx_ == nullptr) {
+      TANDEM_ASSIGN_OR_RETURN(side_ctx_, ops::Context::ForDevice(ctx_.device()));
+    }
+    TANDEM_RETURN_IF_ERROR(ops::WaitForStream(*side_ctx_, ctx_));
+    wctx = side_ctx_.get();
+    side_keep_.push_back(dh);
+    side_pending_ = true;
+  }
   if (any) {
     {
-      ops::ProfileScope scope(ctx_, "lora_dB");
+      ops::ProfileScope scope(*wctx, "lora_dB");
       for (size_t m = 0; m < projs.size(); ++m) {  // dB_m += s dy_m^T h_m
         if (!trainable[m]) continue;
         Tensor dB = ad.b(g->calls[m].target).grad;
         const Tensor dy_m = dy.Slice(1, col_start[m], col_start[m + 1]);
         const Tensor h_m = h2.Slice(1, g->rank_start[m], g->rank_start[m + 1]);
-        TANDEM_RETURN_IF_ERROR(ops::Matmul(ctx_, dB, dy_m, h_m, true, false, g->scale, 1.0f));
+        TANDEM_RETURN_IF_ERROR(ops::Matmul(*wctx, dB, dy_m, h_m, true, false, g->scale, 1.0f));
       }
     }
-    ops::ProfileScope scope(ctx_, "lora_dA");
+    ops::ProfileScope scope(*wctx, "lora_dA");
     if (projs.size() == 1) {  // dA += dh^T x
       Tensor dA = ad.a(g->calls[0].target).grad;
-      TANDEM_RETURN_IF_ERROR(ops::Matmul(ctx_, dA, dh, x, true, false, 1.0f, 1.0f));
+      TANDEM_RETURN_IF_ERROR(ops::Matmul(*wctx, dA, dh, x, true, false, 1.0f, 1.0f));
     } else {  // the stacked dA in one GEMM over x, then each member's rows added to its grad
       TANDEM_RETURN_IF_ERROR(EnsureBuffer(
           ctx_, group_grad_scratch_,
@@ -538,14 +565,14 @@ StatusOr<bool> AdapterSet::ProjectionsBackwardFirst(int64_t layer,
                             R * g->in),
           DType::kF32));
       Tensor stacked = group_grad_scratch_.Slice(0, 0, R * g->in).View({R, g->in});
-      TANDEM_RETURN_IF_ERROR(ops::Matmul(ctx_, stacked, dh, x, true, false, 1.0f, 0.0f));
+      TANDEM_RETURN_IF_ERROR(ops::Matmul(*wctx, stacked, dh, x, true, false, 1.0f, 0.0f));
       for (size_t m = 0; m < projs.size(); ++m) {
         if (!trainable[m]) continue;
         const Tensor& grad = ad.a(g->calls[m].target).grad;
         Tensor dA = grad.View({grad.numel()});
         const Tensor rows =
             group_grad_scratch_.Slice(0, g->rank_start[m] * g->in, g->rank_start[m + 1] * g->in);
-        TANDEM_RETURN_IF_ERROR(ops::Add(ctx_, dA, dA, rows));
+        TANDEM_RETURN_IF_ERROR(ops::Add(*wctx, dA, dA, rows));
       }
     }
   }

@@ -98,6 +98,14 @@ class AdapterSet final : public model::AdapterHooks {
   // ProjectionForward/ProjectionBackward after the base GEMM (tests compare the two).
   void set_group_fast_path(bool on) { group_fast_path_ = on; }
 
+  // Overlap (CUDA only, off by default): the fast path's weight gradients (dB, dA: read dy, x and
+  // h, feed nothing but the optimizer) go to a side stream of their own and run beside the base
+  // model's backward; the model's stream waits for them at the next group's backward call and at
+  // EndBackward. The caller promises that the model keeps every layer's inputs x until its
+  // backward ends (no ModelOptions::recompute, which rewrites one shared block buffer per layer).
+  // Same values as without (the same GEMMs in the same order on their own stream).
+  void set_overlap_weight_grads(bool on) { overlap_weight_grads_ = on; }
+
   void set_dropout_seed(uint64_t seed) { dropout_seed_ = seed; }
   uint64_t batch_counter() const { return batch_counter_; }
   void set_batch_counter(uint64_t counter) { batch_counter_ = counter; }
@@ -114,6 +122,7 @@ class AdapterSet final : public model::AdapterHooks {
   StatusOr<bool> ProjectionsBackwardFirst(int64_t layer, std::span<const model::Projection> projs,
                                           std::span<const int64_t> col_start, const Tensor& x,
                                           const Tensor& dy, Tensor& dx) override;
+  Status EndBackward() override;
   Status ZeroGrads() override;
   bool SupportsTensorParallel() const override { return true; }
 
@@ -133,6 +142,8 @@ class AdapterSet final : public model::AdapterHooks {
   struct Group;
 
   StatusOr<Call> PrepareCall(int64_t layer, model::Projection proj);
+  // The model's stream waits for the side stream's queued work (overlap).
+  Status JoinSide();
   // The group's calls, or nullopt when the fast path does not apply.
   StatusOr<std::optional<Group>> PrepareGroup(int64_t layer,
                                               std::span<const model::Projection> projs);
@@ -173,6 +184,12 @@ class AdapterSet final : public model::AdapterHooks {
   std::vector<Tensor> group_a_;
   std::vector<bool> group_fused_;
   bool group_fast_path_ = true;
+  // Overlap: the side stream, whether work is queued on it that the model's stream has not
+  // waited for, and the tensors that work reads which would otherwise go back to the allocator.
+  bool overlap_weight_grads_ = false;
+  std::unique_ptr<ops::Context> side_ctx_;
+  bool side_pending_ = false;
+  std::vector<Tensor> side_keep_;
   Tensor group_grad_scratch_;  // f32 [sum r, in]: the group's dA before it is split
   Tensor row_ids_;      // i64 [N] on the device: global batch rows (undefined: the local rows)
   Tensor sum_scratch_;  // f32: a weight-gradient partial sum (tp)

@@ -168,6 +168,9 @@ StatusOr<std::unique_ptr<peft::AdapterSet>> CreateLoraAdapter(ops::Context& ctx,
   TANDEM_ASSIGN_OR_RETURN(int index, set->Add(std::move(adapter)));
   set->set_default_adapter(index);
   set->set_dropout_seed(DeriveSeed(static_cast<uint64_t>(c.train.seed), 0, "lora-dropout"));
+  // The weight gradients beside the base model's backward (a side stream): every layer's inputs
+  // stay alive until the backward ends unless blocks are recomputed.
+  set->set_overlap_weight_grads(!c.model.recompute && c.model.offload == "none");
   model.SetAdapter(set.get());
   return set;
 }

@@ -3,7 +3,8 @@
 // adapters (segmented kernels). The dropout masks are identical on both devices, so the only
 // differences are bf16 rounding. Bounds: max|a - e| / max|e| below 3e-2 for logits and 6e-2 for
 // the adapter gradients (bf16 keeps 8 bits; gradients pass through every bf16 activation of two
-// blocks). Plus merge on the GPU against the adapter path on the GPU. Skips without a GPU.
+// blocks). Plus merge on the GPU against the adapter path on the GPU, and the projection-group
+// fast path (with its weight gradients on a side stream: bitwise the same). Skips without a GPU.
 //
 // Conditioning: as tests/model/llama_gpu_test.cc, the base has std 0.05 weights and the CPU run
 // sees the GPU's bf16-rounded weights (base and adapters), so the comparison measures bf16
@@ -74,7 +75,8 @@ std::vector<LoraConfig> AdapterConfigs() {
 }
 
 Run RunOn(ops::Context& ctx, const model::Batch& batch, int num_adapters,
-          const std::vector<LoraConfig>& configs = AdapterConfigs(), bool fast_path = true) {
+          const std::vector<LoraConfig>& configs = AdapterConfigs(), bool fast_path = true,
+          bool overlap = false) {
   const model::LlamaConfig c = GpuConfig();
   auto base = testing::MakeBase(ctx, c, 3);
   TANDEM_CHECK_OK(base->InitRandom(3, kBaseStd));
@@ -82,6 +84,7 @@ Run RunOn(ops::Context& ctx, const model::Batch& batch, int num_adapters,
   if (cpu) RoundToBf16InPlace(base->parameters());
   AdapterSet set(ctx, c);
   set.set_group_fast_path(fast_path);
+  set.set_overlap_weight_grads(overlap);
   for (int a = 0; a < num_adapters; ++a) {
     auto adapter = std::move(LoraAdapter::Create(ctx, c, configs[a])).value();
     testing::Randomize(*adapter, 100 * (a + 1), 0.1f);
@@ -130,6 +133,13 @@ TEST(LoraGpuTest, GroupFastPathMatchesCpuAndPerProjection) {
   const auto fast = RunOn(*gpu, batch, 1, {config}, true);
   Compare(fast, RunOn(*cpu, batch, 1, {config}));
   Compare(fast, RunOn(*gpu, batch, 1, {config}, false));
+  // The weight gradients on a side stream: the same GEMMs, so the same bits.
+  const auto overlapped = RunOn(*gpu, batch, 1, {config}, true, true);
+  EXPECT_TRUE(::tandem::testing::AllClose(overlapped.logits, fast.logits, {0, 0}));
+  for (size_t k = 0; k < fast.grads[0].size(); ++k) {
+    EXPECT_TRUE(::tandem::testing::AllClose(overlapped.grads[0][k], fast.grads[0][k], {0, 0}))
+        << "parameter " << k;
+  }
 }
 
 TEST(LoraGpuTest, MixedBatchMatchesCpu) {

@@ -143,11 +143,17 @@ TEST(ProfileStepTest, LoraUpdateProfilesOnlyTheAdaptersOptimizer) {
   const std::map<std::string, json> cats = CheckReport(p, 1);
   ASSERT_TRUE(cats.count("gemm")) << p.dump(2);
   ASSERT_TRUE(cats.count("optimizer")) << p.dump(2);
-  // The frozen base takes no optimizer step: a gradient-norm sum and an AdamW per adapter
-  // tensor, A and B of 7 projections in each of the 2 layers.
-  EXPECT_EQ(cats.at("optimizer").at("calls").get<int64_t>(), 2 * (2 * 7 * 2));
-  // The adapter's products run as GEMMs (one adapter: no segmented multi-adapter kernels).
+  // The frozen base takes no optimizer step: one multi-tensor gradient-norm sum and one
+  // multi-tensor AdamW over the adapter's tensors (A and B of 7 projections in 2 layers).
+  EXPECT_EQ(cats.at("optimizer").at("calls").get<int64_t>(), 2);
+  // The base products run as GEMMs; the adapter's (one adapter, no dropout: the projection-group
+  // fast path) are profiled by role, per group (q|k|v, o, gate|up, down) and micro-batch.
   EXPECT_GT(cats.at("gemm").at("flops").get<double>(), 0.0);
+  for (const char* role :
+       {"lora_shrink", "lora_expand", "lora_dh", "lora_dB", "lora_dA", "lora_dx"}) {
+    ASSERT_TRUE(cats.count(role)) << role << " missing: " << p.dump(2);
+    EXPECT_EQ(cats.at(role).at("calls").get<int64_t>(), 2 * 2 * 4) << role;
+  }
 }
 
 TEST(ProfileStepTest, NegativeStepIsRejected) {
