@@ -559,11 +559,13 @@ StatusOr<bool> AdapterSet::ProjectionsBackwardFirst(int64_t layer,
       Tensor dA = ad.a(g->calls[0].target).grad;
       TANDEM_RETURN_IF_ERROR(ops::Matmul(*wctx, dA, dh, x, true, false, 1.0f, 1.0f));
     } else {  // the stacked dA in one GEMM over x, then each member's rows added to its grad
-      TANDEM_RETURN_IF_ERROR(EnsureBuffer(
-          ctx_, group_grad_scratch_,
-          std::max<int64_t>(group_grad_scratch_.defined() ? group_grad_scratch_.numel() : 0,
-                            R * g->in),
-          DType::kF32));
+      if (!group_grad_scratch_.defined() || group_grad_scratch_.numel() < R * g->in) {
+        if (group_grad_scratch_.defined() && side_pending_) {
+          side_keep_.push_back(group_grad_scratch_);  // queued side work may still use it
+        }
+        TANDEM_ASSIGN_OR_RETURN(group_grad_scratch_,
+                                Tensor::Empty({R * g->in}, DType::kF32, ctx_.allocator()));
+      }
       Tensor stacked = group_grad_scratch_.Slice(0, 0, R * g->in).View({R, g->in});
       TANDEM_RETURN_IF_ERROR(ops::Matmul(*wctx, stacked, dh, x, true, false, 1.0f, 0.0f));
       for (size_t m = 0; m < projs.size(); ++m) {
