@@ -10,6 +10,7 @@
 #include <nlohmann/json.hpp>
 
 #include "core/rng.h"
+#include "ops/multi_tensor.h"
 #include "ops/ops.h"
 #include "peft/adapter_io.h"
 #include "peft/lora.h"
@@ -231,15 +232,18 @@ Status FineTuneTrainer::OptimizerStep(MicroBatchResult* result) {
     return InternalError(StrCat("step ", progress_.step + 1, ": the loss is ", loss));
   }
   std::vector<model::Parameter>& params = set_->adapter(0).parameters();
+  ops::AdamWParams ap;
+  ap.lr = static_cast<float>(spec_.hyper.learning_rate);
+  ap.step = progress_.step + 1;
+  std::vector<Tensor> weights(params.size());
+  std::vector<ops::AdamWTensors> entries;  // one multi-tensor update, the per-tensor bits
   for (size_t i = 0; i < params.size(); ++i) {
     if (frozen_[i]) continue;
     model::Parameter& p = params[i];
-    ops::AdamWParams ap;
-    ap.lr = static_cast<float>(spec_.hyper.learning_rate);
-    ap.step = progress_.step + 1;
-    Tensor weights = p.weight.storage() == p.master.storage() ? Tensor() : p.weight;
-    TANDEM_RETURN_IF_ERROR(ops::AdamW(ctx_, p.master, m_[i], v_[i], weights, p.grad, ap));
+    if (p.weight.storage() != p.master.storage()) weights[i] = p.weight;
+    entries.push_back({&p.master, &m_[i], &v_[i], &weights[i], &p.grad, ap.weight_decay});
   }
+  TANDEM_RETURN_IF_ERROR(ops::AdamWMulti(ctx_, entries, ap));
   TANDEM_RETURN_IF_ERROR(ctx_.Synchronize());
   in_step_ = false;
   ++progress_.step;
