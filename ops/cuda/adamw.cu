@@ -40,11 +40,14 @@ __device__ __forceinline__ float AdamWElement(float& p, float& m, float& v, floa
   return p;
 }
 
+// Elements [0, n) of one tensor, thread `first` of `stride` threads: float4 packs (V = 4, every
+// pointer aligned) then a scalar tail, or all scalar (V = 1).
 template <typename TW, int V>
-__global__ void AdamWKernel(float* master, float* m, float* v, TW* weights, const float* grad,
-                            int64_t n, AdamWScalars s) {
+__device__ __forceinline__ void AdamWRange(float* master, float* m, float* v, TW* weights,
+                                           const float* grad, int64_t n, int64_t first,
+                                           int64_t stride, const AdamWScalars& s) {
   const int64_t num_packs = n / V;
-  for (int64_t i = GlobalThreadIndex(); i < num_packs; i += GlobalThreadCount()) {
+  for (int64_t i = first; i < num_packs; i += stride) {
     const int64_t base = i * V;
     Pack<float, V> pp = LoadPack<float, V>(master + base);
     Pack<float, V> mp = LoadPack<float, V>(m + base);
@@ -60,10 +63,16 @@ __global__ void AdamWKernel(float* master, float* m, float* v, TW* weights, cons
     StorePack<float, V>(v + base, vp);
     if (weights != nullptr) StorePack<TW, V>(weights + base, wp);
   }
-  for (int64_t i = num_packs * V + GlobalThreadIndex(); i < n; i += GlobalThreadCount()) {
+  for (int64_t i = num_packs * V + first; i < n; i += stride) {
     const float p = AdamWElement(master[i], m[i], v[i], grad[i], s);
     if (weights != nullptr) weights[i] = FromFloat<TW>(p);
   }
+}
+
+template <typename TW, int V>
+__global__ void AdamWKernel(float* master, float* m, float* v, TW* weights, const float* grad,
+                            int64_t n, AdamWScalars s) {
+  AdamWRange<TW, V>(master, m, v, weights, grad, n, GlobalThreadIndex(), GlobalThreadCount(), s);
 }
 
 template <typename TW>
@@ -127,36 +136,11 @@ __global__ void AdamWMultiKernel(const __grid_constant__ MultiTable t, AdamWScal
   const int64_t first =
       static_cast<int64_t>(blockIdx.x - t.block_start[i]) * blockDim.x + threadIdx.x;
   const int64_t stride = static_cast<int64_t>(t.block_start[i + 1] - t.block_start[i]) * blockDim.x;
-  float* master = e.master;
-  float* m = e.m;
-  float* v = e.v;
   TW* weights = static_cast<TW*>(e.weights);
-  const float* grad = e.grad;
-  int64_t done = 0;
   if (e.vec) {
-    constexpr int V = 4;
-    const int64_t num_packs = e.n / V;
-    for (int64_t k = first; k < num_packs; k += stride) {
-      const int64_t base = k * V;
-      Pack<float, V> pp = LoadPack<float, V>(master + base);
-      Pack<float, V> mp = LoadPack<float, V>(m + base);
-      Pack<float, V> vp = LoadPack<float, V>(v + base);
-      const Pack<float, V> gp = LoadPack<float, V>(grad + base);
-      Pack<TW, V> wp;
-#pragma unroll
-      for (int j = 0; j < V; ++j) {
-        wp.v[j] = FromFloat<TW>(AdamWElement(pp.v[j], mp.v[j], vp.v[j], gp.v[j], s));
-      }
-      StorePack<float, V>(master + base, pp);
-      StorePack<float, V>(m + base, mp);
-      StorePack<float, V>(v + base, vp);
-      if (weights != nullptr) StorePack<TW, V>(weights + base, wp);
-    }
-    done = num_packs * V;
-  }
-  for (int64_t k = done + first; k < e.n; k += stride) {
-    const float p = AdamWElement(master[k], m[k], v[k], grad[k], s);
-    if (weights != nullptr) weights[k] = FromFloat<TW>(p);
+    AdamWRange<TW, 4>(e.master, e.m, e.v, weights, e.grad, e.n, first, stride, s);
+  } else {
+    AdamWRange<TW, 1>(e.master, e.m, e.v, weights, e.grad, e.n, first, stride, s);
   }
 }
 
