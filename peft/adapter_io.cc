@@ -349,17 +349,20 @@ Status CheckAdapterTensors(const model::SafetensorsCheckpoint& file, const std::
 
 }  // namespace
 
-StatusOr<LoraConfig> CheckLoraAdapterDir(const model::LlamaConfig& base, const std::string& dir) {
-  TANDEM_ASSIGN_OR_RETURN(LoraConfig config, LoadLoraConfig(dir));
+StatusOr<LoraAdapterInfo> CheckLoraAdapterDir(const model::LlamaConfig& base,
+                                              const std::string& dir) {
+  LoraAdapterInfo info;
+  TANDEM_ASSIGN_OR_RETURN(info.config, LoadLoraConfig(dir));
   const std::string config_path = StrCat(dir, "/", kAdapterConfigFile);
   TANDEM_RETURN_IF_ERROR(model::ValidateLlamaConfig(base, "CheckLoraAdapterDir base config"));
-  StatusOr<std::vector<LoraTarget>> targets = ResolveLoraTargets(config, base);
+  StatusOr<std::vector<LoraTarget>> targets = ResolveLoraTargets(info.config, base);
   if (!targets.ok()) return targets.status().WithContext(config_path);
+  info.targets = std::move(targets).value();
   TANDEM_ASSIGN_OR_RETURN(const std::string path, AdapterWeightsPath(dir));
   TANDEM_ASSIGN_OR_RETURN(model::SafetensorsCheckpoint file,
                           model::SafetensorsCheckpoint::Open(path));
-  TANDEM_RETURN_IF_ERROR(CheckAdapterTensors(file, path, config_path, *targets, base));
-  return config;
+  TANDEM_RETURN_IF_ERROR(CheckAdapterTensors(file, path, config_path, info.targets, base));
+  return info;
 }
 
 StatusOr<std::unique_ptr<LoraAdapter>> LoadLoraAdapter(ops::Context& ctx,

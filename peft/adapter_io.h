@@ -30,6 +30,7 @@
 
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "core/status.h"
 #include "model/config.h"
@@ -62,10 +63,17 @@ StatusOr<std::unique_ptr<LoraAdapter>> LoadLoraAdapter(ops::Context& ctx,
                                                        const std::string& dir,
                                                        const LoraParallel& parallel = {});
 
+// What CheckLoraAdapterDir found: the adapter's config and its targets in `base`.
+struct LoraAdapterInfo {
+  LoraConfig config;
+  std::vector<LoraTarget> targets;
+};
+
 // Checks an adapter directory for a model of architecture `base` as LoadLoraAdapter does (the
 // config, and every tensor's presence, name, shape and dtype from the safetensors header) without
-// reading the weights or allocating the adapter; returns its config. For registering many
-// adapters whose weights are read later (tandem serve's disk tier).
-StatusOr<LoraConfig> CheckLoraAdapterDir(const model::LlamaConfig& base, const std::string& dir);
+// reading the weights or allocating the adapter. For registering many adapters whose weights are
+// read later (tandem serve's disk tier).
+StatusOr<LoraAdapterInfo> CheckLoraAdapterDir(const model::LlamaConfig& base,
+                                              const std::string& dir);
 
 }  // namespace tandem::peft

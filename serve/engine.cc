@@ -278,14 +278,11 @@ void EngineImpl::InstallHostCopy(AdapterEntry& entry, HostAdapter host) const {
 }
 
 Status EngineImpl::CheckOnDisk(AdapterEntry& entry) const {
-  StatusOr<peft::LoraConfig> config = peft::CheckLoraAdapterDir(model_->config(), entry.path);
-  if (!config.ok()) return AdapterError(entry, config.status());
-  StatusOr<std::vector<peft::LoraTarget>> targets =
-      peft::ResolveLoraTargets(*config, model_->config());
-  if (!targets.ok()) return AdapterError(entry, targets.status());
-  entry.config = *config;
+  StatusOr<peft::LoraAdapterInfo> info = peft::CheckLoraAdapterDir(model_->config(), entry.path);
+  if (!info.ok()) return AdapterError(entry, info.status());
+  entry.config = info->config;
   entry.weight_bytes =
-      AdapterWeights::BytesFor(model_->config(), *targets, model_->compute_dtype());
+      AdapterWeights::BytesFor(model_->config(), info->targets, model_->compute_dtype());
   return Status::Ok();
 }
 

@@ -8,6 +8,7 @@
 
 #include "ops/context.h"
 #include "ops/ops.h"
+#include "ops/stream_sync.h"
 #include "tests/common/testing.h"
 
 #ifdef TANDEM_WITH_CUDA
@@ -21,6 +22,13 @@ TEST(ContextTest, CpuContextPacesAtOnce) {
   auto ctx = Context::Cpu();
   EXPECT_TRUE(ctx->Pace(2).ok());
   EXPECT_EQ(ctx->Pace(0).code(), StatusCode::kInvalidArgument);
+}
+
+TEST(ContextTest, WaitForStreamOnCpuContextsIsANoOp) {
+  auto a = Context::Cpu();
+  auto b = Context::Cpu();
+  EXPECT_TRUE(WaitForStream(*a, *b).ok());
+  EXPECT_TRUE(WaitForStream(*a, *a).ok());
 }
 
 // Whether everything enqueued on ctx's stream has finished, without waiting.
@@ -67,6 +75,34 @@ TEST(ContextGpuTest, PaceBoundsTheQueueAndPrioritiesComputeTheSame) {
   const Tensor h0 = std::move(CopyToHostBlocking(out[0])).value();
   const Tensor h1 = std::move(CopyToHostBlocking(out[1])).value();
   EXPECT_EQ(std::memcmp(h0.raw_data(), h1.raw_data(), static_cast<size_t>(h0.num_bytes())), 0);
+}
+
+// A second stream that waits for the first sees its results: work queued on `side` after
+// WaitForStream(side, main) starts only after main's GEMMs, and WaitForStream(main, side) makes
+// main wait for side's copy. Contexts of different devices are refused.
+TEST(ContextGpuTest, WaitForStreamOrdersTwoStreams) {
+  TANDEM_SKIP_WITHOUT_GPU();
+  auto main = std::move(Context::Cuda(0)).value();
+  auto side = std::move(Context::Cuda(0)).value();
+  auto cpu = Context::Cpu();
+  EXPECT_EQ(WaitForStream(*main, *cpu).code(), StatusCode::kInvalidArgument);
+  const int64_t n = 2048;
+  Tensor a =
+      std::move(CopyToDeviceBlocking(testing::RandomUniform({n, n}, 3), main->allocator())).value();
+  Tensor out = std::move(Tensor::Empty({n, n}, DType::kF32, main->allocator())).value();
+  Tensor copy = std::move(Tensor::Empty({n, n}, DType::kF32, main->allocator())).value();
+  ASSERT_TRUE(Fill(*main, out, 0.0f).ok());
+  for (int rep = 0; rep < 20; ++rep) {  // many milliseconds queued before side's copy
+    ASSERT_TRUE(Matmul(*main, out, a, a, false, false).ok());
+  }
+  ASSERT_TRUE(WaitForStream(*side, *main).ok());
+  ASSERT_TRUE(CopyTensor(copy, out, side->stream()).ok());
+  ASSERT_TRUE(WaitForStream(*main, *side).ok());
+  ASSERT_TRUE(main->Synchronize().ok());  // waits for side's copy through the event
+  EXPECT_TRUE(StreamIdle(*side));
+  const Tensor want = std::move(CopyToHostBlocking(out)).value();
+  const Tensor got = std::move(CopyToHostBlocking(copy)).value();
+  EXPECT_EQ(std::memcmp(want.raw_data(), got.raw_data(), want.num_bytes()), 0);
 }
 
 }  // namespace

@@ -214,7 +214,10 @@ TEST_F(AdapterIoTest, BadTensors) {
   ExpectError(StatusCode::kInvalidArgument, {"unexpected tensor", "k_proj", "target_modules"});
   EditTensors(dir_.path(), [&](auto& ts) { Erase(ts, "k_proj"); });
   EXPECT_TRUE(Load().ok());
-  EXPECT_TRUE(CheckLoraAdapterDir(TinyConfig(), dir_.path()).ok());
+  const StatusOr<LoraAdapterInfo> info = CheckLoraAdapterDir(TinyConfig(), dir_.path());
+  ASSERT_TRUE(info.ok()) << info.status().ToString();
+  EXPECT_EQ(info->targets.size(), (*Load())->targets().size());
+  EXPECT_EQ(info->config.r, (*Load())->config().r);
   EditTensors(dir_.path(), [&](auto& ts) {  // an integer tensor: the check reads the header
     for (auto& t : ts) {
       if (t.first == q_a) t.second = Tensor::CpuZeros({4, 16}, DType::kI32);
