@@ -90,8 +90,10 @@ void GemmBench(Bench& b, DType dt) {
   }
 }
 
-// The six small GEMMs of one LoRA projection (peft/adapter_set.cc, one adapter): x [N, in],
-// A [r, in], B [out, r], h = x A^T [N, r]; f32 adapter gradients. They are memory-bound, so each
+// The small GEMMs of one LoRA projection (peft/adapter_set.cc, one adapter): x [N, in],
+// A [r, in], B [out, r], h = x A^T [N, r]; f32 adapter gradients. The expand and dx come twice:
+// written (beta 0, the projection-group fast path, before the base GEMM adds to them) and
+// accumulated (beta 1, one projection at a time). They are memory-bound, so each
 // reports GB/s of its compulsory traffic against the HBM ceiling.
 void LoraGemmBench(Bench& b, DType dt) {
   const int64_t N = b.ctx.is_cuda() ? 8192 : 512, r = 16;
@@ -113,6 +115,10 @@ void LoraGemmBench(Bench& b, DType dt) {
     };
     const Op ops_list[] = {
         {"lora_shrink", (N * in + N * r) * es, [&] { TANDEM_CHECK_OK(ops::Matmul(b.ctx, h, x, A, false, true)); }},
+        {"lora_expand", (N * out + N * r) * es,
+         [&] { TANDEM_CHECK_OK(ops::Matmul(b.ctx, y, h, B, false, true, 2.0f, 0.0f)); }},
+        {"lora_dx", (N * in + N * r) * es,
+         [&] { TANDEM_CHECK_OK(ops::Matmul(b.ctx, dx, dh, A, false, false, 1.0f, 0.0f)); }},
         {"lora_expand_acc", (2.0 * N * out + N * r) * es,
          [&] { TANDEM_CHECK_OK(ops::Matmul(b.ctx, y, h, B, false, true, 2.0f, 1.0f)); }},
         {"lora_dh", (N * out + N * r) * es, [&] { TANDEM_CHECK_OK(ops::Matmul(b.ctx, dh, dy, B, false, false, 2.0f, 0.0f)); }},
