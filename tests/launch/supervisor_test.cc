@@ -5,7 +5,9 @@
 // and real mpirun. After every run no process the fake job started may be left alive.
 #include "launch/internal/supervisor.h"
 
+#include <netinet/in.h>
 #include <signal.h>
+#include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -25,6 +27,31 @@ namespace {
 
 using nlohmann::json;
 using testing::TempDir;
+
+// True when a TCP socket can bind 127.0.0.1:port right now.
+bool PortBindable(int port) {
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  if (fd < 0) return false;
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(static_cast<uint16_t>(port));
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  const bool ok = bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0;
+  close(fd);
+  return ok;
+}
+
+// A base port whose `count` consecutive ports are free now, below Linux's ephemeral range
+// (32768-60999), where the client sockets of tests running beside this one take their ports.
+int FreePortRun(int count) {
+  for (int i = 0; i < 2000; ++i) {
+    const int base = 20000 + (getpid() * 7 + i * 13) % 12000;
+    bool all_free = true;
+    for (int k = 0; k < count && all_free; ++k) all_free = PortBindable(base + k);
+    if (all_free) return base;
+  }
+  return 20000 + getpid() % 12000;
+}
 
 // The `tandem` binary beside this test's build tree (bin/ next to tests/), or $TANDEM_BIN.
 std::string TandemBinary() {
@@ -285,7 +312,7 @@ TEST(Supervisor, AgentsOnOtherHostsAreReachedThroughMpirun) {
   job.o.launcher = Launcher::kMpirun;
   job.o.mpirun = job.Install("fake_mpirun.sh");
   job.o.hosts = {"127.0.0.1", "localhost"};
-  job.o.agent_port = 30000 + getpid() % 20000;
+  job.o.agent_port = FreePortRun(2);
   std::atomic<bool> stop{false};
   auto result = std::async(std::launch::async, [&] { return RunSupervisor(job.o, &stop); });
   const json started = WaitForEvent(
