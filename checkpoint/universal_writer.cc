@@ -16,6 +16,11 @@ StatusOr<std::vector<TensorShard>> CopyShardsToHost(const std::vector<TensorShar
       if (!t->defined()) continue;
       // always a fresh copy
       TANDEM_ASSIGN_OR_RETURN(*t, host ? CopyToDeviceBlocking(*t, *host) : CopyToHostBlocking(*t));
+      if (t->dtype() != DType::kF32) {  // bf16 optimizer state: saved as f32 (exact)
+        Tensor wide = Tensor::Cpu(t->shape(), DType::kF32);
+        TANDEM_RETURN_IF_ERROR(CopyTensor(wide, *t));
+        *t = std::move(wide);
+      }
     }
     out.push_back(std::move(c));
   }

@@ -28,7 +28,8 @@
 namespace tandem::checkpoint {
 
 // Deep copies of the shards' tensors into fresh host memory from `host` (default: pageable
-// memory), from the host or a device.
+// memory), from the host or a device; bf16 tensors (optimizer.precision = "bf16" state) are
+// widened to f32 (exactly), as checkpoints hold f32.
 StatusOr<std::vector<TensorShard>> CopyShardsToHost(const std::vector<TensorShard>& shards,
                                                     Allocator* host = nullptr);
 

@@ -122,7 +122,9 @@ struct ModelOptions {
   // shards them into equal parts).
   int64_t flat_numel_multiple = 1;
   // false: no f32 master copy on a CUDA device (Parameter::master stays undefined); the optimizer
-  // keeps the masters elsewhere (see HostMasters). On CPU master and weight are one f32 tensor.
+  // keeps the masters elsewhere (see HostMasters), or has none and updates the compute-dtype
+  // weights in place (the trainer's optimizer.precision = "bf16"). On CPU master and weight are
+  // one f32 tensor.
   bool device_master = true;
   // [offload] The decoder layers' weights (compute dtype) live in host memory, page-locked on
   // CUDA; the device holds two layers at a time and copies the next layer in while the current

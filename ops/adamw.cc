@@ -6,6 +6,7 @@
 
 #include "ops/cpu/kernels.h"
 #include "ops/internal/op_util.h"
+#include "ops/internal/stochastic_round.h"
 #include "ops/multi_tensor.h"
 #include "ops/ops.h"
 #include "ops/profiler.h"
@@ -40,6 +41,36 @@ Status Validate(Context& ctx, const Tensor& master, const Tensor& m, const Tenso
   chk.Require(p.beta1 >= 0.0f && p.beta1 < 1.0f && p.beta2 >= 0.0f && p.beta2 < 1.0f,
               "params beta1 and beta2 must lie in [0, 1), found ", p.beta1, " and ", p.beta2);
   return chk.status();
+}
+
+Status ValidateBf16State(Context& ctx, const AdamWBf16Tensors& e, const AdamWParams& p) {
+  if (e.param == nullptr || e.m == nullptr || e.v == nullptr || e.grad == nullptr) {
+    return InvalidArgumentError("param, m, v and grad must all be given");
+  }
+  internal::OpChecker chk("AdamWBf16", ctx);
+  if (!chk.ExpectContiguous(*e.param, "param", {DType::kF32, DType::kBF16})) return chk.status();
+  const int64_t n = e.param->numel();
+  auto same_numel = [&](const Tensor& t, const char* name) {
+    return chk.Require(t.numel() == n, "tensor '", name, "': expected numel ", n, " (as 'param' ",
+                       ShapeToString(e.param->shape()), "), found shape ",
+                       ShapeToString(t.shape()));
+  };
+  const internal::DTypeSet bf16{DType::kBF16};
+  chk.ExpectContiguous(*e.m, "m", bf16) && same_numel(*e.m, "m");
+  chk.ExpectContiguous(*e.v, "v", bf16) && same_numel(*e.v, "v");
+  chk.ExpectContiguous(*e.grad, "grad", {DType::kF32}) && same_numel(*e.grad, "grad");
+  if (!chk.status().ok()) return chk.status();
+  AdamWParams q = p;
+  q.weight_decay = e.weight_decay;
+  internal::OpChecker hp("AdamWBf16", ctx);
+  hp.Require(q.step >= 1, "params.step is 1-based, found ", q.step);
+  hp.Require(std::isfinite(q.lr) && std::isfinite(q.eps) && std::isfinite(q.weight_decay) &&
+                 std::isfinite(q.grad_scale),
+             "params lr, eps, weight_decay and grad_scale must be finite, found lr=", q.lr,
+             " eps=", q.eps, " weight_decay=", q.weight_decay, " grad_scale=", q.grad_scale);
+  hp.Require(q.beta1 >= 0.0f && q.beta1 < 1.0f && q.beta2 >= 0.0f && q.beta2 < 1.0f,
+             "params beta1 and beta2 must lie in [0, 1), found ", q.beta1, " and ", q.beta2);
+  return hp.status();
 }
 
 }  // namespace
@@ -115,6 +146,50 @@ Status AdamWMulti(Context& ctx, std::span<const AdamWTensors> entries, const Ada
     p.weight_decay = e.weight_decay;
     Tensor& weights = e.model_weights != nullptr ? *e.model_weights : no_weights[i];
     TANDEM_RETURN_IF_ERROR(AdamW(ctx, *e.master, *e.m, *e.v, weights, *e.grad, p));
+  }
+  return Status::Ok();
+}
+
+uint64_t AdamWNoiseKey(uint64_t seed, int64_t step, uint64_t tensor) {
+  return internal::NoiseKey(seed, step, tensor);
+}
+
+Status AdamWBf16Multi(Context& ctx, std::span<const AdamWBf16Tensors> entries,
+                      const AdamWParams& params) {
+  ProfileScope profile(ctx, "optimizer");
+  for (size_t i = 0; i < entries.size(); ++i) {
+    if (Status s = ValidateBf16State(ctx, entries[i], params); !s.ok()) {
+      return s.WithContext(StrCat("AdamWBf16Multi entry ", i));
+    }
+  }
+#ifdef TANDEM_WITH_CUDA
+  if (ctx.is_cuda()) {
+    // One launch group per parameter dtype; elementwise, so the grouping changes no value.
+    std::map<DType, std::vector<cuda::AdamWBf16Args>> groups;
+    for (const AdamWBf16Tensors& e : entries) {
+      groups[e.param->dtype()].push_back(
+          {e.param->raw_data(), static_cast<uint16_t*>(e.m->raw_data()),
+           static_cast<uint16_t*>(e.v->raw_data()), e.grad->data<float>(), e.param->numel(),
+           e.weight_decay, e.noise_key});
+    }
+    for (const auto& [dtype, args] : groups) {
+      const cudaError_t err = cuda::AdamWBf16Multi(
+          internal::StreamOf(ctx), args.data(), static_cast<int>(args.size()), dtype, params.lr,
+          params.beta1, params.beta2, params.eps, params.step, params.grad_scale);
+      if (err != cudaSuccess) {
+        return internal::CudaResult(err, "AdamWBf16Multi", ctx, [&] {
+          return StrCat(args.size(), " entries with ", DTypeName(dtype), " parameters");
+        });
+      }
+    }
+    return Status::Ok();
+  }
+#endif
+  for (const AdamWBf16Tensors& e : entries) {  // the reference, one tensor at a time
+    cpu::AdamWBf16State(e.param->raw_data(), e.param->dtype(), e.m->data<Bf16>(), e.v->data<Bf16>(),
+                        e.grad->data<float>(), e.param->numel(), params.lr, params.beta1,
+                        params.beta2, params.eps, e.weight_decay, params.step, params.grad_scale,
+                        e.noise_key);
   }
   return Status::Ok();
 }

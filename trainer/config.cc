@@ -148,6 +148,11 @@ void OptimizerSection::Describe(ConfigSchema<OptimizerSection>& s) {
           "with delayed_update: the first N updates run undelayed (early steps move the weights "
           "most, where a stale gradient overshoots)")
       .Min(0);
+  s.Field("precision", &OptimizerSection::precision,
+          "optimizer state: f32 (f32 master weights and Adam moments) or bf16 (no master: bf16 "
+          "weights and moments updated with stochastic rounding; 8 bytes less per parameter; one "
+          "rank, full fine-tuning, offload = none)")
+      .OneOf({"f32", "bf16"});
 }
 
 namespace {
@@ -210,6 +215,29 @@ Status CheckOffload(const TrainConfig& c) {
   return Status::Ok();
 }
 
+// [optimizer] bf16 state is for full fine-tuning on one rank with the optimizer on the device.
+Status CheckPrecision(const TrainConfig& c) {
+  const OptimizerSection& o = c.optimizer;
+  if (o.precision == "f32") return Status::Ok();
+  const std::string what = StrCat("optimizer.precision = \"", o.precision, "\"");
+  if (c.peft.method != "none") {
+    return UnimplementedError(
+        StrCat(what, " is for full fine-tuning; found peft.method = \"", c.peft.method,
+               "\" (an adapter's f32 state is small: use optimizer.precision = \"f32\")"));
+  }
+  if (o.offload != "none") {
+    return UnimplementedError(
+        StrCat(what, " keeps the state on the device; found optimizer.offload = \"", o.offload,
+               "\" (offload keeps f32 state in host memory or on NVMe)"));
+  }
+  if (c.parallel.dp > 1 || c.parallel.cp > 1 || c.parallel.tp > 1 || c.parallel.zero != 0) {
+    return UnimplementedError(StrCat(
+        what, " runs on one rank for now; found parallel.dp = ", c.parallel.dp, ", parallel.cp = ",
+        c.parallel.cp, ", parallel.tp = ", c.parallel.tp, ", parallel.zero = ", c.parallel.zero));
+  }
+  return Status::Ok();
+}
+
 }  // namespace
 
 StatusOr<TrainConfig> LoadTrainConfig(const std::string& path, const std::vector<std::string>& overrides) {
@@ -247,6 +275,7 @@ StatusOr<TrainConfig> LoadTrainConfig(const std::string& path, const std::vector
                                        c.model.max_position_embeddings, ")"));
   }
   TANDEM_RETURN_IF_ERROR(CheckOffload(c));
+  TANDEM_RETURN_IF_ERROR(CheckPrecision(c));
   return c;
 }
 

@@ -149,6 +149,11 @@ struct OptimizerSection {
   // The update of step t runs during step t + 1 (one step stale gradients; see offload_step.h).
   bool delayed_update = false;
   int64_t delayed_update_after = 0;  // updates run undelayed before the delay starts
+  // "f32": f32 master weights and Adam moments (18 bytes of state per parameter with bf16
+  // weights and f32 gradients). "bf16": no master; the bf16 weights are updated in place and the
+  // moments are bf16, each rounded stochastically (ops::AdamWBf16Multi): 10 bytes per parameter.
+  // One rank, full fine-tuning, offload = "none".
+  std::string precision = "f32";
 
   static void Describe(ConfigSchema<OptimizerSection>& s);
 };

@@ -81,12 +81,12 @@ StatusOr<model::LlamaConfig> BuildModelConfig(const ModelSection& m, int64_t tok
 
 // Adam moments of one trainable parameter.
 struct OptimizerSlot {
-  Tensor m;  // f32, like master
-  Tensor v;  // f32, like master
+  Tensor m;  // f32, like master (bf16 with optimizer.precision = "bf16")
+  Tensor v;
 };
 
-StatusOr<Tensor> Zeros(ops::Context& ctx, const Shape& shape) {
-  TANDEM_ASSIGN_OR_RETURN(Tensor t, Tensor::Empty(shape, DType::kF32, ctx.allocator()));
+StatusOr<Tensor> Zeros(ops::Context& ctx, const Shape& shape, DType dtype = DType::kF32) {
+  TANDEM_ASSIGN_OR_RETURN(Tensor t, Tensor::Empty(shape, dtype, ctx.allocator()));
   TANDEM_RETURN_IF_ERROR(ops::Fill(ctx, t, 0.0f));
   return t;
 }
@@ -237,6 +237,10 @@ struct Session {
   std::unique_ptr<DataLoader> val_loader;
   std::vector<model::Parameter> params;  // what the optimizer updates
   std::vector<OptimizerSlot> slots;      // one per params entry
+  // [optimizer] optimizer.precision = "bf16": bf16 moments, no f32 masters on a device, and the
+  // seed of the updates' rounding noise.
+  bool bf16_state = false;
+  uint64_t rounding_seed = 0;
   Tensor norm_acc;                       // f32 [1] on the device
   int64_t trainable = 0;
   // [parallel] under mpirun with more than one rank (destroyed late: the model refers to it).
@@ -281,7 +285,8 @@ Status OpenModel(const TrainConfig& c, Session& s) {
   mopt.recompute = c.model.recompute;
   mopt.trainable = !s.lora && c.peft.method != "s2ft";
   const bool offload = c.optimizer.offload != "none";
-  mopt.device_master = !offload;  // [offload] the f32 masters live in the offloaded optimizer
+  // [offload] the f32 masters live in the offloaded optimizer; [bf16 state] there are none
+  mopt.device_master = !offload && c.optimizer.precision == "f32";
   mopt.stream_layers = c.model.offload != "none";  // [offload] layer weights off the device
   if (c.model.offload == "nvme") {                 // a file, mapped; layers read with O_DIRECT
     s.layer_file = std::make_unique<internal::LayerFile>(c.model.nvme_path);
@@ -367,7 +372,10 @@ Status OpenLoaders(const TrainConfig& c, Session& s) {
 }
 
 // Adam moments for every trainable parameter (the adapter's, when one is trained).
-Status InitOptimizer(Session& s) {
+Status InitOptimizer(const TrainConfig& c, Session& s) {
+  s.bf16_state = c.optimizer.precision == "bf16";
+  s.rounding_seed = DeriveSeed(static_cast<uint64_t>(c.train.seed), 0, "adamw-rounding");
+  const DType moments = s.bf16_state ? DType::kBF16 : DType::kF32;
   s.params = s.lora ? s.adapters->parameters() : s.s2ft ? s.s2ft->parameters() : s.model->parameters();
   s.slots.resize(s.params.size());
   for (size_t i = 0; i < s.params.size(); ++i) {
@@ -376,9 +384,10 @@ Status InitOptimizer(Session& s) {
       s.trainable += s.params[i].weight.numel();
       continue;
     }
-    TANDEM_ASSIGN_OR_RETURN(s.slots[i].m, Zeros(*s.ctx, s.params[i].master.shape()));
-    TANDEM_ASSIGN_OR_RETURN(s.slots[i].v, Zeros(*s.ctx, s.params[i].master.shape()));
-    s.trainable += s.params[i].master.numel();
+    const Tensor& state = internal::StateTensor(s.params[i]);
+    TANDEM_ASSIGN_OR_RETURN(s.slots[i].m, Zeros(*s.ctx, state.shape(), moments));
+    TANDEM_ASSIGN_OR_RETURN(s.slots[i].v, Zeros(*s.ctx, state.shape(), moments));
+    s.trainable += state.numel();
   }
   TANDEM_ASSIGN_OR_RETURN(s.norm_acc, Tensor::Empty({1}, DType::kF32, s.ctx->allocator()));
   return Status::Ok();
@@ -403,6 +412,40 @@ ops::AdamWParams OffloadAdamWParams(const TrainSection& t, const ScheduleOptions
   ap.step = step;
   ap.grad_scale = 1.0f;
   return ap;
+}
+
+// [optimizer] The on-device AdamW of one update over every trainable tensor, in a few launches
+// (ops/multi_tensor.h): f32 masters and moments, or with optimizer.precision = "bf16" the weights
+// and bf16 moments in place, rounded with noise keyed by (seed, step, tensor).
+Status AdamWUpdate(const TrainSection& t, int64_t step, double lr, double clip, Session& s) {
+  ops::AdamWParams ap;
+  ap.lr = static_cast<float>(lr);
+  ap.beta1 = static_cast<float>(t.beta1);
+  ap.beta2 = static_cast<float>(t.beta2);
+  ap.eps = static_cast<float>(t.eps);
+  ap.step = step;
+  ap.grad_scale = static_cast<float>(clip);
+  if (s.bf16_state) {
+    std::vector<ops::AdamWBf16Tensors> entries;
+    for (size_t i = 0; i < s.params.size(); ++i) {
+      model::Parameter& p = s.params[i];
+      if (!p.trainable) continue;
+      entries.push_back({&internal::StateTensor(p), &s.slots[i].m, &s.slots[i].v, &p.grad,
+                         p.weight_decay ? static_cast<float>(t.weight_decay) : 0.0f,
+                         ops::AdamWNoiseKey(s.rounding_seed, step, i)});
+    }
+    return ops::AdamWBf16Multi(*s.ctx, entries, ap);
+  }
+  std::vector<Tensor> weights(s.params.size());
+  std::vector<ops::AdamWTensors> entries;
+  for (size_t i = 0; i < s.params.size(); ++i) {
+    model::Parameter& p = s.params[i];
+    if (!p.trainable) continue;
+    if (p.weight.storage() != p.master.storage()) weights[i] = p.weight;
+    entries.push_back({&p.master, &s.slots[i].m, &s.slots[i].v, &weights[i], &p.grad,
+                       p.weight_decay ? static_cast<float>(t.weight_decay) : 0.0f});
+  }
+  return ops::AdamWMulti(*s.ctx, entries, ap);
 }
 
 // One optimizer update: grad_accum micro-batches (the loss is the mean over all their target
@@ -453,25 +496,7 @@ StatusOr<Update> TrainStep(const TrainSection& t, const ScheduleOptions& sched, 
     offload_ap.grad_scale = static_cast<float>(clip);  // 1 without clipping, as BeginLastBackward's
     TANDEM_RETURN_IF_ERROR(s.offload->Update(s.params, offload_ap));
   }
-  if (!s.offload) {  // every trainable tensor's AdamW in a few launches (ops/multi_tensor.h)
-    ops::AdamWParams ap;
-    ap.lr = static_cast<float>(u.lr);
-    ap.beta1 = static_cast<float>(t.beta1);
-    ap.beta2 = static_cast<float>(t.beta2);
-    ap.eps = static_cast<float>(t.eps);
-    ap.step = step;
-    ap.grad_scale = static_cast<float>(clip);
-    std::vector<Tensor> weights(s.params.size());
-    std::vector<ops::AdamWTensors> entries;
-    for (size_t i = 0; i < s.params.size(); ++i) {
-      model::Parameter& p = s.params[i];
-      if (!p.trainable) continue;
-      if (p.weight.storage() != p.master.storage()) weights[i] = p.weight;
-      entries.push_back({&p.master, &s.slots[i].m, &s.slots[i].v, &weights[i], &p.grad,
-                         p.weight_decay ? static_cast<float>(t.weight_decay) : 0.0f});
-    }
-    TANDEM_RETURN_IF_ERROR(ops::AdamWMulti(*s.ctx, entries, ap));
-  }
+  if (!s.offload) TANDEM_RETURN_IF_ERROR(AdamWUpdate(t, step, u.lr, clip, s));
   TANDEM_RETURN_IF_ERROR(s.ctx->Synchronize());
   return u;
 }
@@ -502,6 +527,11 @@ Status OpenTokenizerAndDataParallel(const TrainConfig& c, Session& s) {
 
 // [parallel] Gradient reduction, global norm and AdamW over the mesh (parallel/optimizer.h).
 Status InitParallelOptimizer(const TrainConfig& c, Session& s) {
+  if (c.optimizer.precision != "f32") {
+    return UnimplementedError(StrCat("optimizer.precision = \"", c.optimizer.precision,
+                                     "\" runs on one rank for now; ", "this run has ",
+                                     s.par->world->size(), " ranks (use \"f32\" on a mesh)"));
+  }
   parallel::ParallelOptimizerOptions o;
   o.beta1 = static_cast<float>(c.train.beta1);
   o.beta2 = static_cast<float>(c.train.beta2);
@@ -554,9 +584,9 @@ Status OpenUniversal(const TrainConfig& c, Session& s) {
   } else if (!s.offload) {  // [offload] the pieces come from the optimizer at each save
     for (size_t i = 0; i < params.size(); ++i) {
       if (!params[i].trainable) continue;
-      const int64_t n = params[i].master.numel();
-      s.pieces.push_back({&params[i], 0, n, params[i].master.View({n}), s.slots[i].m.View({n}),
-                          s.slots[i].v.View({n})});
+      const int64_t n = internal::StateTensor(params[i]).numel();
+      s.pieces.push_back({&params[i], 0, n, internal::StateTensor(params[i]).View({n}),
+                          s.slots[i].m.View({n}), s.slots[i].v.View({n})});
     }
   }
   s.owner.adapter = s.lora ? "default" : s.s2ft ? "s2ft" : "";
@@ -705,7 +735,7 @@ StatusOr<int64_t> RestoreFromSnapshot(const TrainConfig& c, Session& s, uint64_t
     TANDEM_RETURN_IF_ERROR(s.par->optimizer->RestoreFromShards());
   } else {
     for (model::Parameter& p : TrainedParams(s)) {
-      if (!p.trainable || p.weight.storage() == p.master.storage()) continue;
+      if (!p.trainable || !p.master.defined() || p.weight.storage() == p.master.storage()) continue;
       TANDEM_RETURN_IF_ERROR(ops::Cast(*s.ctx, p.weight, p.master));
     }
   }
@@ -781,7 +811,7 @@ StatusOr<TrainResult> RunTraining(const TrainConfig& c, const std::string& comma
   TANDEM_RETURN_IF_ERROR(OpenModel(c, s));
   phase("model");
   TANDEM_RETURN_IF_ERROR(OpenLoaders(c, s));
-  TANDEM_RETURN_IF_ERROR(s.par ? InitParallelOptimizer(c, s) : InitOptimizer(s));
+  TANDEM_RETURN_IF_ERROR(s.par ? InitParallelOptimizer(c, s) : InitOptimizer(c, s));
   TANDEM_RETURN_IF_ERROR(OpenUniversal(c, s));
   phase("optimizer");
   TANDEM_RETURN_IF_ERROR(OpenSnapshots(c, s));

@@ -2,6 +2,7 @@
 #include <cmath>
 
 #include "ops/cpu/kernels.h"
+#include "ops/internal/stochastic_round.h"
 
 namespace tandem::ops::cpu {
 
@@ -32,6 +33,37 @@ void AdamW(float* master, float* m, float* v, void* model_weights, DType model_d
       if (out_f32 != nullptr) out_f32[i] = p;
       if (out_bf16 != nullptr) out_bf16[i] = FloatToBf16(p);
     }
+  }
+}
+
+void AdamWBf16State(void* param, DType param_dtype, Bf16* m, Bf16* v, const float* grad, int64_t n,
+                    float lr, float beta1, float beta2, float eps, float weight_decay, int64_t step,
+                    float grad_scale, uint64_t noise_key) {
+  const double bias1 = 1.0 - std::pow(static_cast<double>(beta1), static_cast<double>(step));
+  const double bias2 = 1.0 - std::pow(static_cast<double>(beta2), static_cast<double>(step));
+  const float step_size = static_cast<float>(static_cast<double>(lr) / bias1);
+  const float bias2_sqrt = static_cast<float>(std::sqrt(bias2));
+  const float decay = static_cast<float>(1.0 - static_cast<double>(lr) * weight_decay);
+  float* p_f32 = param_dtype == DType::kF32 ? static_cast<float*>(param) : nullptr;
+  Bf16* p_bf16 = param_dtype == DType::kBF16 ? static_cast<Bf16*>(param) : nullptr;
+#pragma omp parallel for schedule(static) if (n > (1 << 16))
+  for (int64_t i = 0; i < n; ++i) {
+    const float g = grad[i] * grad_scale;
+    float p = p_f32 != nullptr ? p_f32[i] : Bf16ToFloat(p_bf16[i]);
+    const float m0 = Bf16ToFloat(m[i]), v0 = Bf16ToFloat(v[i]);
+    p = p * decay;
+    const float mi = m0 + (1.0f - beta1) * (g - m0);
+    const float vi = v0 * beta2 + (1.0f - beta2) * g * g;
+    const float denom = std::sqrt(vi) / bias2_sqrt + eps;
+    p = p - step_size * (mi / denom);
+    const internal::NoiseWords r = internal::ElementNoise(noise_key, i);
+    if (p_f32 != nullptr) {
+      p_f32[i] = p;
+    } else {
+      p_bf16[i] = Bf16{internal::StochasticBf16Bits(p, r.h1)};
+    }
+    m[i] = Bf16{internal::StochasticBf16Bits(mi, r.h1 >> 16)};
+    v[i] = Bf16{internal::StochasticBf16Bits(vi, r.h2)};
   }
 }
 

@@ -84,6 +84,12 @@ void AdamW(float* master, float* m, float* v, void* model_weights, DType model_d
            const float* grad, int64_t n, float lr, float beta1, float beta2, float eps,
            float weight_decay, int64_t step, float grad_scale);
 
+// AdamW with bf16 moments (ops::AdamWBf16Multi, one tensor): param f32 or bf16 (param_dtype)
+// updated in place, bf16 results rounded stochastically with the noise of `noise_key`.
+void AdamWBf16State(void* param, DType param_dtype, Bf16* m, Bf16* v, const float* grad, int64_t n,
+                    float lr, float beta1, float beta2, float eps, float weight_decay, int64_t step,
+                    float grad_scale, uint64_t noise_key);
+
 // out[0] += sum of x^2 (x f32, bf16 or f16 per dtype), summed in f64 in fixed-size blocks.
 void SumSquares(float* out, DType dtype, const void* x, int64_t n);
 

@@ -11,9 +11,11 @@
 // or f16) receive p rounded to their dtype.
 // float4 packs when every buffer is aligned for them; a scalar tail covers n % 4.
 #include <cmath>
+#include <type_traits>
 
 #include "ops/cuda/common.cuh"
 #include "ops/internal/cuda_kernels.h"
+#include "ops/internal/stochastic_round.h"
 
 namespace tandem::ops::cuda {
 namespace {
@@ -213,6 +215,135 @@ cudaError_t AdamWMulti(cudaStream_t stream, const AdamWMultiArgs* entries, int c
       AdamWMultiKernel<TW><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(t, s);
       return cudaGetLastError();
     });
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
+}
+
+namespace {
+
+// [bf16 state] AdamWBf16Multi: parameters (f32 or bf16) updated in place, moments in bf16, bf16
+// results rounded stochastically (ops/internal/stochastic_round.h); the f32 math of AdamWElement.
+
+constexpr int kBf16MultiMax = 40;
+
+struct Bf16MultiEntry {
+  void* param;
+  uint16_t* m;
+  uint16_t* v;
+  const float* grad;
+  int64_t n;
+  uint64_t noise_key;
+  float decay;
+  int vec;  // every pointer aligned for 4-element packs
+};
+
+struct Bf16MultiTable {
+  Bf16MultiEntry e[kBf16MultiMax];
+  int block_start[kBf16MultiMax + 1];
+  int count;
+};
+
+__device__ __forceinline__ float Bf16BitsToFloat(uint16_t b) {
+  return __uint_as_float(static_cast<uint32_t>(b) << 16);
+}
+
+// Element i: p, m, v in and out (p's rounding to TP happens here when TP is bf16).
+template <typename TP>
+__device__ __forceinline__ void AdamWBf16Element(TP& p_io, uint16_t& m_io, uint16_t& v_io,
+                                                 float grad, int64_t i, uint64_t key,
+                                                 const AdamWScalars& s) {
+  float p = ToFloat(p_io), m = Bf16BitsToFloat(m_io), v = Bf16BitsToFloat(v_io);
+  AdamWElement(p, m, v, grad, s);
+  const internal::NoiseWords r = internal::ElementNoise(key, i);
+  if constexpr (std::is_same_v<TP, float>) {
+    p_io = p;
+  } else {
+    p_io = __ushort_as_bfloat16(internal::StochasticBf16Bits(p, r.h1));
+  }
+  m_io = internal::StochasticBf16Bits(m, r.h1 >> 16);
+  v_io = internal::StochasticBf16Bits(v, r.h2);
+}
+
+template <typename TP, int V>
+__device__ __forceinline__ void AdamWBf16Range(const Bf16MultiEntry& e, int64_t first,
+                                               int64_t stride, const AdamWScalars& s) {
+  TP* param = static_cast<TP*>(e.param);
+  const int64_t num_packs = e.n / V;
+  for (int64_t k = first; k < num_packs; k += stride) {
+    const int64_t base = k * V;
+    Pack<TP, V> pp = LoadPack<TP, V>(param + base);
+    Pack<uint16_t, V> mp = LoadPack<uint16_t, V>(e.m + base);
+    Pack<uint16_t, V> vp = LoadPack<uint16_t, V>(e.v + base);
+    const Pack<float, V> gp = LoadPack<float, V>(e.grad + base);
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      AdamWBf16Element<TP>(pp.v[j], mp.v[j], vp.v[j], gp.v[j], base + j, e.noise_key, s);
+    }
+    StorePack<TP, V>(param + base, pp);
+    StorePack<uint16_t, V>(e.m + base, mp);
+    StorePack<uint16_t, V>(e.v + base, vp);
+  }
+  for (int64_t i = num_packs * V + first; i < e.n; i += stride) {
+    AdamWBf16Element<TP>(param[i], e.m[i], e.v[i], e.grad[i], i, e.noise_key, s);
+  }
+}
+
+template <typename TP>
+__global__ void AdamWBf16MultiKernel(const __grid_constant__ Bf16MultiTable t, AdamWScalars s) {
+  const int i = EntryOfBlock(t.block_start, t.count);
+  const Bf16MultiEntry& e = t.e[i];
+  s.decay = e.decay;
+  const int64_t first =
+      static_cast<int64_t>(blockIdx.x - t.block_start[i]) * blockDim.x + threadIdx.x;
+  const int64_t stride = static_cast<int64_t>(t.block_start[i + 1] - t.block_start[i]) * blockDim.x;
+  if (e.vec) {
+    AdamWBf16Range<TP, 4>(e, first, stride, s);
+  } else {
+    AdamWBf16Range<TP, 1>(e, first, stride, s);
+  }
+}
+
+}  // namespace
+
+cudaError_t AdamWBf16Multi(cudaStream_t stream, const AdamWBf16Args* entries, int count,
+                           DType param_dtype, float lr, float beta1, float beta2, float eps,
+                           int64_t step, float grad_scale) {
+  if (step < 1 || count < 0) return cudaErrorInvalidValue;
+  if (param_dtype != DType::kF32 && param_dtype != DType::kBF16) return cudaErrorInvalidValue;
+  const AdamWScalars s = MakeScalars(lr, beta1, beta2, eps, 0.0f, step, grad_scale);
+  constexpr int kThreads = 256;
+  const size_t param_align = DTypeSize(param_dtype) * 4;
+  for (int first = 0; first < count;) {
+    Bf16MultiTable t{};
+    int blocks = 0;
+    int i = first;
+    for (; i < count && t.count < kBf16MultiMax; ++i) {
+      const AdamWBf16Args& a = entries[i];
+      if (a.n <= 0) continue;
+      Bf16MultiEntry& e = t.e[t.count];
+      e.param = a.param;
+      e.m = a.m;
+      e.v = a.v;
+      e.grad = a.grad;
+      e.n = a.n;
+      e.noise_key = a.noise_key;
+      e.decay = static_cast<float>(1.0 - static_cast<double>(lr) * a.weight_decay);
+      e.vec = IsAligned(a.param, param_align) && IsAligned(a.m, 8) && IsAligned(a.v, 8) &&
+              IsAligned(a.grad, 16);
+      t.block_start[t.count] = blocks;
+      blocks += static_cast<int>(std::clamp<int64_t>(CeilDiv(a.n, kThreads * 8), 1, 1024));
+      ++t.count;
+    }
+    first = i;
+    if (t.count == 0) continue;
+    t.block_start[t.count] = blocks;
+    if (param_dtype == DType::kF32) {
+      AdamWBf16MultiKernel<float><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(t, s);
+    } else {
+      AdamWBf16MultiKernel<bf16><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(t, s);
+    }
+    const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
   return cudaSuccess;

@@ -117,6 +117,21 @@ cudaError_t AdamWMulti(cudaStream_t stream, const AdamWMultiArgs* entries, int c
                        DType model_dtype, float lr, float beta1, float beta2, float eps,
                        int64_t step, float grad_scale);
 
+// One tensor of AdamWBf16Multi (ops/multi_tensor.h): param of the call's param_dtype (f32 or
+// bf16), m and v bf16 bits.
+struct AdamWBf16Args {
+  void* param;
+  uint16_t* m;
+  uint16_t* v;
+  const float* grad;
+  int64_t n;
+  float weight_decay;
+  uint64_t noise_key;
+};
+cudaError_t AdamWBf16Multi(cudaStream_t stream, const AdamWBf16Args* entries, int count,
+                           DType param_dtype, float lr, float beta1, float beta2, float eps,
+                           int64_t step, float grad_scale);
+
 // out[0] += sum x^2; scratch must hold SumSquaresScratchBytes(n) bytes.
 size_t SumSquaresScratchBytes(int64_t n);
 cudaError_t SumSquares(cudaStream_t stream, DType dtype, float* out, const void* x, int64_t n,

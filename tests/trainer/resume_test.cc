@@ -1,7 +1,9 @@
 // Universal checkpoints in the training loop, one process: a run resumed from its step-3
 // checkpoint continues exactly (losses and the step-6 checkpoint bitwise equal to the run that
 // never stopped) for full training and for LoRA with dropout (its RNG counter is restored);
-// --resume=auto with nothing saved starts fresh; a checkpoint of another model is refused
+// so does full training with bf16 optimizer state (optimizer.precision = "bf16": its saved
+// moments are bf16 values widened to f32, and its loss falls); --resume=auto with nothing saved
+// starts fresh; a checkpoint of another model is refused
 // naming the tensor; metrics.jsonl keeps one line per step.
 #include <gtest/gtest.h>
 
@@ -57,12 +59,14 @@ std::vector<std::string> Overrides(const testing::TempDir& dir, const std::strin
   return o;
 }
 
-
-
-
-void ResumeIsExact(bool lora) {
+void ResumeIsExact(bool lora, const std::vector<std::string>& extra = {}) {
   testing::TempDir dir;
-  auto full = Train(Overrides(dir, "full", lora));
+  auto overrides = [&](const std::string& run) {
+    std::vector<std::string> o = Overrides(dir, run, lora);
+    o.insert(o.end(), extra.begin(), extra.end());
+    return o;
+  };
+  auto full = Train(overrides("full"));
   ASSERT_TRUE(full.ok()) << full.status().ToString();
   EXPECT_EQ(full->last_universal_checkpoint, dir.Join("full/checkpoints/universal/step-6.h5"));
   // The interrupted run: its own directory holding what the first run had after step 3.
@@ -79,7 +83,7 @@ void ResumeIsExact(bool lora) {
     std::string line;
     for (int i = 0; i < 4 && std::getline(in, line); ++i) metrics << line << "\n";
   }
-  auto resumed = Train(Overrides(dir, "cut", lora), "auto");
+  auto resumed = Train(overrides("cut"), "auto");
   ASSERT_TRUE(resumed.ok()) << resumed.status().ToString();
   EXPECT_EQ(resumed->resumed_from_step, 3);
   EXPECT_EQ(resumed->steps_done, 6);
@@ -91,6 +95,53 @@ void ResumeIsExact(bool lora) {
 TEST(ResumeTest, FullTrainingResumesBitwise) { ResumeIsExact(false); }
 
 TEST(ResumeTest, LoraWithDropoutResumesBitwise) { ResumeIsExact(true); }
+
+TEST(ResumeTest, Bf16OptimizerStateResumesBitwise) {
+  ResumeIsExact(false, {"optimizer.precision=\"bf16\""});
+  testing::TempDir dir;
+  std::vector<std::string> o = Overrides(dir, "bf16", false);
+  o.push_back("optimizer.precision=\"bf16\"");
+  o.push_back("train.steps=12");
+  ASSERT_TRUE(Train(o).ok());
+  const auto losses = StepLosses(dir.Join("bf16"));
+  ASSERT_EQ(losses.size(), 12u);
+  EXPECT_LT(losses.back().second, losses.front().second - 0.5)
+      << "bf16 state: the loss did not fall";
+  auto ckpt = checkpoint::UniversalReader::Open(dir.Join("bf16/checkpoints/universal/step-12.h5"));
+  ASSERT_TRUE(ckpt.ok()) << ckpt.status().ToString();
+  int64_t nonzero = 0;
+  for (const checkpoint::TensorInfo& info : ckpt->tensors()) {
+    auto t = ckpt->ReadAll(info.name, info.adapter);
+    ASSERT_TRUE(t.ok()) << info.name;
+    for (const Tensor* x : {&t->exp_avg, &t->exp_avg_sq}) {
+      for (int64_t i = 0; i < x->numel(); ++i) {  // bf16 values (CPU weights stay f32)
+        const uint32_t bits = FloatBits(x->data<float>()[i]);
+        ASSERT_EQ(bits & 0xFFFFu, 0u) << info.name << " moment " << i << " is not a bf16 value";
+        nonzero += bits != 0;
+      }
+    }
+  }
+  EXPECT_GT(nonzero, 1000);
+}
+
+TEST(ResumeTest, Bf16OptimizerStateIsForFullTrainingOnOneRank) {
+  testing::TempDir dir;
+  for (const char* bad : {"peft.method=\"lora\"", "parallel.tp=2", "optimizer.offload=\"host\""}) {
+    std::vector<std::string> o = Overrides(dir, "x", false);
+    o.push_back("optimizer.precision=\"bf16\"");
+    o.push_back(bad);
+    auto c = LoadTrainConfig("", o);
+    ASSERT_FALSE(c.ok()) << bad;
+    EXPECT_NE(c.status().message().find("optimizer.precision = \"bf16\""), std::string::npos)
+        << c.status().message();
+  }
+  std::vector<std::string> o = Overrides(dir, "y", false);
+  o.push_back("optimizer.precision=\"f16\"");
+  auto c = LoadTrainConfig("", o);
+  ASSERT_FALSE(c.ok());
+  EXPECT_NE(c.status().message().find("optimizer.precision"), std::string::npos)
+      << c.status().message();
+}
 
 TEST(ResumeTest, AutoWithNothingSavedStartsFresh) {
   testing::TempDir dir;

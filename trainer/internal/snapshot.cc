@@ -53,7 +53,9 @@ StatusOr<std::unique_ptr<Snapshotter>> Snapshotter::Open(const SnapshotSection& 
   s->socket_ = NodeSocket(cfg, world_rank, world_size);
   s->skip_when_busy_ = cfg.when_busy == "skip";
   uint64_t data = 0;
-  for (const StatePiece& p : s->pieces_) data += 12 * static_cast<uint64_t>(p.end - p.begin);
+  for (const StatePiece& p : s->pieces_) {
+    for (int which = 0; which < 3; ++which) data += Part(p, which)->num_bytes();
+  }
   s->capacity_ = HeaderBudget(s->pieces_) + data;
   StatusOr<checkpoint::AgentClient> client = checkpoint::AgentClient::Connect(s->socket_, cfg.timeout_s);
   if (!client.ok()) {
@@ -91,7 +93,10 @@ Snapshotter::~Snapshotter() {
 
 std::string Snapshotter::Header(int64_t step, const std::string& meta_json) const {
   nlohmann::json pieces = nlohmann::json::array();
-  for (const StatePiece& p : pieces_) pieces.push_back({p.param->name, p.begin, p.end});
+  for (const StatePiece& p : pieces_) {  // the state's dtypes: f32, or bf16 (optimizer.precision)
+    pieces.push_back({p.param->name, p.begin, p.end, DTypeName(p.master.dtype()),
+                      DTypeName(p.exp_avg.dtype()), DTypeName(p.exp_avg_sq.dtype())});
+  }
   return nlohmann::json{{"step", step}, {"meta", meta_json}, {"pieces", pieces}}.dump();
 }
 
@@ -191,7 +196,7 @@ Status Snapshotter::Start(int64_t step, const std::string& meta_json) {
   for (const StatePiece& p : pieces_) {
     for (int which = 0; which < 3; ++which) {
       const Tensor& src = *Part(p, which);
-      Tensor dst = Tensor::Wrap(slot + at, {src.numel()}, DType::kF32, Device::Cpu());
+      Tensor dst = Tensor::Wrap(slot + at, {src.numel()}, src.dtype(), Device::Cpu());
       if (src.device().is_cuda()) {
         TANDEM_RETURN_IF_ERROR(CopyTensor(dst, src, async ? stream_->get() : nullptr));
         if (!async) TANDEM_RETURN_IF_ERROR(ctx_->Synchronize());
@@ -285,12 +290,17 @@ StatusOr<std::pair<int64_t, std::string>> Snapshotter::Restore(uint64_t version)
   const nlohmann::json& pieces = h["pieces"];
   bool same = pieces.size() == pieces_.size();
   for (size_t i = 0; same && i < pieces_.size(); ++i) {
-    same = pieces[i][0] == pieces_[i].param->name && pieces[i][1] == pieces_[i].begin &&
+    same = pieces[i].is_array() && pieces[i].size() == 6 &&
+           pieces[i][0] == pieces_[i].param->name && pieces[i][1] == pieces_[i].begin &&
            pieces[i][2] == pieces_[i].end;
+    for (int which = 0; same && which < 3; ++which)
+      same = pieces[i][3 + which] == DTypeName(Part(pieces_[i], which)->dtype());
   }
   if (!same) {
-    return InvalidArgumentError(where + ": holds other tensors or ranges than this rank's (another mesh, "
-                                        "model or method)");
+    return InvalidArgumentError(
+        where +
+        ": holds other tensors, ranges or state dtypes than this rank's (another "
+        "mesh, model, method or optimizer.precision)");
   }
   uint64_t need = AlignUp(8 + length);
   for (const StatePiece& p : pieces_) {
@@ -311,8 +321,8 @@ Status Snapshotter::ApplyRestore() {
     for (int which = 0; which < 3; ++which) {
       const Tensor& dst_view = *Part(p, which);
       // Straight from the agent's shared memory (a const view: CopyTensor only reads it).
-      Tensor src = Tensor::Wrap(const_cast<uint8_t*>(fetched_->bytes.data()) + at, {dst_view.numel()},
-                                DType::kF32, Device::Cpu());
+      Tensor src = Tensor::Wrap(const_cast<uint8_t*>(fetched_->bytes.data()) + at,
+                                {dst_view.numel()}, dst_view.dtype(), Device::Cpu());
       Tensor dst = dst_view;
       TANDEM_RETURN_IF_ERROR(CopyTensor(dst, src, ctx_->stream()));
       at += dst_view.num_bytes();

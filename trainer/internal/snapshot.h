@@ -3,15 +3,17 @@
 // and copies its state there (on CUDA: asynchronously on a side stream straight into the
 // page-locked slot, overlapped with the next forward and backward); the copy is fenced before the
 // next optimizer update changes the state, and committed to the agent on a background thread as
-// soon as it lands (the agent publishes a version once every rank of the node committed it and its parity is on
-// the other nodes).
+// soon as it lands (the agent publishes a version once every rank of the node committed it and its
+// parity is on the other nodes).
 //
 // What a rank snapshots: the StatePieces it is given (the caller passes only unique bytes: every
 // piece of a ZeRO-1 shard; the first dp x cp replica's pieces without ZeRO, nothing on the other
 // replicas) after a header:
-//   u64 header length | header JSON {"step", "meta", "pieces": [[name, begin, end], ...]}
-//   | zero padding to 4096 | per piece: master, exp_avg, exp_avg_sq (f32, little-endian)
-// Restore checks the pieces are the same (same mesh and model), else refuses.
+//   u64 header length | header JSON {"step", "meta", "pieces": [[name, begin, end, master dtype,
+//   exp_avg dtype, exp_avg_sq dtype], ...]} | zero padding to 4096 | per piece: master, exp_avg,
+//   exp_avg_sq (little-endian, each in its dtype: "f32", or "bf16" with optimizer.precision =
+//   "bf16")
+// Restore checks the pieces are the same (same mesh, model and state dtypes), else refuses.
 //
 // Consistency across nodes: before beginning version v the ranks agree (a world all-reduce) that
 // every node published the previous one, so the newest version all nodes hold is never older than

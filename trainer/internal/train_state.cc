@@ -113,10 +113,17 @@ Status CheckTensor(const checkpoint::UniversalReader& reader, const model::Param
 }
 
 // Copies `src` (host f32, a box's elements) into elements [offset, offset + src.numel()) of
-// `dst_flat` (f32 [n], host or device), on the context's stream.
+// `dst_flat` ([n], host or device; f32, or bf16 state rounded to nearest), on the context's
+// stream. The caller synchronizes before `src` goes.
 Status CopyInto(ops::Context& ctx, const Tensor& dst_flat, int64_t offset, const Tensor& src) {
   Tensor dst = dst_flat.Slice(0, offset, offset + src.numel());
-  return CopyTensor(dst, src.View({src.numel()}), ctx.stream());
+  const Tensor flat = src.View({src.numel()});
+  if (dst.dtype() == flat.dtype() || dst.device().is_cpu())
+    return CopyTensor(dst, flat, ctx.stream());
+  Tensor narrowed = Tensor::Cpu(flat.shape(), dst.dtype());  // host to host converts
+  TANDEM_RETURN_IF_ERROR(CopyTensor(narrowed, flat));
+  TANDEM_RETURN_IF_ERROR(CopyTensor(dst, narrowed, ctx.stream()));
+  return ctx.Synchronize();  // `narrowed` dies here
 }
 
 }  // namespace
@@ -152,14 +159,15 @@ Status RestoreState(ops::Context& ctx, const checkpoint::UniversalReader& reader
   for (const model::Parameter& p : params) {
     if (!p.trainable) continue;
     TANDEM_RETURN_IF_ERROR(CheckTensor(reader, p, adapter));
-    const int64_t n = p.master.numel();
-    const Tensor master = p.master.View({n});
+    const Tensor& state = StateTensor(p);  // the f32 master, or the weight without one
+    const int64_t n = state.numel();
+    const Tensor master = state.View({n});
     for (const Box& b : LogicalBoxes(p, 0, n)) {
       TANDEM_ASSIGN_OR_RETURN(TensorShard s, reader.Read(p.name, b.slab, adapter, false));
       TANDEM_RETURN_IF_ERROR(CopyInto(ctx, master, b.flat_begin, s.master));
       TANDEM_RETURN_IF_ERROR(ctx.Synchronize());  // before `s` goes
     }
-    if (p.weight.storage() != p.master.storage()) {
+    if (p.master.defined() && p.weight.storage() != p.master.storage()) {
       Tensor weight = p.weight;
       TANDEM_RETURN_IF_ERROR(ops::Cast(ctx, weight, p.master));
     }

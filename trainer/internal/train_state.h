@@ -29,8 +29,17 @@ namespace tandem::trainer::internal {
 struct StatePiece {
   const model::Parameter* param = nullptr;
   int64_t begin = 0, end = 0;
-  Tensor master, exp_avg, exp_avg_sq;  // f32 [end - begin]
+  // f32 [end - begin]; with optimizer.precision = "bf16" the moments are bf16, and so is the
+  // master on a device (the weight itself). Saved and restored as f32 either way.
+  Tensor master, exp_avg, exp_avg_sq;
 };
+
+// The tensor the optimizer updates for `p`: its f32 master, or (optimizer.precision = "bf16" on a
+// device, where there is none) the compute-dtype weight itself.
+inline const Tensor& StateTensor(const model::Parameter& p) {
+  return p.master.defined() ? p.master : p.weight;
+}
+inline Tensor& StateTensor(model::Parameter& p) { return p.master.defined() ? p.master : p.weight; }
 
 // Where this rank sits for saving.
 struct StateOwner {
