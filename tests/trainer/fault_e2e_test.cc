@@ -7,7 +7,9 @@
 //   - kill during the snapshot copy is covered by killing at random points of a run that
 //     snapshots every update;
 //   - SIGTERM (preemption): the trainer stops after its update, saves, exits 143, and --resume
-//     continues to the uninterrupted run's final state.
+//     continues to the uninterrupted run's final state;
+//   - with bf16 optimizer state (optimizer.precision = "bf16": bf16 moments beside f32 weights
+//     in each snapshot), a killed trainer again resumes from the agent, bitwise.
 // f32 on the CPU; a tiny model so that each update takes milliseconds.
 #include <signal.h>
 #include <sys/wait.h>
@@ -183,12 +185,23 @@ void ExpectBitwiseEqual(const std::string& want_path, const std::string& got_pat
 
 class FaultTest : public ::testing::Test {
  protected:
+  // Settings every run of the test adds (the bf16-state variant's).
+  virtual std::vector<std::string> Extra() const { return {}; }
+  std::vector<std::string> Args(const std::string& run) const {
+    std::vector<std::string> a = TrainArgs(dir_, run);
+    for (const std::string& e : Extra()) {
+      a.push_back("--set");
+      a.push_back(e);
+    }
+    return a;
+  }
+  void KilledTrainerResumesFromTheAgent();
   void SetUp() override {
     ASSERT_TRUE(std::filesystem::exists(TandemBinary())) << TandemBinary() << " is missing";
     WriteCorpus(dir_.Join("corpus.jsonl"));
     std::ofstream(dir_.Join("run.toml")) << "# every key is set with --set\n";
     // The uninterrupted reference (also prepares the data once).
-    Child ref(TrainArgs(dir_, "ref"), dir_.Join("ref.log"));
+    Child ref(Args("ref"), dir_.Join("ref.log"));
     ASSERT_EQ(ref.Wait(120), 0) << ReadFile(dir_.Join("ref.log"));
     want_ = dir_.Join(StrCat("ref/checkpoints/universal/step-", kSteps, ".h5"));
   }
@@ -212,10 +225,10 @@ class FaultTest : public ::testing::Test {
   const std::string prefix_ = StrCat("tandem-fault-test-", getpid(), "-");
 };
 
-TEST_F(FaultTest, KilledTrainerResumesFromTheAgentLosingAtMostOneUpdate) {
+void FaultTest::KilledTrainerResumesFromTheAgent() {
   StartAgent("agent");
   const std::string sock = dir_.Join("agent.sock");
-  const auto args = WithAgent(TrainArgs(dir_, "run"), sock);
+  const auto args = WithAgent(Args("run"), sock);
   std::mt19937 gen(std::random_device{}());
   const int64_t kill_at = 10 + static_cast<int64_t>(gen() % 50);
   const int64_t killed = RunAndKill(args, dir_.Join("run.heartbeat"), dir_.Join("run1.log"), kill_at);
@@ -232,16 +245,29 @@ TEST_F(FaultTest, KilledTrainerResumesFromTheAgentLosingAtMostOneUpdate) {
   ExpectBitwiseEqual(want_, dir_.Join(StrCat("run/checkpoints/universal/step-", kSteps, ".h5")));
 }
 
+TEST_F(FaultTest, KilledTrainerResumesFromTheAgentLosingAtMostOneUpdate) {
+  KilledTrainerResumesFromTheAgent();
+}
+
+class FaultBf16StateTest : public FaultTest {
+ protected:
+  std::vector<std::string> Extra() const override { return {"optimizer.precision=\"bf16\""}; }
+};
+
+TEST_F(FaultBf16StateTest, KilledTrainerResumesFromTheAgentBitwise) {
+  KilledTrainerResumesFromTheAgent();
+}
+
 TEST_F(FaultTest, LostNodeFallsBackToTheUniversalCheckpoint) {
   Child* agent = StartAgent("agent");
   const std::string sock = dir_.Join("agent.sock");
-  const auto args = WithAgent(TrainArgs(dir_, "run"), sock);
+  const auto args = WithAgent(Args("run"), sock);
   const int64_t killed = RunAndKill(args, dir_.Join("run.heartbeat"), dir_.Join("run1.log"), 40);
   ASSERT_GE(killed, 40) << ReadFile(dir_.Join("run1.log"));
   agent->Kill();  // the whole node: its agent's memory is gone
   std::filesystem::remove(sock);
   StartAgent("agent2");
-  const auto args2 = WithAgent(TrainArgs(dir_, "run"), dir_.Join("agent2.sock"));
+  const auto args2 = WithAgent(Args("run"), dir_.Join("agent2.sock"));
   Child again(args2, dir_.Join("run2.log"));
   ASSERT_EQ(again.Wait(120), 0) << ReadFile(dir_.Join("run2.log"));
   const std::string log = ReadFile(dir_.Join("run2.log"));
@@ -253,7 +279,7 @@ TEST_F(FaultTest, LostNodeFallsBackToTheUniversalCheckpoint) {
 
 TEST_F(FaultTest, SigtermStopsAfterTheUpdateSavesAndResumes) {
   const std::string heartbeat = dir_.Join("run.heartbeat");
-  Child trainer(TrainArgs(dir_, "run"), dir_.Join("run1.log"));
+  Child trainer(Args("run"), dir_.Join("run1.log"));
   const auto end = Clock::now() + std::chrono::seconds(120);
   while (Clock::now() < end && trainer.Running() && HeartbeatStep(heartbeat) < 30) {
     std::this_thread::sleep_for(std::chrono::microseconds(500));
@@ -272,7 +298,7 @@ TEST_F(FaultTest, SigtermStopsAfterTheUpdateSavesAndResumes) {
   // uninterrupted one did.
   const std::string saved = dir_.Join(StrCat("run/checkpoints/universal/step-", stopped, ".h5"));
   ASSERT_TRUE(std::filesystem::exists(saved)) << log;
-  std::vector<std::string> args = TrainArgs(dir_, "run");
+  std::vector<std::string> args = Args("run");
   args.push_back("--resume");
   Child again(args, dir_.Join("run2.log"));
   ASSERT_EQ(again.Wait(120), 0) << ReadFile(dir_.Join("run2.log"));
