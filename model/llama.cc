@@ -322,6 +322,9 @@ Status LlamaModel::EnsureTrainingState(bool relayout_grads) {
   for (Parameter& p : params_) p.grad = Tensor();  // frees the old buffer
   if (total > 0) {
     TANDEM_ASSIGN_OR_RETURN(grads_flat_, Tensor::Empty({total}, DType::kF32, ctx_.allocator()));
+    // Once: the padding between and after groups is never written (ZeRO and the reducers read
+    // it); the parameters' own ranges are zeroed lazily (ZeroGrads).
+    TANDEM_RETURN_IF_ERROR(ops::Fill(ctx_, grads_flat_, 0.0f));
   }
   int64_t offset = 0;
   for (size_t gi = 0; gi < groups_.size(); ++gi) {
@@ -340,9 +343,23 @@ Status LlamaModel::EnsureTrainingState(bool relayout_grads) {
 
 Status LlamaModel::ZeroGrads() {
   TANDEM_RETURN_IF_ERROR(EnsureTrainingState(/*relayout_grads=*/true));
-  if (grads_flat_.defined()) TANDEM_RETURN_IF_ERROR(ops::Fill(ctx_, grads_flat_, 0.0f));
+  grad_unwritten_.assign(params_.size(), 0);
+  for (size_t i = 0; i < params_.size(); ++i)
+    grad_unwritten_[i] = params_[i].grad.defined() ? 1 : 0;
   if (adapter_ != nullptr) TANDEM_RETURN_IF_ERROR(adapter_->ZeroGrads());  // [adapter]
   return Status::Ok();
+}
+
+Status LlamaModel::TouchGrad(size_t i) {
+  if (i >= grad_unwritten_.size() || !grad_unwritten_[i]) return Status::Ok();
+  grad_unwritten_[i] = 0;
+  return ops::Fill(ctx_, params_[i].grad, 0.0f);
+}
+
+float LlamaModel::TakeGradBeta(size_t i) {
+  if (i >= grad_unwritten_.size() || !grad_unwritten_[i]) return 1.0f;
+  grad_unwritten_[i] = 0;
+  return 0.0f;
 }
 
 Status LlamaModel::SetFromHost(size_t param, const Tensor& host_f32) {

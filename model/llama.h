@@ -23,6 +23,11 @@
 // ZeroGrads() (re)lays out the gradient buffer over the parameter groups (fused q|k|v, gate|up,
 // or a single parameter) that hold a trainable parameter; the grads of fully frozen groups become
 // undefined and their memory is freed. Change `trainable` flags only before ZeroGrads().
+// Zeroing is lazy: ZeroGrads() only marks the gradients, the first write of the next pass
+// overwrites each one (a weight-gradient GEMM with beta 0, no fill and no read of the old
+// values), and every gradient the pass did not write is zeroed before it is reported final
+// (grad-ready callback) and before the pass returns. So between ZeroGrads() and the end of the
+// next ForwardBackward the gradient buffers' contents are unspecified.
 //
 // Ownership: the model keeps a reference to the Context, which must outlive it; tensors it hands
 // out (parameters, logits) are its own or fresh host copies.
@@ -217,7 +222,8 @@ class LlamaModel {
   void SetAdapter(AdapterHooks* adapter) { adapter_ = adapter; }
   AdapterHooks* adapter() const { return adapter_; }
 
-  // Lays out gradients for the trainable groups (see above) and sets them to zero.
+  // Lays out gradients for the trainable groups (see above) and sets them to zero (lazily: they
+  // read as zero once the next pass completes, or are that pass's gradients).
   Status ZeroGrads();
   // Forward + backward; grads += d(grad_scale * sum of token losses)/d(param). Returns the loss
   // sum (synchronizes with the device).
@@ -327,6 +333,12 @@ class LlamaModel {
   // summed over the ranks sharing the head.
   Status KvProjectionGrad(const Group& group, const Tensor& dy, const Tensor& x);
   Status NotifyGradsReady(const std::vector<size_t>& params);
+  // [lazy zero] Parameter i's gradient is about to be accumulated into by a kernel that adds:
+  // zero it first if ZeroGrads() left it unwritten.
+  Status TouchGrad(size_t i);
+  // [lazy zero] The beta of a GEMM about to accumulate into parameter i's gradient: 0 (and the
+  // gradient counts as written) when ZeroGrads() left it unwritten, else 1.
+  float TakeGradBeta(size_t i);
   Status CheckParallel() const;
   Status GatherOnly() const;  // SaveSafetensors on tp ranks other than 0
   // Host f32 logical tensor -> this rank's slice (zero padding past the logical end), and back.
@@ -347,6 +359,7 @@ class LlamaModel {
   Tensor weights_flat_;                              // compute dtype, every parameter's weight
   Tensor grads_flat_;                                // f32, the groups with a trainable parameter
   std::vector<bool> grad_layout_;                    // per group: has a gradient in grads_flat_
+  std::vector<uint8_t> grad_unwritten_;  // per parameter: zeroed lazily, not written yet
   Tensor inv_freq_;                                  // f32 [D/2] on the device
   std::unique_ptr<Activations> acts_;
   struct PiecewisePass {  // [co-serving] a ForwardBackward in pieces

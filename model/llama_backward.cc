@@ -7,11 +7,13 @@
 
 namespace tandem::model {
 
-// grad(param) += dy^T x: dy [N, out], x [N, in], grad f32 [out, in]. Skipped for frozen weights.
+// grad(param) += dy^T x: dy [N, out], x [N, in], grad f32 [out, in] (= on the first write after
+// ZeroGrads). Skipped for frozen weights.
 Status LlamaModel::WeightGrad(size_t param, const Tensor& dy, const Tensor& x) {
   Parameter& p = params_[param];
   if (!p.trainable) return Status::Ok();
-  return ops::Matmul(ctx_, p.grad, dy, x, /*trans_a=*/true, /*trans_b=*/false, 1.0f, 1.0f);
+  return ops::Matmul(ctx_, p.grad, dy, x, /*trans_a=*/true, /*trans_b=*/false, 1.0f,
+                     TakeGradBeta(param));
 }
 
 // The weight gradient of a fused projection y = x W^T with W the group's [rows, C] block:
@@ -21,7 +23,19 @@ Status LlamaModel::ProjectionGrad(const Group& group, const Tensor& dy, const Te
   for (size_t i : group.members) all = all && params_[i].trainable;
   if (all) {
     Tensor grad = group.grad;  // [rows, C]
-    return ops::Matmul(ctx_, grad, dy, x, true, false, 1.0f, 1.0f);
+    bool unwritten = true;     // every member: one overwriting GEMM
+    for (size_t i : group.members)
+      unwritten = unwritten && i < grad_unwritten_.size() && grad_unwritten_[i];
+    float beta = 0.0f;
+    for (size_t i : group.members) {
+      if (unwritten) {
+        TakeGradBeta(i);
+      } else {
+        TANDEM_RETURN_IF_ERROR(TouchGrad(i));
+        beta = 1.0f;
+      }
+    }
+    return ops::Matmul(ctx_, grad, dy, x, true, false, 1.0f, beta);
   }
   for (size_t m = 0; m < group.members.size(); ++m) {
     const Tensor dy_m = dy.Slice(1, group.row_start[m], group.row_start[m + 1]);  // [N, rows_m]
@@ -57,6 +71,8 @@ Status LlamaModel::KvProjectionGrad(const Group& group, const Tensor& dy, const 
     TANDEM_RETURN_IF_ERROR(ops::Add(ctx_, kv_grad_scratch_, kv_grad_scratch_, part(r)));
   }
   Tensor kv_grad = group.grad.Slice(0, q_rows, q_rows + kv_rows);  // [2 D, C], contiguous
+  for (size_t m = 1; m < group.members.size(); ++m)
+    TANDEM_RETURN_IF_ERROR(TouchGrad(group.members[m]));
   return ops::Add(ctx_, kv_grad, kv_grad, kv_grad_scratch_);
 }
 
@@ -106,6 +122,7 @@ Status LlamaModel::BlockBackward(int64_t l, const LayerWeights& w, BackwardPart 
         ProjectBackward(l, kGateUp, gate_up.row_start, b.ln2, a.dgate_up, w.gate_up, a.dln));
     if (tp()) TANDEM_RETURN_IF_ERROR(hooks->TpAllReduceSum(a.dln));  // column parallel input
     if (gate_up.grad.defined()) TANDEM_RETURN_IF_ERROR(ProjectionGrad(gate_up, a.dgate_up, b.ln2));
+    TANDEM_RETURN_IF_ERROR(TouchGrad(layer.mlp_norm));
     Tensor dw2 = norm_grad(layer.mlp_norm);
     TANDEM_RETURN_IF_ERROR(ops::RmsNormBackward(ctx_, a.dres, dw2, a.dln, b.x_mid, w.mlp_norm,
                                                 b.rstd2,
@@ -150,6 +167,7 @@ Status LlamaModel::BlockBackward(int64_t l, const LayerWeights& w, BackwardPart 
     TANDEM_RETURN_IF_ERROR(kv_share_ > 1 ? KvProjectionGrad(qkv, a.dqkv, b.ln1)
                                          : ProjectionGrad(qkv, a.dqkv, b.ln1));
   }
+  TANDEM_RETURN_IF_ERROR(TouchGrad(layer.attn_norm));
   Tensor dw1 = norm_grad(layer.attn_norm);
   return ops::RmsNormBackward(ctx_, a.dres, dw1, a.dln, a.x[l], w.attn_norm, b.rstd1,
                               /*accumulate_dx=*/true);

@@ -327,6 +327,7 @@ Status LlamaModel::LossHead(float grad_scale, bool backward) {
   }
   if (!backward) return Status::Ok();
   if (tp()) TANDEM_RETURN_IF_ERROR(options_.parallel.hooks->TpAllReduceSum(a.dln));
+  TANDEM_RETURN_IF_ERROR(TouchGrad(final_norm_));
   Tensor dw = params_[final_norm_].trainable ? params_[final_norm_].grad : Tensor();
   TANDEM_RETURN_IF_ERROR(
       ops::RmsNormBackward(ctx_, a.dres, dw, a.dln, a.x[L], w_norm, a.rstdf, false));
@@ -336,6 +337,7 @@ Status LlamaModel::LossHead(float grad_scale, bool backward) {
 }
 
 Status LlamaModel::NotifyGradsReady(const std::vector<size_t>& params) {
+  for (size_t i : params) TANDEM_RETURN_IF_ERROR(TouchGrad(i));  // [lazy zero] none this pass
   return grad_ready_ ? grad_ready_(params) : Status::Ok();
 }
 
@@ -447,6 +449,7 @@ Status LlamaModel::BackwardLayer(int64_t l, BackwardPart part) {
 
 Status LlamaModel::EmbeddingBackward() {
   if (params_[embed_].trainable) {
+    for (size_t i : groups_[group_of_[embed_]].members) TANDEM_RETURN_IF_ERROR(TouchGrad(i));
     if (tp()) {  // the sink row's gradient is never read
       Tensor dtable = groups_[group_of_[embed_]].grad;
       TANDEM_RETURN_IF_ERROR(ops::EmbeddingBackward(ctx_, dtable, acts_->dres, acts_->embed_ids));
