@@ -124,6 +124,31 @@ TEST(ResumeTest, Bf16OptimizerStateResumesBitwise) {
   EXPECT_GT(nonzero, 1000);
 }
 
+// A checkpoint resumes under the other state precision (f32 -> bf16 narrows, bf16 -> f32
+// widens): the run continues to its last step with the loss of the uninterrupted run to 1e-3.
+TEST(ResumeTest, CheckpointsResumeUnderTheOtherStatePrecision) {
+  testing::TempDir dir;
+  for (const bool from_bf16 : {false, true}) {
+    const std::string tag = from_bf16 ? "b" : "f";
+    const std::string from = StrCat("optimizer.precision=\"", from_bf16 ? "bf16" : "f32", "\"");
+    const std::string to = StrCat("optimizer.precision=\"", from_bf16 ? "f32" : "bf16", "\"");
+    std::vector<std::string> a = Overrides(dir, "full" + tag, false);
+    a.push_back(from);
+    ASSERT_TRUE(Train(a).ok());
+    std::vector<std::string> b = Overrides(dir, "other" + tag, false);
+    b.push_back(to);
+    auto r = Train(b, dir.Join("full" + tag + "/checkpoints/universal/step-3.h5"));
+    ASSERT_TRUE(r.ok()) << r.status().ToString();
+    EXPECT_EQ(r->resumed_from_step, 3);
+    EXPECT_EQ(r->steps_done, 6);
+    const auto want = StepLosses(dir.Join("full" + tag)), got = StepLosses(dir.Join("other" + tag));
+    ASSERT_EQ(want.size(), 6u);
+    ASSERT_FALSE(got.empty());
+    EXPECT_EQ(got.back().first, 6);
+    EXPECT_NEAR(got.back().second, want.back().second, 1e-3) << tag;
+  }
+}
+
 TEST(ResumeTest, Bf16OptimizerStateIsForFullTrainingOnOneRank) {
   testing::TempDir dir;
   for (const char* bad : {"peft.method=\"lora\"", "parallel.tp=2", "optimizer.offload=\"host\""}) {
