@@ -1,8 +1,9 @@
-// Op benchmark: GEMM, attention forward/backward, cross-entropy, RMSNorm on one device.
+// Op benchmark: GEMM, attention forward/backward, cross-entropy, RMSNorm, the optimizer on one
+// device.
 // Prints one JSON object per result: device, op, sizes, dtype, achieved TFLOP/s or GB/s, the
 // ceiling it is compared with, commit and date. Not a test; never run by ctest.
 //
-//   tandem-ops_bench [--device cuda:0|cpu] [--iters 20] [--only gemm,attention,...]
+//   tandem-ops_bench [--device cuda:0|cpu] [--iters 20] [--only gemm,attention,...,optimizer]
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -13,6 +14,7 @@
 
 #include "core/tensor.h"
 #include "core/version.h"
+#include "ops/multi_tensor.h"
 #include "ops/ops.h"
 
 namespace {
@@ -195,6 +197,40 @@ void RmsNormBench(Bench& b, DType dt) {
   b.Report("rmsnorm_bwd", {{"rows", rows}, {"cols", cols}}, tandem::DTypeName(dt), sec, 0, 3.0 * rows * cols * es);
 }
 
+// One optimizer update over one flat parameter tensor of n elements (memory-bound): AdamWMulti
+// with f32 master and moments and bf16 model weights (30 bytes a parameter: reads master, m, v
+// and grad, writes master, m, v and the weights), AdamWBf16Multi (16: reads and writes the bf16
+// weight and moments, reads the f32 grad), and the gradient norm (4), each as GB/s of that
+// traffic beside a device-to-device copy of the gradient measured in the same run (the ceiling).
+void OptimizerBench(Bench& b) {
+  const int64_t n = b.ctx.is_cuda() ? (int64_t{256} << 20) : (int64_t{1} << 20);
+  const nlohmann::json sizes = {{"params", n}};
+  Tensor grad = b.Random({n}, DType::kF32, 1e-3f), copy = b.Empty({n}, DType::kF32);
+  double sec = b.Time([&] { TANDEM_CHECK_OK(tandem::CopyTensor(copy, grad, b.ctx.stream())); });
+  b.Report("copy_d2d", sizes, "f32", sec, 0, 8.0 * n);
+  copy = Tensor();
+  Tensor norm = b.Empty({1}, DType::kF32);
+  const std::vector<Tensor> grads = {grad};
+  sec = b.Time([&] { TANDEM_CHECK_OK(ops::SumSquaresMulti(b.ctx, norm, grads)); });
+  b.Report("grad_norm", sizes, "f32", sec, 0, 4.0 * n);
+  ops::AdamWParams p;
+  p.lr = 1e-5f;
+  p.step = 10;
+  {
+    Tensor master = b.Random({n}, DType::kF32, 0.02f), m = b.Random({n}, DType::kF32, 1e-4f);
+    Tensor v = b.Random({n}, DType::kF32, 1e-8f), weights = b.Empty({n}, DType::kBF16);
+    const std::vector<ops::AdamWTensors> e = {{&master, &m, &v, &weights, &grad, 0.0f}};
+    sec = b.Time([&] { TANDEM_CHECK_OK(ops::AdamWMulti(b.ctx, e, p)); });
+    b.Report("adamw_f32_state", sizes, "f32", sec, 0, 30.0 * n);
+  }
+  Tensor param = b.Random({n}, DType::kBF16, 0.02f), m = b.Random({n}, DType::kBF16, 1e-4f);
+  Tensor v = b.Random({n}, DType::kBF16, 1e-8f);
+  uint64_t key = 1;
+  const std::vector<ops::AdamWBf16Tensors> e = {{&param, &m, &v, &grad, 0.0f, key}};
+  sec = b.Time([&] { TANDEM_CHECK_OK(ops::AdamWBf16Multi(b.ctx, e, p)); });
+  b.Report("adamw_bf16_state", sizes, "bf16", sec, 0, 16.0 * n);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -206,7 +242,7 @@ int main(int argc, char** argv) {
     else if (a == "--iters" && i + 1 < argc) iters = std::atoi(argv[++i]);
     else if (a == "--only" && i + 1 < argc) only = argv[++i];
     else {
-      std::fprintf(stderr, "usage: %s [--device cpu|cuda:N] [--iters N] [--only gemm,attention,lora,cross_entropy,rmsnorm]\n", argv[0]);
+      std::fprintf(stderr, "usage: %s [--device cpu|cuda:N] [--iters N] [--only gemm,attention,lora,cross_entropy,rmsnorm,optimizer]\n", argv[0]);
       return 2;
     }
   }
@@ -223,5 +259,6 @@ int main(int argc, char** argv) {
   if (want("lora")) LoraGemmBench(b, dt);
   if (want("cross_entropy")) CrossEntropyBench(b, dt);
   if (want("rmsnorm")) RmsNormBench(b, dt);
+  if (want("optimizer")) OptimizerBench(b);
   return 0;
 }
