@@ -146,6 +146,33 @@ __global__ void AdamWMultiKernel(const __grid_constant__ MultiTable t, AdamWScal
   }
 }
 
+// Packs `entries` (each with a field n) into tables of at most Table's capacity, each entry
+// owning a range of blocks (its share of the grid: one block per 8 packs of 256 threads, clamped
+// to [1, 1024]; empty entries skipped), and calls launch(table, blocks, threads) per table.
+template <typename Table, typename Args, typename FillEntry, typename LaunchTable>
+cudaError_t LaunchInTables(const Args* entries, int count, FillEntry fill, LaunchTable launch) {
+  constexpr int kThreads = 256;
+  constexpr int kMax = static_cast<int>(sizeof(Table::e) / sizeof(Table::e[0]));
+  for (int first = 0; first < count;) {
+    Table t{};
+    int blocks = 0;
+    int i = first;
+    for (; i < count && t.count < kMax; ++i) {
+      if (entries[i].n <= 0) continue;
+      fill(t.e[t.count], entries[i]);
+      t.block_start[t.count] = blocks;
+      blocks += static_cast<int>(std::clamp<int64_t>(CeilDiv(entries[i].n, kThreads * 8), 1, 1024));
+      ++t.count;
+    }
+    first = i;
+    if (t.count == 0) continue;
+    t.block_start[t.count] = blocks;
+    const cudaError_t err = launch(t, blocks, kThreads);
+    if (err != cudaSuccess) return err;
+  }
+  return cudaSuccess;
+}
+
 AdamWScalars MakeScalars(float lr, float beta1, float beta2, float eps, float weight_decay,
                          int64_t step, float grad_scale) {
   const double bias1 = 1.0 - std::pow(static_cast<double>(beta1), static_cast<double>(step));
@@ -184,40 +211,26 @@ cudaError_t AdamWMulti(cudaStream_t stream, const AdamWMultiArgs* entries, int c
                        int64_t step, float grad_scale) {
   if (step < 1 || count < 0) return cudaErrorInvalidValue;
   const AdamWScalars s = MakeScalars(lr, beta1, beta2, eps, 0.0f, step, grad_scale);
-  constexpr int kThreads = 256;
-  for (int first = 0; first < count;) {
-    MultiTable t{};
-    int blocks = 0;
-    int i = first;
-    for (; i < count && t.count < kMultiMax; ++i) {
-      const AdamWMultiArgs& a = entries[i];
-      if (a.n <= 0) continue;
-      MultiEntry& e = t.e[t.count];
-      e.master = a.master;
-      e.m = a.m;
-      e.v = a.v;
-      e.weights = a.model_weights;
-      e.grad = a.grad;
-      e.n = a.n;
-      e.decay = static_cast<float>(1.0 - static_cast<double>(lr) * a.weight_decay);
-      const size_t weights_align = DTypeSize(model_dtype) * 4;
-      e.vec = IsAligned(a.master, 16) && IsAligned(a.m, 16) && IsAligned(a.v, 16) &&
-              IsAligned(a.grad, 16) && IsAligned(a.model_weights, weights_align);
-      t.block_start[t.count] = blocks;
-      blocks += static_cast<int>(std::clamp<int64_t>(CeilDiv(a.n, kThreads * 8), 1, 1024));
-      ++t.count;
-    }
-    first = i;
-    if (t.count == 0) continue;
-    t.block_start[t.count] = blocks;
-    const cudaError_t err = DispatchFloating(model_dtype, [&](auto tag) -> cudaError_t {
+  const size_t weights_align = DTypeSize(model_dtype) * 4;
+  auto fill = [&](MultiEntry& e, const AdamWMultiArgs& a) {
+    e.master = a.master;
+    e.m = a.m;
+    e.v = a.v;
+    e.weights = a.model_weights;
+    e.grad = a.grad;
+    e.n = a.n;
+    e.decay = static_cast<float>(1.0 - static_cast<double>(lr) * a.weight_decay);
+    e.vec = IsAligned(a.master, 16) && IsAligned(a.m, 16) && IsAligned(a.v, 16) &&
+            IsAligned(a.grad, 16) && IsAligned(a.model_weights, weights_align);
+  };
+  auto launch = [&](const MultiTable& t, int blocks, int threads) {
+    return DispatchFloating(model_dtype, [&](auto tag) -> cudaError_t {
       using TW = typename decltype(tag)::type;
-      AdamWMultiKernel<TW><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(t, s);
+      AdamWMultiKernel<TW><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(t, s);
       return cudaGetLastError();
     });
-    if (err != cudaSuccess) return err;
-  }
-  return cudaSuccess;
+  };
+  return LaunchInTables<MultiTable>(entries, count, fill, launch);
 }
 
 namespace {
@@ -312,41 +325,27 @@ cudaError_t AdamWBf16Multi(cudaStream_t stream, const AdamWBf16Args* entries, in
   if (step < 1 || count < 0) return cudaErrorInvalidValue;
   if (param_dtype != DType::kF32 && param_dtype != DType::kBF16) return cudaErrorInvalidValue;
   const AdamWScalars s = MakeScalars(lr, beta1, beta2, eps, 0.0f, step, grad_scale);
-  constexpr int kThreads = 256;
   const size_t param_align = DTypeSize(param_dtype) * 4;
-  for (int first = 0; first < count;) {
-    Bf16MultiTable t{};
-    int blocks = 0;
-    int i = first;
-    for (; i < count && t.count < kBf16MultiMax; ++i) {
-      const AdamWBf16Args& a = entries[i];
-      if (a.n <= 0) continue;
-      Bf16MultiEntry& e = t.e[t.count];
-      e.param = a.param;
-      e.m = a.m;
-      e.v = a.v;
-      e.grad = a.grad;
-      e.n = a.n;
-      e.noise_key = a.noise_key;
-      e.decay = static_cast<float>(1.0 - static_cast<double>(lr) * a.weight_decay);
-      e.vec = IsAligned(a.param, param_align) && IsAligned(a.m, 8) && IsAligned(a.v, 8) &&
-              IsAligned(a.grad, 16);
-      t.block_start[t.count] = blocks;
-      blocks += static_cast<int>(std::clamp<int64_t>(CeilDiv(a.n, kThreads * 8), 1, 1024));
-      ++t.count;
-    }
-    first = i;
-    if (t.count == 0) continue;
-    t.block_start[t.count] = blocks;
+  auto fill = [&](Bf16MultiEntry& e, const AdamWBf16Args& a) {
+    e.param = a.param;
+    e.m = a.m;
+    e.v = a.v;
+    e.grad = a.grad;
+    e.n = a.n;
+    e.noise_key = a.noise_key;
+    e.decay = static_cast<float>(1.0 - static_cast<double>(lr) * a.weight_decay);
+    e.vec = IsAligned(a.param, param_align) && IsAligned(a.m, 8) && IsAligned(a.v, 8) &&
+            IsAligned(a.grad, 16);
+  };
+  auto launch = [&](const Bf16MultiTable& t, int blocks, int threads) {
     if (param_dtype == DType::kF32) {
-      AdamWBf16MultiKernel<float><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(t, s);
+      AdamWBf16MultiKernel<float><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(t, s);
     } else {
-      AdamWBf16MultiKernel<bf16><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(t, s);
+      AdamWBf16MultiKernel<bf16><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(t, s);
     }
-    const cudaError_t err = cudaGetLastError();
-    if (err != cudaSuccess) return err;
-  }
-  return cudaSuccess;
+    return cudaGetLastError();
+  };
+  return LaunchInTables<Bf16MultiTable>(entries, count, fill, launch);
 }
 
 }  // namespace tandem::ops::cuda
