@@ -16,6 +16,17 @@ namespace {
 
 constexpr char kOp[] = "AdamW";
 
+// The update's hyperparameters (both AdamW forms).
+void CheckParams(internal::OpChecker& chk, const AdamWParams& p) {
+  chk.Require(p.step >= 1, "params.step is 1-based, found ", p.step);
+  chk.Require(std::isfinite(p.lr) && std::isfinite(p.eps) && std::isfinite(p.weight_decay) &&
+                  std::isfinite(p.grad_scale),
+              "params lr, eps, weight_decay and grad_scale must be finite, found lr=", p.lr,
+              " eps=", p.eps, " weight_decay=", p.weight_decay, " grad_scale=", p.grad_scale);
+  chk.Require(p.beta1 >= 0.0f && p.beta1 < 1.0f && p.beta2 >= 0.0f && p.beta2 < 1.0f,
+              "params beta1 and beta2 must lie in [0, 1), found ", p.beta1, " and ", p.beta2);
+}
+
 Status Validate(Context& ctx, const Tensor& master, const Tensor& m, const Tensor& v,
                 const Tensor& model_weights, const Tensor& grad, const AdamWParams& p) {
   internal::OpChecker chk(kOp, ctx);
@@ -33,13 +44,7 @@ Status Validate(Context& ctx, const Tensor& master, const Tensor& m, const Tenso
     chk.ExpectContiguous(model_weights, "model_weights", {DType::kF32, DType::kBF16}) &&
         same_numel(model_weights, "model_weights");
   }
-  chk.Require(p.step >= 1, "params.step is 1-based, found ", p.step);
-  chk.Require(std::isfinite(p.lr) && std::isfinite(p.eps) && std::isfinite(p.weight_decay) &&
-                  std::isfinite(p.grad_scale),
-              "params lr, eps, weight_decay and grad_scale must be finite, found lr=", p.lr,
-              " eps=", p.eps, " weight_decay=", p.weight_decay, " grad_scale=", p.grad_scale);
-  chk.Require(p.beta1 >= 0.0f && p.beta1 < 1.0f && p.beta2 >= 0.0f && p.beta2 < 1.0f,
-              "params beta1 and beta2 must lie in [0, 1), found ", p.beta1, " and ", p.beta2);
+  CheckParams(chk, p);
   return chk.status();
 }
 
@@ -59,18 +64,10 @@ Status ValidateBf16State(Context& ctx, const AdamWBf16Tensors& e, const AdamWPar
   chk.ExpectContiguous(*e.m, "m", bf16) && same_numel(*e.m, "m");
   chk.ExpectContiguous(*e.v, "v", bf16) && same_numel(*e.v, "v");
   chk.ExpectContiguous(*e.grad, "grad", {DType::kF32}) && same_numel(*e.grad, "grad");
-  if (!chk.status().ok()) return chk.status();
   AdamWParams q = p;
   q.weight_decay = e.weight_decay;
-  internal::OpChecker hp("AdamWBf16", ctx);
-  hp.Require(q.step >= 1, "params.step is 1-based, found ", q.step);
-  hp.Require(std::isfinite(q.lr) && std::isfinite(q.eps) && std::isfinite(q.weight_decay) &&
-                 std::isfinite(q.grad_scale),
-             "params lr, eps, weight_decay and grad_scale must be finite, found lr=", q.lr,
-             " eps=", q.eps, " weight_decay=", q.weight_decay, " grad_scale=", q.grad_scale);
-  hp.Require(q.beta1 >= 0.0f && q.beta1 < 1.0f && q.beta2 >= 0.0f && q.beta2 < 1.0f,
-             "params beta1 and beta2 must lie in [0, 1), found ", q.beta1, " and ", q.beta2);
-  return hp.status();
+  CheckParams(chk, q);
+  return chk.status();
 }
 
 }  // namespace

@@ -5,17 +5,29 @@
 #include "ops/internal/stochastic_round.h"
 
 namespace tandem::ops::cpu {
+namespace {
+
+// Step scalars in f64 (as PyTorch computes them in Python), rounded once to f32; the per-element
+// math is f32 in the documented order.
+struct StepScalars {
+  float step_size, bias2_sqrt, decay;
+};
+
+StepScalars MakeStepScalars(float lr, float beta1, float beta2, float weight_decay, int64_t step) {
+  const double bias1 = 1.0 - std::pow(static_cast<double>(beta1), static_cast<double>(step));
+  const double bias2 = 1.0 - std::pow(static_cast<double>(beta2), static_cast<double>(step));
+  return {static_cast<float>(static_cast<double>(lr) / bias1),
+          static_cast<float>(std::sqrt(bias2)),
+          static_cast<float>(1.0 - static_cast<double>(lr) * weight_decay)};
+}
+
+}  // namespace
 
 void AdamW(float* master, float* m, float* v, void* model_weights, DType model_dtype,
            const float* grad, int64_t n, float lr, float beta1, float beta2, float eps,
            float weight_decay, int64_t step, float grad_scale) {
-  // Step scalars in f64 (as PyTorch computes them in Python), rounded once to f32; the
-  // per-element math below is f32 in the documented order.
-  const double bias1 = 1.0 - std::pow(static_cast<double>(beta1), static_cast<double>(step));
-  const double bias2 = 1.0 - std::pow(static_cast<double>(beta2), static_cast<double>(step));
-  const float step_size = static_cast<float>(static_cast<double>(lr) / bias1);
-  const float bias2_sqrt = static_cast<float>(std::sqrt(bias2));
-  const float decay = static_cast<float>(1.0 - static_cast<double>(lr) * weight_decay);
+  const StepScalars sc = MakeStepScalars(lr, beta1, beta2, weight_decay, step);
+  const float step_size = sc.step_size, bias2_sqrt = sc.bias2_sqrt, decay = sc.decay;
   float* out_f32 = model_dtype == DType::kF32 ? static_cast<float*>(model_weights) : nullptr;
   Bf16* out_bf16 = model_dtype == DType::kBF16 ? static_cast<Bf16*>(model_weights) : nullptr;
 #pragma omp parallel for schedule(static) if (n > (1 << 16))
@@ -39,11 +51,8 @@ void AdamW(float* master, float* m, float* v, void* model_weights, DType model_d
 void AdamWBf16State(void* param, DType param_dtype, Bf16* m, Bf16* v, const float* grad, int64_t n,
                     float lr, float beta1, float beta2, float eps, float weight_decay, int64_t step,
                     float grad_scale, uint64_t noise_key) {
-  const double bias1 = 1.0 - std::pow(static_cast<double>(beta1), static_cast<double>(step));
-  const double bias2 = 1.0 - std::pow(static_cast<double>(beta2), static_cast<double>(step));
-  const float step_size = static_cast<float>(static_cast<double>(lr) / bias1);
-  const float bias2_sqrt = static_cast<float>(std::sqrt(bias2));
-  const float decay = static_cast<float>(1.0 - static_cast<double>(lr) * weight_decay);
+  const StepScalars sc = MakeStepScalars(lr, beta1, beta2, weight_decay, step);
+  const float step_size = sc.step_size, bias2_sqrt = sc.bias2_sqrt, decay = sc.decay;
   float* p_f32 = param_dtype == DType::kF32 ? static_cast<float*>(param) : nullptr;
   Bf16* p_bf16 = param_dtype == DType::kBF16 ? static_cast<Bf16*>(param) : nullptr;
 #pragma omp parallel for schedule(static) if (n > (1 << 16))

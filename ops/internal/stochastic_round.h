@@ -18,7 +18,7 @@
 #include <cstdint>
 #include <cstring>
 
-#include "core/rng.h"  // TANDEM_HOST_DEVICE
+#include "core/rng.h"  // SplitMix64, TANDEM_HOST_DEVICE
 
 namespace tandem::ops::internal {
 
@@ -31,18 +31,11 @@ TANDEM_HOST_DEVICE inline uint32_t Mix32(uint32_t x) {
   return x;
 }
 
-TANDEM_HOST_DEVICE inline uint64_t SplitMix64Step(uint64_t x) {
-  uint64_t z = x + 0x9E3779B97F4A7C15ull;
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  return z ^ (z >> 31);
-}
-
 // The key of one tensor's update: distinct for every (seed, step, tensor).
 TANDEM_HOST_DEVICE inline uint64_t NoiseKey(uint64_t seed, int64_t step, uint64_t tensor) {
-  uint64_t h = SplitMix64Step(seed);
-  h = SplitMix64Step(h ^ static_cast<uint64_t>(step));
-  return SplitMix64Step(h ^ tensor);
+  uint64_t h = SplitMix64(seed);
+  h = SplitMix64(h ^ static_cast<uint64_t>(step));
+  return SplitMix64(h ^ tensor);
 }
 
 // The two noise words of element i (see the header comment).
