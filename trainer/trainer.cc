@@ -508,6 +508,10 @@ Status OpenParallel(const TrainConfig& c, const TrainEnv& env, Session& s) {
                                      " ranks is not supported", c.peft.method == "lora" ? " with parallel.zero = 1" : "",
                                      ": LoRA trains on dp x cp x tp meshes without ZeRO; S2FT on one rank"));
   }
+  if (c.optimizer.precision != "f32") {  // (the config refuses explicit meshes; dp = 0 fills the world)
+    return UnimplementedError(StrCat("optimizer.precision = \"", c.optimizer.precision, "\" runs on one rank for now; ",
+                                     "this run has ", env.world->size(), " ranks (use \"f32\" on a mesh)"));
+  }
   if (s.device.is_cuda()) s.device = Device::Cuda(env.local_rank);
   TANDEM_ASSIGN_OR_RETURN(s.ctx, ops::Context::ForDevice(s.device));
   TANDEM_ASSIGN_OR_RETURN(s.par, internal::OpenParallelRun(c.parallel, *env.world, *s.ctx, env.local_rank));
@@ -527,11 +531,6 @@ Status OpenTokenizerAndDataParallel(const TrainConfig& c, Session& s) {
 
 // [parallel] Gradient reduction, global norm and AdamW over the mesh (parallel/optimizer.h).
 Status InitParallelOptimizer(const TrainConfig& c, Session& s) {
-  if (c.optimizer.precision != "f32") {
-    return UnimplementedError(StrCat("optimizer.precision = \"", c.optimizer.precision,
-                                     "\" runs on one rank for now; ", "this run has ",
-                                     s.par->world->size(), " ranks (use \"f32\" on a mesh)"));
-  }
   parallel::ParallelOptimizerOptions o;
   o.beta1 = static_cast<float>(c.train.beta1);
   o.beta2 = static_cast<float>(c.train.beta2);

@@ -126,6 +126,27 @@ TEST(TrainUnderMpi, LossesAndCheckpointMatchOneProcess) {
   EXPECT_TRUE(world.Close().ok());
 }
 
+// bf16 optimizer state is one rank only: under mpirun (dp = 0: the world) every rank refuses it
+// before building the model, naming the setting.
+TEST(TrainUnderMpi, Bf16OptimizerStateIsRefusedOnAMesh) {
+  auto world_or = collectives::CreateMpiWorld({.timeout_s = 60});
+  ASSERT_TRUE(world_or.ok()) << world_or.status().ToString();
+  Communicator& world = **world_or;
+  tandem::testing::TempDir tmp;
+  const std::string dir = tandem::testing::SharedDir(world, tmp);
+  std::vector<std::string> o = Overrides(dir, "bf16", 2);
+  o.push_back("optimizer.precision=\"bf16\"");
+  auto cfg = LoadTrainConfig("", o);
+  ASSERT_TRUE(cfg.ok()) << cfg.status().ToString();
+  TrainEnv env;
+  env.world = &world;
+  auto r = RunTraining(*cfg, "test", env);
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().code(), StatusCode::kUnimplemented) << r.status().ToString();
+  EXPECT_NE(r.status().message().find("optimizer.precision"), std::string::npos) << r.status().ToString();
+  EXPECT_TRUE(world.Close().ok());
+}
+
 }  // namespace
 }  // namespace tandem::trainer
 
