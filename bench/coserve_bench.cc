@@ -8,8 +8,8 @@
 //                        [--max-batch-tokens 2048]
 //                        [--ft-rank 8] [--ft-alpha 16] [--ft-targets q_proj,v_proj]
 //                        [--ft-lr 1e-4] [--ft-batch 8] [--ft-seq-len 256] [--ft-examples 4096]
-//                        [--ft-micro-tokens 1024] [--ft-busy-units 1] [--ft-seconds 15] [--ft-steps
-//                        0]
+//                        [--ft-micro-tokens 1024] [--ft-busy-units 1] [--ft-busy-sms 0]
+//                        [--ft-seconds 15] [--ft-steps 0]
 //                        [--progress-s 10] [--timeout-s 600]
 //
 // Model and inference adapters as tandem-serve_bench (bench/bench_workload.h). The fine-tuning
@@ -111,6 +111,7 @@ std::unique_ptr<serve::Engine> MakeEngine(Bench& b) {
   eo.finetune.micro_batch_tokens =
       b.args.Int("ft-micro-tokens", serve::FineTuneOptions{}.micro_batch_tokens);
   eo.finetune.busy_units = b.args.Int("ft-busy-units", 1);
+  eo.finetune.busy_sms = b.args.Int("ft-busy-sms", 0);
   auto engine = serve::Engine::Create(eo);
   if (!engine.ok()) Fail(b, engine.status());
   return std::move(engine).value();
@@ -387,7 +388,8 @@ json SetupJson(const Bench& b) {
             {"seq_len", a.Int("ft-seq-len", 256)},
             {"mean_example_tokens", mean_tokens},
             {"micro_tokens", a.Int("ft-micro-tokens", serve::FineTuneOptions{}.micro_batch_tokens)},
-            {"busy_units", a.Int("ft-busy-units", 1)}}},
+            {"busy_units", a.Int("ft-busy-units", 1)},
+            {"busy_sms", a.Int("ft-busy-sms", 0)}}},
           {"commit", GitCommit()},
           {"date", date}};
 }

@@ -5,6 +5,7 @@
 //
 //   tandem-infer_bench [--device cuda:0] [--batch 32] [--context 128] [--prefill 128]
 //                      [--adapters 8] [--rank 16] [--iters 20] [--graphs 1] [--all-linear 0]
+//                      [--sms 0]
 //                      [--layers 22 --hidden 2048 --inter 5632 --vocab 32000 --heads 32
 //                       --kv-heads 4]
 //
@@ -14,6 +15,9 @@
 // (ops/profiler.h), so that a slow case shows where its time goes. The decode floor is the bytes
 // one step must read (the weights, plus every sequence's K/V) over the device's copy bandwidth,
 // which the bench measures with a device-to-device copy of the weights' size.
+// --sms N runs the forwards on N streaming multiprocessors only (an SM partition,
+// ops::Context::CreateSmPartition; the copy still on the whole device): how a decode step slows
+// when other work holds the rest of the SMs.
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -144,6 +148,12 @@ int main(int argc, char** argv) {
     copy_gbps = 2.0 * static_cast<double>(weight_bytes) / s / 1e9;  // read + write
   }
   const int64_t kv_token_bytes = infer->kv_block_bytes() / kBlock * L;  // K and V, every layer
+  const int64_t sms = Flag(kv, "sms", 0);
+  if (sms > 0) {
+    const int got = Take(ctx->CreateSmPartition(static_cast<int>(sms)), "CreateSmPartition");
+    Check(ctx->UseSmPartition(true), "UseSmPartition");
+    std::fprintf(stderr, "forwards on an SM partition of %d SMs\n", got);
+  }
 
   auto batch = [&](bool decode, bool lora) {
     std::vector<serve::SeqChunk> seqs(B);
@@ -194,6 +204,7 @@ int main(int argc, char** argv) {
                           {"rank", rank},
                           {"all_linear", all_linear},
                           {"ms", ms},
+                          {"sms", sms},
                           {"cuda_graphs", graphs && decode && device.is_cuda()}};
       if (decode) j["ms_eager"] = ms_eager;
       if (decode && copy_gbps > 0) {

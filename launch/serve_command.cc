@@ -61,7 +61,10 @@ void PrintServeHelp() {
       "                            forward or half its backward) of fine-tuning per iteration, "
       "run\n"
       "                            beside inference at a lower priority; 0 = no limit (default "
-      "1)\n");
+      "1)\n"
+      "  --finetune-busy-sms N     GPU: while serving, fine-tuning kernels run on N SMs set\n"
+      "                            apart (a green context) and decode keeps the rest; 0 = none\n"
+      "                            (default)\n");
 }
 
 int UsageError(const std::string& message) {
@@ -127,6 +130,7 @@ std::string ApplyFlag(const std::string& flag, const std::string& value, ServeOp
       {"--max-waiting", &o->engine.max_waiting},
       {"--finetune-micro-batch-tokens", &o->engine.finetune.micro_batch_tokens},
       {"--finetune-busy-units", &o->engine.finetune.busy_units},
+      {"--finetune-busy-sms", &o->engine.finetune.busy_sms},
       {"--finetune-snapshot-steps", &o->engine.finetune.snapshot_every_steps}};
   const bool is_port = flag == "--port", is_threads = flag == "--threads";
   const bool is_graphs = flag == "--cuda-graphs";

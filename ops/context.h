@@ -64,6 +64,18 @@ class Context {
   // to keep the device busy with at most `depth` pieces queued ahead. OK at once on CPU.
   Status Pace(int depth);
 
+  // An SM partition (CUDA green contexts, driver 12.5 or later): CreateSmPartition(n) makes a
+  // second stream, at this context's priority, whose kernels run on `n` streaming
+  // multiprocessors only (rounded up to the device's partition granularity) and returns the SM
+  // count it got; UseSmPartition(true) sends what this context enqueues from then on to that
+  // stream, (false) back to the whole device. A switch orders the two streams with an event, so
+  // the context's work stays one sequence (Synchronize and Pace see both) and results do not
+  // depend on where it ran. FailedPrecondition on a CPU context, Unavailable where the driver
+  // or device has no green contexts, InvalidArgument for n outside [1, SMs - 1]; created once.
+  StatusOr<int> CreateSmPartition(int sms);
+  Status UseSmPartition(bool on);
+  bool in_sm_partition() const;
+
   internal::CudaResources* cuda() { return cuda_.get(); }
 
   // The profiler that times this context's ops (ops/profiler.h), or null (the default: each op
@@ -77,6 +89,7 @@ class Context {
   Allocator* allocator_ = nullptr;
   std::unique_ptr<Allocator> owned_allocator_;
   std::unique_ptr<internal::CudaResources> cuda_;
+  int priority_ = 0;  // the CUDA stream priority of kNormal/kHigh on this device
   Profiler* profiler_ = nullptr;
 };
 

@@ -1,8 +1,11 @@
 // The serving engine (serve/engine.h): request intake, the adapter registry and the engine thread.
 // The iteration itself (scheduling, the batched forward, sampling, events) is in
 // serve/engine_step.cc; both share serve/internal/engine_impl.h.
+#include <algorithm>
+#include <climits>
 #include <filesystem>
 
+#include "core/logging.h"
 #include "model/config.h"
 #include "peft/adapter_io.h"
 #include "peft/lora.h"
@@ -54,6 +57,20 @@ Status EngineImpl::Init(const EngineOptions& options) {
   }
   TANDEM_ASSIGN_OR_RETURN(ctx_, ops::Context::ForDevice(device, ops::StreamPriority::kHigh));
   TANDEM_ASSIGN_OR_RETURN(train_ctx_, ops::Context::ForDevice(device));
+  if (options.finetune.busy_sms < 0) {
+    return InvalidArgumentError(
+        StrCat("EngineOptions: finetune.busy_sms must be >= 0, found ", options.finetune.busy_sms));
+  }
+  if (options.finetune.busy_sms > 0 && train_ctx_->is_cuda()) {
+    StatusOr<int> sms = train_ctx_->CreateSmPartition(
+        static_cast<int>(std::min<int64_t>(options.finetune.busy_sms, INT32_MAX)));
+    if (!sms.ok()) return sms.status().WithContext("EngineOptions: finetune.busy_sms");
+    TANDEM_LOG(INFO, "serve") << "fine-tuning runs on " << *sms
+                              << " SMs set apart while requests are served";
+  } else if (options.finetune.busy_sms > 0) {
+    TANDEM_LOG(WARNING, "serve") << "finetune.busy_sms " << options.finetune.busy_sms
+                                 << " ignored on " << device.ToString() << " (no SMs to set apart)";
+  }
   TANDEM_ASSIGN_OR_RETURN(model::LlamaConfig config,
                           model::LoadLlamaConfig(options.model_dir + "/config.json"));
   model::ModelOptions mo;

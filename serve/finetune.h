@@ -94,6 +94,12 @@ struct FineTuneOptions {
   // run on the GPU beside the next decode steps at a lower stream priority; an idle engine puts
   // no limit. 0: no limit while serving either.
   int64_t busy_units = 1;
+  // CUDA only: > 0 sets this many streaming multiprocessors apart (a green context, rounded up
+  // to the device's granularity) on which fine-tuning kernels run while requests are being
+  // served, so that decode kernels never wait for its thread blocks on the others; an idle
+  // engine runs them on the whole device. Combine with busy_units 0 to let fine-tuning fill its
+  // partition. 0: none. The results do not depend on where the kernels ran.
+  int64_t busy_sms = 0;
   int64_t snapshot_every_steps = 10;  // and at every publication and when a job ends
 };
 

@@ -376,6 +376,11 @@ void EngineImpl::RunFineTune() {
     if (ft_grant_.seq == grant.seq) ft_grant_.units = 0;
     return;
   }
+  // While requests are served, on the SMs set apart for fine-tuning (when there are some).
+  if (options_.finetune.busy_sms > 0 && train_ctx_->is_cuda()) {
+    const Status lane = train_ctx_->UseSmPartition(!grant.idle);
+    if (!lane.ok()) return EndJob("failed", lane.ToString());
+  }
   // A few units per call, one while serving, so that every unit sees the newest grant.
   const int64_t units = grant.units == INT64_MAX ? kFineTuneUnitsPerCall : 1;
   StatusOr<std::optional<MicroBatchResult>> step =

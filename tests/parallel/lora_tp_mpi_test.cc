@@ -42,7 +42,10 @@ namespace tandem::parallel::testing {
 namespace {
 
 constexpr uint64_t kDropoutSeed = 4242;
-constexpr tandem::testing::Tolerance kLoraWeightTol{1e-5, 1e-5};
+// Adapter weights after kSteps AdamW steps at lr 1e-2, eps 1e-5: where an element's gradient is
+// about eps in size, an update moves with the gradient's last bits (d update / d m = lr / eps),
+// so the meshes' different summation orders may move it by a thousandth of a step per step.
+constexpr tandem::testing::Tolerance kLoraWeightTol{5e-5, 1e-5};
 
 peft::LoraConfig TestLoraConfig() {
   peft::LoraConfig c;

@@ -2,8 +2,9 @@
 // priority, beside inference's high-priority one; serve/internal/engine_impl.h). A LoRA job over
 // a small random bf16 model trains while 4 clients stream greedy completions: its step losses
 // and published adapter equal, bit for bit, those of whole micro-batches (busy_units 0, each
-// waited for) and of a run with no requests, so nothing the inference stream does reaches the
-// training math; every request finishes with all its tokens.
+// waited for), of whole micro-batches on 16 SMs set apart while requests run (busy_sms; CUDA
+// green contexts) and of a run with no requests, so nothing the inference stream does reaches
+// the training math; every request finishes with all its tokens.
 #include <gtest/gtest.h>
 
 #include <atomic>
@@ -86,11 +87,13 @@ TEST(CoserveGpu, FineTuningOnItsOwnStreamTrainsBitwiseBesideInference) {
   struct Run {
     int64_t busy_units;
     int clients;
+    int64_t busy_sms = 0;
   };
   std::vector<std::vector<double>> losses;
   std::vector<std::string> adapters;
-  for (const Run run : {Run{1, 4}, Run{0, 4}, Run{2, 0}}) {
-    SCOPED_TRACE(StrCat("busy_units ", run.busy_units, ", ", run.clients, " clients"));
+  for (const Run run : {Run{1, 4}, Run{0, 4}, Run{2, 0}, Run{0, 4, 16}}) {
+    SCOPED_TRACE(StrCat("busy_units ", run.busy_units, ", ", run.clients, " clients, busy_sms ",
+                        run.busy_sms));
     EngineOptions o;
     o.model_dir = dir.Join("model");
     o.model_name = "base";
@@ -100,6 +103,7 @@ TEST(CoserveGpu, FineTuningOnItsOwnStreamTrainsBitwiseBesideInference) {
     o.max_batch_tokens = 64;
     o.finetune.micro_batch_tokens = 48;
     o.finetune.busy_units = run.busy_units;
+    o.finetune.busy_sms = run.busy_sms;
     o.finetune.publish_dir = dir.Join(StrCat("adapters-", losses.size()));
     auto engine = std::move(Engine::Create(o)).value();
     FineTuneJobSpec spec;
@@ -162,11 +166,13 @@ TEST(CoserveGpu, FineTuningOnItsOwnStreamTrainsBitwiseBesideInference) {
         dir.Join(StrCat("adapters-", losses.size() - 1, "/pairs-v2/adapter_model.safetensors"))));
     EXPECT_FALSE(adapters.back().empty());
   }
-  ASSERT_EQ(losses.size(), 3u);
+  ASSERT_EQ(losses.size(), 4u);
   EXPECT_EQ(losses[0], losses[1]);
   EXPECT_EQ(losses[2], losses[1]);
+  EXPECT_EQ(losses[3], losses[1]);
   EXPECT_TRUE(adapters[0] == adapters[1]) << "sliced and whole micro-batches differ";
   EXPECT_TRUE(adapters[2] == adapters[1]) << "with and without requests differ";
+  EXPECT_TRUE(adapters[3] == adapters[1]) << "on the SMs set apart and on the whole device differ";
 }
 
 }  // namespace

@@ -282,6 +282,24 @@ TEST_F(CoserveTest, SlicedMicroBatchesTrainBitwiseTheWholeOnes) {
   EXPECT_TRUE(adapters[2] == adapters[1]);
 }
 
+// finetune.busy_sms sets SMs apart on a GPU; a CPU engine has none to set apart and runs as
+// without it (tests/serve/coserve_gpu_test.cc covers the GPU), and a negative count is refused.
+TEST_F(CoserveTest, BusySmsIsRefusedWhenNegativeAndHasNoEffectOnACpu) {
+  options_.finetune.busy_sms = -1;
+  StatusOr<std::unique_ptr<Engine>> bad = Engine::Create(options_);
+  ASSERT_FALSE(bad.ok());
+  EXPECT_EQ(bad.status().code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(bad.status().message().find("busy_sms"), std::string::npos) << bad.status().ToString();
+  options_.finetune.busy_sms = 8;
+  auto engine = MakeEngine();
+  StatusOr<FineTuneJobInfo> job = engine->CreateFineTuneJob(Spec(*engine, "pairs", 1, 4));
+  ASSERT_TRUE(job.ok()) << job.status().ToString();
+  const Outcome o = Generate(*engine, "base", kPairs[0].first + "=", 6, true);
+  EXPECT_TRUE(o.reason == "stop" || o.reason == "length") << o.error;
+  const FineTuneJobInfo done = WaitFinished(*engine, job->id);
+  EXPECT_EQ(done.status, "succeeded") << done.error;
+}
+
 // An S2FT job trains its blocks in LoRA form beside inference, with the one-hot factors frozen,
 // and publishes S2FT adapter directories that the server loads back: the served newest version
 // answers the task (so the export carries what was trained) and the base model never changes.
