@@ -5,6 +5,7 @@
 
 #include "ops/internal/op_util.h"
 #include "ops/internal/paged_attention_kernels.h"
+#include "ops/ops.h"
 #include "ops/profiler.h"
 
 namespace tandem::ops {
@@ -67,6 +68,43 @@ Status PagedKvWrite(Context& ctx, Tensor& kv, const Tensor& k, const Tensor& v, 
   }
   cpu::PagedKvWrite(s, kv.data<float>(), k.data<float>(), v.data<float>(), sl);
   return Status::Ok();
+}
+
+Status RopePagedKvWrite(Context& ctx, Tensor& qk, Tensor& kv, const Tensor& v,
+                        const Tensor& positions, const Tensor& inv_freq, const Tensor& slot,
+                        int64_t kv_heads, int64_t block_tokens) {
+  internal::OpChecker chk("RopePagedKvWrite", ctx);
+  if (!chk.Ranked(qk, "qk", 3)) return chk.status();
+  const Dim n{"N", qk.dim(0)}, h{"Hq+Hkv", qk.dim(1)}, d{"D", qk.dim(2)};
+  chk.Require(kv_heads > 0 && kv_heads < h.size, "kv_heads must be in [1, ", h.size - 1,
+              "] (qk holds q heads, then k heads), found ", kv_heads);
+  chk.Require(d.size % 2 == 0, "tensor 'qk': head dim D must be even, found shape ",
+              ShapeToString(qk.shape()));
+  if (!chk.ok() || !CheckPages(chk, ctx, kv, kv_heads, d.size, block_tokens)) return chk.status();
+  const Dim hkv{"Hkv", kv_heads};
+  chk.Expect(qk, "qk", {n, h, d}, {kv.dtype()}, Layout::TokenStrideFree());
+  chk.Expect(v, "v", {n, hkv, d}, {kv.dtype()}, Layout::TokenStrideFree());
+  chk.Expect(positions, "positions", {n}, {DType::kI32}, Layout::Contiguous());
+  chk.Expect(inv_freq, "inv_freq", {{"D/2", d.size / 2}}, {DType::kF32}, Layout::Contiguous());
+  chk.Expect(slot, "slot", {n}, {DType::kI32}, Layout::Contiguous());
+  if (!chk.ok()) return chk.status();
+  if (n.size == 0) return Status::Ok();
+#ifdef TANDEM_WITH_CUDA
+  if (ctx.is_cuda()) {
+    ProfileScope profile(ctx, "paged_attention");
+    const PagedShape s = MakeShape(kv, n.size, h.size - kv_heads, kv_heads, d.size, block_tokens, 0,
+                                   internal::LeadingStride(qk, 0), internal::LeadingStride(v, 0));
+    const cudaError_t err = cuda::RopePagedKvWrite(
+        internal::StreamOf(ctx), kv.dtype(), s, kv.raw_data(), qk.raw_data(), v.raw_data(),
+        positions.data<int32_t>(), inv_freq.data<float>(), slot.data<int32_t>());
+    return internal::CudaResult(err, "RopePagedKvWrite", ctx,
+                                [&] { return internal::Describe("qk", qk); });
+  }
+#endif
+  // The reference: the two ops it fuses.
+  TANDEM_RETURN_IF_ERROR(Rope(ctx, qk, qk, positions, inv_freq, false));
+  const Tensor k = qk.Slice(1, h.size - kv_heads, h.size);
+  return PagedKvWrite(ctx, kv, k, v, slot, block_tokens);
 }
 
 Status PagedAttention(Context& ctx, Tensor& out, const Tensor& q, const Tensor& kv,

@@ -33,6 +33,15 @@ namespace tandem::ops {
 Status PagedKvWrite(Context& ctx, Tensor& kv, const Tensor& k, const Tensor& v, const Tensor& slot,
                     int64_t block_tokens);
 
+// Decode's RoPE and KV write in one kernel: qk [N, Hq + Hkv, D] (q heads, then k heads; token
+// stride free) is rotated in place as ops::Rope(qk, qk, positions, inv_freq) does, and the rotated
+// k heads and v [N, Hkv, D] are written to the pages as PagedKvWrite does; the results are
+// bitwise those of the two ops. positions i32 [N], inv_freq f32 [D/2], slot i32 [N] (checked on
+// the host for CPU contexts only); qk, v and kv share the compute dtype; D even.
+Status RopePagedKvWrite(Context& ctx, Tensor& qk, Tensor& kv, const Tensor& v,
+                        const Tensor& positions, const Tensor& inv_freq, const Tensor& slot,
+                        int64_t kv_heads, int64_t block_tokens);
+
 // out[n, h] = softmax_j(scale * q[n, h] . K_j) V_j over positions j in [0, pos[n]] of request
 // req[n]. q, out [N, Hq, D] (token stride free); kv as above with Hkv kv heads; req, pos i32 [N];
 // block_table i32 [R, max_blocks] contiguous (entries past a request's length are not read).

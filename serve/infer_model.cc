@@ -216,14 +216,14 @@ Status InferModel::Layer(int64_t l, Buffers& b, Tensor& kv_pages) {
   // q | k | v columns of qkv: one fused delta (AdapterWeights' joined weights).
   TANDEM_RETURN_IF_ERROR(LoraDelta(l, LoraSite::kQkv, b.ln, b.qkv));
   const Tensor heads = b.qkv.View({N, H3, D});
-  const Tensor q = heads.Slice(1, 0, Hq);         // [N, Hq, D]
-  const Tensor k = heads.Slice(1, Hq, Hq + Hkv);  // [N, Hkv, D]
+  const Tensor q = heads.Slice(1, 0, Hq);  // [N, Hq, D]
   const Tensor v = heads.Slice(1, Hq + Hkv, H3);
-  // q and k are adjacent heads of qkv and rotate the same way: one call for both.
+  // q and k are adjacent heads of qkv and rotate the same way: one kernel rotates both and writes
+  // the rotated k and v to the layer's pages.
   Tensor qk = heads.Slice(1, 0, Hq + Hkv);
-  TANDEM_RETURN_IF_ERROR(ops::Rope(ctx_, qk, qk, b.positions, inv_freq_, false));
   const Tensor slots = b.slots.Slice(0, l, l + 1).View({N});
-  TANDEM_RETURN_IF_ERROR(ops::PagedKvWrite(ctx_, kv_pages, k, v, slots, block_tokens_));
+  TANDEM_RETURN_IF_ERROR(ops::RopePagedKvWrite(ctx_, qk, kv_pages, v, b.positions, inv_freq_, slots,
+                                               Hkv, block_tokens_));
   const Tensor table = b.tables.Slice(0, l, l + 1).View({b.r, b.max_blocks});
   Tensor attn = b.attn.View({N, Hq, D});
   TANDEM_RETURN_IF_ERROR(ops::PagedAttention(ctx_, attn, q, kv_pages, table, b.req, b.positions,

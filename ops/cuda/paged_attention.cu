@@ -43,6 +43,47 @@ __global__ void PagedKvWriteKernel(PagedShape s, T* kv, const T* k, const T* v,
   }
 }
 
+// ops::RopePagedKvWrite: block per token; as RopeKernel (ops/cuda/rope.cu), thread x owns
+// frequency i and thread y walks the q and k heads, rotating each pair in place with the same
+// arithmetic (sincosf, the same expressions), and a k head's rotated pair also goes to the page;
+// then the block copies the token's V row. Bitwise what Rope followed by PagedKvWrite write.
+template <typename T>
+__global__ void RopePagedKvWriteKernel(PagedShape s, T* kv, T* qk, const T* v,
+                                       const int32_t* positions, const float* inv_freq,
+                                       const int32_t* slot) {
+  const int64_t half = s.head_dim / 2, heads = s.q_heads + s.kv_heads;
+  const int64_t row = s.kv_heads * s.head_dim, k_offset = s.q_heads * s.head_dim;
+  const int threads = static_cast<int>(blockDim.x * blockDim.y);
+  const int flat = static_cast<int>(threadIdx.y * blockDim.x + threadIdx.x);
+  for (int64_t n = blockIdx.x; n < s.tokens; n += gridDim.x) {
+    const float pos = static_cast<float>(positions[n]);
+    const int64_t page = slot[n] / s.block_tokens, t = slot[n] % s.block_tokens;
+    T* kp = kv + page * s.page_stride + t * row;
+    T* vp = kp + s.block_tokens * row;
+    T* xn = qk + n * s.q_stride;
+    for (int64_t i = threadIdx.x; i < half; i += blockDim.x) {
+      const float angle = pos * inv_freq[i];
+      float sin_a, cos_a;
+      sincosf(angle, &sin_a, &cos_a);
+      for (int64_t h = threadIdx.y; h < heads; h += blockDim.y) {
+        const int64_t lo = h * 2 * half + i;
+        const float x1 = ToFloat(xn[lo]);
+        const float x2 = ToFloat(xn[lo + half]);
+        const T y1 = FromFloat<T>(x1 * cos_a - x2 * sin_a);
+        const T y2 = FromFloat<T>(x2 * cos_a + x1 * sin_a);
+        xn[lo] = y1;
+        xn[lo + half] = y2;
+        if (h >= s.q_heads) {
+          kp[lo - k_offset] = y1;
+          kp[lo - k_offset + half] = y2;
+        }
+      }
+    }
+    const T* vn = v + n * s.o_stride;
+    for (int64_t i = flat; i < row; i += threads) vp[i] = vn[i];
+  }
+}
+
 template <typename T, int kPerLane>
 __global__ void PagedAttentionKernel(PagedShape s, T* out, const T* q, const T* kv,
                                      const int32_t* block_table, const int32_t* req,
@@ -299,6 +340,24 @@ cudaError_t PagedKvWrite(cudaStream_t stream, DType dtype, const PagedShape& s, 
     const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(s.tokens, 65535));
     PagedKvWriteKernel<T><<<blocks, threads, 0, stream>>>(
         s, static_cast<T*>(kv), static_cast<const T*>(k), static_cast<const T*>(v), slot);
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t RopePagedKvWrite(cudaStream_t stream, DType dtype, const PagedShape& s, void* kv,
+                             void* qk, const void* v, const int32_t* positions,
+                             const float* inv_freq, const int32_t* slot) {
+  return DispatchF32Bf16(dtype, [&](auto tag) -> cudaError_t {
+    using T = typename decltype(tag)::type;
+    if (s.head_dim % 2 != 0) return cudaErrorInvalidValue;
+    if (s.tokens <= 0) return cudaSuccess;
+    // RopeKernel's block shape (ops/cuda/rope.cu).
+    const int64_t half = s.head_dim / 2, heads = s.q_heads + s.kv_heads;
+    const int bx = ThreadsFor(half, 128);
+    const int by = static_cast<int>(std::clamp<int64_t>(256 / bx, 1, heads));
+    RopePagedKvWriteKernel<T><<<RowGrid(s.tokens), dim3(bx, by), 0, stream>>>(
+        s, static_cast<T*>(kv), static_cast<T*>(qk), static_cast<const T*>(v), positions, inv_freq,
+        slot);
     return cudaGetLastError();
   });
 }

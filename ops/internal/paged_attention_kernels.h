@@ -37,6 +37,11 @@ void PagedAttention(const PagedShape& s, float* out, const float* q, const float
 namespace cuda {
 cudaError_t PagedKvWrite(cudaStream_t stream, DType dtype, const PagedShape& s, void* kv,
                          const void* k, const void* v, const int32_t* slot);
+// s.q_heads: the rotated-only (q) heads before the kv_heads k heads of qk; s.q_stride: qk's token
+// stride; s.o_stride: v's.
+cudaError_t RopePagedKvWrite(cudaStream_t stream, DType dtype, const PagedShape& s, void* kv,
+                             void* qk, const void* v, const int32_t* positions,
+                             const float* inv_freq, const int32_t* slot);
 cudaError_t PagedAttention(cudaStream_t stream, DType dtype, const PagedShape& s, void* out,
                            const void* q, const void* kv, const int32_t* block_table,
                            const int32_t* req, const int32_t* pos, float scale);

@@ -3,6 +3,9 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstring>
+#include <numeric>
+#include <random>
 #include <vector>
 
 #include "tests/ops/paged_attention_case.h"
@@ -93,6 +96,81 @@ TEST(PagedAttentionGpu, PrefillSizedBatchesMatchCpu) {
   RunCase(DType::kBF16, 64, bf16, 8, 2, 16, lens, queries);
   RunCase(DType::kBF16, 128, bf16, 16, 2, 16, lens, queries);
   RunCase(DType::kF32, 64, f32, 8, 2, 16, lens, queries);
+}
+
+// RopePagedKvWrite: bitwise Rope followed by PagedKvWrite on the GPU (the rotated q and k in
+// qkv, every page element), and the CPU reference within rounding. qk and v are views of one
+// fused qkv buffer as in the serving forward; odd token counts and page sizes, shuffled slots.
+void RunRopeKvCase(DType dtype, int64_t n, int64_t hq, int64_t hkv, int64_t d, int64_t block_tokens,
+                   testing::Tolerance tol) {
+  SCOPED_TRACE(::testing::Message() << DTypeName(dtype) << " N=" << n << " Hq=" << hq
+                                    << " Hkv=" << hkv << " D=" << d << " block=" << block_tokens);
+  auto cpu = Context::Cpu();
+  auto gpu = Context::Cuda(0).value();
+  const int64_t h3 = hq + 2 * hkv, pages = (n + block_tokens - 1) / block_tokens + 2;
+  const int64_t page_elems = 2 * block_tokens * hkv * d + 3;
+  std::mt19937 rng(static_cast<uint32_t>(n * 131 + d + hq));
+  std::vector<int32_t> slots(static_cast<size_t>(pages * block_tokens));
+  std::iota(slots.begin(), slots.end(), 0);
+  std::shuffle(slots.begin(), slots.end(), rng);
+  Tensor slot = Tensor::Cpu({n}, DType::kI32), pos = Tensor::Cpu({n}, DType::kI32);
+  for (int64_t i = 0; i < n; ++i) {
+    slot.data<int32_t>()[i] = slots[static_cast<size_t>(i)];
+    pos.data<int32_t>()[i] = static_cast<int32_t>(rng() % 5000);
+  }
+  Tensor inv_freq = Tensor::Cpu({d / 2}, DType::kF32);
+  for (int64_t i = 0; i < d / 2; ++i) {
+    inv_freq.data<float>()[i] = std::pow(10000.0f, -2.0f * static_cast<float>(i) / d);
+  }
+  Tensor qkv_r, kv_r;
+  const Tensor qkv_host = testing::RandomUniform({n, h3, d}, 40 + d);
+  const Tensor kv_host = testing::RandomUniform({pages, page_elems}, 41 + d);
+  Tensor qkv_fused = ToDevice(*gpu, qkv_host, dtype, &qkv_r);
+  Tensor qkv_split = ToDevice(*gpu, qkv_host, dtype, &qkv_r);
+  Tensor kv_fused = ToDevice(*gpu, kv_host, dtype, &kv_r);
+  Tensor kv_split = ToDevice(*gpu, kv_host, dtype, &kv_r);
+  auto dev = [&](const Tensor& t) { return CopyToDeviceBlocking(t, gpu->allocator()).value(); };
+  const Tensor d_slot = dev(slot), d_pos = dev(pos), d_freq = dev(inv_freq);
+
+  Tensor qk = qkv_fused.Slice(1, 0, hq + hkv);
+  const Tensor v = qkv_fused.Slice(1, hq + hkv, h3);
+  const Status fused =
+      RopePagedKvWrite(*gpu, qk, kv_fused, v, d_pos, d_freq, d_slot, hkv, block_tokens);
+  ASSERT_TRUE(fused.ok()) << fused.ToString();
+  Tensor qk2 = qkv_split.Slice(1, 0, hq + hkv);
+  ASSERT_TRUE(Rope(*gpu, qk2, qk2, d_pos, d_freq, false).ok());
+  const Tensor k2 = qkv_split.Slice(1, hq, hq + hkv), v2 = qkv_split.Slice(1, hq + hkv, h3);
+  ASSERT_TRUE(PagedKvWrite(*gpu, kv_split, k2, v2, d_slot, block_tokens).ok());
+  const Tensor got_qkv = CopyToHostBlocking(qkv_fused).value();
+  const Tensor want_qkv = CopyToHostBlocking(qkv_split).value();
+  const Tensor got_kv = CopyToHostBlocking(kv_fused).value();
+  const Tensor want_kv = CopyToHostBlocking(kv_split).value();
+  EXPECT_EQ(std::memcmp(got_qkv.raw_data(), want_qkv.raw_data(),
+                        static_cast<size_t>(got_qkv.num_bytes())),
+            0)
+      << "qkv differs from Rope's";
+  EXPECT_EQ(
+      std::memcmp(got_kv.raw_data(), want_kv.raw_data(), static_cast<size_t>(got_kv.num_bytes())),
+      0)
+      << "pages differ from PagedKvWrite's";
+
+  // The CPU reference on the same rounded inputs.
+  Tensor qk_r = qkv_r.Slice(1, 0, hq + hkv);
+  const Tensor v_r = qkv_r.Slice(1, hq + hkv, h3);
+  ASSERT_TRUE(RopePagedKvWrite(*cpu, qk_r, kv_r, v_r, pos, inv_freq, slot, hkv, block_tokens).ok());
+  EXPECT_TRUE(testing::AllClose(CastCpu(got_qkv, DType::kF32).value(), qkv_r, tol));
+  EXPECT_TRUE(testing::AllClose(CastCpu(got_kv, DType::kF32).value(), kv_r, tol));
+}
+
+TEST(PagedAttentionGpu, RopeKvWriteIsBitwiseRopeThenKvWrite) {
+  TANDEM_SKIP_WITHOUT_GPU();
+  const testing::Tolerance bf16{1e-2, 1e-2}, f32{1e-5, 1e-5};
+  RunRopeKvCase(DType::kBF16, 32, 32, 4, 64, 16, bf16);  // the 1.1B model's decode step
+  RunRopeKvCase(DType::kBF16, 1, 8, 2, 128, 16, bf16);
+  RunRopeKvCase(DType::kBF16, 33, 3, 1, 96, 5, bf16);
+  RunRopeKvCase(DType::kBF16, 300, 16, 8, 128, 7, bf16);  // a prefill chunk
+  RunRopeKvCase(DType::kF32, 7, 6, 2, 64, 3, f32);
+  RunRopeKvCase(DType::kF32, 17, 4, 4, 34, 16, f32);  // MHA, D not a multiple of 32
 }
 
 }  // namespace
