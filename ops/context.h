@@ -72,6 +72,9 @@ class Context {
   // the context's work stays one sequence (Synchronize and Pace see both) and results do not
   // depend on where it ran. FailedPrecondition on a CPU context, Unavailable where the driver
   // or device has no green contexts, InvalidArgument for n outside [1, SMs - 1]; created once.
+  // ops::WaitForStream and ops::Profiler make their events in the device's primary context, so
+  // they are for a context while it is on the whole device (the serving engine uses neither on
+  // its fine-tuning context).
   StatusOr<int> CreateSmPartition(int sms);
   Status UseSmPartition(bool on);
   bool in_sm_partition() const;

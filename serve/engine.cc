@@ -2,7 +2,7 @@
 // The iteration itself (scheduling, the batched forward, sampling, events) is in
 // serve/engine_step.cc; both share serve/internal/engine_impl.h.
 #include <algorithm>
-#include <climits>
+#include <cstdint>
 #include <filesystem>
 
 #include "core/logging.h"
