@@ -9,8 +9,9 @@
 // warp takes 32 / P positions per step and the block W * 32 / P. Each lane scores its
 // vector against the G queries (kept in shared memory, f32), the P lanes of a position sum the
 // partial dots with a butterfly shuffle, and every lane keeps G online softmaxes (running max,
-// denominator, its kVec elements of the weighted V sum) over the positions it saw. At the end the
-// W * 32 / P partial states per head are merged in a fixed order through shared memory.
+// denominator, its kVec elements of the weighted V sum) over the positions it saw, in base 2 (the
+// queries are scaled by log2(e) once). At the end the 32 / P states of a warp merge through
+// shuffles and the W warp states through shared memory, each in a fixed order.
 // W is 16 when the batch has few (token, kv head) pairs (decode: the grid alone would leave most
 // of the GPU idle and every block would walk its positions in many dependent steps), else 4.
 // Deterministic: the position-to-lane map and every reduction order depend only on the shapes.
@@ -152,40 +153,65 @@ struct Vec<bf16> {
   }
 };
 
-// Shared memory of the grouped kernel: queries [G][D], then per partial state (kStates of them)
-// and head: max [kStates][G], denominator [kStates][G], V sum [kStates][G][D]; all f32.
+// Shared memory of the grouped kernel: queries [G][D], then per warp (one partial state each)
+// and head: max [W][G], denominator [W][G], merge weight [W][G], V sum [W][G][D]; all f32.
 template <typename T, int G, int P, int W>
 struct GroupedShape {
   static constexpr int kVec = Vec<T>::kN;
   static constexpr int kD = P * kVec;
-  static constexpr int kPerWarp = 32 / P;  // positions a warp reads per step
-  static constexpr int kStates = W * kPerWarp;
+  static constexpr int kPerWarp = 32 / P;     // positions a warp reads per step
+  static constexpr int kStep = W * kPerWarp;  // positions a block reads per step
   static constexpr size_t kSmemBytes =
-      sizeof(float) * (G * kD + 2 * kStates * G + static_cast<size_t>(kStates) * G * kD);
+      sizeof(float) * (G * kD + 3 * W * G + static_cast<size_t>(W) * G * kD);
 };
 
+// Folds the online-softmax state (m, l, acc) of the lane `offset` away into this lane's (both
+// hold the same heads and vector). Scores are in log2 units; m = -inf is an empty state.
+template <int G, int kVec>
+__device__ __forceinline__ void MergeLanes(float (&m)[G], float (&l)[G], float (&acc)[G][kVec],
+                                           int offset) {
+  for (int g = 0; g < G; ++g) {
+    const float m_o = __shfl_xor_sync(0xffffffffu, m[g], offset);
+    const float l_o = __shfl_xor_sync(0xffffffffu, l[g], offset);
+    const float m_new = fmaxf(m[g], m_o);
+    const float c_self = m[g] == -INFINITY ? 0.0f : exp2f(m[g] - m_new);
+    const float c_o = m_o == -INFINITY ? 0.0f : exp2f(m_o - m_new);
+    l[g] = l[g] * c_self + l_o * c_o;
+    for (int e = 0; e < kVec; ++e) {
+      const float a_o = __shfl_xor_sync(0xffffffffu, acc[g][e], offset);
+      acc[g][e] = acc[g][e] * c_self + a_o * c_o;
+    }
+    m[g] = m_new;
+  }
+}
+
+// Block per (token, kv head), W warps. Each step a warp reads kPerWarp positions (P lanes a
+// position, one 16-byte vector a lane) and every lane keeps the online softmax of its positions
+// for the G query heads; at the end the kPerWarp states of a warp meet through shuffles, the W
+// warp states through shared memory (weights once per (warp, head)), in a fixed order.
 template <typename T, int G, int P, int W>
 __global__ void __launch_bounds__(32 * W)
     PagedAttentionGroupedKernel(PagedShape s, T* out, const T* q, const T* kv,
                                 const int32_t* block_table, const int32_t* req, const int32_t* pos,
                                 float scale) {
   using Geo = GroupedShape<T, G, P, W>;
-  constexpr int kVec = Geo::kVec, kD = Geo::kD, kStates = Geo::kStates;
+  constexpr int kVec = Geo::kVec, kD = Geo::kD, kStep = Geo::kStep;
+  constexpr float kLog2e = 1.4426950408889634f;
   extern __shared__ float smem[];
-  float* q_s = smem;                 // [G][D], pre-scaled
-  float* m_s = q_s + G * kD;         // [kStates][G]
-  float* l_s = m_s + kStates * G;    // [kStates][G]
-  float* acc_s = l_s + kStates * G;  // [kStates][G][D]
+  float* q_s = smem;           // [G][D], pre-scaled by scale * log2(e)
+  float* m_s = q_s + G * kD;   // [W][G]
+  float* l_s = m_s + W * G;    // [W][G]
+  float* w_s = l_s + W * G;    // [W][G]
+  float* acc_s = w_s + W * G;  // [W][G][D]
   const int64_t n = blockIdx.x / s.kv_heads, kvh = blockIdx.x % s.kv_heads;
   const int64_t row = s.kv_heads * kD;
   for (int i = threadIdx.x; i < G * kD; i += blockDim.x) {
     const int g = i / kD, d = i % kD;
-    q_s[i] = scale * ToFloat(q[n * s.q_stride + (kvh * G + g) * kD + d]);
+    q_s[i] = scale * kLog2e * ToFloat(q[n * s.q_stride + (kvh * G + g) * kD + d]);
   }
   __syncthreads();
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int slot = lane / P, part = lane % P;  // position within the warp's step, vector index
-  const int state = warp * Geo::kPerWarp + slot;
   const int32_t* table = block_table + static_cast<int64_t>(req[n]) * s.max_blocks;
   const int64_t len = static_cast<int64_t>(pos[n]) + 1;
   float m[G], l[G], acc[G][kVec];
@@ -194,8 +220,8 @@ __global__ void __launch_bounds__(32 * W)
     l[g] = 0.0f;
     for (int e = 0; e < kVec; ++e) acc[g][e] = 0.0f;
   }
-  for (int64_t j0 = 0; j0 < len; j0 += kStates) {
-    const int64_t j = j0 + state;
+  for (int64_t j0 = 0; j0 < len; j0 += kStep) {
+    const int64_t j = j0 + warp * Geo::kPerWarp + slot;
     const bool valid = j < len;
     float k[kVec], v[kVec];
     if (valid) {
@@ -212,29 +238,38 @@ __global__ void __launch_bounds__(32 * W)
       for (int off = P / 2; off > 0; off /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, off);
       if (!valid) continue;
       const float m_new = fmaxf(m[g], dot);
-      const float correction = expf(m[g] - m_new);  // 0 on the lane's first position
-      const float p = expf(dot - m_new);
+      const float correction = exp2f(m[g] - m_new);  // 0 on the lane's first position
+      const float p = exp2f(dot - m_new);
       l[g] = l[g] * correction + p;
       for (int e = 0; e < kVec; ++e) acc[g][e] = acc[g][e] * correction + p * v[e];
       m[g] = m_new;
     }
   }
-  // Partial states to shared memory (the P lanes of a slot hold the same m and l).
-  for (int g = 0; g < G; ++g) {
-    if (part == 0) {
-      m_s[state * G + g] = m[g];
-      l_s[state * G + g] = l[g];
+  // The warp's positions: slots meet pairwise (lane bits P, 2P, .. 16).
+  for (int offset = P; offset < 32; offset *= 2) MergeLanes<G, kVec>(m, l, acc, offset);
+  if (slot == 0) {
+    for (int g = 0; g < G; ++g) {
+      if (part == 0) {
+        m_s[warp * G + g] = m[g];
+        l_s[warp * G + g] = l[g];
+      }
+      for (int e = 0; e < kVec; ++e) acc_s[(warp * G + g) * kD + part * kVec + e] = acc[g][e];
     }
-    for (int e = 0; e < kVec; ++e) acc_s[(state * G + g) * kD + part * kVec + e] = acc[g][e];
+  }
+  __syncthreads();
+  // Each warp state's weight for head g: 2^(m - max over warps), 0 for an empty state.
+  for (int i = threadIdx.x; i < W * G; i += blockDim.x) {
+    const int g = i % G;
+    float m_all = -INFINITY;
+    for (int t = 0; t < W; ++t) m_all = fmaxf(m_all, m_s[t * G + g]);
+    w_s[i] = m_s[i] == -INFINITY ? 0.0f : exp2f(m_s[i] - m_all);
   }
   __syncthreads();
   for (int i = threadIdx.x; i < G * kD; i += blockDim.x) {
     const int g = i / kD, d = i % kD;
-    float m_all = -INFINITY;
-    for (int t = 0; t < kStates; ++t) m_all = fmaxf(m_all, m_s[t * G + g]);
     float denom = 0.0f, sum = 0.0f;
-    for (int t = 0; t < kStates; ++t) {
-      const float w = m_s[t * G + g] == -INFINITY ? 0.0f : expf(m_s[t * G + g] - m_all);
+    for (int t = 0; t < W; ++t) {
+      const float w = w_s[t * G + g];
       denom += w * l_s[t * G + g];
       sum += w * acc_s[(t * G + g) * kD + d];
     }
