@@ -72,7 +72,9 @@ cuda::AttentionShape ToCuda(const cpu::AttentionShape& s) {
   cuda::AttentionShape c{s.batch,    s.seq,      s.q_heads,  s.kv_heads, s.head_dim,
                          s.q_stride, s.k_stride, s.v_stride, s.o_stride};
   c.causal = s.causal;
-  c.allow_sm90 = GetAttentionKernel() == AttentionKernel::kAuto;
+  const AttentionKernel kernel = GetAttentionKernel();
+  c.allow_sm90 = kernel != AttentionKernel::kMmaSync;
+  c.fused_dq = kernel == AttentionKernel::kAuto;
   return c;
 }
 std::string DescribeShape(const cpu::AttentionShape& s) {

@@ -84,8 +84,11 @@ Status AttentionBackward(Context& ctx, Tensor& dq, Tensor& dk, Tensor& dv, const
 
 // Which CUDA attention kernels run (process-wide; every call reads it). kAuto: the Hopper
 // warpgroup (wgmma) kernels on devices of compute capability 9.0, the mma.sync kernels elsewhere;
-// kMmaSync: the mma.sync kernels everywhere (the benchmarks' and parity tests' comparison).
-enum class AttentionKernel { kAuto, kMmaSync };
+// on Hopper the backward computes dQ inside the dK/dV kernel (five products per tile, dQ summed
+// over key tiles in a fixed order through an f32 buffer). kWgmmaSplitDq: the wgmma kernels with
+// dQ in a kernel of its own that recomputes S and dP (seven products). kMmaSync: the mma.sync
+// kernels everywhere. The last two are the benchmarks' and parity tests' comparisons.
+enum class AttentionKernel { kAuto, kWgmmaSplitDq, kMmaSync };
 void SetAttentionKernel(AttentionKernel kernel);
 AttentionKernel GetAttentionKernel();
 

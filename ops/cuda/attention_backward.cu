@@ -5,7 +5,9 @@
 //   2. dK, dV: one block per (batch, kv head, key tile), attention_backward_dkdv.cuh;
 //   3. dQ: one block per (batch, query head, query tile), attention_backward_dq.cuh.
 // Every output element is written by exactly one thread after a reduction in a fixed order, so
-// results are bitwise reproducible; dq, dk and dv are overwritten (never read).
+// results are bitwise reproducible; dq, dk and dv are overwritten (never read). On compute
+// capability 9.0 with fused dQ (the default) kernel 3 is gone: the dK/dV kernel adds each key
+// tile's dS K into f32 partial sums in key-tile order (attention_backward_sm90a.cu).
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -24,7 +26,7 @@ namespace {
 // The three kernels for one head dim; the launch configurations are chosen in AttentionBackward.
 template <int kD, int kDkdvWarps, int kDkdvBM, int kDqWarps, int kDqBN>
 cudaError_t LaunchBackward(cudaStream_t stream, const BwdParams& p, const bf16* out, float* delta,
-                           int64_t batch, bool sm90) {
+                           int64_t batch, bool sm90, size_t fused_dq_bytes) {
   using DkdvTr = DkdvTraits<kD, kDkdvWarps, kDkdvBM>;
   using DqTr = DqTraits<kD, kDqWarps, kDqBN>;
   const int64_t rows = batch * p.seq * p.q_heads;
@@ -49,7 +51,7 @@ cudaError_t LaunchBackward(cudaStream_t stream, const BwdParams& p, const bf16* 
                              stream>>>(delta, out, p.dout, p.o_stride, p.seq, p.q_heads, rows);
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  if (sm90) return AttentionBackwardSm90(stream, p, batch, kD);
+  if (sm90) return AttentionBackwardSm90(stream, p, batch, kD, fused_dq_bytes);
   const dim3 dkdv_grid(static_cast<unsigned>(batch * p.kv_heads), static_cast<unsigned>(key_tiles));
   dkdv_kernel<<<dkdv_grid, DkdvTr::kThreads, DkdvTr::kSmemBytes, stream>>>(p);
   err = cudaGetLastError();
@@ -62,11 +64,37 @@ cudaError_t LaunchBackward(cudaStream_t stream, const BwdParams& p, const bf16* 
 }  // namespace
 }  // namespace attn
 
-size_t AttentionBackwardScratchBytes(const AttentionShape& s) {
-  const size_t delta_bytes = static_cast<size_t>(s.batch) * static_cast<size_t>(s.q_heads) *
-                             static_cast<size_t>(s.seq) * sizeof(float);  // delta [B, Hq, T]
-  return (delta_bytes + 255) / 256 * 256;
+namespace {
+
+size_t Align256(size_t bytes) { return (bytes + 255) / 256 * 256; }
+
+// The scratch of one backward: delta [B, Hq, T] f32; with fused dQ also the ordering counters
+// (dq_tiles per (batch, head), then the block ticket) and the f32 partial sums (64-row tiles).
+struct BackwardScratch {
+  size_t delta_bytes = 0, sem_bytes = 0, acc_bytes = 0;
+  int dq_tiles = 0;
+  size_t total() const { return delta_bytes + sem_bytes + acc_bytes; }
+};
+
+BackwardScratch ScratchOf(const AttentionShape& s) {
+  BackwardScratch b;
+  const size_t bh = static_cast<size_t>(s.batch) * static_cast<size_t>(s.q_heads);
+  const size_t seq = static_cast<size_t>(s.seq);
+  b.delta_bytes = Align256(bh * seq * sizeof(float));
+  // Fused dQ: head dim 64 with the wgmma kernels (attention_backward_sm90a.cu).
+  const bool fused = s.allow_sm90 && s.fused_dq && s.head_dim == 64 && attn::DeviceRunsSm90a();
+  if (fused) {
+    // 64-query tiles of the 128-row steps: at most ceil(T / 64) + 1 a head.
+    b.dq_tiles = static_cast<int>((s.seq + 63) / 64 + 1);
+    b.sem_bytes = Align256((bh * static_cast<size_t>(b.dq_tiles) + 1) * sizeof(int32_t));
+    b.acc_bytes = Align256(bh * static_cast<size_t>(b.dq_tiles) * 64 * 64 * sizeof(float));
+  }
+  return b;
 }
+
+}  // namespace
+
+size_t AttentionBackwardScratchBytes(const AttentionShape& s) { return ScratchOf(s).total(); }
 
 cudaError_t AttentionBackward(cudaStream_t stream, const AttentionShape& s, void* dq, void* dk,
                               void* dv, const void* dout, const void* q, const void* k,
@@ -77,8 +105,17 @@ cudaError_t AttentionBackward(cudaStream_t stream, const AttentionShape& s, void
       scratch == nullptr || scratch_bytes < AttentionBackwardScratchBytes(s)) {
     return cudaErrorInvalidValue;
   }
+  const BackwardScratch layout = ScratchOf(s);
   float* delta = static_cast<float*>(scratch);
-  attn::BwdParams p;
+  attn::BwdParams p{};
+  // Fused dQ writes dq in 16-byte stores.
+  if (layout.acc_bytes > 0 && s.q_stride % 8 == 0 && reinterpret_cast<uintptr_t>(dq) % 16 == 0) {
+    unsigned char* base = static_cast<unsigned char*>(scratch) + layout.delta_bytes;
+    p.dq_sem = reinterpret_cast<int32_t*>(base);
+    p.dq_ticket = p.dq_sem + static_cast<int64_t>(s.batch) * s.q_heads * layout.dq_tiles;
+    p.dq_acc = reinterpret_cast<float*>(base + layout.sem_bytes);
+    p.dq_tiles = layout.dq_tiles;
+  }
   p.dq = static_cast<attn::bf16*>(dq);
   p.dk = static_cast<attn::bf16*>(dk);
   p.dv = static_cast<attn::bf16*>(dv);
@@ -107,9 +144,11 @@ cudaError_t AttentionBackward(cudaStream_t stream, const AttentionShape& s, void
   // spill at D = 128. dQ: 4 warps x 16 rows per block, stepping over 64 keys.
   switch (s.head_dim) {
     case 64:
-      return attn::LaunchBackward<64, 4, 64, 4, 64>(stream, p, out_bf16, delta, s.batch, sm90);
+      return attn::LaunchBackward<64, 4, 64, 4, 64>(stream, p, out_bf16, delta, s.batch, sm90,
+                                                    layout.sem_bytes);
     case 128:
-      return attn::LaunchBackward<128, 4, 32, 4, 64>(stream, p, out_bf16, delta, s.batch, sm90);
+      return attn::LaunchBackward<128, 4, 32, 4, 64>(stream, p, out_bf16, delta, s.batch, sm90,
+                                                     layout.sem_bytes);
     default:
       return cudaErrorInvalidValue;
   }

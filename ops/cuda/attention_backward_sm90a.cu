@@ -11,6 +11,20 @@
 // streamed tile (dV += P^T dO, dK += dS^T Q, dQ += dS K, with P and dS from registers).
 // The streamed tile (queries for dK/dV, keys for dQ) holds one or more sub-tiles of 64 rows,
 // done one after the other between two barriers.
+//
+// Fused dQ (D = 64, the default there; BwdParams::dq_acc set): the dK/dV kernel also computes
+// dQ = dS K for every 64-query sub-tile it visits (dS^T goes through shared memory as the
+// transposed A operand) and no dQ kernel runs: 5 products per (query, key) tile instead of 7.
+// The block's second warpgroup adds these parts into f32 partial sums in global memory
+// (DqAccIndex's layout) while the first computes: the part is staged in shared memory and one
+// thread moves it with a bulk copy (the first key tile) or a bulk f32 add at the L2 (the
+// others), so the math warpgroup neither issues the additions nor waits for them. For
+// determinism the key tiles of a (batch, head, query sub-tile) add in key-tile order 0, 1, ..:
+// a counter per sub-tile says how many have, and key tile n's writer waits until it reads n.
+// Blocks take their key tiles from a ticket counter, so a block only waits for blocks that are
+// already running; every block walks its query tiles from the last one down with the heads
+// inner, so all key tiles reach a sub-tile at about the same time. DqConvertKernel then writes
+// dQ in bf16 (times the softmax scale).
 #include <cuda_runtime.h>
 
 #include <cmath>
@@ -86,25 +100,136 @@ __device__ __forceinline__ void ProbsFused(float (&s)[kBN / 8][4], float scale_l
     }
 }
 
+// Named barriers (ids 1.. ; 0 is __syncthreads) over `threads` threads: Sync waits for all of
+// them, Arrive counts this warp in and goes on.
+__device__ __forceinline__ void NamedBarrierSync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+__device__ __forceinline__ void NamedBarrierArrive(int id, int threads) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+// Moves this warpgroup's register budget to kRegs a thread (all its warps call it).
+template <int kRegs>
+__device__ __forceinline__ void SetMaxRegsInc() {
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegs));
+}
+template <int kRegs>
+__device__ __forceinline__ void SetMaxRegsDec() {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRegs));
+}
+// The ordering counters: an acquiring load, and a releasing store at GPU scope that also orders
+// the thread's completed bulk (async-proxy) writes before it.
+__device__ __forceinline__ int32_t LoadAcquireGpu(const int32_t* p) {
+  int32_t v;
+  asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+__device__ __forceinline__ void StoreReleaseGpu(int32_t* p, int32_t v) {
+  asm volatile(
+      "fence.proxy.async.global;\nfence.acq_rel.gpu;\nst.relaxed.gpu.global.b32 [%0], %1;\n" ::"l"(
+          p),
+      "r"(v)
+      : "memory");
+}
+// Bulk copy (add = false) or f32 add (add = true) of `bytes` bytes from shared to global memory,
+// in a bulk group of this thread; then WaitRead (the source may be reused) or Wait (done).
+__device__ __forceinline__ void BulkToGlobal(float* dst, uint32_t src, uint32_t bytes, bool add) {
+  if (add) {
+    asm volatile(
+        "cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n" ::"l"(dst),
+        "r"(src), "r"(bytes)
+        : "memory");
+  } else {
+    asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;\n" ::"l"(dst),
+                 "r"(src), "r"(bytes)
+                 : "memory");
+  }
+  asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
+}
+__device__ __forceinline__ void BulkWaitRead() {
+  asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory");
+}
+__device__ __forceinline__ void BulkWait() {
+  asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
+}
+
+// Fused dQ's f32 partial sums: [B * Hq][dq_tiles * 64 rows][64 columns], column c of row r at
+// r * 64 + (c ^ 8 * (r % 4)) (the permutation makes the staging stores conflict-free; the bulk
+// additions do not care, DqConvertKernel undoes it; 8 columns from c = 8k stay together).
+__host__ __device__ constexpr int64_t DqAccIndex(int64_t bh, int dq_tiles, int row, int col) {
+  return (bh * dq_tiles * 64 + row) * 64 + (col ^ ((row & 3) << 3));
+}
+// The staging tile of one 64 x 64 dQ part (f32, DqAccIndex's layout within a tile).
+__device__ __forceinline__ void StageDqPart(float* stage, const float (&part)[8][4], int warp,
+                                            int lane) {
+  const int g = lane >> 2;
+  const int t = lane & 3;
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    const int row = warp * 16 + g + 8 * hf;
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const int col = (i * 8 + 2 * t) ^ ((row & 3) << 3);
+      *reinterpret_cast<float2*>(stage + row * 64 + col) =
+          make_float2(part[i][2 * hf], part[i][2 * hf + 1]);
+    }
+  }
+}
+
+// dQ (bf16, token stride q_stride) = scale * the partial sums; a thread per 8 elements of a
+// row, grid.y = batch * Hq (its rows one after the other, so the reads are contiguous).
+__global__ void DqConvertKernel(const BwdParams p) {
+  const int i = static_cast<int>(blockIdx.x * blockDim.x + threadIdx.x);
+  if (i >= p.seq * 8) return;
+  const int t = i >> 3;
+  const int c = (i & 7) * 8;
+  const int bh = static_cast<int>(blockIdx.y);
+  const int b = bh / p.q_heads;
+  const int h = bh - b * p.q_heads;
+  const float4* src = reinterpret_cast<const float4*>(p.dq_acc + DqAccIndex(bh, p.dq_tiles, t, c));
+  const float4 x = __ldcs(src), y = __ldcs(src + 1);
+  uint4 out;
+  out.x = PackBf16x2(x.x * p.scale, x.y * p.scale);
+  out.y = PackBf16x2(x.z * p.scale, x.w * p.scale);
+  out.z = PackBf16x2(y.x * p.scale, y.y * p.scale);
+  out.w = PackBf16x2(y.z * p.scale, y.w * p.scale);
+  bf16* dq = p.dq + (static_cast<int64_t>(b) * p.seq + t) * p.q_stride + h * 64 + c;
+  *reinterpret_cast<uint4*>(dq) = out;
+}
+
 // ------------------------------------------------------------------------------------------
 // dK, dV: one block per (batch, kv head, tile of kBN = 64 * kGroups keys); the block walks the
-// query tiles (kBM rows) of every query head of the group that can see the tile, in order.
+// query tiles (kBM rows) of every query head of the group that can see the tile, in order
+// (fused dQ: the last query tile first, the heads inner).
 // ------------------------------------------------------------------------------------------
-template <int kD, int kGroups, int kBM>
+template <int kD, int kGroups, int kBM, bool kFusedDq>
 struct DkdvTraits {
-  static constexpr int kThreads = kGroups * 128;
+  static constexpr int kThreads = kGroups * 128;  // the math warpgroups
   static constexpr int kBN = kGroups * 64;
   static constexpr uint32_t kKVBytes = kBN * kD * 2;  // K or V tile
   static constexpr uint32_t kQBytes = kBM * kD * 2;   // one Q or dO buffer
-  static constexpr uint32_t kStatsOffset = 2 * kKVBytes + 4 * kQBytes;
-  // K | V | Q[2] | dO[2] | lse2[2][kBM] | delta[2][kBM] | query segment ids [2][kBM], + align
+  static constexpr uint32_t kDsBytes = kFusedDq ? kBN * 64 * 2 : 0;    // dS^T of a sub-tile
+  static constexpr uint32_t kStageBytes = kFusedDq ? 64 * 64 * 4 : 0;  // its dQ part, f32
+  static constexpr uint32_t kStatsOffset = 2 * kKVBytes + 4 * kQBytes + kDsBytes + kStageBytes;
+  // K | V | Q[2] | dO[2] | dS^T | dQ part | lse2[2][kBM] | delta[2][kBM] | query segment ids
+  // [2][kBM], + align
   static constexpr size_t kSmemBytes = kStatsOffset + 2 * kBM * 12 + 1024;
 };
 
-// grid: x = b * Hkv + kv head, y = key tiles (tile 0, which sees the most queries, starts first).
-template <int kD, int kGroups, int kBM, int kMinBlocks>
-__global__ void __launch_bounds__(kGroups * 128, kMinBlocks) DkdvKernel(const BwdParams p) {
-  using Tr = DkdvTraits<kD, kGroups, kBM>;
+// Fused dQ's barriers and register split: the math warpgroup's own, and the staging tile's
+// "full" (math -> writer) and "empty" (writer -> math) handshakes between it and the writer warp.
+constexpr int kMathBarrier = 1, kFullBarrier = 2, kEmptyBarrier = 3;
+constexpr int kHandshakeThreads = 128 + 32;
+constexpr int kMathRegs = 232, kWriterRegs = 24;
+
+// grid: x = b * Hkv + kv head, y = key tiles (tile 0, which sees the most queries, starts first;
+// fused dQ: the blocks take (x, y) from p.dq_ticket in that order, and a second warpgroup, of
+// which one warp works, adds the dQ parts).
+template <int kD, int kGroups, int kBM, int kMinBlocks, bool kFusedDq>
+__global__ void __launch_bounds__(kGroups * 128 * (kFusedDq ? 2 : 1), kMinBlocks)
+    DkdvKernel(const BwdParams p) {
+  using Tr = DkdvTraits<kD, kGroups, kBM, kFusedDq>;
+  static_assert(!kFusedDq || (kD == 64 && kGroups == 1), "fused dQ: head dim 64, one warpgroup");
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const uint32_t raw_addr = SmemAddr(smem_raw);
   const uint32_t pad = ((raw_addr + 1023u) & ~1023u) - raw_addr;
@@ -113,14 +238,77 @@ __global__ void __launch_bounds__(kGroups * 128, kMinBlocks) DkdvKernel(const Bw
   const uint32_t sv = sk + Tr::kKVBytes;
   const uint32_t sq = sv + Tr::kKVBytes;                             // [2]
   const uint32_t sdo = sq + 2 * Tr::kQBytes;                         // [2]
+  const uint32_t sds = sdo + 2 * Tr::kQBytes;                        // dS^T [kBN][64] bf16
+  const uint32_t sstage = sds + Tr::kDsBytes;                        // dQ part [64][64] f32
   float* slse2 = reinterpret_cast<float*>(smem + Tr::kStatsOffset);  // [2][kBM]
   float* sdelta = slse2 + 2 * kBM;                                   // [2][kBM]
   int32_t* sseg = reinterpret_cast<int32_t*>(sdelta + 2 * kBM);      // [2][kBM]
 
+  int block_x = static_cast<int>(blockIdx.x), block_y = static_cast<int>(blockIdx.y);
+  if constexpr (kFusedDq) {
+    __shared__ int work;
+    if (threadIdx.x == 0) work = atomicAdd(p.dq_ticket, 1);
+    __syncthreads();
+    block_x = work % static_cast<int>(gridDim.x);
+    block_y = work / static_cast<int>(gridDim.x);
+  }
   const int seq = p.seq;
-  const int b = blockIdx.x / p.kv_heads;
-  const int kvh = blockIdx.x % p.kv_heads;
-  const int k0 = blockIdx.y * Tr::kBN;
+  const int b = block_x / p.kv_heads;
+  const int kvh = block_x % p.kv_heads;
+  const int k0 = block_y * Tr::kBN;
+  // Iteration it visits query head kvh * group + it / nq, query tile qt_first + it % nq (fused
+  // dQ: head kvh * group + it % group, query tile qt_first + nq - 1 - it / group).
+  const int qt_first = p.causal ? k0 / kBM : 0;  // causal: queries before k0 see no key here
+  const int nq = CeilDiv(seq, kBM) - qt_first;
+  const int iters = p.group * nq;
+  auto head_of = [&](int it) { return kvh * p.group + (kFusedDq ? it % p.group : it / nq); };
+  auto tile_of = [&](int it) {
+    return kFusedDq ? qt_first + nq - 1 - it / p.group : qt_first + it % nq;
+  };
+  // The math threads' barrier (all threads' without fused dQ).
+  auto math_sync = [] {
+    if constexpr (kFusedDq) {
+      NamedBarrierSync(kMathBarrier, Tr::kThreads);
+    } else {
+      __syncthreads();
+    }
+  };
+
+  if constexpr (kFusedDq) {
+    if (threadIdx.x >= Tr::kThreads) {  // the writer warpgroup
+      SetMaxRegsDec<kWriterRegs>();
+      if (threadIdx.x >= Tr::kThreads + 32) return;
+      const int lane = threadIdx.x & 31;
+      const int last_tile = static_cast<int>(gridDim.y) - 1;
+      NamedBarrierArrive(kEmptyBarrier, kHandshakeThreads);  // the staging tile starts free
+      for (int it = 0; it < iters; ++it) {
+        for (int sub = 0; sub < kBM / 64; ++sub) {
+          const int qs0 = tile_of(it) * kBM + sub * 64;
+          if (p.causal && qs0 + 63 < k0) continue;  // as the math warpgroup
+          const int last = p.causal ? min(last_tile, (qs0 + 63) / Tr::kBN) : last_tile;
+          const int64_t bh = static_cast<int64_t>(b) * p.q_heads + head_of(it);
+          int32_t* sem = p.dq_sem + bh * p.dq_tiles + qs0 / 64;
+          NamedBarrierSync(kFullBarrier, kHandshakeThreads);  // the part is staged
+          if (lane == 0) {
+            while (LoadAcquireGpu(sem) != block_y) {
+            }
+            asm volatile("fence.proxy.async.global;\n" ::: "memory");
+            BulkToGlobal(p.dq_acc + DqAccIndex(bh, p.dq_tiles, qs0, 0), sstage, Tr::kStageBytes,
+                         block_y > 0);
+            BulkWaitRead();
+          }
+          __syncwarp();
+          NamedBarrierArrive(kEmptyBarrier, kHandshakeThreads);
+          if (lane == 0) {
+            BulkWait();
+            if (block_y < last) StoreReleaseGpu(sem, block_y + 1);
+          }
+        }
+      }
+      return;
+    }
+    SetMaxRegsInc<kMathRegs>();
+  }
   const int tid = threadIdx.x;
   const int group = tid >> 7;
   const int warp = (tid >> 5) & 3;
@@ -133,14 +321,9 @@ __global__ void __launch_bounds__(kGroups * 128, kMinBlocks) DkdvKernel(const Bw
   const bf16* v = p.v + b_tokens * p.v_stride + static_cast<int64_t>(kvh) * kD;
   const int32_t* seg = p.seg == nullptr ? nullptr : p.seg + b_tokens;
 
-  // Iteration it visits query head kvh * group + it / nq, query tile qt_first + it % nq.
-  const int qt_first = p.causal ? k0 / kBM : 0;  // causal: queries before k0 see no key here
-  const int nq = CeilDiv(seq, kBM) - qt_first;
-  const int iters = p.group * nq;
-
   auto load_q = [&](int it, int buf) {
-    const int h = kvh * p.group + it / nq;
-    const int qs = (qt_first + it % nq) * kBM;
+    const int h = head_of(it);
+    const int qs = tile_of(it) * kBM;
     const bf16* q = p.q + b_tokens * p.q_stride + static_cast<int64_t>(h) * kD;
     const bf16* dout = p.dout + b_tokens * p.o_stride + static_cast<int64_t>(h) * kD;
     LoadTileSwizzled<kBM, kD, Tr::kThreads>(sq + buf * Tr::kQBytes, q, p.q_stride, qs, seq, tid);
@@ -177,9 +360,9 @@ __global__ void __launch_bounds__(kGroups * 128, kMinBlocks) DkdvKernel(const Bw
     const int buf = it & 1;
     CpAsyncWaitAll();
     FenceProxyAsync();
-    __syncthreads();  // iteration it's tiles are visible; everyone is done with buffer buf ^ 1
+    math_sync();  // iteration it's tiles are visible; everyone is done with buffer buf ^ 1
     if (it + 1 < iters) load_q(it + 1, buf ^ 1);
-    const int q0 = (qt_first + it % nq) * kBM;
+    const int q0 = tile_of(it) * kBM;
     const uint32_t q_tile = sq + buf * Tr::kQBytes;
     const uint32_t do_tile = sdo + buf * Tr::kQBytes;
     const float* lse2 = slse2 + buf * kBM;
@@ -234,6 +417,11 @@ __global__ void __launch_bounds__(kGroups * 128, kMinBlocks) DkdvKernel(const Bw
         }
       uint32_t da[4][4];
       PackAll<64>(da, dp);  // dS^T
+      if constexpr (kFusedDq) {
+        // dS^T to shared memory for dQ, rounded to bf16 as da is.
+        StoreAccSwizzled<64>(smem + (sds - sk), Tr::kBN, 0, dp, 1.f, 1.f, warp, lane);
+        FenceProxyAsync();
+      }
 
       // dK += dS^T Q. (Left running into the next step, dK and dV serialize: ptxas does not
       // follow accumulators in flight across a loop's back edge.)
@@ -241,8 +429,30 @@ __global__ void __launch_bounds__(kGroups * 128, kMinBlocks) DkdvKernel(const Bw
 #pragma unroll
       for (int kk = 0; kk < 4; ++kk) WgmmaRS<kD>(dk, da[kk], DescMnMajor(q_sub, kBM, kk), 1);
       WgmmaCommit();
-      WgmmaWait<0>();
+      if constexpr (kFusedDq) {
+        // dQ part = dS K over the tile's 64 keys, staged for the writer warp.
+        math_sync();  // dS^T is complete
+        float dq_part[8][4];
+        WgmmaFence();
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) {
+          WgmmaSSTransposed<64>(dq_part, DescMnMajor(sds, Tr::kBN, kk),
+                                DescMnMajor(sk, Tr::kBN, kk), kk > 0);
+        }
+        WgmmaCommit();
+        WgmmaWait<0>();
+        PinAccumulator<8>(dq_part);
+        NamedBarrierSync(kEmptyBarrier, kHandshakeThreads);  // the last part has been read
+        StageDqPart(reinterpret_cast<float*>(smem + (sstage - sk)), dq_part, warp, lane);
+        FenceProxyAsync();
+        NamedBarrierArrive(kFullBarrier, kHandshakeThreads);
+      } else {
+        WgmmaWait<0>();
+      }
     }
+  }
+  if constexpr (kFusedDq) {
+    NamedBarrierSync(kEmptyBarrier, kHandshakeThreads);  // the writer's last arrival
   }
   PinAccumulator<kD / 8>(dv);
   PinAccumulator<kD / 8>(dk);
@@ -250,7 +460,7 @@ __global__ void __launch_bounds__(kGroups * 128, kMinBlocks) DkdvKernel(const Bw
   // The group's K and V rows were read only by its own (completed) wgmmas: stage the results.
   StoreAccSwizzled<kD>(smem, Tr::kBN, group * 64, dk, p.scale, p.scale, warp, lane);
   StoreAccSwizzled<kD>(smem + Tr::kKVBytes, Tr::kBN, group * 64, dv, 1.f, 1.f, warp, lane);
-  __syncthreads();
+  math_sync();
   StoreTileSwizzled<Tr::kBN, kD, Tr::kThreads>(
       p.dk + b_tokens * p.k_stride + static_cast<int64_t>(kvh) * kD, p.k_stride, k0, seq, smem,
       tid);
@@ -403,20 +613,39 @@ cudaError_t SetSmem(Kernel* kernel, size_t bytes) {
 
 template <int kD, int kDkdvGroups, int kDkdvBM, int kDqGroups, int kDqBN, int kDkdvMin = 1,
           int kDqMin = 1>
-cudaError_t Launch(cudaStream_t stream, const BwdParams& p, int64_t batch) {
-  using DkdvTr = DkdvTraits<kD, kDkdvGroups, kDkdvBM>;
+cudaError_t Launch(cudaStream_t stream, const BwdParams& p, int64_t batch, size_t sem_bytes) {
   using DqTr = DqTraits<kD, kDqGroups, kDqBN>;
-  const int64_t key_tiles = CeilDiv(p.seq, DkdvTr::kBN);
+  const int64_t key_tiles = CeilDiv(p.seq, kDkdvGroups * 64);
   const int64_t query_tiles = CeilDiv(p.seq, DqTr::kBM);
   if (batch * p.q_heads > 0x7fffffff || key_tiles > 65535 || query_tiles > 65535) {
     return cudaErrorInvalidConfiguration;
   }
-  auto* dkdv = DkdvKernel<kD, kDkdvGroups, kDkdvBM, kDkdvMin>;
+  const dim3 dkdv_grid(static_cast<unsigned>(batch * p.kv_heads), static_cast<unsigned>(key_tiles));
+  if constexpr (kD == 64 && kDkdvGroups == 1) {
+    // (DqConvertKernel's grid.y is batch * Hq; more than 65535 takes the split kernels.)
+    if (p.dq_acc != nullptr && batch * p.q_heads <= 65535) {
+      // The counters and sums must cover every 64-query sub-tile of the kDkdvBM-row steps.
+      if (p.dq_tiles < CeilDiv(p.seq, kDkdvBM) * (kDkdvBM / 64)) return cudaErrorInvalidValue;
+      using Tr = DkdvTraits<kD, 1, kDkdvBM, true>;
+      auto* fused = DkdvKernel<kD, 1, kDkdvBM, kDkdvMin, true>;
+      cudaError_t err = SetSmem(fused, Tr::kSmemBytes);
+      if (err == cudaSuccess) err = cudaMemsetAsync(p.dq_sem, 0, sem_bytes, stream);
+      if (err != cudaSuccess) return err;
+      fused<<<dkdv_grid, 2 * Tr::kThreads, Tr::kSmemBytes, stream>>>(p);
+      err = cudaGetLastError();
+      if (err != cudaSuccess) return err;
+      const dim3 convert_grid(static_cast<unsigned>(CeilDiv(p.seq * 8, 256)),
+                              static_cast<unsigned>(batch * p.q_heads));
+      DqConvertKernel<<<convert_grid, 256, 0, stream>>>(p);
+      return cudaGetLastError();
+    }
+  }
+  using DkdvTr = DkdvTraits<kD, kDkdvGroups, kDkdvBM, false>;
+  auto* dkdv = DkdvKernel<kD, kDkdvGroups, kDkdvBM, kDkdvMin, false>;
   auto* dq = DqKernel<kD, kDqGroups, kDqBN, kDqMin>;
   cudaError_t err = SetSmem(dkdv, DkdvTr::kSmemBytes);
   if (err == cudaSuccess) err = SetSmem(dq, DqTr::kSmemBytes);
   if (err != cudaSuccess) return err;
-  const dim3 dkdv_grid(static_cast<unsigned>(batch * p.kv_heads), static_cast<unsigned>(key_tiles));
   dkdv<<<dkdv_grid, DkdvTr::kThreads, DkdvTr::kSmemBytes, stream>>>(p);
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;
@@ -429,7 +658,7 @@ cudaError_t Launch(cudaStream_t stream, const BwdParams& p, int64_t batch) {
 }  // namespace sm90
 
 cudaError_t AttentionBackwardSm90(cudaStream_t stream, const BwdParams& p, int64_t batch,
-                                  int head_dim) {
+                                  int head_dim, size_t sem_bytes) {
   // Measured on an H100 (docs/benchmarks.md). D = 64: one warpgroup per block (the products are
   // short, so independent blocks keep the tensor cores fed); dK/dV over 64 keys stepping 128
   // queries, two blocks per SM; dQ over 64 queries stepping 64 keys, three blocks per SM (152
@@ -438,9 +667,9 @@ cudaError_t AttentionBackwardSm90(cudaStream_t stream, const BwdParams& p, int64
   // barriers and loads per product.
   switch (head_dim) {
     case 64:
-      return sm90::Launch<64, 1, 128, 1, 64, 2, 3>(stream, p, batch);
+      return sm90::Launch<64, 1, 128, 1, 64, 2, 3>(stream, p, batch, sem_bytes);
     case 128:
-      return sm90::Launch<128, 2, 128, 2, 128>(stream, p, batch);
+      return sm90::Launch<128, 2, 128, 2, 128>(stream, p, batch, sem_bytes);
     default:
       return cudaErrorInvalidValue;
   }

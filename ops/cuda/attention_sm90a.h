@@ -18,8 +18,10 @@ bool DeviceRunsSm90a();
 cudaError_t AttentionForwardSm90(cudaStream_t stream, const FwdParams& p, int64_t batch,
                                  int head_dim);
 // The dK/dV and dQ kernels of attention_backward_sm90a.cu (p.delta must be computed already);
-// head_dim 64 or 128 (cudaErrorInvalidValue else).
+// head_dim 64 or 128 (cudaErrorInvalidValue else). With p.dq_acc set, dQ is computed inside the
+// dK/dV kernel; the counters at p.dq_sem (sem_bytes of them, the ticket included) are zeroed on
+// the stream first.
 cudaError_t AttentionBackwardSm90(cudaStream_t stream, const BwdParams& p, int64_t batch,
-                                  int head_dim);
+                                  int head_dim, size_t sem_bytes);
 
 }  // namespace tandem::ops::cuda::attn

@@ -11,9 +11,10 @@
 //   - K-major (the reduction runs along the row, e.g. Q and K in S = Q K^T): 8-row groups are
 //     1024 bytes apart (SBO); the leading offset is unused. A k-step of 16 columns moves the start
 //     address by 32 bytes inside a panel; k-steps 4.. move on to the next panel.
-//   - MN-major (the reduction runs down the rows, e.g. V in O = P V, transposed B): 64 columns of
-//     N per panel, panels LBO = R * 128 bytes apart; 8-row groups (of the reduction) 1024 bytes
-//     apart (SBO). A k-step of 16 rows moves the start address by 2048 bytes.
+//   - MN-major (the reduction runs down the rows, e.g. V in O = P V, transposed B; or a
+//     transposed A, dS stored as dS^T in dQ = dS K): 64 columns of N (or M) per panel, panels LBO =
+//     R * 128 bytes apart; 8-row groups (of the reduction) 1024 bytes apart (SBO). A k-step of 16
+//     rows moves the start address by 2048 bytes.
 // (PTX ISA, "Shared Memory Matrix Layout", canonical layouts with 128B swizzling, T = 8 bf16.)
 //
 // Accumulators: a warpgroup's m64nN f32 result is d[N / 8][4]; warp w of the group holds rows
@@ -146,6 +147,10 @@ __device__ __forceinline__ void StoreTileSwizzled(bf16* gmem, int64_t row_stride
 // d (= or +=) A . B for one k-step, A and B from shared memory (descriptors), B K-major.
 template <int kN>
 __device__ void WgmmaSS(float (&d)[kN / 8][4], uint64_t desc_a, uint64_t desc_b, int accumulate);
+// d (= or +=) A . B for one k-step, A and B from shared memory, both MN-major (transposed).
+template <int kN>
+__device__ void WgmmaSSTransposed(float (&d)[kN / 8][4], uint64_t desc_a, uint64_t desc_b,
+                                  int accumulate);
 // d (= or +=) A . B for one k-step, A from registers (a PackA fragment per warp), B MN-major.
 template <int kN>
 __device__ void WgmmaRS(float (&d)[kN / 8][4], const uint32_t (&a)[4], uint64_t desc_b,
@@ -162,6 +167,26 @@ __device__ __forceinline__ void WgmmaSS<64>(float (&d)[8][4], uint64_t desc_a, u
       "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
       "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
       "}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]),
+        "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]),
+        "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]),
+        "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]),
+        "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]),
+        "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]),
+        "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]),
+        "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
+      : "l"(desc_a), "l"(desc_b), "r"(accumulate));
+}
+
+template <>
+__device__ __forceinline__ void WgmmaSSTransposed<64>(float (&d)[8][4], uint64_t desc_a,
+                                                      uint64_t desc_b, int accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+      "}, %32, %33, p, 1, 1, 1, 1;\n}\n"
       : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]),
         "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]),
         "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]),

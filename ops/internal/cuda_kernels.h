@@ -58,6 +58,9 @@ struct AttentionShape {
   // Use the wgmma kernels on devices of compute capability 9.0 (ops::AttentionKernel::kAuto);
   // false: the mma.sync kernels everywhere.
   bool allow_sm90 = true;
+  // With the wgmma kernels: dQ inside the dK/dV kernel (needs the larger scratch that
+  // AttentionBackwardScratchBytes then asks for); false: dQ in its own kernel.
+  bool fused_dq = true;
 };
 // bf16 only. lse f32 [B, Hq, T]. segment_ids nullable [B, T].
 size_t AttentionBackwardScratchBytes(const AttentionShape& s);
@@ -65,7 +68,8 @@ cudaError_t AttentionForward(cudaStream_t stream, const AttentionShape& s, void*
                              const void* q, const void* k, const void* v, float scale,
                              const int32_t* segment_ids);
 // dq/dk/dv token strides: dq uses q_stride, dk k_stride, dv v_stride (views into a fused dqkv
-// shaped like the fused qkv). scratch: f32 space for accumulation, AttentionBackwardScratchBytes.
+// shaped like the fused qkv). scratch: AttentionBackwardScratchBytes(s) bytes (delta, and with
+// fused dQ its f32 partial sums [B, Hq, T, D] and ordering counters).
 cudaError_t AttentionBackward(cudaStream_t stream, const AttentionShape& s, void* dq, void* dk,
                               void* dv, const void* dout, const void* q, const void* k,
                               const void* v, const void* out, const float* lse, float scale,

@@ -344,8 +344,12 @@ void AddAttentionCases(std::vector<ParityCase>& cases) {
              return {{"out", r.Fetch(out), kBf16Reduce}, {"lse", r.Fetch(lse), kF32Accumulated}};
            }});
     }
-    for (const AttentionKernel kernel : {AttentionKernel::kAuto, AttentionKernel::kMmaSync}) {
-      const std::string suffix = kernel == AttentionKernel::kMmaSync ? "_mma" : "";
+    // kAuto on an H100: dQ inside the dK/dV kernel; "_split": the wgmma dQ kernel of its own.
+    for (const AttentionKernel kernel :
+         {AttentionKernel::kAuto, AttentionKernel::kWgmmaSplitDq, AttentionKernel::kMmaSync}) {
+      const std::string suffix = kernel == AttentionKernel::kMmaSync        ? "_mma"
+                                 : kernel == AttentionKernel::kWgmmaSplitDq ? "_split"
+                                                                            : "";
       cases.push_back({"AttentionBackward" + name + suffix, [=](Runner& r) -> Outputs {
                          const AttentionKernelScope use(kernel);
                          Qkv in;
