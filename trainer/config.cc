@@ -19,6 +19,11 @@ void ModelSection::Describe(ConfigSchema<ModelSection>& s) {
   s.Field("max_position_embeddings", &ModelSection::max_position_embeddings, "longest sequence").Min(1);
   s.Field("init_std", &ModelSection::init_std, "std of the normal init of linears and embeddings").Min(0.0);
   s.Field("recompute", &ModelSection::recompute, "recompute each block in backward (saves memory)");
+  s.Field("attention_kernel", &ModelSection::attention_kernel,
+          "CUDA attention kernels: auto (the fastest for the device), wgmma_split_dq (Hopper, the "
+          "backward's dQ in a kernel of its own) or mma_sync (any GPU); the last two for "
+          "comparisons")
+      .OneOf({"auto", "wgmma_split_dq", "mma_sync"});
   s.Field(
        "offload", &ModelSection::offload,
        "where the decoder layers' weights live: none (the device), host (CPU memory, streamed to "

@@ -28,6 +28,9 @@ struct ModelSection {
   int64_t max_position_embeddings = 4096;
   double init_std = 0.02;
   bool recompute = false;
+  // The CUDA attention kernels (ops::AttentionKernel, process-wide): "auto", "wgmma_split_dq" or
+  // "mma_sync"; the last two are for comparisons.
+  std::string attention_kernel = "auto";
   // "host": the decoder layers' weights live in CPU memory and are streamed to the device a layer
   // ahead (model::ModelOptions::stream_layers); "nvme": in a file under nvme_path, read a layer
   // ahead with O_DIRECT (trainer/internal/layer_file.h).

@@ -281,6 +281,10 @@ Status OpenTokenizerAndData(const TrainConfig& c, Session& s) {
 Status OpenModel(const TrainConfig& c, Session& s) {
   TANDEM_ASSIGN_OR_RETURN(s.mcfg, BuildModelConfig(c.model, s.tokenizer->vocab_size()));
   s.lora = c.peft.method == "lora";
+  ops::SetAttentionKernel(c.model.attention_kernel == "mma_sync" ? ops::AttentionKernel::kMmaSync
+                          : c.model.attention_kernel == "wgmma_split_dq"
+                              ? ops::AttentionKernel::kWgmmaSplitDq
+                              : ops::AttentionKernel::kAuto);
   model::ModelOptions mopt;
   mopt.recompute = c.model.recompute;
   mopt.trainable = !s.lora && c.peft.method != "s2ft";
