@@ -81,13 +81,15 @@ BackwardScratch ScratchOf(const AttentionShape& s) {
   const size_t bh = static_cast<size_t>(s.batch) * static_cast<size_t>(s.q_heads);
   const size_t seq = static_cast<size_t>(s.seq);
   b.delta_bytes = Align256(bh * seq * sizeof(float));
-  // Fused dQ: head dim 64 with the wgmma kernels (attention_backward_sm90a.cu).
-  const bool fused = s.allow_sm90 && s.fused_dq && s.head_dim == 64 && attn::DeviceRunsSm90a();
+  // Fused dQ: the wgmma kernels (attention_backward_sm90a.cu).
+  const bool fused = s.allow_sm90 && s.fused_dq && (s.head_dim == 64 || s.head_dim == 128) &&
+                     attn::DeviceRunsSm90a();
   if (fused) {
     // 64-query tiles of the 128-row steps: at most ceil(T / 64) + 1 a head.
     b.dq_tiles = static_cast<int>((s.seq + 63) / 64 + 1);
     b.sem_bytes = Align256((bh * static_cast<size_t>(b.dq_tiles) + 1) * sizeof(int32_t));
-    b.acc_bytes = Align256(bh * static_cast<size_t>(b.dq_tiles) * 64 * 64 * sizeof(float));
+    b.acc_bytes = Align256(bh * static_cast<size_t>(b.dq_tiles) * 64 *
+                           static_cast<size_t>(s.head_dim) * sizeof(float));
   }
   return b;
 }

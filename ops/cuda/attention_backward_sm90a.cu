@@ -12,10 +12,11 @@
 // The streamed tile (queries for dK/dV, keys for dQ) holds one or more sub-tiles of 64 rows,
 // done one after the other between two barriers.
 //
-// Fused dQ (D = 64, the default there; BwdParams::dq_acc set): the dK/dV kernel also computes
-// dQ = dS K for every 64-query sub-tile it visits (dS^T goes through shared memory as the
-// transposed A operand) and no dQ kernel runs: 5 products per (query, key) tile instead of 7.
-// The block's second warpgroup adds these parts into f32 partial sums in global memory
+// Fused dQ (the default; BwdParams::dq_acc set): the dK/dV kernel also computes dQ = dS K for
+// every 64-query sub-tile it visits (dS^T goes through shared memory as the transposed A
+// operand; with two math warpgroups each takes 64 columns of dQ) and no dQ kernel runs: 5
+// products per (query, key) tile instead of 7. A further warpgroup of the block (one of its warps
+// works, with 24 registers) adds these parts into f32 partial sums in global memory
 // (DqAccIndex's layout) while the first computes: the part is staged in shared memory and one
 // thread moves it with a bulk copy (the first key tile) or a bulk f32 add at the L2 (the
 // others), so the math warpgroup neither issues the additions nor waits for them. For
@@ -153,15 +154,18 @@ __device__ __forceinline__ void BulkWait() {
   asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory");
 }
 
-// Fused dQ's f32 partial sums: [B * Hq][dq_tiles * 64 rows][64 columns], column c of row r at
-// r * 64 + (c ^ 8 * (r % 4)) (the permutation makes the staging stores conflict-free; the bulk
+// Fused dQ's f32 partial sums: [B * Hq][dq_tiles * 64 rows][kD columns], column c of row r at
+// r * kD + (c ^ 8 * (r % 4)) (the permutation makes the staging stores conflict-free; the bulk
 // additions do not care, DqConvertKernel undoes it; 8 columns from c = 8k stay together).
+template <int kD>
 __host__ __device__ constexpr int64_t DqAccIndex(int64_t bh, int dq_tiles, int row, int col) {
-  return (bh * dq_tiles * 64 + row) * 64 + (col ^ ((row & 3) << 3));
+  return (bh * dq_tiles * 64 + row) * kD + (col ^ ((row & 3) << 3));
 }
-// The staging tile of one 64 x 64 dQ part (f32, DqAccIndex's layout within a tile).
-__device__ __forceinline__ void StageDqPart(float* stage, const float (&part)[8][4], int warp,
-                                            int lane) {
+// A warpgroup's 64 x 64 dQ part (columns col0 ..) into the staging tile of a sub-tile's 64 x kD
+// (f32, DqAccIndex's layout within a tile).
+template <int kD>
+__device__ __forceinline__ void StageDqPart(float* stage, const float (&part)[8][4], int col0,
+                                            int warp, int lane) {
   const int g = lane >> 2;
   const int t = lane & 3;
 #pragma unroll
@@ -169,8 +173,8 @@ __device__ __forceinline__ void StageDqPart(float* stage, const float (&part)[8]
     const int row = warp * 16 + g + 8 * hf;
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
-      const int col = (i * 8 + 2 * t) ^ ((row & 3) << 3);
-      *reinterpret_cast<float2*>(stage + row * 64 + col) =
+      const int col = (col0 + i * 8 + 2 * t) ^ ((row & 3) << 3);
+      *reinterpret_cast<float2*>(stage + row * kD + col) =
           make_float2(part[i][2 * hf], part[i][2 * hf + 1]);
     }
   }
@@ -178,22 +182,24 @@ __device__ __forceinline__ void StageDqPart(float* stage, const float (&part)[8]
 
 // dQ (bf16, token stride q_stride) = scale * the partial sums; a thread per 8 elements of a
 // row, grid.y = batch * Hq (its rows one after the other, so the reads are contiguous).
+template <int kD>
 __global__ void DqConvertKernel(const BwdParams p) {
   const int i = static_cast<int>(blockIdx.x * blockDim.x + threadIdx.x);
-  if (i >= p.seq * 8) return;
-  const int t = i >> 3;
-  const int c = (i & 7) * 8;
+  if (i >= p.seq * (kD / 8)) return;
+  const int t = i / (kD / 8);
+  const int c = (i % (kD / 8)) * 8;
   const int bh = static_cast<int>(blockIdx.y);
   const int b = bh / p.q_heads;
   const int h = bh - b * p.q_heads;
-  const float4* src = reinterpret_cast<const float4*>(p.dq_acc + DqAccIndex(bh, p.dq_tiles, t, c));
+  const float4* src =
+      reinterpret_cast<const float4*>(p.dq_acc + DqAccIndex<kD>(bh, p.dq_tiles, t, c));
   const float4 x = __ldcs(src), y = __ldcs(src + 1);
   uint4 out;
   out.x = PackBf16x2(x.x * p.scale, x.y * p.scale);
   out.y = PackBf16x2(x.z * p.scale, x.w * p.scale);
   out.z = PackBf16x2(y.x * p.scale, y.y * p.scale);
   out.w = PackBf16x2(y.z * p.scale, y.w * p.scale);
-  bf16* dq = p.dq + (static_cast<int64_t>(b) * p.seq + t) * p.q_stride + h * 64 + c;
+  bf16* dq = p.dq + (static_cast<int64_t>(b) * p.seq + t) * p.q_stride + h * kD + c;
   *reinterpret_cast<uint4*>(dq) = out;
 }
 
@@ -209,27 +215,31 @@ struct DkdvTraits {
   static constexpr uint32_t kKVBytes = kBN * kD * 2;  // K or V tile
   static constexpr uint32_t kQBytes = kBM * kD * 2;   // one Q or dO buffer
   static constexpr uint32_t kDsBytes = kFusedDq ? kBN * 64 * 2 : 0;    // dS^T of a sub-tile
-  static constexpr uint32_t kStageBytes = kFusedDq ? 64 * 64 * 4 : 0;  // its dQ part, f32
+  static constexpr uint32_t kStageBytes = kFusedDq ? 64 * kD * 4 : 0;  // its dQ, f32
   static constexpr uint32_t kStatsOffset = 2 * kKVBytes + 4 * kQBytes + kDsBytes + kStageBytes;
   // K | V | Q[2] | dO[2] | dS^T | dQ part | lse2[2][kBM] | delta[2][kBM] | query segment ids
   // [2][kBM], + align
   static constexpr size_t kSmemBytes = kStatsOffset + 2 * kBM * 12 + 1024;
 };
 
-// Fused dQ's barriers and register split: the math warpgroup's own, and the staging tile's
-// "full" (math -> writer) and "empty" (writer -> math) handshakes between it and the writer warp.
+// Fused dQ's barriers: the math warpgroups' own, and the staging tile's "full" (math -> writer)
+// and "empty" (writer -> math) handshakes between them and the writer warp; the writer
+// warpgroup's registers a thread.
 constexpr int kMathBarrier = 1, kFullBarrier = 2, kEmptyBarrier = 3;
-constexpr int kHandshakeThreads = 128 + 32;
-constexpr int kMathRegs = 232, kWriterRegs = 24;
+constexpr int kWriterRegs = 24;
+// The math warpgroups' registers a thread once the writer warpgroup has given up its own
+// (setmaxnreg; two blocks an SM with one math warpgroup, one block with two).
+constexpr int MathRegs(int groups) { return groups == 1 ? 232 : 240; }
 
 // grid: x = b * Hkv + kv head, y = key tiles (tile 0, which sees the most queries, starts first;
 // fused dQ: the blocks take (x, y) from p.dq_ticket in that order, and a second warpgroup, of
 // which one warp works, adds the dQ parts).
 template <int kD, int kGroups, int kBM, int kMinBlocks, bool kFusedDq>
-__global__ void __launch_bounds__(kGroups * 128 * (kFusedDq ? 2 : 1), kMinBlocks)
+__global__ void __launch_bounds__(kGroups * 128 + (kFusedDq ? 128 : 0), kMinBlocks)
     DkdvKernel(const BwdParams p) {
   using Tr = DkdvTraits<kD, kGroups, kBM, kFusedDq>;
-  static_assert(!kFusedDq || (kD == 64 && kGroups == 1), "fused dQ: head dim 64, one warpgroup");
+  static_assert(!kFusedDq || kD == 64 * kGroups, "fused dQ: each math warpgroup takes 64 columns");
+  constexpr int kHandshakeThreads = Tr::kThreads + 32;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const uint32_t raw_addr = SmemAddr(smem_raw);
   const uint32_t pad = ((raw_addr + 1023u) & ~1023u) - raw_addr;
@@ -293,7 +303,7 @@ __global__ void __launch_bounds__(kGroups * 128 * (kFusedDq ? 2 : 1), kMinBlocks
             while (LoadAcquireGpu(sem) != block_y) {
             }
             asm volatile("fence.proxy.async.global;\n" ::: "memory");
-            BulkToGlobal(p.dq_acc + DqAccIndex(bh, p.dq_tiles, qs0, 0), sstage, Tr::kStageBytes,
+            BulkToGlobal(p.dq_acc + DqAccIndex<kD>(bh, p.dq_tiles, qs0, 0), sstage, Tr::kStageBytes,
                          block_y > 0);
             BulkWaitRead();
           }
@@ -307,7 +317,7 @@ __global__ void __launch_bounds__(kGroups * 128 * (kFusedDq ? 2 : 1), kMinBlocks
       }
       return;
     }
-    SetMaxRegsInc<kMathRegs>();
+    SetMaxRegsInc<MathRegs(kGroups)>();
   }
   const int tid = threadIdx.x;
   const int group = tid >> 7;
@@ -419,7 +429,7 @@ __global__ void __launch_bounds__(kGroups * 128 * (kFusedDq ? 2 : 1), kMinBlocks
       PackAll<64>(da, dp);  // dS^T
       if constexpr (kFusedDq) {
         // dS^T to shared memory for dQ, rounded to bf16 as da is.
-        StoreAccSwizzled<64>(smem + (sds - sk), Tr::kBN, 0, dp, 1.f, 1.f, warp, lane);
+        StoreAccSwizzled<64>(smem + (sds - sk), Tr::kBN, group * 64, dp, 1.f, 1.f, warp, lane);
         FenceProxyAsync();
       }
 
@@ -430,20 +440,22 @@ __global__ void __launch_bounds__(kGroups * 128 * (kFusedDq ? 2 : 1), kMinBlocks
       for (int kk = 0; kk < 4; ++kk) WgmmaRS<kD>(dk, da[kk], DescMnMajor(q_sub, kBM, kk), 1);
       WgmmaCommit();
       if constexpr (kFusedDq) {
-        // dQ part = dS K over the tile's 64 keys, staged for the writer warp.
+        // This warpgroup's 64 columns of dQ = dS K over the tile's kBN keys, staged for the
+        // writer warp.
         math_sync();  // dS^T is complete
         float dq_part[8][4];
         WgmmaFence();
 #pragma unroll
-        for (int kk = 0; kk < 4; ++kk) {
+        for (int kk = 0; kk < Tr::kBN / 16; ++kk) {
           WgmmaSSTransposed<64>(dq_part, DescMnMajor(sds, Tr::kBN, kk),
-                                DescMnMajor(sk, Tr::kBN, kk), kk > 0);
+                                DescMnMajor(sk + group * Tr::kBN * 128, Tr::kBN, kk), kk > 0);
         }
         WgmmaCommit();
         WgmmaWait<0>();
         PinAccumulator<8>(dq_part);
         NamedBarrierSync(kEmptyBarrier, kHandshakeThreads);  // the last part has been read
-        StageDqPart(reinterpret_cast<float*>(smem + (sstage - sk)), dq_part, warp, lane);
+        StageDqPart<kD>(reinterpret_cast<float*>(smem + (sstage - sk)), dq_part, group * 64, warp,
+                        lane);
         FenceProxyAsync();
         NamedBarrierArrive(kFullBarrier, kHandshakeThreads);
       } else {
@@ -621,24 +633,25 @@ cudaError_t Launch(cudaStream_t stream, const BwdParams& p, int64_t batch, size_
     return cudaErrorInvalidConfiguration;
   }
   const dim3 dkdv_grid(static_cast<unsigned>(batch * p.kv_heads), static_cast<unsigned>(key_tiles));
-  if constexpr (kD == 64 && kDkdvGroups == 1) {
-    // (DqConvertKernel's grid.y is batch * Hq; more than 65535 takes the split kernels.)
-    if (p.dq_acc != nullptr && batch * p.q_heads <= 65535) {
-      // The counters and sums must cover every 64-query sub-tile of the kDkdvBM-row steps.
-      if (p.dq_tiles < CeilDiv(p.seq, kDkdvBM) * (kDkdvBM / 64)) return cudaErrorInvalidValue;
-      using Tr = DkdvTraits<kD, 1, kDkdvBM, true>;
-      auto* fused = DkdvKernel<kD, 1, kDkdvBM, kDkdvMin, true>;
-      cudaError_t err = SetSmem(fused, Tr::kSmemBytes);
-      if (err == cudaSuccess) err = cudaMemsetAsync(p.dq_sem, 0, sem_bytes, stream);
-      if (err != cudaSuccess) return err;
-      fused<<<dkdv_grid, 2 * Tr::kThreads, Tr::kSmemBytes, stream>>>(p);
-      err = cudaGetLastError();
-      if (err != cudaSuccess) return err;
-      const dim3 convert_grid(static_cast<unsigned>(CeilDiv(p.seq * 8, 256)),
-                              static_cast<unsigned>(batch * p.q_heads));
-      DqConvertKernel<<<convert_grid, 256, 0, stream>>>(p);
-      return cudaGetLastError();
-    }
+  if (p.dq_acc != nullptr && batch * p.q_heads <= 65535) {
+    // Fused dQ (DqConvertKernel's grid.y is batch * Hq: more takes the split kernels). Head dim
+    // 128 steps 64 queries: its staging tile would not fit beside two 128-row Q and dO buffers.
+    constexpr int kBM = kD == 64 ? kDkdvBM : 64;
+    constexpr int kMin = kD == 64 ? kDkdvMin : 1;
+    // The counters and sums must cover every 64-query sub-tile of the kBM-row steps.
+    if (p.dq_tiles < CeilDiv(p.seq, kBM) * (kBM / 64)) return cudaErrorInvalidValue;
+    using Tr = DkdvTraits<kD, kDkdvGroups, kBM, true>;
+    auto* fused = DkdvKernel<kD, kDkdvGroups, kBM, kMin, true>;
+    cudaError_t err = SetSmem(fused, Tr::kSmemBytes);
+    if (err == cudaSuccess) err = cudaMemsetAsync(p.dq_sem, 0, sem_bytes, stream);
+    if (err != cudaSuccess) return err;
+    fused<<<dkdv_grid, Tr::kThreads + 128, Tr::kSmemBytes, stream>>>(p);
+    err = cudaGetLastError();
+    if (err != cudaSuccess) return err;
+    const dim3 convert_grid(static_cast<unsigned>(CeilDiv(p.seq * (kD / 8), 256)),
+                            static_cast<unsigned>(batch * p.q_heads));
+    DqConvertKernel<kD><<<convert_grid, 256, 0, stream>>>(p);
+    return cudaGetLastError();
   }
   using DkdvTr = DkdvTraits<kD, kDkdvGroups, kDkdvBM, false>;
   auto* dkdv = DkdvKernel<kD, kDkdvGroups, kDkdvBM, kDkdvMin, false>;
