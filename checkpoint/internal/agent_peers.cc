@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstring>
+#include <set>
 
 #include "core/logging.h"
 
@@ -129,7 +130,13 @@ void PeerGroup::Handle(collectives::FabricMessage msg) {
         reply.insert(reply.end(), frag.begin(), frag.end());
       }
     }
-    transport_->Send(handle_[from], kFetchReply, reply, t).IgnoreError();
+    TANDEM_LOG(INFO, "agent") << "rebuild request " << request << " from node " << from
+                              << ": replying with " << reply.size() << " bytes";
+    Status sent = transport_->Send(handle_[from], kFetchReply, reply, t);
+    if (!sent.ok()) {
+      TANDEM_LOG(WARNING, "agent") << "reply to node " << from << "'s rebuild request " << request
+                                   << " not sent: " << sent.message();
+    }
   } else if (msg.tag == kFetchReply) {
     uint64_t request = 0, len = 0;
     size_t off = 0;
@@ -186,21 +193,36 @@ StatusOr<std::vector<std::pair<uint64_t, std::vector<uint8_t>>>> PeerGroup::Rebu
   }
   std::vector<uint8_t> ask;
   Put(&ask, request);
-  int asked = 0;
-  for (int i = 0; i < static_cast<int>(handle_.size()); ++i) {
-    if (handle_[i] < 0) continue;
-    Status s = transport_->Send(handle_[i], kFetch, ask, options_.timeout_s);
-    if (s.ok()) ++asked;
-    else TANDEM_LOG(WARNING, "agent") << "rebuild: node " << i << " unreachable: " << s.message();
-  }
+  // Asks every peer, and asks again each second those that have not answered: this agent may
+  // have just replaced a lost one on the same address, and a peer's first reply can go out on
+  // its link to the old one and be lost. A peer that answers twice overwrites its own reply.
   const auto deadline = Clock::now() + std::chrono::duration_cast<Clock::duration>(
                                            std::chrono::duration<double>(options_.timeout_s));
+  std::set<int> asked;
   std::map<int, std::vector<std::vector<uint8_t>>> got;
-  {
+  for (int round = 0;; ++round) {
+    for (int i = 0; i < static_cast<int>(handle_.size()); ++i) {
+      if (handle_[i] < 0) continue;
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        if (replies_[request].count(i) > 0) continue;
+      }
+      Status s = transport_->Send(handle_[i], kFetch, ask, options_.timeout_s);
+      if (s.ok()) {
+        asked.insert(i);
+      } else if (round == 0) {
+        TANDEM_LOG(WARNING, "agent") << "rebuild: node " << i << " unreachable: " << s.message();
+      }
+    }
+    const auto wake = std::min(deadline, Clock::now() + std::chrono::seconds(1));
     std::unique_lock<std::mutex> lock(mu_);
-    cv_.wait_until(lock, deadline, [&] { return static_cast<int>(replies_[request].size()) >= asked; });
-    got = std::move(replies_[request]);
-    replies_.erase(request);
+    const bool all =
+        cv_.wait_until(lock, wake, [&] { return replies_[request].size() >= asked.size(); });
+    if (all || asked.empty() || Clock::now() >= deadline) {
+      got = std::move(replies_[request]);
+      replies_.erase(request);
+      break;
+    }
   }
   // Group the valid fragments by version, newest first. A fragment whose checksum fails is
   // refused here, loudly: it is never decoded, so corrupted bytes are never installed.
@@ -225,7 +247,7 @@ StatusOr<std::vector<std::pair<uint64_t, std::vector<uint8_t>>>> PeerGroup::Rebu
     }
   }
   Status last = DataLossError(StrCat("agent node ", options_.node, ": no peer holds valid ",
-                                     "fragments of this node (", got.size(), " of ", asked,
+                                     "fragments of this node (", got.size(), " of ", asked.size(),
                                      " peers answered; ", refused, " fragments refused)"));
   std::vector<std::pair<uint64_t, std::vector<uint8_t>>> images;
   for (const auto& [v, frags] : by_version) {
