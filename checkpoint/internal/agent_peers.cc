@@ -193,9 +193,9 @@ StatusOr<std::vector<std::pair<uint64_t, std::vector<uint8_t>>>> PeerGroup::Rebu
   }
   std::vector<uint8_t> ask;
   Put(&ask, request);
-  // Asks every peer, and asks again each second those that have not answered: this agent may
-  // have just replaced a lost one on the same address, and a peer's first reply can go out on
-  // its link to the old one and be lost. A peer that answers twice overwrites its own reply.
+  // Asks every peer, and asks again each second those that have not answered (under load a
+  // freshly restarted agent's first request once went unanswered within the timeout; why is not
+  // known). A peer that answers twice overwrites its own reply.
   const auto deadline = Clock::now() + std::chrono::duration_cast<Clock::duration>(
                                            std::chrono::duration<double>(options_.timeout_s));
   std::set<int> asked;

@@ -26,7 +26,7 @@ namespace {
 // The three kernels for one head dim; the launch configurations are chosen in AttentionBackward.
 template <int kD, int kDkdvWarps, int kDkdvBM, int kDqWarps, int kDqBN>
 cudaError_t LaunchBackward(cudaStream_t stream, const BwdParams& p, const bf16* out, float* delta,
-                           int64_t batch, bool sm90, size_t fused_dq_bytes) {
+                           int64_t batch, bool sm90, size_t sem_bytes) {
   using DkdvTr = DkdvTraits<kD, kDkdvWarps, kDkdvBM>;
   using DqTr = DqTraits<kD, kDqWarps, kDqBN>;
   const int64_t rows = batch * p.seq * p.q_heads;
@@ -51,7 +51,7 @@ cudaError_t LaunchBackward(cudaStream_t stream, const BwdParams& p, const bf16* 
                              stream>>>(delta, out, p.dout, p.o_stride, p.seq, p.q_heads, rows);
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  if (sm90) return AttentionBackwardSm90(stream, p, batch, kD, fused_dq_bytes);
+  if (sm90) return AttentionBackwardSm90(stream, p, batch, kD, sem_bytes);
   const dim3 dkdv_grid(static_cast<unsigned>(batch * p.kv_heads), static_cast<unsigned>(key_tiles));
   dkdv_kernel<<<dkdv_grid, DkdvTr::kThreads, DkdvTr::kSmemBytes, stream>>>(p);
   err = cudaGetLastError();

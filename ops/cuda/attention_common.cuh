@@ -268,9 +268,10 @@ struct BwdParams {
   bool causal;                        // false: every key visible (a full block of a ring)
   float scale;                        // softmax scale (dq and dk carry it once)
   float scale_log2;                   // scale * log2(e)
-  // Fused dQ (the sm_90a dK/dV kernel; all nullptr otherwise): partial sums f32 [B, Hq, T, D],
-  // per (batch, head, 64-query tile) the number of key tiles already added (dq_tiles a head),
-  // and the counter that hands out the blocks' tiles in order. Zeroed counters on entry.
+  // Fused dQ (the sm_90a dK/dV kernel; all nullptr otherwise): f32 partial sums in 64-row tiles,
+  // dq_tiles a (batch, head) (DqAccIndex in attention_backward_sm90a.cu), per tile the number of
+  // key tiles already added, and the counter that hands out the blocks' tiles in order. Zeroed
+  // counters on entry.
   float* dq_acc;
   int32_t* dq_sem;
   int32_t* dq_ticket;

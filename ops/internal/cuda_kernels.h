@@ -69,7 +69,7 @@ cudaError_t AttentionForward(cudaStream_t stream, const AttentionShape& s, void*
                              const int32_t* segment_ids);
 // dq/dk/dv token strides: dq uses q_stride, dk k_stride, dv v_stride (views into a fused dqkv
 // shaped like the fused qkv). scratch: AttentionBackwardScratchBytes(s) bytes (delta, and with
-// fused dQ its f32 partial sums [B, Hq, T, D] and ordering counters).
+// fused dQ its f32 partial sums and ordering counters).
 cudaError_t AttentionBackward(cudaStream_t stream, const AttentionShape& s, void* dq, void* dk,
                               void* dv, const void* dout, const void* q, const void* k,
                               const void* v, const void* out, const float* lse, float scale,

@@ -190,6 +190,7 @@ TEST(TrainerTest, BadInputsFailBeforeTraining) {
   ExpectFails(with({"train.steps=\"many\""}), "train.steps", run);              // wrong type
   ExpectFails(with({"train.steps=0"}), "train.steps", run);                     // out of range
   ExpectFails(with({"train.schedule=\"sawtooth\""}), "train.schedule", run);    // bad choice
+  ExpectFails(with({"model.attention_kernel=\"flash\""}), "model.attention_kernel", run);
   ExpectFails(with({"model.num_kv_heads=3"}), "num_kv_heads", run);             // heads mismatch
   ExpectFails(with({"data.seq_len=128"}), "max_position_embeddings", run);      // too long
   ExpectFails(with({"train.device=\"tpu:0\""}), "tpu:0", run);                  // bad device
