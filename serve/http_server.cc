@@ -6,6 +6,7 @@
 
 #include <atomic>
 #include <cerrno>
+#include <chrono>
 #include <csignal>
 #include <cstring>
 #include <ctime>
@@ -61,6 +62,7 @@ class HttpServerImpl : public HttpServer {
             TokenString(tok, tok.eos_id()),
             &metrics_,
             &stopping_,
+            &open_streams_,
             &next_response_id_};
     ft_ctx_ = {engine_, options_.finetune_dirs, &template_};
   }
@@ -84,6 +86,7 @@ class HttpServerImpl : public HttpServer {
   ChatTemplate template_;
   ServerMetrics metrics_;
   std::atomic<bool> stopping_{false};
+  internal::OpenStreams open_streams_;
   std::atomic<uint64_t> next_response_id_{1};
   internal::GenerationContext ctx_;
   internal::FineTuneHttpContext ft_ctx_;
@@ -280,6 +283,11 @@ Status HttpServerImpl::Start() {
 
 void HttpServerImpl::Stop() {
   stopping_.store(true);
+  // Open streams see `stopping_` within a poll interval, cancel their requests and write their
+  // abort chunk and [DONE]; httplib skips the writer of a response it has not begun once it
+  // stops, so it stops after them. Bounded: a client that reads nothing fails its writes after
+  // httplib's write timeout (5 s).
+  open_streams_.WaitNone(std::chrono::seconds(15));
   server_.stop();
   if (thread_.joinable()) thread_.join();
 }

@@ -176,6 +176,27 @@ bool EventQueue::Pop(TokenEvent* event, std::chrono::milliseconds timeout) {
   return true;
 }
 
+void OpenStreams::Add() {
+  std::lock_guard<std::mutex> lock(mu_);
+  ++open_;
+}
+
+void OpenStreams::Remove() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    --open_;
+  }
+  cv_.notify_all();
+}
+
+StreamHold::StreamHold(OpenStreams* open) : open_(open) { open_->Add(); }
+StreamHold::~StreamHold() { open_->Remove(); }
+
+bool OpenStreams::WaitNone(std::chrono::milliseconds timeout) {
+  std::unique_lock<std::mutex> lock(mu_);
+  return cv_.wait_for(lock, timeout, [&] { return open_ == 0; });
+}
+
 void SendError(const ApiError& error, httplib::Response* res) {
   res->status = error.http_status;
   res->set_content(ErrorJson(error), "application/json");
@@ -193,6 +214,13 @@ void HandleGeneration(const GenerationContext& ctx, Endpoint endpoint, const htt
     return SendError(*e, res);
   }
 
+  // A stream counts as open from here (before Submit) until httplib releases its response, so
+  // HttpServer::Stop, which sets `stopping` before it waits, either sees it open or is seen here.
+  std::shared_ptr<StreamHold> hold;
+  if (r.stream) hold = std::make_shared<StreamHold>(ctx.open_streams);
+  if (ctx.stopping->load()) {
+    return SendError({503, "the server is shutting down", "server_shutdown", "", ""}, res);
+  }
   auto g = std::make_shared<Generation>();
   const uint64_t n = ctx.next_response_id->fetch_add(1);
   g->meta = ResponseMeta{endpoint,
@@ -219,7 +247,7 @@ void HandleGeneration(const GenerationContext& ctx, Endpoint endpoint, const htt
       [ctx, g](size_t /*offset*/, httplib::DataSink& sink) {
         return WriteStream(ctx, g.get(), sink);
       },
-      [engine, g](bool success) {
+      [engine, g, hold](bool success) {
         if (!success) engine->Cancel(g->id);  // never started or the client went away
       });
 }

@@ -3,7 +3,9 @@
 //
 // Events cross from the engine thread to the HTTP thread through an EventQueue (the engine's
 // callback only pushes). A streaming response whose client goes away (a failed write) cancels its
-// engine request; so does HttpServer::Stop through `stopping`.
+// engine request; so does HttpServer::Stop through `stopping`, which first waits (OpenStreams) for
+// every stream to write its end: a stream whose chunked writer httplib has not started yet would
+// otherwise be dropped without its abort chunk and without cancelling its request.
 #pragma once
 
 #include <atomic>
@@ -35,6 +37,33 @@ class EventQueue {
   std::deque<TokenEvent> events_;
 };
 
+// The streaming responses httplib has not finished with (counted from the handler until the
+// response's resource releaser runs).
+class OpenStreams {
+ public:
+  void Add();
+  void Remove();
+  // Waits until none is open or `timeout` passes; false on timeout.
+  bool WaitNone(std::chrono::milliseconds timeout);
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  int64_t open_ = 0;
+};
+
+// Counts one stream as open for its lifetime.
+class StreamHold {
+ public:
+  explicit StreamHold(OpenStreams* open);
+  ~StreamHold();
+  StreamHold(const StreamHold&) = delete;
+  StreamHold& operator=(const StreamHold&) = delete;
+
+ private:
+  OpenStreams* open_;
+};
+
 // What the handlers share; owned by the server, alive while it serves.
 struct GenerationContext {
   Engine* engine = nullptr;
@@ -44,6 +73,7 @@ struct GenerationContext {
   std::string eos_token;
   ServerMetrics* metrics = nullptr;
   const std::atomic<bool>* stopping = nullptr;
+  OpenStreams* open_streams = nullptr;
   std::atomic<uint64_t>* next_response_id = nullptr;
 };
 
