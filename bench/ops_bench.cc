@@ -3,7 +3,8 @@
 // Prints one JSON object per result: device, op, sizes, dtype, achieved TFLOP/s or GB/s, the
 // ceiling it is compared with, commit and date. Not a test; never run by ctest.
 //
-//   tandem-ops_bench [--device cuda:0|cpu] [--iters 20] [--only gemm,attention,...,optimizer]
+//   tandem-ops_bench [--device cuda:0|cpu] [--iters 20]
+//                    [--only gemm,attention,lora,cross_entropy,rmsnorm,rope,embedding,optimizer]
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -204,6 +205,48 @@ void RmsNormBench(Bench& b, DType dt) {
   b.Report("rmsnorm_bwd", {{"rows", rows}, {"cols", cols}}, tandem::DTypeName(dt), sec, 0, 3.0 * rows * cols * es);
 }
 
+// RoPE in place on the q and k heads of a fused [N, Hq + 2 Hkv, D] buffer (the 1.1B step's
+// layout: 32 q heads, 8 kv heads, D 64), forward: reads and writes q and k.
+void RopeBench(Bench& b, DType dt) {
+  const int64_t n = b.ctx.is_cuda() ? 8192 : 512, hq = 32, hkv = 8, d = 64;
+  Tensor qkv = b.Random({n, hq + 2 * hkv, d}, dt);
+  Tensor qk = qkv.Slice(1, 0, hq + hkv);
+  Tensor pos_host = Tensor::Cpu({n}, DType::kI32);
+  for (int64_t i = 0; i < n; ++i) pos_host.data<int32_t>()[i] = static_cast<int32_t>(i % 2048);
+  Tensor pos = *tandem::CopyToDeviceBlocking(pos_host, b.ctx.allocator());
+  Tensor inv_host = Tensor::Cpu({d / 2}, DType::kF32);
+  for (int64_t i = 0; i < d / 2; ++i) {
+    inv_host.data<float>()[i] = static_cast<float>(std::pow(500000.0, -2.0 * i / d));
+  }
+  Tensor inv = *tandem::CopyToDeviceBlocking(inv_host, b.ctx.allocator());
+  const double sec = b.Time([&] { TANDEM_CHECK_OK(ops::Rope(b.ctx, qk, qk, pos, inv, false)); });
+  b.Report("rope_qk", {{"tokens", n}, {"heads", hq + hkv}, {"head_dim", d}}, tandem::DTypeName(dt),
+           sec, 0, 2.0 * n * (hq + hkv) * d * tandem::DTypeSize(dt));
+}
+
+// Embedding backward of 8192 tokens of a byte-level vocabulary (ids skewed like text: id
+// floor(256 u^3), so id 0 takes about 16% of the tokens) into a [32000, 2048] f32 gradient;
+// GB/s counts only the read of dout.
+void EmbeddingBench(Bench& b, DType dt) {
+  const int64_t n = b.ctx.is_cuda() ? 8192 : 512, vocab = 32000, dim = 2048;
+  Tensor ids_host = Tensor::Cpu({n}, DType::kI32);
+  uint64_t s = 0x2545f4914f6cdd1dull;
+  for (int64_t i = 0; i < n; ++i) {
+    s ^= s << 13;
+    s ^= s >> 7;
+    s ^= s << 17;
+    const double u = static_cast<double>(s >> 11) / static_cast<double>(uint64_t{1} << 53);
+    ids_host.data<int32_t>()[i] = static_cast<int32_t>(256.0 * u * u * u);
+  }
+  Tensor ids = *tandem::CopyToDeviceBlocking(ids_host, b.ctx.allocator());
+  Tensor dout = b.Random({n, dim}, dt), dtable = b.Empty({vocab, dim}, DType::kF32);
+  TANDEM_CHECK_OK(ops::Fill(b.ctx, dtable, 0.0f));
+  const double sec =
+      b.Time([&] { TANDEM_CHECK_OK(ops::EmbeddingBackward(b.ctx, dtable, dout, ids)); });
+  b.Report("embedding_bwd", {{"tokens", n}, {"vocab", vocab}, {"dim", dim}}, tandem::DTypeName(dt),
+           sec, 0, static_cast<double>(n * dim * tandem::DTypeSize(dt)));
+}
+
 // One optimizer update over one flat parameter tensor of n elements (memory-bound): AdamWMulti
 // with f32 master and moments and bf16 model weights (30 bytes a parameter: reads master, m, v
 // and grad, writes master, m, v and the weights), AdamWBf16Multi (16: reads and writes the bf16
@@ -268,6 +311,8 @@ int main(int argc, char** argv) {
   if (want("lora")) LoraGemmBench(b, dt);
   if (want("cross_entropy")) CrossEntropyBench(b, dt);
   if (want("rmsnorm")) RmsNormBench(b, dt);
+  if (want("rope")) RopeBench(b, dt);
+  if (want("embedding")) EmbeddingBench(b, dt);
   if (want("optimizer")) OptimizerBench(b);
   return 0;
 }

@@ -154,10 +154,8 @@ Status LlamaModel::BlockBackward(int64_t l, const LayerWeights& w, BackwardPart 
   }
   // RoPE is a rotation: its backward rotates the gradient back.
   const Tensor dheads = a.dqkv.View({N, H3, D});
-  Tensor dq_rot = dheads.Slice(1, 0, Hq);  // [N, Hq, D]
-  Tensor dk_rot = dheads.Slice(1, Hq, Hq + Hkv);
-  TANDEM_RETURN_IF_ERROR(ops::Rope(ctx_, dq_rot, dq_rot, a.positions, inv_freq_, true));
-  TANDEM_RETURN_IF_ERROR(ops::Rope(ctx_, dk_rot, dk_rot, a.positions, inv_freq_, true));
+  Tensor dqk_rot = dheads.Slice(1, 0, Hq + Hkv);  // dq's heads then dk's: [N, Hq + Hkv, D]
+  TANDEM_RETURN_IF_ERROR(ops::Rope(ctx_, dqk_rot, dqk_rot, a.positions, inv_freq_, true));
   const Group& qkv = groups_[layer.qkv_group];
   constexpr Projection kQkv[] = {Projection::kQ, Projection::kK, Projection::kV};
   TANDEM_RETURN_IF_ERROR(  // [N, C]; dq, dk are already rotated back

@@ -249,10 +249,8 @@ Status LlamaModel::BlockForward(int64_t l, bool write_output, const LayerWeights
   TANDEM_RETURN_IF_ERROR(  // [N, H3 D], adapter deltas included before RoPE reads them
       Project(l, kQkv, groups_[layer.qkv_group].row_start, b.ln1, w.qkv, b.qkv));
   const Tensor heads = b.qkv.View({N, H3, D});
-  Tensor q_rot = heads.Slice(1, 0, Hq);         // [N, Hq, D], token stride H3 D
-  Tensor k_rot = heads.Slice(1, Hq, Hq + Hkv);  // [N, Hkv, D]
-  TANDEM_RETURN_IF_ERROR(ops::Rope(ctx_, q_rot, q_rot, a.positions, inv_freq_, false));
-  TANDEM_RETURN_IF_ERROR(ops::Rope(ctx_, k_rot, k_rot, a.positions, inv_freq_, false));
+  Tensor qk_rot = heads.Slice(1, 0, Hq + Hkv);  // q's heads then k's: [N, Hq + Hkv, D]
+  TANDEM_RETURN_IF_ERROR(ops::Rope(ctx_, qk_rot, qk_rot, a.positions, inv_freq_, false));
   const Tensor qkv4 = b.qkv.View({B, T, H3, D});
   const Tensor q = qkv4.Slice(2, 0, Hq);         // [B, T, Hq, D]
   const Tensor k = qkv4.Slice(2, Hq, Hq + Hkv);  // [B, T, Hkv, D]

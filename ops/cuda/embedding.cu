@@ -50,7 +50,10 @@ __global__ void EmbeddingSortInputKernel(uint32_t* keys, int32_t* positions, con
 }
 
 // Block (i, j): if sorted entry i starts a run of equal keys, sums that run's dout rows over
-// columns [j * blockDim.x, ...) in sorted (= increasing position) order and adds to dtable.
+// columns [j * blockDim.x, ...) in sorted (= increasing position) order and adds to dtable. The
+// block first finds where the run ends (blockDim.x keys at a time), so the sum's loads can be
+// issued eight rows at a time (long runs: byte-level vocabularies repeat a few ids thousands of
+// times in a batch); the additions keep their order.
 template <typename T>
 __global__ void EmbeddingBackwardRunKernel(float* dtable, const T* dout, const uint32_t* keys,
                                            const int32_t* positions, int64_t num_tokens,
@@ -58,12 +61,33 @@ __global__ void EmbeddingBackwardRunKernel(float* dtable, const T* dout, const u
   const int64_t i = blockIdx.x;
   const uint32_t key = keys[i];
   if (key >= vocab || (i > 0 && keys[i - 1] == key)) return;
+  __shared__ int run_end;  // num_tokens <= INT32_MAX (checked by the launcher)
+  if (threadIdx.x == 0) run_end = static_cast<int>(num_tokens);
+  __syncthreads();
+  for (int64_t base = i + 1; base < num_tokens; base += blockDim.x) {
+    const int64_t j = base + threadIdx.x;
+    if (j < num_tokens && keys[j] != key) atomicMin(&run_end, static_cast<int>(j));
+    __syncthreads();
+    const bool found = run_end < num_tokens;
+    __syncthreads();  // every thread has read run_end before the next round lowers it
+    if (found) break;
+  }
+  const int64_t end = run_end;
   const int64_t c = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
   if (c >= dim) return;
+  constexpr int kUnroll = 8;
   float sum = 0.0f;
-  for (int64_t j = i; j < num_tokens && keys[j] == key; ++j) {
-    sum += ToFloat(dout[static_cast<int64_t>(positions[j]) * dim + c]);
+  int64_t j = i;
+  for (; j + kUnroll <= end; j += kUnroll) {
+    float v[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      v[u] = ToFloat(dout[static_cast<int64_t>(positions[j + u]) * dim + c]);
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) sum += v[u];
   }
+  for (; j < end; ++j) sum += ToFloat(dout[static_cast<int64_t>(positions[j]) * dim + c]);
   dtable[static_cast<int64_t>(key) * dim + c] += sum;
 }
 

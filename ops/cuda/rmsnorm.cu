@@ -5,16 +5,22 @@
 //   forward:  rstd = 1 / sqrt(sum(x^2) / C + eps); y = x * rstd * w
 //   backward: g = dy * w; dx = rstd * g - x * (rstd^3 / C) * sum(g * x)
 //             dw += sum over rows of dy * x * rstd
-// dw is deterministic without atomics: kernel A sums a fixed partition of rows (row groups, a
-// function of `rows` only) per column into scratch [groups, C]; kernel B adds the groups in
-// index order to dw. The dw kernels run before the dx kernel, so dx may alias dy or x.
+// dw is deterministic without atomics: a fixed partition of the rows (row groups, a function of
+// `rows` only) is summed per column into scratch [groups, C], each group's rows in order, and a
+// second kernel adds the groups to dw in a fixed order. With dw the backward is one pass over dy
+// and x (RmsNormBackwardFusedKernel: a block per row group computes dx row by row and keeps the
+// group's dw sums in registers) when a row fits in the block's registers; otherwise, and without
+// dw, the partial-sum kernel runs before a block-per-row dx kernel. dx may alias dy or x: every
+// thread reads its columns of a row before it writes them.
+#include <type_traits>
+
 #include "ops/cuda/common.cuh"
 #include "ops/internal/cuda_kernels.h"
 
 namespace tandem::ops::cuda {
 namespace {
 
-constexpr int64_t kMaxRowGroups = 128;
+constexpr int64_t kMaxRowGroups = 512;
 constexpr int kDwThreads = 256;
 
 int64_t RowGroups(int64_t rows) { return std::min(rows, kMaxRowGroups); }
@@ -141,13 +147,101 @@ __global__ void RmsNormDwPartialKernel(float* partial, const T* dy, int64_t dy_s
   partial[g * cols + c] = sum;
 }
 
+// The one-pass backward with dw: block g owns rows [g * rows_per_group, ...) and, per thread,
+// kPacks packs of V columns (c = (threadIdx.x + k * blockDim.x) * V); for each row in order it
+// forms the dot (block sum), writes dx and adds dy * x * rstd to its registers; partial[g, c]
+// at the end. The next row's dy and x are loaded before the current row's block sum.
+template <typename T, int V, int kPacks>
+__global__ void RmsNormBackwardFusedKernel(float* partial, T* dx, int64_t dx_stride, const T* dy,
+                                           int64_t dy_stride, const T* x, int64_t x_stride,
+                                           const T* w, const float* rstd, int64_t rows,
+                                           int64_t cols, int64_t rows_per_group, bool accumulate) {
+  __shared__ float shared[32];
+  const int64_t r_begin = static_cast<int64_t>(blockIdx.x) * rows_per_group;
+  const int64_t r_end = std::min(rows, r_begin + rows_per_group);
+  int64_t col[kPacks];
+  bool active[kPacks];
+  Pack<T, V> wp[kPacks], xp[kPacks], gp[kPacks];
+  float acc[kPacks][V];
+#pragma unroll
+  for (int k = 0; k < kPacks; ++k) {
+    col[k] = (static_cast<int64_t>(threadIdx.x) + k * blockDim.x) * V;
+    active[k] = col[k] < cols;
+    if (active[k]) wp[k] = LoadPack<T, V>(w + col[k]);
+#pragma unroll
+    for (int i = 0; i < V; ++i) acc[k][i] = 0.0f;
+  }
+  auto load_row = [&](int64_t r, Pack<T, V>(&xr)[kPacks], Pack<T, V>(&gr)[kPacks]) {
+#pragma unroll
+    for (int k = 0; k < kPacks; ++k) {
+      if (!active[k]) continue;
+      xr[k] = LoadPack<T, V>(x + r * x_stride + col[k]);
+      gr[k] = LoadPack<T, V>(dy + r * dy_stride + col[k]);
+    }
+  };
+  if (r_begin < r_end) load_row(r_begin, xp, gp);
+  for (int64_t r = r_begin; r < r_end; ++r) {
+    Pack<T, V> xn[kPacks], gn[kPacks];
+    if (r + 1 < r_end) load_row(r + 1, xn, gn);
+    float dot = 0.0f;  // sum over c of dy * w * x
+#pragma unroll
+    for (int k = 0; k < kPacks; ++k) {
+      if (!active[k]) continue;
+#pragma unroll
+      for (int i = 0; i < V; ++i) {
+        dot += ToFloat(gp[k].v[i]) * ToFloat(wp[k].v[i]) * ToFloat(xp[k].v[i]);
+      }
+    }
+    dot = BlockSum(dot, shared);
+    const float rs = rstd[r];
+    const float coef = dot * (rs * rs * rs) / static_cast<float>(cols);
+    T* dxr = dx + r * dx_stride;
+#pragma unroll
+    for (int k = 0; k < kPacks; ++k) {
+      if (!active[k]) continue;
+      Pack<T, V> out;
+      if (accumulate) out = LoadPack<T, V>(dxr + col[k]);
+#pragma unroll
+      for (int i = 0; i < V; ++i) {
+        const float g = ToFloat(gp[k].v[i]), xv = ToFloat(xp[k].v[i]);
+        float v = rs * (g * ToFloat(wp[k].v[i])) - xv * coef;
+        if (accumulate) v += ToFloat(out.v[i]);
+        out.v[i] = FromFloat<T>(v);
+        acc[k][i] += g * xv * rs;
+      }
+      StorePack<T, V>(dxr + col[k], out);
+    }
+#pragma unroll
+    for (int k = 0; k < kPacks; ++k) xp[k] = xn[k], gp[k] = gn[k];
+  }
+  float* pr = partial + static_cast<int64_t>(blockIdx.x) * cols;
+#pragma unroll
+  for (int k = 0; k < kPacks; ++k) {
+    if (!active[k]) continue;
+#pragma unroll
+    for (int i = 0; i < V; ++i) pr[col[k] + i] = acc[k][i];
+  }
+}
+
+// dw[c] += sum over groups of partial[g, c]: a block of kReduceWarps warps per 32 columns, warp
+// j summing groups j, j + kReduceWarps, ... in order, then the warps' sums in warp order.
+constexpr int kReduceWarps = 8;
 __global__ void RmsNormDwReduceKernel(float* dw, const float* partial, int64_t groups,
                                       int64_t cols) {
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (c >= cols) return;
+  __shared__ float sums[kReduceWarps][32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * 32 + lane;
   float sum = 0.0f;
-  for (int64_t g = 0; g < groups; ++g) sum += partial[g * cols + c];
-  dw[c] += sum;
+  if (c < cols) {
+    for (int64_t g = warp; g < groups; g += kReduceWarps) sum += partial[g * cols + c];
+  }
+  sums[warp][lane] = sum;
+  __syncthreads();
+  if (warp != 0 || c >= cols) return;
+  float total = 0.0f;
+#pragma unroll
+  for (int j = 0; j < kReduceWarps; ++j) total += sums[j][lane];
+  dw[c] += total;
 }
 
 }  // namespace
@@ -213,19 +307,53 @@ cudaError_t RmsNormBackward(cudaStream_t stream, DType dtype, void* dx, int64_t 
     if (rows <= 0 || cols <= 0) return cudaSuccess;
     const T* dyt = static_cast<const T*>(dy);
     const T* xt = static_cast<const T*>(x);
-    if (dw != nullptr) {
-      const int64_t groups = RowGroups(rows);
-      if (scratch == nullptr || scratch_bytes < RmsNormBackwardScratchBytes(rows, cols) ||
-          groups > 65535) {
-        return cudaErrorInvalidValue;
+    const int64_t groups = RowGroups(rows);
+    const int64_t rows_per_group = CeilDiv(rows, groups);
+    const unsigned reduce_blocks = static_cast<unsigned>(CeilDiv(cols, 32));
+    if (dw != nullptr &&
+        (scratch == nullptr || scratch_bytes < RmsNormBackwardScratchBytes(rows, cols))) {
+      return cudaErrorInvalidValue;
+    }
+    float* partial = static_cast<float*>(scratch);
+    if (dw != nullptr && dx != nullptr) {  // one pass when a row fits in registers
+      T* dxt = static_cast<T*>(dx);
+      const T* wt = static_cast<const T*>(w);
+      const bool vec = RowsVectorizable<T>(cols, {dx, dy, x, w}, {dx_stride, dy_stride, x_stride});
+      const int64_t packs = vec ? cols / kV : cols;
+      auto fused = [&](auto v_tag, auto packs_tag) {
+        constexpr int V = decltype(v_tag)::value, P = decltype(packs_tag)::value;
+        RmsNormBackwardFusedKernel<T, V, P>
+            <<<static_cast<unsigned>(groups), ThreadsFor(CeilDiv(packs, P), 512), 0, stream>>>(
+                partial, dxt, dx_stride, dyt, dy_stride, xt, x_stride, wt, rstd, rows, cols,
+                rows_per_group, accumulate_dx);
+      };
+      using One = std::integral_constant<int, 1>;
+      using Two = std::integral_constant<int, 2>;
+      using Four = std::integral_constant<int, 4>;
+      using Vec = std::integral_constant<int, kV>;
+      bool done = true;
+      if (packs <= 512) {
+        vec ? fused(Vec{}, One{}) : fused(One{}, One{});
+      } else if (packs <= 1024) {
+        vec ? fused(Vec{}, Two{}) : fused(One{}, Two{});
+      } else if (packs <= 2048) {
+        vec ? fused(Vec{}, Four{}) : fused(One{}, Four{});
+      } else {
+        done = false;
       }
-      float* partial = static_cast<float*>(scratch);
+      if (done) {
+        RmsNormDwReduceKernel<<<reduce_blocks, kReduceWarps * 32, 0, stream>>>(dw, partial, groups,
+                                                                               cols);
+        return cudaGetLastError();
+      }
+    }
+    if (dw != nullptr) {
       const dim3 grid(static_cast<unsigned>(CeilDiv(cols, kDwThreads)),
                       static_cast<unsigned>(groups));
       RmsNormDwPartialKernel<T><<<grid, kDwThreads, 0, stream>>>(
-          partial, dyt, dy_stride, xt, x_stride, rstd, rows, cols, CeilDiv(rows, groups));
-      RmsNormDwReduceKernel<<<static_cast<unsigned>(CeilDiv(cols, kDwThreads)), kDwThreads, 0,
-                              stream>>>(dw, partial, groups, cols);
+          partial, dyt, dy_stride, xt, x_stride, rstd, rows, cols, rows_per_group);
+      RmsNormDwReduceKernel<<<reduce_blocks, kReduceWarps * 32, 0, stream>>>(dw, partial, groups,
+                                                                             cols);
     }
     if (dx != nullptr) {
       T* dxt = static_cast<T*>(dx);

@@ -174,9 +174,10 @@ void AddMatmulCases(std::vector<ParityCase>& cases, DType dt) {
 }
 
 void AddEmbeddingCases(std::vector<ParityCase>& cases, DType dt) {
-  for (int64_t n : {1, 17, 127, 300}) {
+  for (int64_t n : {1, 17, 127, 300, 3000}) {
     for (int64_t c : {96, 200}) {
-      const int64_t vocab = n == 300 ? 50 : 1000;  // 300 tokens over 50 ids: many repeats
+      // 300 tokens over 50 ids: many repeats; 3000 over 5: runs longer than a block's key scan
+      const int64_t vocab = n == 300 ? 50 : n == 3000 ? 5 : 1000;
       cases.push_back(
           {StrCat("EmbeddingForward_N", n, "_C", c, "_", DTypeName(dt)), [=](Runner& r) -> Outputs {
              Tensor table = r.Random({vocab, c}, 6, dt);
@@ -194,6 +195,24 @@ void AddEmbeddingCases(std::vector<ParityCase>& cases, DType dt) {
                          return {{"dtable", r.Fetch(dtable), {1e-6, 1e-6}}};
                        }});
     }
+  }
+}
+
+void AddRmsNormBackwardCases(std::vector<ParityCase>& cases, DType dt, int64_t n, int64_t c) {
+  for (bool acc : {false, true}) {
+    cases.push_back(
+        {StrCat("RmsNormBackward_N", n, "_C", c, acc ? "_acc_" : "_", DTypeName(dt)),
+         [=](Runner& r) -> Outputs {
+           Tensor x = r.Random({n, c}, 13, dt), w = r.Random({c}, 14, dt, 0.5f, 1.5f);
+           Tensor dy = r.Random({n, c}, 15, dt);
+           Tensor y = r.Nan({n, c}, dt), rstd = r.Nan({n}, DType::kF32);
+           r.Run(RmsNormForward(r.ctx(), y, rstd, x, w, 1e-5f), "RmsNormForward");
+           Tensor dx = acc ? r.Random({n, c}, 16, dt) : r.Nan({n, c}, dt);
+           Tensor dw = r.RandomAs({c}, 17, DType::kF32);
+           r.Run(RmsNormBackward(r.ctx(), dx, dw, dy, x, w, rstd, acc), "RmsNormBackward");
+           return {{"dx", r.Fetch(dx), Reduce(dt)},
+                   {"dw", r.Fetch(dw), dt == DType::kBF16 ? kF32Accumulated : kF32Reduce}};
+         }});
   }
 }
 
@@ -223,22 +242,14 @@ void AddRmsNormCases(std::vector<ParityCase>& cases, DType dt) {
                return {{"sum", r.Fetch(sum), Reduce(dt)}, {"y", r.Fetch(y), Reduce(dt)}};
              }});
       }
-      for (bool acc : {false, true}) {
-        cases.push_back(
-            {StrCat("RmsNormBackward_N", n, "_C", c, acc ? "_acc_" : "_", DTypeName(dt)),
-             [=](Runner& r) -> Outputs {
-               Tensor x = r.Random({n, c}, 13, dt), w = r.Random({c}, 14, dt, 0.5f, 1.5f);
-               Tensor dy = r.Random({n, c}, 15, dt);
-               Tensor y = r.Nan({n, c}, dt), rstd = r.Nan({n}, DType::kF32);
-               r.Run(RmsNormForward(r.ctx(), y, rstd, x, w, 1e-5f), "RmsNormForward");
-               Tensor dx = acc ? r.Random({n, c}, 16, dt) : r.Nan({n, c}, dt);
-               Tensor dw = r.RandomAs({c}, 17, DType::kF32);
-               r.Run(RmsNormBackward(r.ctx(), dx, dw, dy, x, w, rstd, acc), "RmsNormBackward");
-               return {{"dx", r.Fetch(dx), Reduce(dt)},
-                       {"dw", r.Fetch(dw), dt == DType::kBF16 ? kF32Accumulated : kF32Reduce}};
-             }});
-      }
+      AddRmsNormBackwardCases(cases, dt, n, c);
     }
+  }
+  // Rows spread over row groups of several rows; a row over 2 or 4 packs a thread; odd widths
+  // (scalar accesses); a row wider than the one-pass kernel holds (the two-kernel path).
+  for (auto [n, c] : std::vector<std::pair<int64_t, int64_t>>{
+           {1029, 2048}, {600, 4100}, {70, 1025}, {64, 6144}, {37, 20000}}) {
+    AddRmsNormBackwardCases(cases, dt, n, c);
   }
 }
 
@@ -602,7 +613,9 @@ TEST_P(OpsCudaDeterminismTest, TwoRunsAreBitwiseEqual) {
 
 std::vector<ParityCase> DeterminismCases() {
   const char* names[] = {"EmbeddingBackward_N300_C200_bf16",
+                         "EmbeddingBackward_N3000_C200_bf16",
                          "RmsNormBackward_N127_C200_bf16",
+                         "RmsNormBackward_N1029_C2048_bf16",
                          "AttentionBackward_B1_T300_Hq6_Hkv2_D128_segments_fused_bf16",
                          "AttentionBackward_B2_T300_Hq4_Hkv4_D64_segments_bf16",
                          "SumSquares_n1048576_bf16",
