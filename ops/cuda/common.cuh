@@ -140,6 +140,14 @@ __device__ __forceinline__ float BlockSum(float v, float* shared) {
   return WarpSum(lane < num_warps ? shared[lane] : 0.0f);
 }
 
+// RoPE's rotation of the pair (x1, x2) by the angle of cosine c and sine s, with its roundings
+// fixed (one fused multiply-add each) so that every RoPE kernel gives the same bits.
+__device__ __forceinline__ void RotatePair(float x1, float x2, float c, float s, float& y1,
+                                           float& y2) {
+  y1 = __fmaf_rn(x1, c, -__fmul_rn(x2, s));
+  y2 = __fmaf_rn(x2, c, __fmul_rn(x1, s));
+}
+
 // Grid-stride index helpers (64-bit: tensors may exceed 2^31 elements).
 __device__ __forceinline__ int64_t GlobalThreadIndex() {
   return static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;

@@ -46,7 +46,7 @@ __global__ void PagedKvWriteKernel(PagedShape s, T* kv, const T* k, const T* v,
 
 // ops::RopePagedKvWrite: block per token; as RopeKernel (ops/cuda/rope.cu), thread x owns
 // frequency i and thread y walks the q and k heads, rotating each pair in place with the same
-// arithmetic (sincosf, the same expressions), and a k head's rotated pair also goes to the page;
+// arithmetic (sincosf, RotatePair), and a k head's rotated pair also goes to the page;
 // then the block copies the token's V row. Bitwise what Rope followed by PagedKvWrite write.
 template <typename T>
 __global__ void RopePagedKvWriteKernel(PagedShape s, T* kv, T* qk, const T* v,
@@ -68,10 +68,10 @@ __global__ void RopePagedKvWriteKernel(PagedShape s, T* kv, T* qk, const T* v,
       sincosf(angle, &sin_a, &cos_a);
       for (int64_t h = threadIdx.y; h < heads; h += blockDim.y) {
         const int64_t lo = h * 2 * half + i;
-        const float x1 = ToFloat(xn[lo]);
-        const float x2 = ToFloat(xn[lo + half]);
-        const T y1 = FromFloat<T>(x1 * cos_a - x2 * sin_a);
-        const T y2 = FromFloat<T>(x2 * cos_a + x1 * sin_a);
+        float r1, r2;
+        RotatePair(ToFloat(xn[lo]), ToFloat(xn[lo + half]), cos_a, sin_a, r1, r2);
+        const T y1 = FromFloat<T>(r1);
+        const T y2 = FromFloat<T>(r2);
         xn[lo] = y1;
         xn[lo + half] = y2;
         if (h >= s.q_heads) {

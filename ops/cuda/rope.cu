@@ -28,10 +28,10 @@ __global__ void RopeKernel(T* y, int64_t y_token_stride, const T* x, int64_t x_t
       if (inverse) sin_a = -sin_a;
       for (int64_t h = threadIdx.y; h < heads; h += blockDim.y) {
         const int64_t lo = h * 2 * half + i;
-        const float x1 = ToFloat(xn[lo]);
-        const float x2 = ToFloat(xn[lo + half]);
-        yn[lo] = FromFloat<T>(x1 * cos_a - x2 * sin_a);
-        yn[lo + half] = FromFloat<T>(x2 * cos_a + x1 * sin_a);
+        float y1, y2;
+        RotatePair(ToFloat(xn[lo]), ToFloat(xn[lo + half]), cos_a, sin_a, y1, y2);
+        yn[lo] = FromFloat<T>(y1);
+        yn[lo + half] = FromFloat<T>(y2);
       }
     }
   }
@@ -67,10 +67,10 @@ __global__ void RopePackKernel(T* y, int64_t y_token_stride, const T* x, int64_t
       Pack<T, V> o1, o2;
 #pragma unroll
       for (int j = 0; j < V; ++j) {
-        const float x1 = ToFloat(p1.v[j]), x2 = ToFloat(p2.v[j]);
-        const float cos_a = cos_s[i0 + j], sin_a = sin_s[i0 + j];
-        o1.v[j] = FromFloat<T>(x1 * cos_a - x2 * sin_a);
-        o2.v[j] = FromFloat<T>(x2 * cos_a + x1 * sin_a);
+        float y1, y2;
+        RotatePair(ToFloat(p1.v[j]), ToFloat(p2.v[j]), cos_s[i0 + j], sin_s[i0 + j], y1, y2);
+        o1.v[j] = FromFloat<T>(y1);
+        o2.v[j] = FromFloat<T>(y2);
       }
       StorePack<T, V>(yn + lo, o1);
       StorePack<T, V>(yn + lo + half, o2);
