@@ -12,8 +12,6 @@
 // group's dw sums in registers) when a row fits in the block's registers; otherwise, and without
 // dw, the partial-sum kernel runs before a block-per-row dx kernel. dx may alias dy or x: every
 // thread reads its columns of a row before it writes them.
-#include <type_traits>
-
 #include "ops/cuda/common.cuh"
 #include "ops/internal/cuda_kernels.h"
 
@@ -151,11 +149,32 @@ __global__ void RmsNormDwPartialKernel(float* partial, const T* dy, int64_t dy_s
 // kPacks packs of V columns (c = (threadIdx.x + k * blockDim.x) * V); for each row in order it
 // forms the dot (block sum), writes dx and adds dy * x * rstd to its registers; partial[g, c]
 // at the end. The next row's dy and x are loaded before the current row's block sum.
+template <typename T>
+struct FusedBackwardArgs {
+  float* partial;
+  T* dx;
+  int64_t dx_stride;
+  const T* dy;
+  int64_t dy_stride;
+  const T* x;
+  int64_t x_stride;
+  const T* w;
+  const float* rstd;
+  int64_t rows, cols, rows_per_group;
+  bool accumulate;
+};
+
 template <typename T, int V, int kPacks>
-__global__ void RmsNormBackwardFusedKernel(float* partial, T* dx, int64_t dx_stride, const T* dy,
-                                           int64_t dy_stride, const T* x, int64_t x_stride,
-                                           const T* w, const float* rstd, int64_t rows,
-                                           int64_t cols, int64_t rows_per_group, bool accumulate) {
+__global__ void RmsNormBackwardFusedKernel(const FusedBackwardArgs<T> a) {
+  float* const partial = a.partial;
+  T* const dx = a.dx;
+  const T* const dy = a.dy;
+  const T* const x = a.x;
+  const T* const w = a.w;
+  const int64_t dx_stride = a.dx_stride, dy_stride = a.dy_stride, x_stride = a.x_stride;
+  const int64_t rows = a.rows, cols = a.cols, rows_per_group = a.rows_per_group;
+  const bool accumulate = a.accumulate;
+  const float* const rstd = a.rstd;
   __shared__ float shared[32];
   const int64_t r_begin = static_cast<int64_t>(blockIdx.x) * rows_per_group;
   const int64_t r_end = std::min(rows, r_begin + rows_per_group);
@@ -220,6 +239,30 @@ __global__ void RmsNormBackwardFusedKernel(float* partial, T* dx, int64_t dx_str
     if (!active[k]) continue;
 #pragma unroll
     for (int i = 0; i < V; ++i) pr[col[k] + i] = acc[k][i];
+  }
+}
+
+// Launches the one-pass backward over `packs` packs of V columns a row with 1, 2 or 4 packs a
+// thread (at most 512 threads); false when a row needs more.
+template <typename T, int V>
+bool LaunchFusedBackward(cudaStream_t stream, int64_t groups, int64_t packs,
+                         const FusedBackwardArgs<T>& args) {
+  const int per_thread = packs <= 512 ? 1 : packs <= 1024 ? 2 : packs <= 2048 ? 4 : 0;
+  const unsigned grid = static_cast<unsigned>(groups);
+  switch (per_thread) {
+    case 1:
+      RmsNormBackwardFusedKernel<T, V, 1><<<grid, ThreadsFor(packs, 512), 0, stream>>>(args);
+      return true;
+    case 2:
+      RmsNormBackwardFusedKernel<T, V, 2>
+          <<<grid, ThreadsFor(CeilDiv(packs, 2), 512), 0, stream>>>(args);
+      return true;
+    case 4:
+      RmsNormBackwardFusedKernel<T, V, 4>
+          <<<grid, ThreadsFor(CeilDiv(packs, 4), 512), 0, stream>>>(args);
+      return true;
+    default:
+      return false;
   }
 }
 
@@ -316,32 +359,14 @@ cudaError_t RmsNormBackward(cudaStream_t stream, DType dtype, void* dx, int64_t 
     }
     float* partial = static_cast<float*>(scratch);
     if (dw != nullptr && dx != nullptr) {  // one pass when a row fits in registers
-      T* dxt = static_cast<T*>(dx);
-      const T* wt = static_cast<const T*>(w);
       const bool vec = RowsVectorizable<T>(cols, {dx, dy, x, w}, {dx_stride, dy_stride, x_stride});
-      const int64_t packs = vec ? cols / kV : cols;
-      auto fused = [&](auto v_tag, auto packs_tag) {
-        constexpr int V = decltype(v_tag)::value, P = decltype(packs_tag)::value;
-        RmsNormBackwardFusedKernel<T, V, P>
-            <<<static_cast<unsigned>(groups), ThreadsFor(CeilDiv(packs, P), 512), 0, stream>>>(
-                partial, dxt, dx_stride, dyt, dy_stride, xt, x_stride, wt, rstd, rows, cols,
-                rows_per_group, accumulate_dx);
-      };
-      using One = std::integral_constant<int, 1>;
-      using Two = std::integral_constant<int, 2>;
-      using Four = std::integral_constant<int, 4>;
-      using Vec = std::integral_constant<int, kV>;
-      bool done = true;
-      if (packs <= 512) {
-        vec ? fused(Vec{}, One{}) : fused(One{}, One{});
-      } else if (packs <= 1024) {
-        vec ? fused(Vec{}, Two{}) : fused(One{}, Two{});
-      } else if (packs <= 2048) {
-        vec ? fused(Vec{}, Four{}) : fused(One{}, Four{});
-      } else {
-        done = false;
-      }
-      if (done) {
+      const FusedBackwardArgs<T> args{
+          partial,      static_cast<T*>(dx),      dx_stride, dyt,  dy_stride, xt,
+          x_stride,     static_cast<const T*>(w), rstd,      rows, cols,      rows_per_group,
+          accumulate_dx};
+      const bool launched = vec ? LaunchFusedBackward<T, kV>(stream, groups, cols / kV, args)
+                                : LaunchFusedBackward<T, 1>(stream, groups, cols, args);
+      if (launched) {
         RmsNormDwReduceKernel<<<reduce_blocks, kReduceWarps * 32, 0, stream>>>(dw, partial, groups,
                                                                                cols);
         return cudaGetLastError();

@@ -90,7 +90,7 @@ cudaError_t Rope(cudaStream_t stream, DType dtype, void* y, int64_t y_token_stri
     if (tokens <= 0 || heads <= 0 || head_dim <= 0) return cudaSuccess;
     const int64_t half = head_dim / 2;
     constexpr int kV = kVec16<T>;
-    if (half % kV == 0 && RowsVectorizable<T>(half, {y, x}, {y_token_stride, x_token_stride})) {
+    if (RowsVectorizable<T>(half, {y, x}, {y_token_stride, x_token_stride})) {  // half % kV == 0
       const int threads = ThreadsFor(heads * (half / kV), 256);
       const size_t smem = 2 * static_cast<size_t>(half) * sizeof(float);
       if (smem <= 48 * 1024) {
