@@ -88,6 +88,44 @@ class AdapterHooks {
     return false;
   }
 
+  // Optional wider fast path, offered before ProjectionsForwardFirst for q|k|v and gate|up when
+  // the group's base weights are frozen and resident (no layer streaming). The model keeps
+  // WideColumns(projs) spare columns after the group's input x (the norm's output) and after its
+  // output gradient dy, so the adapter can put its low-rank activations beside them and fold its
+  // product into the base GEMM's inner dimension: y = [x | s h] [W | B]^T and
+  // dx = [dy | s dy B] [W ; A], with no expand and no read-back of y or dx.
+  // WideColumns: the most spare columns the adapter can use for this group (0: none, the
+  // default). The model asks at every batch and widens its buffers when the answer grows.
+  virtual int64_t WideColumns(std::span<const Projection> projs) const {
+    (void)projs;
+    return 0;
+  }
+  // x_wide [N, in + E]: its first `in` columns hold the input, the rest are the adapter's. w the
+  // group's frozen base weight [out, in]; weights_generation changes whenever the model's weights
+  // may have been written (LlamaModel::weights_generation), so an adapter that keeps a copy of w
+  // knows when to refresh it. True: the adapter wrote y = x W^T + its deltas (every element);
+  // false: it wrote nothing and the model goes on with ProjectionsForwardFirst.
+  virtual StatusOr<bool> ProjectionsForwardWide(int64_t layer, std::span<const Projection> projs,
+                                                std::span<const int64_t> col_start,
+                                                const Tensor& x_wide, int64_t in, const Tensor& w,
+                                                uint64_t weights_generation, Tensor& y) {
+    (void)layer, (void)projs, (void)col_start, (void)x_wide, (void)in, (void)w,
+        (void)weights_generation, (void)y;
+    return false;
+  }
+  // The backward of the same group: dy_wide [N, out + E], its first `out` columns dy, the rest
+  // the adapter's scratch. True: dx = dy W + the adapter's part written, its weight gradients
+  // accumulated. An adapter that took the wide path forward must take it backward.
+  virtual StatusOr<bool> ProjectionsBackwardWide(int64_t layer, std::span<const Projection> projs,
+                                                 std::span<const int64_t> col_start,
+                                                 const Tensor& x_wide, int64_t in,
+                                                 const Tensor& dy_wide, const Tensor& w,
+                                                 uint64_t weights_generation, Tensor& dx) {
+    (void)layer, (void)projs, (void)col_start, (void)x_wide, (void)in, (void)dy_wide, (void)w,
+        (void)weights_generation, (void)dx;
+    return false;
+  }
+
   // The backward pass reached its last adapter call (after block 0's backward, before the
   // embedding gradient): an adapter that queued work elsewhere makes the model's stream wait for
   // it here, so everything after the pass (gradient norms, the optimizer) sees its gradients.

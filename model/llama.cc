@@ -363,6 +363,7 @@ float LlamaModel::TakeGradBeta(size_t i) {
 }
 
 Status LlamaModel::SetFromHost(size_t param, const Tensor& host_f32) {
+  ++weights_generation_;
   Parameter& p = params_[param];
   if (host_masters_ != nullptr) {  // [offload]
     TANDEM_RETURN_IF_ERROR(host_masters_->SetMaster(param, host_f32));

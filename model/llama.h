@@ -211,8 +211,16 @@ class LlamaModel {
   // the tp group: every tp rank calls it, tp rank 0 writes the logical (gathered) tensors.
   Status SaveSafetensors(const std::string& dir, DType dtype) const;
 
-  std::vector<Parameter>& parameters() { return params_; }
+  // Mutable access counts as a possible write of the weights (weights_generation() changes).
+  std::vector<Parameter>& parameters() {
+    ++weights_generation_;
+    return params_;
+  }
   const std::vector<Parameter>& parameters() const { return params_; }
+  // [adapter] Changes whenever the weights may have been written: by InitRandom, LoadSafetensors,
+  // or any caller of the non-const parameters() or weights_flat(). An adapter that keeps a copy
+  // of frozen base weights (AdapterHooks::ProjectionsForwardWide) refreshes it when this moves.
+  uint64_t weights_generation() const { return weights_generation_; }
   const LlamaConfig& config() const { return config_; }
   DType compute_dtype() const { return compute_dtype_; }
 
@@ -265,7 +273,10 @@ class LlamaModel {
   // Every weight, and every gradient (f32), in one flat buffer each, parameters at the offsets
   // of their groups (ZeRO-1 shards these). Gradients are undefined until ZeroGrads(); weights
   // with ModelOptions::stream_layers.
-  Tensor& weights_flat() { return weights_flat_; }
+  Tensor& weights_flat() {
+    ++weights_generation_;
+    return weights_flat_;
+  }
   Tensor& grads_flat() { return grads_flat_; }
   // Offset of parameter i's weight in weights_flat() (equal to its grad offset in grads_flat()
   // when every parameter trains).
@@ -314,13 +325,20 @@ class LlamaModel {
   // adapter just the GEMM): the adapter writes first where it can
   // (AdapterHooks::ProjectionsForwardFirst) and the GEMM accumulates, else the GEMM writes and the
   // adapter adds.
+  // x_wide (defined where the group may take the adapter's wide path, WideGroup): x's buffer
+  // with its spare columns, offered first (AdapterHooks::ProjectionsForwardWide).
   Status Project(int64_t layer, std::span<const Projection> projs,
-                 std::span<const int64_t> col_start, const Tensor& x, const Tensor& w, Tensor& y);
+                 std::span<const int64_t> col_start, const Tensor& x, const Tensor& w, Tensor& y,
+                 const Tensor& x_wide = Tensor());
   // dx = dy W plus the adapter's contribution to the input gradient (and its weight gradients),
-  // in the same order as Project.
+  // in the same order as Project (x_wide and dy_wide: the wide path's buffers, or undefined).
   Status ProjectBackward(int64_t layer, std::span<const Projection> projs,
                          std::span<const int64_t> col_start, const Tensor& x, const Tensor& dy,
-                         const Tensor& w, Tensor& dx);
+                         const Tensor& w, Tensor& dx, const Tensor& x_wide = Tensor(),
+                         const Tensor& dy_wide = Tensor());
+  // [adapter] Whether group g may take the wide path: an adapter is attached, the layer weights
+  // are resident (no stream_layers) and every member is frozen.
+  bool WideGroup(int g) const;
   Status ProjectionGrad(const Group& group, const Tensor& dy, const Tensor& x);
   Status WeightGrad(size_t param, const Tensor& dy, const Tensor& x);
   Status LossHead(float grad_scale, bool backward);
@@ -368,6 +386,7 @@ class LlamaModel {
     float grad_scale = 1.0f;
   } fb_;
   AdapterHooks* adapter_ = nullptr;  // [adapter] not owned
+  uint64_t weights_generation_ = 0;  // [adapter] see weights_generation()
   GradReadyFn grad_ready_;
   WeightsNeededFn weights_needed_;
   HostMasters* host_masters_ = nullptr;  // [offload] not owned

@@ -78,7 +78,14 @@ Status LlamaModel::KvProjectionGrad(const Group& group, const Tensor& dy, const 
 
 Status LlamaModel::ProjectBackward(int64_t l, std::span<const Projection> projs,
                                    std::span<const int64_t> col_start, const Tensor& x,
-                                   const Tensor& dy, const Tensor& w, Tensor& dx) {
+                                   const Tensor& dy, const Tensor& w, Tensor& dx,
+                                   const Tensor& x_wide, const Tensor& dy_wide) {
+  if (adapter_ != nullptr && x_wide.defined()) {  // [adapter] the wide path
+    TANDEM_ASSIGN_OR_RETURN(const bool done,
+                            adapter_->ProjectionsBackwardWide(l, projs, col_start, x_wide, x.dim(1),
+                                                              dy_wide, w, weights_generation_, dx));
+    if (done) return Status::Ok();
+  }
   bool first = false;  // [adapter]
   if (adapter_ != nullptr) {
     TANDEM_ASSIGN_OR_RETURN(first,
@@ -118,8 +125,10 @@ Status LlamaModel::BlockBackward(int64_t l, const LayerWeights& w, BackwardPart 
                                                b.gate_up.Slice(1, F, 2 * F)));
     const Group& gate_up = groups_[layer.gate_up_group];
     constexpr Projection kGateUp[] = {Projection::kGate, Projection::kUp};
+    const bool wide = a.wide_gate_up > 0 && WideGroup(layer.gate_up_group);
     TANDEM_RETURN_IF_ERROR(  // [N, C]
-        ProjectBackward(l, kGateUp, gate_up.row_start, b.ln2, a.dgate_up, w.gate_up, a.dln));
+        ProjectBackward(l, kGateUp, gate_up.row_start, b.ln2, a.dgate_up, w.gate_up, a.dln,
+                        wide ? b.ln2_wide : Tensor(), wide ? a.dgate_up_wide : Tensor()));
     if (tp()) TANDEM_RETURN_IF_ERROR(hooks->TpAllReduceSum(a.dln));  // column parallel input
     if (gate_up.grad.defined()) TANDEM_RETURN_IF_ERROR(ProjectionGrad(gate_up, a.dgate_up, b.ln2));
     TANDEM_RETURN_IF_ERROR(TouchGrad(layer.mlp_norm));
@@ -136,9 +145,10 @@ Status LlamaModel::BlockBackward(int64_t l, const LayerWeights& w, BackwardPart 
   TANDEM_RETURN_IF_ERROR(
       ProjectBackward(l, kO, c_cols, b.attn, a.dres, w.o, a.dattn));  // [N, Hq D]
   TANDEM_RETURN_IF_ERROR(WeightGrad(layer.o, a.dres, b.attn));        // [C, Hq D]
-  const Tensor qkv4 = b.qkv.View({B, T, H3, D});
-  const Tensor dqkv4 = a.dqkv.View({B, T, H3, D});
-  Tensor dq = dqkv4.Slice(2, 0, Hq);  // [B, T, Hq, D], token stride H3 D
+  const int64_t Hw = a.dqkv_wide.dim(1) / D;  // H3 and the wide path's spare heads
+  const Tensor qkv4 = b.qkv_wide.View({B, T, Hw, D}).Slice(2, 0, H3);
+  const Tensor dqkv4 = a.dqkv_wide.View({B, T, Hw, D}).Slice(2, 0, H3);
+  Tensor dq = dqkv4.Slice(2, 0, Hq);  // [B, T, Hq, D], token stride Hw D
   Tensor dk = dqkv4.Slice(2, Hq, Hq + Hkv);
   Tensor dv = dqkv4.Slice(2, Hq + Hkv, H3);
   const Tensor seg = a.use_segments ? a.segment_ids : Tensor();
@@ -153,13 +163,15 @@ Status LlamaModel::BlockBackward(int64_t l, const LayerWeights& w, BackwardPart 
                                                   b.attn.View({B, T, Hq, D}), b.lse, scale, seg));
   }
   // RoPE is a rotation: its backward rotates the gradient back.
-  const Tensor dheads = a.dqkv.View({N, H3, D});
+  const Tensor dheads = a.dqkv_wide.View({N, Hw, D}).Slice(1, 0, H3);
   Tensor dqk_rot = dheads.Slice(1, 0, Hq + Hkv);  // dq's heads then dk's: [N, Hq + Hkv, D]
   TANDEM_RETURN_IF_ERROR(ops::Rope(ctx_, dqk_rot, dqk_rot, a.positions, inv_freq_, true));
   const Group& qkv = groups_[layer.qkv_group];
   constexpr Projection kQkv[] = {Projection::kQ, Projection::kK, Projection::kV};
+  const bool wide = a.wide_qkv > 0 && WideGroup(layer.qkv_group);
   TANDEM_RETURN_IF_ERROR(  // [N, C]; dq, dk are already rotated back
-      ProjectBackward(l, kQkv, qkv.row_start, b.ln1, a.dqkv, w.qkv, a.dln));
+      ProjectBackward(l, kQkv, qkv.row_start, b.ln1, a.dqkv, w.qkv, a.dln,
+                      wide ? b.ln1_wide : Tensor(), wide ? a.dqkv_wide : Tensor()));
   if (tp()) TANDEM_RETURN_IF_ERROR(hooks->TpAllReduceSum(a.dln));  // column parallel input
   if (qkv.grad.defined()) {
     TANDEM_RETURN_IF_ERROR(kv_share_ > 1 ? KvProjectionGrad(qkv, a.dqkv, b.ln1)

@@ -40,9 +40,6 @@ Tensor Rows(const Tensor& t, int64_t begin, int64_t end) { return t.Slice(0, beg
 
 Status LlamaModel::EnsureActivations(int64_t B, int64_t T, bool backward) {
   Activations* a = acts_.get();
-  if (a != nullptr && a->batch == B && a->seq == T && (a->has_backward || !backward)) {
-    return Status::Ok();
-  }
   const int64_t N = B * T, C = config_.hidden_size, F = ffn_;  // this rank's share under tp
   const int64_t D = config_.head_dim, Hq = hq_;
   const int64_t H3 = Hq + 2 * hkv_;
@@ -51,12 +48,34 @@ Status LlamaModel::EnsureActivations(int64_t B, int64_t T, bool backward) {
     TANDEM_ASSIGN_OR_RETURN(*t, Tensor::Empty(shape, dtype, ctx_.allocator()));
     return Status::Ok();
   };
-  if (a == nullptr || a->batch != B || a->seq != T) {
+  // [adapter] a wide buffer and its first `cols` columns.
+  auto alloc_wide = [&](Tensor* narrow, Tensor* wide, int64_t cols, int64_t spare) -> Status {
+    TANDEM_RETURN_IF_ERROR(alloc(wide, {N, cols + spare}, A));
+    *narrow = spare > 0 ? wide->Slice(1, 0, cols) : *wide;
+    return Status::Ok();
+  };
+  int64_t wide_qkv = 0, wide_gate_up = 0;  // [adapter] the wide path's spare columns
+  if (adapter_ != nullptr && stream_ == nullptr) {
+    constexpr Projection kQkv[] = {Projection::kQ, Projection::kK, Projection::kV};
+    constexpr Projection kGateUp[] = {Projection::kGate, Projection::kUp};
+    const int64_t q = std::max<int64_t>(adapter_->WideColumns(kQkv), 0);
+    wide_qkv = (q + D - 1) / D * D;  // whole heads: qkv and dqkv are also viewed as [.., H3, D]
+    wide_gate_up = (std::max<int64_t>(adapter_->WideColumns(kGateUp), 0) + 7) / 8 * 8;
+  }
+  bool allocate = a == nullptr || a->batch != B || a->seq != T;
+  if (a != nullptr) {  // widths only grow: an adapter detached for a pass comes back
+    allocate = allocate || wide_qkv > a->wide_qkv || wide_gate_up > a->wide_gate_up;
+    wide_qkv = std::max(wide_qkv, a->wide_qkv);
+    wide_gate_up = std::max(wide_gate_up, a->wide_gate_up);
+  }
+  if (allocate) {
     acts_.reset();  // free the old shape's buffers before allocating the new ones
     acts_ = std::make_unique<Activations>();
     a = acts_.get();
     a->batch = B;
     a->seq = T;
+    a->wide_qkv = wide_qkv;
+    a->wide_gate_up = wide_gate_up;
     TANDEM_RETURN_IF_ERROR(alloc(&a->tokens, {N}, DType::kI32));
     TANDEM_RETURN_IF_ERROR(alloc(&a->targets, {N}, DType::kI32));
     TANDEM_RETURN_IF_ERROR(alloc(&a->positions, {N}, DType::kI32));
@@ -64,13 +83,14 @@ Status LlamaModel::EnsureActivations(int64_t B, int64_t T, bool backward) {
     for (Tensor& x : a->x) TANDEM_RETURN_IF_ERROR(alloc(&x, {N, C}, A));
     a->blocks.resize(options_.recompute ? 1 : config_.num_hidden_layers);
     for (Activations::Block& b : a->blocks) {
-      TANDEM_RETURN_IF_ERROR(alloc(&b.ln1, {N, C}, A));
+      TANDEM_RETURN_IF_ERROR(alloc_wide(&b.ln1, &b.ln1_wide, C, a->wide_qkv));
       TANDEM_RETURN_IF_ERROR(alloc(&b.rstd1, {N}, DType::kF32));
-      TANDEM_RETURN_IF_ERROR(alloc(&b.qkv, {N, H3 * D}, A));
+      // As wide as dqkv: the attention backward reads both with one token stride.
+      TANDEM_RETURN_IF_ERROR(alloc_wide(&b.qkv, &b.qkv_wide, H3 * D, a->wide_qkv));
       TANDEM_RETURN_IF_ERROR(alloc(&b.attn, {N, Hq * D}, A));
       TANDEM_RETURN_IF_ERROR(alloc(&b.lse, {B, Hq, T}, DType::kF32));
       TANDEM_RETURN_IF_ERROR(alloc(&b.x_mid, {N, C}, A));
-      TANDEM_RETURN_IF_ERROR(alloc(&b.ln2, {N, C}, A));
+      TANDEM_RETURN_IF_ERROR(alloc_wide(&b.ln2, &b.ln2_wide, C, a->wide_gate_up));
       TANDEM_RETURN_IF_ERROR(alloc(&b.rstd2, {N}, DType::kF32));
       TANDEM_RETURN_IF_ERROR(alloc(&b.gate_up, {N, 2 * F}, A));
       TANDEM_RETURN_IF_ERROR(alloc(&b.act, {N, F}, A));
@@ -86,9 +106,9 @@ Status LlamaModel::EnsureActivations(int64_t B, int64_t T, bool backward) {
   if (backward && !a->has_backward) {
     TANDEM_RETURN_IF_ERROR(alloc(&a->dres, {N, C}, A));
     TANDEM_RETURN_IF_ERROR(alloc(&a->dln, {N, C}, A));
-    TANDEM_RETURN_IF_ERROR(alloc(&a->dqkv, {N, H3 * D}, A));
+    TANDEM_RETURN_IF_ERROR(alloc_wide(&a->dqkv, &a->dqkv_wide, H3 * D, a->wide_qkv));
     TANDEM_RETURN_IF_ERROR(alloc(&a->dattn, {N, Hq * D}, A));
-    TANDEM_RETURN_IF_ERROR(alloc(&a->dgate_up, {N, 2 * F}, A));
+    TANDEM_RETURN_IF_ERROR(alloc_wide(&a->dgate_up, &a->dgate_up_wide, 2 * F, a->wide_gate_up));
     TANDEM_RETURN_IF_ERROR(alloc(&a->dact, {N, F}, A));
     a->has_backward = true;
   }
@@ -213,9 +233,23 @@ Status LlamaModel::ForwardLayer(int64_t l) {
   return BlockForward(l, /*write_output=*/true, w);
 }
 
+bool LlamaModel::WideGroup(int g) const {
+  if (adapter_ == nullptr || stream_ != nullptr) return false;
+  for (size_t i : groups_[g].members) {
+    if (params_[i].trainable) return false;
+  }
+  return true;
+}
+
 Status LlamaModel::Project(int64_t l, std::span<const Projection> projs,
                            std::span<const int64_t> col_start, const Tensor& x, const Tensor& w,
-                           Tensor& y) {
+                           Tensor& y, const Tensor& x_wide) {
+  if (adapter_ != nullptr && x_wide.defined()) {  // [adapter] the wide path
+    TANDEM_ASSIGN_OR_RETURN(
+        const bool done, adapter_->ProjectionsForwardWide(l, projs, col_start, x_wide, x.dim(1), w,
+                                                          weights_generation_, y));
+    if (done) return Status::Ok();
+  }
   bool first = false;  // [adapter]
   if (adapter_ != nullptr) {
     TANDEM_ASSIGN_OR_RETURN(first, adapter_->ProjectionsForwardFirst(l, projs, col_start, x, y));
@@ -246,12 +280,14 @@ Status LlamaModel::BlockForward(int64_t l, bool write_output, const LayerWeights
   // Attention: ln1 = norm(x); q|k|v = ln1 Wqkv^T; rope(q, k); attn = softmax(q k^T) v.
   TANDEM_RETURN_IF_ERROR(ops::RmsNormForward(ctx_, b.ln1, b.rstd1, x_in, w.attn_norm, eps));
   constexpr Projection kQkv[] = {Projection::kQ, Projection::kK, Projection::kV};
+  const Tensor ln1_wide = a.wide_qkv > 0 && WideGroup(layer.qkv_group) ? b.ln1_wide : Tensor();
   TANDEM_RETURN_IF_ERROR(  // [N, H3 D], adapter deltas included before RoPE reads them
-      Project(l, kQkv, groups_[layer.qkv_group].row_start, b.ln1, w.qkv, b.qkv));
-  const Tensor heads = b.qkv.View({N, H3, D});
+      Project(l, kQkv, groups_[layer.qkv_group].row_start, b.ln1, w.qkv, b.qkv, ln1_wide));
+  const int64_t Hw = b.qkv_wide.dim(1) / D;  // H3 and the wide path's spare heads
+  const Tensor heads = b.qkv_wide.View({N, Hw, D}).Slice(1, 0, H3);
   Tensor qk_rot = heads.Slice(1, 0, Hq + Hkv);  // q's heads then k's: [N, Hq + Hkv, D]
   TANDEM_RETURN_IF_ERROR(ops::Rope(ctx_, qk_rot, qk_rot, a.positions, inv_freq_, false));
-  const Tensor qkv4 = b.qkv.View({B, T, H3, D});
+  const Tensor qkv4 = b.qkv_wide.View({B, T, Hw, D}).Slice(2, 0, H3);
   const Tensor q = qkv4.Slice(2, 0, Hq);         // [B, T, Hq, D]
   const Tensor k = qkv4.Slice(2, Hq, Hq + Hkv);  // [B, T, Hkv, D]
   const Tensor v = qkv4.Slice(2, Hq + Hkv, H3);  // [B, T, Hkv, D]
@@ -271,8 +307,10 @@ Status LlamaModel::BlockForward(int64_t l, bool write_output, const LayerWeights
   // MLP: ln2 = norm(x_mid); gate|up = ln2 Wgu^T; act = silu(gate) * up; out = act Wdown^T.
   TANDEM_RETURN_IF_ERROR(ops::RmsNormForward(ctx_, b.ln2, b.rstd2, b.x_mid, w.mlp_norm, eps));
   constexpr Projection kGateUp[] = {Projection::kGate, Projection::kUp};
-  TANDEM_RETURN_IF_ERROR(
-      Project(l, kGateUp, groups_[layer.gate_up_group].row_start, b.ln2, w.gate_up, b.gate_up));
+  const Tensor ln2_wide =
+      a.wide_gate_up > 0 && WideGroup(layer.gate_up_group) ? b.ln2_wide : Tensor();
+  TANDEM_RETURN_IF_ERROR(Project(l, kGateUp, groups_[layer.gate_up_group].row_start, b.ln2,
+                                 w.gate_up, b.gate_up, ln2_wide));
   const Tensor gate = b.gate_up.Slice(1, 0, F);  // [N, F], row stride 2F
   const Tensor up = b.gate_up.Slice(1, F, 2 * F);
   TANDEM_RETURN_IF_ERROR(ops::SwigluForward(ctx_, b.act, gate, up));

@@ -194,5 +194,8 @@ Status Cast(Context& ctx, Tensor& out, const Tensor& in);
 Status Fill(Context& ctx, Tensor& out, float value);
 // x *= s elementwise (floating, contiguous).
 Status Scale(Context& ctx, Tensor& x, float s);
+// dst = src for 2-D matrices of the same shape and dtype (any dtype), both row stride free: a
+// column block of a wider matrix to or from another. On the device: one strided copy.
+Status CopyMatrix(Context& ctx, Tensor& dst, const Tensor& src);
 
 }  // namespace tandem::ops

@@ -69,6 +69,8 @@ AdapterSet::AdapterSet(ops::Context& ctx, const model::LlamaConfig& base,
   h_.resize(tables_.size());
   group_a_.resize(tables_.size());
   group_fused_.assign(tables_.size(), false);
+  wide_.resize(tables_.size());
+  group_wide_.assign(tables_.size(), false);
 }
 
 AdapterSet::~AdapterSet() {
@@ -155,6 +157,7 @@ Status AdapterSet::BeginBatch(const model::Batch& batch, bool training) {
   num_tokens_ = B * T;
   segments_.clear();
   std::fill(group_fused_.begin(), group_fused_.end(), false);
+  std::fill(group_wide_.begin(), group_wide_.end(), false);
   training_ = training;
   if (training) {
     batch_seed_ = SplitMix64(dropout_seed_ ^ SplitMix64(batch_counter_));
@@ -500,6 +503,11 @@ StatusOr<bool> AdapterSet::ProjectionsBackwardFirst(int64_t layer,
   TANDEM_ASSIGN_OR_RETURN(std::optional<Group> g, PrepareGroup(layer, projs));
   const int64_t first =
       g ? g->calls[0].index : layer * model::kNumProjections + static_cast<int>(projs[0]);
+  if (group_wide_[first]) {
+    return FailedPreconditionError(
+        StrCat("AdapterSet: layer ", layer, " ", model::ProjectionName(projs[0]),
+               ": the forward took the wide path, the backward did not"));
+  }
   if (!g || !group_fused_[first]) {
     if (g || group_fused_[first]) {
       return FailedPreconditionError(
@@ -525,64 +533,194 @@ StatusOr<bool> AdapterSet::ProjectionsBackwardFirst(int64_t layer,
                                          false, g->scale, 0.0f));
     }
   }
-  std::vector<bool> trainable(projs.size());
-  bool any = false;
-  for (size_t m = 0; m < projs.size(); ++m) {
-    TANDEM_ASSIGN_OR_RETURN(const bool t, TargetTrainable(ad, g->calls[m].target));
-    trainable[m] = t;
-    any = any || t;
-  }
-  // The weight gradients: on the side stream when overlapping (after it waits for dh).
-  ops::Context* wctx = &ctx_;
-  if (any && overlap_weight_grads_ && ctx_.is_cuda()) {
-    if (side_ctx_ == nullptr) {
-      TANDEM_ASSIGN_OR_RETURN(side_ctx_, ops::Context::ForDevice(ctx_.device()));
-    }
-    TANDEM_RETURN_IF_ERROR(ops::WaitForStream(*side_ctx_, ctx_));
-    wctx = side_ctx_.get();
-    side_keep_.push_back(dh);
-    side_pending_ = true;
-  }
-  if (any) {
-    {
-      ops::ProfileScope scope(*wctx, "lora_dB");
-      for (size_t m = 0; m < projs.size(); ++m) {  // dB_m += s dy_m^T h_m
-        if (!trainable[m]) continue;
-        Tensor dB = ad.b(g->calls[m].target).grad;
-        const Tensor dy_m = dy.Slice(1, col_start[m], col_start[m + 1]);
-        const Tensor h_m = h2.Slice(1, g->rank_start[m], g->rank_start[m + 1]);
-        TANDEM_RETURN_IF_ERROR(ops::Matmul(*wctx, dB, dy_m, h_m, true, false, g->scale, 1.0f));
-      }
-    }
-    ops::ProfileScope scope(*wctx, "lora_dA");
-    if (projs.size() == 1) {  // dA += dh^T x
-      Tensor dA = ad.a(g->calls[0].target).grad;
-      TANDEM_RETURN_IF_ERROR(ops::Matmul(*wctx, dA, dh, x, true, false, 1.0f, 1.0f));
-    } else {  // the stacked dA in one GEMM over x, then each member's rows added to its grad
-      if (!group_grad_scratch_.defined() || group_grad_scratch_.numel() < R * g->in) {
-        if (group_grad_scratch_.defined() && side_pending_) {
-          side_keep_.push_back(group_grad_scratch_);  // queued side work may still use it
-        }
-        TANDEM_ASSIGN_OR_RETURN(group_grad_scratch_,
-                                Tensor::Empty({R * g->in}, DType::kF32, ctx_.allocator()));
-      }
-      Tensor stacked = group_grad_scratch_.Slice(0, 0, R * g->in).View({R, g->in});
-      TANDEM_RETURN_IF_ERROR(ops::Matmul(*wctx, stacked, dh, x, true, false, 1.0f, 0.0f));
-      for (size_t m = 0; m < projs.size(); ++m) {
-        if (!trainable[m]) continue;
-        const Tensor& grad = ad.a(g->calls[m].target).grad;
-        Tensor dA = grad.View({grad.numel()});
-        const Tensor rows =
-            group_grad_scratch_.Slice(0, g->rank_start[m] * g->in, g->rank_start[m + 1] * g->in);
-        TANDEM_RETURN_IF_ERROR(ops::Add(*wctx, dA, dA, rows));
-      }
-    }
-  }
+  TANDEM_RETURN_IF_ERROR(GroupWeightGrads(*g, col_start, x, dy, h2, g->scale, dh, true));
   if (!dx.defined()) return true;
   ops::ProfileScope scope(ctx_, "lora_dx");  // dx = dh A, written: the base GEMM adds to it
   const Tensor a =
       projs.size() > 1 ? group_a_[first].View({R, g->in}) : ad.a(g->calls[0].target).weight;
   TANDEM_RETURN_IF_ERROR(ops::Matmul(ctx_, dx, dh, a, false, false, 1.0f, 0.0f));
+  return true;
+}
+
+Status AdapterSet::GroupWeightGrads(const Group& g, std::span<const int64_t> col_start,
+                                    const Tensor& x, const Tensor& dy, const Tensor& h,
+                                    float b_alpha, const Tensor& dh, bool keep_dh) {
+  LoraAdapter& ad = *adapters_[g.adapter];
+  const size_t members = g.calls.size();
+  const int64_t R = g.rank_start.back();
+  std::vector<bool> trainable(members);
+  bool any = false;
+  for (size_t m = 0; m < members; ++m) {
+    TANDEM_ASSIGN_OR_RETURN(const bool t, TargetTrainable(ad, g.calls[m].target));
+    trainable[m] = t;
+    any = any || t;
+  }
+  if (!any) return Status::Ok();
+  // On the side stream when overlapping (after it waits for dh).
+  ops::Context* wctx = &ctx_;
+  if (overlap_weight_grads_ && ctx_.is_cuda()) {
+    if (side_ctx_ == nullptr) {
+      TANDEM_ASSIGN_OR_RETURN(side_ctx_, ops::Context::ForDevice(ctx_.device()));
+    }
+    TANDEM_RETURN_IF_ERROR(ops::WaitForStream(*side_ctx_, ctx_));
+    wctx = side_ctx_.get();
+    if (keep_dh) side_keep_.push_back(dh);
+    side_pending_ = true;
+  }
+  {
+    ops::ProfileScope scope(*wctx, "lora_dB");
+    for (size_t m = 0; m < members; ++m) {  // dB_m += b_alpha dy_m^T h_m
+      if (!trainable[m]) continue;
+      Tensor dB = ad.b(g.calls[m].target).grad;
+      const Tensor dy_m = dy.Slice(1, col_start[m], col_start[m + 1]);
+      const Tensor h_m = h.Slice(1, g.rank_start[m], g.rank_start[m + 1]);
+      TANDEM_RETURN_IF_ERROR(ops::Matmul(*wctx, dB, dy_m, h_m, true, false, b_alpha, 1.0f));
+    }
+  }
+  ops::ProfileScope scope(*wctx, "lora_dA");
+  if (members == 1) {  // dA += dh^T x
+    Tensor dA = ad.a(g.calls[0].target).grad;
+    return ops::Matmul(*wctx, dA, dh, x, true, false, 1.0f, 1.0f);
+  }
+  // The stacked dA in one GEMM over x, then each member's rows added to its grad.
+  if (!group_grad_scratch_.defined() || group_grad_scratch_.numel() < R * g.in) {
+    if (group_grad_scratch_.defined() && side_pending_) {
+      side_keep_.push_back(group_grad_scratch_);  // queued side work may still use it
+    }
+    TANDEM_ASSIGN_OR_RETURN(group_grad_scratch_,
+                            Tensor::Empty({R * g.in}, DType::kF32, ctx_.allocator()));
+  }
+  Tensor stacked = group_grad_scratch_.Slice(0, 0, R * g.in).View({R, g.in});
+  TANDEM_RETURN_IF_ERROR(ops::Matmul(*wctx, stacked, dh, x, true, false, 1.0f, 0.0f));
+  for (size_t m = 0; m < members; ++m) {
+    if (!trainable[m]) continue;
+    const Tensor& grad = ad.a(g.calls[m].target).grad;
+    Tensor dA = grad.View({grad.numel()});
+    const Tensor rows =
+        group_grad_scratch_.Slice(0, g.rank_start[m] * g.in, g.rank_start[m + 1] * g.in);
+    TANDEM_RETURN_IF_ERROR(ops::Add(*wctx, dA, dA, rows));
+  }
+  return Status::Ok();
+}
+
+int64_t AdapterSet::WideColumns(std::span<const model::Projection> projs) const {
+  if (!group_fast_path_ || !wide_path_ || parallel_.tp_size != 1) return 0;
+  int64_t most = 0;
+  for (const auto& ad : adapters_) {
+    for (int64_t l = 0; l < base_.num_hidden_layers; ++l) {
+      int64_t r = 0;
+      for (model::Projection p : projs) {
+        const int t = ad->Find(l, p);
+        if (t >= 0) r += ad->targets()[t].rank;
+      }
+      most = std::max(most, r);
+    }
+  }
+  return most;
+}
+
+Status AdapterSet::RefreshWide(int64_t first, const Group& g, std::span<const int64_t> col_start,
+                               const Tensor& w, uint64_t generation) {
+  const LoraAdapter& ad = *adapters_[g.adapter];
+  const int64_t out = w.dim(0), in = w.dim(1), R = g.rank_start.back();
+  WideWeights& s = wide_[first];
+  if (!s.m.defined() || s.out != out || s.in != in || s.rank_start != g.rank_start ||
+      s.m.dtype() != w.dtype()) {
+    s = WideWeights();
+    TANDEM_ASSIGN_OR_RETURN(s.m, Tensor::Empty({out + R, in + R}, w.dtype(), ctx_.allocator()));
+    TANDEM_RETURN_IF_ERROR(ops::Fill(ctx_, s.m, 0.0f));  // B's off-diagonal blocks stay zero
+    s.out = out;
+    s.in = in;
+    s.rank_start = g.rank_start;
+  }
+  if (!s.has_w || s.w_data != w.raw_data() || s.generation != generation) {
+    Tensor base = s.m.Slice(0, 0, out).Slice(1, 0, in);
+    TANDEM_RETURN_IF_ERROR(ops::CopyMatrix(ctx_, base, w));
+    s.has_w = true;
+    s.w_data = w.raw_data();
+    s.generation = generation;
+    ++wide_refreshes_;
+  }
+  for (size_t m = 0; m < g.calls.size(); ++m) {
+    const int64_t r0 = g.rank_start[m], r1 = g.rank_start[m + 1];
+    Tensor b = s.m.Slice(0, col_start[m], col_start[m + 1]).Slice(1, in + r0, in + r1);
+    TANDEM_RETURN_IF_ERROR(ops::CopyMatrix(ctx_, b, ad.b(g.calls[m].target).weight));
+    Tensor a = s.m.Slice(0, out + r0, out + r1).Slice(1, 0, in);
+    TANDEM_RETURN_IF_ERROR(ops::CopyMatrix(ctx_, a, ad.a(g.calls[m].target).weight));
+  }
+  return Status::Ok();
+}
+
+StatusOr<bool> AdapterSet::ProjectionsForwardWide(int64_t layer,
+                                                  std::span<const model::Projection> projs,
+                                                  std::span<const int64_t> col_start,
+                                                  const Tensor& x_wide, int64_t in, const Tensor& w,
+                                                  uint64_t weights_generation, Tensor& y) {
+  if (!wide_path_) return false;
+  TANDEM_ASSIGN_OR_RETURN(std::optional<Group> g, PrepareGroup(layer, projs));
+  if (!g) return false;
+  const int64_t R = g->rank_start.back(), first = g->calls[0].index, out = w.dim(0);
+  if (g->in != in || w.dim(1) != in || in + R > x_wide.dim(1) || col_start.back() != out) {
+    return false;
+  }
+  TANDEM_RETURN_IF_ERROR(RefreshWide(first, *g, col_start, w, weights_generation));
+  const Tensor& m = wide_[first].m;
+  {
+    ops::ProfileScope scope(ctx_, "lora_shrink");
+    Tensor sh = x_wide.Slice(1, in, in + R);  // s h = s x A^T, beside x
+    TANDEM_RETURN_IF_ERROR(ops::Matmul(ctx_, sh, x_wide.Slice(1, 0, in),
+                                       m.Slice(0, out, out + R).Slice(1, 0, in), false, true,
+                                       g->scale, 0.0f));
+  }
+  // y = [x | s h] [W | B]^T: the base product and the deltas in one GEMM.
+  TANDEM_RETURN_IF_ERROR(ops::Matmul(ctx_, y, x_wide.Slice(1, 0, in + R), m.Slice(0, 0, out), false,
+                                     true, 1.0f, 0.0f));
+  group_wide_[first] = true;
+  return true;
+}
+
+StatusOr<bool> AdapterSet::ProjectionsBackwardWide(int64_t layer,
+                                                   std::span<const model::Projection> projs,
+                                                   std::span<const int64_t> col_start,
+                                                   const Tensor& x_wide, int64_t in,
+                                                   const Tensor& dy_wide, const Tensor& w,
+                                                   uint64_t weights_generation, Tensor& dx) {
+  TANDEM_RETURN_IF_ERROR(JoinSide());  // the last group's side work read buffers reused from here
+  TANDEM_ASSIGN_OR_RETURN(std::optional<Group> g, PrepareGroup(layer, projs));
+  const int64_t first = layer * model::kNumProjections + static_cast<int>(projs[0]);
+  if (!group_wide_[first]) return false;
+  const WideWeights& s = wide_[first];
+  const int64_t out = w.dim(0);
+  const int64_t R = g ? g->rank_start.back() : 0;
+  if (!g || g->rank_start != s.rank_start || out + R > dy_wide.dim(1) || x_wide.dim(1) < in + R) {
+    return FailedPreconditionError(
+        StrCat("AdapterSet: layer ", layer, " ", model::ProjectionName(projs[0]),
+               ": the backward cannot take the wide path its forward took"));
+  }
+  if (s.w_data != w.raw_data() || s.generation != weights_generation) {
+    return FailedPreconditionError(
+        StrCat("AdapterSet: layer ", layer, " ", model::ProjectionName(projs[0]),
+               ": the base weights changed between the forward and the backward"));
+  }
+  LoraAdapter& ad = *adapters_[g->adapter];
+  Tensor dh = dy_wide.Slice(1, out, out + R);  // s dy B, beside dy
+  {
+    ops::ProfileScope scope(ctx_, "lora_dh");
+    for (size_t m = 0; m < projs.size(); ++m) {
+      Tensor dh_m = dh.Slice(1, g->rank_start[m], g->rank_start[m + 1]);
+      const Tensor dy_m = dy_wide.Slice(1, col_start[m], col_start[m + 1]);
+      TANDEM_RETURN_IF_ERROR(ops::Matmul(ctx_, dh_m, dy_m, ad.b(g->calls[m].target).weight, false,
+                                         false, g->scale, 0.0f));
+    }
+  }
+  const Tensor x = x_wide.Slice(1, 0, in);
+  // dB = dy^T (s h): the forward kept s h in x's spare columns, so b_alpha is 1.
+  TANDEM_RETURN_IF_ERROR(GroupWeightGrads(*g, col_start, x, dy_wide.Slice(1, 0, out),
+                                          x_wide.Slice(1, in, in + R), 1.0f, dh, false));
+  if (!dx.defined()) return true;
+  // dx = [dy | dh] [W ; A]: the base product and the adapter's part in one GEMM.
+  TANDEM_RETURN_IF_ERROR(ops::Matmul(ctx_, dx, dy_wide.Slice(1, 0, out + R), s.m.Slice(1, 0, in),
+                                     false, false, 1.0f, 0.0f));
   return true;
 }
 

@@ -31,6 +31,18 @@
 // values equal the per-projection path's up to rounding (bf16 y: the delta is rounded before the
 // base product is added, not after).
 //
+// Wide path (model::AdapterHooks::ProjectionsForwardWide, on by default): where the fast path
+// applies to q|k|v or gate|up and the model offers spare columns beside the group's input and
+// output gradient, the set keeps per (layer, group) one matrix M = [[W, B], [A, 0]]
+// ([out + R, in + R]: a copy of the frozen base weight W with the members' B block-diagonally
+// beside it and their stacked A below it), writes s h = s x A^T into x's spare columns and runs
+// the projection as one GEMM, y = [x | s h] M[:out]^T: no expand and no read-back of y. Backward
+// writes s dy B into dy's spare columns (dh) and gets dx = [dy | dh] M[:, :in] in one GEMM: no dx
+// product and no read-back of dx. dB = dy^T (s h) and dA = dh^T x as in the fast path. W's copy
+// is refreshed when the model's weights_generation or W's address changes; B and A are copied in
+// at every forward (they change at every step). Costs the copy of W (the q|k|v and gate|up weights
+// once more) and R extra columns of the GEMMs' inner dimension.
+//
 // Dropout runs only in training calls (ForwardBackward). Its masks come from a counter-based
 // generator: the seed of one projection call is a function of (dropout_seed, the batch counter,
 // layer, projection), and the counter advances once per training batch. With recompute the
@@ -106,6 +118,12 @@ class AdapterSet final : public model::AdapterHooks {
   // Same values as without (the same GEMMs in the same order on their own stream).
   void set_overlap_weight_grads(bool on) { overlap_weight_grads_ = on; }
 
+  // The wide path (above; on by default, needs the group fast path). Off: the fast path as before.
+  void set_wide_path(bool on) { wide_path_ = on; }
+  // How many times a wide matrix took a fresh copy of its base weight (tests: once per group until
+  // the model's weights change).
+  int64_t wide_refreshes() const { return wide_refreshes_; }
+
   void set_dropout_seed(uint64_t seed) { dropout_seed_ = seed; }
   uint64_t batch_counter() const { return batch_counter_; }
   void set_batch_counter(uint64_t counter) { batch_counter_ = counter; }
@@ -122,6 +140,15 @@ class AdapterSet final : public model::AdapterHooks {
   StatusOr<bool> ProjectionsBackwardFirst(int64_t layer, std::span<const model::Projection> projs,
                                           std::span<const int64_t> col_start, const Tensor& x,
                                           const Tensor& dy, Tensor& dx) override;
+  int64_t WideColumns(std::span<const model::Projection> projs) const override;
+  StatusOr<bool> ProjectionsForwardWide(int64_t layer, std::span<const model::Projection> projs,
+                                        std::span<const int64_t> col_start, const Tensor& x_wide,
+                                        int64_t in, const Tensor& w, uint64_t weights_generation,
+                                        Tensor& y) override;
+  StatusOr<bool> ProjectionsBackwardWide(int64_t layer, std::span<const model::Projection> projs,
+                                         std::span<const int64_t> col_start, const Tensor& x_wide,
+                                         int64_t in, const Tensor& dy_wide, const Tensor& w,
+                                         uint64_t weights_generation, Tensor& dx) override;
   Status EndBackward() override;
   Status ZeroGrads() override;
   bool SupportsTensorParallel() const override { return true; }
@@ -141,7 +168,25 @@ class AdapterSet final : public model::AdapterHooks {
   // token and targets every member with one scale, no dropout, tp 1.
   struct Group;
 
+  // The wide path's matrix of one group (by its first member's index).
+  struct WideWeights {
+    Tensor m;  // [out + R, in + R]: [[W, B], [A, 0]]
+    int64_t out = 0, in = 0;
+    std::vector<int64_t> rank_start;  // the members' columns of B (its zero blocks follow them)
+    const void* w_data = nullptr;     // the base weight copied in, and the model's generation then
+    uint64_t generation = 0;
+    bool has_w = false;
+  };
+
   StatusOr<Call> PrepareCall(int64_t layer, model::Projection proj);
+  // wide_[first] holds the current W (copied when stale), B and A.
+  Status RefreshWide(int64_t first, const Group& g, std::span<const int64_t> col_start,
+                     const Tensor& w, uint64_t generation);
+  // The fast and wide paths' weight gradients: dB_m += b_alpha dy_m^T h_m, dA_m += dh_m^T x (on
+  // the side stream when overlapping; keep_dh: dh is a temporary the side work must keep alive).
+  Status GroupWeightGrads(const Group& g, std::span<const int64_t> col_start, const Tensor& x,
+                          const Tensor& dy, const Tensor& h, float b_alpha, const Tensor& dh,
+                          bool keep_dh);
   // The model's stream waits for the side stream's queued work (overlap).
   Status JoinSide();
   // The group's calls, or nullopt when the fast path does not apply.
@@ -184,6 +229,12 @@ class AdapterSet final : public model::AdapterHooks {
   std::vector<Tensor> group_a_;
   std::vector<bool> group_fused_;
   bool group_fast_path_ = true;
+  // The wide path: per group (first member's index) its matrix and whether this batch's forward
+  // took it.
+  bool wide_path_ = true;
+  std::vector<WideWeights> wide_;
+  std::vector<bool> group_wide_;
+  int64_t wide_refreshes_ = 0;
   // Overlap: the side stream, whether work is queued on it that the model's stream has not
   // waited for, and the tensors that work reads which would otherwise go back to the allocator.
   bool overlap_weight_grads_ = false;

@@ -102,6 +102,9 @@ struct PeftSection {
   double dropout = 0.0;
   std::vector<std::string> target_modules = {"all-linear"};
   bool use_rslora = false;
+  // lora: the wide path (peft/adapter_set.h): q|k|v and gate|up run their adapter inside the base
+  // GEMMs, at the cost of one more copy of those frozen weights.
+  bool lora_wide = true;
   std::string init_adapter;
   // method = "s2ft" (peft/s2ft.h): heads and FFN channels per layer, by fraction or budget.
   double s2ft_heads_fraction = 0.1;

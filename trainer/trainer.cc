@@ -171,6 +171,7 @@ StatusOr<std::unique_ptr<peft::AdapterSet>> CreateLoraAdapter(ops::Context& ctx,
   // The weight gradients beside the base model's backward (a side stream): every layer's inputs
   // stay alive until the backward ends unless blocks are recomputed.
   set->set_overlap_weight_grads(!c.model.recompute && c.model.offload == "none");
+  set->set_wide_path(c.peft.lora_wide);
   model.SetAdapter(set.get());
   return set;
 }

@@ -44,6 +44,9 @@ struct LlamaModel::LayerWeights {
 struct LlamaModel::Activations {
   int64_t batch = 0, seq = 0;
   bool has_backward = false;
+  // [adapter] Spare columns after ln1 and dqkv (a whole number of heads), and after ln2 and
+  // dgate_up, for the adapter's wide path (AdapterHooks::WideColumns); 0: none.
+  int64_t wide_qkv = 0, wide_gate_up = 0;
 
   // Inputs on the device.
   Tensor tokens;                      // i32 [N]
@@ -62,13 +65,16 @@ struct LlamaModel::Activations {
 
   // What one block's backward needs. One per layer, or one shared by all with recompute.
   struct Block {
-    Tensor ln1;      // [N, C] input_layernorm output
+    Tensor ln1;       // [N, C] input_layernorm output (a view of ln1_wide)
+    Tensor ln1_wide;  // [N, C + wide_qkv]
     Tensor rstd1;    // f32 [N]
-    Tensor qkv;      // [N, H3 * D] q|k|v projections, q and k rotated in place
+    Tensor qkv;      // [N, H3 * D] q|k|v projections, q and k rotated in place (of qkv_wide)
+    Tensor qkv_wide;  // [N, H3 * D + wide_qkv]
     Tensor attn;     // [N, Hq * D] attention output (before o_proj)
     Tensor lse;      // f32 [B, Hq, T]
     Tensor x_mid;    // [N, C] residual after attention
-    Tensor ln2;      // [N, C] post_attention_layernorm output
+    Tensor ln2;      // [N, C] post_attention_layernorm output (a view of ln2_wide)
+    Tensor ln2_wide;  // [N, C + wide_gate_up]
     Tensor rstd2;    // f32 [N]
     Tensor gate_up;  // [N, 2F]
     Tensor act;      // [N, F] silu(gate) * up
@@ -84,9 +90,11 @@ struct LlamaModel::Activations {
   // Backward scratch (allocated when a backward pass is first asked for).
   Tensor dres;      // [N, C] gradient of the residual stream
   Tensor dln;       // [N, C] gradient of a norm's output
-  Tensor dqkv;      // [N, H3 * D]
-  Tensor dattn;     // [N, Hq * D]
-  Tensor dgate_up;  // [N, 2F]
+  Tensor dqkv;      // [N, H3 * D], a view of dqkv_wide
+  Tensor dqkv_wide;      // [N, H3 * D + wide_qkv]
+  Tensor dattn;          // [N, Hq * D]
+  Tensor dgate_up;       // [N, 2F], a view of dgate_up_wide
+  Tensor dgate_up_wide;  // [N, 2F + wide_gate_up]
   Tensor dact;      // [N, F]
 };
 

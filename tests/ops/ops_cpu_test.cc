@@ -250,5 +250,22 @@ TEST(ElementwiseCpuTest, SumSquaresAddCastFillScale) {
   for (int64_t i = 0; i < 15; ++i) EXPECT_EQ(b.data<float>()[i], -4.5f);
 }
 
+TEST(ElementwiseCpuTest, CopyMatrixCopiesColumnBlocksAndChecksShapes) {
+  auto ctx = Context::Cpu();
+  Tensor src = RandomUniform({4, 6}, 18), dst = FromValues({3, 5}, std::vector<float>(15, -1.0f));
+  Tensor to = dst.Slice(1, 1, 4);  // [3, 3], row stride 5
+  ASSERT_TRUE(CopyMatrix(*ctx, to, src.Slice(0, 1, 4).Slice(1, 2, 5)).ok());
+  for (int64_t r = 0; r < 3; ++r) {
+    for (int64_t c = 0; c < 5; ++c) {
+      const float want = c >= 1 && c < 4 ? src.data<float>()[(r + 1) * 6 + c + 1] : -1.0f;
+      EXPECT_EQ(dst.data<float>()[r * 5 + c], want) << r << ", " << c;
+    }
+  }
+  Tensor wrong = dst.Slice(1, 0, 2);
+  const Status s = CopyMatrix(*ctx, wrong, src.Slice(0, 0, 3).Slice(1, 0, 3));
+  EXPECT_FALSE(s.ok());
+  EXPECT_NE(s.message().find("CopyMatrix"), std::string::npos) << s.message();
+}
+
 }  // namespace
 }  // namespace tandem::ops

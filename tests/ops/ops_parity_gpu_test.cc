@@ -530,6 +530,29 @@ void AddOptimizerAndElementwiseCases(std::vector<ParityCase>& cases) {
       }
     }
   }
+  // A column block of one matrix into a column block of another (LoRA's wide weights).
+  for (auto [rows, cols] : {std::pair<int64_t, int64_t>{1, 1}, {7, 13}, {301, 257}}) {
+    for (DType dt : {DType::kBF16, DType::kF32}) {
+      cases.push_back(
+          {StrCat("CopyMatrix_", rows, "x", cols, "_", DTypeName(dt)), [=](Runner& r) -> Outputs {
+             Tensor wide = r.RandomAs({rows, cols + 5}, 43, dt);
+             const Tensor src = r.RandomAs({rows + 2, cols + 3}, 44, dt);
+             Tensor dst = wide.Slice(1, 2, 2 + cols);
+             r.Run(CopyMatrix(r.ctx(), dst, src.Slice(0, 1, 1 + rows).Slice(1, 3, 3 + cols)),
+                   "CopyMatrix");
+             return {{"wide", r.Fetch(wide), kExact}};
+           }});
+      // 16-byte aligned narrow rows: the kernel's widest unit.
+      cases.push_back({StrCat("CopyMatrix_aligned_", rows, "x", cols, "_", DTypeName(dt)),
+                       [=](Runner& r) -> Outputs {
+                         Tensor wide = r.RandomAs({rows, 64 + 16}, 45, dt);
+                         const Tensor src = r.RandomAs({rows, 8}, 46, dt);
+                         Tensor dst = wide.Slice(1, 64, 72);
+                         r.Run(CopyMatrix(r.ctx(), dst, src), "CopyMatrix");
+                         return {{"wide", r.Fetch(wide), kExact}};
+                       }});
+    }
+  }
 }
 
 std::vector<ParityCase> AllCases() {

@@ -244,10 +244,11 @@ TEST(LoraModelTest, GroupFastPathEqualsPerProjection) {
       std::vector<std::vector<Tensor>> grads;
       std::vector<Tensor> logits;
       std::vector<double> losses;
-      for (bool fast : {true, false}) {
+      for (int mode : {0, 1, 2}) {  // wide path, fast path only, per projection
         auto base = MakeBase(*ctx, c, 13, false, recompute);
         AdapterSet set(*ctx, c);
-        set.set_group_fast_path(fast);
+        set.set_group_fast_path(mode < 2);
+        set.set_wide_path(mode == 0);
         ASSERT_TRUE(set.Add(MakeAdapter(*ctx, c, config, 90)).ok());
         base->SetAdapter(&set);
         const model::Batch batch = MakeBatch(2, 6, c.vocab_size, 14);
@@ -255,16 +256,61 @@ TEST(LoraModelTest, GroupFastPathEqualsPerProjection) {
         losses.push_back(base->ForwardBackward(batch, 0.5f)->sum);
         grads.push_back(testing::Grads(set.adapter(0)));
         logits.push_back(*base->Logits(batch));
+        if (mode == 0) {
+          EXPECT_GT(set.wide_refreshes(), 0) << "the wide path was not taken";
+        }
         base->SetAdapter(nullptr);
       }
-      EXPECT_NEAR(losses[0], losses[1], 1e-5 * std::fabs(losses[1]));
-      EXPECT_TRUE(testing::AllClose(logits[0], logits[1], {1e-5, 1e-5}));
-      for (size_t k = 0; k < grads[0].size(); ++k) {
-        EXPECT_TRUE(testing::AllClose(grads[0][k], grads[1][k], {1e-5, 1e-4}))
-            << "parameter " << k << " recompute " << recompute;
+      for (int mode : {0, 1}) {
+        EXPECT_NEAR(losses[mode], losses[2], 1e-5 * std::fabs(losses[2])) << "mode " << mode;
+        EXPECT_TRUE(testing::AllClose(logits[mode], logits[2], {1e-5, 1e-5})) << "mode " << mode;
+        for (size_t k = 0; k < grads[0].size(); ++k) {
+          EXPECT_TRUE(testing::AllClose(grads[mode][k], grads[2][k], {1e-5, 1e-4}))
+              << "parameter " << k << " recompute " << recompute << " mode " << mode;
+        }
       }
     }
   }
+}
+
+// The wide path keeps a copy of the frozen q|k|v and gate|up weights: it is taken once, and taken
+// again after the model's weights are written (here through parameters(), as Merge does); a base
+// that trains never takes the wide path.
+TEST(LoraModelTest, WidePathFollowsBaseWeightChanges) {
+  auto ctx = ops::Context::Cpu();
+  const model::LlamaConfig c = TinyConfig();
+  auto base = MakeBase(*ctx, c, 15);
+  AdapterSet set(*ctx, c);
+  ASSERT_TRUE(set.Add(MakeAdapter(*ctx, c, AllLinear(3, 6), 95)).ok());
+  base->SetAdapter(&set);
+  const model::Batch batch = MakeBatch(2, 6, c.vocab_size, 16);
+  const Tensor before = *base->Logits(batch);
+  const int64_t groups = 2 * c.num_hidden_layers;  // q|k|v and gate|up per layer
+  EXPECT_EQ(set.wide_refreshes(), groups);
+  ASSERT_TRUE(base->ZeroGrads().ok());
+  ASSERT_TRUE(base->ForwardBackward(batch, 1.0f).ok());
+  EXPECT_EQ(set.wide_refreshes(), groups) << "unchanged weights were copied again";
+  for (model::Parameter& p : base->parameters()) {  // every q_proj and up_proj weight doubled
+    if (p.name.find("q_proj") == std::string::npos && p.name.find("up_proj") == std::string::npos)
+      continue;
+    for (int64_t i = 0; i < p.weight.numel(); ++i) p.weight.data<float>()[i] *= 2.0f;
+  }
+  const Tensor wide = *base->Logits(batch);
+  EXPECT_EQ(set.wide_refreshes(), 2 * groups);
+  set.set_wide_path(false);
+  const Tensor narrow = *base->Logits(batch);
+  EXPECT_FALSE(testing::AllClose(wide, before, {1e-3, 0})) << "the change was not seen";
+  EXPECT_TRUE(testing::AllClose(wide, narrow, {1e-5, 1e-5}));
+
+  auto trained = MakeBase(*ctx, c, 15, /*trainable=*/true);
+  AdapterSet set2(*ctx, c);
+  ASSERT_TRUE(set2.Add(MakeAdapter(*ctx, c, AllLinear(3, 6), 95)).ok());
+  trained->SetAdapter(&set2);
+  ASSERT_TRUE(trained->ZeroGrads().ok());
+  ASSERT_TRUE(trained->ForwardBackward(batch, 1.0f).ok());
+  EXPECT_EQ(set2.wide_refreshes(), 0);
+  trained->SetAdapter(nullptr);
+  base->SetAdapter(nullptr);
 }
 
 TEST(LoraModelTest, BadAdapterIds) {
