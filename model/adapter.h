@@ -88,14 +88,15 @@ class AdapterHooks {
     return false;
   }
 
-  // Optional wider fast path, offered before ProjectionsForwardFirst for q|k|v and gate|up when
-  // the group's base weights are frozen and resident (no layer streaming). The model keeps
-  // WideColumns(projs) spare columns after the group's input x (the norm's output) and after its
-  // output gradient dy, so the adapter can put its low-rank activations beside them and fold its
-  // product into the base GEMM's inner dimension: y = [x | s h] [W | B]^T and
-  // dx = [dy | s dy B] [W ; A], with no expand and no read-back of y or dx.
-  // WideColumns: the most spare columns the adapter can use for this group (0: none, the
-  // default). The model asks at every batch and widens its buffers when the answer grows.
+  // Optional wider fast path, offered before ProjectionsForwardFirst for every group (q|k|v, o,
+  // gate|up; down too unless blocks are recomputed, whose repeat stops before it) when the
+  // group's base weights are frozen and resident (no layer streaming). The model keeps
+  // WideColumns(projs) spare columns after the group's input x and after its output gradient dy
+  // (o and down share dy: the residual gradient), so the adapter can put its low-rank activations
+  // beside them and fold its product into the base GEMM's inner dimension: y = [x | s h] [W | B]^T
+  // and dx = [dy | s dy B] [W ; A], with no expand and no read-back of y or dx. WideColumns: the
+  // most spare columns the adapter can use for this group (0: none, the default). The model asks at
+  // every batch and widens its buffers when the answer grows.
   virtual int64_t WideColumns(std::span<const Projection> projs) const {
     (void)projs;
     return 0;

@@ -117,7 +117,11 @@ Status LlamaModel::BlockBackward(int64_t l, const LayerWeights& w, BackwardPart 
   if (part != BackwardPart::kAttention) {
     constexpr Projection kDown[] = {Projection::kDown};
     const int64_t c_cols[] = {0, a.dres.dim(1)};
-    TANDEM_RETURN_IF_ERROR(ProjectBackward(l, kDown, c_cols, b.act, a.dres, w.down, a.dact));
+    const bool wide_down =  // as in BlockForward: not under recompute
+        a.wide_down > 0 && !options_.recompute && WideGroup(group_of_[layer.down]);
+    TANDEM_RETURN_IF_ERROR(ProjectBackward(l, kDown, c_cols, b.act, a.dres, w.down, a.dact,
+                                           wide_down ? b.act_wide : Tensor(),
+                                           wide_down ? a.dres_wide : Tensor()));
     TANDEM_RETURN_IF_ERROR(WeightGrad(layer.down, a.dres, b.act));  // [C, F]
     Tensor dgate = a.dgate_up.Slice(1, 0, F);  // [N, F], row stride 2F
     Tensor dup = a.dgate_up.Slice(1, F, 2 * F);
@@ -142,8 +146,10 @@ Status LlamaModel::BlockBackward(int64_t l, const LayerWeights& w, BackwardPart 
   // Attention. x_mid = x[l] + attn Wo^T.
   constexpr Projection kO[] = {Projection::kO};
   const int64_t c_cols[] = {0, a.dres.dim(1)};
-  TANDEM_RETURN_IF_ERROR(
-      ProjectBackward(l, kO, c_cols, b.attn, a.dres, w.o, a.dattn));  // [N, Hq D]
+  const bool wide_o = a.wide_o > 0 && WideGroup(group_of_[layer.o]);
+  TANDEM_RETURN_IF_ERROR(ProjectBackward(l, kO, c_cols, b.attn, a.dres, w.o, a.dattn,  // [N, Hq D]
+                                         wide_o ? b.attn_wide : Tensor(),
+                                         wide_o ? a.dres_wide : Tensor()));
   TANDEM_RETURN_IF_ERROR(WeightGrad(layer.o, a.dres, b.attn));        // [C, Hq D]
   const int64_t Hw = a.dqkv_wide.dim(1) / D;  // H3 and the wide path's spare heads
   const Tensor qkv4 = b.qkv_wide.View({B, T, Hw, D}).Slice(2, 0, H3);
@@ -152,15 +158,17 @@ Status LlamaModel::BlockBackward(int64_t l, const LayerWeights& w, BackwardPart 
   Tensor dk = dqkv4.Slice(2, Hq, Hq + Hkv);
   Tensor dv = dqkv4.Slice(2, Hq + Hkv, H3);
   const Tensor seg = a.use_segments ? a.segment_ids : Tensor();
+  const int64_t Ho = b.attn_wide.dim(1) / D;  // Hq and the wide path's spare heads
+  const Tensor attn4 = b.attn_wide.View({B, T, Ho, D}).Slice(2, 0, Hq);
+  const Tensor dattn4 = a.dattn_wide.View({B, T, Ho, D}).Slice(2, 0, Hq);
   if (cp()) {
     TANDEM_RETURN_IF_ERROR(hooks->CpAttentionBackward(
-        dq, dk, dv, a.dattn.View({B, T, Hq, D}), qkv4.Slice(2, 0, Hq), qkv4.Slice(2, Hq, Hq + Hkv),
-        qkv4.Slice(2, Hq + Hkv, H3), b.attn.View({B, T, Hq, D}), b.lse, scale));
+        dq, dk, dv, dattn4, qkv4.Slice(2, 0, Hq), qkv4.Slice(2, Hq, Hq + Hkv),
+        qkv4.Slice(2, Hq + Hkv, H3), attn4, b.lse, scale));
   } else {
-    TANDEM_RETURN_IF_ERROR(ops::AttentionBackward(ctx_, dq, dk, dv, a.dattn.View({B, T, Hq, D}),
-                                                  qkv4.Slice(2, 0, Hq), qkv4.Slice(2, Hq, Hq + Hkv),
-                                                  qkv4.Slice(2, Hq + Hkv, H3),
-                                                  b.attn.View({B, T, Hq, D}), b.lse, scale, seg));
+    TANDEM_RETURN_IF_ERROR(ops::AttentionBackward(
+        ctx_, dq, dk, dv, dattn4, qkv4.Slice(2, 0, Hq), qkv4.Slice(2, Hq, Hq + Hkv),
+        qkv4.Slice(2, Hq + Hkv, H3), attn4, b.lse, scale, seg));
   }
   // RoPE is a rotation: its backward rotates the gradient back.
   const Tensor dheads = a.dqkv_wide.View({N, Hw, D}).Slice(1, 0, H3);

@@ -54,19 +54,26 @@ Status LlamaModel::EnsureActivations(int64_t B, int64_t T, bool backward) {
     *narrow = spare > 0 ? wide->Slice(1, 0, cols) : *wide;
     return Status::Ok();
   };
-  int64_t wide_qkv = 0, wide_gate_up = 0;  // [adapter] the wide path's spare columns
+  int64_t wide_qkv = 0, wide_gate_up = 0, wide_o = 0, wide_down = 0;  // [adapter] spare columns
   if (adapter_ != nullptr && stream_ == nullptr) {
     constexpr Projection kQkv[] = {Projection::kQ, Projection::kK, Projection::kV};
     constexpr Projection kGateUp[] = {Projection::kGate, Projection::kUp};
     const int64_t q = std::max<int64_t>(adapter_->WideColumns(kQkv), 0);
     wide_qkv = (q + D - 1) / D * D;  // whole heads: qkv and dqkv are also viewed as [.., H3, D]
     wide_gate_up = (std::max<int64_t>(adapter_->WideColumns(kGateUp), 0) + 7) / 8 * 8;
+    constexpr Projection kO[] = {Projection::kO};
+    constexpr Projection kDown[] = {Projection::kDown};
+    wide_o = (std::max<int64_t>(adapter_->WideColumns(kO), 0) + D - 1) / D * D;
+    wide_down = (std::max<int64_t>(adapter_->WideColumns(kDown), 0) + 7) / 8 * 8;
   }
   bool allocate = a == nullptr || a->batch != B || a->seq != T;
   if (a != nullptr) {  // widths only grow: an adapter detached for a pass comes back
-    allocate = allocate || wide_qkv > a->wide_qkv || wide_gate_up > a->wide_gate_up;
+    allocate = allocate || wide_qkv > a->wide_qkv || wide_gate_up > a->wide_gate_up ||
+               wide_o > a->wide_o || wide_down > a->wide_down;
     wide_qkv = std::max(wide_qkv, a->wide_qkv);
     wide_gate_up = std::max(wide_gate_up, a->wide_gate_up);
+    wide_o = std::max(wide_o, a->wide_o);
+    wide_down = std::max(wide_down, a->wide_down);
   }
   if (allocate) {
     acts_.reset();  // free the old shape's buffers before allocating the new ones
@@ -76,6 +83,8 @@ Status LlamaModel::EnsureActivations(int64_t B, int64_t T, bool backward) {
     a->seq = T;
     a->wide_qkv = wide_qkv;
     a->wide_gate_up = wide_gate_up;
+    a->wide_o = wide_o;
+    a->wide_down = wide_down;
     TANDEM_RETURN_IF_ERROR(alloc(&a->tokens, {N}, DType::kI32));
     TANDEM_RETURN_IF_ERROR(alloc(&a->targets, {N}, DType::kI32));
     TANDEM_RETURN_IF_ERROR(alloc(&a->positions, {N}, DType::kI32));
@@ -87,13 +96,13 @@ Status LlamaModel::EnsureActivations(int64_t B, int64_t T, bool backward) {
       TANDEM_RETURN_IF_ERROR(alloc(&b.rstd1, {N}, DType::kF32));
       // As wide as dqkv: the attention backward reads both with one token stride.
       TANDEM_RETURN_IF_ERROR(alloc_wide(&b.qkv, &b.qkv_wide, H3 * D, a->wide_qkv));
-      TANDEM_RETURN_IF_ERROR(alloc(&b.attn, {N, Hq * D}, A));
+      TANDEM_RETURN_IF_ERROR(alloc_wide(&b.attn, &b.attn_wide, Hq * D, a->wide_o));
       TANDEM_RETURN_IF_ERROR(alloc(&b.lse, {B, Hq, T}, DType::kF32));
       TANDEM_RETURN_IF_ERROR(alloc(&b.x_mid, {N, C}, A));
       TANDEM_RETURN_IF_ERROR(alloc_wide(&b.ln2, &b.ln2_wide, C, a->wide_gate_up));
       TANDEM_RETURN_IF_ERROR(alloc(&b.rstd2, {N}, DType::kF32));
       TANDEM_RETURN_IF_ERROR(alloc(&b.gate_up, {N, 2 * F}, A));
-      TANDEM_RETURN_IF_ERROR(alloc(&b.act, {N, F}, A));
+      TANDEM_RETURN_IF_ERROR(alloc_wide(&b.act, &b.act_wide, F, a->wide_down));
     }
     TANDEM_RETURN_IF_ERROR(alloc(&a->lnf, {N, C}, A));
     TANDEM_RETURN_IF_ERROR(alloc(&a->rstdf, {N}, DType::kF32));
@@ -104,10 +113,11 @@ Status LlamaModel::EnsureActivations(int64_t B, int64_t T, bool backward) {
     TANDEM_RETURN_IF_ERROR(alloc(&a->losses, {N}, DType::kF32));
   }
   if (backward && !a->has_backward) {
-    TANDEM_RETURN_IF_ERROR(alloc(&a->dres, {N, C}, A));
+    TANDEM_RETURN_IF_ERROR(
+        alloc_wide(&a->dres, &a->dres_wide, C, std::max(a->wide_o, a->wide_down)));
     TANDEM_RETURN_IF_ERROR(alloc(&a->dln, {N, C}, A));
     TANDEM_RETURN_IF_ERROR(alloc_wide(&a->dqkv, &a->dqkv_wide, H3 * D, a->wide_qkv));
-    TANDEM_RETURN_IF_ERROR(alloc(&a->dattn, {N, Hq * D}, A));
+    TANDEM_RETURN_IF_ERROR(alloc_wide(&a->dattn, &a->dattn_wide, Hq * D, a->wide_o));
     TANDEM_RETURN_IF_ERROR(alloc_wide(&a->dgate_up, &a->dgate_up_wide, 2 * F, a->wide_gate_up));
     TANDEM_RETURN_IF_ERROR(alloc(&a->dact, {N, F}, A));
     a->has_backward = true;
@@ -291,7 +301,7 @@ Status LlamaModel::BlockForward(int64_t l, bool write_output, const LayerWeights
   const Tensor q = qkv4.Slice(2, 0, Hq);         // [B, T, Hq, D]
   const Tensor k = qkv4.Slice(2, Hq, Hq + Hkv);  // [B, T, Hkv, D]
   const Tensor v = qkv4.Slice(2, Hq + Hkv, H3);  // [B, T, Hkv, D]
-  Tensor attn4 = b.attn.View({B, T, Hq, D});
+  Tensor attn4 = b.attn_wide.View({B, T, b.attn_wide.dim(1) / D, D}).Slice(2, 0, Hq);
   const Tensor seg = a.use_segments ? a.segment_ids : Tensor();
   if (cp()) {
     TANDEM_RETURN_IF_ERROR(hooks->CpAttentionForward(attn4, b.lse, q, k, v, scale));
@@ -300,7 +310,8 @@ Status LlamaModel::BlockForward(int64_t l, bool write_output, const LayerWeights
   }
   const int64_t c_cols[] = {0, a.proj.dim(1)};  // the o and down projections' one block
   constexpr Projection kO[] = {Projection::kO};
-  TANDEM_RETURN_IF_ERROR(Project(l, kO, c_cols, b.attn, w.o, a.proj));
+  const Tensor attn_wide = a.wide_o > 0 && WideGroup(group_of_[layer.o]) ? b.attn_wide : Tensor();
+  TANDEM_RETURN_IF_ERROR(Project(l, kO, c_cols, b.attn, w.o, a.proj, attn_wide));
   if (tp()) TANDEM_RETURN_IF_ERROR(hooks->TpAllReduceSum(a.proj));  // row parallel
   TANDEM_RETURN_IF_ERROR(ops::Add(ctx_, b.x_mid, x_in, a.proj));    // [N, C]
 
@@ -316,7 +327,11 @@ Status LlamaModel::BlockForward(int64_t l, bool write_output, const LayerWeights
   TANDEM_RETURN_IF_ERROR(ops::SwigluForward(ctx_, b.act, gate, up));
   if (!write_output) return Status::Ok();
   constexpr Projection kDown[] = {Projection::kDown};
-  TANDEM_RETURN_IF_ERROR(Project(l, kDown, c_cols, b.act, w.down, a.proj));
+  // Not under recompute: its repeat of the block stops before down, so s h would not be redone.
+  const Tensor act_wide = a.wide_down > 0 && !options_.recompute && WideGroup(group_of_[layer.down])
+                              ? b.act_wide
+                              : Tensor();
+  TANDEM_RETURN_IF_ERROR(Project(l, kDown, c_cols, b.act, w.down, a.proj, act_wide));
   if (tp()) TANDEM_RETURN_IF_ERROR(hooks->TpAllReduceSum(a.proj));  // row parallel
   return ops::Add(ctx_, a.x[l + 1], b.x_mid, a.proj);
 }
@@ -486,12 +501,17 @@ Status LlamaModel::BackwardLayer(int64_t l, BackwardPart part) {
 Status LlamaModel::EmbeddingBackward() {
   if (params_[embed_].trainable) {
     for (size_t i : groups_[group_of_[embed_]].members) TANDEM_RETURN_IF_ERROR(TouchGrad(i));
+    Tensor dout = acts_->dres;
+    if (!dout.is_contiguous()) {  // [adapter] dres has the wide path's spare columns: pack it
+      dout = acts_->dln;          // free now
+      TANDEM_RETURN_IF_ERROR(ops::CopyMatrix(ctx_, dout, acts_->dres));
+    }
     if (tp()) {  // the sink row's gradient is never read
       Tensor dtable = groups_[group_of_[embed_]].grad;
-      TANDEM_RETURN_IF_ERROR(ops::EmbeddingBackward(ctx_, dtable, acts_->dres, acts_->embed_ids));
+      TANDEM_RETURN_IF_ERROR(ops::EmbeddingBackward(ctx_, dtable, dout, acts_->embed_ids));
     } else {
       TANDEM_RETURN_IF_ERROR(
-          ops::EmbeddingBackward(ctx_, params_[embed_].grad, acts_->dres, acts_->tokens));
+          ops::EmbeddingBackward(ctx_, params_[embed_].grad, dout, acts_->tokens));
     }
   }
   return NotifyGradsReady({embed_});

@@ -1,6 +1,7 @@
 // ops::SumSquares, Add, Cast, Fill, Scale, CopyMatrix: validation and dispatch. Unlike the other
 // ops these take every floating dtype (f32, bf16, f16) on both CPU and CUDA (Fill: every dtype):
 // they are the glue for gradients, norms and dtype conversion, not compute.
+#include <algorithm>
 #include <cstring>
 #include <span>
 #include <string>
@@ -168,18 +169,86 @@ Status Scale(Context& ctx, Tensor& x, float s) {
   return Status::Ok();
 }
 
-Status CopyMatrix(Context& ctx, Tensor& dst, const Tensor& src) {
-  ProfileScope profile(ctx, "elementwise");
-  internal::OpChecker chk("CopyMatrix", ctx);
+namespace {
+
+// One CopyMatrix pair checked; its rows, bytes per row and pitches.
+struct MatrixCopy {
+  int64_t rows = 0;
+  size_t row_bytes = 0, dst_pitch = 0, src_pitch = 0;
+};
+
+StatusOr<MatrixCopy> CheckMatrixCopy(Context& ctx, const char* op, const Tensor& dst,
+                                     const Tensor& src) {
+  internal::OpChecker chk(op, ctx);
   if (!chk.Ranked(src, "src", 2)) return chk.status();
   const int64_t rows = src.dim(0), cols = src.dim(1);
   chk.Expect(src, "src", {{"rows", rows}, {"cols", cols}}, kAllDTypes, Layout::RowStrideFree());
   chk.Expect(dst, "dst", {{"rows", rows}, {"cols", cols}}, {src.dtype()}, Layout::RowStrideFree());
   if (!chk.ok()) return chk.status();
-  if (rows == 0 || cols == 0) return Status::Ok();
-  const size_t elem = DTypeSize(src.dtype()), row_bytes = static_cast<size_t>(cols) * elem;
-  const size_t dst_pitch = static_cast<size_t>(rows > 1 ? dst.stride(0) : cols) * elem;
-  const size_t src_pitch = static_cast<size_t>(rows > 1 ? src.stride(0) : cols) * elem;
+  const size_t elem = DTypeSize(src.dtype());
+  MatrixCopy m;
+  m.rows = rows;
+  m.row_bytes = static_cast<size_t>(cols) * elem;
+  m.dst_pitch = static_cast<size_t>(rows > 1 ? dst.stride(0) : cols) * elem;
+  m.src_pitch = static_cast<size_t>(rows > 1 ? src.stride(0) : cols) * elem;
+  return m;
+}
+
+void CopyMatrixOnHost(const MatrixCopy& m, void* dst, const void* src) {
+  char* d = static_cast<char*>(dst);
+  const char* s = static_cast<const char*>(src);
+  for (int64_t r = 0; r < m.rows; ++r) {
+    std::memmove(d + r * m.dst_pitch, s + r * m.src_pitch, m.row_bytes);
+  }
+}
+
+}  // namespace
+
+Status CopyMatrices(Context& ctx, std::span<Tensor> dst, std::span<const Tensor> src) {
+  ProfileScope profile(ctx, "elementwise");
+  if (dst.size() != src.size()) {
+    return InvalidArgumentError(
+        StrCat("CopyMatrices: ", dst.size(), " destinations for ", src.size(), " sources"));
+  }
+  std::vector<MatrixCopy> copies;
+  for (size_t i = 0; i < src.size(); ++i) {
+    StatusOr<MatrixCopy> m = CheckMatrixCopy(ctx, "CopyMatrices", dst[i], src[i]);
+    if (!m.ok()) {
+      return InvalidArgumentError(StrCat("pair ", i, ": ", m.status().message()));
+    }
+    copies.push_back(*m);
+  }
+#ifdef TANDEM_WITH_CUDA
+  if (ctx.is_cuda()) {
+    std::vector<cuda::CopyRowsEntry> entries;
+    for (size_t i = 0; i < copies.size(); ++i) {
+      if (copies[i].rows == 0 || copies[i].row_bytes == 0) continue;
+      entries.push_back({dst[i].raw_data(), src[i].raw_data(),
+                         static_cast<int64_t>(copies[i].dst_pitch),
+                         static_cast<int64_t>(copies[i].src_pitch),
+                         static_cast<int64_t>(copies[i].row_bytes), copies[i].rows});
+    }
+    for (size_t i = 0; i < entries.size(); i += cuda::kCopyRowsBatch) {
+      const int n = static_cast<int>(std::min<size_t>(cuda::kCopyRowsBatch, entries.size() - i));
+      TANDEM_RETURN_IF_ERROR(
+          Launched(cuda::CopyRowsBytesBatch(internal::StreamOf(ctx), entries.data() + i, n),
+                   "CopyMatrices", ctx, "src", src[0]));
+    }
+    return Status::Ok();
+  }
+#endif
+  for (size_t i = 0; i < copies.size(); ++i) {
+    CopyMatrixOnHost(copies[i], dst[i].raw_data(), src[i].raw_data());
+  }
+  return Status::Ok();
+}
+
+Status CopyMatrix(Context& ctx, Tensor& dst, const Tensor& src) {
+  ProfileScope profile(ctx, "elementwise");
+  TANDEM_ASSIGN_OR_RETURN(const MatrixCopy m, CheckMatrixCopy(ctx, "CopyMatrix", dst, src));
+  const int64_t rows = m.rows;
+  if (rows == 0 || m.row_bytes == 0) return Status::Ok();
+  const size_t row_bytes = m.row_bytes, dst_pitch = m.dst_pitch, src_pitch = m.src_pitch;
 #ifdef TANDEM_WITH_CUDA
   if (ctx.is_cuda()) {
     // Narrow rows (a LoRA factor's columns of a wide matrix): a kernel; cudaMemcpy2DAsync moves
@@ -197,9 +266,7 @@ Status CopyMatrix(Context& ctx, Tensor& dst, const Tensor& src) {
                     "CopyMatrix", ctx, "src", src);
   }
 #endif
-  char* d = static_cast<char*>(dst.raw_data());
-  const char* s = static_cast<const char*>(src.raw_data());
-  for (int64_t r = 0; r < rows; ++r) std::memmove(d + r * dst_pitch, s + r * src_pitch, row_bytes);
+  CopyMatrixOnHost(m, dst.raw_data(), src.raw_data());
   return Status::Ok();
 }
 

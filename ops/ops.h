@@ -20,6 +20,7 @@
 #pragma once
 
 #include <cstdint>
+#include <span>
 
 #include "core/tensor.h"
 #include "ops/context.h"
@@ -197,5 +198,8 @@ Status Scale(Context& ctx, Tensor& x, float s);
 // dst = src for 2-D matrices of the same shape and dtype (any dtype), both row stride free: a
 // column block of a wider matrix to or from another. On the device: one strided copy.
 Status CopyMatrix(Context& ctx, Tensor& dst, const Tensor& src);
+// dst[i] = src[i] for every pair (CopyMatrix's rules each), on the device in one launch per 8
+// pairs: for many small copies (a LoRA group's factors into its wide matrix).
+Status CopyMatrices(Context& ctx, std::span<Tensor> dst, std::span<const Tensor> src);
 
 }  // namespace tandem::ops

@@ -641,14 +641,15 @@ Status AdapterSet::RefreshWide(int64_t first, const Group& g, std::span<const in
     s.generation = generation;
     ++wide_refreshes_;
   }
+  std::vector<Tensor> dst, src;  // every member's B and A, in one call
   for (size_t m = 0; m < g.calls.size(); ++m) {
     const int64_t r0 = g.rank_start[m], r1 = g.rank_start[m + 1];
-    Tensor b = s.m.Slice(0, col_start[m], col_start[m + 1]).Slice(1, in + r0, in + r1);
-    TANDEM_RETURN_IF_ERROR(ops::CopyMatrix(ctx_, b, ad.b(g.calls[m].target).weight));
-    Tensor a = s.m.Slice(0, out + r0, out + r1).Slice(1, 0, in);
-    TANDEM_RETURN_IF_ERROR(ops::CopyMatrix(ctx_, a, ad.a(g.calls[m].target).weight));
+    dst.push_back(s.m.Slice(0, col_start[m], col_start[m + 1]).Slice(1, in + r0, in + r1));
+    src.push_back(ad.b(g.calls[m].target).weight);
+    dst.push_back(s.m.Slice(0, out + r0, out + r1).Slice(1, 0, in));
+    src.push_back(ad.a(g.calls[m].target).weight);
   }
-  return Status::Ok();
+  return ops::CopyMatrices(ctx_, dst, src);
 }
 
 StatusOr<bool> AdapterSet::ProjectionsForwardWide(int64_t layer,

@@ -32,7 +32,7 @@
 // base product is added, not after).
 //
 // Wide path (model::AdapterHooks::ProjectionsForwardWide, on by default): where the fast path
-// applies to q|k|v or gate|up and the model offers spare columns beside the group's input and
+// applies to a group and the model offers spare columns beside the group's input and
 // output gradient, the set keeps per (layer, group) one matrix M = [[W, B], [A, 0]]
 // ([out + R, in + R]: a copy of the frozen base weight W with the members' B block-diagonally
 // beside it and their stacked A below it), writes s h = s x A^T into x's spare columns and runs
@@ -40,8 +40,8 @@
 // writes s dy B into dy's spare columns (dh) and gets dx = [dy | dh] M[:, :in] in one GEMM: no dx
 // product and no read-back of dx. dB = dy^T (s h) and dA = dh^T x as in the fast path. W's copy
 // is refreshed when the model's weights_generation or W's address changes; B and A are copied in
-// at every forward (they change at every step). Costs the copy of W (the q|k|v and gate|up weights
-// once more) and R extra columns of the GEMMs' inner dimension.
+// at every forward (they change at every step), in one launch per group. Costs the copy of W (the
+// frozen projection weights once more) and R extra columns of the GEMMs' inner dimension.
 //
 // Dropout runs only in training calls (ForwardBackward). Its masks come from a counter-based
 // generator: the seed of one projection call is a function of (dropout_seed, the batch counter,

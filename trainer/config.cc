@@ -48,8 +48,8 @@ void PeftSection::Describe(ConfigSchema<PeftSection>& s) {
           "projections to adapt: q_proj k_proj v_proj o_proj gate_proj up_proj down_proj, or all-linear");
   s.Field("use_rslora", &PeftSection::use_rslora, "scale by alpha / sqrt(r) (rsLoRA)");
   s.Field("lora_wide", &PeftSection::lora_wide,
-          "lora: fold q|k|v's and gate|up's adapter into their base GEMMs (faster; keeps one more "
-          "copy of those frozen weights)");
+          "lora: fold the adapter into the base projections' GEMMs (faster, keeps small updates; "
+          "one more copy of the frozen projection weights)");
   s.Field("init_adapter", &PeftSection::init_adapter, "PEFT adapter directory to start from (empty: PEFT init)");
   s.Field("s2ft_heads_fraction", &PeftSection::s2ft_heads_fraction, "s2ft: fraction of kv head groups per layer")
       .Min(0.0).Max(1.0);

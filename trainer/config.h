@@ -102,7 +102,7 @@ struct PeftSection {
   double dropout = 0.0;
   std::vector<std::string> target_modules = {"all-linear"};
   bool use_rslora = false;
-  // lora: the wide path (peft/adapter_set.h): q|k|v and gate|up run their adapter inside the base
+  // lora: the wide path (peft/adapter_set.h): the projections run their adapter inside the base
   // GEMMs, at the cost of one more copy of those frozen weights.
   bool lora_wide = true;
   std::string init_adapter;

@@ -47,6 +47,9 @@ struct LlamaModel::Activations {
   // [adapter] Spare columns after ln1 and dqkv (a whole number of heads), and after ln2 and
   // dgate_up, for the adapter's wide path (AdapterHooks::WideColumns); 0: none.
   int64_t wide_qkv = 0, wide_gate_up = 0;
+  // The same after attn and dattn (whole heads: they are viewed as [B, T, Hq, D]), after act, and
+  // after dres (the output gradient of both o and down: the larger of the two).
+  int64_t wide_o = 0, wide_down = 0;
 
   // Inputs on the device.
   Tensor tokens;                      // i32 [N]
@@ -70,14 +73,16 @@ struct LlamaModel::Activations {
     Tensor rstd1;    // f32 [N]
     Tensor qkv;      // [N, H3 * D] q|k|v projections, q and k rotated in place (of qkv_wide)
     Tensor qkv_wide;  // [N, H3 * D + wide_qkv]
-    Tensor attn;     // [N, Hq * D] attention output (before o_proj)
+    Tensor attn;      // [N, Hq * D] attention output (before o_proj), a view of attn_wide
+    Tensor attn_wide;  // [N, Hq * D + wide_o]
     Tensor lse;      // f32 [B, Hq, T]
     Tensor x_mid;    // [N, C] residual after attention
     Tensor ln2;      // [N, C] post_attention_layernorm output (a view of ln2_wide)
     Tensor ln2_wide;  // [N, C + wide_gate_up]
     Tensor rstd2;    // f32 [N]
     Tensor gate_up;  // [N, 2F]
-    Tensor act;      // [N, F] silu(gate) * up
+    Tensor act;      // [N, F] silu(gate) * up, a view of act_wide
+    Tensor act_wide;  // [N, F + wide_down]
   };
   std::vector<Block> blocks;
 
@@ -88,11 +93,13 @@ struct LlamaModel::Activations {
   Tensor losses;  // f32 [N]
 
   // Backward scratch (allocated when a backward pass is first asked for).
-  Tensor dres;      // [N, C] gradient of the residual stream
+  Tensor dres;       // [N, C] gradient of the residual stream, a view of dres_wide
+  Tensor dres_wide;  // [N, C + max(wide_o, wide_down)]
   Tensor dln;       // [N, C] gradient of a norm's output
   Tensor dqkv;      // [N, H3 * D], a view of dqkv_wide
   Tensor dqkv_wide;      // [N, H3 * D + wide_qkv]
-  Tensor dattn;          // [N, Hq * D]
+  Tensor dattn;          // [N, Hq * D], a view of dattn_wide
+  Tensor dattn_wide;     // [N, Hq * D + wide_o] (attention's backward: dout strided as out)
   Tensor dgate_up;       // [N, 2F], a view of dgate_up_wide
   Tensor dgate_up_wide;  // [N, 2F + wide_gate_up]
   Tensor dact;      // [N, F]

@@ -155,7 +155,60 @@ cudaError_t LaunchCopyRows(cudaStream_t stream, void* dst, int64_t dst_pitch, co
   return cudaGetLastError();
 }
 
+struct CopyRowsTable {
+  CopyRowsEntry e[kCopyRowsBatch];
+};
+
+// blockIdx.y: the entry; blocks along x stride over its units.
+template <typename U>
+__global__ void CopyRowsBatchKernel(CopyRowsTable table) {
+  const CopyRowsEntry& e = table.e[blockIdx.y];
+  const int64_t units = e.row_bytes / static_cast<int64_t>(sizeof(U)), total = units * e.rows;
+  char* dst = static_cast<char*>(e.dst);
+  const char* src = static_cast<const char*>(e.src);
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t r = i / units, u = i % units;
+    *reinterpret_cast<U*>(dst + r * e.dst_pitch + u * static_cast<int64_t>(sizeof(U))) =
+        *reinterpret_cast<const U*>(src + r * e.src_pitch + u * static_cast<int64_t>(sizeof(U)));
+  }
+}
+
+template <typename U>
+cudaError_t LaunchCopyRowsBatch(cudaStream_t stream, const CopyRowsTable& table, int count,
+                                int64_t most_bytes) {
+  const int threads = 256;
+  const int64_t units = most_bytes / static_cast<int64_t>(sizeof(U));
+  const int64_t blocks = std::clamp<int64_t>((units + threads - 1) / threads, 1, 1024);
+  CopyRowsBatchKernel<U>
+      <<<dim3(static_cast<unsigned>(blocks), static_cast<unsigned>(count)), threads, 0, stream>>>(
+          table);
+  return cudaGetLastError();
+}
+
 }  // namespace
+
+cudaError_t CopyRowsBytesBatch(cudaStream_t stream, const CopyRowsEntry* entries, int count) {
+  if (count <= 0) return cudaSuccess;
+  if (count > kCopyRowsBatch) return cudaErrorInvalidValue;
+  CopyRowsTable table{};
+  uint64_t bits = 0;
+  int64_t most = 0;
+  for (int i = 0; i < count; ++i) {
+    const CopyRowsEntry& e = entries[i];
+    table.e[i] = e;
+    bits |= reinterpret_cast<uintptr_t>(e.dst) | reinterpret_cast<uintptr_t>(e.src) |
+            static_cast<uint64_t>(e.dst_pitch) | static_cast<uint64_t>(e.src_pitch) |
+            static_cast<uint64_t>(e.row_bytes);
+    most = std::max(most, e.row_bytes * e.rows);
+  }
+  if (most == 0) return cudaSuccess;
+  if (bits % 16 == 0) return LaunchCopyRowsBatch<uint4>(stream, table, count, most);
+  if (bits % 8 == 0) return LaunchCopyRowsBatch<uint2>(stream, table, count, most);
+  if (bits % 4 == 0) return LaunchCopyRowsBatch<uint32_t>(stream, table, count, most);
+  if (bits % 2 == 0) return LaunchCopyRowsBatch<uint16_t>(stream, table, count, most);
+  return LaunchCopyRowsBatch<uint8_t>(stream, table, count, most);
+}
 
 cudaError_t CopyRowsBytes(cudaStream_t stream, void* dst, int64_t dst_pitch, const void* src,
                           int64_t src_pitch, int64_t row_bytes, int64_t rows) {

@@ -156,6 +156,14 @@ cudaError_t Fill(cudaStream_t stream, DType dtype, void* out, float value, int64
 // narrow rows, where cudaMemcpy2DAsync moves a few bytes per row.
 cudaError_t CopyRowsBytes(cudaStream_t stream, void* dst, int64_t dst_pitch, const void* src,
                           int64_t src_pitch, int64_t row_bytes, int64_t rows);
+// Up to kCopyRowsBatch such copies in one launch (each entry as CopyRowsBytes).
+struct CopyRowsEntry {
+  void* dst;
+  const void* src;
+  int64_t dst_pitch, src_pitch, row_bytes, rows;
+};
+inline constexpr int kCopyRowsBatch = 8;
+cudaError_t CopyRowsBytesBatch(cudaStream_t stream, const CopyRowsEntry* entries, int count);
 cudaError_t Scale(cudaStream_t stream, DType dtype, void* x, float s, int64_t n);
 
 }  // namespace tandem::ops::cuda

@@ -261,6 +261,21 @@ TEST(ElementwiseCpuTest, CopyMatrixCopiesColumnBlocksAndChecksShapes) {
       EXPECT_EQ(dst.data<float>()[r * 5 + c], want) << r << ", " << c;
     }
   }
+  Tensor two = FromValues({2, 4}, std::vector<float>(8, 0.0f));
+  std::vector<Tensor> dsts = {two.Slice(1, 0, 1), two.Slice(1, 2, 4)};
+  const std::vector<Tensor> srcs = {src.Slice(0, 0, 2).Slice(1, 5, 6),
+                                    src.Slice(0, 2, 4).Slice(1, 0, 2)};
+  ASSERT_TRUE(CopyMatrices(*ctx, dsts, srcs).ok());
+  const float* t = two.data<float>();
+  const float* sv = src.data<float>();
+  EXPECT_EQ(t[0], sv[5]);
+  EXPECT_EQ(t[4], sv[11]);
+  EXPECT_EQ(t[1], 0.0f);
+  EXPECT_EQ(t[2], sv[12]);
+  EXPECT_EQ(t[3], sv[13]);
+  EXPECT_EQ(t[7], sv[19]);
+  std::vector<Tensor> one = {dsts[0]};
+  EXPECT_FALSE(CopyMatrices(*ctx, one, srcs).ok());
   Tensor wrong = dst.Slice(1, 0, 2);
   const Status s = CopyMatrix(*ctx, wrong, src.Slice(0, 0, 3).Slice(1, 0, 3));
   EXPECT_FALSE(s.ok());

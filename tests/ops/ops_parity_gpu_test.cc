@@ -542,6 +542,21 @@ void AddOptimizerAndElementwiseCases(std::vector<ParityCase>& cases) {
                    "CopyMatrix");
              return {{"wide", r.Fetch(wide), kExact}};
            }});
+      // Ten pairs (two launches), narrow and wide rows, aligned and not, in one call.
+      cases.push_back(
+          {StrCat("CopyMatrices_", rows, "x", cols, "_", DTypeName(dt)), [=](Runner& r) -> Outputs {
+             Tensor wide = r.RandomAs({rows, 10 * (cols + 3)}, 47, dt);
+             const Tensor src = r.RandomAs({rows, 10 * cols + 1}, 48, dt);
+             std::vector<Tensor> dsts;
+             std::vector<Tensor> srcs;
+             for (int64_t i = 0; i < 10; ++i) {
+               const int64_t at = i * (cols + 3) + i % 3;
+               dsts.push_back(wide.Slice(1, at, at + cols));
+               srcs.push_back(src.Slice(1, i * cols + i % 2, (i + 1) * cols + i % 2));
+             }
+             r.Run(CopyMatrices(r.ctx(), dsts, srcs), "CopyMatrices");
+             return {{"wide", r.Fetch(wide), kExact}};
+           }});
       // 16-byte aligned narrow rows: the kernel's widest unit.
       cases.push_back({StrCat("CopyMatrix_aligned_", rows, "x", cols, "_", DTypeName(dt)),
                        [=](Runner& r) -> Outputs {

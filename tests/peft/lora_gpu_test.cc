@@ -180,7 +180,7 @@ TEST(LoraGpuTest, WidePathAtTinyLlamaWidths) {
     }
     grads[mode] = testing::Grads(set.adapter(0));
     if (mode == 0) {
-      EXPECT_EQ(set.wide_refreshes(), 2 * c.num_hidden_layers);
+      EXPECT_EQ(set.wide_refreshes(), 4 * c.num_hidden_layers);  // q|k|v, o, gate|up, down
     }
     base->SetAdapter(nullptr);
   }

@@ -285,7 +285,7 @@ TEST(LoraModelTest, WidePathFollowsBaseWeightChanges) {
   base->SetAdapter(&set);
   const model::Batch batch = MakeBatch(2, 6, c.vocab_size, 16);
   const Tensor before = *base->Logits(batch);
-  const int64_t groups = 2 * c.num_hidden_layers;  // q|k|v and gate|up per layer
+  const int64_t groups = 4 * c.num_hidden_layers;  // q|k|v, o, gate|up and down per layer
   EXPECT_EQ(set.wide_refreshes(), groups);
   ASSERT_TRUE(base->ZeroGrads().ok());
   ASSERT_TRUE(base->ForwardBackward(batch, 1.0f).ok());
