@@ -132,27 +132,37 @@ TEST(ProfileStepTest, WritesTheChosenUpdatesBreakdownAndChangesNoLoss) {
 }
 
 TEST(ProfileStepTest, LoraUpdateProfilesOnlyTheAdaptersOptimizer) {
-  testing::TempDir dir;
-  WriteCorpus(dir);
-  std::vector<std::string> o = Overrides(dir, "lora");
-  o.insert(o.end(), {"peft.method=\"lora\"", "peft.r=4", "train.profile_step=1"});
-  StatusOr<TrainResult> r = Train(o);
-  ASSERT_TRUE(r.ok()) << r.status().ToString();
-  const json p = ReadJson(dir.Join("lora/profile-step-1.json"));
-  ASSERT_TRUE(p.is_object()) << "profile-step-1.json missing or not JSON";
-  const std::map<std::string, json> cats = CheckReport(p, 1);
-  ASSERT_TRUE(cats.count("gemm")) << p.dump(2);
-  ASSERT_TRUE(cats.count("optimizer")) << p.dump(2);
-  // The frozen base takes no optimizer step: one multi-tensor gradient-norm sum and one
-  // multi-tensor AdamW over the adapter's tensors (A and B of 7 projections in 2 layers).
-  EXPECT_EQ(cats.at("optimizer").at("calls").get<int64_t>(), 2);
-  // The base products run as GEMMs; the adapter's (one adapter, no dropout: the projection-group
-  // fast path) are profiled by role, per group (q|k|v, o, gate|up, down) and micro-batch.
-  EXPECT_GT(cats.at("gemm").at("flops").get<double>(), 0.0);
-  for (const char* role :
-       {"lora_shrink", "lora_expand", "lora_dh", "lora_dB", "lora_dA", "lora_dx"}) {
-    ASSERT_TRUE(cats.count(role)) << role << " missing: " << p.dump(2);
-    EXPECT_EQ(cats.at(role).at("calls").get<int64_t>(), 2 * 2 * 4) << role;
+  for (bool wide : {true, false}) {
+    SCOPED_TRACE(wide ? "wide path" : "fast path");
+    testing::TempDir dir;
+    WriteCorpus(dir);
+    std::vector<std::string> o = Overrides(dir, "lora");
+    o.insert(o.end(), {"peft.method=\"lora\"", "peft.r=4", "train.profile_step=1",
+                       StrCat("peft.lora_wide=", wide ? "true" : "false")});
+    StatusOr<TrainResult> r = Train(o);
+    ASSERT_TRUE(r.ok()) << r.status().ToString();
+    const json p = ReadJson(dir.Join("lora/profile-step-1.json"));
+    ASSERT_TRUE(p.is_object()) << "profile-step-1.json missing or not JSON";
+    const std::map<std::string, json> cats = CheckReport(p, 1);
+    ASSERT_TRUE(cats.count("gemm")) << p.dump(2);
+    ASSERT_TRUE(cats.count("optimizer")) << p.dump(2);
+    // The frozen base takes no optimizer step: one multi-tensor gradient-norm sum and one
+    // multi-tensor AdamW over the adapter's tensors (A and B of 7 projections in 2 layers).
+    EXPECT_EQ(cats.at("optimizer").at("calls").get<int64_t>(), 2);
+    // The base products run as GEMMs; the adapter's (one adapter, no dropout: the group paths)
+    // are profiled by role, per group (q|k|v, o, gate|up, down) and micro-batch. The wide path
+    // folds the expand and the dx product into the base GEMMs.
+    EXPECT_GT(cats.at("gemm").at("flops").get<double>(), 0.0);
+    std::vector<const char*> roles = {"lora_shrink", "lora_dh", "lora_dB", "lora_dA"};
+    if (!wide) roles.insert(roles.end(), {"lora_expand", "lora_dx"});
+    for (const char* role : roles) {
+      ASSERT_TRUE(cats.count(role)) << role << " missing: " << p.dump(2);
+      EXPECT_EQ(cats.at(role).at("calls").get<int64_t>(), 2 * 2 * 4) << role;
+    }
+    if (wide) {
+      EXPECT_EQ(cats.count("lora_expand"), 0u) << p.dump(2);
+      EXPECT_EQ(cats.count("lora_dx"), 0u) << p.dump(2);
+    }
   }
 }
 
