@@ -202,7 +202,7 @@ TEST(LoraGpuTest, WidePathAtTinyLlamaWidths) {
 // LoRA delta then far below a bf16 ulp of the projections' outputs: CPU f32 against the GPU paths.
 // Adding the delta to a bf16 output (per projection) or to the GEMM's C (the fast path) loses most
 // of it at lr 1e-5 (about 6% and 11% of the f32 change kept on an H200); the wide path sums it in
-// the GEMM's f32 accumulator (about 85%). Asserted: the wide path within 25% of f32 at lr 1e-5 and
+// the GEMM's f32 accumulator (110%: bf16 noise on a small difference of two losses). Asserted: the wide path within 25% of f32 at lr 1e-5 and
 // 1e-4, every path within 2% at 1e-3; the others' numbers are printed.
 double FirstStepLossChange(ops::Context& ctx, int mode, float lr) {
   model::LlamaConfig c = GpuConfig();
