@@ -336,9 +336,10 @@ class LlamaModel {
                          std::span<const int64_t> col_start, const Tensor& x, const Tensor& dy,
                          const Tensor& w, Tensor& dx, const Tensor& x_wide = Tensor(),
                          const Tensor& dy_wide = Tensor());
-  // [adapter] Whether group g may take the wide path: an adapter is attached, the layer weights
-  // are resident (no stream_layers) and every member is frozen.
-  bool WideGroup(int g) const;
+  // [adapter] Whether group g may take the wide path: its buffers have `spare` columns, an
+  // adapter is attached, the layer weights are resident (no stream_layers) and every member is
+  // frozen.
+  bool WideGroup(int g, int64_t spare) const;
   Status ProjectionGrad(const Group& group, const Tensor& dy, const Tensor& x);
   Status WeightGrad(size_t param, const Tensor& dy, const Tensor& x);
   Status LossHead(float grad_scale, bool backward);

@@ -117,8 +117,7 @@ Status LlamaModel::BlockBackward(int64_t l, const LayerWeights& w, BackwardPart 
   if (part != BackwardPart::kAttention) {
     constexpr Projection kDown[] = {Projection::kDown};
     const int64_t c_cols[] = {0, a.dres.dim(1)};
-    const bool wide_down =  // as in BlockForward: not under recompute
-        a.wide_down > 0 && !options_.recompute && WideGroup(group_of_[layer.down]);
+    const bool wide_down = WideGroup(group_of_[layer.down], a.wide_down);
     TANDEM_RETURN_IF_ERROR(ProjectBackward(l, kDown, c_cols, b.act, a.dres, w.down, a.dact,
                                            wide_down ? b.act_wide : Tensor(),
                                            wide_down ? a.dres_wide : Tensor()));
@@ -129,7 +128,7 @@ Status LlamaModel::BlockBackward(int64_t l, const LayerWeights& w, BackwardPart 
                                                b.gate_up.Slice(1, F, 2 * F)));
     const Group& gate_up = groups_[layer.gate_up_group];
     constexpr Projection kGateUp[] = {Projection::kGate, Projection::kUp};
-    const bool wide = a.wide_gate_up > 0 && WideGroup(layer.gate_up_group);
+    const bool wide = WideGroup(layer.gate_up_group, a.wide_gate_up);
     TANDEM_RETURN_IF_ERROR(  // [N, C]
         ProjectBackward(l, kGateUp, gate_up.row_start, b.ln2, a.dgate_up, w.gate_up, a.dln,
                         wide ? b.ln2_wide : Tensor(), wide ? a.dgate_up_wide : Tensor()));
@@ -146,7 +145,7 @@ Status LlamaModel::BlockBackward(int64_t l, const LayerWeights& w, BackwardPart 
   // Attention. x_mid = x[l] + attn Wo^T.
   constexpr Projection kO[] = {Projection::kO};
   const int64_t c_cols[] = {0, a.dres.dim(1)};
-  const bool wide_o = a.wide_o > 0 && WideGroup(group_of_[layer.o]);
+  const bool wide_o = WideGroup(group_of_[layer.o], a.wide_o);
   TANDEM_RETURN_IF_ERROR(ProjectBackward(l, kO, c_cols, b.attn, a.dres, w.o, a.dattn,  // [N, Hq D]
                                          wide_o ? b.attn_wide : Tensor(),
                                          wide_o ? a.dres_wide : Tensor()));
@@ -176,7 +175,7 @@ Status LlamaModel::BlockBackward(int64_t l, const LayerWeights& w, BackwardPart 
   TANDEM_RETURN_IF_ERROR(ops::Rope(ctx_, dqk_rot, dqk_rot, a.positions, inv_freq_, true));
   const Group& qkv = groups_[layer.qkv_group];
   constexpr Projection kQkv[] = {Projection::kQ, Projection::kK, Projection::kV};
-  const bool wide = a.wide_qkv > 0 && WideGroup(layer.qkv_group);
+  const bool wide = WideGroup(layer.qkv_group, a.wide_qkv);
   TANDEM_RETURN_IF_ERROR(  // [N, C]; dq, dk are already rotated back
       ProjectBackward(l, kQkv, qkv.row_start, b.ln1, a.dqkv, w.qkv, a.dln,
                       wide ? b.ln1_wide : Tensor(), wide ? a.dqkv_wide : Tensor()));

@@ -56,15 +56,21 @@ Status LlamaModel::EnsureActivations(int64_t B, int64_t T, bool backward) {
   };
   int64_t wide_qkv = 0, wide_gate_up = 0, wide_o = 0, wide_down = 0;  // [adapter] spare columns
   if (adapter_ != nullptr && stream_ == nullptr) {
+    // The adapter's columns rounded up to `multiple`: whole heads where a buffer is also viewed
+    // as [.., heads, D] (qkv, dqkv, attn, dattn), else 16 bytes.
+    auto spare = [&](std::span<const Projection> projs, int64_t multiple) {
+      const int64_t r = std::max<int64_t>(adapter_->WideColumns(projs), 0);
+      return (r + multiple - 1) / multiple * multiple;
+    };
     constexpr Projection kQkv[] = {Projection::kQ, Projection::kK, Projection::kV};
-    constexpr Projection kGateUp[] = {Projection::kGate, Projection::kUp};
-    const int64_t q = std::max<int64_t>(adapter_->WideColumns(kQkv), 0);
-    wide_qkv = (q + D - 1) / D * D;  // whole heads: qkv and dqkv are also viewed as [.., H3, D]
-    wide_gate_up = (std::max<int64_t>(adapter_->WideColumns(kGateUp), 0) + 7) / 8 * 8;
     constexpr Projection kO[] = {Projection::kO};
+    constexpr Projection kGateUp[] = {Projection::kGate, Projection::kUp};
     constexpr Projection kDown[] = {Projection::kDown};
-    wide_o = (std::max<int64_t>(adapter_->WideColumns(kO), 0) + D - 1) / D * D;
-    wide_down = (std::max<int64_t>(adapter_->WideColumns(kDown), 0) + 7) / 8 * 8;
+    wide_qkv = spare(kQkv, D);
+    wide_o = spare(kO, D);
+    wide_gate_up = spare(kGateUp, 8);
+    // Not under recompute: its repeat of a block stops before down, so s h would go stale.
+    wide_down = options_.recompute ? 0 : spare(kDown, 8);
   }
   bool allocate = a == nullptr || a->batch != B || a->seq != T;
   if (a != nullptr) {  // widths only grow: an adapter detached for a pass comes back
@@ -243,8 +249,8 @@ Status LlamaModel::ForwardLayer(int64_t l) {
   return BlockForward(l, /*write_output=*/true, w);
 }
 
-bool LlamaModel::WideGroup(int g) const {
-  if (adapter_ == nullptr || stream_ != nullptr) return false;
+bool LlamaModel::WideGroup(int g, int64_t spare) const {
+  if (spare == 0 || adapter_ == nullptr || stream_ != nullptr) return false;
   for (size_t i : groups_[g].members) {
     if (params_[i].trainable) return false;
   }
@@ -290,7 +296,7 @@ Status LlamaModel::BlockForward(int64_t l, bool write_output, const LayerWeights
   // Attention: ln1 = norm(x); q|k|v = ln1 Wqkv^T; rope(q, k); attn = softmax(q k^T) v.
   TANDEM_RETURN_IF_ERROR(ops::RmsNormForward(ctx_, b.ln1, b.rstd1, x_in, w.attn_norm, eps));
   constexpr Projection kQkv[] = {Projection::kQ, Projection::kK, Projection::kV};
-  const Tensor ln1_wide = a.wide_qkv > 0 && WideGroup(layer.qkv_group) ? b.ln1_wide : Tensor();
+  const Tensor ln1_wide = WideGroup(layer.qkv_group, a.wide_qkv) ? b.ln1_wide : Tensor();
   TANDEM_RETURN_IF_ERROR(  // [N, H3 D], adapter deltas included before RoPE reads them
       Project(l, kQkv, groups_[layer.qkv_group].row_start, b.ln1, w.qkv, b.qkv, ln1_wide));
   const int64_t Hw = b.qkv_wide.dim(1) / D;  // H3 and the wide path's spare heads
@@ -310,7 +316,7 @@ Status LlamaModel::BlockForward(int64_t l, bool write_output, const LayerWeights
   }
   const int64_t c_cols[] = {0, a.proj.dim(1)};  // the o and down projections' one block
   constexpr Projection kO[] = {Projection::kO};
-  const Tensor attn_wide = a.wide_o > 0 && WideGroup(group_of_[layer.o]) ? b.attn_wide : Tensor();
+  const Tensor attn_wide = WideGroup(group_of_[layer.o], a.wide_o) ? b.attn_wide : Tensor();
   TANDEM_RETURN_IF_ERROR(Project(l, kO, c_cols, b.attn, w.o, a.proj, attn_wide));
   if (tp()) TANDEM_RETURN_IF_ERROR(hooks->TpAllReduceSum(a.proj));  // row parallel
   TANDEM_RETURN_IF_ERROR(ops::Add(ctx_, b.x_mid, x_in, a.proj));    // [N, C]
@@ -318,8 +324,7 @@ Status LlamaModel::BlockForward(int64_t l, bool write_output, const LayerWeights
   // MLP: ln2 = norm(x_mid); gate|up = ln2 Wgu^T; act = silu(gate) * up; out = act Wdown^T.
   TANDEM_RETURN_IF_ERROR(ops::RmsNormForward(ctx_, b.ln2, b.rstd2, b.x_mid, w.mlp_norm, eps));
   constexpr Projection kGateUp[] = {Projection::kGate, Projection::kUp};
-  const Tensor ln2_wide =
-      a.wide_gate_up > 0 && WideGroup(layer.gate_up_group) ? b.ln2_wide : Tensor();
+  const Tensor ln2_wide = WideGroup(layer.gate_up_group, a.wide_gate_up) ? b.ln2_wide : Tensor();
   TANDEM_RETURN_IF_ERROR(Project(l, kGateUp, groups_[layer.gate_up_group].row_start, b.ln2,
                                  w.gate_up, b.gate_up, ln2_wide));
   const Tensor gate = b.gate_up.Slice(1, 0, F);  // [N, F], row stride 2F
@@ -327,10 +332,7 @@ Status LlamaModel::BlockForward(int64_t l, bool write_output, const LayerWeights
   TANDEM_RETURN_IF_ERROR(ops::SwigluForward(ctx_, b.act, gate, up));
   if (!write_output) return Status::Ok();
   constexpr Projection kDown[] = {Projection::kDown};
-  // Not under recompute: its repeat of the block stops before down, so s h would not be redone.
-  const Tensor act_wide = a.wide_down > 0 && !options_.recompute && WideGroup(group_of_[layer.down])
-                              ? b.act_wide
-                              : Tensor();
+  const Tensor act_wide = WideGroup(group_of_[layer.down], a.wide_down) ? b.act_wide : Tensor();
   TANDEM_RETURN_IF_ERROR(Project(l, kDown, c_cols, b.act, w.down, a.proj, act_wide));
   if (tp()) TANDEM_RETURN_IF_ERROR(hooks->TpAllReduceSum(a.proj));  // row parallel
   return ops::Add(ctx_, a.x[l + 1], b.x_mid, a.proj);

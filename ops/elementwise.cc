@@ -1,6 +1,6 @@
-// ops::SumSquares, Add, Cast, Fill, Scale, CopyMatrix: validation and dispatch. Unlike the other
-// ops these take every floating dtype (f32, bf16, f16) on both CPU and CUDA (Fill: every dtype):
-// they are the glue for gradients, norms and dtype conversion, not compute.
+// ops::SumSquares, Add, Cast, Fill, Scale, CopyMatrix(es): validation and dispatch. Unlike the
+// other ops these take every floating dtype (f32, bf16, f16) on both CPU and CUDA (Fill: every
+// dtype): they are the glue for gradients, norms and dtype conversion, not compute.
 #include <algorithm>
 #include <cstring>
 #include <span>
@@ -202,37 +202,47 @@ void CopyMatrixOnHost(const MatrixCopy& m, void* dst, const void* src) {
   }
 }
 
-}  // namespace
-
-Status CopyMatrices(Context& ctx, std::span<Tensor> dst, std::span<const Tensor> src) {
+// CopyMatrices under the name `op` (errors name it, and the pair when there are several).
+Status CopyPairs(Context& ctx, const char* op, std::span<Tensor> dst, std::span<const Tensor> src) {
   ProfileScope profile(ctx, "elementwise");
   if (dst.size() != src.size()) {
     return InvalidArgumentError(
-        StrCat("CopyMatrices: ", dst.size(), " destinations for ", src.size(), " sources"));
+        StrCat(op, ": ", dst.size(), " destinations for ", src.size(), " sources"));
   }
   std::vector<MatrixCopy> copies;
   for (size_t i = 0; i < src.size(); ++i) {
-    StatusOr<MatrixCopy> m = CheckMatrixCopy(ctx, "CopyMatrices", dst[i], src[i]);
+    StatusOr<MatrixCopy> m = CheckMatrixCopy(ctx, op, dst[i], src[i]);
     if (!m.ok()) {
+      if (src.size() == 1) return m.status();
       return InvalidArgumentError(StrCat("pair ", i, ": ", m.status().message()));
     }
     copies.push_back(*m);
   }
 #ifdef TANDEM_WITH_CUDA
   if (ctx.is_cuda()) {
-    std::vector<cuda::CopyRowsEntry> entries;
+    // Narrow rows (a LoRA factor's columns of a wide matrix) through one kernel launch per
+    // kCopyRowsBatch of them; wide rows through cudaMemcpy2DAsync.
+    std::vector<cuda::CopyRowsEntry> narrow;
     for (size_t i = 0; i < copies.size(); ++i) {
-      if (copies[i].rows == 0 || copies[i].row_bytes == 0) continue;
-      entries.push_back({dst[i].raw_data(), src[i].raw_data(),
-                         static_cast<int64_t>(copies[i].dst_pitch),
-                         static_cast<int64_t>(copies[i].src_pitch),
-                         static_cast<int64_t>(copies[i].row_bytes), copies[i].rows});
-    }
-    for (size_t i = 0; i < entries.size(); i += cuda::kCopyRowsBatch) {
-      const int n = static_cast<int>(std::min<size_t>(cuda::kCopyRowsBatch, entries.size() - i));
+      const MatrixCopy& m = copies[i];
+      if (m.rows == 0 || m.row_bytes == 0) continue;
+      if (m.row_bytes < 512) {
+        narrow.push_back({dst[i].raw_data(), src[i].raw_data(), static_cast<int64_t>(m.dst_pitch),
+                          static_cast<int64_t>(m.src_pitch), static_cast<int64_t>(m.row_bytes),
+                          m.rows});
+        continue;
+      }
       TANDEM_RETURN_IF_ERROR(
-          Launched(cuda::CopyRowsBytesBatch(internal::StreamOf(ctx), entries.data() + i, n),
-                   "CopyMatrices", ctx, "src", src[0]));
+          Launched(cudaMemcpy2DAsync(dst[i].raw_data(), m.dst_pitch, src[i].raw_data(), m.src_pitch,
+                                     m.row_bytes, static_cast<size_t>(m.rows),
+                                     cudaMemcpyDeviceToDevice, internal::StreamOf(ctx)),
+                   op, ctx, "src", src[i]));
+    }
+    for (size_t i = 0; i < narrow.size(); i += cuda::kCopyRowsBatch) {
+      const int n = static_cast<int>(std::min<size_t>(cuda::kCopyRowsBatch, narrow.size() - i));
+      TANDEM_RETURN_IF_ERROR(
+          Launched(cuda::CopyRowsBytesBatch(internal::StreamOf(ctx), narrow.data() + i, n), op, ctx,
+                   "src", src[0]));
     }
     return Status::Ok();
   }
@@ -243,31 +253,14 @@ Status CopyMatrices(Context& ctx, std::span<Tensor> dst, std::span<const Tensor>
   return Status::Ok();
 }
 
+}  // namespace
+
+Status CopyMatrices(Context& ctx, std::span<Tensor> dst, std::span<const Tensor> src) {
+  return CopyPairs(ctx, "CopyMatrices", dst, src);
+}
+
 Status CopyMatrix(Context& ctx, Tensor& dst, const Tensor& src) {
-  ProfileScope profile(ctx, "elementwise");
-  TANDEM_ASSIGN_OR_RETURN(const MatrixCopy m, CheckMatrixCopy(ctx, "CopyMatrix", dst, src));
-  const int64_t rows = m.rows;
-  if (rows == 0 || m.row_bytes == 0) return Status::Ok();
-  const size_t row_bytes = m.row_bytes, dst_pitch = m.dst_pitch, src_pitch = m.src_pitch;
-#ifdef TANDEM_WITH_CUDA
-  if (ctx.is_cuda()) {
-    // Narrow rows (a LoRA factor's columns of a wide matrix): a kernel; cudaMemcpy2DAsync moves
-    // them a few bytes at a time (6 us for 2048 rows of 32 bytes on an H200).
-    if (row_bytes < 512) {
-      return Launched(cuda::CopyRowsBytes(internal::StreamOf(ctx), dst.raw_data(),
-                                          static_cast<int64_t>(dst_pitch), src.raw_data(),
-                                          static_cast<int64_t>(src_pitch),
-                                          static_cast<int64_t>(row_bytes), rows),
-                      "CopyMatrix", ctx, "src", src);
-    }
-    return Launched(cudaMemcpy2DAsync(dst.raw_data(), dst_pitch, src.raw_data(), src_pitch,
-                                      row_bytes, static_cast<size_t>(rows),
-                                      cudaMemcpyDeviceToDevice, internal::StreamOf(ctx)),
-                    "CopyMatrix", ctx, "src", src);
-  }
-#endif
-  CopyMatrixOnHost(m, dst.raw_data(), src.raw_data());
-  return Status::Ok();
+  return CopyPairs(ctx, "CopyMatrix", std::span<Tensor>(&dst, 1), std::span<const Tensor>(&src, 1));
 }
 
 }  // namespace tandem::ops

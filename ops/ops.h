@@ -196,10 +196,11 @@ Status Fill(Context& ctx, Tensor& out, float value);
 // x *= s elementwise (floating, contiguous).
 Status Scale(Context& ctx, Tensor& x, float s);
 // dst = src for 2-D matrices of the same shape and dtype (any dtype), both row stride free: a
-// column block of a wider matrix to or from another. On the device: one strided copy.
+// column block of a wider matrix to or from another.
 Status CopyMatrix(Context& ctx, Tensor& dst, const Tensor& src);
-// dst[i] = src[i] for every pair (CopyMatrix's rules each), on the device in one launch per 8
-// pairs: for many small copies (a LoRA group's factors into its wide matrix).
+// dst[i] = src[i] for every pair (CopyMatrix's rules each). On the device, pairs with rows under
+// 512 bytes go through one kernel launch per 8 (a LoRA group's factors into its wide matrix),
+// the others through cudaMemcpy2DAsync.
 Status CopyMatrices(Context& ctx, std::span<Tensor> dst, std::span<const Tensor> src);
 
 }  // namespace tandem::ops

@@ -687,6 +687,10 @@ StatusOr<bool> AdapterSet::ProjectionsBackwardWide(int64_t layer,
                                                    const Tensor& dy_wide, const Tensor& w,
                                                    uint64_t weights_generation, Tensor& dx) {
   TANDEM_RETURN_IF_ERROR(JoinSide());  // the last group's side work read buffers reused from here
+  if (layer < 0 || layer >= base_.num_hidden_layers || projs.empty()) {
+    return InvalidArgumentError(
+        StrCat("AdapterSet: wide backward for layer ", layer, " of ", base_.num_hidden_layers));
+  }
   TANDEM_ASSIGN_OR_RETURN(std::optional<Group> g, PrepareGroup(layer, projs));
   const int64_t first = layer * model::kNumProjections + static_cast<int>(projs[0]);
   if (!group_wide_[first]) return false;

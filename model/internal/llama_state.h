@@ -48,7 +48,8 @@ struct LlamaModel::Activations {
   // dgate_up, for the adapter's wide path (AdapterHooks::WideColumns); 0: none.
   int64_t wide_qkv = 0, wide_gate_up = 0;
   // The same after attn and dattn (whole heads: they are viewed as [B, T, Hq, D]), after act, and
-  // after dres (the output gradient of both o and down: the larger of the two).
+  // after dres (the output gradient of both o and down: the larger of the two). wide_down is 0
+  // under recompute (its repeat of a block stops before down).
   int64_t wide_o = 0, wide_down = 0;
 
   // Inputs on the device.

@@ -133,28 +133,6 @@ cudaError_t Cast(cudaStream_t stream, DType out_dtype, void* out, DType in_dtype
 
 namespace {
 
-template <typename U>
-__global__ void CopyRowsKernel(char* dst, int64_t dst_pitch, const char* src, int64_t src_pitch,
-                               int64_t units_per_row, int64_t total) {
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t r = i / units_per_row, u = i % units_per_row;
-    *reinterpret_cast<U*>(dst + r * dst_pitch + u * static_cast<int64_t>(sizeof(U))) =
-        *reinterpret_cast<const U*>(src + r * src_pitch + u * static_cast<int64_t>(sizeof(U)));
-  }
-}
-
-template <typename U>
-cudaError_t LaunchCopyRows(cudaStream_t stream, void* dst, int64_t dst_pitch, const void* src,
-                           int64_t src_pitch, int64_t row_bytes, int64_t rows) {
-  const int64_t units = row_bytes / static_cast<int64_t>(sizeof(U)), total = units * rows;
-  const int threads = 256;
-  const int64_t blocks = std::min<int64_t>((total + threads - 1) / threads, 4096);
-  CopyRowsKernel<U><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(
-      static_cast<char*>(dst), dst_pitch, static_cast<const char*>(src), src_pitch, units, total);
-  return cudaGetLastError();
-}
-
 struct CopyRowsTable {
   CopyRowsEntry e[kCopyRowsBatch];
 };
@@ -208,27 +186,6 @@ cudaError_t CopyRowsBytesBatch(cudaStream_t stream, const CopyRowsEntry* entries
   if (bits % 4 == 0) return LaunchCopyRowsBatch<uint32_t>(stream, table, count, most);
   if (bits % 2 == 0) return LaunchCopyRowsBatch<uint16_t>(stream, table, count, most);
   return LaunchCopyRowsBatch<uint8_t>(stream, table, count, most);
-}
-
-cudaError_t CopyRowsBytes(cudaStream_t stream, void* dst, int64_t dst_pitch, const void* src,
-                          int64_t src_pitch, int64_t row_bytes, int64_t rows) {
-  if (rows <= 0 || row_bytes <= 0) return cudaSuccess;
-  const uint64_t bits = reinterpret_cast<uintptr_t>(dst) | reinterpret_cast<uintptr_t>(src) |
-                        static_cast<uint64_t>(dst_pitch) | static_cast<uint64_t>(src_pitch) |
-                        static_cast<uint64_t>(row_bytes);
-  if (bits % 16 == 0) {
-    return LaunchCopyRows<uint4>(stream, dst, dst_pitch, src, src_pitch, row_bytes, rows);
-  }
-  if (bits % 8 == 0) {
-    return LaunchCopyRows<uint2>(stream, dst, dst_pitch, src, src_pitch, row_bytes, rows);
-  }
-  if (bits % 4 == 0) {
-    return LaunchCopyRows<uint32_t>(stream, dst, dst_pitch, src, src_pitch, row_bytes, rows);
-  }
-  if (bits % 2 == 0) {
-    return LaunchCopyRows<uint16_t>(stream, dst, dst_pitch, src, src_pitch, row_bytes, rows);
-  }
-  return LaunchCopyRows<uint8_t>(stream, dst, dst_pitch, src, src_pitch, row_bytes, rows);
 }
 
 cudaError_t Fill(cudaStream_t stream, DType dtype, void* out, float value, int64_t n) {

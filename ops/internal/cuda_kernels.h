@@ -151,12 +151,10 @@ cudaError_t Add(cudaStream_t stream, DType dtype, void* out, const void* a, cons
 cudaError_t Cast(cudaStream_t stream, DType out_dtype, void* out, DType in_dtype, const void* in,
                  int64_t n);
 cudaError_t Fill(cudaStream_t stream, DType dtype, void* out, float value, int64_t n);
-// rows of row_bytes bytes from src (row pitch src_pitch bytes) to dst (pitch dst_pitch): one
-// thread per 16, 8, 4, 2 or 1 bytes (the widest every pointer, pitch and row_bytes allow). For
-// narrow rows, where cudaMemcpy2DAsync moves a few bytes per row.
-cudaError_t CopyRowsBytes(cudaStream_t stream, void* dst, int64_t dst_pitch, const void* src,
-                          int64_t src_pitch, int64_t row_bytes, int64_t rows);
-// Up to kCopyRowsBatch such copies in one launch (each entry as CopyRowsBytes).
+// Up to kCopyRowsBatch row copies in one launch: entry i copies `rows` rows of row_bytes bytes
+// from src (row pitch src_pitch bytes) to dst (pitch dst_pitch), one thread per 16, 8, 4, 2 or 1
+// bytes (the widest every pointer, pitch and row_bytes of the batch allow). For narrow rows, which
+// cudaMemcpy2DAsync moves a few bytes at a time.
 struct CopyRowsEntry {
   void* dst;
   const void* src;
