@@ -101,23 +101,6 @@ __device__ __forceinline__ void ProbsFused(float (&s)[kBN / 8][4], float scale_l
     }
 }
 
-// Named barriers (ids 1.. ; 0 is __syncthreads) over `threads` threads: Sync waits for all of
-// them, Arrive counts this warp in and goes on.
-__device__ __forceinline__ void NamedBarrierSync(int id, int threads) {
-  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
-}
-__device__ __forceinline__ void NamedBarrierArrive(int id, int threads) {
-  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
-}
-// Moves this warpgroup's register budget to kRegs a thread (all its warps call it).
-template <int kRegs>
-__device__ __forceinline__ void SetMaxRegsInc() {
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegs));
-}
-template <int kRegs>
-__device__ __forceinline__ void SetMaxRegsDec() {
-  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRegs));
-}
 // The ordering counters: an acquiring load, and a releasing store at GPU scope that also orders
 // the thread's completed bulk (async-proxy) writes before it.
 __device__ __forceinline__ int32_t LoadAcquireGpu(const int32_t* p) {
@@ -212,8 +195,8 @@ template <int kD, int kGroups, int kBM, bool kFusedDq>
 struct DkdvTraits {
   static constexpr int kThreads = kGroups * 128;  // the math warpgroups
   static constexpr int kBN = kGroups * 64;
-  static constexpr uint32_t kKVBytes = kBN * kD * 2;  // K or V tile
-  static constexpr uint32_t kQBytes = kBM * kD * 2;   // one Q or dO buffer
+  static constexpr uint32_t kKVBytes = kBN * kD * 2;                   // K or V tile
+  static constexpr uint32_t kQBytes = kBM * kD * 2;                    // one Q or dO buffer
   static constexpr uint32_t kDsBytes = kFusedDq ? kBN * 64 * 2 : 0;    // dS^T of a sub-tile
   static constexpr uint32_t kStageBytes = kFusedDq ? 64 * kD * 4 : 0;  // its dQ, f32
   static constexpr uint32_t kStatsOffset = 2 * kKVBytes + 4 * kQBytes + kDsBytes + kStageBytes;

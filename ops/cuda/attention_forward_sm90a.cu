@@ -1,16 +1,28 @@
-// Fused causal grouped-query attention, forward, on Hopper's warpgroup tensor cores (wgmma),
-// bf16, D in {64, 128}. Compiled for sm_90a only (CMakeLists.txt: tandem_ops_sm90a);
-// attention_forward.cu calls it on devices of compute capability 9.0 and keeps the mma.sync
-// kernel (attention_forward_kernel.cuh) for every other device and as the reference it is tested
-// against.
+// Fused causal grouped-query attention, forward, on Hopper (sm_90a): wgmma products, TMA
+// loads, warp specialization. bf16, D in {64, 128}. Compiled for sm_90a only (CMakeLists.txt:
+// tandem_ops_sm90a); attention_forward.cu calls it on devices of compute capability 9.0 and keeps
+// the mma.sync kernel (attention_forward_kernel.cuh) for every other device and as the reference
+// it is tested against.
 //
-// The scheme is the mma.sync kernel's (FlashAttention-2: one block per (batch, query head, tile of
-// kBM query rows), online softmax in the log2 domain, the score tile never leaves registers), with
-// the products on wgmma: each warpgroup owns 64 query rows; S = Q K^T reads Q and K from shared
-// memory through descriptors (m64 n kBN k16, kD / 16 k-steps); O += P V takes P from registers (the
-// S accumulator rounded to bf16, which is laid out as wgmma's A fragment) and V from shared memory
-// read transposed (m64 n kD k16, kBN / 16 k-steps). K and V are double-buffered with cp.async into
-// the swizzled tiles of wgmma.cuh.
+// One block per (batch, query head, tile of kBM = 64 x kGroups query rows), launched longest tile
+// first. The block is kGroups consumer warpgroups and one producer warpgroup:
+//   - The producer (one warp; the other three only give their registers back through
+//     setmaxnreg) loads Q once and K and V tile by tile with TMA into a ring of kStages buffers,
+//     each a 128-byte-swizzled panelled tile of wgmma.cuh (the tensor map's SWIZZLE_128B is that
+//     layout), and the key segment ids with plain stores. mbarriers guard the ring: K and V each
+//     have a "full" barrier (the bytes have landed) and an "empty" one (every consumer warp is
+//     done with the buffer), so a K buffer is refilled as soon as S = Q K^T has completed.
+//   - Each consumer warpgroup owns 64 query rows and runs FlashAttention-2's online softmax in
+//     the log2 domain with the score tile in registers, pipelined inside the warpgroup: while the
+//     softmax of key tile j runs on the CUDA cores, the tensor cores do P_{j-1} V_{j-1}. S = Q K^T
+//     reads Q and K through descriptors (m64 n kBN k16); O += P V takes P from registers (the S
+//     accumulator rounded to bf16 is wgmma's A fragment) and V read transposed. No block-wide
+//     barrier after the start.
+//   - With kTurns the consumer warpgroups also take turns issuing their products (ping-pong), so
+//     that one group's softmax overlaps another group's products.
+// Measured on an H200 (docs/benchmarks.md): D = 64 runs three consumer groups (192 query rows) of
+// 128-key tiles without turns, D = 128 two groups of 128-key tiles with turns.
+#include <cuda.h>
 #include <cuda_runtime.h>
 
 #include <cmath>
@@ -24,17 +36,6 @@
 namespace tandem::ops::cuda::attn {
 namespace sm90 {
 namespace {
-
-template <int kD, int kGroups, int kBN>
-struct FwdTraits {
-  static constexpr int kThreads = kGroups * 128;
-  static constexpr int kBM = kGroups * 64;            // query rows per block
-  static constexpr uint32_t kQBytes = kBM * kD * 2;   // panelled Q tile
-  static constexpr uint32_t kKVBytes = kBN * kD * 2;  // one K or V buffer
-  static constexpr uint32_t kSegOffset = kQBytes + 4 * kKVBytes;
-  // Q | K[2] | V[2] | key segment ids [2][kBN], plus 1 KiB to align the base to 1024 bytes.
-  static constexpr size_t kSmemBytes = kSegOffset + 2 * kBN * sizeof(int32_t) + 1024;
-};
 
 // Masks one key tile of raw scores (s = q.k, not yet scaled): entries whose key is invisible
 // become -inf (ScaleAndMaskRows' rule, without the scaling, which OnlineSoftmax fuses into exp2).
@@ -97,128 +98,184 @@ __device__ __forceinline__ void OnlineSoftmax(float (&s)[kBN / 8][4], float scal
   }
 }
 
+// The kernel's parameter block: the three tensor maps first (64-byte aligned), then the rest.
+struct Params {
+  CUtensorMap tq;  // box 64 columns x kBM rows of one (batch, head)
+  CUtensorMap tk;  // box 64 columns x kBN rows
+  CUtensorMap tv;
+  FwdParams p;
+};
+
+template <int kD, int kGroups, int kBN, int kStages>
+struct Traits {
+  static constexpr int kConsumerThreads = kGroups * 128;
+  static constexpr int kThreads = kConsumerThreads + 128;  // + the producer warpgroup
+  static constexpr int kBM = kGroups * 64;
+  static constexpr uint32_t kQBytes = kBM * kD * 2;
+  static constexpr uint32_t kKVBytes = kBN * kD * 2;
+  static constexpr uint32_t kKOffset = kQBytes;
+  static constexpr uint32_t kVOffset = kKOffset + kStages * kKVBytes;
+  static constexpr uint32_t kSegOffset = kVOffset + kStages * kKVBytes;   // [kStages][kBN]
+  static constexpr uint32_t kBarOffset = kSegOffset + kStages * kBN * 4;  // 8-byte aligned
+  static constexpr int kNumBars = 1 + 4 * kStages;  // q_full, k_full, v_full, k_empty, v_empty
+  static constexpr size_t kSmemBytes = kBarOffset + kNumBars * 8 + 1024;
+  // setmaxnreg budgets: the producer keeps the minimum, the consumers share the rest of what
+  // the block (one an SM) holds at launch, in multiples of 8 a thread.
+  static constexpr int kLaunchRegs = (65536 / kThreads) / 8 * 8;
+  static constexpr int kProducerRegs = 24;
+  static constexpr int kConsumerRegsFit =
+      (kLaunchRegs * kThreads - kProducerRegs * 128) / kConsumerThreads / 8 * 8;
+  static constexpr int kConsumerRegs = kConsumerRegsFit > 240 ? 240 : kConsumerRegsFit;
+  static_assert(kStages >= 2, "the pipeline needs two buffers of K and of V");
+};
+
 // grid: x = b * Hq + h, y = query tiles (reversed: the tiles with the most keys start first).
-template <int kD, int kGroups, int kBN, int kMinBlocks>
-__global__ void __launch_bounds__(kGroups * 128, kMinBlocks)
-    AttentionForwardSm90Kernel(const FwdParams p) {
-  using Tr = FwdTraits<kD, kGroups, kBN>;
+template <int kD, int kGroups, int kBN, int kStages, bool kTurns>
+__global__ void __launch_bounds__(kGroups * 128 + 128, 1)
+    AttentionForwardSm90Kernel(const __grid_constant__ Params wp) {
+  using Tr = Traits<kD, kGroups, kBN, kStages>;
+  const FwdParams& p = wp.p;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  // Swizzled tiles must start on 1024-byte boundaries (wgmma.cuh).
   const uint32_t raw_addr = SmemAddr(smem_raw);
   const uint32_t pad = ((raw_addr + 1023u) & ~1023u) - raw_addr;
   unsigned char* smem = smem_raw + pad;
   const uint32_t sq = raw_addr + pad;
-  const uint32_t sk = sq + Tr::kQBytes;                               // [2] buffers
-  const uint32_t sv = sk + 2 * Tr::kKVBytes;                          // [2] buffers
-  int32_t* sseg = reinterpret_cast<int32_t*>(smem + Tr::kSegOffset);  // [2][kBN]
+  const uint32_t sk = sq + Tr::kKOffset;
+  const uint32_t sv = sq + Tr::kVOffset;
+  int32_t* sseg = reinterpret_cast<int32_t*>(smem + Tr::kSegOffset);
+  const uint32_t bars = sq + Tr::kBarOffset;
+  const uint32_t q_full = bars;
+  auto k_full = [&](int s) { return bars + 8u * (1 + s); };
+  auto v_full = [&](int s) { return bars + 8u * (1 + kStages + s); };
+  auto k_empty = [&](int s) { return bars + 8u * (1 + 2 * kStages + s); };
+  auto v_empty = [&](int s) { return bars + 8u * (1 + 3 * kStages + s); };
 
   const int seq = p.seq;
   const QueryTile qt = QueryTileOfBlock(p.q_heads, p.group, Tr::kBM);
   const int bh = qt.bh, b = qt.b, h = qt.h, kvh = qt.kvh, q0 = qt.q0;
   const int tid = threadIdx.x;
-  const int group = tid >> 7;       // warpgroup: query rows 64 * group .. + 63 of the tile
-  const int warp = (tid >> 5) & 3;  // warp inside the group: 16 of those rows
+  const int group = tid >> 7;  // kGroups: the producer
+  const int warp = (tid >> 5) & 3;
   const int lane = tid & 31;
-  const int g = lane >> 2;
-  const int t = lane & 3;
-  const int warp_row = group * 64 + warp * 16;  // the warp's first row inside the tile
-  const int warp_q0 = q0 + warp_row;
-
-  const bf16* q = p.q + static_cast<int64_t>(b) * seq * p.q_stride + static_cast<int64_t>(h) * kD;
-  const bf16* k = p.k + static_cast<int64_t>(b) * seq * p.k_stride + static_cast<int64_t>(kvh) * kD;
-  const bf16* v = p.v + static_cast<int64_t>(b) * seq * p.v_stride + static_cast<int64_t>(kvh) * kD;
+  const int num_ktiles = CeilDiv(p.causal ? min(q0 + Tr::kBM, seq) : seq, kBN);
   const int32_t* seg = p.seg == nullptr ? nullptr : p.seg + static_cast<int64_t>(b) * seq;
 
-  // Key segment ids of tile j into buffer j & 1.
-  auto load_seg = [&](int j) {
-    StoreKeySegments(sseg + (j & 1) * kBN, seg, j * kBN, kBN, seq, tid, Tr::kThreads);
-  };
+  if (tid == 0) {
+    MbarInit(q_full, 1);
+    for (int s = 0; s < kStages; ++s) {
+      MbarInit(k_full(s), 1);
+      MbarInit(v_full(s), 1);
+      MbarInit(k_empty(s), kGroups * 4);  // one arrival per consumer warp
+      MbarInit(v_empty(s), kGroups * 4);
+    }
+    MbarInitFence();
+  }
+  __syncthreads();  // the last block-wide barrier
 
-  LoadTileSwizzled<Tr::kBM, kD, Tr::kThreads>(sq, q, p.q_stride, q0, seq, tid);
-  LoadTileSwizzled<kBN, kD, Tr::kThreads>(sk, k, p.k_stride, 0, seq, tid);
-  CpAsyncCommit();  // the first group holds Q and K_0
-  if (seg != nullptr) load_seg(0);
+  if (group == kGroups) {
+    // Producer. Warp 0 loads (lane 0 issues the copies, all lanes write the key segment ids);
+    // the other three warps only give their registers back.
+    SetMaxRegsDec<Tr::kProducerRegs>();
+    if (warp != 0) return;
+    if (lane == 0) {
+      MbarArriveExpectTx(q_full, Tr::kQBytes);
+#pragma unroll
+      for (int c = 0; c < kD / 64; ++c) {
+        TmaLoad4d(sq + c * Tr::kBM * 128, &wp.tq, c * 64, h, q0, b, q_full);
+      }
+    }
+    for (int j = 0; j < num_ktiles; ++j) {
+      const int s = j % kStages;
+      const uint32_t fill = j / kStages;
+      if (j >= kStages) MbarWait(k_empty(s), (fill - 1) & 1);
+      if (seg != nullptr) {
+        StoreKeySegments(sseg + s * kBN, seg, j * kBN, kBN, seq, lane, 32);
+        __syncwarp();
+      }
+      if (lane == 0) {
+        MbarArriveExpectTx(k_full(s), Tr::kKVBytes);
+#pragma unroll
+        for (int c = 0; c < kD / 64; ++c) {
+          TmaLoad4d(sk + s * Tr::kKVBytes + c * kBN * 128, &wp.tk, c * 64, kvh, j * kBN, b,
+                    k_full(s));
+        }
+      }
+      if (j >= kStages) MbarWait(v_empty(s), (fill - 1) & 1);
+      if (lane == 0) {
+        MbarArriveExpectTx(v_full(s), Tr::kKVBytes);
+#pragma unroll
+        for (int c = 0; c < kD / 64; ++c) {
+          TmaLoad4d(sv + s * Tr::kKVBytes + c * kBN * 128, &wp.tv, c * 64, kvh, j * kBN, b,
+                    v_full(s));
+        }
+      }
+    }
+    return;
+  }
 
-  int qseg[1][2] = {};
+  // Consumers: warpgroup `group` owns query rows 64 * group .. + 63 of the tile.
+  SetMaxRegsInc<Tr::kConsumerRegs>();
+  const int g = lane >> 2;
+  const int t = lane & 3;
+  const int warp_row = group * 64 + warp * 16;
+  const int warp_q0 = q0 + warp_row;
+
+  int qseg[2] = {};
   if (seg != nullptr) {
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) {
       const int row = warp_q0 + g + 8 * hf;
-      qseg[0][hf] = row < seq ? seg[row] : 0;
+      qseg[hf] = row < seq ? seg[row] : 0;
     }
   }
-
-  float o[1][kD / 8][4];
-  float m[1][2] = {{-INFINITY, -INFINITY}};
-  float l[1][2] = {{0.f, 0.f}};
+  float o[kD / 8][4];
+  float m[2] = {-INFINITY, -INFINITY};
+  float l[2] = {0.f, 0.f};
 #pragma unroll
   for (int dt = 0; dt < kD / 8; ++dt)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) o[0][dt][e] = 0.f;
+    for (int e = 0; e < 4; ++e) o[dt][e] = 0.f;
 
-  const uint32_t q_tile = sq + static_cast<uint32_t>(group * 64 * 128);  // this group's rows
-  const int num_ktiles = CeilDiv(p.causal ? min(q0 + Tr::kBM, seq) : seq, kBN);
-
-  // S = Q K_j^T into s (issued, not waited for).
-  float s[1][kBN / 8][4];
+  const uint32_t q_tile = sq + static_cast<uint32_t>(group * 64 * 128);
+  float s[kBN / 8][4];
   auto issue_qk = [&](int j) {
-    const uint32_t k_tile = sk + (j & 1) * Tr::kKVBytes;
+    const uint32_t k_tile = sk + (j % kStages) * Tr::kKVBytes;
     WgmmaFence();
 #pragma unroll
     for (int kk = 0; kk < kD / 16; ++kk) {
-      WgmmaSS<kBN>(s[0], DescKMajor(q_tile, Tr::kBM, kk), DescKMajor(k_tile, kBN, kk), kk > 0);
+      WgmmaSS<kBN>(s, DescKMajor(q_tile, Tr::kBM, kk), DescKMajor(k_tile, kBN, kk), kk > 0);
     }
     WgmmaCommit();
   };
-  // O += P V_j with P from registers (issued, not waited for).
   uint32_t pa[kBN / 16][4];
   auto issue_pv = [&](int j) {
-    const uint32_t v_tile = sv + (j & 1) * Tr::kKVBytes;
+    const uint32_t v_tile = sv + (j % kStages) * Tr::kKVBytes;
     WgmmaFence();
 #pragma unroll
-    for (int kk = 0; kk < kBN / 16; ++kk)
-      WgmmaRS<kD>(o[0], pa[kk], DescMnMajor(v_tile, kBN, kk), 1);
+    for (int kk = 0; kk < kBN / 16; ++kk) WgmmaRS<kD>(o, pa[kk], DescMnMajor(v_tile, kBN, kk), 1);
     WgmmaCommit();
   };
-  // Scale, mask and the online softmax of key tile j (in s), the factor that rescales O in
-  // alpha, and P packed into pa.
+  auto release = [&](uint32_t bar) {
+    __syncwarp();
+    if (lane == 0) MbarArrive(bar);
+  };
+
+  // Turns (kTurns): the groups take turns issuing their products, so that one group's softmax
+  // runs while another's products occupy the tensor cores. Group g waits at barrier kTurn + g
+  // for its turn and hands it to the next group once its S has completed (a hand-over between
+  // the issue and the wait makes ptxas serialize the wgmmas); the last group starts by handing
+  // it to group 0, and group 0 takes one turn more at the end, so every barrier balances.
+  constexpr int kTurn = 1 + kGroups;  // after the epilogue barriers 1 .. kGroups
+  const int next_group = group + 1 == kGroups ? 0 : group + 1;
+  if (kTurns && group == kGroups - 1) NamedBarrierArrive(kTurn, 256);
+  MbarWait(q_full, 0);
   float alpha[2];
-  auto softmax = [&](int j) {
-    const int k0 = j * kBN;
-    const bool need_mask = seg != nullptr || (p.causal ? k0 + kBN - 1 > warp_q0 : k0 + kBN > seq);
-    if (need_mask) {
-      MaskRows<kBN>(s[0], p.causal, warp_q0, k0, seq,
-                    seg != nullptr ? sseg + (j & 1) * kBN : nullptr, qseg[0], lane);
-    }
-    OnlineSoftmax<kBN>(s[0], p.scale_log2, m[0], l[0], alpha);
-  };
-  auto pack_p = [&] {
-#pragma unroll
-    for (int kk = 0; kk < kBN / 16; ++kk) PackA(pa[kk], s[0][2 * kk], s[0][2 * kk + 1]);
-  };
-  auto rescale_o = [&] {
-#pragma unroll
-    for (int dt = 0; dt < kD / 8; ++dt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) o[0][dt][e] *= alpha[e >> 1];
-  };
-
-  // Software pipeline inside the warpgroup: while the softmax of key tile j runs on the CUDA
-  // cores, the tensor cores do P_{j-1} V_{j-1}. Loads run a step ahead: the top of step j waits
-  // for K_j and V_{j-1} and starts K_{j+1} and V_j (buffers j & 1 hold K_j and V_j).
   for (int j = 0; j < num_ktiles; ++j) {
-    CpAsyncWaitAll();
-    FenceProxyAsync();  // this thread's copies are visible to wgmma ...
-    __syncthreads();    // ... and everyone's are; every group is done with what is overwritten
-    if (j + 1 < num_ktiles) {
-      LoadTileSwizzled<kBN, kD, Tr::kThreads>(sk + ((j + 1) & 1) * Tr::kKVBytes, k, p.k_stride,
-                                              (j + 1) * kBN, seq, tid);
-      if (seg != nullptr) load_seg(j + 1);
-    }
-    LoadTileSwizzled<kBN, kD, Tr::kThreads>(sv + (j & 1) * Tr::kKVBytes, v, p.v_stride, j * kBN,
-                                            seq, tid);
-    CpAsyncCommit();
-
+    const int st = j % kStages;
+    const uint32_t parity = (j / kStages) & 1;
+    MbarWait(k_full(st), parity);
+    if (j > 0) MbarWait(v_full((j - 1) % kStages), ((j - 1) / kStages) & 1);
+    if (kTurns) NamedBarrierSync(kTurn + group, 256);
     issue_qk(j);
     if (j > 0) issue_pv(j - 1);
     if (j > 0) {
@@ -226,55 +283,129 @@ __global__ void __launch_bounds__(kGroups * 128, kMinBlocks)
     } else {
       WgmmaWait<0>();
     }
-    PinAccumulator<kBN / 8>(s[0]);
-    softmax(j);
-    WgmmaWait<0>();  // P_{j-1} V_{j-1} is done with o and pa
-    PinAccumulator<kD / 8>(o[0]);
-    rescale_o();
-    pack_p();
+    if (kTurns) NamedBarrierArrive(kTurn + next_group, 256);
+    if (seg == nullptr) release(k_empty(st));  // else the masking still reads its segment ids
+    PinAccumulator<kBN / 8>(s);
+    const int k0 = j * kBN;
+    const bool need_mask = seg != nullptr || (p.causal ? k0 + kBN - 1 > warp_q0 : k0 + kBN > seq);
+    if (need_mask) {
+      MaskRows<kBN>(s, p.causal, warp_q0, k0, seq, seg != nullptr ? sseg + st * kBN : nullptr, qseg,
+                    lane);
+    }
+    if (seg != nullptr) release(k_empty(st));
+    OnlineSoftmax<kBN>(s, p.scale_log2, m, l, alpha);
+    WgmmaWait<0>();  // P_{j-1} V_{j-1} is done with o, pa and V_{j-1}
+    if (j > 0) release(v_empty((j - 1) % kStages));
+    PinAccumulator<kD / 8>(o);
+#pragma unroll
+    for (int dt = 0; dt < kD / 8; ++dt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) o[dt][e] *= alpha[e >> 1];
+#pragma unroll
+    for (int kk = 0; kk < kBN / 16; ++kk) PackA(pa[kk], s[2 * kk], s[2 * kk + 1]);
   }
-  // The last P V.
-  CpAsyncWaitAll();
-  FenceProxyAsync();
-  __syncthreads();
-  issue_pv(num_ktiles - 1);
-  WgmmaWait<0>();
-  PinAccumulator<kD / 8>(o[0]);
+  if (kTurns && group == 0) NamedBarrierSync(kTurn, 256);
+  {
+    const int j = num_ktiles - 1;
+    MbarWait(v_full(j % kStages), (j / kStages) & 1);
+    issue_pv(j);
+    WgmmaWait<0>();
+    PinAccumulator<kD / 8>(o);
+  }
 
-  // Epilogue: full row sums, lse, O / l through this group's rows of the Q tile (same swizzled
-  // layout) to 16-byte stores.
   float inv[2];
 #pragma unroll
   for (int hf = 0; hf < 2; ++hf) {
-    float sum = l[0][hf];
+    float sum = l[hf];
     sum += __shfl_xor_sync(0xffffffffu, sum, 1);
     sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-    inv[hf] = sum > 0.f ? 1.f / sum : 0.f;  // a row with no visible key gets out = 0
+    inv[hf] = sum > 0.f ? 1.f / sum : 0.f;
     const int row = warp_q0 + g + 8 * hf;
     if (t == 0 && row < seq) {
       p.lse[static_cast<int64_t>(bh) * seq + row] =
-          sum > 0.f ? (m[0][hf] + log2f(sum)) * kLn2 : -INFINITY;
+          sum > 0.f ? (m[hf] + log2f(sum)) * kLn2 : -INFINITY;
     }
   }
-  // The group's wgmmas (the only readers of its Q rows) have completed (WgmmaWait<0>).
-  StoreAccSwizzled<kD>(smem, Tr::kBM, group * 64, o[0], inv[0], inv[1], warp, lane);
-  __syncthreads();
-  StoreTileSwizzled<Tr::kBM, kD, Tr::kThreads>(
-      p.out + static_cast<int64_t>(b) * seq * p.o_stride + static_cast<int64_t>(h) * kD, p.o_stride,
-      q0, seq, smem, tid);
+  // This group's Q rows are read by its own wgmmas only, all completed: O goes through them.
+  StoreAccSwizzled<kD>(smem, Tr::kBM, group * 64, o, inv[0], inv[1], warp, lane);
+  NamedBarrierSync(1 + group, 128);
+  bf16* out = p.out + static_cast<int64_t>(b) * seq * p.o_stride + static_cast<int64_t>(h) * kD;
+  constexpr int kChunksPerRow = kD / 8;
+  const int gt = tid & 127;
+#pragma unroll
+  for (int i = 0; i < 64 * kChunksPerRow / 128; ++i) {
+    const int c = gt + i * 128;
+    const int r = group * 64 + c / kChunksPerRow;
+    const int chunk = c % kChunksPerRow;
+    if (q0 + r < seq) {
+      *reinterpret_cast<uint4*>(out + static_cast<int64_t>(q0 + r) * p.o_stride + chunk * 8) =
+          *reinterpret_cast<const uint4*>(smem + SwizzledChunk(Tr::kBM, r, chunk));
+    }
+  }
 }
 
-template <int kD, int kGroups, int kBN, int kMinBlocks = 1>
+// cuTensorMapEncodeTiled, from the driver through the runtime (no link against libcuda).
+using EncodeTiledFn = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*,
+                                   const cuuint64_t*, const cuuint64_t*, const cuuint32_t*,
+                                   const cuuint32_t*, CUtensorMapInterleave, CUtensorMapSwizzle,
+                                   CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+EncodeTiledFn EncodeTiled() {
+  static const EncodeTiledFn fn = []() -> EncodeTiledFn {
+    void* f = nullptr;
+    cudaDriverEntryPointQueryResult found{};
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault,
+                                         &found) != cudaSuccess ||
+        found != cudaDriverEntryPointSuccess) {
+      return nullptr;
+    }
+    return reinterpret_cast<EncodeTiledFn>(f);
+  }();
+  return fn;
+}
+
+// The map of a [B, T, H, kD] operand (token stride row_stride elements) read in boxes of 64
+// columns x box_rows tokens of one head, 128-byte swizzled (the panelled layout of wgmma.cuh);
+// tokens past T read as zeros.
+cudaError_t EncodeOperand(CUtensorMap* map, const bf16* base, int head_dim, int heads,
+                          int64_t row_stride, int seq, int64_t batch, int box_rows) {
+  const EncodeTiledFn encode = EncodeTiled();
+  if (encode == nullptr) return cudaErrorNotSupported;
+  const cuuint64_t dims[4] = {static_cast<cuuint64_t>(head_dim), static_cast<cuuint64_t>(heads),
+                              static_cast<cuuint64_t>(seq), static_cast<cuuint64_t>(batch)};
+  const cuuint64_t strides[3] = {static_cast<cuuint64_t>(head_dim) * 2,
+                                 static_cast<cuuint64_t>(row_stride) * 2,
+                                 static_cast<cuuint64_t>(row_stride) * 2 * seq};
+  const cuuint32_t box[4] = {64, 1, static_cast<cuuint32_t>(box_rows), 1};
+  const cuuint32_t elem_strides[4] = {1, 1, 1, 1};
+  const CUresult r =
+      encode(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 4, const_cast<bf16*>(base), dims, strides, box,
+             elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+             CU_TENSOR_MAP_L2_PROMOTION_L2_128B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
+}
+
+template <int kD, int kGroups, int kBN, int kStages, bool kTurns>
 cudaError_t Launch(cudaStream_t stream, const FwdParams& p, int64_t batch) {
-  using Tr = FwdTraits<kD, kGroups, kBN>;
+  using Tr = Traits<kD, kGroups, kBN, kStages>;
   const int64_t num_qtiles = CeilDiv(p.seq, Tr::kBM);
   if (num_qtiles > 65535 || batch * p.q_heads > 0x7fffffff) return cudaErrorInvalidConfiguration;
-  auto* kernel = AttentionForwardSm90Kernel<kD, kGroups, kBN, kMinBlocks>;
-  const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                               static_cast<int>(Tr::kSmemBytes));
+  Params wp;
+  wp.p = p;
+  const int kv_heads = p.q_heads / p.group;
+  cudaError_t err = EncodeOperand(&wp.tq, p.q, kD, p.q_heads, p.q_stride, p.seq, batch, Tr::kBM);
+  if (err == cudaSuccess) {
+    err = EncodeOperand(&wp.tk, p.k, kD, kv_heads, p.k_stride, p.seq, batch, kBN);
+  }
+  if (err == cudaSuccess) {
+    err = EncodeOperand(&wp.tv, p.v, kD, kv_heads, p.v_stride, p.seq, batch, kBN);
+  }
+  if (err != cudaSuccess) return err;
+  auto* kernel = AttentionForwardSm90Kernel<kD, kGroups, kBN, kStages, kTurns>;
+  err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             static_cast<int>(Tr::kSmemBytes));
   if (err != cudaSuccess) return err;
   const dim3 grid(static_cast<unsigned>(batch * p.q_heads), static_cast<unsigned>(num_qtiles));
-  kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(p);
+  kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(wp);
   return cudaGetLastError();
 }
 
@@ -283,14 +414,11 @@ cudaError_t Launch(cudaStream_t stream, const FwdParams& p, int64_t batch) {
 
 cudaError_t AttentionForwardSm90(cudaStream_t stream, const FwdParams& p, int64_t batch,
                                  int head_dim) {
-  // Measured on an H100 (docs/benchmarks.md): D = 64 runs two 128-row blocks of 64-key steps
-  // per SM (one block leaves the tensor cores idle while it waits or does the softmax);
-  // D = 128 needs 255 registers a thread at 128 query rows x 128 keys, one block per SM.
   switch (head_dim) {
     case 64:
-      return sm90::Launch<64, 2, 64, 2>(stream, p, batch);
+      return sm90::Launch<64, 3, 128, 2, false>(stream, p, batch);
     case 128:
-      return sm90::Launch<128, 2, 128, 1>(stream, p, batch);
+      return sm90::Launch<128, 2, 128, 2, true>(stream, p, batch);
     default:
       return cudaErrorInvalidValue;
   }

@@ -1,6 +1,8 @@
 // Hopper warpgroup matrix multiply (wgmma) for the sm_90a attention kernels: the PTX wrappers,
-// the shared-memory matrix descriptor and the one tile layout every operand uses. Only .cu files
-// compiled for sm_90a include it (see CMakeLists.txt: tandem_ops_sm90a).
+// the shared-memory matrix descriptor and the one tile layout every operand uses, and the
+// synchronisation the warp-specialized kernels need (named barriers, setmaxnreg, mbarriers, TMA
+// tensor loads). Only .cu files compiled for sm_90a include it (see CMakeLists.txt:
+// tandem_ops_sm90a).
 //
 // Tile layout ("panelled, 128-byte swizzle"): a bf16 tile of R rows x C columns (C a multiple
 // of 64) is stored as C / 64 panels of R rows x 64 columns; a panel row is 128 bytes, the panels
@@ -57,6 +59,62 @@ __device__ __forceinline__ void PinAccumulator(float (&d)[kN][4]) {
   for (int i = 0; i < kN; ++i)
 #pragma unroll
     for (int e = 0; e < 4; ++e) asm volatile("" : "+f"(d[i][e])::"memory");
+}
+
+// Named barriers (ids 1.. ; 0 is __syncthreads) over `threads` threads: Sync waits for all of
+// them, Arrive counts this warp in and goes on.
+__device__ __forceinline__ void NamedBarrierSync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+__device__ __forceinline__ void NamedBarrierArrive(int id, int threads) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+// Moves this warpgroup's register budget to kRegs a thread (all its warps call it).
+template <int kRegs>
+__device__ __forceinline__ void SetMaxRegsInc() {
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kRegs));
+}
+template <int kRegs>
+__device__ __forceinline__ void SetMaxRegsDec() {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kRegs));
+}
+// mbarriers (shared-memory transaction barriers) and TMA tensor loads. A barrier completes a
+// phase when its expected arrivals have arrived and the bytes announced by ArriveExpectTx have
+// landed; Wait(parity) returns once the phase of that parity has completed (the first phase
+// has parity 0). Arrivals release and waits acquire at CTA scope, so plain shared-memory stores
+// made before an arrival are visible to the threads that waited for it.
+__device__ __forceinline__ void MbarInit(uint32_t bar, uint32_t arrivals) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(arrivals) : "memory");
+}
+// Makes the initialised barriers visible to the other threads and to the TMA unit (a
+// __syncthreads() follows it).
+__device__ __forceinline__ void MbarInitFence() {
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+__device__ __forceinline__ void MbarArrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+__device__ __forceinline__ void MbarArriveExpectTx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void MbarWait(uint32_t bar, uint32_t parity) {
+  asm volatile(
+      "{\n.reg .pred done;\nWAIT:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra WAIT;\n}\n" ::"r"(bar),
+      "r"(parity)
+      : "memory");
+}
+// One box of a 4-D tensor map (a CUtensorMap kernel parameter, `tmap` its generic address) at
+// coordinates c0..c3 into shared memory at dst; its bytes complete a transaction on `bar`.
+__device__ __forceinline__ void TmaLoad4d(uint32_t dst, const void* tmap, int c0, int c1, int c2,
+                                          int c3, uint32_t bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes"
+      " [%0], [%1, {%2, %3, %4, %5}], [%6];\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(tmap)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(bar)
+      : "memory");
 }
 
 // Shared-memory matrix descriptor, 128-byte swizzle (layout type 1 in bits 62-63); addresses
