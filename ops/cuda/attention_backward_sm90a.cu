@@ -15,8 +15,8 @@
 // Fused dQ (the default; BwdParams::dq_acc set): the dK/dV kernel also computes dQ = dS K for
 // every 64-query sub-tile it visits (dS^T goes through shared memory as the transposed A
 // operand; with two math warpgroups each takes 64 columns of dQ) and no dQ kernel runs: 5
-// products per (query, key) tile instead of 7. A further warpgroup of the block (one of its warps
-// works, with 24 registers) adds these parts into f32 partial sums in global memory
+// products per (query, key) tile instead of 7. A further warpgroup of the block (one of its warps,
+// with 24 registers) adds these parts into f32 partial sums in global memory
 // (DqAccIndex's layout) while the first computes: the part is staged in shared memory and one
 // thread moves it with a bulk copy (the first key tile) or a bulk f32 add at the L2 (the
 // others), so the math warpgroup neither issues the additions nor waits for them. For
@@ -25,7 +25,10 @@
 // Blocks take their key tiles from a ticket counter, so a block only waits for blocks that are
 // already running; every block walks its query tiles from the last one down with the heads
 // inner, so all key tiles reach a sub-tile at about the same time. DqConvertKernel then writes
-// dQ in bf16 (times the softmax scale).
+// dQ in bf16 (times the softmax scale). A second warp of that warpgroup loads each step's Q and
+// dO tiles with TMA (and the query statistics with plain stores) into two buffers guarded by
+// mbarriers, so the math warpgroups issue no loads and meet at no barrier between steps.
+#include <cuda.h>
 #include <cuda_runtime.h>
 
 #include <cmath>
@@ -201,8 +204,9 @@ struct DkdvTraits {
   static constexpr uint32_t kStageBytes = kFusedDq ? 64 * kD * 4 : 0;  // its dQ, f32
   static constexpr uint32_t kStatsOffset = 2 * kKVBytes + 4 * kQBytes + kDsBytes + kStageBytes;
   // K | V | Q[2] | dO[2] | dS^T | dQ part | lse2[2][kBM] | delta[2][kBM] | query segment ids
-  // [2][kBM], + align
-  static constexpr size_t kSmemBytes = kStatsOffset + 2 * kBM * 12 + 1024;
+  // [2][kBM] | fused dQ: the Q/dO buffers' full[2] and empty[2] mbarriers, + align
+  static constexpr uint32_t kBarOffset = kStatsOffset + 2 * kBM * 12;
+  static constexpr size_t kSmemBytes = kBarOffset + 4 * 8 + 1024;
 };
 
 // Fused dQ's barriers: the math warpgroups' own, and the staging tile's "full" (math -> writer)
@@ -217,10 +221,19 @@ constexpr int MathRegs(int groups) { return groups == 1 ? 232 : 240; }
 // grid: x = b * Hkv + kv head, y = key tiles (tile 0, which sees the most queries, starts first;
 // fused dQ: the blocks take (x, y) from p.dq_ticket in that order, and a second warpgroup, of
 // which one warp works, adds the dQ parts).
+// The dK/dV kernel's parameters: with fused dQ, the tensor maps its loader warp reads Q and dO
+// through (boxes of 64 columns x kBM queries; 64-byte aligned, first), unused otherwise.
+struct DkdvParams {
+  CUtensorMap tq;
+  CUtensorMap tdo;
+  BwdParams p;
+};
+
 template <int kD, int kGroups, int kBM, int kMinBlocks, bool kFusedDq>
 __global__ void __launch_bounds__(kGroups * 128 + (kFusedDq ? 128 : 0), kMinBlocks)
-    DkdvKernel(const BwdParams p) {
+    DkdvKernel(const __grid_constant__ DkdvParams dp) {
   using Tr = DkdvTraits<kD, kGroups, kBM, kFusedDq>;
+  const BwdParams& p = dp.p;
   static_assert(!kFusedDq || kD == 64 * kGroups, "fused dQ: each math warpgroup takes 64 columns");
   constexpr int kHandshakeThreads = Tr::kThreads + 32;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -236,11 +249,23 @@ __global__ void __launch_bounds__(kGroups * 128 + (kFusedDq ? 128 : 0), kMinBloc
   float* slse2 = reinterpret_cast<float*>(smem + Tr::kStatsOffset);  // [2][kBM]
   float* sdelta = slse2 + 2 * kBM;                                   // [2][kBM]
   int32_t* sseg = reinterpret_cast<int32_t*>(sdelta + 2 * kBM);      // [2][kBM]
+  // Fused dQ: buffer `buf` of Q, dO and the query statistics is full (loaded) or empty (every
+  // math warp is done with it).
+  const uint32_t bars = sk + Tr::kBarOffset;
+  auto full = [&](int buf) { return bars + 8u * buf; };
+  auto empty = [&](int buf) { return bars + 8u * (2 + buf); };
 
   int block_x = static_cast<int>(blockIdx.x), block_y = static_cast<int>(blockIdx.y);
   if constexpr (kFusedDq) {
     __shared__ int work;
-    if (threadIdx.x == 0) work = atomicAdd(p.dq_ticket, 1);
+    if (threadIdx.x == 0) {
+      work = atomicAdd(p.dq_ticket, 1);
+      for (int buf = 0; buf < 2; ++buf) {
+        MbarInit(full(buf), 1);
+        MbarInit(empty(buf), kGroups * 4);  // one arrival per math warp
+      }
+      MbarInitFence();
+    }
     __syncthreads();
     block_x = work % static_cast<int>(gridDim.x);
     block_y = work / static_cast<int>(gridDim.x);
@@ -267,10 +292,39 @@ __global__ void __launch_bounds__(kGroups * 128 + (kFusedDq ? 128 : 0), kMinBloc
     }
   };
 
+  const int64_t b_tokens = static_cast<int64_t>(b) * seq;
+  const int32_t* seg = p.seg == nullptr ? nullptr : p.seg + b_tokens;
+
   if constexpr (kFusedDq) {
-    if (threadIdx.x >= Tr::kThreads) {  // the writer warpgroup
+    if (threadIdx.x >= Tr::kThreads) {  // the writer warpgroup: warp 0 adds, warp 1 loads
       SetMaxRegsDec<kWriterRegs>();
-      if (threadIdx.x >= Tr::kThreads + 32) return;
+      if (threadIdx.x >= Tr::kThreads + 64) return;
+      if (threadIdx.x >= Tr::kThreads + 32) {
+        // The loader: Q and dO of iteration it by TMA into buffer it & 1, the query statistics
+        // by plain stores published by the arrival on the buffer's full barrier.
+        const int lane = threadIdx.x & 31;
+        for (int it = 0; it < iters; ++it) {
+          const int buf = it & 1;
+          if (it >= 2) MbarWait(empty(buf), ((it >> 1) - 1) & 1);
+          const int h = head_of(it);
+          const int qs = tile_of(it) * kBM;
+          const int64_t stats = b_tokens * p.q_heads + static_cast<int64_t>(h) * seq;
+          StoreQueryStats(slse2 + buf * kBM, sdelta + buf * kBM, sseg + buf * kBM, p, stats, seg,
+                          qs, kBM, seq, lane, 32);
+          __syncwarp();
+          if (lane == 0) {
+            MbarArriveExpectTx(full(buf), 2 * Tr::kQBytes);
+#pragma unroll
+            for (int c = 0; c < kD / 64; ++c) {
+              TmaLoad4d(sq + buf * Tr::kQBytes + c * kBM * 128, &dp.tq, c * 64, h, qs, b,
+                        full(buf));
+              TmaLoad4d(sdo + buf * Tr::kQBytes + c * kBM * 128, &dp.tdo, c * 64, h, qs, b,
+                        full(buf));
+            }
+          }
+        }
+        return;
+      }
       const int lane = threadIdx.x & 31;
       const int last_tile = static_cast<int>(gridDim.y) - 1;
       NamedBarrierArrive(kEmptyBarrier, kHandshakeThreads);  // the staging tile starts free
@@ -309,10 +363,8 @@ __global__ void __launch_bounds__(kGroups * 128 + (kFusedDq ? 128 : 0), kMinBloc
   const int g = lane >> 2;
   const int warp_k0 = k0 + group * 64 + warp * 16;  // the warp's first key
 
-  const int64_t b_tokens = static_cast<int64_t>(b) * seq;
   const bf16* k = p.k + b_tokens * p.k_stride + static_cast<int64_t>(kvh) * kD;
   const bf16* v = p.v + b_tokens * p.v_stride + static_cast<int64_t>(kvh) * kD;
-  const int32_t* seg = p.seg == nullptr ? nullptr : p.seg + b_tokens;
 
   auto load_q = [&](int it, int buf) {
     const int h = head_of(it);
@@ -329,7 +381,14 @@ __global__ void __launch_bounds__(kGroups * 128 + (kFusedDq ? 128 : 0), kMinBloc
   };
   LoadTileSwizzled<Tr::kBN, kD, Tr::kThreads>(sk, k, p.k_stride, k0, seq, tid);
   LoadTileSwizzled<Tr::kBN, kD, Tr::kThreads>(sv, v, p.v_stride, k0, seq, tid);
-  load_q(0, 0);  // the first group holds K, V and the first Q, dO tiles
+  if constexpr (kFusedDq) {
+    CpAsyncCommit();
+    CpAsyncWaitAll();
+    FenceProxyAsync();
+    math_sync();  // K and V are visible
+  } else {
+    load_q(0, 0);  // the first group holds K, V and the first Q, dO tiles
+  }
 
   int kseg[2] = {};
   if (seg != nullptr) {
@@ -351,10 +410,14 @@ __global__ void __launch_bounds__(kGroups * 128 + (kFusedDq ? 128 : 0), kMinBloc
   const uint32_t v_rows = sv + static_cast<uint32_t>(group * 64 * 128);
   for (int it = 0; it < iters; ++it) {
     const int buf = it & 1;
-    CpAsyncWaitAll();
-    FenceProxyAsync();
-    math_sync();  // iteration it's tiles are visible; everyone is done with buffer buf ^ 1
-    if (it + 1 < iters) load_q(it + 1, buf ^ 1);
+    if constexpr (kFusedDq) {
+      MbarWait(full(buf), (it >> 1) & 1);
+    } else {
+      CpAsyncWaitAll();
+      FenceProxyAsync();
+      math_sync();  // iteration it's tiles are visible; everyone is done with buffer buf ^ 1
+      if (it + 1 < iters) load_q(it + 1, buf ^ 1);
+    }
     const int q0 = tile_of(it) * kBM;
     const uint32_t q_tile = sq + buf * Tr::kQBytes;
     const uint32_t do_tile = sdo + buf * Tr::kQBytes;
@@ -444,6 +507,10 @@ __global__ void __launch_bounds__(kGroups * 128 + (kFusedDq ? 128 : 0), kMinBloc
       } else {
         WgmmaWait<0>();
       }
+    }
+    if constexpr (kFusedDq) {  // this warp's products and reads of buffer buf have completed
+      __syncwarp();
+      if (lane == 0) MbarArrive(empty(buf));
     }
   }
   if constexpr (kFusedDq) {
@@ -625,10 +692,16 @@ cudaError_t Launch(cudaStream_t stream, const BwdParams& p, int64_t batch, size_
     if (p.dq_tiles < CeilDiv(p.seq, kBM) * (kBM / 64)) return cudaErrorInvalidValue;
     using Tr = DkdvTraits<kD, kDkdvGroups, kBM, true>;
     auto* fused = DkdvKernel<kD, kDkdvGroups, kBM, kMin, true>;
-    cudaError_t err = SetSmem(fused, Tr::kSmemBytes);
+    DkdvParams dp{};
+    dp.p = p;
+    cudaError_t err = EncodeOperandMap(&dp.tq, p.q, kD, p.q_heads, p.q_stride, p.seq, batch, kBM);
+    if (err == cudaSuccess) {
+      err = EncodeOperandMap(&dp.tdo, p.dout, kD, p.q_heads, p.o_stride, p.seq, batch, kBM);
+    }
+    if (err == cudaSuccess) err = SetSmem(fused, Tr::kSmemBytes);
     if (err == cudaSuccess) err = cudaMemsetAsync(p.dq_sem, 0, sem_bytes, stream);
     if (err != cudaSuccess) return err;
-    fused<<<dkdv_grid, Tr::kThreads + 128, Tr::kSmemBytes, stream>>>(p);
+    fused<<<dkdv_grid, Tr::kThreads + 128, Tr::kSmemBytes, stream>>>(dp);
     err = cudaGetLastError();
     if (err != cudaSuccess) return err;
     const dim3 convert_grid(static_cast<unsigned>(CeilDiv(p.seq * (kD / 8), 256)),
@@ -642,7 +715,9 @@ cudaError_t Launch(cudaStream_t stream, const BwdParams& p, int64_t batch, size_
   cudaError_t err = SetSmem(dkdv, DkdvTr::kSmemBytes);
   if (err == cudaSuccess) err = SetSmem(dq, DqTr::kSmemBytes);
   if (err != cudaSuccess) return err;
-  dkdv<<<dkdv_grid, DkdvTr::kThreads, DkdvTr::kSmemBytes, stream>>>(p);
+  DkdvParams dp{};
+  dp.p = p;
+  dkdv<<<dkdv_grid, DkdvTr::kThreads, DkdvTr::kSmemBytes, stream>>>(dp);
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   const dim3 dq_grid(static_cast<unsigned>(batch * p.q_heads), static_cast<unsigned>(query_tiles));

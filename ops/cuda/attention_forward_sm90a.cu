@@ -37,6 +37,47 @@ namespace tandem::ops::cuda::attn {
 namespace sm90 {
 namespace {
 
+// cuTensorMapEncodeTiled, from the driver through the runtime (no link against libcuda).
+using EncodeTiledFn = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*,
+                                   const cuuint64_t*, const cuuint64_t*, const cuuint32_t*,
+                                   const cuuint32_t*, CUtensorMapInterleave, CUtensorMapSwizzle,
+                                   CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+EncodeTiledFn EncodeTiled() {
+  static const EncodeTiledFn fn = []() -> EncodeTiledFn {
+    void* f = nullptr;
+    cudaDriverEntryPointQueryResult found{};
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault,
+                                         &found) != cudaSuccess ||
+        found != cudaDriverEntryPointSuccess) {
+      return nullptr;
+    }
+    return reinterpret_cast<EncodeTiledFn>(f);
+  }();
+  return fn;
+}
+
+}  // namespace
+
+cudaError_t EncodeOperandMap(CUtensorMap* map, const bf16* base, int head_dim, int heads,
+                             int64_t row_stride, int seq, int64_t batch, int box_rows) {
+  const EncodeTiledFn encode = EncodeTiled();
+  if (encode == nullptr) return cudaErrorNotSupported;
+  const cuuint64_t dims[4] = {static_cast<cuuint64_t>(head_dim), static_cast<cuuint64_t>(heads),
+                              static_cast<cuuint64_t>(seq), static_cast<cuuint64_t>(batch)};
+  const cuuint64_t strides[3] = {static_cast<cuuint64_t>(head_dim) * 2,
+                                 static_cast<cuuint64_t>(row_stride) * 2,
+                                 static_cast<cuuint64_t>(row_stride) * 2 * seq};
+  const cuuint32_t box[4] = {64, 1, static_cast<cuuint32_t>(box_rows), 1};
+  const cuuint32_t elem_strides[4] = {1, 1, 1, 1};
+  const CUresult r =
+      encode(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 4, const_cast<bf16*>(base), dims, strides, box,
+             elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+             CU_TENSOR_MAP_L2_PROMOTION_L2_128B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
+}
+
+namespace {
+
 // Masks one key tile of raw scores (s = q.k, not yet scaled): entries whose key is invisible
 // become -inf (ScaleAndMaskRows' rule, without the scaling, which OnlineSoftmax fuses into exp2).
 template <int kBN>
@@ -344,46 +385,6 @@ __global__ void __launch_bounds__(kGroups * 128 + 128, 1)
   }
 }
 
-// cuTensorMapEncodeTiled, from the driver through the runtime (no link against libcuda).
-using EncodeTiledFn = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*,
-                                   const cuuint64_t*, const cuuint64_t*, const cuuint32_t*,
-                                   const cuuint32_t*, CUtensorMapInterleave, CUtensorMapSwizzle,
-                                   CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
-EncodeTiledFn EncodeTiled() {
-  static const EncodeTiledFn fn = []() -> EncodeTiledFn {
-    void* f = nullptr;
-    cudaDriverEntryPointQueryResult found{};
-    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault,
-                                         &found) != cudaSuccess ||
-        found != cudaDriverEntryPointSuccess) {
-      return nullptr;
-    }
-    return reinterpret_cast<EncodeTiledFn>(f);
-  }();
-  return fn;
-}
-
-// The map of a [B, T, H, kD] operand (token stride row_stride elements) read in boxes of 64
-// columns x box_rows tokens of one head, 128-byte swizzled (the panelled layout of wgmma.cuh);
-// tokens past T read as zeros.
-cudaError_t EncodeOperand(CUtensorMap* map, const bf16* base, int head_dim, int heads,
-                          int64_t row_stride, int seq, int64_t batch, int box_rows) {
-  const EncodeTiledFn encode = EncodeTiled();
-  if (encode == nullptr) return cudaErrorNotSupported;
-  const cuuint64_t dims[4] = {static_cast<cuuint64_t>(head_dim), static_cast<cuuint64_t>(heads),
-                              static_cast<cuuint64_t>(seq), static_cast<cuuint64_t>(batch)};
-  const cuuint64_t strides[3] = {static_cast<cuuint64_t>(head_dim) * 2,
-                                 static_cast<cuuint64_t>(row_stride) * 2,
-                                 static_cast<cuuint64_t>(row_stride) * 2 * seq};
-  const cuuint32_t box[4] = {64, 1, static_cast<cuuint32_t>(box_rows), 1};
-  const cuuint32_t elem_strides[4] = {1, 1, 1, 1};
-  const CUresult r =
-      encode(map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 4, const_cast<bf16*>(base), dims, strides, box,
-             elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
-             CU_TENSOR_MAP_L2_PROMOTION_L2_128B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  return r == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
-}
-
 template <int kD, int kGroups, int kBN, int kStages, bool kTurns>
 cudaError_t Launch(cudaStream_t stream, const FwdParams& p, int64_t batch) {
   using Tr = Traits<kD, kGroups, kBN, kStages>;
@@ -392,12 +393,12 @@ cudaError_t Launch(cudaStream_t stream, const FwdParams& p, int64_t batch) {
   Params wp;
   wp.p = p;
   const int kv_heads = p.q_heads / p.group;
-  cudaError_t err = EncodeOperand(&wp.tq, p.q, kD, p.q_heads, p.q_stride, p.seq, batch, Tr::kBM);
+  cudaError_t err = EncodeOperandMap(&wp.tq, p.q, kD, p.q_heads, p.q_stride, p.seq, batch, Tr::kBM);
   if (err == cudaSuccess) {
-    err = EncodeOperand(&wp.tk, p.k, kD, kv_heads, p.k_stride, p.seq, batch, kBN);
+    err = EncodeOperandMap(&wp.tk, p.k, kD, kv_heads, p.k_stride, p.seq, batch, kBN);
   }
   if (err == cudaSuccess) {
-    err = EncodeOperand(&wp.tv, p.v, kD, kv_heads, p.v_stride, p.seq, batch, kBN);
+    err = EncodeOperandMap(&wp.tv, p.v, kD, kv_heads, p.v_stride, p.seq, batch, kBN);
   }
   if (err != cudaSuccess) return err;
   auto* kernel = AttentionForwardSm90Kernel<kD, kGroups, kBN, kStages, kTurns>;

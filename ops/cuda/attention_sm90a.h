@@ -3,6 +3,7 @@
 // picks them. Private to ops/cuda.
 #pragma once
 
+#include <cuda.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -10,6 +11,14 @@
 #include "ops/cuda/attention_forward_kernel.cuh"
 
 namespace tandem::ops::cuda::attn {
+
+namespace sm90 {
+// The TMA tensor map of a [B, T, H, head_dim] bf16 operand (token stride row_stride elements), read
+// in boxes of 64 columns x box_rows tokens of one head, 128-byte swizzled (wgmma.cuh's panelled
+// layout); tokens past T read as zeros. Coordinates (column, head, token, batch).
+cudaError_t EncodeOperandMap(CUtensorMap* map, const bf16* base, int head_dim, int heads,
+                             int64_t row_stride, int seq, int64_t batch, int box_rows);
+}  // namespace sm90
 
 // True when the current device has compute capability 9.0 (the sm_90a code runs there only).
 bool DeviceRunsSm90a();
