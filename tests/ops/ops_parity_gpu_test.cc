@@ -198,18 +198,22 @@ void AddEmbeddingCases(std::vector<ParityCase>& cases, DType dt) {
   }
 }
 
-void AddRmsNormBackwardCases(std::vector<ParityCase>& cases, DType dt, int64_t n, int64_t c) {
+// with_dw false: dx alone (a frozen norm weight), which takes other kernels.
+void AddRmsNormBackwardCases(std::vector<ParityCase>& cases, DType dt, int64_t n, int64_t c,
+                             bool with_dw = true) {
   for (bool acc : {false, true}) {
     cases.push_back(
-        {StrCat("RmsNormBackward_N", n, "_C", c, acc ? "_acc_" : "_", DTypeName(dt)),
+        {StrCat("RmsNormBackward_N", n, "_C", c, acc ? "_acc" : "", with_dw ? "_" : "_dx_only_",
+                DTypeName(dt)),
          [=](Runner& r) -> Outputs {
            Tensor x = r.Random({n, c}, 13, dt), w = r.Random({c}, 14, dt, 0.5f, 1.5f);
            Tensor dy = r.Random({n, c}, 15, dt);
            Tensor y = r.Nan({n, c}, dt), rstd = r.Nan({n}, DType::kF32);
            r.Run(RmsNormForward(r.ctx(), y, rstd, x, w, 1e-5f), "RmsNormForward");
            Tensor dx = acc ? r.Random({n, c}, 16, dt) : r.Nan({n, c}, dt);
-           Tensor dw = r.RandomAs({c}, 17, DType::kF32);
+           Tensor dw = with_dw ? r.RandomAs({c}, 17, DType::kF32) : Tensor();
            r.Run(RmsNormBackward(r.ctx(), dx, dw, dy, x, w, rstd, acc), "RmsNormBackward");
+           if (!with_dw) return {{"dx", r.Fetch(dx), Reduce(dt)}};
            return {{"dx", r.Fetch(dx), Reduce(dt)},
                    {"dw", r.Fetch(dw), dt == DType::kBF16 ? kF32Accumulated : kF32Reduce}};
          }});
@@ -217,11 +221,25 @@ void AddRmsNormBackwardCases(std::vector<ParityCase>& cases, DType dt, int64_t n
 }
 
 void AddRmsNormCases(std::vector<ParityCase>& cases, DType dt) {
-  for (int64_t n : {1, 3, 17, 127}) {
-    for (int64_t c : {96, 200}) {
+  // Rows of 96 and 200 columns read as scalars (row views with an odd stride), 256 to 4096 in
+  // 16-byte packs.
+  for (auto [n, c] : std::vector<std::pair<int64_t, int64_t>>{{1, 96},
+                                                              {3, 96},
+                                                              {17, 96},
+                                                              {127, 96},
+                                                              {1, 200},
+                                                              {3, 200},
+                                                              {17, 200},
+                                                              {127, 200},
+                                                              {5, 256},
+                                                              {33, 768},
+                                                              {9, 2048},
+                                                              {3, 4096}}) {
+    const int64_t pad = c % 256 == 0 ? 8 : 4;  // the row view's stride: packs or scalars
+    {
       cases.push_back(
           {StrCat("RmsNormForward_N", n, "_C", c, "_", DTypeName(dt)), [=](Runner& r) -> Outputs {
-             Tensor x = r.Random({n, c + 4}, 11, dt).Slice(1, 0, c);  // row view
+             Tensor x = r.Random({n, c + pad}, 11, dt).Slice(1, 0, c);  // row view
              Tensor w = r.Random({c}, 12, dt, 0.5f, 1.5f);
              Tensor y = r.Nan({n, c}, dt), rstd = r.Nan({n}, DType::kF32);
              r.Run(RmsNormForward(r.ctx(), y, rstd, x, w, 1e-5f), "RmsNormForward");
@@ -243,6 +261,7 @@ void AddRmsNormCases(std::vector<ParityCase>& cases, DType dt) {
              }});
       }
       AddRmsNormBackwardCases(cases, dt, n, c);
+      AddRmsNormBackwardCases(cases, dt, n, c, false);
     }
   }
   // Rows spread over row groups of several rows; a row over 2 or 4 packs a thread; odd widths
