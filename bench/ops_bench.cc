@@ -205,8 +205,10 @@ void RmsNormBench(Bench& b, DType dt) {
   b.Report("rmsnorm_bwd", {{"rows", rows}, {"cols", cols}}, tandem::DTypeName(dt), sec, 0, 3.0 * rows * cols * es);
   // A frozen norm weight (LoRA): dx alone, added into the residual's gradient.
   Tensor no_dw;
-  sec = b.Time([&] { TANDEM_CHECK_OK(ops::RmsNormBackward(b.ctx, dx, no_dw, dy, x, w, rstd, true)); });
-  b.Report("rmsnorm_bwd_dx_acc", {{"rows", rows}, {"cols", cols}}, tandem::DTypeName(dt), sec, 0, 4.0 * rows * cols * es);
+  sec = b.Time(
+      [&] { TANDEM_CHECK_OK(ops::RmsNormBackward(b.ctx, dx, no_dw, dy, x, w, rstd, true)); });
+  b.Report("rmsnorm_bwd_dx_acc", {{"rows", rows}, {"cols", cols}}, tandem::DTypeName(dt), sec, 0,
+           4.0 * rows * cols * es);
 }
 
 // RoPE in place on the q and k heads of a fused [N, Hq + 2 Hkv, D] buffer (the 1.1B step's
