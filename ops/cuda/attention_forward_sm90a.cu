@@ -173,9 +173,9 @@ struct Traits {
 // grid: x = b * Hq + h, y = query tiles (reversed: the tiles with the most keys start first).
 template <int kD, int kGroups, int kBN, int kStages, bool kTurns>
 __global__ void __launch_bounds__(kGroups * 128 + 128, 1)
-    AttentionForwardSm90Kernel(const __grid_constant__ Params wp) {
+    AttentionForwardSm90Kernel(const __grid_constant__ Params args) {
   using Tr = Traits<kD, kGroups, kBN, kStages>;
-  const FwdParams& p = wp.p;
+  const FwdParams& p = args.p;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const uint32_t raw_addr = SmemAddr(smem_raw);
   const uint32_t pad = ((raw_addr + 1023u) & ~1023u) - raw_addr;
@@ -222,7 +222,7 @@ __global__ void __launch_bounds__(kGroups * 128 + 128, 1)
       MbarArriveExpectTx(q_full, Tr::kQBytes);
 #pragma unroll
       for (int c = 0; c < kD / 64; ++c) {
-        TmaLoad4d(sq + c * Tr::kBM * 128, &wp.tq, c * 64, h, q0, b, q_full);
+        TmaLoad4d(sq + c * Tr::kBM * 128, &args.tq, c * 64, h, q0, b, q_full);
       }
     }
     for (int j = 0; j < num_ktiles; ++j) {
@@ -237,7 +237,7 @@ __global__ void __launch_bounds__(kGroups * 128 + 128, 1)
         MbarArriveExpectTx(k_full(s), Tr::kKVBytes);
 #pragma unroll
         for (int c = 0; c < kD / 64; ++c) {
-          TmaLoad4d(sk + s * Tr::kKVBytes + c * kBN * 128, &wp.tk, c * 64, kvh, j * kBN, b,
+          TmaLoad4d(sk + s * Tr::kKVBytes + c * kBN * 128, &args.tk, c * 64, kvh, j * kBN, b,
                     k_full(s));
         }
       }
@@ -246,7 +246,7 @@ __global__ void __launch_bounds__(kGroups * 128 + 128, 1)
         MbarArriveExpectTx(v_full(s), Tr::kKVBytes);
 #pragma unroll
         for (int c = 0; c < kD / 64; ++c) {
-          TmaLoad4d(sv + s * Tr::kKVBytes + c * kBN * 128, &wp.tv, c * 64, kvh, j * kBN, b,
+          TmaLoad4d(sv + s * Tr::kKVBytes + c * kBN * 128, &args.tv, c * 64, kvh, j * kBN, b,
                     v_full(s));
         }
       }
@@ -390,15 +390,16 @@ cudaError_t Launch(cudaStream_t stream, const FwdParams& p, int64_t batch) {
   using Tr = Traits<kD, kGroups, kBN, kStages>;
   const int64_t num_qtiles = CeilDiv(p.seq, Tr::kBM);
   if (num_qtiles > 65535 || batch * p.q_heads > 0x7fffffff) return cudaErrorInvalidConfiguration;
-  Params wp;
-  wp.p = p;
+  Params args{};
+  args.p = p;
   const int kv_heads = p.q_heads / p.group;
-  cudaError_t err = EncodeOperandMap(&wp.tq, p.q, kD, p.q_heads, p.q_stride, p.seq, batch, Tr::kBM);
+  cudaError_t err =
+      EncodeOperandMap(&args.tq, p.q, kD, p.q_heads, p.q_stride, p.seq, batch, Tr::kBM);
   if (err == cudaSuccess) {
-    err = EncodeOperandMap(&wp.tk, p.k, kD, kv_heads, p.k_stride, p.seq, batch, kBN);
+    err = EncodeOperandMap(&args.tk, p.k, kD, kv_heads, p.k_stride, p.seq, batch, kBN);
   }
   if (err == cudaSuccess) {
-    err = EncodeOperandMap(&wp.tv, p.v, kD, kv_heads, p.v_stride, p.seq, batch, kBN);
+    err = EncodeOperandMap(&args.tv, p.v, kD, kv_heads, p.v_stride, p.seq, batch, kBN);
   }
   if (err != cudaSuccess) return err;
   auto* kernel = AttentionForwardSm90Kernel<kD, kGroups, kBN, kStages, kTurns>;
@@ -406,7 +407,7 @@ cudaError_t Launch(cudaStream_t stream, const FwdParams& p, int64_t batch) {
                              static_cast<int>(Tr::kSmemBytes));
   if (err != cudaSuccess) return err;
   const dim3 grid(static_cast<unsigned>(batch * p.q_heads), static_cast<unsigned>(num_qtiles));
-  kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(wp);
+  kernel<<<grid, Tr::kThreads, Tr::kSmemBytes, stream>>>(args);
   return cudaGetLastError();
 }
 
