@@ -8,10 +8,14 @@
 //     (16384 x 2048), down (2048 x 8192) and the lm head (32000 x 2048) the forward y = x W^T,
 //     the input gradient dx = dy W (bf16 out) and the weight gradient dW = dy^T x (f32 out, as
 //     with f32 master weights; --grad-bf16 1 for bf16 state).
+//   --lora 1: the skinny GEMMs of the 1.1B LoRA step (rank 16 on all seven projections, the wide
+//     path) at M = 8192 tokens: the shrinks s h [M, R] = x [M, in] A^T of the four projection
+//     groups (R = 48, 16, 32, 16) and the dh = dy_m B_m [M, 16] of each projection; their
+//     "weight" bytes are the streamed activation's (x or dy), which is what bounds them.
 // Operands are row-major as ops::Matmul lays them out (cuBLASLt sees them transposed, see
 // ops/cuda/gemm.cu), filled with random values (all-zero inputs draw less power and run faster).
 //
-//   tandem-gemm_algos_bench [--train 0] [--m 32 | 8192] [--algos 32] [--iters 50]
+//   tandem-gemm_algos_bench [--train 0 | --lora 0] [--m 32 | 8192] [--algos 32] [--iters 50]
 //
 // Prints one JSON line per (shape, pass, algorithm): rank in the heuristic's order, tile,
 // split-K, reduction scheme, workspace, time, TFLOP/s and the weight bytes over time. A tool for
@@ -22,6 +26,7 @@
 #include <cstring>
 #include <map>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #ifdef TANDEM_WITH_CUDA
@@ -78,10 +83,23 @@ int main(int argc, char** argv) {
   for (int i = 1; i + 1 < argc; i += 2) kv[std::string(argv[i]).substr(2)] = argv[i + 1];
   auto flag = [&](const char* k, long d) { return kv.count(k) ? std::stol(kv[k]) : d; };
   const bool train = flag("train", 0) != 0, grad_bf16 = flag("grad-bf16", 0) != 0;
-  const long M = flag("m", train ? 8192 : 32), want = flag("algos", 32),
-             iters = flag("iters", train ? 20 : 50);
+  const bool lora = flag("lora", 0) != 0;
+  const long M = flag("m", train || lora ? 8192 : 32), want = flag("algos", 32),
+             iters = flag("iters", train || lora ? 20 : 50);
   std::vector<Case> cases;
-  if (train) {
+  if (lora) {
+    // {group, R, in}: s h = x A^T; {projection, out}: dh = dy B (rank 16).
+    const std::vector<std::tuple<const char*, long, long>> shrinks = {
+        {"qkv", 48, 2048}, {"o", 16, 2048}, {"gate_up", 32, 2048}, {"down", 16, 8192}};
+    for (const auto& [name, r, in] : shrinks) {
+      cases.push_back({name, "lora_shrink", M, r, in, false, true, false, M * in});
+    }
+    const std::vector<std::pair<const char*, long>> dhs = {
+        {"q", 2048}, {"k", 512}, {"o", 2048}, {"gate", 8192}, {"down", 2048}};
+    for (const auto& [name, out] : dhs) {
+      cases.push_back({name, "lora_dh", M, 16, out, false, false, false, M * out});
+    }
+  } else if (train) {
     const std::vector<std::pair<const char*, std::pair<long, long>>> shapes = {
         {"qkv", {3072, 2048}},
         {"o", {2048, 2048}},
