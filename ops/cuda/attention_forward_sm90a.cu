@@ -225,6 +225,15 @@ __global__ void __launch_bounds__(kGroups * 128 + 128, 1)
         TmaLoad4d(sq + c * Tr::kBM * 128, &args.tq, c * 64, h, q0, b, q_full);
       }
     }
+    // Key tile j of K or V (its map) into buffer `tile`, completing on `full`.
+    auto load_kv = [&](uint32_t tile, const CUtensorMap* map, int j, uint32_t full) {
+      if (lane != 0) return;
+      MbarArriveExpectTx(full, Tr::kKVBytes);
+#pragma unroll
+      for (int c = 0; c < kD / 64; ++c) {
+        TmaLoad4d(tile + c * kBN * 128, map, c * 64, kvh, j * kBN, b, full);
+      }
+    };
     for (int j = 0; j < num_ktiles; ++j) {
       const int s = j % kStages;
       const uint32_t fill = j / kStages;
@@ -233,23 +242,9 @@ __global__ void __launch_bounds__(kGroups * 128 + 128, 1)
         StoreKeySegments(sseg + s * kBN, seg, j * kBN, kBN, seq, lane, 32);
         __syncwarp();
       }
-      if (lane == 0) {
-        MbarArriveExpectTx(k_full(s), Tr::kKVBytes);
-#pragma unroll
-        for (int c = 0; c < kD / 64; ++c) {
-          TmaLoad4d(sk + s * Tr::kKVBytes + c * kBN * 128, &args.tk, c * 64, kvh, j * kBN, b,
-                    k_full(s));
-        }
-      }
+      load_kv(sk + s * Tr::kKVBytes, &args.tk, j, k_full(s));
       if (j >= kStages) MbarWait(v_empty(s), (fill - 1) & 1);
-      if (lane == 0) {
-        MbarArriveExpectTx(v_full(s), Tr::kKVBytes);
-#pragma unroll
-        for (int c = 0; c < kD / 64; ++c) {
-          TmaLoad4d(sv + s * Tr::kKVBytes + c * kBN * 128, &args.tv, c * 64, kvh, j * kBN, b,
-                    v_full(s));
-        }
-      }
+      load_kv(sv + s * Tr::kKVBytes, &args.tv, j, v_full(s));
     }
     return;
   }
