@@ -218,9 +218,6 @@ constexpr int kWriterRegs = 24;
 // (setmaxnreg; two blocks an SM with one math warpgroup, one block with two).
 constexpr int MathRegs(int groups) { return groups == 1 ? 232 : 240; }
 
-// grid: x = b * Hkv + kv head, y = key tiles (tile 0, which sees the most queries, starts first;
-// fused dQ: the blocks take (x, y) from p.dq_ticket in that order, and a second warpgroup, of
-// which one warp works, adds the dQ parts).
 // The dK/dV kernel's parameters: with fused dQ, the tensor maps its loader warp reads Q and dO
 // through (boxes of 64 columns x kBM queries; 64-byte aligned, first), unused otherwise.
 struct DkdvParams {
@@ -229,6 +226,9 @@ struct DkdvParams {
   BwdParams p;
 };
 
+// grid: x = b * Hkv + kv head, y = key tiles (tile 0, which sees the most queries, starts first;
+// fused dQ: the blocks take (x, y) from p.dq_ticket in that order, and a second warpgroup, of
+// which one warp adds the dQ parts and one loads Q and dO).
 template <int kD, int kGroups, int kBM, int kMinBlocks, bool kFusedDq>
 __global__ void __launch_bounds__(kGroups * 128 + (kFusedDq ? 128 : 0), kMinBlocks)
     DkdvKernel(const __grid_constant__ DkdvParams dp) {
